@@ -1,0 +1,3 @@
+"""selfdistill: continual learning from demonstrations with Self-Distillation Fine-Tuning."""
+
+__version__ = "0.1.0"

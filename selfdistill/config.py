@@ -1,0 +1,267 @@
+"""Every training setting and its default, in one place.
+
+Defaults are the official SDFT ones (Shenfeld et al. 2026, released code): lr 2e-5, 32 prompts
+per optimizer step, one rollout per prompt at temperature 1, cosine schedule with warmup,
+1024-token prompts and completions, EMA teacher at rate 0.01 every step, the first 3
+completion tokens left out of the loss, forward KL(teacher || student) over the full vocabulary.
+
+A config is a YAML file of nested sections mirroring these dataclasses, plus `section.key=value`
+overrides from the command line.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, get_args, get_origin, get_type_hints
+
+import yaml
+
+from selfdistill.errors import UserError
+
+METHODS = {
+    "sdft": "Self-Distillation Fine-Tuning: on-policy rollouts, demonstration-conditioned teacher",
+}
+
+
+def _f(default: Any, help: str, **kwargs: Any) -> Any:
+    """A dataclass field carrying its help text (shown by `sdft train --help`)."""
+    if isinstance(default, (list, dict)):
+        return field(default_factory=lambda: type(default)(default), metadata={"help": help}, **kwargs)
+    return field(default=default, metadata={"help": help}, **kwargs)
+
+
+@dataclass
+class LoraConfig:
+    enabled: bool = _f(False, "Train a LoRA adapter instead of all weights.")
+    rank: int = _f(16, "LoRA rank r.")
+    alpha: float = _f(32.0, "LoRA scaling numerator (scale = alpha / rank).")
+    dropout: float = _f(0.0, "Dropout on the LoRA input.")
+    target_modules: Any = _f("all-linear", "Module names to adapt, or 'all-linear'.")
+
+
+@dataclass
+class ModelConfig:
+    name: str = _f("smollm2-135m", "Hub id, local directory, .gguf file, or 'smollm2-135m' (embedded).")
+    precision: str = _f("bf16", "fp32, or bf16 (bf16 autocast over fp32 master weights).")
+    trust_remote_code: bool = _f(False, "Allow the model repository's own Python code to run.")
+    lora: LoraConfig = field(default_factory=LoraConfig)
+
+
+@dataclass
+class DataConfig:
+    train: str | None = _f(None, "Training records: a .jsonl file, a saved HF dataset dir, 'hf:NAME', or 'builtin:demo'.")
+    split: str = _f("train", "Split to read from a Hugging Face dataset.")
+    columns: dict = _f({}, "Column mapping, e.g. {prompt: instruction, demonstration: golden_response}.")
+    system_prompt: str | None = _f(None, "System message prepended to prompts given as plain strings.")
+    teacher_template: str = _f("paper", "Teacher prompt: 'paper', 'plain', or a template with {question} and {demonstration}.")
+    max_prompt_tokens: int = _f(1024, "Longest student prompt, in tokens.")
+    max_teacher_prompt_tokens: int = _f(2048, "Longest teacher prompt (question + demonstration), in tokens.")
+    overlong: str = _f("error", "What to do with a prompt over its limit: 'error' or 'skip' (counted and logged).")
+
+
+@dataclass
+class RolloutConfig:
+    temperature: float = _f(1.0, "Sampling temperature of the student's rollouts.")
+    top_p: float = _f(1.0, "Nucleus sampling mass.")
+    max_new_tokens: int = _f(1024, "Longest completion, in tokens.")
+    num_rollouts: int = _f(1, "Completions sampled per prompt.")
+    batch_size: int = _f(16, "Prompts generated together in one batch.")
+
+
+@dataclass
+class LossConfig:
+    kind: str = _f("forward_kl", "forward_kl (paper's runs), reverse_kl (paper's derivation), jsd, or sampled_kl.")
+    beta: float = _f(0.5, "Teacher weight of the JSD mixture.")
+    top_k: int | None = _f(None, "Sum the divergence over the teacher's top-k tokens only (None: full vocabulary).")
+    add_tail: bool = _f(False, "With top_k: keep the rest of the mass as one extra 'tail' bucket.")
+    skip_first_tokens: int = _f(3, "Completion tokens at the start left out of the loss.")
+    chunk_size: int = _f(256, "Completion positions whose logits are computed at once.")
+
+
+@dataclass
+class TeacherConfig:
+    kind: str = _f("ema", "ema (weights follow the student), frozen (initial weights), or live (the student).")
+    ema_rate: float = _f(0.01, "EMA rate a: teacher <- (1 - a) teacher + a student, after every optimizer step.")
+
+
+@dataclass
+class TrainConfig:
+    lr: float = _f(2e-5, "Peak learning rate (AdamW).")
+    batch_size: int = _f(32, "Prompts per optimizer step (global, across processes).")
+    micro_batch_size: int = _f(4, "Sequences per forward/backward; the step accumulates over them.")
+    epochs: float = _f(1.0, "Passes over the training records.")
+    max_steps: int | None = _f(None, "Stop after this many optimizer steps (overrides epochs).")
+    warmup_ratio: float = _f(0.1, "Fraction of steps of linear warm-up before the cosine decay.")
+    weight_decay: float = _f(0.0, "AdamW weight decay.")
+    max_grad_norm: float = _f(1.0, "Gradient clipping norm (0 disables).")
+    seed: int = _f(42, "Seed for data order, sampling and initialisation.")
+    output_dir: str = _f("runs/sdft", "Where checkpoints, metrics.jsonl and the final model go.")
+    save_every: int = _f(0, "Save a checkpoint every N optimizer steps (0: only at the end).")
+    keep_last: int = _f(2, "Checkpoints kept on disk.")
+    max_nonfinite_steps: int = _f(3, "Consecutive non-finite steps tolerated before the run stops.")
+
+
+@dataclass
+class Config:
+    method: str = _f("sdft", "Training method.")
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    rollout: RolloutConfig = field(default_factory=RolloutConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    teacher: TeacherConfig = field(default_factory=TeacherConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+def _check(cond: bool, key: str, message: str) -> None:
+    if not cond:
+        raise UserError(f"Config value {key}: {message}")
+
+
+def validate(cfg: Config) -> Config:
+    """Reject values that cannot work, naming the key."""
+    _check(cfg.method in METHODS, "method", f"unknown method {cfg.method!r}; choose one of {', '.join(METHODS)}.")
+    _check(cfg.model.precision in ("fp32", "bf16"), "model.precision", "must be 'fp32' or 'bf16'.")
+    _check(cfg.loss.kind in ("forward_kl", "reverse_kl", "jsd", "sampled_kl"), "loss.kind",
+           f"unknown divergence {cfg.loss.kind!r}; choose forward_kl, reverse_kl, jsd or sampled_kl.")
+    _check(0.0 <= cfg.loss.beta <= 1.0, "loss.beta", "must lie in [0, 1].")
+    _check(cfg.loss.top_k is None or cfg.loss.top_k > 0, "loss.top_k", "must be a positive integer or null.")
+    _check(cfg.loss.skip_first_tokens >= 0, "loss.skip_first_tokens", "must be >= 0.")
+    _check(cfg.loss.chunk_size > 0, "loss.chunk_size", "must be > 0.")
+    _check(cfg.teacher.kind in ("ema", "frozen", "live"), "teacher.kind",
+           f"unknown teacher kind {cfg.teacher.kind!r}; choose ema, frozen or live.")
+    _check(0.0 <= cfg.teacher.ema_rate <= 1.0, "teacher.ema_rate", "must lie in [0, 1].")
+    _check(cfg.train.lr > 0, "train.lr", "must be > 0.")
+    _check(cfg.train.batch_size > 0 and cfg.train.micro_batch_size > 0, "train.batch_size",
+           "batch sizes must be > 0.")
+    _check(cfg.train.epochs > 0, "train.epochs", "must be > 0.")
+    _check(cfg.train.max_steps is None or cfg.train.max_steps > 0, "train.max_steps", "must be > 0 or null.")
+    _check(0.0 <= cfg.train.warmup_ratio < 1.0, "train.warmup_ratio", "must lie in [0, 1).")
+    _check(cfg.train.keep_last >= 1, "train.keep_last", "must be >= 1.")
+    _check(cfg.rollout.temperature >= 0, "rollout.temperature", "must be >= 0 (0 means greedy).")
+    _check(0.0 < cfg.rollout.top_p <= 1.0, "rollout.top_p", "must lie in (0, 1].")
+    _check(cfg.rollout.max_new_tokens > 0, "rollout.max_new_tokens", "must be > 0.")
+    _check(cfg.rollout.num_rollouts >= 1, "rollout.num_rollouts", "must be >= 1.")
+    _check(cfg.data.overlong in ("error", "skip"), "data.overlong", "must be 'error' or 'skip'.")
+    _check(cfg.data.max_prompt_tokens > 0 and cfg.data.max_teacher_prompt_tokens > 0,
+           "data.max_prompt_tokens", "limits must be > 0.")
+    return cfg
+
+
+def _coerce(value: Any, annotation: Any, key: str) -> Any:
+    """Turn a YAML/CLI value into the field's type, or say which key is wrong."""
+    origin = get_origin(annotation)
+    args = [a for a in get_args(annotation) if a is not type(None)]
+    if value is None:
+        if type(None) in get_args(annotation) or annotation is Any:
+            return None
+        raise UserError(f"Config value {key}: may not be null.")
+    if origin is not None and args and origin is not dict and origin is not list:  # Optional[X] / X | None
+        annotation = args[0]
+    if annotation is Any:
+        return value
+    try:
+        if annotation is bool:
+            if isinstance(value, str):
+                if value.lower() in ("true", "1", "yes", "on"):
+                    return True
+                if value.lower() in ("false", "0", "no", "off"):
+                    return False
+                raise ValueError(value)
+            return bool(value)
+        if annotation is int:
+            if isinstance(value, float) and not value.is_integer():
+                raise ValueError(value)
+            return int(value)
+        if annotation is float:
+            return float(value)
+        if annotation is str:
+            return str(value)
+        if annotation is dict:
+            if isinstance(value, str):
+                value = yaml.safe_load(value)
+            if not isinstance(value, dict):
+                raise ValueError(value)
+            return value
+    except (TypeError, ValueError):
+        raise UserError(f"Config value {key}: expected {getattr(annotation, '__name__', annotation)}, got {value!r}.") from None
+    return value
+
+
+def _apply(obj: Any, data: dict, prefix: str) -> None:
+    hints = get_type_hints(type(obj))
+    names = [f.name for f in dataclasses.fields(obj)]
+    for key, value in data.items():
+        full = f"{prefix}{key}"
+        if key not in names:
+            close = difflib.get_close_matches(key, names, n=1)
+            hint = f" Did you mean {prefix + close[0]!r}?" if close else f" Valid keys: {', '.join(prefix + n for n in names)}."
+            raise UserError(f"Unknown config key {full!r}.{hint}")
+        current = getattr(obj, key)
+        if dataclasses.is_dataclass(current):
+            if not isinstance(value, dict):
+                raise UserError(f"Config value {full}: expected a section (mapping), got {value!r}.")
+            _apply(current, value, f"{full}.")
+        else:
+            setattr(obj, key, _coerce(value, hints[key], full))
+
+
+def parse_overrides(overrides: list[str]) -> dict:
+    """`a.b=value` strings to a nested dict; values are parsed as YAML scalars."""
+    nested: dict = {}
+    for item in overrides:
+        if "=" not in item:
+            raise UserError(f"Override {item!r}: write it as section.key=value, e.g. train.lr=1e-4.")
+        key, raw = item.split("=", 1)
+        value = yaml.safe_load(raw) if raw.strip() else None
+        node = nested
+        parts = key.strip().split(".")
+        for part in parts[:-1]:
+            node = node.setdefault(part, {})
+        node[parts[-1]] = value
+    return nested
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | dict | None = None) -> Config:
+    """Defaults, then the YAML file, then the overrides; validated."""
+    cfg = Config()
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise UserError(f"Config file {path} does not exist.")
+        try:
+            data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+        except yaml.YAMLError as exc:
+            mark = getattr(exc, "problem_mark", None)
+            where = f" line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+            raise UserError(f"Config file {path}{where}: invalid YAML ({getattr(exc, 'problem', exc)}).") from None
+        if not isinstance(data, dict):
+            raise UserError(f"Config file {path}: the top level must be a mapping of sections.")
+        try:
+            _apply(cfg, data, "")
+        except UserError as exc:
+            raise UserError(f"Config file {path}: {exc}") from None
+    if overrides:
+        _apply(cfg, overrides if isinstance(overrides, dict) else parse_overrides(overrides), "")
+    return validate(cfg)
+
+
+def describe_options() -> list[tuple[str, str, str]]:
+    """(key, default, help) for every setting, for `--help`."""
+    rows: list[tuple[str, str, str]] = []
+
+    def walk(obj: Any, prefix: str) -> None:
+        for f in dataclasses.fields(obj):
+            value = getattr(obj, f.name)
+            if dataclasses.is_dataclass(value):
+                walk(value, f"{prefix}{f.name}.")
+            else:
+                rows.append((f"{prefix}{f.name}", repr(value), f.metadata.get("help", "")))
+
+    walk(Config(), "")
+    return rows

@@ -1,0 +1,128 @@
+"""Student and teacher prompts, as token ids.
+
+The student sees the record's prompt through the model's chat template. The teacher sees the
+same conversation with its last user turn rewritten by the teacher template, which shows the
+demonstration (and the record's `context`, when present). The sampled completion is later
+appended to both as token ids, so student and teacher positions line up exactly.
+
+Each prompt is tokenized once, here; the loop only concatenates ids.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+from selfdistill.data.records import Record
+from selfdistill.errors import UserError
+
+log = logging.getLogger(__name__)
+
+TEACHER_TEMPLATES = {
+    # The paper's wording, verbatim (Shenfeld et al. 2026).
+    "paper": (
+        "\n{question}\n\nThis is an example for a response to the question:\n{demonstration}\n\n"
+        "Now answer with a response of your own, including the thinking process.\n"
+    ),
+    # Without "including the thinking process", which makes small models answer in free prose.
+    "plain": (
+        "{question}\n\nThis is an example for a response to the question:\n{demonstration}\n\n"
+        "Now answer with a response of your own."
+    ),
+}
+CONTEXT_PREFIX = "Here is some relevant information:\n{context}\n\n"
+
+
+def resolve_template(template: str) -> str:
+    text = TEACHER_TEMPLATES.get(template, template)
+    if "{question}" not in text or "{demonstration}" not in text:
+        raise UserError(
+            f"Teacher template {template!r}: use 'paper', 'plain', or a template containing {{question}} and {{demonstration}}."
+        )
+    return text
+
+
+def teacher_turn(record: Record, template: str) -> str:
+    """The teacher's last user turn: question and demonstration (and context) in the template."""
+    text = resolve_template(template)
+    fields = {"question": record.question, "demonstration": record.demonstration, "context": record.context or ""}
+    body = text.replace("{question}", fields["question"]).replace("{demonstration}", fields["demonstration"])
+    if "{context}" in text:
+        return body.replace("{context}", fields["context"])
+    if record.context:
+        return CONTEXT_PREFIX.replace("{context}", record.context) + body
+    return body
+
+
+@dataclass
+class EncodedRecord:
+    """One record's token ids: what the student and the teacher are shown, and the demonstration."""
+
+    index: int
+    student_ids: list[int]
+    teacher_ids: list[int]
+    demonstration_ids: list[int]  # demonstration + end-of-turn token: the SFT target
+
+
+class PromptBuilder:
+    def __init__(self, tokenizer, template: str = "paper", system_prompt: str | None = None,
+                 max_prompt_tokens: int = 1024, max_teacher_prompt_tokens: int = 2048,
+                 overlong: str = "error", stop_token_id: int | None = None):
+        if not getattr(tokenizer, "chat_template", None):
+            raise UserError(
+                "The tokenizer has no chat template, so prompts cannot be formatted as conversations. "
+                "Use an instruction-tuned model or set tokenizer.chat_template and save the tokenizer."
+            )
+        resolve_template(template)
+        self.tokenizer = tokenizer
+        self.template = template
+        self.system_prompt = system_prompt
+        self.max_prompt_tokens = max_prompt_tokens
+        self.max_teacher_prompt_tokens = max_teacher_prompt_tokens
+        self.overlong = overlong
+        self.stop_token_id = stop_token_id if stop_token_id is not None else tokenizer.eos_token_id
+        self.skipped: list[str] = []
+
+    def student_messages(self, record: Record) -> list[dict]:
+        if isinstance(record.prompt, str):
+            messages = [{"role": "user", "content": record.prompt}]
+            if self.system_prompt:
+                messages.insert(0, {"role": "system", "content": self.system_prompt})
+            return messages
+        return [dict(m) for m in record.prompt]
+
+    def teacher_messages(self, record: Record) -> list[dict]:
+        messages = self.student_messages(record)
+        messages[-1] = {"role": "user", "content": teacher_turn(record, self.template)}
+        return messages
+
+    def encode_messages(self, messages: list[dict]) -> list[int]:
+        out = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
+        if isinstance(out, dict) or hasattr(out, "input_ids"):
+            out = out["input_ids"]
+        return list(out)
+
+    def encode(self, record: Record, index: int = 0) -> EncodedRecord | None:
+        """Token ids for one record; None when it is over a limit and overlong='skip'."""
+        student = self.encode_messages(self.student_messages(record))
+        teacher = self.encode_messages(self.teacher_messages(record))
+        for ids, limit, what, option in (
+            (student, self.max_prompt_tokens, "student prompt", "data.max_prompt_tokens"),
+            (teacher, self.max_teacher_prompt_tokens, "teacher prompt (question + demonstration)", "data.max_teacher_prompt_tokens"),
+        ):
+            if len(ids) > limit:
+                message = f"{record.source or f'record {index}'}: the {what} has {len(ids)} tokens, over the limit {limit} ({option})."
+                if self.overlong == "skip":
+                    self.skipped.append(message)
+                    log.warning("skipped: %s", message)
+                    return None
+                raise UserError(message + " Raise the limit or set data.overlong=skip to leave such records out.")
+        demo = self.tokenizer.encode(record.demonstration, add_special_tokens=False) + [self.stop_token_id]
+        return EncodedRecord(index=index, student_ids=student, teacher_ids=teacher, demonstration_ids=demo)
+
+    def encode_all(self, records: list[Record]) -> list[EncodedRecord]:
+        encoded = [self.encode(r, i) for i, r in enumerate(records)]
+        kept = [e for e in encoded if e is not None]
+        if not kept:
+            raise UserError(f"All {len(records)} records are over the prompt limits; nothing to train on.")
+        return kept

