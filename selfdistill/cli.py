@@ -1,0 +1,35 @@
+"""The `sdft` command."""
+
+from __future__ import annotations
+
+import logging
+import sys
+
+import typer
+
+from selfdistill.errors import UserError
+
+app = typer.Typer(
+    help="Continual learning of language models from demonstrations with Self-Distillation Fine-Tuning (SDFT).",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    add_completion=False,
+)
+
+# Sub-commands register themselves here (one import each; the modules define them).
+# (section: commands)
+
+
+def main() -> None:
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    for noisy in ("httpx", "urllib3", "filelock"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+    try:
+        app()
+    except UserError as exc:
+        typer.secho(f"error: {exc}", fg=typer.colors.RED, err=True)
+        sys.exit(2)
+
+
+if __name__ == "__main__":
+    main()
