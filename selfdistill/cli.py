@@ -16,8 +16,16 @@ app = typer.Typer(
     add_completion=False,
 )
 
+@app.callback()
+def _root() -> None:
+    """Train, evaluate and compare language models learning from demonstrations."""
+
+
 # Sub-commands register themselves here (one import each; the modules define them).
 # (section: commands)
+from selfdistill.train_cli import register as _register_train  # noqa: E402
+
+_register_train(app)
 
 
 def main() -> None:

@@ -1,0 +1,206 @@
+"""Token-level divergences between the teacher's and the student's next-token distributions.
+
+`divergence` works on logits of any shape `[..., vocab]` and returns one value per position,
+summed over the vocabulary. `chunked_completion_loss` is what training uses: it starts from the
+two models' final hidden states at completion positions and projects them to logits a chunk of
+positions at a time, recomputing each chunk in the backward pass, so no more than
+`chunk × vocab` logits per model are alive at once, with the same value and gradient as the
+unchunked computation.
+
+Direction matters and is easy to get wrong (`F.kl_div(input, target)` is KL(target ‖ input)):
+  forward_kl = KL(teacher ‖ student) = Σ p_T (log p_T − log p_S)   (what the paper's runs used)
+  reverse_kl = KL(student ‖ teacher) = Σ p_S (log p_S − log p_T)   (what the paper derives)
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+from torch.utils.checkpoint import checkpoint
+
+KINDS = ("forward_kl", "reverse_kl", "jsd", "sampled_kl")
+
+
+def _kl(logp: torch.Tensor, logq: torch.Tensor) -> torch.Tensor:
+    """KL(p ‖ q) over the last dimension; 0 · log 0 counts as 0."""
+    p = logp.exp()
+    return torch.where(p > 0, p * (logp - logq), torch.zeros_like(p)).sum(-1)
+
+
+def divergence_from_logprobs(student_logp: torch.Tensor, teacher_logp: torch.Tensor, kind: str = "forward_kl",
+                             beta: float = 0.5) -> torch.Tensor:
+    """The divergence between two normalised log-distributions over the last dimension."""
+    if kind == "forward_kl":
+        return _kl(teacher_logp, student_logp)
+    if kind == "reverse_kl":
+        return _kl(student_logp, teacher_logp)
+    if kind == "jsd":
+        if not 0.0 <= beta <= 1.0:
+            raise ValueError("beta must lie in [0, 1]")
+        # log M = log(β p_T + (1 − β) p_S), computed in log space; a zero weight drops its term.
+        terms = []
+        if beta > 0:
+            terms.append(teacher_logp + math.log(beta))
+        if beta < 1:
+            terms.append(student_logp + math.log(1.0 - beta))
+        mixture_logp = torch.logsumexp(torch.stack(terms), dim=0)
+        out = torch.zeros(student_logp.shape[:-1], dtype=student_logp.dtype, device=student_logp.device)
+        if beta > 0:
+            out = out + beta * _kl(teacher_logp, mixture_logp)
+        if beta < 1:
+            out = out + (1.0 - beta) * _kl(student_logp, mixture_logp)
+        return out
+    raise ValueError(f"unknown divergence kind {kind!r}; expected forward_kl, reverse_kl or jsd")
+
+
+def _top_k_logprobs(student_logp: torch.Tensor, teacher_logp: torch.Tensor, top_k: int, add_tail: bool):
+    """Both distributions restricted to the teacher's top-k tokens (renormalised, or plus a tail bucket)."""
+    index = teacher_logp.topk(min(top_k, teacher_logp.shape[-1]), dim=-1).indices
+    picked = []
+    for logp in (student_logp, teacher_logp):
+        top = logp.gather(-1, index)
+        mass = torch.logsumexp(top, dim=-1, keepdim=True)
+        if add_tail:
+            # log(1 − Σ top): the rest of the vocabulary as one bucket (clamped: mass can round to 1).
+            tail = torch.log((-torch.expm1(mass.clamp(max=0.0))).clamp_min(1e-30))
+            picked.append(torch.cat([top, tail], dim=-1))
+        else:
+            picked.append(top - mass)
+    return picked[0], picked[1]
+
+
+def _at_least_fp32(x: torch.Tensor) -> torch.Tensor:
+    return x.to(torch.promote_types(x.dtype, torch.float32))
+
+
+def divergence(student_logits: torch.Tensor, teacher_logits: torch.Tensor, kind: str = "forward_kl", *,
+               beta: float = 0.5, top_k: int | None = None, add_tail: bool = False) -> torch.Tensor:
+    """Per-position divergence between teacher and student, summed over the vocabulary.
+
+    Returns a tensor of shape `logits.shape[:-1]`. The teacher side should carry no gradient
+    (pass detached logits); bf16/fp16 inputs are computed in float32.
+    """
+    student_logp = torch.log_softmax(_at_least_fp32(student_logits), dim=-1)
+    teacher_logp = torch.log_softmax(_at_least_fp32(teacher_logits), dim=-1)
+    if top_k is not None:
+        if top_k <= 0:
+            raise ValueError("top_k must be positive")
+        student_logp, teacher_logp = _top_k_logprobs(student_logp, teacher_logp, top_k, add_tail)
+    return divergence_from_logprobs(student_logp, teacher_logp, kind, beta)
+
+
+def sampled_token_kl(student_token_logp: torch.Tensor, teacher_token_logp: torch.Tensor) -> torch.Tensor:
+    """Single-sample estimator of the reverse-KL gradient, per token.
+
+    For tokens y sampled from the student, E[(log p_S(y) − log p_T(y)) ∇ log p_S(y)] is the
+    per-token reverse-KL gradient; the coefficient is a constant (detached). Its value is not a
+    divergence (it can be negative); use it for its gradient.
+    """
+    return (student_token_logp - teacher_token_logp).detach() * student_token_logp
+
+
+@dataclass
+class LossSettings:
+    kind: str = "forward_kl"
+    beta: float = 0.5
+    top_k: int | None = None
+    add_tail: bool = False
+    chunk_size: int = 256
+
+
+def output_head(model) -> Callable[[torch.Tensor], torch.Tensor]:
+    """hidden states -> logits, as the model's own forward would compute them."""
+    head = model.get_output_embeddings()
+    cap = getattr(getattr(model, "config", None), "final_logit_softcapping", None)
+    scale = getattr(getattr(model, "config", None), "logit_scale", None)  # Cohere-style models scale logits
+
+    def project(hidden: torch.Tensor) -> torch.Tensor:
+        logits = head(hidden)
+        if scale is not None:
+            logits = logits * scale
+        if cap:
+            logits = torch.tanh(logits / cap) * cap
+        return logits
+
+    return project
+
+
+STAT_NAMES = ("divergence", "teacher_minus_student_logp", "teacher_entropy")
+
+
+def _chunk_loss(student_hidden, teacher_hidden, tokens, weights, student_head, teacher_head, settings: LossSettings):
+    student_logits = student_head(student_hidden)
+    with torch.no_grad():
+        teacher_logits = teacher_head(teacher_hidden).float()
+    student_logp = torch.log_softmax(student_logits.float(), dim=-1)
+    teacher_logp = torch.log_softmax(teacher_logits, dim=-1)
+    s_tok = student_logp.gather(-1, tokens[:, None]).squeeze(-1)
+    t_tok = teacher_logp.gather(-1, tokens[:, None]).squeeze(-1)
+    if settings.kind == "sampled_kl":
+        per_token = sampled_token_kl(s_tok, t_tok)
+        div = (s_tok - t_tok).detach()  # the single-sample reverse-KL estimate, for logging
+    else:
+        s_lp, t_lp = (student_logp, teacher_logp)
+        if settings.top_k is not None:
+            s_lp, t_lp = _top_k_logprobs(student_logp, teacher_logp, settings.top_k, settings.add_tail)
+        per_token = divergence_from_logprobs(s_lp, t_lp, settings.kind, settings.beta)
+        div = per_token.detach()
+    with torch.no_grad():
+        entropy = -(teacher_logp.exp() * teacher_logp).sum(-1)
+        stats = torch.stack([(div * weights).sum(), ((t_tok - s_tok) * weights).sum(), (entropy * weights).sum()])
+    return (per_token * weights).sum(), stats
+
+
+def chunked_completion_loss(student_hidden: torch.Tensor, teacher_hidden: torch.Tensor, tokens: torch.Tensor,
+                            weights: torch.Tensor, student_head, teacher_head,
+                            settings: LossSettings) -> tuple[torch.Tensor, torch.Tensor]:
+    """Σ_positions weight · divergence, from hidden states `[N, hidden]` at N completion positions.
+
+    `tokens[n]` is the sampled token predicted at position n (used by the sampled estimator and
+    the logged teacher−student log-prob gap). Returns (weighted sum, stats) where stats holds
+    the weighted sums of STAT_NAMES (no gradient).
+    """
+    total = student_hidden.new_zeros((), dtype=torch.float32)
+    stats = torch.zeros(len(STAT_NAMES))
+    teacher_hidden = teacher_hidden.detach()
+    for start in range(0, student_hidden.shape[0], settings.chunk_size):
+        part = slice(start, start + settings.chunk_size)
+        args = (student_hidden[part], teacher_hidden[part], tokens[part], weights[part])
+        if torch.is_grad_enabled() and student_hidden.requires_grad:
+            # Recompute this chunk's logits during backward instead of keeping them alive.
+            loss, chunk_stats = checkpoint(_chunk_loss, *args, student_head, teacher_head, settings, use_reentrant=False)
+        else:
+            loss, chunk_stats = _chunk_loss(*args, student_head, teacher_head, settings)
+        total = total + loss
+        stats += chunk_stats.detach().float().cpu()
+    return total, stats
+
+
+def _chunk_token_loss(hidden, tokens, weights, head, per_token_fn):
+    logp = torch.log_softmax(head(hidden).float(), dim=-1)
+    token_logp = logp.gather(-1, tokens[:, None]).squeeze(-1)
+    return (per_token_fn(token_logp) * weights).sum(), (token_logp.detach() * weights).sum()
+
+
+def chunked_token_loss(hidden: torch.Tensor, tokens: torch.Tensor, weights: torch.Tensor, head,
+                       per_token_fn: Callable[[torch.Tensor], torch.Tensor], chunk_size: int = 256):
+    """Σ weight · per_token_fn(log p(token)) over positions, chunked like `chunked_completion_loss`.
+
+    Returns (weighted loss sum, weighted sum of the tokens' log-probabilities). With
+    `per_token_fn = lambda lp: -lp` this is the cross-entropy of supervised fine-tuning.
+    """
+    total = hidden.new_zeros((), dtype=torch.float32)
+    logp_sum = torch.zeros(())
+    for start in range(0, hidden.shape[0], chunk_size):
+        part = slice(start, start + chunk_size)
+        args = (hidden[part], tokens[part], weights[part], head, per_token_fn)
+        if torch.is_grad_enabled() and hidden.requires_grad:
+            loss, lp = checkpoint(_chunk_token_loss, *args, use_reentrant=False)
+        else:
+            loss, lp = _chunk_token_loss(*args)
+        total = total + loss
+        logp_sum += lp.detach().float().cpu()
+    return total, logp_sum

@@ -1,0 +1,101 @@
+"""What every method shares: the items of a step, and hidden states at completion positions."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from selfdistill.data.prompts import EncodedRecord
+from selfdistill.rollout import autocast_context
+
+
+@dataclass
+class TrainItem:
+    """One sequence of an optimizer step: a prompt, the completion trained on, and which tokens count."""
+
+    record_index: int
+    prompt_ids: list[int]  # what the student is shown
+    completion: list[int]  # the tokens the loss is computed on (sampled, or the demonstration)
+    loss_start: int = 0  # completion tokens before this index are left out of the loss
+    teacher_prompt_ids: list[int] | None = None  # what the teacher is shown, when there is one
+    finished: bool = True  # False: the rollout hit max_new_tokens
+    extra: dict = field(default_factory=dict)
+
+    @property
+    def loss_tokens(self) -> int:
+        return max(0, len(self.completion) - self.loss_start)
+
+
+def right_pad(rows: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    width = max(len(r) for r in rows)
+    ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(rows), width), dtype=torch.long)
+    for i, row in enumerate(rows):
+        ids[i, : len(row)] = torch.tensor(row, dtype=torch.long)
+        mask[i, : len(row)] = 1
+    return ids, mask
+
+
+def completion_hidden(model, items: list[TrainItem], use_teacher_prompt: bool, pad_id: int,
+                      precision: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """Final hidden states at the positions that predict each counted completion token.
+
+    Returns (hidden [N, d], tokens [N]) over all items, in item order. Only the backbone runs on
+    the whole sequence; projecting to the vocabulary is left to the chunked loss.
+    """
+    rows, rows_index, positions, tokens = [], [], [], []
+    for row, item in enumerate(items):
+        prompt = item.teacher_prompt_ids if use_teacher_prompt else item.prompt_ids
+        rows.append(prompt + item.completion)
+        for j in range(item.loss_start, len(item.completion)):
+            rows_index.append(row)
+            positions.append(len(prompt) - 1 + j)  # the position whose output predicts completion[j]
+            tokens.append(item.completion[j])
+    device = next(model.parameters()).device
+    ids, mask = right_pad(rows, pad_id)
+    with autocast_context(device, precision):
+        hidden = model.get_decoder()(input_ids=ids.to(device), attention_mask=mask.to(device)).last_hidden_state
+    index_rows = torch.tensor(rows_index, dtype=torch.long, device=device)
+    index_pos = torch.tensor(positions, dtype=torch.long, device=device)
+    return hidden[index_rows, index_pos], torch.tensor(tokens, dtype=torch.long, device=device)
+
+
+class Method:
+    """A training method. The loop calls, per optimizer step:
+
+    `build_items(records, seeds)` (no gradient: rollouts, targets), then for each micro-batch
+    `loss(items)` -> (Σ per-token loss, stats), and `after_step()` once the weights moved.
+    The loop divides by the step's total number of loss tokens (across processes), so every
+    counted token of the step weighs the same, whatever the micro-batching.
+    """
+
+    name = "base"
+
+    def __init__(self, cfg, model, tokenizer, builder, stop_token_id: int, pad_token_id: int):
+        self.cfg = cfg
+        self.model = model
+        self.tokenizer = tokenizer
+        self.builder = builder
+        self.stop_token_id = stop_token_id
+        self.pad_token_id = pad_token_id
+        self.precision = cfg.model.precision
+
+    def setup(self, records: list[EncodedRecord]) -> None:
+        """Work done once before training (e.g. generating offline targets)."""
+
+    def build_items(self, records: list[EncodedRecord], seeds: list[int]) -> tuple[list[TrainItem], dict]:
+        raise NotImplementedError
+
+    def loss(self, items: list[TrainItem]) -> tuple[torch.Tensor, dict]:
+        raise NotImplementedError
+
+    def after_step(self) -> None:
+        """Called after each optimizer step that was taken."""
+
+    # Checkpointed method state (the SDFT teacher); files in the checkpoint directory.
+    def save_state(self, directory) -> None:
+        pass
+
+    def load_state(self, directory) -> None:
+        pass

@@ -1,0 +1,90 @@
+"""Self-Distillation Fine-Tuning (Shenfeld et al. 2026).
+
+Per step: the student samples its own completion y for each prompt x; the teacher — the same
+network with teacher weights, shown x plus the demonstration c — scores the very same tokens y;
+the student is trained to match the teacher's next-token distribution at every completion
+position (the first `skip_first_tokens` left out, so the student does not learn the teacher's
+template phrasing such as "Based on the example…"); then the teacher's weights follow the
+student (EMA).
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import torch
+
+from selfdistill.losses import LossSettings, chunked_completion_loss, output_head, STAT_NAMES
+from selfdistill.methods.base import Method, TrainItem, completion_hidden
+from selfdistill.rollout import generate
+from selfdistill.teacher import Teacher
+
+
+class SDFT(Method):
+    name = "sdft"
+
+    def __init__(self, cfg, model, tokenizer, builder, stop_token_id, pad_token_id):
+        super().__init__(cfg, model, tokenizer, builder, stop_token_id, pad_token_id)
+        # The teacher starts from the in-memory student (for `frozen`, its weights now).
+        self.teacher = Teacher(model, cfg.teacher.kind, cfg.teacher.ema_rate)
+        self.loss_settings = LossSettings(
+            kind=cfg.loss.kind, beta=cfg.loss.beta, top_k=cfg.loss.top_k, add_tail=cfg.loss.add_tail,
+            chunk_size=cfg.loss.chunk_size,
+        )
+
+    def build_items(self, records, seeds):
+        rollouts = self.cfg.rollout
+        prompts = [r.student_ids for r in records for _ in range(rollouts.num_rollouts)]
+        start = time.perf_counter()
+        completions = generate(
+            self.model, prompts, stop_token_ids=self.stop_token_id, pad_token_id=self.pad_token_id,
+            max_new_tokens=rollouts.max_new_tokens, temperature=rollouts.temperature, top_p=rollouts.top_p,
+            seeds=seeds, batch_size=rollouts.batch_size, precision=self.precision,
+        )
+        items = []
+        for k, (ids, finished) in enumerate(zip(completions.ids, completions.finished)):
+            record = records[k // rollouts.num_rollouts]
+            items.append(TrainItem(
+                record_index=record.index, prompt_ids=record.student_ids, completion=ids,
+                loss_start=self.cfg.loss.skip_first_tokens, teacher_prompt_ids=record.teacher_ids, finished=finished,
+            ))
+        stats = {
+            "time_rollout": time.perf_counter() - start,
+            "completion_tokens": sum(len(i.completion) for i in items),
+            "clipped": sum(not i.finished for i in items),
+            "sequences": len(items),
+        }
+        return items, stats
+
+    def loss(self, items: list[TrainItem]):
+        items = [i for i in items if i.loss_tokens > 0]
+        if not items:
+            return torch.zeros((), requires_grad=False), {}
+        start = time.perf_counter()
+        with torch.no_grad(), self.teacher.scoring(self.model) as teacher_model:
+            teacher_hidden, _ = completion_hidden(teacher_model, items, True, self.pad_token_id, self.precision)
+            teacher_head = output_head(teacher_model)
+        teacher_time = time.perf_counter() - start
+        start = time.perf_counter()
+        student_hidden, tokens = completion_hidden(self.model, items, False, self.pad_token_id, self.precision)
+        weights = torch.ones(tokens.shape[0], device=student_hidden.device)
+        loss, sums = chunked_completion_loss(student_hidden, teacher_hidden, tokens, weights,
+                                             output_head(self.model), teacher_head, self.loss_settings)
+        stats = dict(zip(STAT_NAMES, sums.tolist()))
+        stats["time_teacher"] = teacher_time
+        stats["time_student_forward"] = time.perf_counter() - start
+        return loss, stats
+
+    def after_step(self) -> None:
+        self.teacher.update(self.model)
+
+    def save_state(self, directory: Path) -> None:
+        self.teacher.save(Path(directory) / "teacher.safetensors")
+
+    def load_state(self, directory: Path) -> None:
+        path = Path(directory) / "teacher.safetensors"
+        if self.teacher.module is not None:
+            if not path.is_file():
+                raise FileNotFoundError(f"{path}: the checkpoint has no teacher weights")
+            self.teacher.load(path)

@@ -1,0 +1,99 @@
+"""The teacher: the same network as the student, with its own weights.
+
+- `ema` (default): teacher <- (1 − a) teacher + a student after every optimizer step (a = 0.01).
+- `frozen`: the student's weights at the start of training — copied from the in-memory student,
+  never reloaded from disk (a reload could pick up different weights or precision).
+- `live`: the current student itself (no copy).
+
+With LoRA the student's weight is W0 + ΔW with ΔW = scale · B·A. `frozen` is then simply the
+adapter switched off (W0). `ema` must average the weight the adapter adds, ΔW — averaging A and
+B separately is not an average of their product. The teacher therefore keeps a plain copy of
+the model whose adapted layers hold W0 + EMA(ΔW), updated as
+    W_T <- (1 − a) W_T + a (W0 + ΔW_student),
+which is the same thing because W0 is constant. It costs one copy of the adapted weights.
+"""
+
+from __future__ import annotations
+
+import copy
+from contextlib import contextmanager, nullcontext
+from pathlib import Path
+
+import torch
+
+from selfdistill.models.lora import is_lora
+
+
+def _lora_layers(student):
+    from peft.tuners.lora import LoraLayer
+
+    for name, module in student.named_modules():
+        if isinstance(module, LoraLayer):
+            yield name, module
+
+
+def _plain_name(peft_name: str) -> str:
+    """PEFT module name -> the same module's name in the unwrapped model."""
+    prefix = "base_model.model."
+    return peft_name[len(prefix):] if peft_name.startswith(prefix) else peft_name
+
+
+class Teacher:
+    def __init__(self, student, kind: str = "ema", ema_rate: float = 0.01):
+        if kind not in ("ema", "frozen", "live"):
+            raise ValueError(f"unknown teacher kind {kind!r}")
+        self.kind = kind
+        self.ema_rate = ema_rate
+        self.lora = is_lora(student)
+        self.module = None
+        if kind == "ema" or (kind == "frozen" and not self.lora):
+            if self.lora:
+                self.module = copy.deepcopy(student).merge_and_unload()
+            else:
+                self.module = copy.deepcopy(student)
+            self.module.eval()
+            self.module.requires_grad_(False)
+
+    @contextmanager
+    def scoring(self, student):
+        """The model to score completions with, as a context (LoRA-frozen switches the adapter off)."""
+        if self.module is not None:
+            yield self.module
+        elif self.kind == "frozen":  # LoRA: W0 is the student without its adapter
+            with student.disable_adapter():
+                yield student
+        else:
+            yield student
+
+    @torch.no_grad()
+    def update(self, student) -> None:
+        """One EMA step after an optimizer step (no-op for frozen and live teachers)."""
+        if self.kind != "ema" or self.ema_rate == 0.0:
+            return
+        a = self.ema_rate
+        if not self.lora:
+            for t, s in zip(self.module.parameters(), student.parameters()):
+                t.lerp_(s.detach().to(t.dtype), a)
+            return
+        teacher_modules = dict(self.module.named_modules())
+        for name, layer in _lora_layers(student):
+            target = teacher_modules[_plain_name(name)]
+            effective = layer.base_layer.weight.detach().float()
+            for adapter in layer.active_adapters:
+                effective = effective + layer.get_delta_weight(adapter).float()
+            target.weight.lerp_(effective.to(target.weight.dtype), a)
+
+    def state_dict(self) -> dict[str, torch.Tensor] | None:
+        return None if self.module is None else self.module.state_dict()
+
+    def save(self, path: Path) -> None:
+        if self.module is not None:
+            from safetensors.torch import save_model
+
+            save_model(self.module, str(path))
+
+    def load(self, path: Path) -> None:
+        if self.module is not None:
+            from safetensors.torch import load_model
+
+            load_model(self.module, str(path))

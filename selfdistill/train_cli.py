@@ -1,0 +1,50 @@
+"""`sdft train`: one method on one dataset, from a YAML config plus overrides."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+from selfdistill.config import METHODS, describe_options, load_config
+
+
+def _epilog() -> str:
+    methods = "\n".join(f"  {name}: {text}" for name, text in METHODS.items())
+    options = "\n".join(f"  {key} = {default}\n      {text}" for key, default, text in describe_options())
+    # Typer/rich reflows epilogs; \b blocks keep the layout in plain click help.
+    return f"\b\nMethods (--method):\n{methods}\n\n\b\nAll settings (YAML keys or --set KEY=VALUE), with defaults:\n{options}"
+
+
+def register(app: typer.Typer) -> None:
+    @app.command("train", epilog=_epilog(), context_settings={"max_content_width": 120})
+    def train_command(
+        config: Optional[Path] = typer.Argument(None, help="YAML config file (sections as listed below)."),
+        set_: list[str] = typer.Option([], "--set", "-s", help="Override a setting: section.key=value (repeatable)."),
+        method: Optional[str] = typer.Option(None, help="Training method (see the list below)."),
+        model: Optional[str] = typer.Option(None, help="Model: hub id, directory, .gguf file or 'smollm2-135m'."),
+        data: Optional[str] = typer.Option(None, help="Training records: .jsonl, dataset dir, hf:NAME or builtin:demo."),
+        output_dir: Optional[str] = typer.Option(None, "--output-dir", "-o", help="Run directory."),
+        max_steps: Optional[int] = typer.Option(None, help="Stop after this many optimizer steps."),
+        lr: Optional[float] = typer.Option(None, help="Peak learning rate."),
+        batch_size: Optional[int] = typer.Option(None, help="Prompts per optimizer step."),
+        resume: bool = typer.Option(False, "--resume", help="Continue from the newest checkpoint in the run directory."),
+        overwrite: bool = typer.Option(False, "--overwrite", help="Replace a different run already in the run directory."),
+    ) -> None:
+        """Train a model on demonstrations (SDFT by default) and save an HF-compatible checkpoint."""
+        overrides = list(set_)
+        for key, value in (("method", method), ("model.name", model), ("data.train", data),
+                           ("train.output_dir", output_dir), ("train.max_steps", max_steps), ("train.lr", lr),
+                           ("train.batch_size", batch_size)):
+            if value is not None:
+                overrides.append(f"{key}={value}")
+        cfg = load_config(config, overrides)
+        from selfdistill.train import train  # heavy imports only when training
+
+        result = train(cfg, resume=resume, overwrite=overwrite)
+        if result.metrics:
+            last = result.metrics[-1]
+            typer.echo(f"trained {result.steps} steps; last loss {last['loss']:.4f}")
+        typer.echo(f"model: {result.final_dir}")
+        typer.echo(f"metrics: {result.output_dir / 'metrics.jsonl'}")

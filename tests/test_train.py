@@ -1,0 +1,136 @@
+import json
+
+import pytest
+import torch
+
+from selfdistill.config import load_config
+from selfdistill.errors import UserError
+from selfdistill.models.tiny import tiny_model, tiny_tokenizer
+from selfdistill.train import train
+from toy import copy_model, greedy_accuracy, toy_records, KEYS, VALUES
+
+
+def toy_config(tmp_path, **sections):
+    base = {
+        "model": {"precision": "fp32"},
+        "data": {"teacher_template": "plain"},
+        "rollout": {"max_new_tokens": 3},
+        "loss": {"skip_first_tokens": 0},
+        "train": {"output_dir": str(tmp_path / "run"), "batch_size": 8, "micro_batch_size": 4, "lr": 3e-3,
+                  "warmup_ratio": 0.0},
+    }
+    for name, values in sections.items():
+        base.setdefault(name, {}).update(values) if isinstance(values, dict) else base.__setitem__(name, values)
+    return load_config(overrides=base)
+
+
+def test_sdft_learns_the_mapping_from_the_teacher(tmp_path):
+    model, tok = copy_model(steps=150)
+    records = toy_records()
+    before = greedy_accuracy(model, tok, records)
+    teacher_ceiling = greedy_accuracy(model, tok, records, teacher=True)
+    assert before <= 0.25 and teacher_ceiling == 1.0
+    cfg = toy_config(tmp_path, train={"max_steps": 30})
+    result = train(cfg, records=records, model=model, tokenizer=tok, save_final=False)
+    after = greedy_accuracy(result.model, tok, records)
+    assert after >= before + 0.5, (before, after)
+    losses = [m["loss"] for m in result.metrics]
+    assert sum(losses[-5:]) / 5 < 0.3 * sum(losses[:5]) / 5
+
+
+def _tiny_setup():
+    tok = tiny_tokenizer(KEYS + VALUES)
+    return tiny_model(tok, seed=0), tok
+
+
+def test_resume_gives_the_same_weights_and_teacher_as_a_straight_run(tmp_path):
+    records = toy_records()
+    common = dict(train={"max_steps": 4, "batch_size": 4, "lr": 1e-3, "warmup_ratio": 0.25},
+                  rollout={"max_new_tokens": 4})
+    model, tok = _tiny_setup()
+    straight_cfg = toy_config(tmp_path / "a", **common)
+    straight = train(straight_cfg, records=records, model=model, tokenizer=tok, save_final=False)
+
+    model, tok = _tiny_setup()
+    cfg_half = toy_config(tmp_path / "b", train={**common["train"], "save_every": 2}, rollout=common["rollout"])
+    first = train(cfg_half, records=records, model=model, tokenizer=tok, save_final=False)
+    assert first.steps == 4
+    ckpts = sorted((tmp_path / "b" / "run" / "checkpoints").iterdir())
+    assert [c.name for c in ckpts] == ["step-000002", "step-000004"]
+    # Throw away the final checkpoint: the run now looks as if it had died after step 2.
+    import shutil
+
+    shutil.rmtree(ckpts[-1])
+    model, tok = _tiny_setup()  # a fresh process would start from the initial weights
+    resumed = train(cfg_half, records=records, model=model, tokenizer=tok, resume=True, save_final=False)
+    assert [m["step"] for m in resumed.metrics] == [3, 4]
+    for name, value in straight.model.state_dict().items():
+        torch.testing.assert_close(resumed.model.state_dict()[name], value, atol=1e-6, rtol=1e-5)
+    # The teacher lives in the checkpoint too: compare the saved teachers.
+    from safetensors.torch import load_file
+
+    t_straight = load_file(str(tmp_path / "a" / "run" / "checkpoints" / "step-000004" / "teacher.safetensors"))
+    t_resumed = load_file(str(tmp_path / "b" / "run" / "checkpoints" / "step-000004" / "teacher.safetensors"))
+    for name, value in t_straight.items():
+        torch.testing.assert_close(t_resumed[name], value, atol=1e-6, rtol=1e-5)
+    lines = (tmp_path / "b" / "run" / "metrics.jsonl").read_text().splitlines()
+    assert [json.loads(l)["step"] for l in lines] == [1, 2, 3, 4]
+
+
+def test_checkpoint_loads_with_transformers_and_generates(tmp_path):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model, tok = _tiny_setup()
+    cfg = toy_config(tmp_path, train={"max_steps": 1, "batch_size": 2})
+    result = train(cfg, records=toy_records(), model=model, tokenizer=tok)
+    for directory in (result.final_dir, tmp_path / "run" / "checkpoints" / "step-000001"):
+        loaded = AutoModelForCausalLM.from_pretrained(directory)
+        loaded_tok = AutoTokenizer.from_pretrained(directory)
+        for name, value in result.model.state_dict().items():
+            torch.testing.assert_close(loaded.state_dict()[name], value)
+        ids = loaded_tok.apply_chat_template([{"role": "user", "content": "k1"}], add_generation_prompt=True,
+                                             return_tensors="pt", return_dict=True)
+        out = loaded.generate(**ids, max_new_tokens=3, do_sample=False)
+        assert out.shape[1] == ids["input_ids"].shape[1] + 3 or loaded_tok.eos_token_id in out[0].tolist()
+
+
+def test_metrics_file_has_the_documented_fields(tmp_path):
+    model, tok = _tiny_setup()
+    cfg = toy_config(tmp_path, train={"max_steps": 2, "batch_size": 4})
+    train(cfg, records=toy_records(), model=model, tokenizer=tok, save_final=False)
+    rows = [json.loads(l) for l in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [1, 2]
+    for field in ("loss", "divergence", "teacher_minus_student_logp", "completion_length", "clipped_ratio",
+                  "teacher_entropy", "lr", "tokens_per_s", "time_rollout", "time_teacher", "time_student_forward",
+                  "time_student_backward", "time_teacher_update", "grad_norm"):
+        assert field in rows[0], field
+    assert rows[0]["completion_length"] <= 3 and 0 <= rows[0]["clipped_ratio"] <= 1
+    assert rows[0]["loss"] == pytest.approx(rows[0]["divergence"])  # forward KL: the loss is the divergence
+
+
+def test_lora_training_moves_only_the_adapter(tmp_path):
+    model, tok = _tiny_setup()
+    base = {k: v.clone() for k, v in model.state_dict().items()}
+    cfg = toy_config(tmp_path, train={"max_steps": 2, "batch_size": 4, "lr": 1e-2},
+                     model={"precision": "fp32", "lora": {"enabled": True, "rank": 4, "alpha": 8}})
+    result = train(cfg, records=toy_records(), model=model, tokenizer=tok)
+    assert (result.final_dir / "adapter" / "adapter_model.safetensors").is_file()
+    from transformers import AutoModelForCausalLM
+
+    merged = AutoModelForCausalLM.from_pretrained(result.final_dir)
+    changed = [k for k, v in merged.state_dict().items() if not torch.allclose(v, base[k])]
+    assert changed and all("proj" in k for k in changed)
+
+
+def test_output_dir_holding_another_run_is_refused(tmp_path):
+    model, tok = _tiny_setup()
+    train(toy_config(tmp_path, train={"max_steps": 1, "batch_size": 2}), records=toy_records(), model=model,
+          tokenizer=tok, save_final=False)
+    before = sorted(p.name for p in (tmp_path / "run").iterdir())
+    with pytest.raises(UserError, match="different run"):
+        train(toy_config(tmp_path, train={"max_steps": 1, "batch_size": 2, "lr": 5e-4}), records=toy_records(),
+              model=model, tokenizer=tok)
+    with pytest.raises(UserError, match="--resume"):
+        train(toy_config(tmp_path, train={"max_steps": 1, "batch_size": 2}), records=toy_records(), model=model,
+              tokenizer=tok)
+    assert sorted(p.name for p in (tmp_path / "run").iterdir()) == before
