@@ -155,6 +155,10 @@ def train(cfg: Config, *, records: list[Record] | None = None, model=None, token
     out = prepare_output_dir(cfg, resume, overwrite) if accelerator.is_main_process else Path(cfg.train.output_dir)
     accelerator.wait_for_everyone()
 
+    if records is None:  # read the data first: a bad file should not wait for a model load
+        if not cfg.data.train:
+            raise UserError("No training data: set data.train (a .jsonl file, a dataset directory, hf:NAME or builtin:NAME).")
+        records = load_records(cfg.data.train, cfg.data.columns, cfg.data.split)
     if model is None:
         model, tokenizer = load_model(cfg.model.name, torch.float32, cfg.model.trust_remote_code)
     if cfg.model.lora.enabled:
@@ -164,10 +168,6 @@ def train(cfg: Config, *, records: list[Record] | None = None, model=None, token
     model.train()
     model.config.use_cache = False  # training forwards need no cache; generation turns it on itself
 
-    if records is None:
-        if not cfg.data.train:
-            raise UserError("No training data: set data.train (a .jsonl file, a dataset directory, hf:NAME or builtin:NAME).")
-        records = load_records(cfg.data.train, cfg.data.columns, cfg.data.split)
     stop_id = stop_token_id(model, tokenizer)
     builder = PromptBuilder(
         tokenizer, cfg.data.teacher_template, cfg.data.system_prompt, cfg.data.max_prompt_tokens,

@@ -95,7 +95,9 @@ def resolve_model_path(name: str) -> str:
         if not (path / "config.json").is_file():
             raise UserError(f"Model directory {name} has no config.json; is it a saved model?")
         return str(path)
-    if name.startswith((".", "/", "~")) or os.sep in name and name.count("/") != 1:
+    parts = name.split("/")
+    looks_like_hub_id = len(parts) <= 2 and all(parts) and not name.startswith((".", "~"))
+    if not looks_like_hub_id:
         raise UserError(f"Model path {name} not found.")
     return name  # a hub id
 
@@ -107,7 +109,9 @@ def load_tokenizer(name: str, trust_remote_code: bool = False):
     try:
         tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
     except OSError as exc:
-        raise UserError(f"Could not load the tokenizer of {name!r} ({exc}).") from None
+        raise UserError(
+            f"Could not load the tokenizer of {name!r}: no such local directory, and not loadable as a hub id ({exc})."
+        ) from None
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
     tokenizer.padding_side = "left"  # generation appends on the right
