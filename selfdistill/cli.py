@@ -37,6 +37,9 @@ def main() -> None:
     except UserError as exc:
         typer.secho(f"error: {exc}", fg=typer.colors.RED, err=True)
         sys.exit(2)
+    except KeyboardInterrupt:  # Ctrl-C before training started (during training it checkpoints and stops)
+        typer.secho("error: interrupted before training started; nothing was written.", fg=typer.colors.RED, err=True)
+        sys.exit(130)
 
 
 if __name__ == "__main__":

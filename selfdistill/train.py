@@ -14,9 +14,11 @@ makes N processes compute exactly what one process computes on the same global b
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import math
+import os
 import random
 import signal
 import time
@@ -27,10 +29,11 @@ import torch
 from accelerate import Accelerator
 from accelerate.utils import set_seed
 
-from selfdistill.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from selfdistill.checkpoint import inside, latest_checkpoint, load_checkpoint, replace_dir, save_checkpoint
 from selfdistill.config import Config
 from selfdistill.data import PromptBuilder, Record, load_records
 from selfdistill.errors import UserError
+from selfdistill.faults import fault
 from selfdistill.methods import get_method
 from selfdistill.models import apply_lora, load_model, save_model, stop_token_id
 from selfdistill.progress import progress_bar
@@ -76,32 +79,89 @@ def _fingerprint(cfg: Config) -> dict:
     return data
 
 
-def prepare_output_dir(cfg: Config, resume: bool, overwrite: bool) -> Path:
+def check_output_dir(cfg: Config, resume: bool, overwrite: bool) -> Path:
+    """Refuse an output directory that would be misused; reads only, so a refusal changes nothing."""
     out = Path(cfg.train.output_dir)
+    if out.exists() and not out.is_dir():
+        raise UserError(f"train.output_dir {out} is a file, not a directory. Choose another train.output_dir.")
     run_file = out / "run.json"
     if run_file.is_file() and not overwrite:
-        previous = json.loads(run_file.read_text())
-        if previous.get("config") != _fingerprint(cfg):
+        try:
+            previous = json.loads(run_file.read_text(encoding="utf-8"))
+        except (ValueError, UnicodeDecodeError) as exc:
+            raise UserError(
+                f"{run_file} is damaged ({exc}), so this directory's run cannot be identified. "
+                "Choose another train.output_dir, or pass --overwrite to start a new run there."
+            ) from None
+        if not isinstance(previous, dict) or previous.get("config") != _fingerprint(cfg):
             raise UserError(
                 f"{out} already holds a different run (its run.json has other settings). "
                 "Choose another train.output_dir, or pass --overwrite to replace it."
             )
         if not resume and latest_checkpoint(out) is not None:
             raise UserError(f"{out} already holds checkpoints of this run. Pass --resume to continue it, or --overwrite to start again.")
-    if overwrite and out.exists():
-        import shutil
-
-        for child in ("checkpoints", "final", "metrics.jsonl", "run.json"):
-            target = out / child
-            if target.is_dir():
-                shutil.rmtree(target)
-            elif target.exists():
-                target.unlink()
-    out.mkdir(parents=True, exist_ok=True)
-    tmp = run_file.with_suffix(".tmp")
-    tmp.write_text(json.dumps({"config": _fingerprint(cfg), "full_config": cfg.to_dict()}, indent=2))
-    tmp.replace(run_file)
     return out
+
+
+def prepare_output_dir(cfg: Config, resume: bool, overwrite: bool) -> Path:
+    """Check the output directory, then (with --overwrite) clear the previous run and record this one."""
+    out = check_output_dir(cfg, resume, overwrite)
+    with _writing(out, "the run directory"):
+        if overwrite and out.exists():
+            import shutil
+
+            for child in ("checkpoints", "final", "metrics.jsonl", "run.json"):
+                target = inside(out, child)
+                if target.is_dir():
+                    shutil.rmtree(target)
+                elif target.exists():
+                    target.unlink()
+        out.mkdir(parents=True, exist_ok=True)
+        _write_atomic(out / "run.json", json.dumps({"config": _fingerprint(cfg), "full_config": cfg.to_dict()}, indent=2))
+    return out
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    with tmp.open("w", encoding="utf-8") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+class _writing:
+    """Turn a failed write (full disk, no permission) into one clear message; what was written stays."""
+
+    def __init__(self, out: Path, what: str):
+        self.out, self.what = Path(out), what
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, kind, exc, tb):
+        if kind is None or not issubclass(kind, OSError):
+            return False
+        last = latest_checkpoint(self.out) if self.out.is_dir() else None
+        kept = f"The last complete checkpoint, {last}, is intact" if last else "No checkpoint of this run was written yet"
+        raise TrainingStopped(
+            f"Could not write {self.what} in {self.out}: {exc.strerror or exc}"
+            f"{' (' + exc.filename + ')' if getattr(exc, 'filename', None) else ''}. {kept}; "
+            "free disk space or fix the permissions, then run the same command with --resume."
+        ) from None
+
+
+def _read_metrics(path: Path) -> list[dict]:
+    """metrics.jsonl rows; a line cut short by a crash mid-append is dropped."""
+    rows = []
+    for line in path.read_text(encoding="utf-8", errors="replace").splitlines():
+        try:
+            row = json.loads(line)
+        except ValueError:
+            continue
+        if isinstance(row, dict) and isinstance(row.get("step"), int):
+            rows.append(row)
+    return rows
 
 
 def _sum_across(accelerator: Accelerator, values: list[float]) -> list[float]:
@@ -125,7 +185,11 @@ def _sum_gradients(accelerator: Accelerator, params: list[torch.nn.Parameter]) -
 
 
 class _StopFlag:
-    """SIGINT / SIGTERM ask the loop to checkpoint and stop at the end of the current step."""
+    """SIGINT / SIGTERM ask the loop to checkpoint and stop at the end of the current step.
+
+    A second signal stops at once: the step in flight is dropped, and so is a checkpoint being
+    written (it is still in its temporary directory), so the newest complete checkpoint stays.
+    """
 
     def __init__(self):
         self.requested = None
@@ -133,7 +197,11 @@ class _StopFlag:
 
     def __enter__(self):
         def handler(signum, frame):
-            self.requested = signal.Signals(signum).name
+            name = signal.Signals(signum).name
+            if self.requested is not None:
+                raise TrainingStopped(f"Stopped at once by a second signal ({name}); the newest complete checkpoint "
+                                      "is kept. Run the same command with --resume to continue from it.")
+            self.requested = name
 
         for sig in (signal.SIGINT, signal.SIGTERM):
             try:
@@ -149,16 +217,18 @@ class _StopFlag:
 
 def train(cfg: Config, *, records: list[Record] | None = None, model=None, tokenizer=None, resume: bool = False,
           overwrite: bool = False, save_final: bool = True) -> TrainResult:
-    """Train `cfg.method` on the records (or `cfg.data.train`). Pass `model`/`tokenizer` to train in memory."""
+    """Train `cfg.method` on the records (or `cfg.data.train`). Pass `model`/`tokenizer` to train in memory.
+
+    Every input is read and checked (data, output directory, model, prompts) before anything is
+    written, so a mistake leaves the disk as it was.
+    """
     accelerator = Accelerator(cpu=not torch.cuda.is_available())
     set_seed(cfg.train.seed)
-    out = prepare_output_dir(cfg, resume, overwrite) if accelerator.is_main_process else Path(cfg.train.output_dir)
-    accelerator.wait_for_everyone()
-
     if records is None:  # read the data first: a bad file should not wait for a model load
         if not cfg.data.train:
             raise UserError("No training data: set data.train (a .jsonl file, a dataset directory, hf:NAME or builtin:NAME).")
         records = load_records(cfg.data.train, cfg.data.columns, cfg.data.split)
+    out = check_output_dir(cfg, resume, overwrite)
     if model is None:
         model, tokenizer = load_model(cfg.model.name, torch.float32, cfg.model.trust_remote_code)
     if cfg.model.lora.enabled:
@@ -168,6 +238,11 @@ def train(cfg: Config, *, records: list[Record] | None = None, model=None, token
     model.train()
     model.config.use_cache = False  # training forwards need no cache; generation turns it on itself
 
+    if not getattr(tokenizer, "chat_template", None):
+        raise UserError(
+            f"model.name {cfg.model.name}: the tokenizer has no chat template, so prompts cannot be formatted as "
+            "conversations. Use an instruction-tuned model, or add a chat_template to its tokenizer_config.json."
+        )
     stop_id = stop_token_id(model, tokenizer)
     builder = PromptBuilder(
         tokenizer, cfg.data.teacher_template, cfg.data.system_prompt, cfg.data.max_prompt_tokens,
@@ -184,18 +259,21 @@ def train(cfg: Config, *, records: list[Record] | None = None, model=None, token
     scheduler = get_cosine_schedule_with_warmup(optimizer, math.ceil(cfg.train.warmup_ratio * steps), steps)
 
     start_step = 0
+    nonfinite = {"in_row": 0, "total": 0}
+    checkpoint = latest_checkpoint(out) if resume and not overwrite else None
+    if checkpoint is not None:  # read before anything is written: a damaged checkpoint changes nothing
+        state = load_checkpoint(checkpoint, model, method, optimizer, scheduler)
+        start_step = state["step"]
+        nonfinite.update(state.get("nonfinite", {}))
+        log.info("resumed from %s (step %d of %d)", checkpoint, start_step, steps)
+    out = prepare_output_dir(cfg, resume, overwrite) if accelerator.is_main_process else out
+    accelerator.wait_for_everyone()
     metrics_path = out / "metrics.jsonl"
-    if resume:
-        checkpoint = latest_checkpoint(out)
-        if checkpoint is not None:
-            state = load_checkpoint(checkpoint, model, method, optimizer, scheduler)
-            start_step = state["step"]
-            log.info("resumed from %s (step %d of %d)", checkpoint, start_step, steps)
-            if accelerator.is_main_process and metrics_path.is_file():  # drop lines logged after that checkpoint
-                kept = [l for l in metrics_path.read_text().splitlines() if l.strip() and json.loads(l)["step"] <= start_step]
-                metrics_path.write_text("".join(k + "\n" for k in kept))
-    elif accelerator.is_main_process and metrics_path.exists():
-        metrics_path.unlink()
+    if accelerator.is_main_process and metrics_path.exists():
+        # Lines logged after the checkpoint we continue from (all lines, for a fresh start) are redone.
+        with _writing(out, "metrics.jsonl"):
+            kept = [r for r in _read_metrics(metrics_path) if r["step"] <= start_step]
+            _write_atomic(metrics_path, "".join(json.dumps(r) + "\n" for r in kept))
     method.setup(encoded)
     if builder.skipped:
         log.warning("%d records skipped for being over the prompt limits", len(builder.skipped))
@@ -203,17 +281,20 @@ def train(cfg: Config, *, records: list[Record] | None = None, model=None, token
     rank, world = accelerator.process_index, accelerator.num_processes
     batch, micro = cfg.train.batch_size, cfg.train.micro_batch_size
     history: list[dict] = []
-    nonfinite_in_row = 0
     bar = progress_bar(total=steps, desc=f"{cfg.method} training") if accelerator.is_main_process else None
     if bar:
         bar.update(start_step)
+    save = functools.partial(_save, accelerator, out, steps=steps, model=model, tokenizer=tokenizer, method=method,
+                             optimizer=optimizer, scheduler=scheduler, cfg=cfg, nonfinite=nonfinite)
     with _StopFlag() as stop:
         for step in range(start_step, steps):
             step_start = time.perf_counter()
+            done = step + 1
             positions = list(range(step * batch, (step + 1) * batch))[rank::world]
             mine = [encoded[data_order(len(encoded), cfg.train.seed, p)] for p in positions]
             seeds = [rollout_seed(cfg.train.seed, p, r) for p in positions for r in range(cfg.rollout.num_rollouts)]
             items, build_stats = method.build_items(mine, seeds)
+            fault("rollout", done)
             local_tokens = sum(i.loss_tokens for i in items)
             (global_tokens,) = _sum_across(accelerator, [float(local_tokens)])
 
@@ -224,6 +305,7 @@ def train(cfg: Config, *, records: list[Record] | None = None, model=None, token
                     t0 = time.perf_counter()
                     (loss / global_tokens).backward()
                     backward_time += time.perf_counter() - t0
+                    fault("backward", done)
                 loss_sum += float(loss.detach())
                 for k, v in stats.items():
                     loss_stats[k] = loss_stats.get(k, 0.0) + v
@@ -237,63 +319,79 @@ def train(cfg: Config, *, records: list[Record] | None = None, model=None, token
             update_time = 0.0
             if finite:
                 optimizer.step()
+                fault("optimizer_step", done)
                 t0 = time.perf_counter()
                 method.after_step()
                 update_time = time.perf_counter() - t0
-                nonfinite_in_row = 0
-            else:
-                nonfinite_in_row += 1
-                log.warning("step %d: non-finite loss or gradient; step skipped (teacher not updated)", step + 1)
+                nonfinite["in_row"] = 0
+            else:  # the weights, the optimizer's moments and the teacher stay as they were
+                nonfinite["in_row"] += 1
+                nonfinite["total"] += 1
+                log.warning("step %d: non-finite loss or gradient; step skipped, teacher not updated "
+                            "(%d in a row, %d in this run)", done, nonfinite["in_row"], nonfinite["total"])
             scheduler.step()
             optimizer.zero_grad(set_to_none=True)
 
             elapsed = time.perf_counter() - step_start
-            record = _step_metrics(step + 1, loss_total, global_tokens, summed, scheduler, grad_norm, elapsed,
+            record = _step_metrics(done, loss_total, global_tokens, summed, scheduler, grad_norm, elapsed,
                                    backward_time, update_time, finite)
+            record["nonfinite_steps"] = nonfinite["total"]
             history.append(record)
             if accelerator.is_main_process:
-                with metrics_path.open("a") as f:
-                    f.write(json.dumps(record) + "\n")
+                line = json.dumps(record) + "\n"
+                with _writing(out, "metrics.jsonl"), metrics_path.open("a", encoding="utf-8") as f:
+                    half = len(line) // 2
+                    f.write(line[:half])
+                    fault("metrics", done, on_hit=f.flush)
+                    f.write(line[half:])
                 if bar:
                     bar.update(1)
                     bar.set_postfix(loss=f"{record['loss']:.4f}")
-            if nonfinite_in_row > cfg.train.max_nonfinite_steps:
+            if nonfinite["in_row"] > cfg.train.max_nonfinite_steps:
+                last = latest_checkpoint(out)
                 raise TrainingStopped(
-                    f"Training stopped: {nonfinite_in_row} steps in a row had a non-finite loss or gradient "
-                    f"(limit train.max_nonfinite_steps={cfg.train.max_nonfinite_steps}). The last good checkpoint in "
-                    f"{out / 'checkpoints'} is intact; lower train.lr or use model.precision=fp32."
+                    f"Training stopped at step {done}: {nonfinite['in_row']} steps in a row had a non-finite loss or "
+                    f"gradient (limit train.max_nonfinite_steps={cfg.train.max_nonfinite_steps}). "
+                    + (f"The last good checkpoint, {last}, is intact; " if last else "No checkpoint was written; ")
+                    + "lower train.lr, or use model.precision=fp32, then resume or start again."
                 )
-            done = step + 1
             periodic = cfg.train.save_every and done % cfg.train.save_every == 0 and done < steps
             if periodic or stop.requested:
-                _save(accelerator, out, done, steps, model, tokenizer, method, optimizer, scheduler, cfg)
+                save(done)
             if stop.requested:
                 if bar:
                     bar.close()
                 raise TrainingStopped(f"Stopped by {stop.requested} after step {done}; checkpoint written. "
                                       "Run the same command with --resume to continue.")
-    if bar:
-        bar.close()
-    final_dir = None
-    if start_step < steps or latest_checkpoint(out) is None:
-        _save(accelerator, out, steps, steps, model, tokenizer, method, optimizer, scheduler, cfg)
-    if save_final and accelerator.is_main_process:
-        final_dir = out / "final"
-        tmp = out / ".final.tmp"
-        import shutil
+        if bar:
+            bar.close()
+        final_dir = None
+        if start_step < steps or latest_checkpoint(out) is None:
+            save(steps)
+        if save_final and accelerator.is_main_process:
+            final_dir = out / "final"
+            tmp = out / ".final.tmp"
+            import shutil
 
-        shutil.rmtree(tmp, ignore_errors=True)
-        save_model(model, tokenizer, tmp)
-        shutil.rmtree(final_dir, ignore_errors=True)
-        tmp.replace(final_dir)
+            with _writing(out, "the final model"):
+                try:
+                    shutil.rmtree(tmp, ignore_errors=True)
+                    save_model(model, tokenizer, tmp)
+                    fault("final", steps)
+                    replace_dir(tmp, final_dir)
+                except BaseException:
+                    shutil.rmtree(tmp, ignore_errors=True)
+                    raise
     accelerator.wait_for_everyone()
     return TrainResult(output_dir=out, steps=steps, final_dir=final_dir, metrics=history, model=model, tokenizer=tokenizer)
 
 
-def _save(accelerator, out, done, steps, model, tokenizer, method, optimizer, scheduler, cfg):
+def _save(accelerator, out, done, *, steps, model, tokenizer, method, optimizer, scheduler, cfg, nonfinite):
     if accelerator.is_main_process:
-        save_checkpoint(out, done, model, tokenizer, method, optimizer, scheduler,
-                        {"total_steps": steps, "method": cfg.method}, cfg.train.keep_last)
+        with _writing(out, f"the checkpoint of step {done}"):
+            save_checkpoint(out, done, model, tokenizer, method, optimizer, scheduler,
+                            {"total_steps": steps, "method": cfg.method, "nonfinite": dict(nonfinite)},
+                            cfg.train.keep_last)
     accelerator.wait_for_everyone()
 
 
