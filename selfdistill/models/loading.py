@@ -52,7 +52,10 @@ def _convert_gguf(gguf_path: Path, target: Path) -> None:
         tokenizer = AutoTokenizer.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name)
         quantized = AutoModelForCausalLM.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name, dtype=torch.float32)
     except Exception as exc:  # noqa: BLE001 - a corrupt or unsupported file is the user's input
-        raise UserError(f"{gguf_path}: could not read the GGUF model ({exc}).") from None
+        raise UserError(
+            f"{gguf_path}: could not read the GGUF model ({exc}). The file may be damaged or incomplete: "
+            "download it again, or set model.name to another model."
+        ) from None
     # A model loaded from GGUF is flagged as quantized and refuses save_pretrained; rebuild it plain.
     config = quantized.config
     if hasattr(config, "quantization_config"):
@@ -110,7 +113,13 @@ def load_tokenizer(name: str, trust_remote_code: bool = False):
         tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
     except OSError as exc:
         raise UserError(
-            f"Could not load the tokenizer of {name!r}: no such local directory, and not loadable as a hub id ({exc})."
+            f"model.name {name}: could not load the tokenizer: no such local directory, and not loadable as a hub id "
+            f"({exc}). Check the path or the hub id."
+        ) from None
+    except Exception as exc:  # noqa: BLE001 - a damaged tokenizer file surfaces as many types
+        raise UserError(
+            f"model.name {name}: the tokenizer files are damaged ({type(exc).__name__}: {exc}). "
+            "Save the tokenizer again, or download the model again."
         ) from None
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
@@ -124,15 +133,33 @@ def load_model(name: str, dtype: torch.dtype = torch.float32, trust_remote_code:
 
     path = resolve_model_path(name)
     tokenizer = load_tokenizer(name, trust_remote_code)
+    local = Path(path)
+    if local.is_dir() and not any(local.glob("*.safetensors")):
+        pickled = sorted(p.name for p in local.iterdir() if p.suffix in (".bin", ".pt", ".pth", ".ckpt"))
+        raise UserError(
+            f"model.name {name}: no .safetensors weights in the directory"
+            + (f" (it has {', '.join(pickled)}, pickle files that could run code when read)" if pickled else "")
+            + ". Weights are read only from safetensors or GGUF: re-save the model with "
+            "save_pretrained(dir, safe_serialization=True), or point model.name at a .gguf file."
+        )
     try:
         model = AutoModelForCausalLM.from_pretrained(
             path, dtype=dtype, trust_remote_code=trust_remote_code, use_safetensors=True
         )
-    except (OSError, ValueError) as exc:
-        raise UserError(f"Could not load the model {name!r} ({exc}).") from None
+    except Exception as exc:  # noqa: BLE001 - damaged weights surface as SafetensorError, OSError, ValueError...
+        raise UserError(
+            f"model.name {name}: could not load the model{_weight_files(local)} ({type(exc).__name__}: "
+            f"{str(exc).splitlines()[0] if str(exc) else ''}). "
+            "The weights may be damaged or incomplete: save or download the model again."
+        ) from None
     if model.generation_config.pad_token_id is None:
         model.generation_config.pad_token_id = tokenizer.pad_token_id
     return model, tokenizer
+
+
+def _weight_files(directory: Path) -> str:
+    files = sorted(directory.glob("*.safetensors")) if directory.is_dir() else []
+    return f" from {', '.join(str(f) for f in files)}" if files else ""
 
 
 def stop_token_id(model, tokenizer) -> int:
