@@ -136,18 +136,28 @@ def validate(cfg: Config) -> Config:
     _check(cfg.teacher.kind in ("ema", "frozen", "live"), "teacher.kind",
            f"unknown teacher kind {cfg.teacher.kind!r}; choose ema, frozen or live.")
     _check(0.0 <= cfg.teacher.ema_rate <= 1.0, "teacher.ema_rate", "must lie in [0, 1].")
-    _check(cfg.train.lr > 0, "train.lr", "must be > 0.")
+    _check(cfg.train.lr > 0 and cfg.train.lr != float("inf"), "train.lr", "must be a finite number > 0.")
     _check(cfg.train.batch_size > 0 and cfg.train.micro_batch_size > 0, "train.batch_size",
            "batch sizes must be > 0.")
     _check(cfg.train.epochs > 0, "train.epochs", "must be > 0.")
     _check(cfg.train.max_steps is None or cfg.train.max_steps > 0, "train.max_steps", "must be > 0 or null.")
     _check(0.0 <= cfg.train.warmup_ratio < 1.0, "train.warmup_ratio", "must lie in [0, 1).")
     _check(cfg.train.keep_last >= 1, "train.keep_last", "must be >= 1.")
+    _check(cfg.train.save_every >= 0, "train.save_every", "must be >= 0 (0: only at the end).")
+    _check(cfg.train.max_nonfinite_steps >= 0, "train.max_nonfinite_steps", "must be >= 0.")
+    _check(cfg.train.max_grad_norm >= 0, "train.max_grad_norm", "must be >= 0 (0 disables clipping).")
+    _check(cfg.train.weight_decay >= 0, "train.weight_decay", "must be >= 0.")
+    _check(bool(str(cfg.train.output_dir).strip()), "train.output_dir", "may not be empty.")
+    _check(cfg.rollout.batch_size > 0, "rollout.batch_size", "must be > 0.")
     _check(cfg.rollout.temperature >= 0, "rollout.temperature", "must be >= 0 (0 means greedy).")
     _check(0.0 < cfg.rollout.top_p <= 1.0, "rollout.top_p", "must lie in (0, 1].")
     _check(cfg.rollout.max_new_tokens > 0, "rollout.max_new_tokens", "must be > 0.")
     _check(cfg.rollout.num_rollouts >= 1, "rollout.num_rollouts", "must be >= 1.")
     _check(cfg.data.overlong in ("error", "skip"), "data.overlong", "must be 'error' or 'skip'.")
+    template = cfg.data.teacher_template
+    _check(template in ("paper", "plain") or ("{question}" in template and "{demonstration}" in template),
+           "data.teacher_template", f"{template!r} is neither 'paper' nor 'plain', and a template of your own must "
+           "contain both {question} and {demonstration}.")
     _check(cfg.data.max_prompt_tokens > 0 and cfg.data.max_teacher_prompt_tokens > 0,
            "data.max_prompt_tokens", "limits must be > 0.")
     return cfg
@@ -233,15 +243,17 @@ def load_config(path: str | Path | None = None, overrides: list[str] | dict | No
     if path is not None:
         path = Path(path)
         if not path.is_file():
-            raise UserError(f"Config file {path} does not exist.")
+            raise UserError(f"Config file {path} does not exist. Check the path of the YAML config.")
         try:
             data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
         except yaml.YAMLError as exc:
             mark = getattr(exc, "problem_mark", None)
             where = f" line {mark.line + 1}, column {mark.column + 1}" if mark else ""
-            raise UserError(f"Config file {path}{where}: invalid YAML ({getattr(exc, 'problem', exc)}).") from None
+            raise UserError(f"Config file {path}{where}: invalid YAML ({getattr(exc, 'problem', exc)}). "
+                            "Fix the syntax there (indentation, brackets, quotes).") from None
         if not isinstance(data, dict):
-            raise UserError(f"Config file {path}: the top level must be a mapping of sections.")
+            raise UserError(f"Config file {path}: the top level must be a mapping of sections "
+                            "(e.g. 'train:' with 'lr: 2e-5' indented below it).")
         try:
             _apply(cfg, data, "")
         except UserError as exc:

@@ -50,11 +50,11 @@ def _where(source: str, fieldname: str) -> str:
 def _validate_prompt(value: Any, source: str) -> str | list[dict]:
     if isinstance(value, str):
         if not value.strip():
-            raise UserError(f"{_where(source, 'prompt')}: the prompt is empty.")
+            raise UserError(f"{_where(source, 'prompt')}: the prompt is empty. Write the question, or remove the record.")
         return value
     if isinstance(value, list):
         if not value:
-            raise UserError(f"{_where(source, 'prompt')}: the message list is empty.")
+            raise UserError(f"{_where(source, 'prompt')}: the message list is empty. End it with the user turn to answer.")
         for i, msg in enumerate(value):
             if not isinstance(msg, dict) or not isinstance(msg.get("role"), str) or not isinstance(msg.get("content"), str):
                 raise UserError(f"{_where(source, 'prompt')}: message {i} must be an object with string 'role' and 'content'.")
@@ -64,17 +64,19 @@ def _validate_prompt(value: Any, source: str) -> str | list[dict]:
                 "it must end with the user turn the model answers (put the expert answer in 'demonstration')."
             )
         return [{"role": m["role"], "content": m["content"]} for m in value]
-    raise UserError(f"{_where(source, 'prompt')}: expected a string or a list of chat messages, got {type(value).__name__}.")
+    raise UserError(f"{_where(source, 'prompt')}: expected a string or a list of chat messages, got {type(value).__name__}. "
+                    "Write the prompt as a JSON string or as [{\"role\": \"user\", \"content\": ...}].")
 
 
 def record_from_row(row: Any, source: str, columns: dict | None = None, require_demonstration: bool = True) -> Record:
     """Validate one row (after the column mapping) into a Record."""
     if not isinstance(row, dict):
-        raise UserError(f"{source}: expected a JSON object, got {type(row).__name__}.")
+        raise UserError(f"{source}: expected a JSON object, got {type(row).__name__}. "
+                        "Write each record as one object, e.g. {\"prompt\": ..., \"demonstration\": ...}.")
     columns = dict(columns or {})
     for ours, theirs in columns.items():
         if ours not in FIELDS:
-            raise UserError(f"Column mapping: unknown field {ours!r}; map one of {', '.join(FIELDS)} to a column.")
+            raise UserError(f"data.columns: unknown field {ours!r}; map one of {', '.join(FIELDS)} to a column.")
     take = {name: columns.get(name, name) for name in FIELDS}
     if take["prompt"] not in row:
         raise UserError(f"{_where(source, take['prompt'])}: missing (the prompt; map another column with data.columns).")
@@ -82,15 +84,19 @@ def record_from_row(row: Any, source: str, columns: dict | None = None, require_
     demo = row.get(take["demonstration"])
     if demo is None:
         if require_demonstration:
-            raise UserError(f"{_where(source, take['demonstration'])}: missing (the expert demonstration).")
+            raise UserError(f"{_where(source, take['demonstration'])}: missing (the expert demonstration). "
+                            "Add it to every record, or map another column with data.columns.")
         demo = ""
     if not isinstance(demo, str):
-        raise UserError(f"{_where(source, take['demonstration'])}: expected a string, got {type(demo).__name__}.")
+        raise UserError(f"{_where(source, take['demonstration'])}: expected a string, got {type(demo).__name__}. "
+                        "Write the demonstration as a JSON string.")
     if require_demonstration and not demo.strip():
-        raise UserError(f"{_where(source, take['demonstration'])}: the demonstration is empty.")
+        raise UserError(f"{_where(source, take['demonstration'])}: the demonstration is empty. "
+                        "Give every record an expert answer, or remove the record.")
     context = row.get(take["context"])
     if context is not None and not isinstance(context, str):
-        raise UserError(f"{_where(source, take['context'])}: expected a string, got {type(context).__name__}.")
+        raise UserError(f"{_where(source, take['context'])}: expected a string, got {type(context).__name__}. "
+                        "Write the context as a JSON string, or leave it out.")
     used = set(take.values())
     meta = {k: v for k, v in row.items() if k not in used}
     return Record(prompt=prompt, demonstration=demo, context=context, answer=row.get(take["answer"]), meta=meta, source=source)
@@ -101,7 +107,7 @@ def records_from_rows(rows: Iterable[Any], name: str, columns: dict | None = Non
         record_from_row(row, f"{name} row {i + 1}", columns, require_demonstration) for i, row in enumerate(rows)
     ]
     if not records:
-        raise UserError(f"{name}: no records (the dataset is empty).")
+        raise UserError(f"{name}: no records (the dataset is empty). Point data.train at a dataset with records.")
     return records
 
 
@@ -110,9 +116,9 @@ def read_jsonl(path: Path) -> list[tuple[int, Any]]:
     try:
         raw = path.read_bytes()
     except FileNotFoundError:
-        raise UserError(f"{path}: file not found.") from None
+        raise UserError(f"{path}: file not found. Check the path given as data.train (or --data).") from None
     except IsADirectoryError:
-        raise UserError(f"{path}: is a directory, expected a .jsonl file.") from None
+        raise UserError(f"{path}: is a directory, expected a .jsonl file. Point data.train at the file.") from None
     rows = []
     for number, line in enumerate(raw.split(b"\n"), start=1):
         if not line.strip():
@@ -124,7 +130,8 @@ def read_jsonl(path: Path) -> list[tuple[int, Any]]:
         try:
             rows.append((number, json.loads(text)))
         except json.JSONDecodeError as exc:
-            raise UserError(f"{path} line {number}, column {exc.colno}: malformed JSON ({exc.msg}).") from None
+            raise UserError(f"{path} line {number}, column {exc.colno}: malformed JSON ({exc.msg}). "
+                            "Fix that line: each line must be one complete JSON object.") from None
     return rows
 
 
@@ -158,7 +165,8 @@ def load_records(source: str | Path, columns: dict | None = None, split: str = "
             try:
                 ds = datasets.load_from_disk(str(path))
             except Exception as exc:  # noqa: BLE001
-                raise UserError(f"{path}: not a saved Hugging Face dataset ({exc}).") from None
+                raise UserError(f"{path}: not a saved Hugging Face dataset ({exc}). Point data.train at a .jsonl "
+                                "file or a directory written by Dataset.save_to_disk.") from None
             if isinstance(ds, datasets.DatasetDict):
                 if split not in ds:
                     raise UserError(f"{path}: no split {split!r}; it has {', '.join(ds)}.")
@@ -166,5 +174,5 @@ def load_records(source: str | Path, columns: dict | None = None, split: str = "
             return records_from_rows(ds, str(path), columns, require_demonstration)
     rows = read_jsonl(path)
     if not rows:
-        raise UserError(f"{path}: no records (the file is empty).")
+        raise UserError(f"{path}: no records (the file is empty). Add records, one JSON object per line.")
     return [record_from_row(row, f"{path} line {number}", columns, require_demonstration) for number, row in rows]

@@ -87,7 +87,7 @@ def resolve_model_path(name: str) -> str:
     path = Path(name)
     if name.endswith(".gguf"):
         if not path.is_file():
-            raise UserError(f"Model file {name} not found.")
+            raise UserError(f"model.name {name}: no such file. Check the path of the .gguf file.")
         stat = path.stat()
         key = hashlib.sha256(f"{path.resolve()}:{stat.st_size}:{stat.st_mtime_ns}".encode()).hexdigest()[:16]
         target = cache_dir() / "models" / f"{path.stem}-{key}"
@@ -96,12 +96,13 @@ def resolve_model_path(name: str) -> str:
         return str(target)
     if path.exists():
         if not (path / "config.json").is_file():
-            raise UserError(f"Model directory {name} has no config.json; is it a saved model?")
+            raise UserError(f"model.name {name}: the directory has no config.json, so it is not a saved model. "
+                            "Point model.name at a directory written by save_pretrained, or at a .gguf file.")
         return str(path)
     parts = name.split("/")
     looks_like_hub_id = len(parts) <= 2 and all(parts) and not name.startswith((".", "~"))
     if not looks_like_hub_id:
-        raise UserError(f"Model path {name} not found.")
+        raise UserError(f"model.name {name}: no such file or directory. Check the path, or give a hub id or 'smollm2-135m'.")
     return name  # a hub id
 
 
