@@ -37,8 +37,9 @@ def main() -> None:
     except UserError as exc:
         typer.secho(f"error: {exc}", fg=typer.colors.RED, err=True)
         sys.exit(2)
-    except KeyboardInterrupt:  # Ctrl-C before training started (during training it checkpoints and stops)
-        typer.secho("error: interrupted before training started; nothing was written.", fg=typer.colors.RED, err=True)
+    except KeyboardInterrupt:  # Ctrl-C outside the training loop (inside it, the loop checkpoints and stops)
+        typer.secho("error: interrupted. Checkpoints and results already complete on disk are kept; "
+                    "a training run continues from its newest checkpoint with --resume.", fg=typer.colors.RED, err=True)
         sys.exit(130)
 
 
