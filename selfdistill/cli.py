@@ -18,6 +18,7 @@ app = typer.Typer(
 
 # Sub-commands register themselves here (one import each; the modules define them).
 # (section: commands)
+from selfdistill.eval.cli import register as _r_eval; _r_eval(app)  # noqa: E402
 
 
 def main() -> None:
