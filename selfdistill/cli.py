@@ -23,9 +23,11 @@ def _root() -> None:
 
 # Sub-commands register themselves here (one import each; the modules define them).
 # (section: commands)
+from selfdistill.eval.cli import register as _register_eval  # noqa: E402
 from selfdistill.train_cli import register as _register_train  # noqa: E402
 
 _register_train(app)
+_register_eval(app)
 
 
 def main() -> None:
