@@ -68,7 +68,7 @@ def demonstration_loglik(model, prompts: list[list[int]], demos: list[list[int]]
 
 
 def measure(model, tokenizer, records: list[Record], metrics: tuple[Metric, ...], *, templates: tuple[str, ...] = ("plain",),
-            max_new_tokens: int = 96, precision: str = "bf16", batch_size: int = 8, stop_token_ids: list[int] | None = None,
+            max_new_tokens: int = 96, precision: str = "fp32", batch_size: int = 8, stop_token_ids: list[int] | None = None,
             loglik: bool = True, grader_lookup: Callable[[str], Grader] = default_grader) -> list[CeilingResult]:
     """Greedy scores (and demonstration log-likelihoods) with the student prompt and each teacher template."""
     graders = {m.name: grader_lookup(m.grader) for m in metrics}

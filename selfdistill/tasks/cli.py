@@ -83,7 +83,9 @@ def ceiling_command(
     format: str = typer.Option("auto", help="Row format of a data file: auto, records, paper-tooluse, paper-science, huatuo, messages."),
     grader: list[str] = typer.Option([], help="Grader(s) for a data file (e.g. toolalpaca, choice_tag)."),
     max_new_tokens: int = typer.Option(96, help="Greedy generation budget per answer."),
-    precision: str = typer.Option("bf16", help="fp32 or bf16."),
+    # fp32 by default: on CPUs without bf16 matrix units, bf16 autocast was ~6x slower here, and
+    # greedy teacher outputs of a small model can flip between precisions (DESIGN.md section 7).
+    precision: str = typer.Option("fp32", help="fp32 or bf16."),
     batch_size: int = typer.Option(8),
     loglik: bool = typer.Option(True, help="Also measure the demonstration log-likelihood gain."),
     outputs: Path = typer.Option(None, help="Write every prompt's outputs and scores to this JSONL file."),
