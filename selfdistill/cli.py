@@ -18,6 +18,7 @@ app = typer.Typer(
 
 # Sub-commands register themselves here (one import each; the modules define them).
 # (section: commands)
+from selfdistill.eval.cli import register as _r_eval; _r_eval(app)  # noqa: E402
 from selfdistill.tasks.cli import register as _r_data; _r_data(app)  # noqa: E402,E702
 
 
