@@ -23,9 +23,13 @@ def _root() -> None:
 
 # Sub-commands register themselves here (one import each; the modules define them).
 # (section: commands)
+from selfdistill.eval.cli import register as _register_eval  # noqa: E402
+from selfdistill.tasks.cli import register as _register_data  # noqa: E402
 from selfdistill.train_cli import register as _register_train  # noqa: E402
 
 _register_train(app)
+_register_eval(app)
+_register_data(app)
 
 
 def main() -> None:

@@ -22,7 +22,12 @@ import yaml
 from selfdistill.errors import UserError
 
 METHODS = {
-    "sdft": "Self-Distillation Fine-Tuning: on-policy rollouts, demonstration-conditioned teacher",
+    "sdft": "Self-Distillation Fine-Tuning: the student's own samples, scored by the demonstration-conditioned teacher.",
+    "sft": "Supervised fine-tuning: cross-entropy on the demonstration tokens (+ end of turn).",
+    "dft": "Dynamic Fine-Tuning: SFT's token loss weighted by the token's (constant) probability.",
+    "offline_distill": "The demonstration-conditioned teacher answers once before training; the student learns those answers.",
+    "cpt": "Continued pre-training: next-token loss on raw documents (data.documents, or the records' context).",
+    "sft_reinvoke": "SFT, then on-policy distillation from the initial model on general prompts to recover old skills.",
 }
 
 
@@ -60,6 +65,7 @@ class DataConfig:
     max_prompt_tokens: int = _f(1024, "Longest student prompt, in tokens.")
     max_teacher_prompt_tokens: int = _f(2048, "Longest teacher prompt (question + demonstration), in tokens.")
     overlong: str = _f("error", "What to do with a prompt over its limit: 'error' or 'skip' (counted and logged).")
+    documents: str | None = _f(None, "Raw documents for cpt: .jsonl with a 'text' field, or .txt split on blank lines.")
 
 
 @dataclass
@@ -88,6 +94,17 @@ class TeacherConfig:
 
 
 @dataclass
+class OfflineConfig:
+    loss: str = _f("ce", "offline_distill: 'ce' (cross-entropy on the teacher's answers) or 'divergence' (match its distributions).")
+
+
+@dataclass
+class ReinvokeConfig:
+    steps: int = _f(10, "sft_reinvoke: optimizer steps of the second (recovery) phase.")
+    prompts: str | None = _f(None, "sft_reinvoke: general prompts (.jsonl with 'prompt'); default: the built-in probe prompts.")
+
+
+@dataclass
 class TrainConfig:
     lr: float = _f(2e-5, "Peak learning rate (AdamW).")
     batch_size: int = _f(32, "Prompts per optimizer step (global, across processes).")
@@ -112,6 +129,8 @@ class Config:
     rollout: RolloutConfig = field(default_factory=RolloutConfig)
     loss: LossConfig = field(default_factory=LossConfig)
     teacher: TeacherConfig = field(default_factory=TeacherConfig)
+    offline: OfflineConfig = field(default_factory=OfflineConfig)
+    reinvoke: ReinvokeConfig = field(default_factory=ReinvokeConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
 
     def to_dict(self) -> dict:
@@ -153,6 +172,8 @@ def validate(cfg: Config) -> Config:
     _check(0.0 < cfg.rollout.top_p <= 1.0, "rollout.top_p", "must lie in (0, 1].")
     _check(cfg.rollout.max_new_tokens > 0, "rollout.max_new_tokens", "must be > 0.")
     _check(cfg.rollout.num_rollouts >= 1, "rollout.num_rollouts", "must be >= 1.")
+    _check(cfg.offline.loss in ("ce", "divergence"), "offline.loss", "must be 'ce' or 'divergence'.")
+    _check(cfg.reinvoke.steps >= 0, "reinvoke.steps", "must be >= 0.")
     _check(cfg.data.overlong in ("error", "skip"), "data.overlong", "must be 'error' or 'skip'.")
     template = cfg.data.teacher_template
     _check(template in ("paper", "plain") or ("{question}" in template and "{demonstration}" in template),

@@ -18,6 +18,11 @@ from transformers import GenerationConfig, LogitsProcessor, LogitsProcessorList
 from selfdistill.progress import progress_bar
 
 
+def rollout_seed(seed: int, position: int, rollout: int) -> int:
+    """The sampling seed of one completion: a function of the run seed and its place in the data stream."""
+    return (seed * 1_000_003 + position * 1_009 + rollout) % (2**63 - 1)
+
+
 @dataclass
 class Completions:
     ids: list[list[int]]  # generated tokens, up to and including the stop token

@@ -37,6 +37,7 @@ from selfdistill.faults import fault
 from selfdistill.methods import get_method
 from selfdistill.models import apply_lora, load_model, save_model, stop_token_id
 from selfdistill.progress import progress_bar
+from selfdistill.rollout import rollout_seed
 
 log = logging.getLogger(__name__)
 
@@ -55,15 +56,16 @@ class TrainResult:
     tokenizer: object = None
 
 
+@functools.lru_cache(maxsize=4)
+def _epoch_permutation(num_records: int, seed: int, epoch: int) -> list[int]:
+    generator = torch.Generator().manual_seed(seed * 100_003 + epoch)
+    return torch.randperm(num_records, generator=generator).tolist()
+
+
 def data_order(num_records: int, seed: int, position: int) -> int:
     """Record index at stream position `position`: epochs are successive seeded permutations."""
     epoch, offset = divmod(position, num_records)
-    generator = torch.Generator().manual_seed(seed * 100_003 + epoch)
-    return int(torch.randperm(num_records, generator=generator)[offset])
-
-
-def rollout_seed(seed: int, position: int, rollout: int) -> int:
-    return (seed * 1_000_003 + position * 1_009 + rollout) % (2**63 - 1)
+    return _epoch_permutation(num_records, seed, epoch)[offset]
 
 
 def total_steps(cfg: Config, num_records: int) -> int:
@@ -249,11 +251,12 @@ def train(cfg: Config, *, records: list[Record] | None = None, model=None, token
         cfg.data.max_teacher_prompt_tokens, cfg.data.overlong, stop_id,
     )
     encoded = builder.encode_all(records)
-    method = get_method(cfg.method)(cfg, model, tokenizer, builder, stop_id, tokenizer.pad_token_id)
+    method = get_method(cfg.method)(cfg, model, tokenizer, builder, stop_id, tokenizer.pad_token_id, records)
 
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=cfg.train.lr, weight_decay=cfg.train.weight_decay)
-    steps = total_steps(cfg, len(encoded))
+    examples = method.training_examples(encoded)
+    steps = method.total_steps(total_steps(cfg, len(examples)))
     from transformers import get_cosine_schedule_with_warmup
 
     scheduler = get_cosine_schedule_with_warmup(optimizer, math.ceil(cfg.train.warmup_ratio * steps), steps)
@@ -274,7 +277,7 @@ def train(cfg: Config, *, records: list[Record] | None = None, model=None, token
         with _writing(out, "metrics.jsonl"):
             kept = [r for r in _read_metrics(metrics_path) if r["step"] <= start_step]
             _write_atomic(metrics_path, "".join(json.dumps(r) + "\n" for r in kept))
-    method.setup(encoded)
+    method.setup(examples)
     if builder.skipped:
         log.warning("%d records skipped for being over the prompt limits", len(builder.skipped))
 
@@ -291,9 +294,9 @@ def train(cfg: Config, *, records: list[Record] | None = None, model=None, token
             step_start = time.perf_counter()
             done = step + 1
             positions = list(range(step * batch, (step + 1) * batch))[rank::world]
-            mine = [encoded[data_order(len(encoded), cfg.train.seed, p)] for p in positions]
+            mine = [examples[data_order(len(examples), cfg.train.seed, p)] for p in positions]
             seeds = [rollout_seed(cfg.train.seed, p, r) for p in positions for r in range(cfg.rollout.num_rollouts)]
-            items, build_stats = method.build_items(mine, seeds)
+            items, build_stats = method.build_items(mine, seeds, step)
             fault("rollout", done)
             local_tokens = sum(i.loss_tokens for i in items)
             (global_tokens,) = _sum_across(accelerator, [float(local_tokens)])

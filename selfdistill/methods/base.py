@@ -64,7 +64,7 @@ def completion_hidden(model, items: list[TrainItem], use_teacher_prompt: bool, p
 class Method:
     """A training method. The loop calls, per optimizer step:
 
-    `build_items(records, seeds)` (no gradient: rollouts, targets), then for each micro-batch
+    `build_items(examples, seeds, step)` (no gradient: rollouts, targets), then for each micro-batch
     `loss(items)` -> (Σ per-token loss, stats), and `after_step()` once the weights moved.
     The loop divides by the step's total number of loss tokens (across processes), so every
     counted token of the step weighs the same, whatever the micro-batching.
@@ -72,8 +72,9 @@ class Method:
 
     name = "base"
 
-    def __init__(self, cfg, model, tokenizer, builder, stop_token_id: int, pad_token_id: int):
+    def __init__(self, cfg, model, tokenizer, builder, stop_token_id: int, pad_token_id: int, records=None):
         self.cfg = cfg
+        self.records = records  # the raw records, for methods that need more than the encoded prompts
         self.model = model
         self.tokenizer = tokenizer
         self.builder = builder
@@ -81,10 +82,18 @@ class Method:
         self.pad_token_id = pad_token_id
         self.precision = cfg.model.precision
 
-    def setup(self, records: list[EncodedRecord]) -> None:
+    def training_examples(self, records: list[EncodedRecord]) -> list:
+        """What the data order runs over (records by default; cpt: document pieces)."""
+        return records
+
+    def total_steps(self, steps: int) -> int:
+        """Optimizer steps of the whole run, given those the data and epochs call for."""
+        return steps
+
+    def setup(self, examples: list) -> None:
         """Work done once before training (e.g. generating offline targets)."""
 
-    def build_items(self, records: list[EncodedRecord], seeds: list[int]) -> tuple[list[TrainItem], dict]:
+    def build_items(self, examples: list, seeds: list[int], step: int) -> tuple[list[TrainItem], dict]:
         raise NotImplementedError
 
     def loss(self, items: list[TrainItem]) -> tuple[torch.Tensor, dict]:

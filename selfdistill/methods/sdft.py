@@ -24,31 +24,33 @@ from selfdistill.teacher import Teacher
 class SDFT(Method):
     name = "sdft"
 
-    def __init__(self, cfg, model, tokenizer, builder, stop_token_id, pad_token_id):
-        super().__init__(cfg, model, tokenizer, builder, stop_token_id, pad_token_id)
+    teacher_kind: str | None = None  # subclasses may fix the teacher (e.g. frozen)
+
+    def __init__(self, cfg, model, tokenizer, builder, stop_token_id, pad_token_id, records=None):
+        super().__init__(cfg, model, tokenizer, builder, stop_token_id, pad_token_id, records)
         # The teacher starts from the in-memory student (for `frozen`, its weights now).
-        self.teacher = Teacher(model, cfg.teacher.kind, cfg.teacher.ema_rate)
+        self.teacher = Teacher(model, self.teacher_kind or cfg.teacher.kind, cfg.teacher.ema_rate)
         self.loss_settings = LossSettings(
             kind=cfg.loss.kind, beta=cfg.loss.beta, top_k=cfg.loss.top_k, add_tail=cfg.loss.add_tail,
             chunk_size=cfg.loss.chunk_size,
         )
 
-    def build_items(self, records, seeds):
+    def rollouts(self, student_prompts: list[list[int]], teacher_prompts: list[list[int]], indices: list[int],
+                 seeds: list[int], skip_first: int) -> tuple[list[TrainItem], dict]:
+        """Sample the student's completions (num_rollouts per prompt) and pair them with the teacher prompts."""
         rollouts = self.cfg.rollout
-        prompts = [r.student_ids for r in records for _ in range(rollouts.num_rollouts)]
+        n = rollouts.num_rollouts
         start = time.perf_counter()
         completions = generate(
-            self.model, prompts, stop_token_ids=self.stop_token_id, pad_token_id=self.pad_token_id,
-            max_new_tokens=rollouts.max_new_tokens, temperature=rollouts.temperature, top_p=rollouts.top_p,
-            seeds=seeds, batch_size=rollouts.batch_size, precision=self.precision,
+            self.model, [p for p in student_prompts for _ in range(n)], stop_token_ids=self.stop_token_id,
+            pad_token_id=self.pad_token_id, max_new_tokens=rollouts.max_new_tokens, temperature=rollouts.temperature,
+            top_p=rollouts.top_p, seeds=seeds, batch_size=rollouts.batch_size, precision=self.precision,
         )
-        items = []
-        for k, (ids, finished) in enumerate(zip(completions.ids, completions.finished)):
-            record = records[k // rollouts.num_rollouts]
-            items.append(TrainItem(
-                record_index=record.index, prompt_ids=record.student_ids, completion=ids,
-                loss_start=self.cfg.loss.skip_first_tokens, teacher_prompt_ids=record.teacher_ids, finished=finished,
-            ))
+        items = [
+            TrainItem(record_index=indices[k // n], prompt_ids=student_prompts[k // n], completion=ids,
+                      loss_start=skip_first, teacher_prompt_ids=teacher_prompts[k // n], finished=finished)
+            for k, (ids, finished) in enumerate(zip(completions.ids, completions.finished))
+        ]
         stats = {
             "time_rollout": time.perf_counter() - start,
             "completion_tokens": sum(len(i.completion) for i in items),
@@ -56,6 +58,10 @@ class SDFT(Method):
             "sequences": len(items),
         }
         return items, stats
+
+    def build_items(self, records, seeds, step):
+        return self.rollouts([r.student_ids for r in records], [r.teacher_ids for r in records],
+                             [r.index for r in records], seeds, self.cfg.loss.skip_first_tokens)
 
     def loss(self, items: list[TrainItem]):
         items = [i for i in items if i.loss_tokens > 0]

@@ -11,7 +11,7 @@ from selfdistill.methods.base import Method, TrainItem, completion_hidden
 class SFT(Method):
     name = "sft"
 
-    def build_items(self, records, seeds):
+    def build_items(self, records, seeds, step):
         items = [TrainItem(record_index=r.index, prompt_ids=r.student_ids, completion=r.demonstration_ids) for r in records]
         return items, {}
 

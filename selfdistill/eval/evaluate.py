@@ -1,0 +1,128 @@
+"""Task evaluation: generate for every record, grade, and summarize.
+
+Greedy decoding by default (one output per record, as the paper evaluates). With
+`n_samples > 1` each record is sampled `n` times (each sample with its own seed, so results do
+not depend on batch size) and pass@k is reported with the unbiased estimator of Chen et al.
+(2021): pass@k = 1 - C(n - c, k) / C(n, k), for c correct samples out of n.
+
+The headline `score` is the mean over records of each record's mean sample score; the 95%
+interval around it is the Wilson score interval with the number of records as n (exact
+coverage theory holds for 0/1 scores; for fractional scores it is the usual approximation).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Callable
+
+from selfdistill.data.prompts import PromptBuilder
+from selfdistill.data.records import Record
+from selfdistill.errors import UserError
+from selfdistill.models import stop_token_id
+from selfdistill.rollout import generate
+
+CORRECT = 1.0 - 1e-9  # a sample counts as correct for pass@k when its score is 1
+
+
+def pass_at_k(n: int, c: int, k: int) -> float:
+    """Unbiased pass@k from n samples of which c are correct (Chen et al. 2021)."""
+    if not 0 <= c <= n or not 1 <= k <= n:
+        raise ValueError(f"pass@k needs 0 <= c <= n and 1 <= k <= n (n={n}, c={c}, k={k})")
+    if n - c < k:
+        return 1.0
+    # C(n-c, k) / C(n, k) as a running product, which stays accurate for large n.
+    fail = 1.0
+    for i in range(n - c + 1, n + 1):
+        fail *= 1.0 - k / i
+    return 1.0 - fail
+
+
+def wilson_interval(mean: float, n: int, z: float = 1.959964) -> tuple[float, float]:
+    """95% Wilson score interval for a proportion `mean` observed over n items."""
+    if n == 0:
+        return (0.0, 1.0)
+    denom = 1 + z * z / n
+    centre = (mean + z * z / (2 * n)) / denom
+    half = z * math.sqrt(mean * (1 - mean) / n + z * z / (4 * n * n)) / denom
+    return (max(0.0, centre - half), min(1.0, centre + half))
+
+
+def grading_record(record: Record) -> dict:
+    """What a grader sees: the record's fields (meta included) with its gold answer."""
+    row = record.to_dict()
+    row["answer"] = record.answer
+    row["source"] = record.source
+    return row
+
+
+def evaluate(model, tokenizer, records: list[Record], grader: Callable[[str, dict], float], *,
+             n_samples: int = 1, temperature: float = 0.0, top_p: float = 1.0, max_new_tokens: int = 512,
+             batch_size: int = 8, precision: str = "fp32", seed: int = 0, system_prompt: str | None = None,
+             ks: list[int] | None = None, out_dir: str | Path | None = None, desc: str = "evaluate") -> dict:
+    """Generate, grade and summarize; with `out_dir`, write `examples.jsonl` and `summary.json` there."""
+    if not records:
+        raise UserError("Nothing to evaluate: the task has no records.")
+    if n_samples < 1:
+        raise UserError(f"n_samples must be at least 1, got {n_samples}.")
+    if n_samples > 1 and temperature <= 0:
+        raise UserError("n_samples > 1 with greedy decoding gives n identical outputs; set a temperature > 0.")
+    builder = PromptBuilder(tokenizer, system_prompt=system_prompt)
+    prompts = [builder.encode_messages(builder.student_messages(r)) for r in records]
+    # Sample j of record i is row i * n + j, seeded by (seed, i, j) only.
+    rows = [p for p in prompts for _ in range(n_samples)]
+    seeds = [seed * 1_000_003 + i for i in range(len(rows))] if temperature > 0 else None
+    stop = stop_token_id(model, tokenizer)
+    done = generate(model, rows, stop_token_ids=stop, pad_token_id=tokenizer.pad_token_id, max_new_tokens=max_new_tokens,
+                    temperature=temperature, top_p=top_p, seeds=seeds, batch_size=batch_size, precision=precision,
+                    desc=desc)
+    examples = []
+    for i, record in enumerate(records):
+        gold = grading_record(record)
+        outputs, scores, clipped = [], [], 0
+        for j in range(n_samples):
+            row = i * n_samples + j
+            text = tokenizer.decode(done.ids[row], skip_special_tokens=True)
+            score = float(grader(text, gold))
+            if not 0.0 <= score <= 1.0:
+                raise ValueError(f"grader returned {score}, outside [0, 1]")
+            outputs.append(text)
+            scores.append(score)
+            clipped += not done.finished[row]
+        example = {"index": i, "source": record.source, "prompt": record.prompt, "answer": record.answer,
+                   "output": outputs[0] if n_samples == 1 else outputs,
+                   "score": sum(scores) / n_samples, "clipped": clipped}
+        if n_samples > 1:
+            example["scores"] = scores
+        examples.append(example)
+    summary = summarize(examples, n_samples, ks)
+    summary.update({"n_samples": n_samples, "temperature": temperature, "max_new_tokens": max_new_tokens,
+                    "precision": precision, "seed": seed})
+    if out_dir is not None:
+        write_results(out_dir, examples, summary)
+    return summary
+
+
+def summarize(examples: list[dict], n_samples: int = 1, ks: list[int] | None = None) -> dict:
+    count = len(examples)
+    mean = sum(e["score"] for e in examples) / count
+    low, high = wilson_interval(mean, count)
+    summary = {"score": mean, "count": count, "ci95": [low, high], "ci_method": "wilson",
+               "clipped": sum(e["clipped"] for e in examples)}
+    if n_samples > 1:
+        ks = sorted({k for k in (ks or [1, n_samples]) if 1 <= k <= n_samples})
+        summary["pass_at_k"] = {
+            str(k): sum(pass_at_k(n_samples, sum(s >= CORRECT for s in e["scores"]), k) for e in examples) / count
+            for k in ks
+        }
+    return summary
+
+
+def write_results(out_dir: str | Path, examples: list[dict], summary: dict) -> None:
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    with open(out / "examples.jsonl", "w", encoding="utf-8") as f:
+        for example in examples:
+            f.write(json.dumps(example, ensure_ascii=False) + "\n")
+    (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")

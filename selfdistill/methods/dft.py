@@ -1,0 +1,19 @@
+"""Dynamic Fine-Tuning (Wu et al. 2025, arXiv 2508.05629).
+
+The SFT token loss weighted by the token's own probability, held constant:
+    loss_t = −sg(p(y_t)) · log p(y_t)
+which rescales SFT's gradient so that tokens the model finds very unlikely do not dominate.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from selfdistill.methods.sft import SFT
+
+
+class DFT(SFT):
+    name = "dft"
+
+    def per_token_loss(self, token_logp: torch.Tensor) -> torch.Tensor:
+        return -token_logp.detach().exp() * token_logp

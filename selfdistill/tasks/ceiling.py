@@ -1,0 +1,114 @@
+"""The teacher ceiling: how much better the model does when shown the demonstration.
+
+SDFT distils the teacher (the model with the demonstration in its prompt) into the student
+(the model without it), so it can only help where the teacher is clearly better. Two measures:
+
+- greedy accuracy on the student prompt vs the teacher prompt, graded with the task's graders;
+- the demonstration log-likelihood gain: mean over demonstration tokens of
+  log p(demo | teacher prompt) - log p(demo | student prompt), in nats, and the same for the
+  first demonstration token. On small models greedy teacher accuracy is brittle (a flat first-
+  token distribution flips with precision), and this gain shows the signal the teacher gives.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Callable
+
+import torch
+
+from selfdistill.data.prompts import PromptBuilder
+from selfdistill.data.records import Record
+from selfdistill.rollout import autocast_context, generate
+from selfdistill.tasks import Metric
+
+Grader = Callable[[str, dict], float]
+
+
+def default_grader(name: str) -> Grader:
+    from selfdistill.eval.graders import get  # the evaluation layer owns the graders
+
+    return get(name)
+
+
+def score(output: str, record: Record, metric: Metric, grader: Grader) -> float:
+    """One output's score; a list in the metric's answer field means 'any of these answers'."""
+    row = record.to_dict()
+    gold = row.get(metric.answer_field)
+    if metric.answer_field == "answer" or not isinstance(gold, list):
+        if metric.answer_field != "answer":
+            row["answer"] = gold
+        return float(grader(output, row))
+    return max((float(grader(output, {**row, "answer": alternative})) for alternative in gold), default=0.0)
+
+
+@dataclass
+class CeilingResult:
+    prompt: str  # "student" or "teacher:<template>"
+    scores: dict[str, float]  # metric name -> mean score (0-1)
+    outputs: list[str] = field(default_factory=list)
+    loglik: float | None = None  # mean log p(demo token | prompt), nats
+    first_token_loglik: float | None = None
+
+
+@torch.no_grad()
+def demonstration_loglik(model, prompts: list[list[int]], demos: list[list[int]], precision: str) -> tuple[float, float]:
+    """Mean per-token and mean first-token log-likelihood of each demonstration after its prompt."""
+    device = next(model.parameters()).device
+    token_sum, token_count, first_sum = 0.0, 0, 0.0
+    for prompt, demo in zip(prompts, demos):
+        ids = torch.tensor([prompt + demo], device=device)
+        with autocast_context(device, precision):
+            logits = model(input_ids=ids).logits[0, len(prompt) - 1:-1].float()
+        logp = logits.log_softmax(-1).gather(-1, torch.tensor(demo, device=device)[:, None])[:, 0]
+        token_sum += logp.sum().item()
+        token_count += len(demo)
+        first_sum += logp[0].item()
+    return token_sum / max(token_count, 1), first_sum / max(len(prompts), 1)
+
+
+def measure(model, tokenizer, records: list[Record], metrics: tuple[Metric, ...], *, templates: tuple[str, ...] = ("plain",),
+            max_new_tokens: int = 96, precision: str = "fp32", batch_size: int = 8, stop_token_ids: list[int] | None = None,
+            loglik: bool = True, grader_lookup: Callable[[str], Grader] = default_grader) -> list[CeilingResult]:
+    """Greedy scores (and demonstration log-likelihoods) with the student prompt and each teacher template."""
+    graders = {m.name: grader_lookup(m.grader) for m in metrics}
+    stops = stop_token_ids or [tokenizer.eos_token_id]
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else stops[0]
+    # No prompt limits here: the ceiling is a diagnostic, and long prompts are part of what it shows.
+    builders = {t: PromptBuilder(tokenizer, template=t, max_prompt_tokens=10**9, max_teacher_prompt_tokens=10**9,
+                                 stop_token_id=stops[0]) for t in templates}
+    first = builders[templates[0]]
+    demos = [first.encode(r).demonstration_ids for r in records]
+    prompt_sets = [("student", [first.encode_messages(first.student_messages(r)) for r in records])]
+    for t in templates:
+        prompt_sets.append((f"teacher:{t}", [builders[t].encode_messages(builders[t].teacher_messages(r)) for r in records]))
+    results = []
+    for label, prompts in prompt_sets:
+        done = generate(model, prompts, stop_token_ids=stops, pad_token_id=pad, max_new_tokens=max_new_tokens,
+                        temperature=0, batch_size=batch_size, precision=precision, desc=f"ceiling {label}")
+        outputs = [tokenizer.decode([t for t in ids if t not in stops], skip_special_tokens=True) for ids in done.ids]
+        scores = {name: sum(score(o, r, m, graders[name]) for o, r in zip(outputs, records)) / len(records)
+                  for m in metrics for name in [m.name]}
+        result = CeilingResult(prompt=label, scores=scores, outputs=outputs)
+        if loglik:
+            result.loglik, result.first_token_loglik = demonstration_loglik(model, prompts, demos, precision)
+        results.append(result)
+    return results
+
+
+def table(results: list[CeilingResult]) -> str:
+    """A Markdown table: one row per prompt, scores in percent, log-likelihood gain over the student."""
+    metric_names = list(results[0].scores)
+    head = "| prompt | " + " | ".join(metric_names) + " | demo loglik (nats/token) | gain | first-token gain |"
+    lines = [head, "|" + "---|" * (len(metric_names) + 4)]
+    student = results[0]
+    for r in results:
+        cells = [f"{100 * r.scores[m]:.1f}" for m in metric_names]
+        if r.loglik is None:
+            cells += ["-", "-", "-"]
+        else:
+            gain = r.loglik - student.loglik
+            first_gain = r.first_token_loglik - student.first_token_loglik
+            cells += [f"{r.loglik:.3f}", f"{gain:+.3f}", f"{first_gain:+.3f}"]
+        lines.append(f"| {r.prompt} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)

@@ -1,0 +1,170 @@
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from selfdistill.config import METHODS, load_config
+from selfdistill.data import PromptBuilder, Record
+from selfdistill.methods import REGISTRY
+from selfdistill.methods.base import TrainItem, completion_hidden
+from selfdistill.models.tiny import save_tiny, tiny_model, tiny_tokenizer
+from selfdistill.train import train
+from toy import KEYS, VALUES, copy_model, greedy_accuracy, toy_records
+
+DOCS = ["k1 v1 k2 v2 k3 v3 .", "k4 v4 k5 v5 k6 v6 .", "k7 v7 k0 v0 ."]
+
+
+def method_config(tmp_path, method, **sections):
+    base = {
+        "method": method,
+        "model": {"precision": "fp32"},
+        "data": {"teacher_template": "plain"},
+        "rollout": {"max_new_tokens": 3},
+        "loss": {"skip_first_tokens": 0},
+        "reinvoke": {"steps": 4, "prompts": None},
+        "train": {"output_dir": str(tmp_path / method), "batch_size": 8, "micro_batch_size": 4, "lr": 3e-3,
+                  "warmup_ratio": 0.0},
+    }
+    for name, values in sections.items():
+        base.setdefault(name, {}).update(values)
+    return load_config(overrides=base)
+
+
+def test_every_method_is_registered_and_documented():
+    assert set(REGISTRY) == set(METHODS) == {"sdft", "sft", "dft", "offline_distill", "cpt", "sft_reinvoke"}
+
+
+@pytest.mark.parametrize("method", ["sft", "dft", "offline_distill", "cpt", "sdft"])
+def test_loss_goes_down_on_a_small_dataset(tmp_path, method):
+    model, tok = copy_model(steps=150)
+    records = [Record(prompt=r.prompt, demonstration=r.demonstration, answer=r.answer, context=d)
+               for r, d in zip(toy_records(), DOCS * 3)]
+    extra = {"offline": {"loss": "ce"}} if method == "offline_distill" else {}
+    cfg = method_config(tmp_path, method, train={"max_steps": 24}, **extra)
+    result = train(cfg, records=records, model=model, tokenizer=tok, save_final=False)
+    losses = [m["loss"] for m in result.metrics]
+    first, last = sum(losses[:4]) / 4, sum(losses[-4:]) / 4
+    assert last < 0.7 * first, (method, losses)
+
+
+@pytest.mark.parametrize("method", ["sft", "dft"])
+def test_sft_and_dft_raise_greedy_accuracy_on_the_copy_task(tmp_path, method):
+    model, tok = copy_model(steps=150)
+    records = toy_records()
+    before = greedy_accuracy(model, tok, records)
+    result = train(method_config(tmp_path, method, train={"max_steps": 30}), records=records, model=model,
+                   tokenizer=tok, save_final=False)
+    after = greedy_accuracy(result.model, tok, records)
+    assert after >= before + 0.5, (before, after)
+
+
+def test_sft_puts_loss_on_exactly_the_demonstration_and_end_of_turn(tmp_path):
+    tok = tiny_tokenizer(KEYS + VALUES)
+    model = tiny_model(tok)
+    cfg = method_config(tmp_path, "sft")
+    builder = PromptBuilder(tok)
+    encoded = builder.encode_all([Record(prompt="k1 k2", demonstration="v3 v4")])
+    method = REGISTRY["sft"](cfg, model, tok, builder, tok.eos_token_id, tok.pad_token_id)
+    (item,), _ = method.build_items(encoded, [0], 0)
+    assert item.prompt_ids == encoded[0].student_ids
+    assert tok.convert_ids_to_tokens(item.completion) == ["v3", "v4", "<|end|>"]
+    _, tokens = completion_hidden(model, [item], False, tok.pad_token_id, "fp32")
+    assert tok.convert_ids_to_tokens(tokens.tolist()) == ["v3", "v4", "<|end|>"]  # no prompt token
+    loss, _ = method.loss([item])
+    logits = model(input_ids=torch.tensor([item.prompt_ids + item.completion])).logits[0]
+    p = len(item.prompt_ids)
+    expected = torch.nn.functional.cross_entropy(logits[p - 1:p + 2], torch.tensor(item.completion), reduction="sum")
+    assert loss.item() == pytest.approx(expected.item(), abs=1e-4)
+
+
+def test_dft_weights_tokens_by_their_constant_probability(tmp_path):
+    from selfdistill.methods.dft import DFT
+
+    method = DFT.__new__(DFT)
+    lp = torch.log(torch.tensor([0.5, 0.1])).requires_grad_(True)
+    method.per_token_loss(lp).sum().backward()
+    torch.testing.assert_close(lp.grad, torch.tensor([-0.5, -0.1]))
+
+
+def test_offline_distill_asks_the_teacher_once_per_record_and_reuses_it(tmp_path, monkeypatch):
+    import selfdistill.methods.offline_distill as offline
+
+    calls = []
+    real = offline.generate
+
+    def counting(model, prompts, **kwargs):
+        calls.append(len(prompts))
+        return real(model, prompts, **kwargs)
+
+    monkeypatch.setattr(offline, "generate", counting)
+    model, tok = copy_model(steps=150)
+    records = toy_records()
+    cfg = method_config(tmp_path, "offline_distill", train={"max_steps": 6, "batch_size": 4, "save_every": 3},
+                        offline={"loss": "divergence"})
+    result = train(cfg, records=records, model=model, tokenizer=tok, save_final=False)
+    assert calls == [len(records)]  # one generation call, one answer per record, over 6 steps
+    targets = [json.loads(l) for l in (tmp_path / "offline_distill" / "offline_targets.jsonl").read_text().splitlines()]
+    assert sorted(t["index"] for t in targets) == list(range(len(records)))
+    # The teacher copies the demonstration, so its stored answers are the demonstrated values.
+    assert sum(tok.convert_ids_to_tokens(t["ids"])[0] == records[t["index"]].answer for t in targets) >= 6
+    # resuming reuses the stored answers instead of asking the teacher again
+    import shutil
+
+    shutil.rmtree(tmp_path / "offline_distill" / "checkpoints" / "step-000006")
+    calls.clear()
+    train(cfg, records=records, model=copy_model(steps=150)[0], tokenizer=tok, resume=True, save_final=False)
+    assert calls == []
+    assert all(m["finite"] for m in result.metrics)
+
+
+def test_sft_reinvoke_runs_both_phases(tmp_path):
+    model, tok = copy_model(steps=150)
+    prompts = tmp_path / "general.jsonl"
+    prompts.write_text("".join(json.dumps({"prompt": k}) + "\n" for k in KEYS))
+    cfg = method_config(tmp_path, "sft_reinvoke", train={"max_steps": 3, "batch_size": 4},
+                        reinvoke={"steps": 2, "prompts": str(prompts)})
+    result = train(cfg, records=toy_records(), model=model, tokenizer=tok, save_final=False)
+    assert [m["step"] for m in result.metrics] == [1, 2, 3, 4, 5]
+    assert all("demonstration_logp" in m for m in result.metrics[:3])  # phase 1: SFT
+    assert all("divergence" in m and "completion_length" in m for m in result.metrics[3:])  # phase 2: distillation
+
+
+def test_cpt_trains_on_document_pieces(tmp_path):
+    model, tok = copy_model(steps=150)
+    docs = tmp_path / "docs.txt"
+    docs.write_text("\n\n".join(DOCS))
+    cfg = method_config(tmp_path, "cpt", train={"max_steps": 2, "batch_size": 3},
+                        data={"documents": str(docs), "max_prompt_tokens": 5})
+    result = train(cfg, records=toy_records(), model=model, tokenizer=tok, save_final=False)
+    # Documents of 7, 7 and 5 tokens + end of text, cut into 6 pieces of at most 5 tokens that overlap by one:
+    # 2 steps of 3 pieces see every piece once, and every token after a document's first is predicted once.
+    assert sum(m["loss_tokens"] for m in result.metrics) == 7 + 7 + 5
+
+
+@pytest.mark.parametrize("method", sorted(METHODS))
+def test_every_method_runs_from_the_cli(tmp_path, method):
+    model_dir = save_tiny(tmp_path / "tiny", KEYS + VALUES)
+    data = tmp_path / "data.jsonl"
+    data.write_text("".join(json.dumps(r.to_dict() | {"context": d}) + "\n" for r, d in zip(toy_records(), DOCS * 3)))
+    prompts = tmp_path / "general.jsonl"
+    prompts.write_text("".join(json.dumps({"prompt": k}) + "\n" for k in KEYS))
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "SELFDISTILL_PROGRESS": "0"}
+    proc = subprocess.run(
+        [sys.executable, "-m", "selfdistill.cli", "train", "--method", method, "--model", str(model_dir), "--data",
+         str(data), "--max-steps", "1", "--batch-size", "2", "-o", str(tmp_path / "run"), "-s",
+         "rollout.max_new_tokens=3", "-s", "model.precision=fp32", "-s", "reinvoke.steps=1",
+         "-s", f"reinvoke.prompts={prompts}"],
+        capture_output=True, text=True, env=env, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    steps = [json.loads(l)["step"] for l in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert steps == ([1, 2] if method == "sft_reinvoke" else [1])
+    assert (tmp_path / "run" / "final" / "model.safetensors").is_file()
+
+
+def test_help_lists_every_method_with_one_line():
+    proc = subprocess.run([sys.executable, "-m", "selfdistill.cli", "train", "--help"], capture_output=True, text=True)
+    for name in METHODS:
+        assert f"{name}:" in proc.stdout
