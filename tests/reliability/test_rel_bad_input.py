@@ -255,9 +255,32 @@ def test_a_real_sdft_process_prints_no_traceback(template, tmp_path):
     assert not (tmp_path / "run").exists()
 
 
-def test_unknown_task_and_grader_are_covered_where_the_commands_exist():
+OTHER_COMMANDS = {
+    "unknown-task-data-show": (["data", "show", "nosuchtask"], ["Unknown task 'nosuchtask'", "built-in tasks: tooluse"]),
+    "unknown-task-data-make": (["data", "make", "nosuchtask", "--out", "{ws}/made"], ["Unknown task 'nosuchtask'"]),
+    "unknown-task-eval": (["eval", "--model", "{ws}/model", "--task", "nosuchtask", "--out", "{ws}/prev"],
+                          ["Unknown task 'nosuchtask'", "built-in tasks:"]),
+    "unknown-grader-eval": (["eval", "--model", "{ws}/model", "--task", "{ws}/good.jsonl", "--grader", "nosuchgrader",
+                             "--out", "{ws}/prev"], ["Unknown grader 'nosuchgrader'", "choose one of"]),
+}
+
+
+@pytest.mark.parametrize("case", list(OTHER_COMMANDS))
+def test_unknown_task_and_grader_in_the_other_commands(case, template, tmp_path, capsys, monkeypatch):
     from selfdistill.cli import app
 
-    names = {c.name for c in app.registered_commands}
-    if not names & {"data", "eval"}:
-        pytest.skip("`sdft data` / `sdft eval` (tasks, graders) are not in this branch yet; covered by their issue")
+    names = {c.name for c in app.registered_commands} | {g.name for g in app.registered_groups}
+    args, needles = OTHER_COMMANDS[case]
+    if args[0] not in names:
+        pytest.skip(f"`sdft {args[0]}` is not in this branch")
+    ws = tmp_path / "ws"
+    shutil.copytree(template, ws)
+    fill = lambda s: s.replace("{ws}", str(ws))  # noqa: E731
+    before = tree_hashes(ws)
+    code, err = run_sdft([fill(a) for a in args], capsys, monkeypatch)
+    assert code == 2 and "Traceback" not in err
+    message = err[err.index("error: "):].strip()
+    assert "\n" not in message and all(fill(n) in message for n in needles), message
+    after = tree_hashes(ws)
+    assert {k: v for k, v in after.items() if k in before} == before  # nothing already on disk changed
+    assert all(v == "dir" for k, v in after.items() if k not in before)  # (eval makes its --out directory first)
