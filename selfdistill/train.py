@@ -112,7 +112,8 @@ def prepare_output_dir(cfg: Config, resume: bool, overwrite: bool) -> Path:
         if overwrite and out.exists():
             import shutil
 
-            for child in ("checkpoints", "final", "metrics.jsonl", "run.json"):
+            # Everything a run writes (offline_targets.jsonl: offline distillation's fixed teacher answers).
+            for child in ("checkpoints", "final", "metrics.jsonl", "run.json", "offline_targets.jsonl"):
                 target = inside(out, child)
                 if target.is_dir():
                     shutil.rmtree(target)

@@ -23,15 +23,20 @@ from selfdistill.models.tiny import tiny_model, tiny_tokenizer
 from toy import KEYS, VALUES, toy_records
 
 
-def run_config(out: Path, **train):
+def run_config(out: Path, method: str = "sdft", lora: bool = False, **train):
     settings = {"output_dir": str(out), "batch_size": 4, "micro_batch_size": 2, "lr": 1e-3, "warmup_ratio": 0.25,
                 "max_steps": 6, "save_every": 2, "keep_last": 2}
     settings.update(train)
+    model = {"precision": "fp32"}
+    if lora:
+        model["lora"] = {"enabled": True, "rank": 4, "alpha": 8}
     return load_config(overrides={
-        "model": {"precision": "fp32"},
+        "method": method,
+        "model": model,
         "data": {"teacher_template": "plain"},
         "rollout": {"max_new_tokens": 4},
         "loss": {"skip_first_tokens": 0},
+        "teacher": {"ema_rate": 0.1},
         "train": settings,
     })
 
@@ -41,12 +46,13 @@ def tiny_setup():
     return tiny_model(tok, seed=0), tok
 
 
-def train_tiny(out: Path, resume: bool = False, **train_settings):
+def train_tiny(out: Path, resume: bool = False, overwrite: bool = False, **settings):
     """What a user's process does: build the model, then train (resuming from the run directory)."""
     from selfdistill.train import train
 
     model, tok = tiny_setup()
-    return train(run_config(out, **train_settings), records=toy_records(), model=model, tokenizer=tok, resume=resume)
+    return train(run_config(out, **settings), records=toy_records(), model=model, tokenizer=tok, resume=resume,
+                 overwrite=overwrite)
 
 
 @dataclass

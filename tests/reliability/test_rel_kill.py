@@ -117,3 +117,36 @@ def test_sigint_from_outside_stops_after_a_checkpoint(tmp_path):
     assert _steps(out) == [last_logged]  # the checkpoint is of exactly the last finished step
     _assert_every_checkpoint_complete(out)
     assert json.loads((latest_checkpoint(out) / "state.json").read_text())["step"] == last_logged
+
+
+@pytest.mark.parametrize("variant", [
+    {"method": "sft"},
+    {"method": "offline_distill"},
+    {"method": "sdft", "lora": True},  # LoRA: adapter in the checkpoint, EMA teacher of W0 + B·A beside it
+])
+def test_other_methods_and_lora_resume_exactly_after_kills(tmp_path, variant):
+    reference, out = tmp_path / "reference", tmp_path / "run"
+    train_tiny(reference, **variant)
+    resume = False
+    for fault in ("rollout:3", "checkpoint_rename:4", "optimizer_step:5", None):
+        result = run_child(lambda: train_tiny(out, resume=resume, **variant), fault=fault, work=tmp_path / "child")
+        assert (result.killed_by == signal.SIGKILL) if fault else (result.exit_code == 0), (fault, result)
+        resume = True
+    for name in ("final/model.safetensors", "checkpoints/step-000006/teacher.safetensors"):
+        if not (reference / name).is_file():
+            assert variant["method"] == "sft" and "teacher" in name  # SFT has no teacher
+            continue
+        ours, ref = load_file(str(out / name)), load_file(str(reference / name))
+        assert ours.keys() == ref.keys()
+        for key in ref:
+            torch.testing.assert_close(ours[key], ref[key], atol=1e-6, rtol=1e-5)
+    rows = [json.loads(l) for l in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [1, 2, 3, 4, 5, 6]
+
+
+def test_overwrite_does_not_reuse_the_previous_runs_offline_targets(tmp_path):
+    out = tmp_path / "run"
+    train_tiny(out, method="offline_distill", max_steps=1, save_every=0)
+    first = (out / "offline_targets.jsonl").read_text()
+    train_tiny(out, method="offline_distill", max_steps=1, save_every=0, seed=7, overwrite=True)
+    assert (out / "offline_targets.jsonl").read_text() != first  # answers of the new run's teacher and seed
