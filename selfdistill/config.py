@@ -75,6 +75,7 @@ class RolloutConfig:
     max_new_tokens: int = _f(1024, "Longest completion, in tokens.")
     num_rollouts: int = _f(1, "Completions sampled per prompt.")
     batch_size: int = _f(16, "Prompts generated together in one batch.")
+    ignore_eos: bool = _f(False, "Keep sampling past the end-of-turn token (fixed-length rollouts, for benchmarks).")
 
 
 @dataclass

@@ -70,7 +70,10 @@ def autocast_context(device: torch.device | str, precision: str):
 def generate(model, prompts: list[list[int]], *, stop_token_ids: int | list[int], pad_token_id: int,
              max_new_tokens: int, temperature: float = 1.0, top_p: float = 1.0, seeds: list[int] | None = None,
              batch_size: int = 16, precision: str = "fp32", desc: str | None = None) -> Completions:
-    """Complete every prompt (token ids). temperature 0 is greedy; otherwise `seeds` gives one seed per prompt."""
+    """Complete every prompt (token ids). temperature 0 is greedy; otherwise `seeds` gives one seed per prompt.
+
+    No stop tokens (an empty list) means every completion runs to `max_new_tokens`.
+    """
     if isinstance(stop_token_ids, int):
         stop_token_ids = [stop_token_ids]
     if temperature > 0 and (seeds is None or len(seeds) != len(prompts)):
@@ -79,7 +82,7 @@ def generate(model, prompts: list[list[int]], *, stop_token_ids: int | list[int]
     was_training = model.training
     model.eval()
     config = GenerationConfig(
-        do_sample=False, max_new_tokens=max_new_tokens, eos_token_id=stop_token_ids, pad_token_id=pad_token_id,
+        do_sample=False, max_new_tokens=max_new_tokens, eos_token_id=stop_token_ids or None, pad_token_id=pad_token_id,
         use_cache=True,
     )
     # Longest prompts first, so each batch holds prompts of similar length (less padding).
