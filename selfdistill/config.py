@@ -2,7 +2,7 @@
 
 Defaults are the official SDFT ones (Shenfeld et al. 2026, released code): lr 2e-5, 32 prompts
 per optimizer step, one rollout per prompt at temperature 1, cosine schedule with warmup,
-1024-token prompts and completions, EMA teacher at rate 0.01 every step, the first 3
+1024-token prompts and completions, bf16 on GPUs, EMA teacher at rate 0.01 every step, the first 3
 completion tokens left out of the loss, forward KL(teacher || student) over the full vocabulary.
 
 A config is a YAML file of nested sections mirroring these dataclasses, plus `section.key=value`
@@ -50,7 +50,7 @@ class LoraConfig:
 @dataclass
 class ModelConfig:
     name: str = _f("smollm2-135m", "Hub id, local directory, .gguf file, or 'smollm2-135m' (embedded).")
-    precision: str = _f("bf16", "fp32, or bf16 (bf16 autocast over fp32 master weights).")
+    precision: str = _f("auto", "auto (bf16 on GPUs, fp32 on CPUs), fp32, or bf16 (bf16 autocast over fp32 master weights).")
     trust_remote_code: bool = _f(False, "Allow the model repository's own Python code to run.")
     lora: LoraConfig = field(default_factory=LoraConfig)
 
@@ -75,6 +75,7 @@ class RolloutConfig:
     max_new_tokens: int = _f(1024, "Longest completion, in tokens.")
     num_rollouts: int = _f(1, "Completions sampled per prompt.")
     batch_size: int = _f(16, "Prompts generated together in one batch.")
+    ignore_eos: bool = _f(False, "Keep sampling past the end-of-turn token (fixed-length rollouts, for benchmarks).")
 
 
 @dataclass
@@ -145,7 +146,7 @@ def _check(cond: bool, key: str, message: str) -> None:
 def validate(cfg: Config) -> Config:
     """Reject values that cannot work, naming the key."""
     _check(cfg.method in METHODS, "method", f"unknown method {cfg.method!r}; choose one of {', '.join(METHODS)}.")
-    _check(cfg.model.precision in ("fp32", "bf16"), "model.precision", "must be 'fp32' or 'bf16'.")
+    _check(cfg.model.precision in ("auto", "fp32", "bf16"), "model.precision", "must be 'auto', 'fp32' or 'bf16'.")
     _check(cfg.loss.kind in ("forward_kl", "reverse_kl", "jsd", "sampled_kl"), "loss.kind",
            f"unknown divergence {cfg.loss.kind!r}; choose forward_kl, reverse_kl, jsd or sampled_kl.")
     _check(0.0 <= cfg.loss.beta <= 1.0, "loss.beta", "must lie in [0, 1].")

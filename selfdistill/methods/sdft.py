@@ -42,7 +42,8 @@ class SDFT(Method):
         n = rollouts.num_rollouts
         start = time.perf_counter()
         completions = generate(
-            self.model, [p for p in student_prompts for _ in range(n)], stop_token_ids=self.stop_token_id,
+            self.model, [p for p in student_prompts for _ in range(n)],
+            stop_token_ids=[] if rollouts.ignore_eos else self.stop_token_id,
             pad_token_id=self.pad_token_id, max_new_tokens=rollouts.max_new_tokens, temperature=rollouts.temperature,
             top_p=rollouts.top_p, seeds=seeds, batch_size=rollouts.batch_size, precision=self.precision,
         )
