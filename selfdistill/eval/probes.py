@@ -153,7 +153,8 @@ def relative(model_scores: dict, base_scores: dict) -> dict:
 
 
 def probe_report(model_name: str, base_name: str | None, *, out_dir: Path, load, limit: int | None = None,
-                 suite: bool = True, humaneval: bool = False, batch_size: int = 16, precision: str = "bf16") -> dict:
+                 suite: bool = True, humaneval: bool = False, batch_size: int = 16, precision: str = "bf16",
+                 max_new_tokens: int = 128, drift_tokens: int = 64) -> dict:
     """Probe scores of `model_name`, and with a base model: the base's scores, deltas and drift.
 
     The base model's scores and greedy answers are stored in `out_dir/base/` and reused when
@@ -169,7 +170,7 @@ def probe_report(model_name: str, base_name: str | None, *, out_dir: Path, load,
         result = {}
         if suite:
             result["general"] = run_probes(net, tok, limit=limit, batch_size=batch_size, precision=precision,
-                                           out_dir=where / "general")
+                                           max_new_tokens=max_new_tokens, out_dir=where / "general")
         if humaneval:
             from selfdistill.eval.humaneval import run_humaneval
 
@@ -185,7 +186,7 @@ def probe_report(model_name: str, base_name: str | None, *, out_dir: Path, load,
     else:
         base_dir = out_dir / "base"
         cache = base_dir / "scores.json"
-        key = {"base": base_name, "limit": limit, "suite": suite, "humaneval": humaneval}
+        key = {"base": base_name, "limit": limit, "suite": suite, "humaneval": humaneval, "max_new_tokens": max_new_tokens}
         base_net = None
         if cache.is_file() and json.loads(cache.read_text()).get("key") == key:
             base_scores = json.loads(cache.read_text())["scores"]
@@ -199,7 +200,8 @@ def probe_report(model_name: str, base_name: str | None, *, out_dir: Path, load,
         if answers is None:
             if base_net is None:
                 base_net, base_tok = load(base_name)
-            answers = drift_mod.base_answers(base_net, base_tok, base_name=base_name, precision=precision)
+            answers = drift_mod.base_answers(base_net, base_tok, base_name=base_name, precision=precision,
+                                             max_new_tokens=drift_tokens)
             drift_mod.save_base_answers(answers, answers_path)
         report["base"] = {"model": base_name, "absolute": base_scores}
         report["relative"] = relative(report["absolute"], base_scores)
