@@ -36,7 +36,8 @@ def eval_command(
     limit: Optional[int] = typer.Option(None, "--limit", help="Evaluate only the first N records (and N problems per suite)."),
     n_samples: int = typer.Option(1, "--n-samples", help="Samples per record (needs --temperature > 0); reports pass@k."),
     temperature: float = typer.Option(0.0, "--temperature", help="0 is greedy decoding."),
-    max_new_tokens: int = typer.Option(512, "--max-new-tokens"),
+    max_new_tokens: int = typer.Option(512, "--max-new-tokens", help="Token limit for task outputs."),
+    probe_tokens: int = typer.Option(128, "--probe-tokens", help="Token limit for probe-suite answers."),
     batch_size: int = typer.Option(8, "--batch-size"),
     precision: str = typer.Option("bf16", "--precision", help="fp32 or bf16 (bf16 autocast)."),
     seed: int = typer.Option(0, "--seed"),
@@ -70,7 +71,7 @@ def eval_command(
         from selfdistill.eval.probes import probe_report
 
         report = probe_report(model, base, out_dir=out / "probes", load=_load, limit=limit, humaneval=humaneval,
-                              suite=probes, batch_size=batch_size, precision=precision)
+                              suite=probes, batch_size=batch_size, precision=precision, max_new_tokens=probe_tokens)
         results["probes"] = report
         typer.echo(json.dumps(report, indent=2))
     if lm_eval_tasks:

@@ -29,8 +29,13 @@ def _require_lm_eval():
 
 def run_lm_eval(model, tokenizer=None, tasks: list[str] | None = None, *, limit: int | float | None = None,
                 apply_chat_template: bool = False, num_fewshot: int | None = None, seed: int = 0,
-                include_path: str | None = None, batch_size: int = 8, max_length: int | None = None) -> dict:
-    """{task: {metric: value}} for lm-eval `tasks` on `model` (a loaded model, or a path / hub id)."""
+                include_path: str | None = None, builtin_tasks: bool = True, batch_size: int = 8,
+                max_length: int | None = None) -> dict:
+    """{task: {metric: value}} for lm-eval `tasks` on `model` (a loaded model, or a path / hub id).
+
+    `builtin_tasks=False` indexes only `include_path` (indexing lm-eval's thousands of built-in
+    task files takes minutes on a slow machine).
+    """
     lm_eval, HFLM, TaskManager = _require_lm_eval()
     if not tasks:
         raise UserError("Name at least one lm-eval task.")
@@ -42,7 +47,7 @@ def run_lm_eval(model, tokenizer=None, tasks: list[str] | None = None, *, limit:
         raise UserError("run_lm_eval needs the tokenizer of an in-memory model.")
     kwargs = {"max_length": max_length} if max_length else {}
     lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size, **kwargs)
-    manager = TaskManager(include_path=include_path) if include_path else TaskManager()
+    manager = TaskManager(include_path=include_path, include_defaults=builtin_tasks or not include_path)
     try:
         results = lm_eval.simple_evaluate(
             model=lm, tasks=list(tasks), limit=limit, num_fewshot=num_fewshot, task_manager=manager,
