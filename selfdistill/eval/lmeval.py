@@ -59,4 +59,7 @@ def run_lm_eval(model, tokenizer=None, tasks: list[str] | None = None, *, limit:
     scores = {}
     for task, metrics in results["results"].items():
         scores[task] = {k: v for k, v in metrics.items() if isinstance(v, (int, float)) and k != "alias"}
+        counts = results.get("n-samples", {}).get(task)
+        if counts:
+            scores[task]["documents"] = counts.get("effective")
     return scores
