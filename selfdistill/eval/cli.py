@@ -56,7 +56,7 @@ def eval_command(
         from selfdistill.eval.evaluate import evaluate
         from selfdistill.eval.tasks import resolve_task
 
-        records, grader_name = resolve_task(task, grader, limit)
+        records, grader_name = resolve_task(task, grader, limit, seed)
         grade = graders.get(grader_name)
         net, tok = _load(model)
         summary = evaluate(net, tok, records, grade, n_samples=n_samples, temperature=temperature,
