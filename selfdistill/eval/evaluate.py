@@ -90,7 +90,9 @@ def evaluate(model, tokenizer, records: list[Record], grader: Callable[[str, dic
             outputs.append(text)
             scores.append(score)
             clipped += not done.finished[row]
-        example = {"index": i, "source": record.source, "prompt": record.prompt, "answer": record.answer,
+        # Tool-use records keep their gold calls in `golden_answer`; show them as the answer.
+        answer = record.answer if record.answer is not None else record.meta.get("golden_answer")
+        example = {"index": i, "source": record.source, "prompt": record.prompt, "answer": answer,
                    "output": outputs[0] if n_samples == 1 else outputs,
                    "score": sum(scores) / n_samples, "clipped": clipped}
         if n_samples > 1:
