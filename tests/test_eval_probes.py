@@ -134,6 +134,8 @@ def test_run_probes_and_report_with_base(tiny, tmp_path, monkeypatch):
     model, tok = tiny
     result = run_probes(model, tok, limit=4, max_new_tokens=4, out_dir=tmp_path / "p")
     assert result["count"] == 4 and set(result["categories"]) == {"factual"}
+    in_memory = run_probes(model, tok, limit=4, max_new_tokens=4)  # no files: categories all the same
+    assert in_memory["categories"] == result["categories"]
     rows = [json.loads(x) for x in (tmp_path / "p" / "examples.jsonl").read_text().splitlines()]
     assert all(r["score"] == 0.0 for r in rows)  # a random tiny model knows no capitals
 

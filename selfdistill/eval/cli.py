@@ -47,8 +47,8 @@ def eval_command(
         raise UserError(f"--precision must be one of {', '.join(PRECISIONS)}, got {precision!r}.")
     if not (task or probes or humaneval or lm_eval_tasks):
         raise UserError("Nothing to do: give --task, --probes, --humaneval and/or --lm-eval.")
-    if base and not probes:
-        raise UserError("--base is used by --probes (relative scores and drift); add --probes.")
+    if base and not (probes or humaneval):
+        raise UserError("--base is used by --probes and --humaneval (relative scores and drift); add one of them.")
     out.mkdir(parents=True, exist_ok=True)
     results: dict = {"model": model}
     if task:

@@ -123,15 +123,11 @@ def run_probes(model, tokenizer, *, suite: str = "general", limit: int | None = 
     items = load_suite(suite)[:limit]
     records = [Record(prompt=item["prompt"], demonstration="", meta={"probe": item, "category": item["category"]},
                       source=f"probe {item['id']}") for item in items]
+    examples: list[dict] = []
     summary = evaluate(model, tokenizer, records, _probe_grader, max_new_tokens=max_new_tokens, batch_size=batch_size,
-                       precision=precision, out_dir=out_dir, desc="probes")
-    if out_dir is not None:
-        scores = [json.loads(line)["score"] for line in open(Path(out_dir) / "examples.jsonl", encoding="utf-8")]
-    else:
-        scores = None
+                       precision=precision, out_dir=out_dir, desc="probes", examples=examples)
+    scores = [e["score"] for e in examples]
     result = {"score": summary["score"], "count": summary["count"], "ci95": summary["ci95"], "categories": {}}
-    if scores is None:
-        return result
     for category in sorted({item["category"] for item in items}):
         values = [s for s, item in zip(scores, items) if item["category"] == category]
         mean = sum(values) / len(values)
