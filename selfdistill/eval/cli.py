@@ -38,6 +38,7 @@ def eval_command(
     temperature: float = typer.Option(0.0, "--temperature", help="0 is greedy decoding."),
     max_new_tokens: int = typer.Option(512, "--max-new-tokens", help="Token limit for task outputs."),
     probe_tokens: int = typer.Option(128, "--probe-tokens", help="Token limit for probe-suite answers."),
+    drift_tokens: int = typer.Option(64, "--drift-tokens", help="Length of the base model's stored answers for drift."),
     batch_size: int = typer.Option(8, "--batch-size"),
     precision: str = typer.Option("bf16", "--precision", help="fp32 or bf16 (bf16 autocast)."),
     seed: int = typer.Option(0, "--seed"),
@@ -71,7 +72,7 @@ def eval_command(
         from selfdistill.eval.probes import probe_report
 
         report = probe_report(model, base, out_dir=out / "probes", load=_load, limit=limit, humaneval=humaneval,
-                              suite=probes, batch_size=batch_size, precision=precision, max_new_tokens=probe_tokens)
+                              suite=probes, batch_size=batch_size, precision=precision, max_new_tokens=probe_tokens, drift_tokens=drift_tokens)
         results["probes"] = report
         typer.echo(json.dumps(report, indent=2))
     if lm_eval_tasks:
