@@ -193,7 +193,7 @@ def probe_report(model_name: str, base_name: str | None, *, out_dir: Path, load,
             cache.write_text(json.dumps({"key": key, "scores": base_scores}, indent=2) + "\n")
         answers_path = base_dir / "drift_answers.json"
         answers = drift_mod.load_base_answers(answers_path, base_name)
-        if answers is None:
+        if answers is None or answers.get("max_new_tokens") != drift_tokens:
             if base_net is None:
                 base_net, base_tok = load(base_name)
             answers = drift_mod.base_answers(base_net, base_tok, base_name=base_name, precision=precision,
