@@ -125,3 +125,16 @@ def test_cli_user_errors(tmp_path):
     bad.write_text('{"prompt": "q", "answer": "a"}\n{"answer": "b"}\n')
     result = CliRunner().invoke(_app(), ["eval", "--model", "x", "--task", str(bad), "--out", str(tmp_path)])
     assert isinstance(result.exception, UserError) and "line 2" in str(result.exception)
+
+
+def test_cli_probes_relative_to_base(tmp_path):
+    model_dir = save_tiny(tmp_path / "model", ["paris", "capital", "france", "?"])
+    out = tmp_path / "out"
+    result = CliRunner().invoke(_app(), ["eval", "--model", str(model_dir), "--probes", "--base", str(model_dir),
+                                         "--limit", "2", "--probe-tokens", "3", "--drift-tokens", "2", "--precision", "fp32", "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    report = json.loads((out / "results.json").read_text())["probes"]
+    assert report["absolute"]["general"]["count"] == 2
+    assert report["relative"]["general"]["score"] == 0.0  # the checkpoint is its own base
+    assert report["drift"]["kl_nats"] == pytest.approx(0.0, abs=1e-5) and report["drift"]["prompts"] == 32
+    assert (out / "probes" / "base" / "drift_answers.json").is_file()

@@ -36,7 +36,9 @@ def eval_command(
     limit: Optional[int] = typer.Option(None, "--limit", help="Evaluate only the first N records (and N problems per suite)."),
     n_samples: int = typer.Option(1, "--n-samples", help="Samples per record (needs --temperature > 0); reports pass@k."),
     temperature: float = typer.Option(0.0, "--temperature", help="0 is greedy decoding."),
-    max_new_tokens: int = typer.Option(512, "--max-new-tokens"),
+    max_new_tokens: int = typer.Option(512, "--max-new-tokens", help="Token limit for task outputs."),
+    probe_tokens: int = typer.Option(128, "--probe-tokens", help="Token limit for probe-suite answers."),
+    drift_tokens: int = typer.Option(64, "--drift-tokens", help="Length of the base model's stored answers for drift."),
     batch_size: int = typer.Option(8, "--batch-size"),
     precision: str = typer.Option("bf16", "--precision", help="fp32 or bf16 (bf16 autocast)."),
     seed: int = typer.Option(0, "--seed"),
@@ -46,8 +48,8 @@ def eval_command(
         raise UserError(f"--precision must be one of {', '.join(PRECISIONS)}, got {precision!r}.")
     if not (task or probes or humaneval or lm_eval_tasks):
         raise UserError("Nothing to do: give --task, --probes, --humaneval and/or --lm-eval.")
-    if base and not probes:
-        raise UserError("--base is used by --probes (relative scores and drift); add --probes.")
+    if base and not (probes or humaneval):
+        raise UserError("--base is used by --probes and --humaneval (relative scores and drift); add one of them.")
     out.mkdir(parents=True, exist_ok=True)
     results: dict = {"model": model}
     if task:
@@ -55,7 +57,7 @@ def eval_command(
         from selfdistill.eval.evaluate import evaluate
         from selfdistill.eval.tasks import resolve_task
 
-        records, grader_name = resolve_task(task, grader, limit)
+        records, grader_name = resolve_task(task, grader, limit, seed)
         grade = graders.get(grader_name)
         net, tok = _load(model)
         summary = evaluate(net, tok, records, grade, n_samples=n_samples, temperature=temperature,
@@ -70,7 +72,7 @@ def eval_command(
         from selfdistill.eval.probes import probe_report
 
         report = probe_report(model, base, out_dir=out / "probes", load=_load, limit=limit, humaneval=humaneval,
-                              suite=probes, batch_size=batch_size, precision=precision)
+                              suite=probes, batch_size=batch_size, precision=precision, max_new_tokens=probe_tokens, drift_tokens=drift_tokens)
         results["probes"] = report
         typer.echo(json.dumps(report, indent=2))
     if lm_eval_tasks:

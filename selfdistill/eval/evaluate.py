@@ -60,8 +60,12 @@ def grading_record(record: Record) -> dict:
 def evaluate(model, tokenizer, records: list[Record], grader: Callable[[str, dict], float], *,
              n_samples: int = 1, temperature: float = 0.0, top_p: float = 1.0, max_new_tokens: int = 512,
              batch_size: int = 8, precision: str = "fp32", seed: int = 0, system_prompt: str | None = None,
-             ks: list[int] | None = None, out_dir: str | Path | None = None, desc: str = "evaluate") -> dict:
-    """Generate, grade and summarize; with `out_dir`, write `examples.jsonl` and `summary.json` there."""
+             ks: list[int] | None = None, out_dir: str | Path | None = None, desc: str = "evaluate",
+             examples: list | None = None) -> dict:
+    """Generate, grade and summarize; with `out_dir`, write `examples.jsonl` and `summary.json` there.
+
+    Pass a list as `examples` to receive the per-record results in memory.
+    """
     if not records:
         raise UserError("Nothing to evaluate: the task has no records.")
     if n_samples < 1:
@@ -77,7 +81,7 @@ def evaluate(model, tokenizer, records: list[Record], grader: Callable[[str, dic
     done = generate(model, rows, stop_token_ids=stop, pad_token_id=tokenizer.pad_token_id, max_new_tokens=max_new_tokens,
                     temperature=temperature, top_p=top_p, seeds=seeds, batch_size=batch_size, precision=precision,
                     desc=desc)
-    examples = []
+    examples = [] if examples is None else examples
     for i, record in enumerate(records):
         gold = grading_record(record)
         outputs, scores, clipped = [], [], 0
@@ -90,7 +94,9 @@ def evaluate(model, tokenizer, records: list[Record], grader: Callable[[str, dic
             outputs.append(text)
             scores.append(score)
             clipped += not done.finished[row]
-        example = {"index": i, "source": record.source, "prompt": record.prompt, "answer": record.answer,
+        # Tool-use records keep their gold calls in `golden_answer`; show them as the answer.
+        answer = record.answer if record.answer is not None else record.meta.get("golden_answer")
+        example = {"index": i, "source": record.source, "prompt": record.prompt, "answer": answer,
                    "output": outputs[0] if n_samples == 1 else outputs,
                    "score": sum(scores) / n_samples, "clipped": clipped}
         if n_samples > 1:

@@ -123,15 +123,11 @@ def run_probes(model, tokenizer, *, suite: str = "general", limit: int | None = 
     items = load_suite(suite)[:limit]
     records = [Record(prompt=item["prompt"], demonstration="", meta={"probe": item, "category": item["category"]},
                       source=f"probe {item['id']}") for item in items]
+    examples: list[dict] = []
     summary = evaluate(model, tokenizer, records, _probe_grader, max_new_tokens=max_new_tokens, batch_size=batch_size,
-                       precision=precision, out_dir=out_dir, desc="probes")
-    if out_dir is not None:
-        scores = [json.loads(line)["score"] for line in open(Path(out_dir) / "examples.jsonl", encoding="utf-8")]
-    else:
-        scores = None
+                       precision=precision, out_dir=out_dir, desc="probes", examples=examples)
+    scores = [e["score"] for e in examples]
     result = {"score": summary["score"], "count": summary["count"], "ci95": summary["ci95"], "categories": {}}
-    if scores is None:
-        return result
     for category in sorted({item["category"] for item in items}):
         values = [s for s, item in zip(scores, items) if item["category"] == category]
         mean = sum(values) / len(values)
@@ -153,7 +149,8 @@ def relative(model_scores: dict, base_scores: dict) -> dict:
 
 
 def probe_report(model_name: str, base_name: str | None, *, out_dir: Path, load, limit: int | None = None,
-                 suite: bool = True, humaneval: bool = False, batch_size: int = 16, precision: str = "bf16") -> dict:
+                 suite: bool = True, humaneval: bool = False, batch_size: int = 16, precision: str = "bf16",
+                 max_new_tokens: int = 128, drift_tokens: int = 64) -> dict:
     """Probe scores of `model_name`, and with a base model: the base's scores, deltas and drift.
 
     The base model's scores and greedy answers are stored in `out_dir/base/` and reused when
@@ -169,7 +166,7 @@ def probe_report(model_name: str, base_name: str | None, *, out_dir: Path, load,
         result = {}
         if suite:
             result["general"] = run_probes(net, tok, limit=limit, batch_size=batch_size, precision=precision,
-                                           out_dir=where / "general")
+                                           max_new_tokens=max_new_tokens, out_dir=where / "general")
         if humaneval:
             from selfdistill.eval.humaneval import run_humaneval
 
@@ -185,7 +182,7 @@ def probe_report(model_name: str, base_name: str | None, *, out_dir: Path, load,
     else:
         base_dir = out_dir / "base"
         cache = base_dir / "scores.json"
-        key = {"base": base_name, "limit": limit, "suite": suite, "humaneval": humaneval}
+        key = {"base": base_name, "limit": limit, "suite": suite, "humaneval": humaneval, "max_new_tokens": max_new_tokens}
         base_net = None
         if cache.is_file() and json.loads(cache.read_text()).get("key") == key:
             base_scores = json.loads(cache.read_text())["scores"]
@@ -196,10 +193,11 @@ def probe_report(model_name: str, base_name: str | None, *, out_dir: Path, load,
             cache.write_text(json.dumps({"key": key, "scores": base_scores}, indent=2) + "\n")
         answers_path = base_dir / "drift_answers.json"
         answers = drift_mod.load_base_answers(answers_path, base_name)
-        if answers is None:
+        if answers is None or answers.get("max_new_tokens") != drift_tokens:
             if base_net is None:
                 base_net, base_tok = load(base_name)
-            answers = drift_mod.base_answers(base_net, base_tok, base_name=base_name, precision=precision)
+            answers = drift_mod.base_answers(base_net, base_tok, base_name=base_name, precision=precision,
+                                             max_new_tokens=drift_tokens)
             drift_mod.save_base_answers(answers, answers_path)
         report["base"] = {"model": base_name, "absolute": base_scores}
         report["relative"] = relative(report["absolute"], base_scores)

@@ -1,13 +1,14 @@
 """Resolving `--task`: a JSONL file of records, or a built-in task by name.
 
-Built-in tasks live in `selfdistill.tasks` (written separately); when that module exists,
-`get_task(name)` is expected to return an object with `records` (or `records()`) and a
-`grader` name. Until then only files work, and a name gets a clear message.
+Built-in tasks live in `selfdistill.tasks` (a separate part of the package): a name that is
+not a file is looked up there and its evaluation split is used, graded by the task's first
+metric. Without that module only files work, and a name gets a clear message.
 """
 
 from __future__ import annotations
 
 import importlib
+from dataclasses import replace
 from pathlib import Path
 
 from selfdistill.data.records import Record, load_records
@@ -27,25 +28,32 @@ def guess_grader(records: list[Record]) -> str:
     return "contains"
 
 
-def named_task(name: str) -> tuple[list[Record], str | None]:
-    """The hook for built-in tasks: `selfdistill.tasks.get_task(name)` when that module exists."""
+def named_task(name: str, seed: int = 0) -> tuple[list[Record], str | None]:
+    """The hook for built-in tasks: the evaluation split of `selfdistill.tasks.make_task(name, seed)`.
+
+    The grader is the task's first metric; a metric reading its gold answer from another field
+    (e.g. a list of accepted answers) has that field copied into `answer`.
+    """
     try:
         tasks = importlib.import_module("selfdistill.tasks")
     except ModuleNotFoundError:
         raise UserError(f"Task {name!r}: no such file, and this version has no built-in tasks; pass a .jsonl file.") from None
-    task = tasks.get_task(name)
-    records = task.records() if callable(getattr(task, "records", None)) else task.records
-    return list(records), getattr(task, "grader", None)
+    spec = tasks.get_task(name)
+    records = list(tasks.make_task(name, seed).eval)
+    metric = spec.metrics[0] if getattr(spec, "metrics", None) else None
+    if metric is not None and metric.answer_field != "answer":
+        records = [replace(r, answer=r.meta.get(metric.answer_field, r.answer)) for r in records]
+    return records, metric.grader if metric is not None else None
 
 
-def resolve_task(task: str, grader: str | None = None, limit: int | None = None) -> tuple[list[Record], str]:
+def resolve_task(task: str, grader: str | None = None, limit: int | None = None, seed: int = 0) -> tuple[list[Record], str]:
     """(records, grader name) for a file path or a built-in task name."""
     path = Path(task)
     if path.suffix in (".jsonl", ".json") or path.exists() or "/" in task:
         records = load_records(path, require_demonstration=False)
         default = guess_grader(records)
     else:
-        records, default = named_task(task)
+        records, default = named_task(task, seed)
         default = default or guess_grader(records)
     if limit is not None:
         if limit < 1:
