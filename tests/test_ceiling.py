@@ -53,3 +53,12 @@ def test_demonstration_loglik_matches_a_direct_computation():
     assert mean == pytest.approx(sum(expected) / 2, abs=1e-5)
     assert first == pytest.approx(expected[0], abs=1e-5)
     assert math.isfinite(mean)
+
+
+def test_custom_templates_are_named_by_position():
+    records = [Record(prompt="what is red ?", demonstration="red", answer="red")]
+    model, tok = make_tiny(records)
+    results = measure(model, tok, records, (Metric("accuracy", "exact"),), templates=("plain", "{question} is {demonstration}"),
+                      max_new_tokens=2, precision="fp32", loglik=False, grader_lookup={"exact": exact}.get)
+    assert [r.prompt for r in results] == ["student", "teacher:plain", "teacher:custom2"]
+    assert results[2].loglik is None and "| teacher:custom2 |" in table(results)

@@ -59,7 +59,7 @@ def test_tooluse_eval_apis_never_seen_in_training():
     assert eval_apis and train_apis.isdisjoint(eval_apis)
     for r in data.train + data.eval:
         assert f"Name: {r.meta['api']}" in r.prompt
-        assert r.prompt.rstrip().endswith(r.meta["instruction"])
+        assert f"Question: {r.meta['instruction']}\n" in r.prompt
         call = r.meta["golden_answer"][0]
         assert f"Action: {call['Action']}\nAction Input: {call['Action_Input']}" in r.demonstration
         # every argument can be read from the request

@@ -17,7 +17,7 @@ from typing import Callable
 
 import torch
 
-from selfdistill.data.prompts import PromptBuilder
+from selfdistill.data.prompts import TEACHER_TEMPLATES, PromptBuilder
 from selfdistill.data.records import Record
 from selfdistill.rollout import autocast_context, generate
 from selfdistill.tasks import Metric
@@ -80,8 +80,10 @@ def measure(model, tokenizer, records: list[Record], metrics: tuple[Metric, ...]
     first = builders[templates[0]]
     demos = [first.encode(r).demonstration_ids for r in records]
     prompt_sets = [("student", [first.encode_messages(first.student_messages(r)) for r in records])]
-    for t in templates:
-        prompt_sets.append((f"teacher:{t}", [builders[t].encode_messages(builders[t].teacher_messages(r)) for r in records]))
+    for i, t in enumerate(templates):
+        # A custom template's text would break the table; name it by its position instead.
+        name = t if t in TEACHER_TEMPLATES else f"custom{i + 1}"
+        prompt_sets.append((f"teacher:{name}", [builders[t].encode_messages(builders[t].teacher_messages(r)) for r in records]))
     results = []
     for label, prompts in prompt_sets:
         done = generate(model, prompts, stop_token_ids=stops, pad_token_id=pad, max_new_tokens=max_new_tokens,

@@ -25,7 +25,7 @@ def list_command() -> None:
     for spec in list_tasks():
         graders = ", ".join(f"{m.name}={m.grader}" for m in spec.metrics)
         typer.echo(f"{spec.name:<10} {spec.description}\n{'':<10} graders: {graders}; default size {spec.default_size}; "
-                   f"teacher template {spec.teacher_template}")
+                   f"teacher template {spec.teacher_template!r}")
 
 
 @data_app.command("show")
@@ -75,7 +75,8 @@ def make_command(task: str, out: Path = typer.Option(..., help="Directory for th
 def ceiling_command(
     task: str = typer.Argument(..., help="A built-in task, or a data file/directory/hf:NAME (then give --grader)."),
     model: str = typer.Option("smollm2-135m", help="Model: alias, hub id, directory or .gguf file."),
-    template: list[str] = typer.Option(["paper", "plain"], help="Teacher template(s): paper, plain or a custom one."),
+    template: list[str] = typer.Option([], help="Teacher template(s): paper, plain, task (the task's own) or a custom one; "
+                                       "default: paper, plain and the task's own."),
     split: str = typer.Option("eval", help="Split to measure (built-in tasks: eval, ood; files: the split to load)."),
     limit: int = typer.Option(40, help="Records to measure (the first N of the split)."),
     seed: int = typer.Option(0, help="Generator seed (built-in tasks)."),
@@ -109,9 +110,11 @@ def ceiling_command(
             raise UserError(f"{task}: not a built-in task; to measure a data file give --grader (e.g. toolalpaca, choice_tag).")
         records = load_dataset_records(task, format=format, split="train" if split == "eval" else split)
         metrics = tuple(Metric(g, g) for g in grader)
+    recommended = spec.teacher_template if task in {s.name for s in list_tasks()} else "plain"
+    chosen = [recommended if t == "task" else t for t in template] or list(dict.fromkeys(["paper", "plain", recommended]))
     records = records[:limit]
     lm, tokenizer = load_model(model)
-    results = ceiling.measure(lm, tokenizer, records, metrics, templates=tuple(template), max_new_tokens=max_new_tokens,
+    results = ceiling.measure(lm, tokenizer, records, metrics, templates=tuple(chosen), max_new_tokens=max_new_tokens,
                               precision=precision, batch_size=batch_size, stop_token_ids=[stop_token_id(lm, tokenizer)],
                               loglik=loglik)
     typer.echo(f"{task} ({split}, {len(records)} records, {model}, greedy, {precision}, max_new_tokens {max_new_tokens})")

@@ -128,21 +128,22 @@ BRANDS = ["Zorb", "Quill", "Marlo", "Fenwick", "Tavi", "Brisk", "Nimbo", "Kestra
           "Elbo", "Fargo", "Glim", "Hollo", "Istra", "Jando", "Kiri", "Lumo"]
 SUFFIXES = ["Hub", "API", "ly", "Base", "Go", "Net"]
 
-HEADER = "Your task is to answer the user's question using available tools.\nYou have access to the following tools:\n"
-FORMAT = (
-    "Use the following format:\n"
-    "Thought: you should always think about what to do\n"
-    "Action: the action to take, should be one of the tool names.\n"
-    "Action Input: the input to the action, must be in JSON format.\n\n"
-    "Begin!\nQuestion: "
-)
+HEADER = "Your task is to answer the user's question using available tools.\n"
+# The paper's prompt explains the answer format in a block before the question; on the 135M model
+# that block made the teacher echo the prompt (15-25% teacher accuracy). A one-line reminder after
+# the question, with no placeholder to copy, keeps the prompt short (~110 tokens).
+QUESTION = "Question: "
+REMINDER = "\nReply in the format Thought / Action / Action Input, with the arguments as JSON."
+# A teacher template for this task: "in the same format" keeps a small model on the demonstrated
+# format (paper template 25%, plain 17%, this one 33% in a first 12-item measurement).
+SAME_FORMAT_TEMPLATE = "{question}\n\nExample answer:\n{demonstration}\n\nNow answer in the same format."
 
 
 def documentation(api: str, domain: Domain) -> str:
     lines = [f"Name: {api}", f"Description: {domain.description}", "Documentation:"]
     for fn in domain.functions:
-        params = {arg: f"string. {desc}" for arg, _pool, desc in fn.params}
-        lines += [f"{fn.name}: {fn.doc}", f"Parameters: {json.dumps(params)}"]
+        params = {arg: "string" for arg, _pool, _desc in fn.params}
+        lines.append(f"{fn.name}: {fn.doc} Parameters: {json.dumps(params)}")
     return "\n".join(lines) + "\n\n"
 
 
@@ -153,7 +154,7 @@ def _record(rng: random.Random, api: str, domain: Domain, split: str) -> Record:
     arguments = json.dumps(values)
     demonstration = f"Thought: {fn.thought.format(**values)}\nAction: {fn.name}\nAction Input: {arguments}"
     row = {
-        "prompt": HEADER + documentation(api, domain) + FORMAT + request,
+        "prompt": HEADER + documentation(api, domain) + QUESTION + request + REMINDER,
         "demonstration": demonstration,
         "golden_answer": [{"Action": fn.name, "Action_Input": arguments}],
         "task": "tooluse", "split": split, "api": api, "instruction": request,
@@ -183,4 +184,5 @@ SPEC = TaskSpec(
     description="Calls to fictional APIs in the paper's ToolAlpaca format (Thought / Action / Action Input).",
     metrics=(Metric("accuracy", "toolalpaca"),),
     make=make,
+    teacher_template=SAME_FORMAT_TEMPLATE,
 )
