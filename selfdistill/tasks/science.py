@@ -19,9 +19,6 @@ SYSTEM_PROMPT = (
     "<reasoning>\n...\n</reasoning>\n<answer>\n...\n</answer>\n"
     "For the answer, only output the letter (A, B, C, or D)."
 )
-# Without a reminder after the options the 135M model continues the option list (student and
-# teacher both 0% on 20 items); the reminder puts the tags last, where the model looks.
-REMINDER = "\n\nReply with <reasoning>...</reasoning> then <answer>X</answer>."
 LETTERS = "ABCD"
 MASSES = {"C": 12.011, "H": 1.008, "O": 15.999, "N": 14.007, "S": 32.06, "Cl": 35.45}
 NAMES = {"C": "carbon", "H": "hydrogen", "O": "oxygen", "N": "nitrogen", "S": "sulfur", "Cl": "chlorine"}
@@ -103,7 +100,7 @@ def _record(rng: random.Random, split: str, seen: set[str]) -> Record:
     while True:
         kind = rng.choice(list(ITEM_KINDS))
         question, options, letter, reasoning = ITEM_KINDS[kind](rng)
-        text = question + "\n\n" + "\n".join(f"{LETTERS[i]}: {o}" for i, o in enumerate(options)) + REMINDER
+        text = question + "\n\n" + "\n".join(f"{LETTERS[i]}: {o}" for i, o in enumerate(options))
         if text not in seen:  # every question appears once across all splits
             seen.add(text)
             break
