@@ -49,8 +49,8 @@ def _stage_labels(tasks: list[str]) -> list[str]:
 def accuracy_matrices(results: dict) -> Figure:
     tasks = [t["name"] for t in results["tasks"]]
     methods = _methods(results)
-    fig, axes = plt.subplots(1, len(methods), figsize=(1.2 + 1.6 * len(tasks) * len(methods) + 1.5, 0.9 + 0.55 * (len(tasks) + 1)),
-                             squeeze=False)
+    fig, axes = plt.subplots(1, len(methods), figsize=(2.5 + 1.5 * len(tasks) * len(methods) + 1.5, 1.6 + 0.6 * (len(tasks) + 1)),
+                             squeeze=False, layout="constrained")
     image = None
     for ax, (name, summary) in zip(axes[0], methods):
         matrix = [[cell["mean"] for cell in row] for row in summary["R"]]
@@ -62,7 +62,7 @@ def accuracy_matrices(results: dict) -> Figure:
         ax.set_xticks(range(len(tasks)), tasks, rotation=20)
         ax.set_yticks(range(len(tasks) + 1), _stage_labels(tasks) if ax is axes[0][0] else [""] * (len(tasks) + 1))
         ax.set_xlabel("evaluated on task")
-        ax.set_title(name)
+        ax.set_title(f"method: {name}")
     axes[0][0].set_ylabel("model after stage")
     if image is not None:
         fig.colorbar(image, ax=axes[0].tolist(), label="score (fraction correct)", shrink=0.9)
@@ -75,7 +75,8 @@ def accuracy_matrices(results: dict) -> Figure:
 
 def task_curves(results: dict) -> Figure:
     tasks = [t["name"] for t in results["tasks"]]
-    fig, axes = plt.subplots(1, len(tasks), figsize=(4.2 * len(tasks), 3.4), squeeze=False, sharey=True)
+    fig, axes = plt.subplots(1, len(tasks), figsize=(4.2 * len(tasks), 3.6), squeeze=False, sharey=True,
+                             layout="constrained")
     stages = list(range(len(tasks) + 1))
     for i, (ax, task) in enumerate(zip(axes[0], tasks)):
         for c, (name, summary) in enumerate(_methods(results)):
@@ -93,7 +94,7 @@ def task_curves(results: dict) -> Figure:
         ax.grid(alpha=0.3)
     axes[0][0].set_ylabel("score (fraction correct)")
     axes[0][-1].legend(title="method", loc="best", fontsize=8)
-    fig.suptitle("Score on each task across the stream", y=1.04)
+    fig.suptitle("Score on each task across the stream")
     return Figure("tasks", "Per-task score across stages",
                   "One panel per task, one line per method. The dotted line marks the stage that trained on the task: "
                   "a line that drops after it shows forgetting. Shaded: 95% interval across seeds (when more than one).",
@@ -102,7 +103,7 @@ def task_curves(results: dict) -> Figure:
 
 def pareto(results: dict) -> Figure:
     tasks = [t["name"] for t in results["tasks"]]
-    fig, ax = plt.subplots(figsize=(6.4, 4.6))
+    fig, ax = plt.subplots(figsize=(6.8, 4.8), layout="constrained")
     start = results.get("start", {})
     for c, (name, summary) in enumerate(_methods(results)):
         xs = [summary["R"][k][k - 1]["mean"] for k in range(1, len(tasks) + 1)]
@@ -145,10 +146,11 @@ def training_curves(results: dict, out_dir: str | Path) -> Figure:
     out = Path(out_dir)
     tasks = [t["name"] for t in results["tasks"]]
     seed = results["config"]["seeds"][0]
-    panels = [("loss", "training loss (nats/token)"), ("divergence", "teacher-student divergence (nats/token)"),
-              ("completion_length", "student completion length (tokens)"),
-              ("demonstration_logp", "demonstration log-likelihood (nats/token)")]
-    fig, axes = plt.subplots(1, len(panels), figsize=(4.4 * len(panels), 3.4), squeeze=False)
+    panels = [("loss", "loss (nats/token)"), ("divergence", "divergence (nats/token)"),
+              ("completion_length", "length (tokens)"), ("demonstration_logp", "log-likelihood (nats/token)")]
+    titles = {"loss": "training loss (each method's own)", "divergence": "SDFT: teacher-student divergence",
+              "completion_length": "SDFT: student completion length", "demonstration_logp": "SFT: demonstration log-likelihood"}
+    fig, axes = plt.subplots(1, len(panels), figsize=(4.6 * len(panels), 3.6), squeeze=False, layout="constrained")
     for c, name in enumerate(results["methods"]):
         rows, boundaries = _curves(out, name, seed, len(tasks))
         for ax, (key, _label) in zip(axes[0], panels):
@@ -158,15 +160,14 @@ def training_curves(results: dict, out_dir: str | Path) -> Figure:
             for b in boundaries[:-1]:
                 ax.axvline(b + 0.5, color="grey", linestyle=":", linewidth=1)
     for ax, (key, label) in zip(axes[0], panels):
-        ax.set_xlabel("optimizer step (all stages, dotted = next task)")
+        ax.set_xlabel("optimizer step (dotted: next task)")
         ax.set_ylabel(label)
-        ax.set_title(key.replace("_", " "))
+        ax.set_title(titles[key], fontsize=10)
         ax.grid(alpha=0.3)
         if not ax.lines or all(line.get_linestyle() == ":" for line in ax.lines):
             ax.text(0.5, 0.5, "not logged by these methods", ha="center", va="center", transform=ax.transAxes, color="grey")
     axes[0][0].legend(title="method", fontsize=8)
-    fig.suptitle(f"Training curves (seed {seed}); divergence and completion length are SDFT's, "
-                 "demonstration log-likelihood is SFT-style methods'", y=1.04)
+    fig.suptitle(f"Training curves over the whole stream (seed {seed})")
     return Figure("training", "Training curves",
                   "Per optimizer step over the whole stream. Loss is each method's own objective, so values are "
                   "comparable over time within a method, not across methods.", _png(fig))

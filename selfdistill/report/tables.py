@@ -53,7 +53,7 @@ def score_rows(results: dict) -> list[list[str]]:
     start = results.get("start")
     if start:
         rows.append(["(starting model)", "start"] + [f"{v:.3f}" for v in start["scores"]]
-                    + [f"{start['prior']:.3f}" if start["prior"] is not None else "-", "0"])
+                    + [f"{start['prior']:.3f}" if start["prior"] is not None else "-", "0.000"])
     for name, entry in results["methods"].items():
         s = entry["summary"]
         if s is None:
