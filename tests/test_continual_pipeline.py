@@ -111,6 +111,7 @@ def test_pipeline_writes_results_and_report_and_resumes_after_a_kill(tmp_path):
         assert seq["R"][0] == results["start"]["scores"]
         assert len(seq["prior"]) == 3 and len(seq["drift_kl"]) == 3 and len(seq["train_time_s"]) == 2
         assert seq["drift_kl"][0] == pytest.approx(0.0, abs=1e-5)  # the start model against itself
+        assert seq["prior_delta"][0] == 0.0 and len(seq["prior_delta"]) == 3
         assert seq["drift_kl"][2] > 0  # training moved the weights
         for metric in ("acc", "bwt", "fwt", "forgetting", "prior_final", "prior_change", "drift_kl_final"):
             cell = entry["summary"][metric]
@@ -208,6 +209,28 @@ def test_cli_report_command_and_bad_config_exit_code(tmp_path):
     proc = subprocess.run([sys.executable, "-m", "selfdistill.cli", "report", str(tmp_path / "nothing")],
                           capture_output=True, text=True, env=env)
     assert proc.returncode == 2 and "not a continual run directory" in proc.stderr
+
+
+def test_compare_is_the_one_stage_case_with_the_same_outputs(tmp_path):
+    from typer.testing import CliRunner
+
+    from selfdistill.cli import app
+
+    path, config = write_stream(tmp_path)
+    cli = CliRunner()
+    result = cli.invoke(app, ["compare", str(path)])
+    assert result.exit_code != 0 and "compare runs one task" in str(result.exception)
+    config["stream"] = config["stream"][:1]
+    config["eval"]["probes"] = False
+    path.write_text(yaml.safe_dump(config))
+    result = cli.invoke(app, ["compare", str(path), "--output-dir", str(tmp_path / "cmp")])
+    assert result.exit_code == 0, result.output
+    assert "report:" in result.output and "ACC" in result.output
+    results = json.loads((tmp_path / "cmp" / "results.json").read_text())
+    assert set(results["methods"]) == {"sdft", "sft-fast"} and results["complete"]
+    assert results["methods"]["sdft"]["summary"]["bwt"]["mean"] is None  # one stage: no backward transfer
+    assert results["methods"]["sdft"]["summary"]["prior_final"]["mean"] is None  # probes were off
+    assert (tmp_path / "cmp" / "report.html").is_file() and (tmp_path / "cmp" / "report.md").is_file()
 
 
 def test_shipped_demo_configs_load():

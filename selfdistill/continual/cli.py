@@ -26,8 +26,17 @@ def run_and_report(cfg, overwrite: bool) -> dict:
     from selfdistill.continual.runner import Runner
     from selfdistill.report import write_report
 
+    from selfdistill.train import TrainingStopped
+
     start = time.perf_counter()
-    Runner(cfg, overwrite=overwrite, echo=typer.echo).run()
+    again = "Run the same command again (without --overwrite/--fresh) to continue from the last finished step."
+    try:
+        Runner(cfg, overwrite=overwrite, echo=typer.echo).run()
+    except TrainingStopped as exc:  # its own advice (--resume) is for `sdft train`
+        raise UserError(f"{str(exc).split(';')[0]}; checkpoint written. {again}") from None
+    except KeyboardInterrupt:
+        typer.secho(f"\ninterrupted. {again}", fg=typer.colors.YELLOW, err=True)
+        raise typer.Exit(130) from None
     paths = write_report(cfg.output_dir)
     typer.echo("")
     typer.echo(summary_table(paths["data"]))

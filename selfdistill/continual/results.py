@@ -42,6 +42,7 @@ def _sequence(out: Path, method: str, seed: int, tasks: list[str], start: dict) 
         "stages_done": len(stages) - 1,
         "R": [s["scores"] for s in stages],
         "prior": [s["prior"] for s in stages],
+        "prior_delta": [None if s["prior"] is None or start["prior"] is None else s["prior"] - start["prior"] for s in stages],
         "drift_kl": [s["drift_kl"] for s in stages],
         "drift_nll": [s["drift_nll"] for s in stages],
         "train_time_s": [s["train_time_s"] for s in stages[1:]],
@@ -93,7 +94,7 @@ def collect(out_dir: str | Path) -> dict:
         if finished:
             summary = {name: mean_ci([s["metrics"][name] for s in finished]) for name in METRIC_NAMES}
             summary["R"] = [_per_stage_ci([s["R"][k] for s in finished]) for k in range(len(tasks) + 1)]
-            for key in ("prior", "drift_kl", "drift_nll"):
+            for key in ("prior", "prior_delta", "drift_kl", "drift_nll"):
                 summary[key] = _per_stage_ci([s[key] for s in finished])
             summary["seeds"] = len(finished)
         results["methods"][method["name"]] = {"method": method["method"], "overrides": method["overrides"],
