@@ -106,5 +106,11 @@ def samples(results: dict, out_dir: str | Path, per_task: int) -> list[dict]:
 
 
 def clip(text, limit: int = 600) -> str:
+    """Head and tail of a long text: a prompt's question is usually at its end."""
+    if text is None:
+        return "(no single gold string: graded against the record's own gold fields, e.g. tool calls)"
     text = text if isinstance(text, str) else json.dumps(text, ensure_ascii=False)
-    return text if len(text) <= limit else text[:limit] + f" … [{len(text) - limit} more characters]"
+    if len(text) <= limit:
+        return text
+    head, tail = limit * 2 // 5, limit * 3 // 5
+    return text[:head] + f" … [{len(text) - head - tail} characters left out] … " + text[-tail:]
