@@ -1,5 +1,5 @@
 # Two commands do everything on a fresh machine:
-#   make demo   - create the environment, then run the embedded demo
+#   make demo   - create the environment, then run the continual-learning demo (SDFT vs SFT, 3 tasks)
 #   make test   - create the environment, then run the test suite
 PYTHON ?= python3
 VENV ?= .venv
@@ -22,10 +22,7 @@ $(STAMP): pyproject.toml Makefile
 env: $(STAMP)
 
 demo: $(STAMP)
-	$(BIN)/sdft train --data builtin:demo --output-dir runs/demo --overwrite \
-		--max-steps 6 --batch-size 8 --lr 1e-4 \
-		--set rollout.max_new_tokens=48 --set train.micro_batch_size=8 \
-		--set data.teacher_template=plain --set teacher.kind=frozen
+	$(BIN)/sdft demo
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q

@@ -26,10 +26,12 @@ def _root() -> None:
 from selfdistill.eval.cli import register as _register_eval  # noqa: E402
 from selfdistill.tasks.cli import register as _register_data  # noqa: E402
 from selfdistill.train_cli import register as _register_train  # noqa: E402
+from selfdistill.continual.cli import register as _register_continual  # noqa: E402
 
 _register_train(app)
 _register_eval(app)
 _register_data(app)
+_register_continual(app)
 
 
 def main() -> None:

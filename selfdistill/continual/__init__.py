@@ -1,0 +1,1 @@
+"""Continual learning: streams of tasks, the accuracy matrix and its metrics, comparison of methods."""

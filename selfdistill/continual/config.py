@@ -1,0 +1,262 @@
+"""The continual-learning config: a stream of tasks, the methods to compare, seeds, evaluation.
+
+A YAML file with these top-level keys (every key but `stream` and `methods` is optional):
+
+    output_dir: runs/continual
+    seeds: [0]                  # training seeds (train.seed); the task data does not change with them
+    data_seed: 0                # seed of the built-in task generators (same records for every method/seed)
+    base: {...}                 # a selfdistill.config.Config (sections model, train, rollout, ...), shared
+    stream:                     # the tasks, trained in this order
+      - task: tooluse           # a built-in task (`sdft data list`) ...
+        size: 64                #   training records
+        eval_size: 30           #   evaluation records
+      - name: mine              # ... or files: records to train on, records (with `answer`) to score
+        train: train.jsonl
+        eval: eval.jsonl
+        grader: contains
+        teacher_template: plain
+    methods:
+      - name: sdft-lr1e-4       # label in results and plots
+        method: sdft            # one of selfdistill.config.METHODS
+        overrides: {train: {lr: 1e-4}}
+    eval: {max_new_tokens: 64, batch_size: 16, precision: fp32, samples: 3,
+           probes: {enabled: true, limit: 40, max_new_tokens: 64}, drift: {enabled: true, limit: null}}
+
+The teacher template of a stage is, first found: the method's `overrides.data.teacher_template`,
+the stage's `teacher_template`, the built-in task's own template, the base config's.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import difflib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from selfdistill.config import METHODS, Config, load_config
+from selfdistill.errors import UserError
+
+
+@dataclass
+class StageSpec:
+    name: str
+    task: str | None = None  # built-in task name
+    train: str | None = None  # records file (when not built-in)
+    eval: str | None = None
+    grader: str | None = None
+    size: int | None = None
+    eval_size: int | None = None
+    teacher_template: str | None = None
+    max_new_tokens: int | None = None  # evaluation budget for this task (else eval.max_new_tokens)
+
+
+@dataclass
+class MethodSpec:
+    name: str
+    method: str
+    overrides: dict = field(default_factory=dict)
+
+
+@dataclass
+class ProbeSettings:
+    enabled: bool = True
+    limit: int | None = None
+    max_new_tokens: int = 128
+
+
+@dataclass
+class DriftSettings:
+    enabled: bool = True
+    limit: int | None = None  # number of drift prompts (None: all)
+    max_new_tokens: int = 64
+
+
+@dataclass
+class EvalSettings:
+    max_new_tokens: int = 128
+    batch_size: int = 16
+    precision: str = "fp32"  # greedy generation; bf16 autocast was slower on the 2-core dev CPU
+    samples: int = 3  # sample outputs per task shown in the report
+    probes: ProbeSettings = field(default_factory=ProbeSettings)
+    drift: DriftSettings = field(default_factory=DriftSettings)
+
+
+@dataclass
+class ContinualConfig:
+    stream: list[StageSpec]
+    methods: list[MethodSpec]
+    base: dict = field(default_factory=dict)
+    seeds: list[int] = field(default_factory=lambda: [0])
+    data_seed: int = 0
+    output_dir: str = "runs/continual"
+    keep_stage_models: bool = True  # False: keep only each method's newest stage model (saves disk)
+    eval: EvalSettings = field(default_factory=EvalSettings)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    def stage_config(self, method: MethodSpec, stage: StageSpec, seed: int, output_dir: Path) -> Config:
+        """The training Config of one stage: base, the task's template, the method's overrides, seed, dir."""
+        data: dict = copy.deepcopy(self.base)
+        template = stage.teacher_template
+        if template is None and stage.task:
+            from selfdistill.tasks import get_task
+
+            template = get_task(stage.task).teacher_template
+        if template is not None:
+            data.setdefault("data", {})["teacher_template"] = template
+        _merge(data, copy.deepcopy(method.overrides))
+        data["method"] = method.method
+        data.setdefault("train", {}).update({"seed": seed, "output_dir": str(output_dir)})
+        return load_config(overrides=data)
+
+
+def _merge(into: dict, update: dict) -> None:
+    for key, value in update.items():
+        if isinstance(value, dict) and isinstance(into.get(key), dict):
+            _merge(into[key], value)
+        else:
+            into[key] = value
+
+
+def _fields(cls) -> list[str]:
+    return [f.name for f in dataclasses.fields(cls)]
+
+
+def _check_keys(data: dict, cls, where: str) -> None:
+    names = _fields(cls)
+    for key in data:
+        if key not in names:
+            close = difflib.get_close_matches(str(key), names, n=1)
+            hint = f" Did you mean {close[0]!r}?" if close else f" Valid keys: {', '.join(names)}."
+            raise UserError(f"{where}: unknown key {key!r}.{hint}")
+
+
+def _build(cls, data: Any, where: str):
+    """A dataclass from a mapping, naming the unknown key or wrong type."""
+    if not isinstance(data, dict):
+        raise UserError(f"{where}: expected a mapping, got {data!r}.")
+    _check_keys(data, cls, where)
+    kwargs = {}
+    for f in dataclasses.fields(cls):
+        if f.name not in data:
+            continue
+        value = data[f.name]
+        nested = {"probes": ProbeSettings, "drift": DriftSettings}.get(f.name) if cls is EvalSettings else None
+        if nested is not None:
+            value = _build(nested, value if value is not False else {"enabled": False}, f"{where}.{f.name}")
+        elif f.type in ("int", "int | None") and value is not None and not isinstance(value, int):
+            raise UserError(f"{where}.{f.name}: expected an integer, got {value!r}.")
+        elif f.type == "bool" and not isinstance(value, bool):
+            raise UserError(f"{where}.{f.name}: expected true or false, got {value!r}.")
+        kwargs[f.name] = value
+    return cls(**kwargs)
+
+
+def _stage(data: Any, where: str) -> StageSpec:
+    if isinstance(data, str):  # shorthand: just a built-in task name
+        data = {"task": data}
+    if not isinstance(data, dict):
+        raise UserError(f"{where}: expected a task name or a mapping, got {data!r}.")
+    data = dict(data)
+    data.setdefault("name", data.get("task"))
+    stage = _build(StageSpec, data, where)
+    if stage.task:
+        from selfdistill.tasks import get_task
+
+        try:
+            get_task(stage.task)
+        except UserError as exc:
+            raise UserError(f"{where}.task: {exc}") from None
+        if stage.train or stage.eval:
+            raise UserError(f"{where}: give either a built-in 'task' or 'train'/'eval' files, not both.")
+    else:
+        missing = [k for k in ("name", "train", "eval", "grader") if not getattr(stage, k)]
+        if missing:
+            raise UserError(f"{where}: a task from files needs {', '.join(missing)} (or give a built-in 'task').")
+        from selfdistill.eval import graders
+
+        if stage.grader not in graders.names():
+            raise UserError(f"{where}.grader: unknown grader {stage.grader!r}; choose one of {', '.join(graders.names())}.")
+    return stage
+
+
+def _method(data: Any, where: str) -> MethodSpec:
+    if isinstance(data, str):  # shorthand: a method name with the base settings
+        data = {"name": data, "method": data}
+    if not isinstance(data, dict):
+        raise UserError(f"{where}: expected a method name or a mapping, got {data!r}.")
+    data = dict(data)
+    data.setdefault("method", data.get("name"))
+    spec = _build(MethodSpec, data, where)
+    if spec.method not in METHODS:
+        raise UserError(f"{where}.method: unknown method {spec.method!r}; choose one of {', '.join(METHODS)}.")
+    if not isinstance(spec.overrides, dict):
+        raise UserError(f"{where}.overrides: expected a mapping of config sections, e.g. {{train: {{lr: 1e-4}}}}.")
+    return spec
+
+
+def parse_config(data: Any, where: str = "config") -> ContinualConfig:
+    """A validated ContinualConfig from a parsed YAML mapping; errors name `where` and the field."""
+    if not isinstance(data, dict):
+        raise UserError(f"{where}: the top level must be a mapping (stream, methods, ...).")
+    _check_keys(data, ContinualConfig, where)
+    for key in ("stream", "methods"):
+        if not isinstance(data.get(key), list) or not data[key]:
+            raise UserError(f"{where}: '{key}' must be a non-empty list.")
+    stream = [_stage(s, f"{where}: stream[{i}]") for i, s in enumerate(data["stream"])]
+    methods = [_method(m, f"{where}: methods[{i}]") for i, m in enumerate(data["methods"])]
+    for label, items in (("stream", [s.name for s in stream]), ("methods", [m.name for m in methods])):
+        dupes = sorted({n for n in items if items.count(n) > 1})
+        if dupes:
+            raise UserError(f"{where}: {label} names must be unique; repeated: {', '.join(map(str, dupes))}.")
+    seeds = data.get("seeds", [0])
+    if isinstance(seeds, int):
+        seeds = [seeds]
+    if not isinstance(seeds, list) or not seeds or not all(isinstance(s, int) for s in seeds):
+        raise UserError(f"{where}: 'seeds' must be a list of integers, got {seeds!r}.")
+    base = data.get("base") or {}
+    if not isinstance(base, dict):
+        raise UserError(f"{where}: 'base' must be a mapping of config sections (model, train, ...).")
+    cfg = ContinualConfig(
+        stream=stream, methods=methods, base=base, seeds=seeds, data_seed=int(data.get("data_seed", 0)),
+        output_dir=str(data.get("output_dir", "runs/continual")),
+        keep_stage_models=bool(data.get("keep_stage_models", True)),
+        eval=_build(EvalSettings, data.get("eval") or {}, f"{where}: eval"),
+    )
+    if cfg.eval.precision not in ("fp32", "bf16"):
+        raise UserError(f"{where}: eval.precision must be fp32 or bf16, got {cfg.eval.precision!r}.")
+    # Every method's stage config must load: report a bad override now, not after hours of training.
+    for m in methods:
+        try:
+            cfg.stage_config(m, stream[0], seeds[0], Path(cfg.output_dir))
+        except UserError as exc:
+            raise UserError(f"{where}: method {m.name!r}: {exc}") from None
+    return cfg
+
+
+def load_continual_config(path: str | Path, overrides: dict | None = None) -> ContinualConfig:
+    """Read a YAML stream config; `overrides` (a nested dict) is merged over the file first."""
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"Config file {path} does not exist.")
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        at = f" line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        raise UserError(f"Config file {path}{at}: invalid YAML ({getattr(exc, 'problem', exc)}).") from None
+    if overrides and isinstance(data, dict):
+        _merge(data, overrides)
+    # Relative data files are relative to the config file, so a config travels with its data.
+    if isinstance(data, dict) and isinstance(data.get("stream"), list):
+        for stage in data["stream"]:
+            if isinstance(stage, dict):
+                for key in ("train", "eval"):
+                    if isinstance(stage.get(key), str) and not Path(stage[key]).is_absolute():
+                        stage[key] = str(path.parent / stage[key])
+    return parse_config(data, f"Config file {path}")

@@ -1,0 +1,283 @@
+"""The continual-learning loop: for every method and seed, train the stream's tasks one after another.
+
+Layout of a run directory (everything a finished step wrote stays; a rerun skips it):
+
+    RUN/config.json                      the resolved stream config (what `sdft report` reads)
+    RUN/start/                           stage 0, the starting model, shared by every method and seed
+        eval/<task>/{examples.jsonl, summary.json}, probes/..., probes.json, drift.json,
+        drift_answers.json (the starting model's answers that drift is measured against), done.json
+    RUN/methods/<method>/method.json     the method entry, so a changed entry is not mixed with old results
+    RUN/methods/<method>/seed-<s>/stage-<k>/
+        train/{metrics.jsonl, run.json, checkpoints/, final/}   train()'s output_dir; final/ is the model
+        trained.json                     written once training of the stage finished
+        eval/..., probes/..., probes.json, drift.json, done.json (as for start)
+
+Every file is written to a temporary name and renamed, so a kill leaves either the old state or
+the new one. Greedy evaluation is deterministic, so the starting model is evaluated once and its
+scores are row 0 of every method's and seed's matrix.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import logging
+import shutil
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+from selfdistill.continual.config import ContinualConfig, MethodSpec
+from selfdistill.data.records import Record, load_records
+from selfdistill.errors import UserError
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class StreamTask:
+    name: str
+    grader: str
+    train: list[Record]
+    eval: list[Record]
+    max_new_tokens: int
+    documents: list[str] = field(default_factory=list)
+
+
+def write_json(path: Path, value) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(value, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+    tmp.replace(path)
+
+
+def read_json(path: Path):
+    return json.loads(Path(path).read_text(encoding="utf-8"))
+
+
+def stage_dir(out: Path, method: str, seed: int, stage: int) -> Path:
+    if stage == 0:
+        return out / "start"
+    return out / "methods" / method / f"seed-{seed}" / f"stage-{stage}"
+
+
+def build_tasks(cfg: ContinualConfig) -> list[StreamTask]:
+    from selfdistill.tasks import get_task, make_task
+
+    tasks = []
+    for stage in cfg.stream:
+        budget = stage.max_new_tokens or cfg.eval.max_new_tokens
+        if stage.task:
+            spec = get_task(stage.task)
+            data = make_task(stage.task, cfg.data_seed, stage.size)
+            evals = data.eval[:stage.eval_size] if stage.eval_size else data.eval
+            tasks.append(StreamTask(stage.name, spec.metrics[0].grader, data.train, evals, budget, data.documents))
+        else:
+            train = load_records(stage.train)
+            evals = load_records(stage.eval, require_demonstration=False)
+            if stage.size:
+                train = train[:stage.size]
+            if stage.eval_size:
+                evals = evals[:stage.eval_size]
+            tasks.append(StreamTask(stage.name, stage.grader, train, evals, budget))
+    return tasks
+
+
+def _fingerprint(cfg: ContinualConfig) -> dict:
+    """What every stored result depends on: changing it makes the old results meaningless."""
+    data = cfg.to_dict()
+    return {k: data[k] for k in ("stream", "base", "data_seed", "eval")}
+
+
+def prepare_run_dir(cfg: ContinualConfig, overwrite: bool) -> Path:
+    out = Path(cfg.output_dir)
+    saved = out / "config.json"
+    if saved.is_file() and not overwrite:
+        previous = read_json(saved)
+        if _fingerprint_of(previous) != _fingerprint(cfg):
+            raise UserError(f"{out} holds a run with another stream, base config or evaluation settings. "
+                            "Choose another output_dir, or pass --overwrite to start again.")
+    if overwrite and out.exists():
+        for child in ("start", "methods", "config.json", "results.json", "report.html", "report.md"):
+            target = out / child
+            if target.is_dir():
+                shutil.rmtree(target)
+            elif target.exists():
+                target.unlink()
+    out.mkdir(parents=True, exist_ok=True)
+    if saved.is_file():  # keep the methods of earlier invocations, so the report shows them all
+        previous = read_json(saved)
+        known = {m["name"] for m in cfg.to_dict()["methods"]}
+        extra = [m for m in previous.get("methods", []) if m["name"] not in known]
+        data = cfg.to_dict()
+        data["methods"] = extra + data["methods"]
+        data["seeds"] = sorted(set(previous.get("seeds", [])) | set(cfg.seeds))
+    else:
+        data = cfg.to_dict()
+    write_json(saved, data)
+    for method in cfg.methods:
+        entry = {"name": method.name, "method": method.method, "overrides": method.overrides}
+        path = out / "methods" / method.name / "method.json"
+        if path.is_file() and read_json(path) != entry:
+            raise UserError(f"{out}: method {method.name!r} was run before with other settings; give the changed "
+                            "entry a new name, or pass --overwrite to start again.")
+        write_json(path, entry)
+    return out
+
+
+def _fingerprint_of(saved: dict) -> dict:
+    return {k: saved.get(k) for k in ("stream", "base", "data_seed", "eval")}
+
+
+class Runner:
+    """Runs (or continues) every method x seed sequence of a stream config."""
+
+    def __init__(self, cfg: ContinualConfig, *, overwrite: bool = False, echo: Callable[[str], None] = print,
+                 train_fn: Callable | None = None):
+        self.cfg = cfg
+        self.out = prepare_run_dir(cfg, overwrite)
+        self.echo = echo
+        self.tasks = build_tasks(cfg)
+        self._start_model = None
+        self._drift_answers = None
+        from selfdistill.train import train
+
+        self.train_fn = train_fn or train  # a test can count calls or interrupt here
+
+    # --- models -------------------------------------------------------------------------------
+
+    def model_name(self) -> str:
+        return self.cfg.stage_config(self.cfg.methods[0], self.cfg.stream[0], 0, self.out).model.name
+
+    def start_model(self):
+        """(model, tokenizer) of the starting model, loaded once; callers get a copy to train."""
+        if self._start_model is None:
+            import torch
+
+            from selfdistill.models import load_model
+
+            base = self.cfg.stage_config(self.cfg.methods[0], self.cfg.stream[0], 0, self.out)
+            self.echo(f"loading {base.model.name}")
+            self._start_model = load_model(base.model.name, torch.float32, base.model.trust_remote_code)
+        model, tokenizer = self._start_model
+        return copy.deepcopy(model), tokenizer
+
+    def load_stage_model(self, directory: Path):
+        import torch
+
+        from selfdistill.models import load_model
+
+        return load_model(str(directory), torch.float32)
+
+    # --- evaluation ---------------------------------------------------------------------------
+
+    def drift_answers(self):
+        from selfdistill.eval import drift as drift_mod
+
+        if self._drift_answers is None:
+            path = self.out / "start" / "drift_answers.json"
+            answers = drift_mod.load_base_answers(path)
+            if answers is None:
+                model, tokenizer = self.start_model()
+                settings = self.cfg.eval.drift
+                prompts = drift_mod.drift_prompts()[:settings.limit]
+                answers = drift_mod.base_answers(model, tokenizer, prompts=prompts, max_new_tokens=settings.max_new_tokens,
+                                                 batch_size=self.cfg.eval.batch_size, precision=self.cfg.eval.precision,
+                                                 base_name=self.model_name())
+                drift_mod.save_base_answers(answers, path)
+            self._drift_answers = answers
+        return self._drift_answers
+
+    def evaluate_stage(self, model, tokenizer, where: Path, label: str) -> float:
+        """Every task, the probes and drift, each skipped when its files already exist; returns seconds spent."""
+        from selfdistill.eval import graders
+        from selfdistill.eval.evaluate import evaluate
+
+        model.eval()
+        settings = self.cfg.eval
+        start = time.perf_counter()
+        for task in self.tasks:
+            target = where / "eval" / task.name
+            if (target / "summary.json").is_file():
+                continue
+            tmp = target.with_name(task.name + ".tmp")
+            shutil.rmtree(tmp, ignore_errors=True)
+            summary = evaluate(model, tokenizer, task.eval, graders.get(task.grader), max_new_tokens=task.max_new_tokens,
+                               batch_size=settings.batch_size, precision=settings.precision, out_dir=tmp,
+                               desc=f"{label} eval {task.name}")
+            summary.update({"task": task.name, "grader": task.grader})
+            write_json(tmp / "summary.json", summary)
+            shutil.rmtree(target, ignore_errors=True)
+            tmp.replace(target)
+            self.echo(f"  {label}: {task.name} = {summary['score']:.3f} ({summary['count']} items)")
+        if settings.probes.enabled and not (where / "probes.json").is_file():
+            from selfdistill.eval.probes import run_probes
+
+            result = run_probes(model, tokenizer, limit=settings.probes.limit, max_new_tokens=settings.probes.max_new_tokens,
+                                batch_size=settings.batch_size, precision=settings.precision, out_dir=where / "probes")
+            write_json(where / "probes.json", result)
+            self.echo(f"  {label}: prior-capability probes = {result['score']:.3f} ({result['count']} items)")
+        if settings.drift.enabled and not (where / "drift.json").is_file():
+            from selfdistill.eval import drift as drift_mod
+
+            result = drift_mod.drift(self.drift_answers(), model, precision=settings.precision)
+            write_json(where / "drift.json", result)
+            self.echo(f"  {label}: drift from the starting model = {result['kl_nats']:.4f} nats/token (KL)")
+        return time.perf_counter() - start
+
+    # --- the loop -----------------------------------------------------------------------------
+
+    def run(self) -> None:
+        start = self.out / "start"
+        if not (start / "done.json").is_file():
+            self.echo("stage 0: evaluating the starting model")
+            if self.cfg.eval.drift.enabled:
+                self.drift_answers()
+            model, tokenizer = self.start_model()
+            seconds = self.evaluate_stage(model, tokenizer, start, "start")
+            write_json(start / "done.json", {"stage": 0, "eval_time_s": seconds, "finished": time.time()})
+        for method in self.cfg.methods:
+            for seed in self.cfg.seeds:
+                self.run_sequence(method, seed)
+
+    def run_sequence(self, method: MethodSpec, seed: int) -> None:
+        n = len(self.tasks)
+        done = [k for k in range(1, n + 1) if (stage_dir(self.out, method.name, seed, k) / "done.json").is_file()]
+        first = max(done, default=0) + 1  # stages finish in order, so the newest done one is where to go on
+        if first > n:
+            self.echo(f"[{method.name} seed {seed}] all {n} stages already done")
+            return
+        model = tokenizer = None
+        for k in range(first, n + 1):
+            task, where = self.tasks[k - 1], stage_dir(self.out, method.name, seed, k)
+            label = f"[{method.name} seed {seed}] stage {k}/{n} {task.name}"
+            trained = where / "trained.json"
+            if not trained.is_file() and model is None:  # the model this stage starts from: the previous stage's
+                previous = stage_dir(self.out, method.name, seed, k - 1)
+                model, tokenizer = self.start_model() if k == 1 else self.load_stage_model(previous / "train" / "final")
+            if trained.is_file():
+                model, tokenizer = self.load_stage_model(where / "train" / "final")
+                train_time = read_json(trained)["train_time_s"]
+            else:
+                self.echo(f"{label}: training ({method.method})")
+                cfg = self.cfg.stage_config(method, self.cfg.stream[k - 1], seed, where / "train")
+                if task.documents and not cfg.data.documents:  # cpt reads raw documents of knowledge tasks
+                    docs = where / "documents.jsonl"
+                    docs.parent.mkdir(parents=True, exist_ok=True)
+                    docs.write_text("".join(json.dumps({"text": d}) + "\n" for d in task.documents))
+                    cfg.data.documents = str(docs)
+                t0 = time.perf_counter()
+                # A fresh method per stage: the SDFT teacher starts from the model this stage starts with.
+                result = self.train_fn(cfg, records=task.train, model=model, tokenizer=tokenizer, resume=True,
+                                       save_final=True)
+                model, tokenizer = result.model, result.tokenizer
+                train_time = time.perf_counter() - t0
+                write_json(trained, {"stage": k, "task": task.name, "steps": result.steps, "train_time_s": train_time})
+            eval_time = self.evaluate_stage(model, tokenizer, where, label)
+            write_json(where / "done.json", {"stage": k, "task": task.name, "train_time_s": train_time,
+                                             "eval_time_s": eval_time, "finished": time.time()})
+            # Checkpoints (optimizer, teacher) only serve resuming inside a stage; the model is in final/.
+            shutil.rmtree(where / "train" / "checkpoints", ignore_errors=True)
+            if not self.cfg.keep_stage_models and k > 1:
+                shutil.rmtree(stage_dir(self.out, method.name, seed, k - 1) / "train" / "final", ignore_errors=True)

@@ -1,0 +1,34 @@
+"""Reports of continual-learning runs: `write_report(run_dir)` writes results.json, report.html and report.md."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+
+def write_report(run_dir: str | Path) -> dict:
+    """(Re)build results.json from the run's files, draw the figures, write both reports; returns paths."""
+    from selfdistill.continual.results import write_results
+    from selfdistill.report import html, markdown, plots, tables
+
+    out = Path(run_dir)
+    results = write_results(out)
+    figures = plots.all_figures(results, out)
+    per_task = int(results["config"].get("eval", {}).get("samples", 3))
+    samples = tables.samples(results, out, per_task) if "start" in results else []
+    config = results["config"]
+    model = config.get("base", {}).get("model", {}).get("name", "smollm2-135m")
+    intro = (f"Run {out.resolve()} - model {model}; stream: {' -> '.join(t['name'] for t in results['tasks'])}; "
+             f"methods: {', '.join(results['methods'])}; seeds: {', '.join(map(str, config['seeds']))}. "
+             f"Written {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}.")
+    (out / "report.html").write_text(html.render(results, figures, samples, intro), encoding="utf-8")
+    files_dir = out / "report_files"
+    files_dir.mkdir(exist_ok=True)
+    figure_files = []
+    for figure in figures:
+        name = f"{figure.key}.png"
+        (files_dir / name).write_bytes(figure.png)
+        figure_files.append((figure, f"report_files/{name}"))
+    (out / "report.md").write_text(markdown.render(results, figure_files, samples, intro), encoding="utf-8")
+    return {"results": out / "results.json", "html": out / "report.html", "markdown": out / "report.md",
+            "figures": len(figures), "data": results}

@@ -1,0 +1,179 @@
+"""The report's figures, drawn with matplotlib (Agg, no display) and returned as PNG bytes.
+
+Each function takes the `results.json` dict (and, for training curves, the run directory) and
+returns a `Figure(title, caption, png)`; `all_figures` returns them in report order. Figures are
+written for readers who have not read the paper: every axis says what it measures and in which
+unit, and captions say how to read the figure.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+
+from selfdistill.continual.runner import stage_dir  # noqa: E402
+
+COLORS = ["#1f77b4", "#d62728", "#2ca02c", "#ff7f0e", "#9467bd", "#8c564b", "#e377c2", "#7f7f7f"]
+
+
+@dataclass
+class Figure:
+    key: str
+    title: str
+    caption: str
+    png: bytes
+
+
+def _png(fig) -> bytes:
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=90, bbox_inches="tight")
+    plt.close(fig)
+    return buffer.getvalue()
+
+
+def _methods(results: dict) -> list[tuple[str, dict]]:
+    return [(name, entry["summary"]) for name, entry in results["methods"].items() if entry["summary"]]
+
+
+def _stage_labels(tasks: list[str]) -> list[str]:
+    return ["start"] + [f"after {k}: {t}" for k, t in enumerate(tasks, 1)]
+
+
+def accuracy_matrices(results: dict) -> Figure:
+    tasks = [t["name"] for t in results["tasks"]]
+    methods = _methods(results)
+    fig, axes = plt.subplots(1, len(methods), figsize=(2.5 + 1.5 * len(tasks) * len(methods) + 1.5, 1.6 + 0.6 * (len(tasks) + 1)),
+                             squeeze=False, layout="constrained")
+    image = None
+    for ax, (name, summary) in zip(axes[0], methods):
+        matrix = [[cell["mean"] for cell in row] for row in summary["R"]]
+        image = ax.imshow(matrix, vmin=0, vmax=1, cmap="viridis", aspect="auto")
+        for k, row in enumerate(matrix):
+            for i, value in enumerate(row):
+                ax.text(i, k, f"{value:.2f}", ha="center", va="center", fontsize=9,
+                        color="white" if value < 0.6 else "black")
+        ax.set_xticks(range(len(tasks)), tasks, rotation=20)
+        ax.set_yticks(range(len(tasks) + 1), _stage_labels(tasks) if ax is axes[0][0] else [""] * (len(tasks) + 1))
+        ax.set_xlabel("evaluated on task")
+        ax.set_title(f"method: {name}")
+    axes[0][0].set_ylabel("model after stage")
+    if image is not None:
+        fig.colorbar(image, ax=axes[0].tolist(), label="score (fraction correct)", shrink=0.9)
+    fig.suptitle("Accuracy matrix R: score on each task (columns) after each training stage (rows)")
+    return Figure("matrix", "Accuracy matrix per method",
+                  "Row k is the model after training on the first k tasks; the diagonal below 'start' is each task "
+                  "right after it was learned. Colour and number: mean score over seeds (0 = none correct, 1 = all).",
+                  _png(fig))
+
+
+def task_curves(results: dict) -> Figure:
+    tasks = [t["name"] for t in results["tasks"]]
+    fig, axes = plt.subplots(1, len(tasks), figsize=(4.2 * len(tasks), 3.6), squeeze=False, sharey=True,
+                             layout="constrained")
+    stages = list(range(len(tasks) + 1))
+    for i, (ax, task) in enumerate(zip(axes[0], tasks)):
+        for c, (name, summary) in enumerate(_methods(results)):
+            means = [summary["R"][k][i]["mean"] for k in stages]
+            ax.plot(stages, means, marker="o", color=COLORS[c % len(COLORS)], label=name)
+            cis = [summary["R"][k][i]["ci95"] for k in stages]
+            if all(ci is not None for ci in cis):
+                ax.fill_between(stages, [ci[0] for ci in cis], [ci[1] for ci in cis], color=COLORS[c % len(COLORS)], alpha=0.15)
+        ax.axvline(i + 1, color="grey", linestyle=":", linewidth=1)
+        ax.text(i + 1, 1.02, " trained here", color="grey", fontsize=8, transform=ax.get_xaxis_transform())
+        ax.set_xticks(stages, ["start"] + [f"{k}" for k in stages[1:]])
+        ax.set_xlabel("training stage (tasks learned so far)")
+        ax.set_title(f"task: {task}", pad=14)
+        ax.set_ylim(-0.03, 1.03)
+        ax.grid(alpha=0.3)
+    axes[0][0].set_ylabel("score (fraction correct)")
+    axes[0][-1].legend(title="method", loc="best", fontsize=8)
+    fig.suptitle("Score on each task across the stream")
+    return Figure("tasks", "Per-task score across stages",
+                  "One panel per task, one line per method. The dotted line marks the stage that trained on the task: "
+                  "a line that drops after it shows forgetting. Shaded: 95% interval across seeds (when more than one).",
+                  _png(fig))
+
+
+def pareto(results: dict) -> Figure:
+    tasks = [t["name"] for t in results["tasks"]]
+    fig, ax = plt.subplots(figsize=(6.8, 4.8), layout="constrained")
+    start = results.get("start", {})
+    for c, (name, summary) in enumerate(_methods(results)):
+        xs = [summary["R"][k][k - 1]["mean"] for k in range(1, len(tasks) + 1)]
+        ys = [summary["prior"][k]["mean"] for k in range(1, len(tasks) + 1)]
+        if any(y is None for y in ys):
+            continue
+        color = COLORS[c % len(COLORS)]
+        ax.plot(xs, ys, marker="o", color=color, label=name, alpha=0.85)
+        for k, (x, y) in enumerate(zip(xs, ys), 1):
+            ax.annotate(f"{k}", (x, y), textcoords="offset points", xytext=(5, 4), fontsize=8, color=color)
+    if start.get("prior") is not None:
+        ax.axhline(start["prior"], color="grey", linestyle="--", linewidth=1, label="starting model's prior score")
+    ax.set_xlabel("new-task score: the stage's own task, right after training on it")
+    ax.set_ylabel("prior-capability score (probe suite)")
+    ax.set_xlim(-0.03, 1.03)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8, loc="best")
+    ax.set_title("Learning vs keeping: one point per method and stage\n(up and right is better; numbers = stage)")
+    return Figure("pareto", "New-task score vs prior capabilities",
+                  "Each point is a method after one stage: x is how well it does the task it was just trained on, y how "
+                  "well it still does the general probe questions it could answer before training (fraction correct).",
+                  _png(fig))
+
+
+def _curves(out: Path, method: str, seed: int, stages: int) -> tuple[list[dict], list[int]]:
+    rows, boundaries, offset = [], [], 0
+    for k in range(1, stages + 1):
+        path = stage_dir(out, method, seed, k) / "train" / "metrics.jsonl"
+        if not path.is_file():
+            break
+        lines = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+        for line in lines:
+            rows.append({**line, "global_step": offset + line["step"]})
+        offset += len(lines)
+        boundaries.append(offset)
+    return rows, boundaries
+
+
+def training_curves(results: dict, out_dir: str | Path) -> Figure:
+    out = Path(out_dir)
+    tasks = [t["name"] for t in results["tasks"]]
+    seed = results["config"]["seeds"][0]
+    panels = [("loss", "loss (nats/token)"), ("divergence", "divergence (nats/token)"),
+              ("completion_length", "length (tokens)"), ("demonstration_logp", "log-likelihood (nats/token)")]
+    titles = {"loss": "training loss (each method's own)", "divergence": "SDFT: teacher-student divergence",
+              "completion_length": "SDFT: student completion length", "demonstration_logp": "SFT: demonstration log-likelihood"}
+    fig, axes = plt.subplots(1, len(panels), figsize=(4.6 * len(panels), 3.6), squeeze=False, layout="constrained")
+    for c, name in enumerate(results["methods"]):
+        rows, boundaries = _curves(out, name, seed, len(tasks))
+        for ax, (key, _label) in zip(axes[0], panels):
+            points = [(r["global_step"], r[key]) for r in rows if r.get(key) is not None]
+            if points:
+                ax.plot(*zip(*points), color=COLORS[c % len(COLORS)], label=name, linewidth=1.3)
+            for b in boundaries[:-1]:
+                ax.axvline(b + 0.5, color="grey", linestyle=":", linewidth=1)
+    for ax, (key, label) in zip(axes[0], panels):
+        ax.set_xlabel("optimizer step (dotted: next task)")
+        ax.set_ylabel(label)
+        ax.set_title(titles[key], fontsize=10)
+        ax.grid(alpha=0.3)
+        if not ax.lines or all(line.get_linestyle() == ":" for line in ax.lines):
+            ax.text(0.5, 0.5, "not logged by these methods", ha="center", va="center", transform=ax.transAxes, color="grey")
+    axes[0][0].legend(title="method", fontsize=8)
+    fig.suptitle(f"Training curves over the whole stream (seed {seed})")
+    return Figure("training", "Training curves",
+                  "Per optimizer step over the whole stream. Loss is each method's own objective, so values are "
+                  "comparable over time within a method, not across methods.", _png(fig))
+
+
+def all_figures(results: dict, out_dir: str | Path) -> list[Figure]:
+    if not _methods(results):
+        return []
+    return [accuracy_matrices(results), task_curves(results), pareto(results), training_curves(results, out_dir)]
