@@ -47,6 +47,8 @@ def summarize(run: dict) -> dict:
         "tokens_per_s": median(steps.get("tokens_per_s", [])),
         "loss_tokens": median(steps.get("loss_tokens", [])),
         "peak_rss_mb": run["peak_rss_mb"],
+        "loss_first": run["losses"][0] if run.get("losses") else None,
+        "loss_last": run["losses"][-1] if run.get("losses") else None,
     }
     for key in SPLIT:
         value = median(steps.get(key, []) or [])
@@ -98,7 +100,7 @@ def _save(result: dict, args) -> None:
                "rss_ratio", "s_rollout", "s_teacher", "s_student_forward", "s_student_backward", "s_teacher_update"]
     if result.get("rows"):
         present = [c for c in columns if any(c in r for r in result["rows"])]
-        if args.suite in ("memory", "mfu"):
+        if args.suite in ("memory", "mfu", "teacher_mode", "loss", "precision"):
             present = [k for k in result["rows"][0] if k not in ("error",)]
         print(table(result["rows"], present))
     print(f"load: {result['uptime']}; written {path.relative_to(ROOT)}")
@@ -106,7 +108,8 @@ def _save(result: dict, args) -> None:
 
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("suite", choices=["sdft_vs_sft", "loss", "precision", "trl", "teacher_mode", "memory", "mfu"])
+    parser.add_argument("suite", choices=["sdft_vs_sft", "loss", "precision", "loss_train", "precision_train", "trl",
+                                          "teacher_mode", "memory", "mfu"])
     parser.add_argument("--reps", type=int, default=3)
     parser.add_argument("--steps", type=int, default=3, help="training steps per run (the first is warm-up)")
     parser.add_argument("--prompts", type=int, default=8, help="prompts per step (= micro-batch)")
@@ -118,19 +121,27 @@ def main(argv=None) -> None:
     if args.suite == "sdft_vs_sft":
         result = compare("sdft_vs_sft", {"sft": (_ours, dict(base, method="sft")), "sdft": (_ours, sdft)},
                          args.reps, "sft")
-    elif args.suite == "loss":
+    elif args.suite == "loss":  # component timing (fast); loss_train: whole training runs
+        from benchmarks.components import loss_suite
+
+        result = loss_suite(args)
+    elif args.suite == "precision":
+        from benchmarks.components import precision_suite
+
+        result = precision_suite(args)
+    elif args.suite == "loss_train":
         sides = {"full_chunk256": (_ours, dict(sdft, chunk=256))}
         sides["full_chunk32"] = (_ours, dict(sdft, chunk=32))
         sides["full_chunk1024"] = (_ours, dict(sdft, chunk=1024))
         sides["top20_chunk256"] = (_ours, dict(sdft, chunk=256, top_k=20))
-        result = compare("loss", sides, args.reps, "full_chunk256")
-    elif args.suite == "precision":
+        result = compare("loss_train", sides, args.reps, "full_chunk256")
+    elif args.suite == "precision_train":
         result = compare("precision", {"fp32": (_ours, dict(sdft, precision="fp32")),
                                        "bf16_autocast": (_ours, dict(sdft, precision="bf16"))}, args.reps, "fp32")
     elif args.suite == "teacher_mode":
-        result = compare("teacher_mode", {
-            "no_grad": (_ours, dict(sdft, toggles={"teacher_inference_mode": False})),
-            "inference_mode": (_ours, dict(sdft, toggles={"teacher_inference_mode": True}))}, args.reps, "no_grad")
+        from benchmarks.teacher_mode import teacher_mode_suite
+
+        result = teacher_mode_suite(args)
     elif args.suite == "trl":
         same = dict(sdft, teacher_template="plain")
         result = compare("trl", {"trl_sdft": (_trl, same), "selfdistill_sdft": (_ours, same)}, args.reps, "trl_sdft")

@@ -12,6 +12,7 @@ the plain template wording, as our side's `data.teacher_template=plain`.
 from __future__ import annotations
 
 import json
+import os
 import resource
 import sys
 import tempfile
@@ -76,4 +77,9 @@ def main(spec: dict) -> dict:
 
 
 if __name__ == "__main__":
-    print(json.dumps(main(json.loads(sys.argv[1]))))
+    result = main(json.loads(sys.argv[1]))
+    # Also kept on disk, so a suite cut short still leaves every finished run behind.
+    raw = Path(__file__).resolve().parent / "results" / "raw"
+    raw.mkdir(parents=True, exist_ok=True)
+    (raw / f"{time.strftime('%H%M%S')}-{os.getpid()}-trl.json").write_text(json.dumps(result))
+    print(json.dumps(result))

@@ -11,6 +11,7 @@ import resource
 import sys
 import tempfile
 import time
+from pathlib import Path
 
 
 def main(spec: dict) -> dict:
@@ -70,4 +71,9 @@ def _toggle(name: str, value) -> None:
 
 
 if __name__ == "__main__":
-    print(json.dumps(main(json.loads(sys.argv[1]))))
+    result = main(json.loads(sys.argv[1]))
+    # Also kept on disk, so a suite cut short still leaves every finished run behind.
+    raw = Path(__file__).resolve().parent / "results" / "raw"
+    raw.mkdir(parents=True, exist_ok=True)
+    (raw / f"{time.strftime('%H%M%S')}-{os.getpid()}-{result['spec']['method']}.json").write_text(json.dumps(result))
+    print(json.dumps(result))
