@@ -164,7 +164,7 @@ def chunked_completion_loss(student_hidden: torch.Tensor, teacher_hidden: torch.
     the weighted sums of STAT_NAMES (no gradient).
     """
     total = student_hidden.new_zeros((), dtype=torch.float32)
-    stats = torch.zeros(len(STAT_NAMES))
+    stats = torch.zeros(len(STAT_NAMES), device=student_hidden.device)  # summed on the device: one copy at the end
     teacher_hidden = teacher_hidden.detach()
     for start in range(0, student_hidden.shape[0], settings.chunk_size):
         part = slice(start, start + settings.chunk_size)
@@ -175,8 +175,8 @@ def chunked_completion_loss(student_hidden: torch.Tensor, teacher_hidden: torch.
         else:
             loss, chunk_stats = _chunk_loss(*args, student_head, teacher_head, settings)
         total = total + loss
-        stats += chunk_stats.detach().float().cpu()
-    return total, stats
+        stats += chunk_stats.detach().float()
+    return total, stats.cpu()
 
 
 def _chunk_token_loss(hidden, tokens, weights, head, per_token_fn):
@@ -193,7 +193,7 @@ def chunked_token_loss(hidden: torch.Tensor, tokens: torch.Tensor, weights: torc
     `per_token_fn = lambda lp: -lp` this is the cross-entropy of supervised fine-tuning.
     """
     total = hidden.new_zeros((), dtype=torch.float32)
-    logp_sum = torch.zeros(())
+    logp_sum = torch.zeros((), device=hidden.device)
     for start in range(0, hidden.shape[0], chunk_size):
         part = slice(start, start + chunk_size)
         args = (hidden[part], tokens[part], weights[part], head, per_token_fn)
@@ -202,5 +202,5 @@ def chunked_token_loss(hidden: torch.Tensor, tokens: torch.Tensor, weights: torc
         else:
             loss, lp = _chunk_token_loss(*args)
         total = total + loss
-        logp_sum += lp.detach().float().cpu()
-    return total, logp_sum
+        logp_sum += lp.detach().float()
+    return total, logp_sum.cpu()

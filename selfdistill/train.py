@@ -310,13 +310,13 @@ def train(cfg: Config, *, records: list[Record] | None = None, model=None, token
                     (loss / global_tokens).backward()
                     backward_time += time.perf_counter() - t0
                     fault("backward", done)
-                loss_sum += float(loss.detach())
+                loss_sum = loss_sum + loss.detach().double()  # stays on the device; read once per step, below
                 for k, v in stats.items():
                     loss_stats[k] = loss_stats.get(k, 0.0) + v
             _sum_gradients(accelerator, params)
             grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.train.max_grad_norm or float("inf"))
             keys = sorted(set(loss_stats) | set(build_stats))
-            totals = _sum_across(accelerator, [loss_sum] + [float(loss_stats.get(k, build_stats.get(k, 0.0))) for k in keys])
+            totals = _sum_across(accelerator, [float(loss_sum)] + [float(loss_stats.get(k, build_stats.get(k, 0.0))) for k in keys])
             loss_total, summed = totals[0], dict(zip(keys, totals[1:]))
 
             finite = math.isfinite(loss_total) and bool(torch.isfinite(grad_norm))

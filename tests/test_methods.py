@@ -168,3 +168,50 @@ def test_help_lists_every_method_with_one_line():
     proc = subprocess.run([sys.executable, "-m", "selfdistill.cli", "train", "--help"], capture_output=True, text=True)
     for name in METHODS:
         assert f"{name}:" in proc.stdout
+
+
+def test_offline_distill_scores_each_fixed_target_once_with_the_same_losses(tmp_path, monkeypatch):
+    import selfdistill.methods.base as base
+    import selfdistill.methods.sdft as sdft_module
+    from selfdistill.methods.offline_distill import OfflineDistill
+
+    scored = []
+    real = base.completion_hidden
+
+    def counting(model, items, use_teacher_prompt, *args):
+        if use_teacher_prompt:
+            scored.extend(i.record_index for i in items)
+        return real(model, items, use_teacher_prompt, *args)
+
+    monkeypatch.setattr(sdft_module, "completion_hidden", counting)
+    model, tok = copy_model(steps=150)
+    records = toy_records()
+    steps = 2 * len(records) // 4 + 1  # more than two epochs
+    runs = {}
+    for cached in (True, False):
+        monkeypatch.setattr(OfflineDistill, "cache_teacher_scores", cached)
+        scored.clear()
+        cfg = method_config(tmp_path / str(cached), "offline_distill", offline={"loss": "divergence"},
+                            train={"max_steps": steps, "batch_size": 4})
+        runs[cached] = (train(cfg, records=records, model=copy_model(steps=150)[0], tokenizer=tok, save_final=False),
+                        list(scored))
+    cached_run, cached_scored = runs[True]
+    plain_run, plain_scored = runs[False]
+    assert sorted(cached_scored) == list(range(len(records)))  # each record's target scored once
+    assert len(plain_scored) == 4 * steps  # without the cache: every item of every step
+    for a, b in zip(cached_run.metrics, plain_run.metrics):
+        assert a["loss"] == pytest.approx(b["loss"], rel=1e-5, abs=1e-7)
+
+
+def test_teacher_inference_mode_gives_the_same_training(tmp_path, monkeypatch):
+    from selfdistill.methods.sdft import SDFT
+
+    model, tok = copy_model(steps=150)
+    records = toy_records()
+    losses = {}
+    for mode in (True, False):
+        monkeypatch.setattr(SDFT, "teacher_inference_mode", mode)
+        cfg = method_config(tmp_path / str(mode), "sdft", train={"max_steps": 3, "batch_size": 4})
+        result = train(cfg, records=records, model=copy_model(steps=150)[0], tokenizer=tok, save_final=False)
+        losses[mode] = [v for m in result.metrics for v in (m["loss"], m["grad_norm"])]
+    assert losses[True] == pytest.approx(losses[False], rel=1e-5)

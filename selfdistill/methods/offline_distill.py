@@ -25,6 +25,7 @@ class OfflineDistill(SDFT):
     name = "offline_distill"
     teacher_kind = "frozen"
     per_token_loss = SFT.per_token_loss  # for offline.loss = ce
+    cache_teacher_scores = True  # fixed targets, frozen teacher: each record is scored once
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)

@@ -1,0 +1,160 @@
+"""Benchmark runner: each comparison runs its sides in one invocation, alternating, several times.
+
+    python -m benchmarks.run sdft_vs_sft --reps 3 --steps 3 --prompts 8 --length 64
+    python -m benchmarks.run loss | precision | trl | memory | mfu
+
+Every side of every repetition is its own process (peak resident memory does not mix). The
+first training step of a run is warm-up and left out; per-step numbers are medians over the
+remaining steps, then medians over repetitions. Results go to benchmarks/results/<suite>.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+from benchmarks.common import RESULTS, ROOT, median, run_json, table
+
+SPLIT = ["time_rollout", "time_teacher", "time_student_forward", "time_student_backward", "time_teacher_update"]
+
+
+def _ours(spec: dict) -> dict:
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    return run_json([sys.executable, "-m", "benchmarks.worker", json.dumps(spec)], env=env)
+
+
+def _trl(spec: dict) -> dict:
+    python = ROOT / "benchmarks" / ".venv-trl" / "bin" / "python"
+    if not python.exists():
+        return {"error": "benchmarks/.venv-trl missing: run benchmarks/setup_trl.sh first"}
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    return run_json([str(python), "-m", "benchmarks.trl_driver", json.dumps(spec)], env=env)
+
+
+def summarize(run: dict) -> dict:
+    if "error" in run:
+        return {"error": run["error"][-400:]}
+    steps = run["per_step"]
+    step_time = median(steps["time_step"])
+    out = {
+        "s_per_step": step_time,
+        "s_per_example": step_time / run["examples_per_step"],
+        "examples_per_s": run["examples_per_step"] / step_time,
+        "tokens_per_s": median(steps.get("tokens_per_s", [])),
+        "loss_tokens": median(steps.get("loss_tokens", [])),
+        "peak_rss_mb": run["peak_rss_mb"],
+        "loss_first": run["losses"][0] if run.get("losses") else None,
+        "loss_last": run["losses"][-1] if run.get("losses") else None,
+    }
+    for key in SPLIT:
+        value = median(steps.get(key, []) or [])
+        if value is not None:
+            out[key.replace("time_", "s_")] = value
+    return out
+
+
+def compare(name: str, sides: dict[str, tuple], reps: int, baseline: str) -> dict:
+    """Run every side `reps` times, alternating (A B A B …, order rotated each repetition)."""
+    runs: dict[str, list[dict]] = {label: [] for label in sides}
+    labels = list(sides)
+    for rep in range(reps):
+        order = labels[rep % len(labels):] + labels[:rep % len(labels)]
+        for label in order:
+            runner, spec = sides[label]
+            t0 = time.time()
+            result = runner(spec)
+            runs[label].append(result)
+            print(f"[{name}] rep {rep + 1}/{reps} {label}: "
+                  f"{summarize(result).get('s_per_step', result.get('error', '')[-300:])} ({time.time() - t0:.0f}s)",
+                  file=sys.stderr, flush=True)
+    rows = []
+    for label in labels:
+        summaries = [summarize(r) for r in runs[label] if "error" not in r]
+        row = {"side": label, "reps": len(summaries)}
+        if summaries:
+            for key in summaries[0]:
+                row[key] = median([s.get(key) for s in summaries])
+        else:
+            row["error"] = runs[label][-1].get("error", "")[-600:]
+        rows.append(row)
+    base = next(r for r in rows if r["side"] == baseline)
+    for row in rows:
+        if base.get("s_per_example") and row.get("s_per_example"):
+            row["time_ratio"] = row["s_per_example"] / base["s_per_example"]
+            row["rss_ratio"] = row["peak_rss_mb"] / base["peak_rss_mb"]
+    return {"suite": name, "baseline": baseline, "rows": rows, "runs": runs}
+
+
+def _save(result: dict, args) -> None:
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    result["command"] = "python -m benchmarks.run " + " ".join(sys.argv[1:])
+    result["uptime"] = Path("/proc/loadavg").read_text().strip() if Path("/proc/loadavg").exists() else None
+    result["finished"] = time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime())
+    path = RESULTS / f"{args.suite}{args.tag}.json"
+    path.write_text(json.dumps(result, indent=1))
+    columns = ["side", "reps", "s_per_example", "examples_per_s", "tokens_per_s", "peak_rss_mb", "time_ratio",
+               "rss_ratio", "s_rollout", "s_teacher", "s_student_forward", "s_student_backward", "s_teacher_update"]
+    if result.get("rows"):
+        present = [c for c in columns if any(c in r for r in result["rows"])]
+        if args.suite in ("memory", "mfu", "teacher_mode", "loss", "precision"):
+            present = [k for k in result["rows"][0] if k not in ("error",)]
+        print(table(result["rows"], present))
+    print(f"load: {result['uptime']}; written {path.relative_to(ROOT)}")
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("suite", choices=["sdft_vs_sft", "loss", "precision", "loss_train", "precision_train", "trl",
+                                          "teacher_mode", "memory", "mfu"])
+    parser.add_argument("--reps", type=int, default=3)
+    parser.add_argument("--steps", type=int, default=3, help="training steps per run (the first is warm-up)")
+    parser.add_argument("--prompts", type=int, default=8, help="prompts per step (= micro-batch)")
+    parser.add_argument("--length", type=int, default=64, help="completion tokens")
+    parser.add_argument("--tag", default="", help="suffix of the results file name")
+    args = parser.parse_args(argv)
+    base = {"steps": args.steps, "prompts": args.prompts, "length": args.length}
+    sdft = dict(base, method="sdft")
+    if args.suite == "sdft_vs_sft":
+        result = compare("sdft_vs_sft", {"sft": (_ours, dict(base, method="sft")), "sdft": (_ours, sdft)},
+                         args.reps, "sft")
+    elif args.suite == "loss":  # component timing (fast); loss_train: whole training runs
+        from benchmarks.components import loss_suite
+
+        result = loss_suite(args)
+    elif args.suite == "precision":
+        from benchmarks.components import precision_suite
+
+        result = precision_suite(args)
+    elif args.suite == "loss_train":
+        sides = {"full_chunk256": (_ours, dict(sdft, chunk=256))}
+        sides["full_chunk32"] = (_ours, dict(sdft, chunk=32))
+        sides["full_chunk1024"] = (_ours, dict(sdft, chunk=1024))
+        sides["top20_chunk256"] = (_ours, dict(sdft, chunk=256, top_k=20))
+        result = compare("loss_train", sides, args.reps, "full_chunk256")
+    elif args.suite == "precision_train":
+        result = compare("precision", {"fp32": (_ours, dict(sdft, precision="fp32")),
+                                       "bf16_autocast": (_ours, dict(sdft, precision="bf16"))}, args.reps, "fp32")
+    elif args.suite == "teacher_mode":
+        from benchmarks.teacher_mode import teacher_mode_suite
+
+        result = teacher_mode_suite(args)
+    elif args.suite == "trl":
+        same = dict(sdft, teacher_template="plain")
+        result = compare("trl", {"trl_sdft": (_trl, same), "selfdistill_sdft": (_ours, same)}, args.reps, "trl_sdft")
+    elif args.suite == "memory":
+        from benchmarks.memory import memory_suite
+
+        result = memory_suite()
+    else:
+        from benchmarks.mfu import mfu_suite
+
+        result = mfu_suite(args)
+    _save(result, args)
+
+
+if __name__ == "__main__":
+    main()
