@@ -259,20 +259,25 @@ def parse_overrides(overrides: list[str]) -> dict:
     return nested
 
 
+def read_yaml(path: Path) -> Any:
+    """A YAML config file's content; a missing file or bad syntax is a UserError naming the line."""
+    if not path.is_file():
+        raise UserError(f"Config file {path} does not exist. Check the path of the YAML config.")
+    try:
+        return yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        raise UserError(f"Config file {path}{where}: invalid YAML ({getattr(exc, 'problem', exc)}). "
+                        "Fix the syntax there (indentation, brackets, quotes).") from None
+
+
 def load_config(path: str | Path | None = None, overrides: list[str] | dict | None = None) -> Config:
     """Defaults, then the YAML file, then the overrides; validated."""
     cfg = Config()
     if path is not None:
         path = Path(path)
-        if not path.is_file():
-            raise UserError(f"Config file {path} does not exist. Check the path of the YAML config.")
-        try:
-            data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
-        except yaml.YAMLError as exc:
-            mark = getattr(exc, "problem_mark", None)
-            where = f" line {mark.line + 1}, column {mark.column + 1}" if mark else ""
-            raise UserError(f"Config file {path}{where}: invalid YAML ({getattr(exc, 'problem', exc)}). "
-                            "Fix the syntax there (indentation, brackets, quotes).") from None
+        data = read_yaml(path)
         if not isinstance(data, dict):
             raise UserError(f"Config file {path}: the top level must be a mapping of sections "
                             "(e.g. 'train:' with 'lr: 2e-5' indented below it).")

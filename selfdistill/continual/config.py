@@ -35,9 +35,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import yaml
 
-from selfdistill.config import METHODS, Config, load_config
+from selfdistill.config import METHODS, Config, load_config, read_yaml
 from selfdistill.errors import UserError
 
 
@@ -242,14 +241,7 @@ def parse_config(data: Any, where: str = "config") -> ContinualConfig:
 def load_continual_config(path: str | Path, overrides: dict | None = None) -> ContinualConfig:
     """Read a YAML stream config; `overrides` (a nested dict) is merged over the file first."""
     path = Path(path)
-    if not path.is_file():
-        raise UserError(f"Config file {path} does not exist.")
-    try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
-    except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        at = f" line {mark.line + 1}, column {mark.column + 1}" if mark else ""
-        raise UserError(f"Config file {path}{at}: invalid YAML ({getattr(exc, 'problem', exc)}).") from None
+    data = read_yaml(path)
     if overrides and isinstance(data, dict):
         _merge(data, overrides)
     # Relative data files are relative to the config file, so a config travels with its data.
