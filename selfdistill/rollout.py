@@ -50,13 +50,15 @@ class SeededSampling(LogitsProcessor):
         return scores + gumbel
 
 
-def _left_pad(rows: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+def pad_batch(rows: list[list[int]], pad_id: int, side: str = "right") -> tuple[torch.Tensor, torch.Tensor]:
+    """(ids, attention mask) for token rows of different lengths; generation pads on the left."""
     width = max(len(r) for r in rows)
     ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
     mask = torch.zeros((len(rows), width), dtype=torch.long)
     for i, row in enumerate(rows):
-        ids[i, width - len(row):] = torch.tensor(row, dtype=torch.long)
-        mask[i, width - len(row):] = 1
+        span = slice(width - len(row), width) if side == "left" else slice(0, len(row))
+        ids[i, span] = torch.tensor(row, dtype=torch.long)
+        mask[i, span] = 1
     return ids, mask
 
 
@@ -99,7 +101,7 @@ def generate(model, prompts: list[list[int]], *, stop_token_ids: int | list[int]
     bar = progress_bar(total=len(prompts), desc=desc) if desc else None
     for start in range(0, len(order), batch_size):
         batch = order[start:start + batch_size]
-        ids, mask = _left_pad([prompts[i] for i in batch], pad_token_id)
+        ids, mask = pad_batch([prompts[i] for i in batch], pad_token_id, side="left")
         processors = LogitsProcessorList()
         if temperature > 0:
             processors.append(SeededSampling([seeds[i] for i in batch], temperature, top_p))

@@ -17,7 +17,7 @@ import random
 import torch
 
 from selfdistill.data import PromptBuilder, Record
-from selfdistill.methods.base import right_pad
+from selfdistill.rollout import pad_batch
 from selfdistill.models.tiny import tiny_model, tiny_tokenizer
 
 NUM_KEYS = 8
@@ -52,7 +52,7 @@ def _pretrained_state(template: str, steps: int, seed: int):
             answer = tokenizer.convert_tokens_to_ids([value]) + [eos]
             rows.append(prompt + answer)
             targets.append(len(prompt))
-        ids, mask = right_pad(rows, tokenizer.pad_token_id)
+        ids, mask = pad_batch(rows, tokenizer.pad_token_id)
         labels = ids.clone()
         labels[mask == 0] = -100
         for i, start in enumerate(targets):

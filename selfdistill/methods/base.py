@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 import torch
 
 from selfdistill.data.prompts import EncodedRecord
-from selfdistill.rollout import autocast_context
+from selfdistill.rollout import autocast_context, pad_batch
 
 
 @dataclass
@@ -27,16 +27,6 @@ class TrainItem:
         return max(0, len(self.completion) - self.loss_start)
 
 
-def right_pad(rows: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
-    width = max(len(r) for r in rows)
-    ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(rows), width), dtype=torch.long)
-    for i, row in enumerate(rows):
-        ids[i, : len(row)] = torch.tensor(row, dtype=torch.long)
-        mask[i, : len(row)] = 1
-    return ids, mask
-
-
 def completion_hidden(model, items: list[TrainItem], use_teacher_prompt: bool, pad_id: int,
                       precision: str) -> tuple[torch.Tensor, torch.Tensor]:
     """Final hidden states at the positions that predict each counted completion token.
@@ -53,7 +43,7 @@ def completion_hidden(model, items: list[TrainItem], use_teacher_prompt: bool, p
             positions.append(len(prompt) - 1 + j)  # the position whose output predicts completion[j]
             tokens.append(item.completion[j])
     device = next(model.parameters()).device
-    ids, mask = right_pad(rows, pad_id)
+    ids, mask = pad_batch(rows, pad_id)
     with autocast_context(device, precision):
         hidden = model.get_decoder()(input_ids=ids.to(device), attention_mask=mask.to(device)).last_hidden_state
     index_rows = torch.tensor(rows_index, dtype=torch.long, device=device)
