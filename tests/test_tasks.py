@@ -9,14 +9,14 @@ from selfdistill.errors import UserError
 from selfdistill.tasks import eval_size, get_task, list_tasks, make_task
 from selfdistill.tasks.ceiling import score
 
-TASKS = ["tooluse", "knowledge", "science"]
+TASKS = ["tooluse", "tooluse_hinted", "knowledge", "science"]
 
 
 def dump(data):
     return {split: [json.dumps(r.to_dict(), sort_keys=True) for r in records] for split, records in data.splits().items()}
 
 
-def test_registry_lists_the_three_tasks():
+def test_registry_lists_the_tasks():
     assert [t.name for t in list_tasks()] == TASKS
     assert get_task("tooluse").graders == ["toolalpaca"]
     assert get_task("science").graders == ["choice_tag"]
@@ -65,6 +65,20 @@ def test_tooluse_eval_apis_never_seen_in_training():
         # every argument can be read from the request
         for value in json.loads(call["Action_Input"]).values():
             assert value in r.meta["instruction"]
+
+
+def test_tooluse_hinted_shows_the_format_for_another_api_but_not_the_answer():
+    plain, hinted = make_task("tooluse", 0, 60), make_task("tooluse_hinted", 0, 60)
+    for r in hinted.train + hinted.eval:
+        call = r.meta["golden_answer"][0]
+        head, hint = r.prompt.split("Example of the format, for a different API and request:\n")
+        hint = hint.split("\n\nQuestion: ")[0]
+        # the hint is a complete call in the demonstration's layout, for a function of another domain
+        assert hint.startswith("Question: ") and "\nThought: " in hint and "\nAction Input: {" in hint
+        hinted_action = hint.split("\nAction: ")[1].split("\n")[0]
+        assert hinted_action != call["Action"] and f"{hinted_action}:" not in head
+        assert r.meta["task"] == "tooluse_hinted"
+    assert all("Example of the format" not in r.prompt for r in plain.train)
 
 
 def test_knowledge_world_documents_contexts_and_ood():

@@ -228,7 +228,8 @@ class Runner:
 
     # --- the loop -----------------------------------------------------------------------------
 
-    def run(self) -> None:
+    def evaluate_start(self) -> None:
+        """Stage 0: the starting model on every task, the probes and the drift reference answers."""
         start = self.out / "start"
         if not (start / "done.json").is_file():
             self.echo("stage 0: evaluating the starting model")
@@ -237,6 +238,9 @@ class Runner:
             model, tokenizer = self.start_model()
             seconds = self.evaluate_stage(model, tokenizer, start, "start")
             write_json(start / "done.json", {"stage": 0, "eval_time_s": seconds, "finished": time.time()})
+
+    def run(self) -> None:
+        self.evaluate_start()
         for method in self.cfg.methods:
             for seed in self.cfg.seeds:
                 self.run_sequence(method, seed)

@@ -128,8 +128,18 @@ def load_tokenizer(name: str, trust_remote_code: bool = False):
     return tokenizer
 
 
-def load_model(name: str, dtype: torch.dtype = torch.float32, trust_remote_code: bool = False):
-    """(model, tokenizer). Weights are read from safetensors only (or converted GGUF)."""
+def default_device() -> torch.device:
+    """This process's GPU when there is one (torchrun's LOCAL_RANK picks it), else the CPU."""
+    if torch.cuda.is_available():
+        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+    return torch.device("cpu")
+
+
+def load_model(name: str, dtype: torch.dtype = torch.float32, trust_remote_code: bool = False,
+               device: torch.device | str | None = None):
+    """(model, tokenizer) on `device` (default: the GPU if there is one). Weights are read from
+    safetensors only (or converted GGUF). Evaluation and generation run where the model is, so
+    loading onto the GPU here is what keeps `sdft eval` and the continual runner off the CPU."""
     from transformers import AutoModelForCausalLM
 
     path = resolve_model_path(name)
@@ -155,7 +165,7 @@ def load_model(name: str, dtype: torch.dtype = torch.float32, trust_remote_code:
         ) from None
     if model.generation_config.pad_token_id is None:
         model.generation_config.pad_token_id = tokenizer.pad_token_id
-    return model, tokenizer
+    return model.to(device if device is not None else default_device()), tokenizer
 
 
 def _weight_files(directory: Path) -> str:

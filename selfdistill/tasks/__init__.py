@@ -62,7 +62,7 @@ def _registry() -> dict[str, TaskSpec]:
     # Imported here so that listing tasks does not import every generator at package import.
     from selfdistill.tasks import knowledge, science, tooluse
 
-    return {spec.name: spec for spec in (tooluse.SPEC, knowledge.SPEC, science.SPEC)}
+    return {spec.name: spec for spec in (tooluse.SPEC, tooluse.HINTED_SPEC, knowledge.SPEC, science.SPEC)}
 
 
 def list_tasks() -> list[TaskSpec]:

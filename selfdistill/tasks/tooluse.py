@@ -147,22 +147,35 @@ def documentation(api: str, domain: Domain) -> str:
     return "\n".join(lines) + "\n\n"
 
 
-def _record(rng: random.Random, api: str, domain: Domain, split: str) -> Record:
-    fn = rng.choice(domain.functions)
+def _call(rng: random.Random, fn: Function) -> tuple[str, str, str]:
+    """(request, demonstration, JSON arguments) of one call of `fn` with random argument values."""
     values = {arg: rng.choice(POOLS[pool]) for arg, pool, _desc in fn.params}
-    request = rng.choice(fn.requests).format(**values)
     arguments = json.dumps(values)
     demonstration = f"Thought: {fn.thought.format(**values)}\nAction: {fn.name}\nAction Input: {arguments}"
+    return rng.choice(fn.requests).format(**values), demonstration, arguments
+
+
+def format_hint(rng: random.Random, domain: Domain) -> str:
+    """A worked call for a request to another domain's API: it shows the answer format, not the answer."""
+    other = rng.choice([d for d in DOMAINS if d is not domain])
+    request, demonstration, _ = _call(rng, rng.choice(other.functions))
+    return f"Example of the format, for a different API and request:\nQuestion: {request}\n{demonstration}\n\n"
+
+
+def _record(rng: random.Random, api: str, domain: Domain, split: str, hinted: bool = False) -> Record:
+    fn = rng.choice(domain.functions)
+    request, demonstration, arguments = _call(rng, fn)
+    hint = format_hint(rng, domain) if hinted else ""
     row = {
-        "prompt": HEADER + documentation(api, domain) + QUESTION + request + REMINDER,
+        "prompt": HEADER + documentation(api, domain) + hint + QUESTION + request + REMINDER,
         "demonstration": demonstration,
         "golden_answer": [{"Action": fn.name, "Action_Input": arguments}],
-        "task": "tooluse", "split": split, "api": api, "instruction": request,
+        "task": "tooluse_hinted" if hinted else "tooluse", "split": split, "api": api, "instruction": request,
     }
     return record_from_row(row, f"tooluse {split} {api}")
 
 
-def make(seed: int, size: int) -> TaskData:
+def make(seed: int, size: int, hinted: bool = False) -> TaskData:
     rng = random.Random(seed)
     brands = BRANDS[:]
     rng.shuffle(brands)
@@ -174,8 +187,8 @@ def make(seed: int, size: int) -> TaskData:
     train_apis = [(name, domain) for brand, name, domain in apis if brand not in held_out]
     eval_apis = [(name, domain) for brand, name, domain in apis if brand in held_out]
     n_eval = eval_size(size)
-    train = [_record(rng, *train_apis[i % len(train_apis)], "train") for i in range(size)]
-    evaluation = [_record(rng, *eval_apis[i % len(eval_apis)], "eval") for i in range(n_eval)]
+    train = [_record(rng, *train_apis[i % len(train_apis)], "train", hinted) for i in range(size)]
+    evaluation = [_record(rng, *eval_apis[i % len(eval_apis)], "eval", hinted) for i in range(n_eval)]
     return TaskData(train=train, eval=evaluation)
 
 
@@ -184,5 +197,18 @@ SPEC = TaskSpec(
     description="Calls to fictional APIs in the paper's ToolAlpaca format (Thought / Action / Action Input).",
     metrics=(Metric("accuracy", "toolalpaca"),),
     make=make,
+    teacher_template=SAME_FORMAT_TEMPLATE,
+)
+
+# The same task with a worked call for another API in every prompt (student and teacher alike).
+# The model without a demonstration then already writes the format part of the time, so its own
+# samples - which on-policy methods learn from - start closer to the answer: the setting where
+# the paper expects SDFT to work (it refines what the model already does) rather than the one
+# where generation must change from free prose to a call.
+HINTED_SPEC = TaskSpec(
+    name="tooluse_hinted",
+    description="tooluse with a worked call for a different API in the prompt (a format hint, not the answer).",
+    metrics=(Metric("accuracy", "toolalpaca"),),
+    make=lambda seed, size: make(seed, size, hinted=True),
     teacher_template=SAME_FORMAT_TEMPLATE,
 )

@@ -1,0 +1,66 @@
+"""experiments/sweep.py on a tiny random model: jobs run as `sdft compare`, tables, finalists, rerun skips."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import yaml
+
+from selfdistill.models.tiny import save_tiny
+from toy import KEYS, VALUES
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def test_sweep_runs_jobs_picks_finalists_and_skips_finished_work(tmp_path):
+    save_tiny(tmp_path / "tiny", extra_words=KEYS + VALUES)
+    rows = [{"prompt": k, "demonstration": v, "answer": v} for k, v in zip(KEYS[:4], VALUES[:4])]
+    for split in ("train", "eval"):
+        (tmp_path / f"copy-{split}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    sweep = {
+        "compare": {
+            "base": {"model": {"name": str(tmp_path / "tiny"), "precision": "fp32"},
+                     "rollout": {"max_new_tokens": 3, "batch_size": 4}, "loss": {"skip_first_tokens": 0},
+                     "train": {"batch_size": 4, "micro_batch_size": 4, "max_steps": 2, "lr": 1e-3, "warmup_ratio": 0.0}},
+            "eval": {"max_new_tokens": 3, "batch_size": 8, "samples": 1,
+                     "probes": {"limit": 2, "max_new_tokens": 3}, "drift": {"limit": 2, "max_new_tokens": 3}},
+        },
+        # relative task files: resolved against the sweep file's folder
+        "tasks": [{"name": "copy", "train": "copy-train.jsonl", "eval": "copy-eval.jsonl", "grader": "contains",
+                   "teacher_template": "plain"}],
+        "seeds": [0],
+        "finalists": {"per_task": 1, "seeds": [1], "include": ["sft"]},
+        "variants": [{"name": "sft", "method": "sft"},
+                     {"name": "sdft-a", "method": "sdft", "overrides": {"teacher": {"kind": "frozen"}}},
+                     {"name": "sdft-b", "method": "sdft", "overrides": {"loss": {"kind": "reverse_kl"}}}],
+    }
+    (tmp_path / "sweep.yaml").write_text(yaml.safe_dump(sweep))
+    out = tmp_path / "out"
+    command = [sys.executable, "-m", "experiments.sweep", str(tmp_path / "sweep.yaml"), "--out", str(out),
+               "--workers", "2", "--threads", "1"]
+    first = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert first.returncode == 0, first.stdout + first.stderr
+    result = json.loads((out / "sweep.json").read_text())
+    jobs = {(r["variant"], r["seed"]) for r in result["rows"]}
+    # 3 first-pass jobs, then seed 1 of the named finalist and of the best of the two SDFT variants
+    best = max((s for s in result["summary"] if s["method"] == "sdft" and s["seeds"] == 1), key=lambda s: s["score"], default=None)
+    assert {("sft", 0), ("sdft-a", 0), ("sdft-b", 0), ("sft", 1)} <= jobs and len(jobs) == 5
+    assert any(v.startswith("sdft") and seed == 1 for v, seed in jobs)
+    for row in result["rows"]:
+        assert 0.0 <= row["score"] <= 1.0 and row["steps"] == 2 and row["drift_kl"] >= 0.0
+        run = out / "runs" / "copy" / f"{row['variant']}-s{row['seed']}"
+        assert (run / "results.json").is_file() and (run / "report.html").is_file()
+        assert not list(run.glob("methods/*/seed-*/stage-*/train/final"))  # weights removed once tabulated
+        # stage 0 was evaluated once for the task and copied in, not recomputed per job
+        assert json.loads((run / "start" / "done.json").read_text()) == json.loads(
+            (out / "start" / "copy" / "start" / "done.json").read_text())
+    sft = next(s for s in result["summary"] if s["variant"] == "sft")
+    assert sft["seeds"] == 2 and "±" in sft["score_text"]
+    assert best is None or best["variant"] in {"sdft-a", "sdft-b"}
+    table = (out / "sweep.md").read_text()
+    assert "## copy" in table and "| sft | sft | 2 |" in table
+    assert (out / "sweep.png").stat().st_size > 1000
+    # a rerun finds every job done and starts nothing
+    again = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert again.returncode == 0 and " start " not in again.stdout and "all jobs done" in again.stdout
