@@ -10,7 +10,8 @@ starting model is evaluated once per task and that stage-0 directory is copied i
 
 The sweep file holds `compare` (a stream config without stream/methods: base, eval, data_seed),
 `tasks` (stream entries), `variants` (method entries, most important first), `seeds`, and
-`finalists` ({per_task: k, seeds: [...], include: [names]}): once every first-pass job has
+`finalists` ({per_task: k, seeds: [...], include: [names]}); a variant's optional `tasks: [names]`
+limits it to those tasks. Once every first-pass job has
 finished, the k best SDFT variants of each task (by new-task score, then by the smaller drop in
 prior-capability score) and the `include` names are run again with the extra seeds.
 
@@ -70,7 +71,7 @@ def load_sweep(path: Path) -> dict:
 
 def job_config(sweep: dict, job: Job, run_dir: Path) -> dict:
     config = copy.deepcopy(sweep["compare"])
-    config.update({"stream": [job.task], "methods": [job.variant], "seeds": [job.seed], "output_dir": str(run_dir),
+    config.update({"stream": [job.task], "methods": [method_entry(job.variant)], "seeds": [job.seed], "output_dir": str(run_dir),
                    "keep_stage_models": False})
     return config
 
@@ -129,7 +130,7 @@ def run_starts(out: Path, sweep: dict, workers: int, threads: int) -> None:
             continue
         where.mkdir(parents=True, exist_ok=True)
         config = copy.deepcopy(sweep["compare"])
-        config.update({"stream": [task], "methods": [sweep["variants"][0]], "output_dir": str(where)})
+        config.update({"stream": [task], "methods": [method_entry(sweep["variants"][0])], "output_dir": str(where)})
         path = where / "sweep-start.yaml"
         path.write_text(yaml.safe_dump(config, sort_keys=False))
         log = open(where / "log.txt", "a")
@@ -196,7 +197,13 @@ def row_of(out: Path, job: Job) -> dict | None:
 
 def all_jobs(sweep: dict, seeds: list[int]) -> list[Job]:
     # Variant-major order: with a deadline, every task gets the most important variants first.
-    return [Job(task, variant, seed) for variant in sweep["variants"] for seed in seeds for task in sweep["tasks"]]
+    return [Job(task, variant, seed) for variant in sweep["variants"] for seed in seeds for task in sweep["tasks"]
+            if task["name"] in variant.get("tasks", [task["name"]])]
+
+
+def method_entry(variant: dict) -> dict:
+    """The variant as a stream config's method entry (without the sweep's own `tasks` key)."""
+    return {k: v for k, v in variant.items() if k != "tasks"}
 
 
 def collect(out: Path, sweep: dict) -> list[dict]:
@@ -308,7 +315,8 @@ def finalist_jobs(out: Path, sweep: dict) -> list[Job]:
         sdft = [l for l in lines if l["task"] == task["name"] and l["method"] == "sdft"]
         sdft.sort(key=lambda l: (-(l["score"] or 0), -(l["prior_change"] or 0)))
         names = list(dict.fromkeys(list(spec.get("include", [])) + [l["variant"] for l in sdft[: spec.get("per_task", 0)]]))
-        jobs += [Job(task, v, seed) for seed in spec.get("seeds", []) for v in sweep["variants"] if v["name"] in names]
+        jobs += [Job(task, v, seed) for seed in spec.get("seeds", []) for v in sweep["variants"]
+                 if v["name"] in names and task["name"] in v.get("tasks", [task["name"]])]
     return jobs
 
 

@@ -9,6 +9,8 @@ from selfdistill.eval import drift as drift_mod
 from selfdistill.eval.probes import CHECKERS, check_item, load_suite, probe_report, relative, run_probes
 from selfdistill.models.tiny import tiny_model, tiny_tokenizer
 
+CATEGORIES = ["factual", "arithmetic", "commonsense", "instruction"]
+
 
 def _item(*checks):
     return {"id": "t", "check": list(checks)}
@@ -132,12 +134,15 @@ def test_drift_prompts_resource():
 
 def test_run_probes_and_report_with_base(tiny, tmp_path, monkeypatch):
     model, tok = tiny
-    result = run_probes(model, tok, limit=4, max_new_tokens=4, out_dir=tmp_path / "p")
-    assert result["count"] == 4 and set(result["categories"]) == {"factual"}
-    in_memory = run_probes(model, tok, limit=4, max_new_tokens=4)  # no files: categories all the same
+    result = run_probes(model, tok, limit=8, max_new_tokens=4, out_dir=tmp_path / "p")
+    # a small limit still covers every category (two items each), not the first 8 factual questions
+    assert result["count"] == 8
+    assert {name: c["count"] for name, c in result["categories"].items()} == {c: 2 for c in CATEGORIES}
+    in_memory = run_probes(model, tok, limit=8, max_new_tokens=4)  # no files: categories all the same
     assert in_memory["categories"] == result["categories"]
     rows = [json.loads(x) for x in (tmp_path / "p" / "examples.jsonl").read_text().splitlines()]
-    assert all(r["score"] == 0.0 for r in rows)  # a random tiny model knows no capitals
+    assert result["categories"]["factual"]["score"] == 0.0  # a random tiny model knows no capitals
+    assert len(rows) == 8
 
     # The report: base and model are the same weights here, so deltas and drift are zero.
     monkeypatch.setattr(drift_mod, "drift_prompts", lambda: PROMPTS)

@@ -115,12 +115,31 @@ def _probe_grader(output: str, record: dict) -> float:
     return check_item(output, record["probe"])
 
 
+def spread_sample(items: list[dict], limit: int | None) -> list[dict]:
+    """`limit` items taken in turn from each category (file order inside a category).
+
+    The suite is stored category by category, so its first N items would all be factual
+    questions: a small limit must still measure every kind of prior capability."""
+    if limit is None or limit >= len(items):
+        return list(items)
+    by_category: dict[str, list[dict]] = {}
+    for item in items:
+        by_category.setdefault(item["category"], []).append(item)
+    queues = list(by_category.values())
+    chosen: list[dict] = []
+    while len(chosen) < limit:
+        for queue in queues:
+            if queue and len(chosen) < limit:
+                chosen.append(queue.pop(0))
+    return chosen
+
+
 def run_probes(model, tokenizer, *, suite: str = "general", limit: int | None = None, max_new_tokens: int = 128,
                batch_size: int = 16, precision: str = "fp32", out_dir: str | Path | None = None) -> dict:
     """Score the model on the probe suite: overall and per category (greedy)."""
     from selfdistill.eval.evaluate import evaluate, wilson_interval
 
-    items = load_suite(suite)[:limit]
+    items = spread_sample(load_suite(suite), limit)
     records = [Record(prompt=item["prompt"], demonstration="", meta={"probe": item, "category": item["category"]},
                       source=f"probe {item['id']}") for item in items]
     examples: list[dict] = []
