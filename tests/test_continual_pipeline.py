@@ -211,6 +211,34 @@ def test_cli_report_command_and_bad_config_exit_code(tmp_path):
     assert proc.returncode == 2 and "not a continual run directory" in proc.stderr
 
 
+def test_parallel_sequences_give_the_same_results_as_one_process(tmp_path):
+    from selfdistill.continual.results import collect
+
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    serial_path, _ = write_stream(tmp_path / "a")
+    Runner(load_continual_config(serial_path)).run()
+    parallel_path, _ = write_stream(tmp_path / "b", workers=2)
+    lines = []
+    Runner(load_continual_config(parallel_path), echo=lines.append).run()
+    assert any("2 method x seed sequences in 2 processes" in line for line in lines)
+    serial, parallel = collect(tmp_path / "a" / "run"), collect(tmp_path / "b" / "run")
+    for name in ("sdft", "sft-fast"):
+        a, b = serial["methods"][name]["seeds"]["0"], parallel["methods"][name]["seeds"]["0"]
+        assert b["complete"] and a["R"] == b["R"] and a["prior"] == b["prior"]
+        assert b["drift_kl"] == pytest.approx(a["drift_kl"], abs=1e-4)
+    # a rerun finds everything done (the workers wrote the same files as one process would)
+    calls = CountingTrain()
+    Runner(load_continual_config(parallel_path), train_fn=calls).run()
+    assert calls.calls == []
+
+
+def test_workers_must_be_a_positive_integer(tmp_path):
+    path, _ = write_stream(tmp_path, workers=0)
+    with pytest.raises(UserError, match="'workers' must be an integer >= 1"):
+        load_continual_config(path)
+
+
 def test_compare_is_the_one_stage_case_with_the_same_outputs(tmp_path):
     from typer.testing import CliRunner
 

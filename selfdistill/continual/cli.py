@@ -12,13 +12,18 @@ import typer
 from selfdistill.errors import UserError
 
 
-def _overrides(output_dir: Optional[str], set_: list[str]) -> dict:
+def _overrides(output_dir: Optional[str], set_: list[str], workers: Optional[int] = None) -> dict:
     from selfdistill.config import parse_overrides
 
     data = parse_overrides(set_) if set_ else {}
     if output_dir:
         data["output_dir"] = output_dir
+    if workers is not None:
+        data["workers"] = workers
     return data
+
+
+WORKERS_HELP = "Method x seed sequences run at once, each in its own process (overrides the config's workers)."
 
 
 def run_and_report(cfg, overwrite: bool) -> dict:
@@ -57,11 +62,12 @@ def register(app: typer.Typer) -> None:
         output_dir: Optional[str] = typer.Option(None, "--output-dir", "-o", help="Run directory (overrides output_dir)."),
         set_: list[str] = typer.Option([], "--set", "-s", help="Override a key of the stream config, e.g. seeds=[0,1]."),
         overwrite: bool = typer.Option(False, "--overwrite", help="Delete the results already in the run directory first."),
+        workers: Optional[int] = typer.Option(None, "--workers", help=WORKERS_HELP),
     ) -> None:
         """Train every method on a stream of tasks, evaluating everything after every stage; resumable."""
         from selfdistill.continual.config import load_continual_config
 
-        run_and_report(load_continual_config(config, _overrides(output_dir, set_)), overwrite)
+        run_and_report(load_continual_config(config, _overrides(output_dir, set_, workers)), overwrite)
 
     @app.command("compare")
     def compare_command(
@@ -71,11 +77,12 @@ def register(app: typer.Typer) -> None:
         output_dir: Optional[str] = typer.Option(None, "--output-dir", "-o", help="Run directory."),
         set_: list[str] = typer.Option([], "--set", "-s", help="Override a key of the stream config."),
         overwrite: bool = typer.Option(False, "--overwrite", help="Delete the results already in the run directory first."),
+        workers: Optional[int] = typer.Option(None, "--workers", help=WORKERS_HELP),
     ) -> None:
         """Compare methods on one task: the one-stage case of `continual`, with the same outputs."""
         from selfdistill.continual.config import load_continual_config, parse_config
 
-        data = _overrides(output_dir, set_)
+        data = _overrides(output_dir, set_, workers)
         if task:
             data["stream"] = [{"task": task}]
         if methods:
@@ -109,6 +116,7 @@ def register(app: typer.Typer) -> None:
         output_dir: Optional[str] = typer.Option(None, "--output-dir", "-o", help="Run directory (default runs/demo or runs/demo-quick)."),
         fresh: bool = typer.Option(False, "--fresh", help="Start again instead of continuing an earlier demo run."),
         show_config: bool = typer.Option(False, "--show-config", help="Print the demo's config file (to copy and edit) and exit."),
+        workers: Optional[int] = typer.Option(None, "--workers", help=WORKERS_HELP),
     ) -> None:
         """The embedded SmolLM2-135M learns three built-in tasks in a row, with SDFT and with SFT; prints the summary and the report's path."""
         from selfdistill.continual.config import load_continual_config
@@ -118,4 +126,4 @@ def register(app: typer.Typer) -> None:
             typer.echo(path.read_text(encoding="utf-8"))
             return
         typer.echo(f"demo config: {path}  (copy it, edit it, run `sdft continual FILE`)")
-        run_and_report(load_continual_config(path, _overrides(output_dir, [])), fresh)
+        run_and_report(load_continual_config(path, _overrides(output_dir, [], workers)), fresh)

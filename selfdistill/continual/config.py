@@ -4,6 +4,7 @@ A YAML file with these top-level keys (every key but `stream` and `methods` is o
 
     output_dir: runs/continual
     seeds: [0]                  # training seeds (train.seed); the task data does not change with them
+    workers: 1                  # method x seed sequences run at once, each in its own process
     data_seed: 0                # seed of the built-in task generators (same records for every method/seed)
     base: {...}                 # a selfdistill.config.Config (sections model, train, rollout, ...), shared
     stream:                     # the tasks, trained in this order
@@ -93,6 +94,7 @@ class ContinualConfig:
     data_seed: int = 0
     output_dir: str = "runs/continual"
     keep_stage_models: bool = True  # False: keep only each method's newest stage model (saves disk)
+    workers: int = 1  # method x seed sequences run at once, each in its own process
     eval: EvalSettings = field(default_factory=EvalSettings)
 
     def to_dict(self) -> dict:
@@ -225,8 +227,11 @@ def parse_config(data: Any, where: str = "config") -> ContinualConfig:
         stream=stream, methods=methods, base=base, seeds=seeds, data_seed=int(data.get("data_seed", 0)),
         output_dir=str(data.get("output_dir", "runs/continual")),
         keep_stage_models=bool(data.get("keep_stage_models", True)),
+        workers=data.get("workers", 1),
         eval=_build(EvalSettings, data.get("eval") or {}, f"{where}: eval"),
     )
+    if not isinstance(cfg.workers, int) or isinstance(cfg.workers, bool) or cfg.workers < 1:
+        raise UserError(f"{where}: 'workers' must be an integer >= 1 (processes running sequences at once), got {cfg.workers!r}.")
     if cfg.eval.precision not in ("fp32", "bf16"):
         raise UserError(f"{where}: eval.precision must be fp32 or bf16, got {cfg.eval.precision!r}.")
     # Every method's stage config must load: report a bad override now, not after hours of training.

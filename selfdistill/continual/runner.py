@@ -22,8 +22,11 @@ from __future__ import annotations
 import copy
 import json
 import logging
+import multiprocessing
+import os
 import shutil
 import time
+from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
@@ -134,9 +137,10 @@ class Runner:
     """Runs (or continues) every method x seed sequence of a stream config."""
 
     def __init__(self, cfg: ContinualConfig, *, overwrite: bool = False, echo: Callable[[str], None] = print,
-                 train_fn: Callable | None = None):
+                 train_fn: Callable | None = None, prepared: bool = False):
         self.cfg = cfg
-        self.out = prepare_run_dir(cfg, overwrite)
+        # A worker process of a parallel run finds the directory already prepared by its parent.
+        self.out = Path(cfg.output_dir) if prepared else prepare_run_dir(cfg, overwrite)
         self.echo = echo
         self.tasks = build_tasks(cfg)
         self._start_model = None
@@ -241,9 +245,22 @@ class Runner:
 
     def run(self) -> None:
         self.evaluate_start()
-        for method in self.cfg.methods:
-            for seed in self.cfg.seeds:
+        sequences = [(method, seed) for method in self.cfg.methods for seed in self.cfg.seeds]
+        workers = min(self.cfg.workers, len(sequences))
+        if workers <= 1:
+            for method, seed in sequences:
                 self.run_sequence(method, seed)
+            return
+        # Method x seed sequences are independent: run them in separate processes, each with its
+        # share of the cores. On a small CPU two one-thread processes do more work than one
+        # two-thread process (generation's small matrix products scale poorly across threads).
+        threads = max(1, len(os.sched_getaffinity(0)) // workers)
+        self.echo(f"running {len(sequences)} method x seed sequences in {workers} processes of {threads} thread(s)")
+        context = multiprocessing.get_context("spawn")  # no forked copies of torch's thread pools
+        with ProcessPoolExecutor(max_workers=workers, mp_context=context) as pool:
+            futures = [pool.submit(_run_sequence_process, self.cfg, method.name, seed, threads) for method, seed in sequences]
+            for future in as_completed(futures):
+                future.result()  # re-raises a sequence's error here; the others' finished stages stay on disk
 
     def run_sequence(self, method: MethodSpec, seed: int) -> None:
         n = len(self.tasks)
@@ -285,3 +302,13 @@ class Runner:
             shutil.rmtree(where / "train" / "checkpoints", ignore_errors=True)
             if not self.cfg.keep_stage_models and k > 1:
                 shutil.rmtree(stage_dir(self.out, method.name, seed, k - 1) / "train" / "final", ignore_errors=True)
+
+
+def _run_sequence_process(cfg: ContinualConfig, method_name: str, seed: int, threads: int) -> None:
+    """One method x seed sequence in a worker process of a parallel run (ContinualConfig.workers > 1)."""
+    import torch
+
+    torch.set_num_threads(threads)
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    runner = Runner(cfg, prepared=True, echo=lambda line: print(line, flush=True))
+    runner.run_sequence(next(m for m in cfg.methods if m.name == method_name), seed)
