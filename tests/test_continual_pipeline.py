@@ -267,7 +267,10 @@ def test_shipped_demo_configs_load():
     for quick in (False, True):
         cfg = load_continual_config(demo_config_path(quick))
         assert [m.method for m in cfg.methods] == ["sdft", "sft"]
-        assert len(cfg.stream) == (2 if quick else 3) and cfg.seeds == [0]
+        assert [s.task for s in cfg.stream] == ["tooluse", "knowledge"] and cfg.seeds == [0]
+        assert cfg.workers == 2  # the two methods train side by side
+        # the quick demo is the full one cut down, not a different experiment
+        assert cfg.base == load_continual_config(demo_config_path(False)).base | {"train": cfg.base["train"]}
 
 
 @pytest.mark.skipif(shutil.which("chromium") is None, reason="headless Chromium is not installed")

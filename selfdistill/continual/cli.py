@@ -118,7 +118,7 @@ def register(app: typer.Typer) -> None:
         show_config: bool = typer.Option(False, "--show-config", help="Print the demo's config file (to copy and edit) and exit."),
         workers: Optional[int] = typer.Option(None, "--workers", help=WORKERS_HELP),
     ) -> None:
-        """The embedded SmolLM2-135M learns three built-in tasks in a row, with SDFT and with SFT; prints the summary and the report's path."""
+        """The embedded SmolLM2-135M learns two built-in tasks in a row, with SDFT and with SFT; prints the summary and the report's path."""
         from selfdistill.continual.config import load_continual_config
 
         path = demo_config_path(quick)
