@@ -224,7 +224,9 @@ def _print(data: dict, json_path: Path, html_path: Path) -> None:
     from selfdistill.diagnose.report import ceiling_table_rows, summary_lines
 
     s = data["settings"]
-    typer.echo(f"{s['task']}: {s['records']} records x {s['num_rollouts']} rollouts, {s['model']}, template {s['template']} "
+    # A custom template's text is long; it is in diagnose.json.
+    template = "custom" if s["template"].startswith("custom:") else s["template"]
+    typer.echo(f"{s['task']}: {s['records']} records x {s['num_rollouts']} rollouts, {s['model']}, template {template} "
                f"({s['template_source']}), temperature {s['temperature']:g}, max_new_tokens {s['max_new_tokens']}, "
                f"{s['divergence']}, {s['precision']}, seed {s['seed']}")
     if data["ceiling"]:

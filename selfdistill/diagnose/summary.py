@@ -111,10 +111,13 @@ def advice(summary: dict, ceiling: list[dict] | None, temperature: float) -> lis
         out.append(text)
     first_p, student_p = summary["demo_first_token_teacher_p"], summary["demo_first_token_student_p"]
     if first_p is not None and first_p < LOW_FIRST_P:
-        out.append(f"The teacher gives the demonstration's first token only p={first_p:.3f} (student {student_p:.3f}): the "
-                   "template does not make the teacher start the way the demonstration does. A template that asks for the "
-                   "demonstrated format (like the tooluse task's own) or a different wording may raise it; compare with "
-                   "`sdft data ceiling`.")
+        relation = ("more likely than the student does" if student_p is not None and first_p > 2 * student_p
+                    else "no more likely than the student does")
+        out.append(f"The teacher gives the demonstration's first token p={first_p:.4f} (student {student_p:.4f}): shown the "
+                   f"demonstration, it finds that start {relation}, but still rarely starts that way, so the student's own "
+                   "samples start elsewhere and the signal toward the demonstrated format has to come later in the "
+                   "completion. Another template wording may raise it: `sdft data ceiling TASK --template ...` compares "
+                   "templates.")
     if summary["divergence_per_token"] < WEAK_DIVERGENCE:
         out.append(f"Teacher and student nearly agree on the student's own samples ({summary['divergence_per_token']:.3f} nats "
                    "per token): the per-token training signal is weak, so expect many steps or a larger learning rate.")
