@@ -27,11 +27,13 @@ from selfdistill.eval.cli import register as _register_eval  # noqa: E402
 from selfdistill.tasks.cli import register as _register_data  # noqa: E402
 from selfdistill.train_cli import register as _register_train  # noqa: E402
 from selfdistill.continual.cli import register as _register_continual  # noqa: E402
+from selfdistill.diagnose.cli import register as _register_diagnose  # noqa: E402
 
 _register_train(app)
 _register_eval(app)
 _register_data(app)
 _register_continual(app)
+_register_diagnose(app)
 
 
 def main() -> None:

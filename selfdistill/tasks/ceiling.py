@@ -69,14 +69,19 @@ def demonstration_loglik(model, prompts: list[list[int]], demos: list[list[int]]
 
 def measure(model, tokenizer, records: list[Record], metrics: tuple[Metric, ...], *, templates: tuple[str, ...] = ("plain",),
             max_new_tokens: int = 96, precision: str = "fp32", batch_size: int = 8, stop_token_ids: list[int] | None = None,
-            loglik: bool = True, grader_lookup: Callable[[str], Grader] = default_grader) -> list[CeilingResult]:
-    """Greedy scores (and demonstration log-likelihoods) with the student prompt and each teacher template."""
+            loglik: bool = True, grader_lookup: Callable[[str], Grader] = default_grader,
+            system_prompt: str | None = None) -> list[CeilingResult]:
+    """Greedy scores (and demonstration log-likelihoods) with the student prompt and each teacher template.
+
+    `system_prompt` is the one training would prepend to plain-string prompts (data.system_prompt),
+    so the ceiling is measured on the prompts training would use.
+    """
     graders = {m.name: grader_lookup(m.grader) for m in metrics}
     stops = stop_token_ids or [tokenizer.eos_token_id]
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else stops[0]
     # No prompt limits here: the ceiling is a diagnostic, and long prompts are part of what it shows.
-    builders = {t: PromptBuilder(tokenizer, template=t, max_prompt_tokens=10**9, max_teacher_prompt_tokens=10**9,
-                                 stop_token_id=stops[0]) for t in templates}
+    builders = {t: PromptBuilder(tokenizer, template=t, system_prompt=system_prompt, max_prompt_tokens=10**9,
+                                 max_teacher_prompt_tokens=10**9, stop_token_id=stops[0]) for t in templates}
     first = builders[templates[0]]
     demos = [first.encode(r).demonstration_ids for r in records]
     prompt_sets = [("student", [first.encode_messages(first.student_messages(r)) for r in records])]
