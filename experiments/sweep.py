@@ -10,10 +10,11 @@ starting model is evaluated once per task and that stage-0 directory is copied i
 
 The sweep file holds `compare` (a stream config without stream/methods: base, eval, data_seed),
 `tasks` (stream entries), `variants` (method entries, most important first), `seeds`, and
-`finalists` ({per_task: k, seeds: [...], include: [names]}); a variant's optional `tasks: [names]`
+`finalists` ({per_task: k, seeds: [...], include: [names], tasks: [names]}); a variant's optional `tasks: [names]`
 limits it to those tasks. Once every first-pass job has
 finished, the k best SDFT variants of each task (by new-task score, then by the smaller drop in
-prior-capability score) and the `include` names are run again with the extra seeds.
+prior-capability score) and the `include` names are run again with the extra seeds (on the
+finalists' `tasks` only, when given).
 
 `--deadline S` stops starting jobs S seconds after the start (running ones finish), so a sweep
 fits a time budget; rerunning the same command skips jobs whose results exist. The table
@@ -312,6 +313,8 @@ def finalist_jobs(out: Path, sweep: dict) -> list[Job]:
     lines = summarize(collect(out, sweep), sweep)
     jobs = []
     for task in sweep["tasks"]:
+        if task["name"] not in spec.get("tasks", [task["name"]]):
+            continue
         sdft = [l for l in lines if l["task"] == task["name"] and l["method"] == "sdft"]
         sdft.sort(key=lambda l: (-(l["score"] or 0), -(l["prior_change"] or 0)))
         names = list(dict.fromkeys(list(spec.get("include", [])) + [l["variant"] for l in sdft[: spec.get("per_task", 0)]]))

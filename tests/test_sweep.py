@@ -64,3 +64,21 @@ def test_sweep_runs_jobs_picks_finalists_and_skips_finished_work(tmp_path):
     # a rerun finds every job done and starts nothing
     again = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert again.returncode == 0 and " start " not in again.stdout and "all jobs done" in again.stdout
+
+
+def test_finalists_are_the_best_sdft_variant_per_task_on_the_listed_tasks(monkeypatch):
+    from experiments import sweep as sweep_module
+
+    lines = [{"task": "a", "variant": "sdft-1", "method": "sdft", "score": 0.0, "prior_change": -0.2},
+             {"task": "a", "variant": "sdft-2", "method": "sdft", "score": 0.0, "prior_change": -0.1},
+             {"task": "b", "variant": "sdft-1", "method": "sdft", "score": 0.5, "prior_change": -0.3},
+             {"task": "b", "variant": "sdft-2", "method": "sdft", "score": 0.25, "prior_change": 0.0}]
+    monkeypatch.setattr(sweep_module, "collect", lambda out, sweep: [])
+    monkeypatch.setattr(sweep_module, "summarize", lambda rows, sweep: lines)
+    spec = {"tasks": [{"name": "a"}, {"name": "b"}, {"name": "c"}],
+            "variants": [{"name": "sft", "method": "sft"}, {"name": "sdft-1", "method": "sdft"},
+                         {"name": "sdft-2", "method": "sdft"}],
+            "finalists": {"per_task": 1, "seeds": [1, 2], "include": ["sft"], "tasks": ["a", "b"]}}
+    jobs = {(j.task["name"], j.variant["name"], j.seed) for j in sweep_module.finalist_jobs(Path("."), spec)}
+    # a: equal scores, the smaller prior drop wins; b: the higher score wins; c: not a finalist task
+    assert jobs == {(t, v, s) for t, v in [("a", "sft"), ("a", "sdft-2"), ("b", "sft"), ("b", "sdft-1")] for s in (1, 2)}
