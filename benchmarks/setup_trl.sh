@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Creates benchmarks/.venv-trl with TRL's SDFT trainer, for the comparison in benchmarks/trl_compare.py.
+# Creates benchmarks/.venv-trl with TRL's SDFT trainer, for the comparison run by `python -m benchmarks.run trl` (benchmarks/trl_driver.py).
 # TRL is never a dependency of selfdistill: it lives only in this separate, gitignored environment.
 set -euo pipefail
 here="$(cd "$(dirname "$0")" && pwd)"

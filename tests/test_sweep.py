@@ -82,3 +82,18 @@ def test_finalists_are_the_best_sdft_variant_per_task_on_the_listed_tasks(monkey
     jobs = {(j.task["name"], j.variant["name"], j.seed) for j in sweep_module.finalist_jobs(Path("."), spec)}
     # a: equal scores, the smaller prior drop wins; b: the higher score wins; c: not a finalist task
     assert jobs == {(t, v, s) for t, v in [("a", "sft"), ("a", "sdft-2"), ("b", "sft"), ("b", "sdft-1")] for s in (1, 2)}
+
+
+def test_marker_table_counts_outputs_containing_each_string(tmp_path):
+    from experiments.markers import marker_table
+
+    def write(path, outputs):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text("".join(json.dumps({"output": o}) + "\n" for o in outputs))
+
+    write(tmp_path / "start/t/start/eval/t/examples.jsonl", ["prose", "Question: again"])
+    write(tmp_path / "runs/t/sdft-s0/methods/sdft/seed-0/stage-1/eval/t/examples.jsonl",
+          ["Thought: x Action: y", "Question: Thought:", "Action:"])
+    table = marker_table(tmp_path, "t", ["Thought:", "Action:", "Question:"]).splitlines()
+    assert table[2] == "| starting model | 2 | 0 | 0 | 1 |"
+    assert table[3] == "| sdft-s0 | 3 | 2 | 2 | 1 |"
