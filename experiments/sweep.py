@@ -12,8 +12,8 @@ The sweep file holds `compare` (a stream config without stream/methods: base, ev
 `tasks` (stream entries), `variants` (method entries, most important first), `seeds`, and
 `finalists` ({per_task: k, seeds: [...], include: [names], tasks: [names]}); a variant's optional `tasks: [names]`
 limits it to those tasks. Once every first-pass job has
-finished, the k best SDFT variants of each task (by new-task score, then by the smaller drop in
-prior-capability score) and the `include` names are run again with the extra seeds (on the
+finished, the k best SDFT variants of each task (by first-pass new-task score, then by the smaller
+drop in prior-capability score) and the `include` names are run again with the extra seeds (on the
 finalists' `tasks` only, when given).
 
 `--deadline S` stops starting jobs S seconds after the start (running ones finish), so a sweep
@@ -310,7 +310,10 @@ def plot(out: Path, sweep: dict, lines: list[dict]) -> None:
 def finalist_jobs(out: Path, sweep: dict) -> list[Job]:
     """Reruns with more seeds: per task, its best SDFT variants and the named ones."""
     spec = sweep.get("finalists") or {}
-    lines = summarize(collect(out, sweep), sweep)
+    # Rank on the first-pass seeds only: the finalists' own extra seeds must not change who the
+    # finalists are when the command is rerun.
+    first_pass = [r for r in collect(out, sweep) if r["seed"] in sweep.get("seeds", [0])]
+    lines = summarize(first_pass, sweep)
     jobs = []
     for task in sweep["tasks"]:
         if task["name"] not in spec.get("tasks", [task["name"]]):

@@ -97,3 +97,21 @@ def test_marker_table_counts_outputs_containing_each_string(tmp_path):
     table = marker_table(tmp_path, "t", ["Thought:", "Action:", "Question:"]).splitlines()
     assert table[2] == "| starting model | 2 | 0 | 0 | 1 |"
     assert table[3] == "| sdft-s0 | 3 | 2 | 2 | 1 |"
+
+
+def test_finalists_are_ranked_on_the_first_pass_seeds_only(monkeypatch):
+    from experiments import sweep as sweep_module
+
+    def row(variant, seed, score):
+        return {"task": "a", "variant": variant, "method": "sdft", "seed": seed, "score": score,
+                "prior_change": 0.0, "drift_kl": 0.1, "train_time_s": 1.0, "completion_length_last": 4.0,
+                "start_score": 0.0, "prior_start": 0.5}
+
+    # sdft-1 won the first pass; its finalist seeds scored badly, which must not hand the place to sdft-2
+    rows = [row("sdft-1", 0, 0.5), row("sdft-2", 0, 0.25), row("sdft-1", 1, 0.0), row("sdft-1", 2, 0.0)]
+    monkeypatch.setattr(sweep_module, "collect", lambda out, sweep: rows)
+    spec = {"tasks": [{"name": "a"}], "seeds": [0],
+            "variants": [{"name": "sdft-1", "method": "sdft"}, {"name": "sdft-2", "method": "sdft"}],
+            "finalists": {"per_task": 1, "seeds": [1, 2]}}
+    jobs = {(j.variant["name"], j.seed) for j in sweep_module.finalist_jobs(Path("."), spec)}
+    assert jobs == {("sdft-1", 1), ("sdft-1", 2)}
