@@ -293,13 +293,19 @@ def plot(out: Path, sweep: dict, lines: list[dict]) -> None:
         return
     fig, axes = plt.subplots(1, len(tasks), figsize=(5.5 * len(tasks), 4.6), squeeze=False)
     for ax, name in zip(axes[0], tasks):
+        # Settings that land on the same point share one label (several SDFT settings often tie).
+        points: dict[tuple, list[dict]] = {}
         for line in (l for l in lines if l["task"] == name):
-            colour = "tab:blue" if line["method"] == "sdft" else "tab:orange"
-            ax.scatter(line["score"], line["prior_change"] or 0.0, color=colour, s=30)
-            ax.annotate(line["variant"], (line["score"], line["prior_change"] or 0.0), fontsize=6,
-                        xytext=(3, 2), textcoords="offset points")
+            points.setdefault((round(line["score"] or 0.0, 4), round(line["prior_change"] or 0.0, 4)), []).append(line)
+        for (score, change), group in points.items():
+            methods = {l["method"] for l in group}
+            colour = "tab:blue" if methods == {"sdft"} else "tab:orange" if "sdft" not in methods else "tab:purple"
+            ax.scatter(score, change, color=colour, s=30)
+            ax.annotate(", ".join(l["variant"] for l in group), (score, change), fontsize=6,
+                        xytext=(4, -2), textcoords="offset points")
+        ax.set_xlim(-0.05, 1.05)  # scores are fractions: the same scale in every panel
         ax.axhline(0, color="grey", lw=0.5)
-        ax.set_title(f"{name}: each point one setting (blue SDFT, orange other)", fontsize=9)
+        ax.set_title(f"{name}: each point one setting (blue SDFT, orange other, purple both)", fontsize=9)
         ax.set_xlabel("new-task score after training (fraction correct)")
         ax.set_ylabel("change in prior-capability score")
     fig.tight_layout()
