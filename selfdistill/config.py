@@ -120,6 +120,9 @@ class TrainConfig:
     save_every: int = _f(0, "Save a checkpoint every N optimizer steps (0: only at the end).")
     keep_last: int = _f(2, "Checkpoints kept on disk.")
     max_nonfinite_steps: int = _f(3, "Consecutive non-finite steps tolerated before the run stops.")
+    activation_checkpointing: bool = _f(
+        False, "Recompute each layer's activations in the backward pass (gradient checkpointing): less "
+        "memory (the activations of one layer instead of all), one more student forward of compute.")
 
 
 @dataclass

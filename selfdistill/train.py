@@ -240,6 +240,15 @@ def train(cfg: Config, *, records: list[Record] | None = None, model=None, token
     model.to(accelerator.device)
     model.train()
     model.config.use_cache = False  # training forwards need no cache; generation turns it on itself
+    if cfg.train.activation_checkpointing:
+        # Non-reentrant checkpointing also works with frozen embeddings (LoRA) without extra hooks; it is
+        # active only in training mode, so rollouts and the teacher's no-grad forwards are unaffected.
+        # (transformers 5 renamed gradient_checkpointing_enable; 4.x has only the old name.)
+        kwargs = {"use_reentrant": False}
+        if hasattr(model, "activation_checkpointing_enable"):
+            model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+        else:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
 
     if not getattr(tokenizer, "chat_template", None):
         raise UserError(

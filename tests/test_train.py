@@ -134,3 +134,20 @@ def test_output_dir_holding_another_run_is_refused(tmp_path):
         train(toy_config(tmp_path, train={"max_steps": 1, "batch_size": 2}), records=toy_records(), model=model,
               tokenizer=tok)
     assert sorted(p.name for p in (tmp_path / "run").iterdir()) == before
+
+
+@pytest.mark.parametrize("method", ["sdft", "sft"])
+def test_activation_checkpointing_trains_to_the_same_weights(tmp_path, method):
+    records = toy_records()
+    results = []
+    for checkpointing in (False, True):
+        model, tok = _tiny_setup()
+        cfg = toy_config(tmp_path / str(checkpointing), method=method,
+                         train={"max_steps": 3, "batch_size": 4, "lr": 1e-3, "activation_checkpointing": checkpointing})
+        results.append(train(cfg, records=records, model=model, tokenizer=tok, save_final=False))
+        assert any(getattr(m, "gradient_checkpointing", False) for m in results[-1].model.modules()) == checkpointing
+    plain, recomputed = (dict(r.model.named_parameters()) for r in results)
+    moved = [n for n in plain if not torch.equal(plain[n], dict(_tiny_setup()[0].named_parameters())[n])]
+    assert moved  # training changed the weights, and recomputing activations changed nothing about how
+    for name, value in plain.items():
+        torch.testing.assert_close(recomputed[name], value, rtol=1e-4, atol=1e-5)
