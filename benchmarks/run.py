@@ -115,6 +115,8 @@ def main(argv=None) -> None:
     parser.add_argument("--prompts", type=int, default=8, help="prompts per step (= micro-batch)")
     parser.add_argument("--length", type=int, default=64, help="completion tokens")
     parser.add_argument("--tag", default="", help="suffix of the results file name")
+    parser.add_argument("--no-checkpointing", dest="checkpointing", action="store_false",
+                        help="trl suite: both sides keep all activations (TRL's default recomputes them)")
     args = parser.parse_args(argv)
     base = {"steps": args.steps, "prompts": args.prompts, "length": args.length}
     sdft = dict(base, method="sdft")
@@ -143,7 +145,8 @@ def main(argv=None) -> None:
 
         result = teacher_mode_suite(args)
     elif args.suite == "trl":
-        same = dict(sdft, teacher_template="plain")
+        # Activation checkpointing on both sides: TRL's default, and what a memory comparison needs.
+        same = dict(sdft, teacher_template="plain", checkpointing=args.checkpointing)
         result = compare("trl", {"trl_sdft": (_trl, same), "selfdistill_sdft": (_ours, same)}, args.reps, "trl_sdft")
     elif args.suite == "memory":
         from benchmarks.memory import memory_suite

@@ -60,6 +60,8 @@ def main(spec: dict) -> dict:
             teacher_prompt_template=TEMPLATE, use_cpu=True, bf16=False, fp16=False, save_strategy="no",
             logging_steps=1, report_to=[], seed=42, shuffle_dataset=False, dataloader_num_workers=0,
             disable_tqdm=True,
+            # TRL's default is on; the spec says which, so that both sides recompute or neither does.
+            gradient_checkpointing=spec.get("checkpointing", True),
         )
         trainer = SDFTTrainer(model=model, args=args, train_dataset=dataset, processing_class=tokenizer,
                               callbacks=[StepTimer()])

@@ -40,7 +40,8 @@ def main(spec: dict) -> dict:
                      "skip_first_tokens": spec.get("skip_first", 0)},
             "teacher": {"kind": spec.get("teacher", "ema"), "ema_rate": 0.01},
             "train": {"batch_size": prompts, "micro_batch_size": spec.get("micro", prompts), "max_steps": steps,
-                      "lr": 1e-5, "save_every": 0, "output_dir": out, "warmup_ratio": 0.0},
+                      "lr": 1e-5, "save_every": 0, "output_dir": out, "warmup_ratio": 0.0,
+                      "activation_checkpointing": spec.get("checkpointing", False)},
         }
         for key, value in spec.get("extra", {}).items():  # e.g. {"offline": {"loss": "divergence"}}
             overrides.setdefault(key, {}).update(value)
