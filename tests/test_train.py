@@ -147,7 +147,7 @@ def test_activation_checkpointing_trains_to_the_same_weights(tmp_path, method):
         results.append(train(cfg, records=records, model=model, tokenizer=tok, save_final=False))
         assert any(getattr(m, "gradient_checkpointing", False) for m in results[-1].model.modules()) == checkpointing
     plain, recomputed = (dict(r.model.named_parameters()) for r in results)
-    moved = [n for n in plain if not torch.equal(plain[n], dict(_tiny_setup()[0].named_parameters())[n])]
-    assert moved  # training changed the weights, and recomputing activations changed nothing about how
+    initial = dict(_tiny_setup()[0].named_parameters())
+    assert any(not torch.equal(plain[n], initial[n]) for n in plain)  # training did move the weights
     for name, value in plain.items():
         torch.testing.assert_close(recomputed[name], value, rtol=1e-4, atol=1e-5)
