@@ -1,7 +1,7 @@
 """Benchmark runner: each comparison runs its sides in one invocation, alternating, several times.
 
     python -m benchmarks.run sdft_vs_sft --reps 3 --steps 3 --prompts 8 --length 64
-    python -m benchmarks.run loss | precision | trl | memory | mfu
+    python -m benchmarks.run loss | precision | trl | memory | mfu | rollout
 
 Every side of every repetition is its own process (peak resident memory does not mix). The
 first training step of a run is warm-up and left out; per-step numbers are medians over the
@@ -100,7 +100,7 @@ def _save(result: dict, args) -> None:
                "rss_ratio", "s_rollout", "s_teacher", "s_student_forward", "s_student_backward", "s_teacher_update"]
     if result.get("rows"):
         present = [c for c in columns if any(c in r for r in result["rows"])]
-        if args.suite in ("memory", "mfu", "teacher_mode", "loss", "precision"):
+        if args.suite in ("memory", "mfu", "teacher_mode", "loss", "precision", "rollout"):
             present = [k for k in result["rows"][0] if k not in ("error",)]
         print(table(result["rows"], present))
     print(f"load: {result['uptime']}; written {path.relative_to(ROOT)}")
@@ -109,16 +109,22 @@ def _save(result: dict, args) -> None:
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("suite", choices=["sdft_vs_sft", "loss", "precision", "loss_train", "precision_train", "trl",
-                                          "teacher_mode", "memory", "mfu"])
+                                          "teacher_mode", "memory", "mfu", "rollout"])
     parser.add_argument("--reps", type=int, default=3)
     parser.add_argument("--steps", type=int, default=3, help="training steps per run (the first is warm-up)")
-    parser.add_argument("--prompts", type=int, default=8, help="prompts per step (= micro-batch)")
+    parser.add_argument("--prompts", type=int, default=8, help="prompts per step (and per rollout batch)")
     parser.add_argument("--length", type=int, default=64, help="completion tokens")
+    parser.add_argument("--micro", type=int, default=None,
+                        help="sequences per forward/backward (default: all prompts of the step at once)")
+    parser.add_argument("--rollout-rows", type=int, nargs="+", default=[8, 32],
+                        help="rollout suite: batch sizes to time (all prompts in one batch)")
     parser.add_argument("--tag", default="", help="suffix of the results file name")
     parser.add_argument("--no-checkpointing", dest="checkpointing", action="store_false",
                         help="trl suite: both sides keep all activations (TRL's default recomputes them)")
     args = parser.parse_args(argv)
     base = {"steps": args.steps, "prompts": args.prompts, "length": args.length}
+    if args.micro:
+        base["micro"] = args.micro
     sdft = dict(base, method="sdft")
     if args.suite == "sdft_vs_sft":
         result = compare("sdft_vs_sft", {"sft": (_ours, dict(base, method="sft")), "sdft": (_ours, sdft)},
@@ -147,7 +153,12 @@ def main(argv=None) -> None:
     elif args.suite == "trl":
         # Activation checkpointing on both sides: TRL's default, and what a memory comparison needs.
         same = dict(sdft, teacher_template="plain", checkpointing=args.checkpointing)
+        same.pop("micro", None)  # TRL trains a step's prompts in one forward; so does our side here
         result = compare("trl", {"trl_sdft": (_trl, same), "selfdistill_sdft": (_ours, same)}, args.reps, "trl_sdft")
+    elif args.suite == "rollout":
+        from benchmarks.rollout import rollout_suite
+
+        result = rollout_suite(args)
     elif args.suite == "memory":
         from benchmarks.memory import memory_suite
 

@@ -23,6 +23,10 @@ def rollout_seed(seed: int, position: int, rollout: int) -> int:
     return (seed * 1_000_003 + position * 1_009 + rollout) % (2**63 - 1)
 
 
+# Up to this many rows, the CPU decode step applies the output head as `W @ h.T` (see _logits_fn).
+SMALL_DECODE_ROWS = 16
+
+
 @dataclass
 class Completions:
     ids: list[list[int]]  # generated tokens, up to and including the stop token
@@ -75,13 +79,85 @@ def autocast_context(device: torch.device | str, precision: str):
     return nullcontext()
 
 
+def _logits_fn(model):
+    """hidden [rows, d] -> next-token logits [rows, V], as the model's own head computes them.
+
+    On a CPU, a plain bias-free head with a few rows is applied as `W @ h.T`: the GEMM runs that
+    orientation faster than `F.linear` for the 49k-row output matrix, the decode step's largest
+    product (8 rows: 12% off the whole decode step; from 32 rows on `F.linear` is as fast or
+    faster — `python -m benchmarks.run rollout`).
+    """
+    from selfdistill.losses import output_head
+
+    head = model.get_output_embeddings()
+    config = getattr(model, "config", None)
+    project = output_head(model)
+    plain = (isinstance(head, torch.nn.Linear) and head.bias is None and not hasattr(head, "base_layer")
+             and not getattr(config, "final_logit_softcapping", None) and getattr(config, "logit_scale", None) is None)
+    if not plain:
+        return project
+
+    def logits(hidden: torch.Tensor) -> torch.Tensor:
+        if hidden.device.type == "cpu" and hidden.shape[0] <= SMALL_DECODE_ROWS:
+            return torch.mm(head.weight, hidden.T).T
+        return project(hidden)
+
+    return logits
+
+
+def _decode(model, ids: torch.Tensor, mask: torch.Tensor, *, max_new_tokens: int, stop_token_ids: list[int],
+            pad_token_id: int, pick) -> list[list[int]]:
+    """Prefill once, then one token per step with a KV cache, until every row stopped or the budget ends.
+
+    The same computation as `model.generate` for a decoder-only model (positions from the
+    attention mask, so left padding is invisible; a stopped row keeps decoding pad tokens),
+    without its per-step machinery: only the last position's hidden state goes through the
+    output head, and the loop ends as soon as all rows have stopped.
+    """
+    from transformers import DynamicCache
+
+    decoder = model.get_decoder()
+    logits_of = _logits_fn(model)
+    cache = DynamicCache(config=model.config)
+    positions = (mask.cumsum(-1) - 1).clamp(min=0)
+    stops = torch.tensor(stop_token_ids, dtype=torch.long, device=ids.device)
+    stopped = torch.zeros(ids.shape[0], dtype=torch.bool, device=ids.device)
+    tokens = []
+    inputs = ids
+    for _ in range(max_new_tokens):
+        hidden = decoder(input_ids=inputs, attention_mask=mask, position_ids=positions, cache=cache,
+                         use_cache=True).last_hidden_state[:, -1]
+        logits = logits_of(hidden).float()
+        token = pick(logits).masked_fill(stopped, pad_token_id)
+        tokens.append(token)
+        stopped |= torch.isin(token, stops)
+        if bool(stopped.all()):
+            break
+        inputs = token[:, None]
+        mask = torch.cat([mask, mask.new_ones((mask.shape[0], 1))], dim=1)
+        positions = positions[:, -1:] + 1
+    return torch.stack(tokens, dim=1).tolist() if tokens else [[] for _ in range(ids.shape[0])]
+
+
+def _uses_own_loop(model) -> bool:
+    """Decoder-only models from transformers' own code; anything else goes through `model.generate`."""
+    config = getattr(model, "config", None)
+    if config is None or getattr(config, "is_encoder_decoder", False) or not hasattr(model, "get_decoder"):
+        return False
+    remote = getattr(model, "is_remote_code", None)
+    return not (callable(remote) and remote())
+
+
 @torch.no_grad()
 def generate(model, prompts: list[list[int]], *, stop_token_ids: int | list[int], pad_token_id: int,
              max_new_tokens: int, temperature: float = 1.0, top_p: float = 1.0, seeds: list[int] | None = None,
-             batch_size: int = 16, precision: str = "fp32", desc: str | None = None) -> Completions:
+             batch_size: int = 16, precision: str = "fp32", desc: str | None = None,
+             use_hf_generate: bool = False) -> Completions:
     """Complete every prompt (token ids). temperature 0 is greedy; otherwise `seeds` gives one seed per prompt.
 
     No stop tokens (an empty list) means every completion runs to `max_new_tokens`.
+    `use_hf_generate` runs transformers' `model.generate` instead of our decode loop (same tokens;
+    kept as the reference the tests compare against, and used for models the loop does not cover).
     """
     if isinstance(stop_token_ids, int):
         stop_token_ids = [stop_token_ids]
@@ -90,6 +166,7 @@ def generate(model, prompts: list[list[int]], *, stop_token_ids: int | list[int]
     device = next(model.parameters()).device
     was_training = model.training
     model.eval()
+    own_loop = not use_hf_generate and _uses_own_loop(model)
     config = GenerationConfig(
         do_sample=False, max_new_tokens=max_new_tokens, eos_token_id=stop_token_ids or None, pad_token_id=pad_token_id,
         use_cache=True,
@@ -102,15 +179,19 @@ def generate(model, prompts: list[list[int]], *, stop_token_ids: int | list[int]
     for start in range(0, len(order), batch_size):
         batch = order[start:start + batch_size]
         ids, mask = pad_batch([prompts[i] for i in batch], pad_token_id, side="left")
-        processors = LogitsProcessorList()
-        if temperature > 0:
-            processors.append(SeededSampling([seeds[i] for i in batch], temperature, top_p))
+        ids, mask = ids.to(device), mask.to(device)
+        sampler = SeededSampling([seeds[i] for i in batch], temperature, top_p) if temperature > 0 else None
         with autocast_context(device, precision):
-            generated = model.generate(
-                input_ids=ids.to(device), attention_mask=mask.to(device), generation_config=config,
-                logits_processor=processors,
-            )
-        new = generated[:, ids.shape[1]:].tolist()
+            if own_loop:
+                pick = (lambda logits: sampler(None, logits).argmax(-1)) if sampler else (lambda logits: logits.argmax(-1))
+                new = _decode(model, ids, mask, max_new_tokens=max_new_tokens, stop_token_ids=stop_token_ids,
+                              pad_token_id=pad_token_id, pick=pick)
+            else:
+                generated = model.generate(
+                    input_ids=ids, attention_mask=mask, generation_config=config,
+                    logits_processor=LogitsProcessorList([sampler] if sampler else []),
+                )
+                new = generated[:, ids.shape[1]:].tolist()
         for row, i in zip(new, batch):
             cut = next((j for j, tok in enumerate(row) if tok in stop_token_ids), None)
             out_ids[i] = row if cut is None else row[: cut + 1]
