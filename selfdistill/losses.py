@@ -3,9 +3,9 @@
 `divergence` works on logits of any shape `[..., vocab]` and returns one value per position,
 summed over the vocabulary. `chunked_completion_loss` is what training uses: it starts from the
 two models' final hidden states at completion positions and projects them to logits a chunk of
-positions at a time, recomputing each chunk in the backward pass, so no more than
-`chunk × vocab` logits per model are alive at once, with the same value and gradient as the
-unchunked computation.
+positions at a time, working out each chunk's gradient right away (see `_GradientsInForward`),
+so no more than `chunk × vocab` logits per model are alive at once, with the same value and
+gradient as the unchunked computation.
 
 Direction matters and is easy to get wrong (`F.kl_div(input, target)` is KL(target ‖ input)):
   forward_kl = KL(teacher ‖ student) = Σ p_T (log p_T − log p_S)   (what the paper's runs used)
@@ -19,7 +19,6 @@ from dataclasses import dataclass
 from typing import Callable
 
 import torch
-from torch.utils.checkpoint import checkpoint
 
 KINDS = ("forward_kl", "reverse_kl", "jsd", "sampled_kl")
 
@@ -125,7 +124,66 @@ def output_head(model) -> Callable[[torch.Tensor], torch.Tensor]:
             logits = torch.tanh(logits / cap) * cap
         return logits
 
+    project.module = head  # whose trainable parameters the chunked losses differentiate
     return project
+
+
+def _trainable_parameters(head) -> list[torch.Tensor]:
+    module = head if isinstance(head, torch.nn.Module) else getattr(head, "module", None)
+    return [p for p in module.parameters() if p.requires_grad] if module is not None else []
+
+
+class _GradientsInForward(torch.autograd.Function):
+    """Σ over chunks of `chunk_loss(hidden[chunk])`, each chunk's gradient worked out in the forward pass.
+
+    For every chunk of positions, one local autograd pass gives the chunk's loss and its gradient
+    with respect to the chunk's hidden states and the head's parameters; then the chunk's logits
+    are freed. Backward only scales the stored gradients by the incoming one. Recomputing each
+    chunk in backward instead (activation checkpointing) runs the student's and the teacher's
+    output head twice; this runs each once, with the same memory: one chunk of logits plus the
+    gradient buffers (`[N, hidden]` and one head-sized tensor).
+    """
+
+    @staticmethod
+    def forward(ctx, chunk_loss, chunk_size: int, num_stats: int, hidden: torch.Tensor, *params: torch.Tensor):
+        grad_hidden = torch.zeros_like(hidden)
+        grad_params = [torch.zeros_like(p) for p in params]
+        total = torch.zeros((), dtype=torch.float32, device=hidden.device)
+        stats = torch.zeros(num_stats, dtype=torch.float32, device=hidden.device)
+        for start in range(0, hidden.shape[0], chunk_size):
+            part = slice(start, start + chunk_size)
+            with torch.enable_grad():
+                chunk = hidden[part].detach().requires_grad_()
+                loss, chunk_stats = chunk_loss(chunk, part)
+                grads = torch.autograd.grad(loss, [chunk, *params], allow_unused=True)
+            grad_hidden[part] = grads[0]
+            for buffer, grad in zip(grad_params, grads[1:]):
+                if grad is not None:
+                    buffer += grad
+            total += loss.detach().float()
+            stats += chunk_stats.detach().float().reshape(num_stats)
+        ctx.save_for_backward(grad_hidden, *grad_params)
+        ctx.mark_non_differentiable(stats)
+        return total, stats
+
+    @staticmethod
+    def backward(ctx, grad_total, grad_stats):
+        grad_hidden, *grad_params = ctx.saved_tensors
+        return (None, None, None, grad_hidden * grad_total.to(grad_hidden.dtype),
+                *(g * grad_total.to(g.dtype) for g in grad_params))
+
+
+def _chunked(chunk_loss, hidden: torch.Tensor, head, chunk_size: int, num_stats: int):
+    """(Σ chunk losses, Σ chunk stats) over chunks of `hidden`'s rows, differentiable in hidden and the head."""
+    if torch.is_grad_enabled() and (hidden.requires_grad or _trainable_parameters(head)):
+        return _GradientsInForward.apply(chunk_loss, chunk_size, num_stats, hidden, *_trainable_parameters(head))
+    total = torch.zeros((), dtype=torch.float32, device=hidden.device)
+    stats = torch.zeros(num_stats, dtype=torch.float32, device=hidden.device)
+    for start in range(0, hidden.shape[0], chunk_size):
+        loss, chunk_stats = chunk_loss(hidden[start:start + chunk_size], slice(start, start + chunk_size))
+        total += loss.float()
+        stats += chunk_stats.float().reshape(num_stats)
+    return total, stats
 
 
 STAT_NAMES = ("divergence", "teacher_minus_student_logp", "teacher_entropy")
@@ -163,19 +221,13 @@ def chunked_completion_loss(student_hidden: torch.Tensor, teacher_hidden: torch.
     the logged teacher−student log-prob gap). Returns (weighted sum, stats) where stats holds
     the weighted sums of STAT_NAMES (no gradient).
     """
-    total = student_hidden.new_zeros((), dtype=torch.float32)
-    stats = torch.zeros(len(STAT_NAMES), device=student_hidden.device)  # summed on the device: one copy at the end
     teacher_hidden = teacher_hidden.detach()
-    for start in range(0, student_hidden.shape[0], settings.chunk_size):
-        part = slice(start, start + settings.chunk_size)
-        args = (student_hidden[part], teacher_hidden[part], tokens[part], weights[part])
-        if torch.is_grad_enabled() and student_hidden.requires_grad:
-            # Recompute this chunk's logits during backward instead of keeping them alive.
-            loss, chunk_stats = checkpoint(_chunk_loss, *args, student_head, teacher_head, settings, use_reentrant=False)
-        else:
-            loss, chunk_stats = _chunk_loss(*args, student_head, teacher_head, settings)
-        total = total + loss
-        stats += chunk_stats.detach().float()
+
+    def chunk_loss(student_part: torch.Tensor, part: slice):
+        return _chunk_loss(student_part, teacher_hidden[part], tokens[part], weights[part], student_head, teacher_head,
+                           settings)
+
+    total, stats = _chunked(chunk_loss, student_hidden, student_head, settings.chunk_size, len(STAT_NAMES))
     return total, stats.cpu()
 
 
@@ -192,15 +244,8 @@ def chunked_token_loss(hidden: torch.Tensor, tokens: torch.Tensor, weights: torc
     Returns (weighted loss sum, weighted sum of the tokens' log-probabilities). With
     `per_token_fn = lambda lp: -lp` this is the cross-entropy of supervised fine-tuning.
     """
-    total = hidden.new_zeros((), dtype=torch.float32)
-    logp_sum = torch.zeros((), device=hidden.device)
-    for start in range(0, hidden.shape[0], chunk_size):
-        part = slice(start, start + chunk_size)
-        args = (hidden[part], tokens[part], weights[part], head, per_token_fn)
-        if torch.is_grad_enabled() and hidden.requires_grad:
-            loss, lp = checkpoint(_chunk_token_loss, *args, use_reentrant=False)
-        else:
-            loss, lp = _chunk_token_loss(*args)
-        total = total + loss
-        logp_sum += lp.detach().float()
-    return total, logp_sum.cpu()
+    def chunk_loss(part_hidden: torch.Tensor, part: slice):
+        return _chunk_token_loss(part_hidden, tokens[part], weights[part], head, per_token_fn)
+
+    total, logp_sum = _chunked(chunk_loss, hidden, head, chunk_size, 1)
+    return total, logp_sum.reshape(()).cpu()

@@ -4,6 +4,7 @@ import pytest
 import torch
 
 from selfdistill.losses import (
+    _chunk_loss,
     LossSettings, chunked_completion_loss, chunked_token_loss, divergence, sampled_token_kl,
 )
 
@@ -118,13 +119,16 @@ def test_chunked_equals_unchunked_value_and_gradient(kind, top_k):
     tokens = torch.randint(0, 50, (n,))
     weights = torch.ones(n)
     results = []
-    for chunk in (n, 4, 1):
+    for chunk in (None, n, 4, 1):  # None: plain autograd through the whole [n, vocab] computation
         student_head.zero_grad()
         hidden.grad = None
-        settings = LossSettings(kind=kind, top_k=top_k, add_tail=top_k is not None, chunk_size=chunk)
-        loss, stats = chunked_completion_loss(hidden, t_hidden, tokens, weights, student_head, teacher_head, settings)
+        settings = LossSettings(kind=kind, top_k=top_k, add_tail=top_k is not None, chunk_size=chunk or n)
+        if chunk is None:
+            loss, stats = _chunk_loss(hidden, t_hidden, tokens, weights, student_head, teacher_head, settings)
+        else:
+            loss, stats = chunked_completion_loss(hidden, t_hidden, tokens, weights, student_head, teacher_head, settings)
         loss.backward()
-        results.append((loss.item(), hidden.grad.clone(), student_head.weight.grad.clone(), stats))
+        results.append((loss.item(), hidden.grad.clone(), student_head.weight.grad.clone(), stats.detach()))
     for value, grad_h, grad_w, stats in results[1:]:
         assert value == pytest.approx(results[0][0], abs=1e-5)
         torch.testing.assert_close(grad_h, results[0][1], atol=1e-5, rtol=1e-5)
@@ -151,3 +155,28 @@ def test_chunked_token_loss_is_cross_entropy():
     expected = torch.nn.functional.cross_entropy(head(hidden), tokens, reduction="sum")
     assert loss.item() == pytest.approx(expected.item(), abs=1e-4)
     assert logp.item() == pytest.approx(-expected.item(), abs=1e-4)
+
+
+@pytest.mark.parametrize("loss_fn", ["completion", "token"])
+def test_chunked_losses_run_each_head_once_per_chunk(loss_fn):
+    """Gradients are worked out chunk by chunk in the forward pass: backward recomputes nothing."""
+    student_head, teacher_head = _heads()
+    calls = {"student": 0, "teacher": 0}
+    student_head.register_forward_hook(lambda *a: calls.__setitem__("student", calls["student"] + 1))
+    teacher_head.register_forward_hook(lambda *a: calls.__setitem__("teacher", calls["teacher"] + 1))
+    hidden = torch.randn(13, 8, requires_grad=True)
+    tokens = torch.randint(0, 50, (13,))
+    if loss_fn == "completion":
+        loss, _ = chunked_completion_loss(hidden, torch.randn(13, 8), tokens, torch.ones(13), student_head,
+                                          teacher_head, LossSettings(chunk_size=4))
+    else:
+        loss, _ = chunked_token_loss(hidden, tokens, torch.ones(13), student_head, lambda lp: -lp, chunk_size=4)
+    (2.0 * loss).backward()
+    assert calls["student"] == 4  # ceil(13 / 4) chunks, each projected once
+    assert calls["teacher"] == (4 if loss_fn == "completion" else 0)
+    # and the gradient is still the direct one (scaled by the 2.0 the loss was multiplied by)
+    direct_hidden = hidden.detach().clone().requires_grad_()
+    expected = torch.nn.functional.cross_entropy(student_head(direct_hidden), tokens, reduction="sum")
+    if loss_fn == "token":
+        (2.0 * expected).backward()
+        torch.testing.assert_close(hidden.grad, direct_hidden.grad, atol=1e-5, rtol=1e-5)
