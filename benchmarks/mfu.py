@@ -2,8 +2,8 @@
 
 Peak: the best FLOP/s of fp32 2048x2048 matrix products (2 threads) measured here, now.
 Achieved: student forward + backward FLOPs (6 x non-embedding params x tokens, + the output
-head at loss positions: 6 x vocab x width x positions (its recompute in backward adds 2 more),
-+ attention: 6 x layers x seq^2 x width per sequence... counted as 2*2*L*s^2*d forward, x3)
+head at loss positions: 6 x vocab x width x positions — forward and two backward products, each
+run once since the chunked loss works out its gradients in the forward pass — + attention: 6 x layers x seq^2 x width per sequence... counted as 2*2*L*s^2*d forward, x3)
 over the measured student forward + backward time of an SFT step.
 """
 
@@ -40,7 +40,7 @@ def student_flops(tokens_per_seq: list[int], loss_positions: int) -> float:
     non_embedding = sum(p.numel() for p in model.parameters()) - embed
     dense = 6 * non_embedding * sum(tokens_per_seq)
     attention = 3 * sum(4 * cfg.num_hidden_layers * s * s * cfg.hidden_size for s in tokens_per_seq)
-    head = 8 * cfg.vocab_size * cfg.hidden_size * loss_positions  # forward, recompute, two backward products
+    head = 6 * cfg.vocab_size * cfg.hidden_size * loss_positions  # forward and two backward products
     return dense + attention + head
 
 

@@ -1,5 +1,10 @@
 """On-policy generation: the student's own completions, batched, with a KV cache.
 
+`generate` runs its own decode loop (`_decode`) for decoder-only transformers models: the same
+tokens as `model.generate` (tests/test_rollout.py compares them), without its per-step
+machinery, and with "no stop tokens" meaning exactly that (`model.generate` falls back to the
+model's own eos token and pads the row after it).
+
 Sampling is seeded per completion, not per batch: each row draws its randomness from its own
 generator (the Gumbel-max trick over the processed logits), so a completion depends only on
 its prompt, its seed and the weights — not on which other prompts shared its batch, on batch
@@ -84,8 +89,8 @@ def _logits_fn(model):
 
     On a CPU, a plain bias-free head with a few rows is applied as `W @ h.T`: the GEMM runs that
     orientation faster than `F.linear` for the 49k-row output matrix, the decode step's largest
-    product (8 rows: 12% off the whole decode step; from 32 rows on `F.linear` is as fast or
-    faster — `python -m benchmarks.run rollout`).
+    product (8 rows: 3% and 12% off the whole decode step in two runs; at 32 rows `F.linear` is
+    as fast or faster — `python -m benchmarks.run rollout`).
     """
     from selfdistill.losses import output_head
 
