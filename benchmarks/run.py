@@ -153,8 +153,11 @@ def main(argv=None) -> None:
     elif args.suite == "trl":
         # Activation checkpointing on both sides: TRL's default, and what a memory comparison needs.
         same = dict(sdft, teacher_template="plain", checkpointing=args.checkpointing)
-        same.pop("micro", None)  # TRL trains a step's prompts in one forward; so does our side here
-        result = compare("trl", {"trl_sdft": (_trl, same), "selfdistill_sdft": (_ours, same)}, args.reps, "trl_sdft")
+        # TRL trains a step's prompts in one forward (its gradient accumulation would also split the
+        # rollout batch); --micro splits only our side's forward/backward: the same gradient per step.
+        same.pop("micro", None)
+        ours = dict(same, micro=args.micro) if args.micro else same
+        result = compare("trl", {"trl_sdft": (_trl, same), "selfdistill_sdft": (_ours, ours)}, args.reps, "trl_sdft")
     elif args.suite == "rollout":
         from benchmarks.rollout import rollout_suite
 
