@@ -34,14 +34,16 @@ def rollout_suite(args) -> dict:
         prompts = [e.student_ids for e in builder.encode_all([Record(prompt=r["prompt"], demonstration=r["demonstration"])
                                                               for r in records])]
         seeds = [rollout.rollout_seed(0, i, 0) for i in range(size)]
+        default_rows = rollout.SMALL_DECODE_ROWS
+
         def run(side: str):
-            rollout.SMALL_DECODE_ROWS = 0 if side == "decode_loop_linear_head" else 16
+            rollout.SMALL_DECODE_ROWS = 0 if side == "decode_loop_linear_head" else default_rows
             t0 = time.perf_counter()
             out = rollout.generate(model, prompts, stop_token_ids=[stop], pad_token_id=tokenizer.pad_token_id,
                                    max_new_tokens=args.length, temperature=1.0, seeds=seeds, batch_size=size,
                                    use_hf_generate=side == "transformers_generate")
             seconds = time.perf_counter() - t0
-            rollout.SMALL_DECODE_ROWS = 16
+            rollout.SMALL_DECODE_ROWS = default_rows
             return seconds, out
 
         sides = ["transformers_generate", "decode_loop", "decode_loop_linear_head"]

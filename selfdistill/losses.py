@@ -125,6 +125,8 @@ def output_head(model) -> Callable[[torch.Tensor], torch.Tensor]:
         return logits
 
     project.module = head  # whose trainable parameters the chunked losses differentiate
+    # A bias-free linear map and nothing else: callers may apply `head.weight` in another form.
+    project.plain_linear = isinstance(head, torch.nn.Linear) and head.bias is None and not cap and scale is None
     return project
 
 
@@ -175,8 +177,9 @@ class _GradientsInForward(torch.autograd.Function):
 
 def _chunked(chunk_loss, hidden: torch.Tensor, head, chunk_size: int, num_stats: int):
     """(Σ chunk losses, Σ chunk stats) over chunks of `hidden`'s rows, differentiable in hidden and the head."""
-    if torch.is_grad_enabled() and (hidden.requires_grad or _trainable_parameters(head)):
-        return _GradientsInForward.apply(chunk_loss, chunk_size, num_stats, hidden, *_trainable_parameters(head))
+    params = _trainable_parameters(head)
+    if torch.is_grad_enabled() and (hidden.requires_grad or params):
+        return _GradientsInForward.apply(chunk_loss, chunk_size, num_stats, hidden, *params)
     total = torch.zeros((), dtype=torch.float32, device=hidden.device)
     stats = torch.zeros(num_stats, dtype=torch.float32, device=hidden.device)
     for start in range(0, hidden.shape[0], chunk_size):

@@ -94,17 +94,14 @@ def _logits_fn(model):
     """
     from selfdistill.losses import output_head
 
-    head = model.get_output_embeddings()
-    config = getattr(model, "config", None)
     project = output_head(model)
-    plain = (isinstance(head, torch.nn.Linear) and head.bias is None and not hasattr(head, "base_layer")
-             and not getattr(config, "final_logit_softcapping", None) and getattr(config, "logit_scale", None) is None)
-    if not plain:
+    if not project.plain_linear:
         return project
+    weight = project.module.weight
 
     def logits(hidden: torch.Tensor) -> torch.Tensor:
         if hidden.device.type == "cpu" and hidden.shape[0] <= SMALL_DECODE_ROWS:
-            return torch.mm(head.weight, hidden.T).T
+            return torch.mm(weight, hidden.T).T
         return project(hidden)
 
     return logits
