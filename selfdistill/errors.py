@@ -1,9 +1,39 @@
-"""The one exception type for user mistakes.
+"""The exceptions a user sees, and the exit status each gives on the command line.
 
-Anything the user can fix (a bad file, an unknown option, a value out of range) raises
-`UserError`; the CLI prints its message and exits non-zero without a traceback.
+| exception | exit status | meaning |
+|---|---|---|
+| `UserError` | 2 | a mistake in the input (file, line, field or option named); nothing was written |
+| `RunFailed` | 1 | the run could not go on (non-finite steps, full disk); the last checkpoint is intact |
+| `RunStopped` | 128 + signal (130 Ctrl-C, 143 SIGTERM) | stopped on purpose after writing a checkpoint; `--resume` continues |
+
+The CLI prints the message and exits with the status, without a traceback.
 """
+
+from __future__ import annotations
+
+import signal
 
 
 class UserError(Exception):
     """A mistake in the user's input: the message says where it is and what to do."""
+
+    exit_code = 2
+
+
+class RunFailed(Exception):
+    """The run could not go on; the message says what was kept and how to continue."""
+
+    exit_code = 1
+
+
+class RunStopped(Exception):
+    """The run stopped on purpose (a signal), after writing a checkpoint it can resume from."""
+
+    def __init__(self, message: str, signum: int = signal.SIGTERM):
+        super().__init__(message)
+        self.signum = int(signum)
+
+    @property
+    def exit_code(self) -> int:
+        # The shell's convention for "ended by signal N", so schedulers treat it as a pre-emption.
+        return 128 + self.signum
