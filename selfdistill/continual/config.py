@@ -16,12 +16,23 @@ A YAML file with these top-level keys (every key but `stream` and `methods` is o
         eval: eval.jsonl
         grader: contains
         teacher_template: plain
+        lenient: {grader: contains, answer_field: answers}   # optional second, lenient score
     methods:
       - name: sdft-lr1e-4       # label in results and plots
         method: sdft            # one of selfdistill.config.METHODS
         overrides: {train: {lr: 1e-4}}
+      - name: sft
+        method: sft
+        grid: {train.lr: [1.0e-4, 2.0e-4]}   # one run per value: sft@lr=1e-4, sft@lr=2e-4
+    grid: {train.lr: [1.0e-4, 2.0e-4]}       # the grid of every method that has no `grid` of its own
     eval: {max_new_tokens: 64, batch_size: 16, precision: fp32, samples: 3,
            probes: {enabled: true, limit: 40, max_new_tokens: 64}, drift: {enabled: true, limit: null}}
+
+A grid (`grid: {section.key: [values]}`, or nested `{train: {lr: [...]}}`; several keys give every
+combination) expands one method entry into one labelled method per grid point: its name is
+`<name>@<key>=<value>[,...]` (e.g. `sdft@lr=1e-4`), its `group` the entry's name and its `setting`
+the point's values, set over the entry's `overrides`. The report draws each group as one line
+through its grid points. Numbers written like `1e-4` (which YAML reads as text) are read as numbers.
 
 The teacher template of a stage is, first found: the method's `overrides.data.teacher_template`,
 the stage's `teacher_template`, the built-in task's own template, the base config's.
@@ -52,6 +63,7 @@ class StageSpec:
     eval_size: int | None = None
     teacher_template: str | None = None
     max_new_tokens: int | None = None  # evaluation budget for this task (else eval.max_new_tokens)
+    lenient: dict | None = None  # files only: {grader, answer_field} of a lenient score, e.g. {grader: contains, answer_field: answers}
 
 
 @dataclass
@@ -59,6 +71,13 @@ class MethodSpec:
     name: str
     method: str
     overrides: dict = field(default_factory=dict)
+    group: str | None = None  # the method entry a grid point came from (its name); None: not from a grid
+    setting: dict = field(default_factory=dict)  # the grid point, {"train.lr": 1e-4}
+
+    @property
+    def family(self) -> str:
+        """The line this method belongs to on the frontier: its grid's entry, or itself."""
+        return self.group or self.name
 
 
 @dataclass
@@ -96,6 +115,7 @@ class ContinualConfig:
     keep_stage_models: bool = True  # False: keep only each method's newest stage model (saves disk)
     workers: int = 1  # method x seed sequences run at once, each in its own process
     eval: EvalSettings = field(default_factory=EvalSettings)
+    grid: dict = field(default_factory=dict)  # the grid of every method entry without its own (before expansion)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -175,6 +195,8 @@ def _stage(data: Any, where: str) -> StageSpec:
             raise UserError(f"{where}.task: {exc}") from None
         if stage.train or stage.eval:
             raise UserError(f"{where}: give either a built-in 'task' or 'train'/'eval' files, not both.")
+        if stage.lenient is not None:
+            raise UserError(f"{where}.lenient: a built-in task has its own lenient score; 'lenient' is for tasks from files.")
     else:
         missing = [k for k in ("name", "train", "eval", "grader") if not getattr(stage, k)]
         if missing:
@@ -183,6 +205,11 @@ def _stage(data: Any, where: str) -> StageSpec:
 
         if stage.grader not in graders.names():
             raise UserError(f"{where}.grader: unknown grader {stage.grader!r}; choose one of {', '.join(graders.names())}.")
+        if stage.lenient is not None:
+            lenient = stage.lenient
+            if not isinstance(lenient, dict) or set(lenient) - {"grader", "answer_field"} or lenient.get("grader") not in graders.names():
+                raise UserError(f"{where}.lenient: expected {{grader: <one of {', '.join(graders.names())}>, "
+                                f"answer_field: <record field with the accepted answers>}}, got {lenient!r}.")
     return stage
 
 
@@ -193,12 +220,101 @@ def _method(data: Any, where: str) -> MethodSpec:
         raise UserError(f"{where}: expected a method name or a mapping, got {data!r}.")
     data = dict(data)
     data.setdefault("method", data.get("name"))
+    data.pop("grid", None)  # expanded by _methods
     spec = _build(MethodSpec, data, where)
     if spec.method not in METHODS:
         raise UserError(f"{where}.method: unknown method {spec.method!r}; choose one of {', '.join(METHODS)}.")
     if not isinstance(spec.overrides, dict):
         raise UserError(f"{where}.overrides: expected a mapping of config sections, e.g. {{train: {{lr: 1e-4}}}}.")
     return spec
+
+
+def _flatten(data: dict, prefix: str = "") -> dict:
+    """{"train": {"lr": [...]}} and {"train.lr": [...]} both to {"train.lr": [...]}."""
+    flat = {}
+    for key, value in data.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, dict):
+            flat.update(_flatten(value, name + "."))
+        else:
+            flat[name] = value
+    return flat
+
+
+def _number(value):
+    # YAML 1.1 reads 1e-4 (no dot) as text; a grid of learning rates written that way means numbers.
+    if isinstance(value, str):
+        try:
+            return float(value)
+        except ValueError:
+            return value
+    return value
+
+
+def parse_grid(data: Any, where: str) -> dict[str, list]:
+    """A validated grid: dotted config keys (section.key) to non-empty lists of distinct values."""
+    if not isinstance(data, dict):
+        raise UserError(f"{where}: expected a mapping of config keys to lists of values, e.g. {{train.lr: [1.0e-4, 2.0e-4]}}.")
+    grid = {}
+    for key, values in _flatten(data).items():
+        if "." not in key:
+            raise UserError(f"{where}: key {key!r} must name a config section and setting, e.g. train.lr.")
+        if not isinstance(values, list) or not values:
+            raise UserError(f"{where}.{key}: expected a non-empty list of values, got {values!r}.")
+        values = [_number(v) for v in values]
+        if any(isinstance(v, (dict, list)) for v in values):
+            raise UserError(f"{where}.{key}: grid values must be single values (numbers, text, true/false).")
+        if len({repr(v) for v in values}) != len(values):
+            raise UserError(f"{where}.{key}: repeated values in {values!r}.")
+        grid[key] = values
+    return grid
+
+
+def format_value(value) -> str:
+    """A short label for a grid value: 1e-4 rather than 0.0001, 2.5e-4, 0.05, 3, true."""
+    if isinstance(value, bool):
+        return str(value).lower()
+    if isinstance(value, float):
+        if value != 0 and (abs(value) < 1e-2 or abs(value) >= 1e4):
+            for digits in range(0, 8):
+                text = f"{value:.{digits}e}"
+                if float(text) == value:
+                    mantissa, exponent = text.split("e")
+                    return f"{mantissa}e{int(exponent)}"
+        return f"{value:g}"
+    return str(value)
+
+
+def grid_label(setting: dict) -> str:
+    """`lr=1e-4,kind=ema`: the last part of each key, unless two keys share it."""
+    shorts = [key.split(".")[-1] for key in setting]
+    names = [key if shorts.count(short) > 1 else short for key, short in zip(setting, shorts)]
+    return ",".join(f"{name}={format_value(v)}" for name, v in zip(names, setting.values()))
+
+
+def expand_grid(spec: MethodSpec, data: Any, shared: dict, where: str) -> list[MethodSpec]:
+    """One MethodSpec per point of the entry's grid (its own, else the shared one); the entry itself without one."""
+    own = data.get("grid") if isinstance(data, dict) else None
+    grid = parse_grid(own, f"{where}.grid") if own is not None else shared
+    if not grid:
+        return [spec]
+    points = [{}]
+    for key, values in grid.items():
+        points = [{**p, key: v} for p in points for v in values]
+    out = []
+    for point in points:
+        overrides = copy.deepcopy(spec.overrides)
+        for key, value in point.items():
+            node = overrides
+            *sections, leaf = key.split(".")
+            for section in sections:
+                node = node.setdefault(section, {})
+                if not isinstance(node, dict):
+                    raise UserError(f"{where}.grid: {key!r} runs into a setting that is not a section.")
+            node[leaf] = value
+        out.append(MethodSpec(name=f"{spec.name}@{grid_label(point)}", method=spec.method, overrides=overrides,
+                              group=spec.name, setting=point))
+    return out
 
 
 def parse_config(data: Any, where: str = "config") -> ContinualConfig:
@@ -210,7 +326,9 @@ def parse_config(data: Any, where: str = "config") -> ContinualConfig:
         if not isinstance(data.get(key), list) or not data[key]:
             raise UserError(f"{where}: '{key}' must be a non-empty list.")
     stream = [_stage(s, f"{where}: stream[{i}]") for i, s in enumerate(data["stream"])]
-    methods = [_method(m, f"{where}: methods[{i}]") for i, m in enumerate(data["methods"])]
+    shared_grid = parse_grid(data.get("grid") or {}, f"{where}: grid")
+    methods = [point for i, m in enumerate(data["methods"])
+               for point in expand_grid(_method(m, f"{where}: methods[{i}]"), m, shared_grid, f"{where}: methods[{i}]")]
     for label, items in (("stream", [s.name for s in stream]), ("methods", [m.name for m in methods])):
         dupes = sorted({n for n in items if items.count(n) > 1})
         if dupes:
@@ -229,6 +347,7 @@ def parse_config(data: Any, where: str = "config") -> ContinualConfig:
         keep_stage_models=bool(data.get("keep_stage_models", True)),
         workers=data.get("workers", 1),
         eval=_build(EvalSettings, data.get("eval") or {}, f"{where}: eval"),
+        grid={k: list(v) for k, v in shared_grid.items()},
     )
     if not isinstance(cfg.workers, int) or isinstance(cfg.workers, bool) or cfg.workers < 1:
         raise UserError(f"{where}: 'workers' must be an integer >= 1 (processes running sequences at once), got {cfg.workers!r}.")

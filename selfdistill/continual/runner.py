@@ -34,6 +34,7 @@ from typing import Callable
 from selfdistill.continual.config import ContinualConfig, MethodSpec
 from selfdistill.data.records import Record, load_records
 from selfdistill.errors import UserError
+from selfdistill.files import read_json, write_json  # noqa: F401  (results.py and plots read them from here)
 
 log = logging.getLogger(__name__)
 
@@ -46,17 +47,25 @@ class StreamTask:
     eval: list[Record]
     max_new_tokens: int
     documents: list[str] = field(default_factory=list)
+    lenient: object | None = None  # a tasks.Metric giving a lenient or partial score beside the headline one
+    teacher_template: str = "paper"  # for the teacher-prompt demonstration log-likelihood (a reference)
 
 
-def write_json(path: Path, value) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(value, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
-    tmp.replace(path)
+# Partial credit for graders of files-based tasks that have one.
+LENIENT_GRADERS = {"toolalpaca": "toolalpaca_partial", "toolalpaca_robust": "toolalpaca_partial"}
 
 
-def read_json(path: Path):
-    return json.loads(Path(path).read_text(encoding="utf-8"))
+def _template(cfg: ContinualConfig, stage) -> str:
+    """The stage's teacher template without any method's override: the stage's, the task's, the base's."""
+    if stage.teacher_template:
+        return stage.teacher_template
+    if stage.task:
+        from selfdistill.tasks import get_task
+
+        return get_task(stage.task).teacher_template
+    from selfdistill.config import load_config
+
+    return load_config(overrides=copy.deepcopy(cfg.base)).data.teacher_template
 
 
 def stage_dir(out: Path, method: str, seed: int, stage: int) -> Path:
@@ -66,16 +75,19 @@ def stage_dir(out: Path, method: str, seed: int, stage: int) -> Path:
 
 
 def build_tasks(cfg: ContinualConfig) -> list[StreamTask]:
-    from selfdistill.tasks import get_task, make_task
+    from selfdistill.tasks import Metric, get_task, make_task
 
     tasks = []
     for stage in cfg.stream:
         budget = stage.max_new_tokens or cfg.eval.max_new_tokens
+        template = _template(cfg, stage)
         if stage.task:
             spec = get_task(stage.task)
             data = make_task(stage.task, cfg.data_seed, stage.size)
             evals = data.eval[:stage.eval_size] if stage.eval_size else data.eval
-            tasks.append(StreamTask(stage.name, spec.metrics[0].grader, data.train, evals, budget, data.documents))
+            lenient = spec.metrics[1] if len(spec.metrics) > 1 else None
+            tasks.append(StreamTask(stage.name, spec.metrics[0].grader, data.train, evals, budget, data.documents,
+                                    lenient, template))
         else:
             train = load_records(stage.train)
             evals = load_records(stage.eval, require_demonstration=False)
@@ -83,7 +95,12 @@ def build_tasks(cfg: ContinualConfig) -> list[StreamTask]:
                 train = train[:stage.size]
             if stage.eval_size:
                 evals = evals[:stage.eval_size]
-            tasks.append(StreamTask(stage.name, stage.grader, train, evals, budget))
+            partial = LENIENT_GRADERS.get(stage.grader)
+            lenient = Metric("partial", partial) if partial else None
+            if stage.lenient:
+                lenient = Metric("lenient", stage.lenient["grader"], stage.lenient.get("answer_field", "answer"))
+            tasks.append(StreamTask(stage.name, stage.grader, train, evals, budget, lenient=lenient,
+                                    teacher_template=template))
     return tasks
 
 
@@ -207,14 +224,23 @@ class Runner:
                 continue
             tmp = target.with_name(task.name + ".tmp")
             shutil.rmtree(tmp, ignore_errors=True)
+            examples: list[dict] = []
             summary = evaluate(model, tokenizer, task.eval, graders.get(task.grader), max_new_tokens=task.max_new_tokens,
                                batch_size=settings.batch_size, precision=settings.precision, out_dir=tmp,
-                               desc=f"{label} eval {task.name}")
+                               desc=f"{label} eval {task.name}", examples=examples)
             summary.update({"task": task.name, "grader": task.grader})
+            if task.lenient is not None:
+                summary["lenient"] = self.lenient_score(task, examples)
+            loglik = self.demonstration_loglik(model, tokenizer, task)
+            if loglik is not None:
+                summary["loglik"] = loglik
             write_json(tmp / "summary.json", summary)
             shutil.rmtree(target, ignore_errors=True)
             tmp.replace(target)
-            self.echo(f"  {label}: {task.name} = {summary['score']:.3f} ({summary['count']} items)")
+            extra = f", {task.lenient.name} {summary['lenient']['score']:.3f}" if task.lenient is not None else ""
+            if loglik is not None:
+                extra += f", demonstration log-likelihood {loglik['student']:.3f} nats/token"
+            self.echo(f"  {label}: {task.name} = {summary['score']:.3f} ({summary['count']} items{extra})")
         if settings.probes.enabled and not (where / "probes.json").is_file():
             from selfdistill.eval.probes import run_probes
 
@@ -229,6 +255,26 @@ class Runner:
             write_json(where / "drift.json", result)
             self.echo(f"  {label}: drift from the starting model = {result['kl_nats']:.4f} nats/token (KL)")
         return time.perf_counter() - start
+
+    def lenient_score(self, task: StreamTask, examples: list[dict]) -> dict:
+        """The task's lenient or partial score of the outputs already generated (no new generation)."""
+        from selfdistill.eval.evaluate import wilson_interval
+        from selfdistill.tasks.ceiling import default_grader, score
+
+        grader = default_grader(task.lenient.grader)
+        scores = [score(e["output"], record, task.lenient, grader) for e, record in zip(examples, task.eval)]
+        mean = sum(scores) / len(scores)
+        return {"metric": task.lenient.name, "grader": task.lenient.grader, "score": mean,
+                "ci95": list(wilson_interval(mean, len(scores))), "scores": scores}
+
+    def demonstration_loglik(self, model, tokenizer, task: StreamTask) -> dict | None:
+        """Held-out demonstration log-likelihood of the task's evaluation items (None without demonstrations)."""
+        from selfdistill.eval.loglik import heldout_loglik
+        from selfdistill.models import stop_token_id
+
+        system_prompt = (self.cfg.base.get("data") or {}).get("system_prompt")
+        return heldout_loglik(model, tokenizer, task.eval, template=task.teacher_template, system_prompt=system_prompt,
+                              stop_token_id=stop_token_id(model, tokenizer), precision=self.cfg.eval.precision)
 
     # --- the loop -----------------------------------------------------------------------------
 

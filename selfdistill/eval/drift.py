@@ -103,6 +103,7 @@ def drift(answers: dict, model, tokenizer=None, *, base_model=None, precision: s
     one bucket. `tokenizer` is unused (the answers are token ids) and accepted for symmetry.
     """
     total_kl, total_nll, tokens = 0.0, 0.0, 0
+    per_prompt = []  # each prompt's mean KL: the spread across prompts is the measurement's noise
     for item in answers["items"]:
         prompt_ids, answer_ids = item["prompt_ids"], item["answer_ids"]
         model_lp = _answer_logprobs(model, prompt_ids, answer_ids, precision)
@@ -113,7 +114,8 @@ def drift(answers: dict, model, tokenizer=None, *, base_model=None, precision: s
             kl = _bucket_kl(torch.tensor(item["top_logprobs"]), torch.tensor(item["top_ids"]), model_lp)
         nll = -model_lp.gather(-1, torch.tensor(answer_ids)[:, None])[:, 0]
         total_kl += float(kl.sum())
+        per_prompt.append(round(float(kl.mean()), 6) if len(answer_ids) else 0.0)
         total_nll += float(nll.sum())
         tokens += len(answer_ids)
     return {"kl_nats": total_kl / max(tokens, 1), "nll_nats": total_nll / max(tokens, 1), "tokens": tokens,
-            "prompts": len(answers["items"]), "kl_method": "full" if base_model is not None else f"top{answers.get('top_k')}+rest"}
+            "prompts": len(answers["items"]), "kl_per_prompt": per_prompt, "kl_method": "full" if base_model is not None else f"top{answers.get('top_k')}+rest"}

@@ -197,6 +197,18 @@ def toolalpaca_robust(output: str, record: dict) -> float:
     return _toolalpaca(output, record, _robust_inputs)
 
 
+def toolalpaca_partial(output: str, record: dict) -> float:
+    """Partial credit for tool calls: 1 for the right calls with the right arguments (as
+    `toolalpaca_robust`), 0.5 for the right actions with wrong or unreadable arguments, else 0.
+
+    It shows a model that learned which API to call before it learned to fill in the call.
+    """
+    gold_actions, gold_input = _gold_calls(record)
+    if Counter(_ACTION.findall(output)) != gold_actions:
+        return 0.0
+    return 1.0 if _merge(_robust_inputs(output)) == gold_input else 0.5
+
+
 # --- LLM as judge --------------------------------------------------------------------------
 
 JUDGE_PROMPT = (
@@ -265,6 +277,7 @@ GRADERS: dict[str, Grader] = {
     "choice_tag": choice_tag,
     "toolalpaca": toolalpaca,
     "toolalpaca_robust": toolalpaca_robust,
+    "toolalpaca_partial": toolalpaca_partial,
 }
 
 

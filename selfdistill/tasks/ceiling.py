@@ -52,18 +52,25 @@ class CeilingResult:
 
 
 @torch.no_grad()
-def demonstration_loglik(model, prompts: list[list[int]], demos: list[list[int]], precision: str) -> tuple[float, float]:
-    """Mean per-token and mean first-token log-likelihood of each demonstration after its prompt."""
+def demonstration_token_logps(model, prompts: list[list[int]], demos: list[list[int]], precision: str) -> list[list[float]]:
+    """Per record, log p(token | prompt, earlier demonstration tokens) of every demonstration token, nats."""
     device = next(model.parameters()).device
-    token_sum, token_count, first_sum = 0.0, 0, 0.0
+    out = []
     for prompt, demo in zip(prompts, demos):
         ids = torch.tensor([prompt + demo], device=device)
         with autocast_context(device, precision):
             logits = model(input_ids=ids).logits[0, len(prompt) - 1:-1].float()
         logp = logits.log_softmax(-1).gather(-1, torch.tensor(demo, device=device)[:, None])[:, 0]
-        token_sum += logp.sum().item()
-        token_count += len(demo)
-        first_sum += logp[0].item()
+        out.append(logp.tolist())
+    return out
+
+
+def demonstration_loglik(model, prompts: list[list[int]], demos: list[list[int]], precision: str) -> tuple[float, float]:
+    """Mean per-token and mean first-token log-likelihood of each demonstration after its prompt."""
+    logps = demonstration_token_logps(model, prompts, demos, precision)
+    token_count = sum(len(lp) for lp in logps)
+    token_sum = sum(sum(lp) for lp in logps)
+    first_sum = sum(lp[0] for lp in logps if lp)
     return token_sum / max(token_count, 1), first_sum / max(len(prompts), 1)
 
 

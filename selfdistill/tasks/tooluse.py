@@ -195,7 +195,7 @@ def make(seed: int, size: int, hinted: bool = False) -> TaskData:
 SPEC = TaskSpec(
     name="tooluse",
     description="Calls to fictional APIs in the paper's ToolAlpaca format (Thought / Action / Action Input).",
-    metrics=(Metric("accuracy", "toolalpaca"),),
+    metrics=(Metric("accuracy", "toolalpaca"), Metric("partial", "toolalpaca_partial")),
     make=make,
     teacher_template=SAME_FORMAT_TEMPLATE,
 )
@@ -208,7 +208,7 @@ SPEC = TaskSpec(
 HINTED_SPEC = TaskSpec(
     name="tooluse_hinted",
     description="tooluse with a worked call for a different API in the prompt (a format hint, not the answer).",
-    metrics=(Metric("accuracy", "toolalpaca"),),
+    metrics=(Metric("accuracy", "toolalpaca"), Metric("partial", "toolalpaca_partial")),
     make=lambda seed, size: make(seed, size, hinted=True),
     teacher_template=SAME_FORMAT_TEMPLATE,
 )
