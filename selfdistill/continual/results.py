@@ -9,24 +9,44 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from selfdistill.continual import frontier
 from selfdistill.continual.metrics import CI_METHOD, mean_ci, stream_metrics
 from selfdistill.continual.runner import read_json, stage_dir, write_json
 from selfdistill.errors import UserError
 
 FORMAT = "selfdistill-continual-v1"
-METRIC_NAMES = ("acc", "bwt", "fwt", "forgetting", "prior_final", "prior_change", "drift_kl_final", "drift_nll_final")
+METRIC_NAMES = ("acc", "bwt", "fwt", "forgetting", "prior_final", "prior_change", "drift_kl_final", "drift_nll_final",
+                "lenient_acc", "loglik_final", "loglik_gain")
+
+
+# Per-task matrices besides R, each [stage][task], null where a task has no such measure.
+MATRICES = ("lenient", "loglik", "loglik_teacher", "loglik_answer")
 
 
 def _stage_values(where: Path, tasks: list[str]) -> dict | None:
-    """Scores, probes and drift of one finished stage; None while it is not finished."""
+    """Scores, probes, drift and the continuous measures of one finished stage; None while it is not finished."""
     if not (where / "done.json").is_file():
         return None
     done = read_json(where / "done.json")
-    scores = [read_json(where / "eval" / t / "summary.json")["score"] for t in tasks]
-    probes = read_json(where / "probes.json")["score"] if (where / "probes.json").is_file() else None
+    summaries = [read_json(where / "eval" / t / "summary.json") for t in tasks]
+    probes = read_json(where / "probes.json") if (where / "probes.json").is_file() else {}
     drift = read_json(where / "drift.json") if (where / "drift.json").is_file() else {}
-    return {"scores": scores, "prior": probes, "drift_kl": drift.get("kl_nats"), "drift_nll": drift.get("nll_nats"),
+    logliks = [s.get("loglik") or {} for s in summaries]
+    return {"scores": [s["score"] for s in summaries], "prior": probes.get("score"),
+            "drift_kl": drift.get("kl_nats"), "drift_nll": drift.get("nll_nats"),
+            "drift_per_prompt": drift.get("kl_per_prompt"),
+            "lenient": [(s.get("lenient") or {}).get("score") for s in summaries],
+            "loglik": [ll.get("student") for ll in logliks], "loglik_teacher": [ll.get("teacher") for ll in logliks],
+            "loglik_answer": [ll.get("student_answer") for ll in logliks],
+            "loglik_items": [ll.get("items") for ll in logliks],
             "train_time_s": done.get("train_time_s"), "eval_time_s": done.get("eval_time_s")}
+
+
+def _item_change(items: list | None, start_items: list | None) -> dict | None:
+    """Mean change per item from the starting model, with a t interval across items (paired: same items)."""
+    if not items or not start_items or len(items) != len(start_items):
+        return None
+    return mean_ci([a - b for a, b in zip(items, start_items)])
 
 
 def _sequence(out: Path, method: str, seed: int, tasks: list[str], start: dict) -> dict:
@@ -45,6 +65,12 @@ def _sequence(out: Path, method: str, seed: int, tasks: list[str], start: dict) 
         "prior_delta": [None if s["prior"] is None or start["prior"] is None else s["prior"] - start["prior"] for s in stages],
         "drift_kl": [s["drift_kl"] for s in stages],
         "drift_nll": [s["drift_nll"] for s in stages],
+        **{key: [s[key] for s in stages] for key in MATRICES},
+        # Change of the student-prompt log-likelihood from the start, per stage and task, with a t interval
+        # across evaluation items (one seed's measurement noise; null where a task has no demonstrations).
+        "loglik_change": [[_item_change(a, b) for a, b in zip(s["loglik_items"], start["loglik_items"])] for s in stages],
+        # A t interval across the drift prompts: how much drift varies from prompt to prompt (one seed's noise).
+        "drift_kl_ci": [mean_ci(s["drift_per_prompt"])["ci95"] if s["drift_per_prompt"] else None for s in stages],
         "train_time_s": [s["train_time_s"] for s in stages[1:]],
         "eval_time_s": [s["eval_time_s"] for s in stages],
         "metrics": None,
@@ -56,8 +82,17 @@ def _sequence(out: Path, method: str, seed: int, tasks: list[str], start: dict) 
         metrics["prior_change"] = None if prior[-1] is None or prior[0] is None else prior[-1] - prior[0]
         metrics["drift_kl_final"] = seq["drift_kl"][-1]
         metrics["drift_nll_final"] = seq["drift_nll"][-1]
+        metrics["lenient_acc"] = _mean_known(seq["lenient"][-1])
+        metrics["loglik_final"] = _mean_known(seq["loglik"][-1])
+        start_ll = _mean_known(seq["loglik"][0])
+        metrics["loglik_gain"] = None if metrics["loglik_final"] is None or start_ll is None else metrics["loglik_final"] - start_ll
         seq["metrics"] = metrics
     return seq
+
+
+def _mean_known(values: list) -> float | None:
+    kept = [v for v in values if v is not None]
+    return sum(kept) / len(kept) if kept else None
 
 
 def _per_stage_ci(rows: list[list]) -> list:
@@ -81,7 +116,10 @@ def collect(out_dir: str | Path) -> dict:
                                  "eval_count": info.get("count")})
     if start is None:
         return results
-    results["start"] = {"scores": start["scores"], "prior": start["prior"], "eval_time_s": start["eval_time_s"]}
+    results["start"] = {"scores": start["scores"], "prior": start["prior"], "eval_time_s": start["eval_time_s"],
+                        **{key: start[key] for key in MATRICES}}
+    probes = out / "start" / "probes.json"
+    results["prior_count"] = read_json(probes)["count"] if probes.is_file() else None
     complete = True
     for method in config["methods"]:
         seeds = {}
@@ -94,12 +132,17 @@ def collect(out_dir: str | Path) -> dict:
         if finished:
             summary = {name: mean_ci([s["metrics"][name] for s in finished]) for name in METRIC_NAMES}
             summary["R"] = [_per_stage_ci([s["R"][k] for s in finished]) for k in range(len(tasks) + 1)]
+            for key in MATRICES:
+                summary[key] = [_per_stage_ci([s[key][k] for s in finished]) for k in range(len(tasks) + 1)]
             for key in ("prior", "prior_delta", "drift_kl", "drift_nll"):
                 summary[key] = _per_stage_ci([s[key] for s in finished])
             summary["seeds"] = len(finished)
         results["methods"][method["name"]] = {"method": method["method"], "overrides": method["overrides"],
+                                              "group": method.get("group") or method["name"],
+                                              "setting": method.get("setting") or {},
                                               "seeds": seeds, "summary": summary}
     results["complete"] = complete
+    results["frontier"] = frontier.analyse(results)
     return results
 
 
@@ -109,37 +152,100 @@ def write_results(out_dir: str | Path) -> dict:
     return results
 
 
+def _num(value, spec: str = ".3f", width: int = 9) -> str:
+    return f"{format(value, spec):>{width}}" if value is not None else f"{'-':>{width}}"
+
+
 def summary_table(results: dict) -> str:
-    """Plain-text table: per method, each task's score after each stage, then BWT, prior score, drift."""
+    """Plain text: the finding, then per method each task's score after each stage with prior score and drift,
+    the held-out demonstration log-likelihood, the lenient scores, the grids and the point-by-point comparison."""
     tasks = [t["name"] for t in results["tasks"]]
+    methods = results["methods"]
+    w = max([14] + [len(n) + 2 for n in methods])
+    frontier_data = results.get("frontier") or {}
     lines = []
-    header = f"{'method':<14}{'after':<16}" + "".join(f"{t[:12]:>13}" for t in tasks) + f"{'prior':>9}{'drift':>9}"
-    lines.append(header)
-    lines.append("-" * len(header))
-    if "start" in results:
-        row = f"{'(start)':<14}{'stage 0':<16}" + "".join(f"{v:>13.3f}" for v in results["start"]["scores"])
-        prior = results["start"]["prior"]
-        lines.append(row + (f"{prior:>9.3f}" if prior is not None else f"{'-':>9}") + f"{0.0:>9.3f}")
-    for name, entry in results["methods"].items():
+    found = frontier_data.get("finding") or {}
+    if found.get("headline"):
+        lines += _wrap("Finding: " + found["headline"]) + [""]
+    header = f"{'method':<{w}}{'after':<16}" + "".join(f"{t[:12]:>13}" for t in tasks) + f"{'prior':>9}{'drift':>9}"
+    lines += [header, "-" * len(header)]
+    start = results.get("start")
+    if start:
+        lines.append(f"{'(start)':<{w}}{'stage 0':<16}" + "".join(f"{v:>13.3f}" for v in start["scores"])
+                     + _num(start["prior"]) + _num(0.0))
+    for name, entry in methods.items():
         s = entry["summary"]
         if s is None:
-            lines.append(f"{name:<14}(not finished)")
+            lines.append(f"{name:<{w}}(not finished)")
             continue
         for k in range(1, len(tasks) + 1):
             stage = f"{k} {tasks[k - 1]}"[:15]
-            row = f"{name:<14}{stage:<16}" + "".join(f"{c['mean']:>13.3f}" for c in s["R"][k])
-            prior, drift = s["prior"][k]["mean"], s["drift_kl"][k]["mean"]
-            row += f"{prior:>9.3f}" if prior is not None else f"{'-':>9}"
-            row += f"{drift:>9.3f}" if drift is not None else f"{'-':>9}"
-            lines.append(row)
+            lines.append(f"{name:<{w}}{stage:<16}" + "".join(f"{c['mean']:>13.3f}" for c in s["R"][k])
+                         + _num(s["prior"][k]["mean"]) + _num(s["drift_kl"][k]["mean"]))
         parts = []
         for key, label in (("acc", "ACC"), ("bwt", "BWT"), ("fwt", "FWT"), ("forgetting", "Forgetting")):
             v = s[key]["mean"]
             parts.append(f"{label} {v:+.3f}" if v is not None else f"{label} -")
-        lines.append(f"{'':<14}" + "  ".join(parts))
+        lines.append(f"{'':<{w}}" + "  ".join(parts))
     lines.append("scores: fraction correct (0-1); prior: prior-capability probe score; drift: KL from the starting "
                  "model, nats/token")
+    lines += _loglik_block(results, tasks, w)
+    lines += _lenient_block(results, tasks, w)
+    groups = frontier_data.get("groups") or {}
+    if any(g["grid"] for g in groups.values()):
+        lines += ["", "Grids: " + "; ".join(f"{g}: {frontier.grid_text(info)}" for g, info in groups.items())
+                  + (" (the same for every method)" if frontier_data.get("same_grid") else "")]
+    if found.get("details"):
+        lines += ["", "Point by point, at the end of the stream (95% intervals; 'within the noise': the intervals overlap):"]
+        lines += [f"  {d}" for d in found["details"]]
     return "\n".join(lines)
+
+
+def _wrap(text: str, width: int = 100) -> list[str]:
+    import textwrap
+
+    return textwrap.wrap(text, width)
+
+
+def _loglik_block(results: dict, tasks: list[str], w: int) -> list[str]:
+    start = results.get("start") or {}
+    shown = [i for i, v in enumerate(start.get("loglik") or []) if v is not None]
+    if not shown:
+        return []
+    names = [tasks[i] for i in shown]
+    lines = ["", "Held-out demonstration log-likelihood, nats/token (student prompt; change from the start in brackets):",
+             f"{'method':<{w}}{'after':<16}" + "".join(f"{t[:18]:>19}" for t in names)]
+    lines.append(f"{'(start)':<{w}}{'stage 0':<16}" + "".join(f"{start['loglik'][i]:>19.3f}" for i in shown))
+    lines.append(f"{'(start)':<{w}}{'teacher prompt':<16}" + "".join(_num(start["loglik_teacher"][i], ".3f", 19) for i in shown))
+    for name, entry in results["methods"].items():
+        s = entry["summary"]
+        if s is None:
+            continue
+        for k in range(1, len(tasks) + 1):
+            cells = []
+            for i in shown:
+                v = s["loglik"][k][i]["mean"]
+                cells.append(f"{v:.3f} ({v - start['loglik'][i]:+.3f})" if v is not None else "-")
+            lines.append(f"{name:<{w}}{f'{k} {tasks[k - 1]}'[:15]:<16}" + "".join(f"{c:>19}" for c in cells))
+    return lines
+
+
+def _lenient_block(results: dict, tasks: list[str], w: int) -> list[str]:
+    start = results.get("start") or {}
+    shown = [i for i, v in enumerate(start.get("lenient") or []) if v is not None]
+    if not shown:
+        return []
+    lines = ["", "Lenient / partial scores (knowledge: any accepted form of the answer; tool calls: the right action "
+             "with wrong arguments counts 0.5):", f"{'method':<{w}}{'after':<16}" + "".join(f"{tasks[i][:12]:>13}" for i in shown),
+             f"{'(start)':<{w}}{'stage 0':<16}" + "".join(f"{start['lenient'][i]:>13.3f}" for i in shown)]
+    for name, entry in results["methods"].items():
+        s = entry["summary"]
+        if s is None:
+            continue
+        for k in range(1, len(tasks) + 1):
+            lines.append(f"{name:<{w}}{f'{k} {tasks[k - 1]}'[:15]:<16}" + "".join(_num(s["lenient"][k][i]["mean"], ".3f", 13)
+                                                                            for i in shown))
+    return lines
 
 
 def dump(results: dict) -> str:
