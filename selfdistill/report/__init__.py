@@ -24,6 +24,9 @@ def write_report(run_dir: str | Path) -> dict:
     (out / "report.html").write_text(html.render(results, figures, samples, intro), encoding="utf-8")
     files_dir = out / "report_files"
     files_dir.mkdir(exist_ok=True)
+    for old in files_dir.glob("*.png"):  # figures of an older version of the report
+        if old.stem not in {f.key for f in figures}:
+            old.unlink()
     figure_files = []
     for figure in figures:
         name = f"{figure.key}.png"

@@ -20,6 +20,7 @@ figcaption { color: #555; font-size: 0.92em; max-width: 900px; }
 .sample { border: 1px solid #ddd; border-radius: 4px; padding: 0.6em 0.8em; margin: 0.8em 0; }
 .sample table { width: 100%; } .sample td { text-align: left; }
 pre { white-space: pre-wrap; word-break: break-word; margin: 0; font-size: 0.88em; }
+.finding { font-size: 1.08em; background: #f6f8fa; border-left: 4px solid #1f77b4; padding: 0.6em 0.9em; max-width: 1000px; }
 .ok { color: #1a7f37; font-weight: bold; } .bad { color: #b42318; font-weight: bold; }
 """
 
@@ -37,6 +38,19 @@ def render(results: dict, figures: list, samples: list[dict], intro: str) -> str
              f"<p class='meta'>{escape(intro)}</p>"]
     if not results.get("complete"):
         parts.append("<p class='bad'>This run is not finished: numbers cover the stages done so far.</p>")
+    found = tables.finding(results)
+    if found["headline"]:
+        parts.append(f"<h2>Finding</h2><p class='finding'>{escape(found['headline'])}</p>")
+    if tables.grids(results):
+        parts.append(f"<p>{escape(tables.grids(results))}</p>")
+    if found["details"]:
+        items = "".join(f"<li>{escape(d)}</li>" for d in found["details"])
+        parts.append("<details><summary>Point by point, with 95% intervals ('within the noise': the intervals overlap)"
+                     f"</summary><ul class='legend'>{items}</ul></details>")
+    if tables.frontier_rows(results):
+        parts.append("<h2>Frontier: every grid point at the end of the stream</h2>")
+        parts.append(_table(tables.frontier_header(), tables.frontier_rows(results), "frontier"))
+        parts.append(f"<p class='legend'>{escape(tables.FRONTIER_LEGEND)}</p>")
     parts.append("<h2>Summary metrics</h2>")
     parts.append(_table(tables.metric_header(), tables.metric_rows(results), "metrics"))
     legend = "; ".join(f"<b>{escape(label)}</b>: {escape(text)}" for _, label, text in tables.COLUMNS)
@@ -44,6 +58,10 @@ def render(results: dict, figures: list, samples: list[dict], intro: str) -> str
     parts.append("<h2>Scores after every stage</h2>")
     parts.append(_table(tables.score_header(results), tables.score_rows(results), "scores"))
     parts.append("<p class='legend'>Task scores are fractions of evaluation items answered correctly (greedy decoding).</p>")
+    for title, (header, rows), legend in (("Held-out demonstration log-likelihood", tables.loglik_table(results), tables.LOGLIK_LEGEND),
+                                          ("Lenient and partial scores", tables.lenient_table(results), tables.LENIENT_LEGEND)):
+        if rows:
+            parts.append(f"<h2>{escape(title)}</h2>" + _table(header, rows, "scores") + f"<p class='legend'>{escape(legend)}</p>")
     for figure in figures:
         data = base64.b64encode(figure.png).decode("ascii")
         parts.append(f"<h2>{escape(figure.title)}</h2><figure><img alt='{escape(figure.title)}' "

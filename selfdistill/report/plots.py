@@ -101,33 +101,6 @@ def task_curves(results: dict) -> Figure:
                   _png(fig))
 
 
-def pareto(results: dict) -> Figure:
-    tasks = [t["name"] for t in results["tasks"]]
-    fig, ax = plt.subplots(figsize=(6.8, 4.8), layout="constrained")
-    start = results.get("start", {})
-    for c, (name, summary) in enumerate(_methods(results)):
-        xs = [summary["R"][k][k - 1]["mean"] for k in range(1, len(tasks) + 1)]
-        ys = [summary["prior"][k]["mean"] for k in range(1, len(tasks) + 1)]
-        if any(y is None for y in ys):
-            continue
-        color = COLORS[c % len(COLORS)]
-        ax.plot(xs, ys, marker="o", color=color, label=name, alpha=0.85)
-        for k, (x, y) in enumerate(zip(xs, ys), 1):
-            ax.annotate(f"{k}", (x, y), textcoords="offset points", xytext=(5, 4), fontsize=8, color=color)
-    if start.get("prior") is not None:
-        ax.axhline(start["prior"], color="grey", linestyle="--", linewidth=1, label="starting model's prior score")
-    ax.set_xlabel("new-task score: the stage's own task, right after training on it")
-    ax.set_ylabel("prior-capability score (probe suite)")
-    ax.set_xlim(-0.03, 1.03)
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8, loc="best")
-    ax.set_title("Learning vs keeping: one point per method and stage\n(up and right is better; numbers = stage)")
-    return Figure("pareto", "New-task score vs prior capabilities",
-                  "Each point is a method after one stage: x is how well it does the task it was just trained on, y how "
-                  "well it still does the general probe questions it could answer before training (fraction correct).",
-                  _png(fig))
-
-
 def _curves(out: Path, method: str, seed: int, stages: int) -> tuple[list[dict], list[int]]:
     rows, boundaries, offset = [], [], 0
     for k in range(1, stages + 1):
@@ -149,9 +122,10 @@ def training_curves(results: dict, out_dir: str | Path) -> Figure:
     panels = [("loss", "loss (nats/token)"), ("divergence", "divergence (nats/token)"),
               ("completion_length", "length (tokens)"), ("demonstration_logp", "log-likelihood (nats/token)")]
     titles = {"loss": "training loss (each method's own)", "divergence": "SDFT: teacher-student divergence",
-              "completion_length": "SDFT: student completion length", "demonstration_logp": "SFT: demonstration log-likelihood"}
+              "completion_length": "SDFT: student completion length",
+              "demonstration_logp": "demonstration log-likelihood\n(line: SFT's training batches; markers: held-out, every method)"}
     fig, axes = plt.subplots(1, len(panels), figsize=(4.6 * len(panels), 3.6), squeeze=False, layout="constrained")
-    for c, name in enumerate(results["methods"]):
+    for c, (name, entry) in enumerate(results["methods"].items()):
         rows, boundaries = _curves(out, name, seed, len(tasks))
         for ax, (key, _label) in zip(axes[0], panels):
             points = [(r["global_step"], r[key]) for r in rows if r.get(key) is not None]
@@ -159,6 +133,15 @@ def training_curves(results: dict, out_dir: str | Path) -> Figure:
                 ax.plot(*zip(*points), color=COLORS[c % len(COLORS)], label=name, linewidth=1.3)
             for b in boundaries[:-1]:
                 ax.axvline(b + 0.5, color="grey", linestyle=":", linewidth=1)
+        # SDFT logs no per-step demonstration likelihood (it never scores the demonstration itself), so every
+        # method gets the held-out one after each stage: the mean over the tasks that have demonstrations.
+        seq = entry["seeds"].get(str(seed)) or {}
+        held = [(0, _mean(seq["loglik"][0]))] if seq.get("loglik") else []
+        held += [(b, _mean(seq["loglik"][k])) for k, b in enumerate(boundaries, 1) if k < len(seq.get("loglik", []))]
+        held = [(x, y) for x, y in held if y is not None]
+        if held:
+            axes[0][3].plot(*zip(*held), color=COLORS[c % len(COLORS)], marker="o", linestyle="--", linewidth=1,
+                            label=f"{name} (held-out)")
     for ax, (key, label) in zip(axes[0], panels):
         ax.set_xlabel("optimizer step (dotted: next task)")
         ax.set_ylabel(label)
@@ -167,13 +150,26 @@ def training_curves(results: dict, out_dir: str | Path) -> Figure:
         if not ax.lines or all(line.get_linestyle() == ":" for line in ax.lines):
             ax.text(0.5, 0.5, "not logged by these methods", ha="center", va="center", transform=ax.transAxes, color="grey")
     axes[0][0].legend(title="method", fontsize=8)
+    if axes[0][3].lines:
+        axes[0][3].legend(fontsize=7)
     fig.suptitle(f"Training curves over the whole stream (seed {seed})")
     return Figure("training", "Training curves",
                   "Per optimizer step over the whole stream. Loss is each method's own objective, so values are "
-                  "comparable over time within a method, not across methods.", _png(fig))
+                  "comparable over time within a method, not across methods. The last panel's markers are the held-out "
+                  "demonstration log-likelihood (mean over tasks with demonstrations) at the start and after each "
+                  "stage, for every method.", _png(fig))
+
+
+def _mean(values: list) -> float | None:
+    kept = [v for v in values if v is not None]
+    return sum(kept) / len(kept) if kept else None
 
 
 def all_figures(results: dict, out_dir: str | Path) -> list[Figure]:
     if not _methods(results):
         return []
-    return [accuracy_matrices(results), task_curves(results), pareto(results), training_curves(results, out_dir)]
+    from selfdistill.report.frontier_plots import frontier, loglik_matrices
+
+    figures = [frontier(results), accuracy_matrices(results), loglik_matrices(results), task_curves(results),
+               training_curves(results, out_dir)]
+    return [f for f in figures if f is not None]

@@ -114,3 +114,97 @@ def clip(text, limit: int = 600) -> str:
         return text
     head, tail = limit * 2 // 5, limit * 3 // 5
     return text[:head] + f" … [{len(text) - head - tail} characters left out] … " + text[-tail:]
+
+
+# --- frontier, demonstration log-likelihood and lenient scores ------------------------------------
+
+def finding(results: dict) -> dict:
+    return (results.get("frontier") or {}).get("finding") or {"headline": "", "details": []}
+
+
+def grids(results: dict) -> str:
+    from selfdistill.continual.frontier import grid_text
+
+    data = results.get("frontier") or {}
+    groups = data.get("groups") or {}
+    if not any(g["grid"] for g in groups.values()):
+        return ""
+    same = " The grid is the same for every method." if data.get("same_grid") else \
+        " The grids differ between methods: only settings both ran are compared."
+    return "Grids: " + "; ".join(f"{g} ({info['method']}): {grid_text(info)}" for g, info in groups.items()) + "." + same
+
+
+def _interval(cell: dict, signed: bool = False) -> str:
+    if not cell or cell.get("value") is None:
+        return "-"
+    spec = "+.3f" if signed else ".3f"
+    text = format(cell["value"], spec)
+    if cell.get("ci95"):
+        text += f" [{format(cell['ci95'][0], spec)}, {format(cell['ci95'][1], spec)}]"
+    return text
+
+
+def frontier_header() -> list[str]:
+    return ["Method", "Setting", "New-task score (ACC)", "Prior score", "Drift (nats)", "Demo log-lik. gain (nats)"]
+
+
+def frontier_rows(results: dict) -> list[list[str]]:
+    """One row per grid point, grouped by method, at the end of the stream, with 95% intervals."""
+    data = results.get("frontier") or {}
+    rows = []
+    for group, info in (data.get("groups") or {}).items():
+        for name in info["points"]:
+            point = (data.get("points") or {}).get(name)
+            if point is None:
+                rows.append([group, name, "(not finished)", "", "", ""])
+                continue
+            final = point["final"]
+            rows.append([group, point["label"], _interval(final["new_task"]), _interval(final["prior"]),
+                         _interval(final["drift"]), _interval(final["loglik_gain"], signed=True)])
+    return rows
+
+
+def _matrix_rows(results: dict, key: str, change: bool) -> tuple[list[int], list[list[str]]]:
+    start = results.get("start") or {}
+    shown = [i for i, v in enumerate(start.get(key) or []) if v is not None]
+    if not shown:
+        return [], []
+    tasks = [t["name"] for t in results["tasks"]]
+    rows = [["(starting model)", "start"] + [f"{start[key][i]:.3f}" for i in shown]]
+    if key == "loglik":
+        rows.append(["(starting model, teacher prompt)", "start"]
+                    + [f"{start['loglik_teacher'][i]:.3f}" if start["loglik_teacher"][i] is not None else "-" for i in shown])
+    for name, entry in results["methods"].items():
+        s = entry["summary"]
+        if s is None:
+            continue
+        for k in range(1, len(tasks) + 1):
+            cells = []
+            for i in shown:
+                v = s[key][k][i]["mean"]
+                cells.append("-" if v is None else f"{v:.3f} ({v - start[key][i]:+.3f})" if change else f"{v:.3f}")
+            rows.append([name, f"{k}: {tasks[k - 1]}"] + cells)
+    return shown, rows
+
+
+def loglik_table(results: dict) -> tuple[list[str], list[list[str]]]:
+    shown, rows = _matrix_rows(results, "loglik", change=True)
+    return ["Method", "After stage"] + [results["tasks"][i]["name"] for i in shown], rows
+
+
+def lenient_table(results: dict) -> tuple[list[str], list[list[str]]]:
+    shown, rows = _matrix_rows(results, "lenient", change=False)
+    return ["Method", "After stage"] + [results["tasks"][i]["name"] for i in shown], rows
+
+
+LOGLIK_LEGEND = ("Mean per-token log-likelihood (nats/token) of each evaluation item's demonstration, teacher-forced "
+                 "after the student prompt, averaged over items; in brackets the change from the starting model "
+                 "(> 0: the held-out demonstrations became more likely). The teacher-prompt row shows the starting "
+                 "model with the demonstration in its prompt, for reference.")
+LENIENT_LEGEND = ("Lenient or partial scores of the same outputs: knowledge counts any accepted form of the answer "
+                  "(e.g. the surname, the year); tool calls count the right action with wrong arguments as 0.5.")
+FRONTIER_LEGEND = ("At the end of the stream, per grid point: the mean score over the stream's tasks, the prior-"
+                   "capability probe score, drift from the starting model, and the mean change of the held-out "
+                   "demonstration log-likelihood. Brackets: 95% intervals (one seed: Wilson over evaluation items "
+                   "for scores, t across drift prompts for drift, t across evaluation items for the log-likelihood "
+                   "change; several seeds: t across seeds).")
