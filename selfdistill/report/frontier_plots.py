@@ -25,6 +25,18 @@ def _err(cell: dict) -> tuple[list[list[float]], bool]:
 
 
 def frontier(results: dict) -> Figure | None:
+    fig = frontier_figure(results)
+    if fig is None:
+        return None
+    return Figure("frontier", "Frontier over each method's grid",
+                  "One line per method, through the grid points it was run at (labelled by the setting). x: new-task "
+                  "score; top: prior-capability probe score, bottom: drift from the starting model. Where lines cross "
+                  "or their bars overlap, the grid does not separate the methods. The black star is the starting model.",
+                  _png(fig))
+
+
+def frontier_figure(results: dict):
+    """The matplotlib figure (a test can count its lines); None before any method finished."""
     data = results.get("frontier") or {}
     points, groups = data.get("points") or {}, data.get("groups") or {}
     if not points:
@@ -80,11 +92,7 @@ def frontier(results: dict) -> Figure | None:
     axes[0][0].legend(fontsize=8, loc="best", title="method (line through its grid)")
     fig.suptitle("Frontier: what each method learned against what it kept, over its grid of settings\n"
                  "(better: right and up in the top row, right and down in the bottom row; bars: 95% intervals)")
-    return Figure("frontier", "Frontier over each method's grid",
-                  "One line per method, through the grid points it was run at (labelled by the setting). x: new-task "
-                  "score; top: prior-capability probe score, bottom: drift from the starting model. Where lines cross "
-                  "or their bars overlap, the grid does not separate the methods. The black star is the starting model.",
-                  _png(fig))
+    return fig
 
 
 def loglik_matrices(results: dict) -> Figure | None:
