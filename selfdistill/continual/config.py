@@ -11,6 +11,7 @@ A YAML file with these top-level keys (every key but `stream` and `methods` is o
       - task: tooluse           # a built-in task (`sdft data list`) ...
         size: 64                #   training records
         eval_size: 30           #   evaluation records
+        overrides: {train: {max_steps: 16}}   # optional: settings for this stage only (a method's override wins)
       - name: mine              # ... or files: records to train on, records (with `answer`) to score
         train: train.jsonl
         eval: eval.jsonl
@@ -63,6 +64,7 @@ class StageSpec:
     eval_size: int | None = None
     teacher_template: str | None = None
     max_new_tokens: int | None = None  # evaluation budget for this task (else eval.max_new_tokens)
+    overrides: dict = field(default_factory=dict)  # config sections for this stage only, e.g. {train: {max_steps: 16}}
     lenient: dict | None = None  # files only: {grader, answer_field} of a lenient score, e.g. {grader: contains, answer_field: answers}
 
 
@@ -130,6 +132,7 @@ class ContinualConfig:
             template = get_task(stage.task).teacher_template
         if template is not None:
             data.setdefault("data", {})["teacher_template"] = template
+        _merge(data, copy.deepcopy(stage.overrides))  # the stage's own settings, then the method's (its grid) over them
         _merge(data, copy.deepcopy(method.overrides))
         data["method"] = method.method
         data.setdefault("train", {}).update({"seed": seed, "output_dir": str(output_dir)})
@@ -186,6 +189,8 @@ def _stage(data: Any, where: str) -> StageSpec:
     data = dict(data)
     data.setdefault("name", data.get("task"))
     stage = _build(StageSpec, data, where)
+    if not isinstance(stage.overrides, dict):
+        raise UserError(f"{where}.overrides: expected a mapping of config sections, e.g. {{train: {{max_steps: 16}}}}.")
     if stage.task:
         from selfdistill.tasks import get_task
 
@@ -356,7 +361,8 @@ def parse_config(data: Any, where: str = "config") -> ContinualConfig:
     # Every method's stage config must load: report a bad override now, not after hours of training.
     for m in methods:
         try:
-            cfg.stage_config(m, stream[0], seeds[0], Path(cfg.output_dir))
+            for stage in stream:
+                cfg.stage_config(m, stage, seeds[0], Path(cfg.output_dir))
         except UserError as exc:
             raise UserError(f"{where}: method {m.name!r}: {exc}") from None
     return cfg
