@@ -155,3 +155,13 @@ def test_the_finding_marks_differences_within_the_noise():
     assert details and details[0].endswith("(within the noise)")
     new_task = next(c for c in results["frontier"]["comparisons"] if c["setting"] == "lr=5e-4" and c["measure"] == "new_task")
     assert new_task["better"] == "sft" and new_task["values"] == {"sdft": pytest.approx(0.2), "sft": pytest.approx(0.5)}
+
+
+def test_the_grid_option_of_compare_and_continual():
+    from selfdistill.continual.cli import _overrides
+
+    data = _overrides(None, [], None, ["train.lr=1e-4,3e-4"])
+    cfg = parse_config({**MINIMAL, **data, "methods": ["sdft", "sft"]})
+    assert [m.name for m in cfg.methods] == ["sdft@lr=1e-4", "sdft@lr=3e-4", "sft@lr=1e-4", "sft@lr=3e-4"]
+    with pytest.raises(UserError, match="section.key=value1,value2"):
+        _overrides(None, [], None, ["train.lr"])

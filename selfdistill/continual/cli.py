@@ -8,14 +8,20 @@ from pathlib import Path
 from typing import Optional
 
 import typer
+import yaml
 
 from selfdistill.errors import UserError
 
 
-def _overrides(output_dir: Optional[str], set_: list[str], workers: Optional[int] = None) -> dict:
+def _overrides(output_dir: Optional[str], set_: list[str], workers: Optional[int] = None, grid: list[str] = ()) -> dict:
     from selfdistill.config import parse_overrides
 
     data = parse_overrides(set_) if set_ else {}
+    for item in grid:
+        key, sep, values = item.partition("=")
+        if not sep or not key.strip() or not values.strip():
+            raise UserError(f"--grid {item!r}: write it as section.key=value1,value2, e.g. train.lr=1e-4,3e-4.")
+        data.setdefault("grid", {})[key.strip()] = [yaml.safe_load(v) for v in values.split(",") if v.strip()]
     if output_dir:
         data["output_dir"] = output_dir
     if workers is not None:
@@ -24,6 +30,8 @@ def _overrides(output_dir: Optional[str], set_: list[str], workers: Optional[int
 
 
 WORKERS_HELP = "Method x seed sequences run at once, each in its own process (overrides the config's workers)."
+GRID_HELP = ("Run every method at each value: section.key=v1,v2 (e.g. train.lr=1e-4,3e-4); repeat for more keys. "
+             "Sets that key of the shared grid; a method's own grid still wins.")
 
 
 def run_and_report(cfg, overwrite: bool) -> dict:
@@ -63,11 +71,12 @@ def register(app: typer.Typer) -> None:
         set_: list[str] = typer.Option([], "--set", "-s", help="Override a key of the stream config, e.g. seeds=[0,1]."),
         overwrite: bool = typer.Option(False, "--overwrite", help="Delete the results already in the run directory first."),
         workers: Optional[int] = typer.Option(None, "--workers", help=WORKERS_HELP),
+        grid: list[str] = typer.Option([], "--grid", help=GRID_HELP),
     ) -> None:
         """Train every method on a stream of tasks, evaluating everything after every stage; resumable."""
         from selfdistill.continual.config import load_continual_config
 
-        run_and_report(load_continual_config(config, _overrides(output_dir, set_, workers)), overwrite)
+        run_and_report(load_continual_config(config, _overrides(output_dir, set_, workers, grid)), overwrite)
 
     @app.command("compare")
     def compare_command(
@@ -78,11 +87,12 @@ def register(app: typer.Typer) -> None:
         set_: list[str] = typer.Option([], "--set", "-s", help="Override a key of the stream config."),
         overwrite: bool = typer.Option(False, "--overwrite", help="Delete the results already in the run directory first."),
         workers: Optional[int] = typer.Option(None, "--workers", help=WORKERS_HELP),
+        grid: list[str] = typer.Option([], "--grid", help=GRID_HELP),
     ) -> None:
         """Compare methods on one task: the one-stage case of `continual`, with the same outputs."""
         from selfdistill.continual.config import load_continual_config, parse_config
 
-        data = _overrides(output_dir, set_, workers)
+        data = _overrides(output_dir, set_, workers, grid)
         if task:
             data["stream"] = [{"task": task}]
         if methods:
@@ -118,7 +128,8 @@ def register(app: typer.Typer) -> None:
         show_config: bool = typer.Option(False, "--show-config", help="Print the demo's config file (to copy and edit) and exit."),
         workers: Optional[int] = typer.Option(None, "--workers", help=WORKERS_HELP),
     ) -> None:
-        """The embedded SmolLM2-135M learns two built-in tasks in a row, with SDFT and with SFT; prints the summary and the report's path."""
+        """The embedded SmolLM2-135M learns two built-in tasks in a row with SDFT and with SFT, each over the same
+        learning-rate grid; prints the finding and the summary, and the report's path."""
         from selfdistill.continual.config import load_continual_config
 
         path = demo_config_path(quick)
