@@ -125,8 +125,8 @@ def test_pipeline_writes_results_and_report_and_resumes_after_a_kill(tmp_path):
             assert len(lines) == 4 and {"prompt", "answer", "output", "score"} <= set(json.loads(lines[0]))
 
     html = paths["html"].read_text()
-    assert paths["figures"] == 4
-    assert html.count("<img") == 4 and html.count("src='data:image/png;base64,") == 4
+    assert paths["figures"] == 5  # frontier, accuracy matrix, demonstration log-likelihood, per-task, training
+    assert html.count("<img") == 5 and html.count("src='data:image/png;base64,") == 5
     assert "http://" not in html and "https://" not in html  # self-contained
     assert "<table class=\"metrics\">" in html and "BWT" in html and "Forgetting" in html
     assert "Sample outputs" in html and "Task: alpha" in html
@@ -264,13 +264,19 @@ def test_compare_is_the_one_stage_case_with_the_same_outputs(tmp_path):
 def test_shipped_demo_configs_load():
     from selfdistill.continual.cli import demo_config_path
 
+    full = load_continual_config(demo_config_path(False))
     for quick in (False, True):
         cfg = load_continual_config(demo_config_path(quick))
-        assert [m.method for m in cfg.methods] == ["sdft", "sft"]
-        assert [s.task for s in cfg.stream] == ["tooluse", "knowledge"] and cfg.seeds == [0]
-        assert cfg.workers == 2  # the two methods train side by side
+        # Both methods over the same learning-rate grid of at least two values, nothing else different.
+        assert [m.method for m in cfg.methods] == ["sdft", "sdft", "sft", "sft"]
+        lrs = {g: [m.setting["train.lr"] for m in cfg.methods if m.group == g] for g in ("sdft", "sft")}
+        assert lrs["sdft"] == lrs["sft"] and len(lrs["sdft"]) >= 2
+        assert all(set(m.overrides) == {"train"} and set(m.overrides["train"]) == {"lr"} for m in cfg.methods)
+        assert cfg.seeds == [0] and cfg.workers == 2  # two sequences train side by side
+        assert cfg.eval.precision == "fp32" and cfg.base["model"]["precision"] == "fp32"  # pinned, not 'auto'
         # the quick demo is the full one cut down, not a different experiment
-        assert cfg.base == load_continual_config(demo_config_path(False)).base | {"train": cfg.base["train"]}
+        assert cfg.base == full.base | {"train": cfg.base["train"]}
+    assert [s.task for s in full.stream] == ["tooluse", "knowledge"] and full.eval.probes.limit >= 40
 
 
 @pytest.mark.skipif(shutil.which("chromium") is None, reason="headless Chromium is not installed")
