@@ -18,7 +18,7 @@ def dump(data):
 
 def test_registry_lists_the_tasks():
     assert [t.name for t in list_tasks()] == TASKS
-    assert get_task("tooluse").graders == ["toolalpaca"]
+    assert get_task("tooluse").graders == ["toolalpaca", "toolalpaca_partial"]  # headline, then partial credit
     assert get_task("science").graders == ["choice_tag"]
     assert [m.name for m in get_task("knowledge").metrics] == ["strict", "lenient"]
     with pytest.raises(UserError, match="Unknown task 'nope'.*tooluse"):
