@@ -89,7 +89,8 @@ def frontier_figure(results: dict):
                 ax.set_ylabel(ylabel)
             if r == 0:
                 ax.set_title(title)
-    axes[0][0].legend(fontsize=8, loc="best", title="method (line through its grid)")
+    if axes[0][0].get_legend_handles_labels()[0]:  # nothing to name when no point has all its numbers
+        axes[0][0].legend(fontsize=8, loc="best", title="method (line through its grid)")
     fig.suptitle("Frontier: what each method learned against what it kept, over its grid of settings\n"
                  "(better: right and up in the top row, right and down in the bottom row; bars: 95% intervals)")
     return fig
