@@ -67,12 +67,13 @@ def frontier_figure(results: dict):
                 color, marker = COLORS[g % len(COLORS)], MARKERS[g % len(MARKERS)]
                 ax.plot(xs, ys, color=color, marker=marker, markersize=7, linewidth=1.8,
                         label=f"{group} ({info['method']})")
-                for cell, x, y, name in zip(cells, xs, ys, names):
+                for j, (cell, x, y, name) in enumerate(zip(cells, xs, ys, names)):
                     xerr, has_x = _err(cell["new_task"])
                     yerr, has_y = _err(cell[measure])
                     if has_x or has_y:
                         ax.errorbar([x], [y], xerr=xerr, yerr=yerr, color=color, alpha=0.35, linewidth=1, capsize=2)
-                    ax.annotate(points[name]["label"], (x, y), textcoords="offset points", xytext=(6, 5 - 12 * (g % 2)),
+                    # Alternate labels above and below, so grid points that land on one spot stay readable.
+                    ax.annotate(points[name]["label"], (x, y), textcoords="offset points", xytext=(6, 5 - 12 * ((g + j) % 2)),
                                 fontsize=8, color=color)
             if start:
                 start_x = (sum(start["scores"]) / n) if where == "final" else start["scores"][where - 1]
