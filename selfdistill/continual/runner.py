@@ -309,7 +309,15 @@ def _run_sequence_process(cfg: ContinualConfig, method_name: str, seed: int, thr
     """One method x seed sequence in a worker process of a parallel run (ContinualConfig.workers > 1)."""
     import torch
 
+    from selfdistill.progress import ENV, LABEL_ENV, quiet_third_party_bars
+
     torch.set_num_threads(threads)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
+    # Live bars of several processes on one terminal garble each other: each worker reports in whole
+    # lines, labelled with its sequence (SELFDISTILL_PROGRESS=0 still silences them).
+    if os.environ.get(ENV) != "0":
+        os.environ[ENV] = "lines"
+    os.environ[LABEL_ENV] = f"[{method_name} seed {seed}]"
+    quiet_third_party_bars()
     runner = Runner(cfg, prepared=True, echo=lambda line: print(line, flush=True))
     runner.run_sequence(next(m for m in cfg.methods if m.name == method_name), seed)
