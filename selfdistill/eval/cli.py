@@ -53,27 +53,17 @@ def eval_command(
         raise UserError("--base is used by --probes and --humaneval (relative scores and drift); add one of them.")
     if out.exists() and not out.is_dir():
         raise UserError(f"--out {out}: exists and is not a directory.")
-    records = grader_name = grade = None
-    if task:  # read and check the task and its grader before anything is written
-        from selfdistill.eval import graders
-        from selfdistill.eval.tasks import resolve_task
-
-        records, grader_name = resolve_task(task, grader, limit, seed)
-        grade = graders.get(grader_name)
     results: dict = {"model": model}
     if task:
-        from selfdistill.eval.evaluate import evaluate
+        from selfdistill.api import evaluate
 
-        net, tok = _load(model)
-        precision = resolve_precision(precision, next(net.parameters()).device)
-        summary = evaluate(net, tok, records, grade, n_samples=n_samples, temperature=temperature,
-                           max_new_tokens=max_new_tokens, batch_size=batch_size, precision=precision, seed=seed,
-                           out_dir=out / "task", desc=f"eval {Path(task).stem}")
-        summary.update({"task": task, "grader": grader_name})
-        write_json(out / "task" / "summary.json", summary)
+        # Reads and checks the task and grader before loading the model or writing anything.
+        summary = evaluate(model, task, grader=grader, limit=limit, out=out / "task", n_samples=n_samples,
+                           temperature=temperature, max_new_tokens=max_new_tokens, batch_size=batch_size,
+                           precision=precision, seed=seed)
         results["task"] = summary
         typer.echo(f"task {task}: score {summary['score']:.4f} over {summary['count']} "
-                   f"(95% CI {summary['ci95'][0]:.3f}-{summary['ci95'][1]:.3f}, grader {grader_name})")
+                   f"(95% CI {summary['ci95'][0]:.3f}-{summary['ci95'][1]:.3f}, grader {summary['grader']})")
     if probes or humaneval:
         from selfdistill.eval.probes import probe_report
 
