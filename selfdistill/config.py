@@ -29,6 +29,7 @@ LossKind = Literal["forward_kl", "reverse_kl", "jsd", "sampled_kl"]
 TeacherKind = Literal["ema", "frozen", "live"]
 Overlong = Literal["error", "skip"]
 OfflineLoss = Literal["ce", "divergence"]
+Reporter = Literal["tensorboard", "wandb"]
 
 
 def choices(kind: Any) -> tuple[str, ...]:
@@ -151,6 +152,8 @@ class TrainConfig(_Section):
     output_dir: str = _f("runs/sdft", "Where checkpoints, metrics.jsonl and the final model go.")
     save_every: int = _f(0, "Save a checkpoint every N optimizer steps (0: only at the end).")
     keep_last: int = _f(2, "Checkpoints kept on disk.")
+    report_to: list[Reporter] = _f([], "Also log every step's metrics to: tensorboard (RUN/tensorboard/), wandb (RUN/wandb/; "
+                                   "WANDB_MODE=offline works without a network). metrics.jsonl is always written.")
     max_nonfinite_steps: int = _f(3, "Consecutive non-finite steps tolerated before the run stops.")
     activation_checkpointing: bool = _f(
         False, "Recompute each layer's activations in the backward pass (gradient checkpointing): less "
@@ -239,6 +242,11 @@ def _coerce(value: Any, annotation: Any, key: str) -> Any:
         if type(None) in get_args(annotation) or annotation is Any:
             return None
         raise UserError(f"Config value {key}: may not be null.")
+    if origin is list:  # list[X]: a YAML list, or comma-separated on the command line
+        items = [v.strip() for v in value.split(",") if v.strip()] if isinstance(value, str) else value
+        if not isinstance(items, list):
+            raise UserError(f"Config value {key}: expected a list, got {value!r}.")
+        return [_coerce(item, args[0], key) for item in items] if args else items
     if origin is not None and args and origin is not dict and origin is not list:  # Optional[X] / X | None
         return _coerce(value, args[0], key)
     if annotation is Any:
