@@ -79,3 +79,11 @@ def test_run_stream_from_a_mapping(tmp_path):
     assert results["complete"] and list(results["methods"]) == ["sft"]
     assert json.loads((tmp_path / "run" / "results.json").read_text())["methods"]["sft"]["seeds"]["0"]["R"]
     assert any("stage 2/2 beta: training (sft)" in line for line in lines)
+
+
+def test_every_exported_name_resolves():
+    assert set(selfdistill.__all__) - {"__version__"} == set(selfdistill._EXPORTS)
+    for name in selfdistill.__all__:
+        assert getattr(selfdistill, name) is not None
+    with pytest.raises(AttributeError):
+        selfdistill.no_such_name
