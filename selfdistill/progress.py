@@ -37,6 +37,15 @@ class LineProgress:
         self.total, self.desc, self.label, self.n = max(int(total or 0), 0), desc or "progress", label, 0
         self._reported = 0
         self.postfix = ""
+        # A loop that sets a postfix (the training loss) does so right after update(): the line then
+        # waits for it, so it shows this step's value rather than the previous one's.
+        self._uses_postfix = self._pending = False
+
+    def _print(self) -> None:
+        prefix = f"{self.label} " if self.label else ""
+        extra = f" {self.postfix}" if self.postfix else ""
+        print(f"{prefix}{self.desc}: {self.n}/{self.total}{extra}", flush=True)
+        self._pending = False
 
     def update(self, n: int = 1) -> None:
         self.n += n
@@ -45,22 +54,26 @@ class LineProgress:
         quarter = min(LINES_PER_LOOP, self.n * LINES_PER_LOOP // self.total)
         if quarter > self._reported:
             self._reported = quarter
-            prefix = f"{self.label} " if self.label else ""
-            extra = f" {self.postfix}" if self.postfix else ""
-            print(f"{prefix}{self.desc}: {self.n}/{self.total}{extra}", flush=True)
+            if self._uses_postfix:
+                self._pending = True
+            else:
+                self._print()
 
     def set_postfix_str(self, text: str, refresh: bool = True) -> None:
-        self.postfix = text
+        self.postfix, self._uses_postfix = text, True
+        if self._pending:
+            self._print()
 
     def set_postfix(self, ordered_dict=None, refresh: bool = True, **kwargs) -> None:
         items = dict(ordered_dict or {}, **kwargs)
-        self.postfix = ", ".join(f"{k}={v}" for k, v in items.items())
+        self.set_postfix_str(", ".join(f"{k}={v}" for k, v in items.items()))
 
     def set_description(self, desc: str | None = None, refresh: bool = True) -> None:
         self.desc = desc or self.desc
 
     def close(self) -> None:
-        pass
+        if self._pending:
+            self._print()
 
     def __enter__(self):
         return self

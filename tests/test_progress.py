@@ -23,11 +23,18 @@ def test_lines_mode_prints_whole_labelled_lines_at_each_quarter(monkeypatch, cap
     assert isinstance(bar, LineProgress)
     for _ in range(8):
         bar.update(1)
-        bar.set_postfix(loss="0.5")
     bar.close()
     assert capsys.readouterr().out.splitlines() == [
-        "[sdft seed 0] generate: 2/8 loss=0.5", "[sdft seed 0] generate: 4/8 loss=0.5", "[sdft seed 0] generate: 6/8 loss=0.5",
-        "[sdft seed 0] generate: 8/8 loss=0.5"]
+        "[sdft seed 0] generate: 2/8", "[sdft seed 0] generate: 4/8", "[sdft seed 0] generate: 6/8",
+        "[sdft seed 0] generate: 8/8"]
+    bar = progress_bar(total=4, desc="sdft training")  # the loss set after each step shows on that step's line
+    for step in range(1, 5):
+        bar.update(1)
+        bar.set_postfix(loss=f"{1 / step:.2f}")
+    bar.close()
+    assert capsys.readouterr().out.splitlines() == [
+        "[sdft seed 0] sdft training: 1/4", "[sdft seed 0] sdft training: 2/4 loss=0.50",
+        "[sdft seed 0] sdft training: 3/4 loss=0.33", "[sdft seed 0] sdft training: 4/4 loss=0.25"]
 
 
 def test_generation_reports_progress_in_a_worker(monkeypatch, capsys, tmp_path):
