@@ -281,16 +281,22 @@ def _coerce(value: Any, annotation: Any, key: str) -> Any:
     return value
 
 
-def check_fields(obj: Any, prefix: str = "") -> None:
-    """Coerce every setting of `obj` (and its sections) to its declared type; a wrong type or an
-    unknown choice is a UserError naming the key. Run when a section is built and again by validate()."""
+def settings_of(obj: Any, prefix: str = ""):
+    """(owning section, field, declared type, dotted key) of every setting of `obj`, sections walked in order."""
     hints = get_type_hints(type(obj))
     for f in dataclasses.fields(obj):
         value = getattr(obj, f.name)
         if dataclasses.is_dataclass(value):
-            check_fields(value, f"{prefix}{f.name}.")
+            yield from settings_of(value, f"{prefix}{f.name}.")
         else:
-            setattr(obj, f.name, _coerce(value, hints[f.name], f"{prefix}{f.name}"))
+            yield obj, f, hints[f.name], f"{prefix}{f.name}"
+
+
+def check_fields(obj: Any, prefix: str = "") -> None:
+    """Coerce every setting of `obj` (and its sections) to its declared type; a wrong type or an
+    unknown choice is a UserError naming the key. Run when a section is built and again by validate()."""
+    for owner, f, hint, key in settings_of(obj, prefix):
+        setattr(owner, f.name, _coerce(getattr(owner, f.name), hint, key))
 
 
 def check_keys(data: dict, names: list[str], prefix: str = "", unknown: str = "Unknown config key") -> None:
@@ -380,20 +386,11 @@ def load_config(path: str | Path | None = None, overrides: list[str] | dict | No
 
 
 def describe_options() -> list[tuple[str, str, str]]:
-    """(key, default, help) for every setting, for `--help`."""
+    """(key, default, help) for every setting, for `--help`; a multiple-choice setting lists its choices."""
     rows: list[tuple[str, str, str]] = []
-
-    def walk(obj: Any, prefix: str) -> None:
-        hints = get_type_hints(type(obj))
-        for f in dataclasses.fields(obj):
-            value = getattr(obj, f.name)
-            if dataclasses.is_dataclass(value):
-                walk(value, f"{prefix}{f.name}.")
-            else:
-                text = f.metadata.get("help", "")
-                if get_origin(hints[f.name]) is Literal:
-                    text += f" One of: {', '.join(map(str, get_args(hints[f.name])))}."
-                rows.append((f"{prefix}{f.name}", repr(value), text))
-
-    walk(Config(), "")
+    for owner, f, hint, key in settings_of(Config()):
+        text = f.metadata.get("help", "")
+        if get_origin(hint) is Literal:
+            text += f" One of: {', '.join(map(str, get_args(hint)))}."
+        rows.append((key, repr(getattr(owner, f.name)), text))
     return rows
