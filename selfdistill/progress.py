@@ -42,7 +42,7 @@ class LineProgress:
         self._uses_postfix = self._pending = False
 
     def _print(self) -> None:
-        prefix = f"{self.label} " if self.label else ""
+        prefix = f"{self.label} " if self.label and not self.desc.startswith(self.label) else ""
         extra = f" {self.postfix}" if self.postfix else ""
         print(f"{prefix}{self.desc}: {self.n}/{self.total}{extra}", flush=True)
         self._pending = False

@@ -3,6 +3,7 @@
 import importlib.util
 import inspect
 import json
+import time
 from pathlib import Path
 
 import pytest
@@ -38,6 +39,8 @@ def wandb_records(path: Path) -> list:
             pos += left
             continue
         length, kind = int.from_bytes(data[pos + 4:pos + 6], "little"), data[pos + 6]
+        if pos + 7 + length > len(data):  # still being written
+            break
         pending += data[pos + 7:pos + 7 + length]
         pos += 7 + length
         if kind in (1, 4):  # a full record, or the last chunk of one
@@ -77,9 +80,18 @@ def test_wandb_offline_run_holds_every_step_and_the_config(tmp_path, monkeypatch
     _log(cfg, tmp_path / "run")
     runs = list((tmp_path / "run" / "wandb").glob("offline-run-*/run-*.wandb"))
     assert len(runs) == 1
+    # finish() returns before W&B's writer process has flushed the run file: wait for its closing record.
+    deadline = time.monotonic() + 120
     records = wandb_records(runs[0])
-    config = {i.key: json.loads(i.value_json) for r in records if r.WhichOneof("record_type") == "run"
-              for i in r.run.config.update}
+    while not any(r.WhichOneof("record_type") == "exit" for r in records):
+        assert time.monotonic() < deadline, "the W&B run file never got its exit record"
+        time.sleep(0.2)
+        records = wandb_records(runs[0])
+    config = {}  # sent with the run record, or in config records after it
+    for r in records:
+        kind = r.WhichOneof("record_type")
+        updates = r.run.config.update if kind == "run" else r.config.update if kind == "config" else []
+        config.update({i.key or "/".join(i.nested_key): json.loads(i.value_json) for i in updates})
     assert config["method"] == "dft" and config["train"]["report_to"] == ["wandb"]
     history = [{i.key or "/".join(i.nested_key): json.loads(i.value_json) for i in r.history.item} for r in records
                if r.WhichOneof("record_type") == "history"]
