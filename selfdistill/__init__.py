@@ -42,8 +42,19 @@ _EXPORTS = {
     "RunStopped": "selfdistill.errors",
 }
 
-__all__ = ["Config", "load_config", "train", "evaluate", "run_stream", "diagnose", "METHODS", "UserError", "RunFailed",
-           "RunStopped", "__version__"]
+__all__ = [
+    "Config",
+    "load_config",
+    "train",
+    "evaluate",
+    "run_stream",
+    "diagnose",
+    "METHODS",
+    "UserError",
+    "RunFailed",
+    "RunStopped",
+    "__version__",
+]
 
 if TYPE_CHECKING:  # for editors and type checkers; at run time the names load lazily
     from selfdistill.api import diagnose, evaluate, run_stream, train

@@ -52,8 +52,16 @@ def command_defaults(command) -> dict:
     return defaults
 
 
-def train(config: Any = None, *, records: Any = None, model=None, tokenizer=None, resume: bool = False,
-          overwrite: bool = False, **overrides):
+def train(
+    config: Any = None,
+    *,
+    records: Any = None,
+    model=None,
+    tokenizer=None,
+    resume: bool = False,
+    overwrite: bool = False,
+    **overrides,
+):
     """Train as `sdft train`: `config` is a Config, a YAML path or a mapping; keyword sections override it,
     e.g. train(cfg, train={"lr": 1e-4}). `records` (a list of {"prompt", "demonstration", ...}, Records or a
     data source) replaces data.train; `model`/`tokenizer` train an in-memory model. Returns a TrainResult
@@ -63,12 +71,21 @@ def train(config: Any = None, *, records: Any = None, model=None, tokenizer=None
 
     cfg = _config(config, overrides)
     quiet_third_party_bars()
-    return run_training(cfg, records=_records(records), model=model, tokenizer=tokenizer, resume=resume,
-                        overwrite=overwrite)
+    return run_training(
+        cfg, records=_records(records), model=model, tokenizer=tokenizer, resume=resume, overwrite=overwrite
+    )
 
 
-def evaluate(model, task, *, tokenizer=None, grader: str | None = None, limit: int | None = None,
-             out: str | Path | None = None, **options) -> dict:
+def evaluate(
+    model,
+    task,
+    *,
+    tokenizer=None,
+    grader: str | None = None,
+    limit: int | None = None,
+    out: str | Path | None = None,
+    **options,
+) -> dict:
     """Score a model on a task as `sdft eval --task`: `model` is a name/directory/.gguf file or a loaded
     model (with `tokenizer`); `task` a .jsonl file, a built-in task name or a list of records (with
     `answer`). Options (defaults as the command's): max_new_tokens, batch_size, precision, temperature,
@@ -133,14 +150,22 @@ def run_stream(config: Any, *, overwrite: bool = False, echo=print, **overrides)
     elif isinstance(config, dict):
         cfg = parse_config(merge(config, overrides), "stream config")
     else:
-        raise UserError(f"run_stream(): expected a YAML path, a mapping or a ContinualConfig, got {type(config).__name__}.")
+        raise UserError(
+            f"run_stream(): expected a YAML path, a mapping or a ContinualConfig, got {type(config).__name__}."
+        )
     quiet_third_party_bars()
     Runner(cfg, overwrite=overwrite, echo=echo).run()
     return write_report(cfg.output_dir)["data"]
 
 
-def diagnose(task: str | None = None, *, config: str | Path | None = None, overrides: list[str] | tuple = (),
-             out: str | Path = "runs/diagnose", **options) -> dict:
+def diagnose(
+    task: str | None = None,
+    *,
+    config: str | Path | None = None,
+    overrides: list[str] | tuple = (),
+    out: str | Path = "runs/diagnose",
+    **options,
+) -> dict:
     """Per-token teacher vs student numbers, the teacher ceiling and advice, as `sdft diagnose`: `task` is a
     built-in task or a data source; `config` a training YAML; `overrides` `section.key=value` strings; other
     options are the command's (model, template, limit, rollouts_per_record, temperature, max_new_tokens,
@@ -153,10 +178,12 @@ def diagnose(task: str | None = None, *, config: str | Path | None = None, overr
     hidden = {"task_arg", "task", "config", "set_", "out"}
     unknown = sorted(set(options) - (set(settings) - hidden))
     if unknown:
-        raise UserError(f"diagnose(): unknown option(s) {', '.join(unknown)}; valid: "
-                        f"{', '.join(sorted(set(settings) - hidden))}.")
-    settings.update(options, task_arg=task, task=None, config=Path(config) if config else None,
-                    set_=list(overrides), out=Path(out))
+        raise UserError(
+            f"diagnose(): unknown option(s) {', '.join(unknown)}; valid: {', '.join(sorted(set(settings) - hidden))}."
+        )
+    settings.update(
+        options, task_arg=task, task=None, config=Path(config) if config else None, set_=list(overrides), out=Path(out)
+    )
     if isinstance(settings["grader"], str):
         settings["grader"] = [settings["grader"]]
     from selfdistill.progress import quiet_third_party_bars

@@ -20,18 +20,36 @@ class MethodInfo:
 
 
 _ENTRIES = (
-    MethodInfo("sdft", "Self-Distillation Fine-Tuning: the student's own samples, scored by the "
-               "demonstration-conditioned teacher.", "selfdistill.methods.sdft:SDFT"),
-    MethodInfo("sft", "Supervised fine-tuning: cross-entropy on the demonstration tokens (+ end of turn).",
-               "selfdistill.methods.sft:SFT"),
-    MethodInfo("dft", "Dynamic Fine-Tuning: SFT's token loss weighted by the token's (constant) probability.",
-               "selfdistill.methods.dft:DFT"),
-    MethodInfo("offline_distill", "The demonstration-conditioned teacher answers once before training; the "
-               "student learns those answers.", "selfdistill.methods.offline_distill:OfflineDistill"),
-    MethodInfo("cpt", "Continued pre-training: next-token loss on raw documents (data.documents, or the "
-               "records' context).", "selfdistill.methods.cpt:CPT"),
-    MethodInfo("sft_reinvoke", "SFT, then on-policy distillation from the initial model on general prompts to "
-               "recover old skills.", "selfdistill.methods.sft_reinvoke:SFTReinvoke"),
+    MethodInfo(
+        "sdft",
+        "Self-Distillation Fine-Tuning: the student's own samples, scored by the demonstration-conditioned teacher.",
+        "selfdistill.methods.sdft:SDFT",
+    ),
+    MethodInfo(
+        "sft",
+        "Supervised fine-tuning: cross-entropy on the demonstration tokens (+ end of turn).",
+        "selfdistill.methods.sft:SFT",
+    ),
+    MethodInfo(
+        "dft",
+        "Dynamic Fine-Tuning: SFT's token loss weighted by the token's (constant) probability.",
+        "selfdistill.methods.dft:DFT",
+    ),
+    MethodInfo(
+        "offline_distill",
+        "The demonstration-conditioned teacher answers once before training; the student learns those answers.",
+        "selfdistill.methods.offline_distill:OfflineDistill",
+    ),
+    MethodInfo(
+        "cpt",
+        "Continued pre-training: next-token loss on raw documents (data.documents, or the records' context).",
+        "selfdistill.methods.cpt:CPT",
+    ),
+    MethodInfo(
+        "sft_reinvoke",
+        "SFT, then on-policy distillation from the initial model on general prompts to recover old skills.",
+        "selfdistill.methods.sft_reinvoke:SFTReinvoke",
+    ),
 )
 
 METHOD_INFO: dict[str, MethodInfo] = {entry.name: entry for entry in _ENTRIES}

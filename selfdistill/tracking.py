@@ -34,8 +34,10 @@ def require_backends(report_to: list[str]) -> None:
     for name in report_to:
         package = REQUIREMENTS[name]
         if importlib.util.find_spec(package) is None:
-            raise UserError(f"train.report_to includes {name!r}, but the {package!r} package is not installed: "
-                            f"{INSTALL_HINT.format(package=package)}, or remove {name!r} from train.report_to.")
+            raise UserError(
+                f"train.report_to includes {name!r}, but the {package!r} package is not installed: "
+                f"{INSTALL_HINT.format(package=package)}, or remove {name!r} from train.report_to."
+            )
 
 
 def flatten(config: dict, prefix: str = "") -> dict[str, Any]:
@@ -104,8 +106,13 @@ class _WandB:
         import wandb
 
         directory.mkdir(parents=True, exist_ok=True)
-        self.run = wandb.init(project=os.environ.get("WANDB_PROJECT", "selfdistill"), name=name, dir=str(directory),
-                              config=config, settings=wandb.Settings(silent=True))
+        self.run = wandb.init(
+            project=os.environ.get("WANDB_PROJECT", "selfdistill"),
+            name=name,
+            dir=str(directory),
+            config=config,
+            settings=wandb.Settings(silent=True),
+        )
 
     def log(self, values: dict[str, float], step: int) -> None:
         self.run.log({f"train/{k}": v for k, v in values.items()}, step=step)

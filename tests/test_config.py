@@ -4,7 +4,17 @@ import typing
 
 import pytest
 
-from selfdistill.config import Config, LossConfig, LossKind, TrainConfig, build, choices, describe_options, load_config, merge
+from selfdistill.config import (
+    Config,
+    LossConfig,
+    LossKind,
+    TrainConfig,
+    build,
+    choices,
+    describe_options,
+    load_config,
+    merge,
+)
 from selfdistill.errors import UserError
 from selfdistill.registry import METHODS, MethodName, method_class
 
@@ -26,8 +36,12 @@ def test_sections_can_be_given_as_mappings_and_values_are_coerced():
     cfg = Config(method="sft", train={"lr": "1e-4", "max_steps": 3}, loss=LossConfig(kind="jsd"))
     assert cfg.method == "sft" and cfg.train.lr == 1e-4 and cfg.train.max_steps == 3 and cfg.loss.kind == "jsd"
     assert cfg.train.batch_size == TrainConfig().batch_size  # untouched keys keep their defaults
-    assert cfg.to_dict() == load_config(overrides={"method": "sft", "train": {"lr": 1e-4, "max_steps": 3},
-                                                   "loss": {"kind": "jsd"}}).to_dict()
+    assert (
+        cfg.to_dict()
+        == load_config(
+            overrides={"method": "sft", "train": {"lr": 1e-4, "max_steps": 3}, "loss": {"kind": "jsd"}}
+        ).to_dict()
+    )
 
 
 def test_load_config_file_then_overrides(tmp_path):

@@ -5,19 +5,26 @@ import os
 
 import pytest
 from safetensors.torch import load_file
+from test_continual_pipeline import CountingTrain, write_stream
 
 from selfdistill.continual.config import load_continual_config
 from selfdistill.continual.runner import Runner, stage_dir
-from test_continual_pipeline import CountingTrain, write_stream
 
 
 def lora_stream(tmp_path):
     tmp_path.mkdir(parents=True, exist_ok=True)
     path, _ = write_stream(
         tmp_path,
-        methods=[{"name": "sft-lora", "method": "sft",
-                  "overrides": {"model": {"lora": {"enabled": True, "rank": 4, "alpha": 8.0}},
-                                "train": {"lr": 5e-2, "max_steps": 3}}}],
+        methods=[
+            {
+                "name": "sft-lora",
+                "method": "sft",
+                "overrides": {
+                    "model": {"lora": {"enabled": True, "rank": 4, "alpha": 8.0}},
+                    "train": {"lr": 5e-2, "max_steps": 3},
+                },
+            }
+        ],
         eval={"max_new_tokens": 3, "batch_size": 8, "samples": 1, "probes": False, "drift": False},
     )
     return path
@@ -34,8 +41,12 @@ def test_lora_stream_resumed_after_a_kill_equals_the_uninterrupted_one(tmp_path)
     Runner(load_continual_config(parts)).run()
 
     for stage in (1, 2):
-        a = load_file(stage_dir(tmp_path / "whole" / "run", "sft-lora", 0, stage) / "train" / "final" / "model.safetensors")
-        b = load_file(stage_dir(tmp_path / "parts" / "run", "sft-lora", 0, stage) / "train" / "final" / "model.safetensors")
+        a = load_file(
+            stage_dir(tmp_path / "whole" / "run", "sft-lora", 0, stage) / "train" / "final" / "model.safetensors"
+        )
+        b = load_file(
+            stage_dir(tmp_path / "parts" / "run", "sft-lora", 0, stage) / "train" / "final" / "model.safetensors"
+        )
         assert a.keys() == b.keys() and not any("lora" in k for k in a)
         for key in a:
             assert (a[key] - b[key]).abs().max().item() < 1e-6, (stage, key)

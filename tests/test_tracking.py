@@ -14,8 +14,10 @@ from selfdistill.model_card import write_model_card
 from selfdistill.tracking import open_tracker
 
 STEPS = [{"step": s, "loss": 1.0 / s, "finite": True, "lr": 1e-4 * s, "note": "text is not logged"} for s in (1, 2, 3)]
-needs = {name: pytest.mark.skipif(importlib.util.find_spec(name) is None, reason=f"{name} is not installed")
-         for name in ("tensorboard", "wandb")}
+needs = {
+    name: pytest.mark.skipif(importlib.util.find_spec(name) is None, reason=f"{name} is not installed")
+    for name in ("tensorboard", "wandb")
+}
 
 
 def _log(cfg, out):
@@ -38,10 +40,10 @@ def wandb_records(path: Path) -> list:
         if left < 7:  # a block's tail too short for a header is padding
             pos += left
             continue
-        length, kind = int.from_bytes(data[pos + 4:pos + 6], "little"), data[pos + 6]
+        length, kind = int.from_bytes(data[pos + 4 : pos + 6], "little"), data[pos + 6]
         if pos + 7 + length > len(data):  # still being written
             break
-        pending += data[pos + 7:pos + 7 + length]
+        pending += data[pos + 7 : pos + 7 + length]
         pos += 7 + length
         if kind in (1, 4):  # a full record, or the last chunk of one
             record = pb.Record()
@@ -93,8 +95,11 @@ def test_wandb_offline_run_holds_every_step_and_the_config(tmp_path, monkeypatch
         updates = r.run.config.update if kind == "run" else r.config.update if kind == "config" else []
         config.update({i.key or "/".join(i.nested_key): json.loads(i.value_json) for i in updates})
     assert config["method"] == "dft" and config["train"]["report_to"] == ["wandb"]
-    history = [{i.key or "/".join(i.nested_key): json.loads(i.value_json) for i in r.history.item} for r in records
-               if r.WhichOneof("record_type") == "history"]
+    history = [
+        {i.key or "/".join(i.nested_key): json.loads(i.value_json) for i in r.history.item}
+        for r in records
+        if r.WhichOneof("record_type") == "history"
+    ]
     assert [(h["_step"], h["train/loss"]) for h in history] == [(1, 1.0), (2, 0.5), (3, pytest.approx(1 / 3))]
 
 
@@ -118,8 +123,14 @@ def test_no_backend_or_another_process_logs_nothing(tmp_path):
 
 
 def test_model_card_names_method_data_settings_and_final_metrics(tmp_path):
-    cfg = load_config(overrides={"method": "sdft", "model": {"name": "Qwen/Qwen2.5-7B-Instruct", "lora": {"enabled": True}},
-                                 "data": {"train": "facts.jsonl"}, "train": {"lr": 1e-4}})
+    cfg = load_config(
+        overrides={
+            "method": "sdft",
+            "model": {"name": "Qwen/Qwen2.5-7B-Instruct", "lora": {"enabled": True}},
+            "data": {"train": "facts.jsonl"},
+            "train": {"lr": 1e-4},
+        }
+    )
     path = write_model_card(tmp_path / "final", cfg, STEPS, records=24)
     text = path.read_text()
     assert path == tmp_path / "final" / "README.md"
@@ -141,17 +152,29 @@ def _train_is_wired() -> bool:
 
 
 @needs["tensorboard"]
-@pytest.mark.skipif(not _train_is_wired(), reason="enable at merge: train.py calls open_tracker / write_model_card "
-                                                   "once the lead wires them in (issue 19)")
+@pytest.mark.skipif(
+    not _train_is_wired(),
+    reason="enable at merge: train.py calls open_tracker / write_model_card once the lead wires them in (issue 19)",
+)
 def test_a_short_training_run_writes_tensorboard_events_and_a_model_card(tmp_path):
     from selfdistill.data import Record
     from selfdistill.models.tiny import save_tiny
     from selfdistill.train import train
 
     model_dir = save_tiny(tmp_path / "tiny", extra_words=["a", "b"])
-    cfg = load_config(overrides={"method": "sft", "model": {"name": str(model_dir), "precision": "fp32"},
-                                 "train": {"max_steps": 2, "batch_size": 2, "micro_batch_size": 2,
-                                           "output_dir": str(tmp_path / "run"), "report_to": ["tensorboard"]}})
+    cfg = load_config(
+        overrides={
+            "method": "sft",
+            "model": {"name": str(model_dir), "precision": "fp32"},
+            "train": {
+                "max_steps": 2,
+                "batch_size": 2,
+                "micro_batch_size": 2,
+                "output_dir": str(tmp_path / "run"),
+                "report_to": ["tensorboard"],
+            },
+        }
+    )
     result = train(cfg, records=[Record(prompt="a", demonstration="b")] * 4)
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
