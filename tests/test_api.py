@@ -96,3 +96,23 @@ def test_every_exported_name_resolves():
         assert getattr(selfdistill, name) is not None
     with pytest.raises(AttributeError):
         getattr(selfdistill, "no_such_name")  # noqa: B009  (the lookup itself must fail)
+
+
+def test_diagnose_call_matches_the_command(tmp_path):
+    from test_diagnose import write_task
+
+    model_dir, data = write_task(tmp_path)
+    report = selfdistill.diagnose(
+        str(data),
+        model=str(model_dir),
+        grader="contains",
+        limit=2,
+        max_new_tokens=3,
+        precision="fp32",
+        template="plain",
+        ceiling=False,
+        out=tmp_path / "out",
+    )
+    assert report == json.loads((tmp_path / "out" / "diagnose.json").read_text())
+    assert report["settings"]["records"] == 2 and report["settings"]["template"] == "plain"
+    assert report["settings"]["num_rollouts"] == 1  # the command's default, taken from the config
