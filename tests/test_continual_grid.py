@@ -5,13 +5,13 @@ import os
 
 import pytest
 import yaml
+from test_continual_pipeline import CountingTrain, write_stream
 
 from selfdistill.continual.config import format_value, load_continual_config, parse_config
 from selfdistill.continual.results import summary_table
 from selfdistill.continual.runner import Runner, stage_dir
 from selfdistill.errors import UserError
 from selfdistill.report import write_report
-from test_continual_pipeline import CountingTrain, write_stream
 
 MINIMAL = {"stream": [{"task": "knowledge", "size": 8}]}
 

@@ -115,7 +115,7 @@ def groups_of(results: dict) -> dict:
             if value not in group["grid"].setdefault(key, []):
                 group["grid"][key].append(value)
     for group in groups.values():
-        for key, values in group["grid"].items():
+        for values in group["grid"].values():
             try:
                 values.sort()
             except TypeError:

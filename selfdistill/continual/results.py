@@ -11,8 +11,9 @@ from pathlib import Path
 
 from selfdistill.continual import frontier
 from selfdistill.continual.metrics import CI_METHOD, mean_ci, stream_metrics
-from selfdistill.continual.runner import read_json, stage_dir, write_json
+from selfdistill.continual.runner import stage_dir
 from selfdistill.errors import UserError
+from selfdistill.files import read_json, write_json
 
 FORMAT = "selfdistill-continual-v1"
 METRIC_NAMES = ("acc", "bwt", "fwt", "forgetting", "prior_final", "prior_change", "drift_kl_final", "drift_nll_final",

@@ -25,7 +25,8 @@ import string
 import urllib.error
 import urllib.request
 from collections import Counter
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 from selfdistill.errors import UserError
 

@@ -27,6 +27,7 @@ from selfdistill.data.prompts import PromptBuilder
 from selfdistill.data.records import Record
 from selfdistill.tasks.ceiling import demonstration_token_logps
 
+
 def answer_token_positions(text: str, answer, offsets: list[tuple[int, int]]) -> list[int]:
     """Indices of the tokens (given by their character offsets in `text`) that overlap `answer`'s
     last occurrence in `text`; empty when the answer is not a string found there."""
