@@ -51,6 +51,8 @@ class LoraConfig:
 class ModelConfig:
     name: str = _f("smollm2-135m", "Hub id, local directory, .gguf file, or 'smollm2-135m' (embedded).")
     precision: str = _f("auto", "auto (bf16 on GPUs, fp32 on CPUs), fp32, or bf16 (bf16 autocast over fp32 master weights).")
+    load_dtype: str = _f("auto", "Dtype the weights are loaded in: auto (fp32 for full fine-tuning, whose master "
+                         "weights stay fp32; bf16 for LoRA when computing in bf16), fp32, or bf16.")
     trust_remote_code: bool = _f(False, "Allow the model repository's own Python code to run.")
     lora: LoraConfig = field(default_factory=LoraConfig)
 
@@ -150,6 +152,7 @@ def validate(cfg: Config) -> Config:
     """Reject values that cannot work, naming the key."""
     _check(cfg.method in METHODS, "method", f"unknown method {cfg.method!r}; choose one of {', '.join(METHODS)}.")
     _check(cfg.model.precision in ("auto", "fp32", "bf16"), "model.precision", "must be 'auto', 'fp32' or 'bf16'.")
+    _check(cfg.model.load_dtype in ("auto", "fp32", "bf16"), "model.load_dtype", "must be 'auto', 'fp32' or 'bf16'.")
     _check(cfg.loss.kind in ("forward_kl", "reverse_kl", "jsd", "sampled_kl"), "loss.kind",
            f"unknown divergence {cfg.loss.kind!r}; choose forward_kl, reverse_kl, jsd or sampled_kl.")
     _check(0.0 <= cfg.loss.beta <= 1.0, "loss.beta", "must lie in [0, 1].")
