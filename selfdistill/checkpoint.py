@@ -12,8 +12,9 @@ Written by N processes under FSDP2 (each process writes only its own shards):
                                                      LoRA: only the adapter, the base weights never change)
   rng/rank-00000.pt ...                             (each process's RNG states)
   trainer_state.pt, state.json                      (scheduler; step, number of processes)
-Such a checkpoint resumes with the same number of processes; another number is refused with a
-message (the data split across processes and each process's random state would not carry over).
+Such a checkpoint resumes with the same number of processes; another number (or a plain process)
+is refused with a message: each process's random state and its share of the data would not carry
+over. (The sharded tensors themselves could be resharded by torch.distributed.checkpoint.)
 `final/` is always one consolidated Hugging Face directory.
 
 A checkpoint is written to a temporary directory, flushed to disk (fsync) and renamed into place,
@@ -140,7 +141,7 @@ def save_checkpoint(output_dir: Path, step: int, model, tokenizer, method, optim
             if not procs.sharded:  # (sharded: the optimizer is in shards/, each process's RNG in rng/)
                 trainer.update(optimizer=optimizer.state_dict(), **rng_state())
             _tensor_file(tmp / "trainer_state.pt", trainer)
-            write_json(tmp / "state.json", {"step": step, "world_size": procs.world, **extra})
+            write_json(tmp / "state.json", {"step": step, "world_size": procs.world, "sharded": procs.sharded, **extra})
             fsync_tree(tmp)
             fault("checkpoint_rename", step)
             replace_dir(tmp, final)
@@ -201,17 +202,25 @@ def load_checkpoint(directory: Path, model, method, optimizer, scheduler, procs:
         ) from None
 
 
+def _launch_words(world: int, sharded: bool) -> str:
+    return f"{world} process(es) under torchrun" if sharded else "one process without torchrun"
+
+
 def _check_world_size(directory: Path, procs: Processes) -> None:
+    """A sharded checkpoint resumes only with the number of processes that wrote it (a plain one: plainly)."""
     try:
-        saved = json.loads((directory / "state.json").read_text()).get("world_size", 1)
+        state = json.loads((directory / "state.json").read_text())
+        saved, sharded = state.get("world_size", 1), state.get("sharded", False)
     except (OSError, ValueError, AttributeError):
         return  # a damaged state.json is reported by the load itself
-    if saved != procs.world:
-        raise UserError(
-            f"Checkpoint {directory} was written by {saved} process(es) and this run has {procs.world}. "
-            f"Resume with the same number of processes (torchrun --nproc_per_node {saved}), or pass --overwrite "
-            "to start again."
-        )
+    if (saved, sharded) == (procs.world, procs.sharded):
+        return
+    launch = f"torchrun --nproc_per_node {saved}" if sharded else "a plain process (no torchrun)"
+    raise UserError(
+        f"Checkpoint {directory} was written by {_launch_words(saved, sharded)} and this run has "
+        f"{_launch_words(procs.world, procs.sharded)}. "
+        f"Resume the same way ({launch}), or pass --overwrite to start again."
+    )
 
 
 def _load_whole(directory: Path, model, method) -> None:

@@ -36,15 +36,13 @@ import torch.distributed as dist
 
 @dataclass(frozen=True)
 class Processes:
-    """Where this process stands: its rank among `world` processes and its device."""
+    """Where this process stands: its rank among `world` processes, its device, and whether the
+    model is sharded (every run launched by torchrun, even with one process; never a plain one)."""
 
     rank: int
     world: int
     device: torch.device
-
-    @property
-    def sharded(self) -> bool:
-        return self.world > 1
+    sharded: bool = False
 
     @property
     def is_main(self) -> bool:
@@ -52,20 +50,20 @@ class Processes:
 
 
 def setup_processes() -> Processes:
-    """Join torchrun's process group (gloo on CPUs, nccl on GPUs); a single process needs none."""
+    """Join torchrun's process group (gloo on CPUs, nccl on GPUs); a plain process needs none."""
     from selfdistill.models.loading import default_device
 
     device = default_device()
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not dist.is_initialized():
+    if "WORLD_SIZE" in os.environ and not dist.is_initialized():  # launched by torchrun
         if device.type == "cuda":
             torch.cuda.set_device(device)
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
     if dist.is_available() and dist.is_initialized():
-        return Processes(dist.get_rank(), dist.get_world_size(), device)
+        return Processes(dist.get_rank(), dist.get_world_size(), device, sharded=True)
     return Processes(0, 1, device)
 
 
-def barrier(procs: Processes) -> None:
+def barrier(procs: Processes) -> None:  # (the helpers below are no-ops for a plain process)
     if procs.sharded:
         dist.barrier()
 
