@@ -30,13 +30,13 @@ from pathlib import Path
 
 import torch
 
-from selfdistill.checkpoint import inside, latest_checkpoint, load_checkpoint, replace_dir, save_checkpoint
+from selfdistill.checkpoint import latest_checkpoint, load_checkpoint, replace_dir, save_checkpoint
 from selfdistill.config import Config
 from selfdistill.data import PromptBuilder, Record, load_records
 from selfdistill.distributed import Processes, barrier, max_across, setup_processes, shard_model, sum_across
 from selfdistill.errors import RunFailed, RunStopped, UserError
 from selfdistill.faults import fault
-from selfdistill.files import write_atomic, write_jsonl
+from selfdistill.files import write_jsonl
 from selfdistill.methods import get_method
 from selfdistill.models import apply_lora, load_model, save_model, stop_token_id
 from selfdistill.models.loading import weights_dtype
@@ -44,6 +44,7 @@ from selfdistill.models.saving import save_full_model
 from selfdistill.precision import resolve_precision
 from selfdistill.progress import progress_bar
 from selfdistill.rollout import rollout_seed
+from selfdistill.run_directory import check_output_dir, prepare_output_dir, read_metrics, writing
 
 log = logging.getLogger(__name__)
 
@@ -215,8 +216,8 @@ def _prepare_outputs(run: TrainingRun, resume: bool, overwrite: bool) -> None:
     if run.procs.is_main:
         prepare_output_dir(run.cfg, resume, overwrite)
         if run.metrics_path.exists():
-            with _writing(run.out, "metrics.jsonl"):
-                write_jsonl(run.metrics_path, [r for r in _read_metrics(run.metrics_path) if r["step"] <= run.start_step])
+            with writing(run.out, "metrics.jsonl"):
+                write_jsonl(run.metrics_path, [r for r in read_metrics(run.metrics_path) if r["step"] <= run.start_step])
     barrier(run.procs)
 
 
@@ -372,7 +373,7 @@ def log_step(run: TrainingRun, record: dict) -> None:
     if not run.procs.is_main:
         return
     line = json.dumps(record) + "\n"
-    with _writing(run.out, "metrics.jsonl"), run.metrics_path.open("a", encoding="utf-8") as f:
+    with writing(run.out, "metrics.jsonl"), run.metrics_path.open("a", encoding="utf-8") as f:
         half = len(line) // 2
         f.write(line[:half])
         fault("metrics", record["step"], on_hit=f.flush)
@@ -396,19 +397,6 @@ def _close_bar(run: TrainingRun) -> None:
         run.bar = None
 
 
-def _read_metrics(path: Path) -> list[dict]:
-    """metrics.jsonl rows; a line cut short by a crash mid-append is dropped."""
-    rows = []
-    for line in path.read_text(encoding="utf-8", errors="replace").splitlines():
-        try:
-            row = json.loads(line)
-        except ValueError:
-            continue
-        if isinstance(row, dict) and isinstance(row.get("step"), int):
-            rows.append(row)
-    return rows
-
-
 # ---------------------------------------------------------------------------------------------
 # Saving
 
@@ -416,7 +404,7 @@ def _read_metrics(path: Path) -> list[dict]:
 def save_checkpoint_now(run: TrainingRun, done: int) -> None:
     """A checkpoint of step `done` (every process takes part under torchrun)."""
     extra = {"total_steps": run.steps, "method": run.cfg.method, "nonfinite": dict(run.nonfinite)}
-    with _writing(run.out, f"the checkpoint of step {done}"):
+    with writing(run.out, f"the checkpoint of step {done}"):
         save_checkpoint(run.out, done, run.model, run.tokenizer, run.method, run.optimizer, run.scheduler, extra,
                         run.cfg.train.keep_last, run.procs)
 
@@ -431,7 +419,7 @@ def save_final_model(run: TrainingRun) -> Path | None:
     if not run.procs.is_main:
         return None
     final_dir, tmp = run.out / "final", run.out / ".final.tmp"
-    with _writing(run.out, "the final model"):
+    with writing(run.out, "the final model"):
         try:
             shutil.rmtree(tmp, ignore_errors=True)
             if full is None:
@@ -444,81 +432,6 @@ def save_final_model(run: TrainingRun) -> Path | None:
             shutil.rmtree(tmp, ignore_errors=True)
             raise
     return final_dir
-
-
-# ---------------------------------------------------------------------------------------------
-# The run directory
-
-
-def _fingerprint(cfg: Config) -> dict:
-    """What identifies a run: an output directory holding a different run is not reused silently."""
-    data = cfg.to_dict()
-    data["train"] = {k: v for k, v in data["train"].items() if k not in ("output_dir", "save_every", "keep_last")}
-    return data
-
-
-def check_output_dir(cfg: Config, resume: bool, overwrite: bool) -> Path:
-    """Refuse an output directory that would be misused; reads only, so a refusal changes nothing."""
-    out = Path(cfg.train.output_dir)
-    if out.exists() and not out.is_dir():
-        raise UserError(f"train.output_dir {out} is a file, not a directory. Choose another train.output_dir.")
-    run_file = out / "run.json"
-    if run_file.is_file() and not overwrite:
-        try:
-            previous = json.loads(run_file.read_text(encoding="utf-8"))
-        except (ValueError, UnicodeDecodeError) as exc:
-            raise UserError(
-                f"{run_file} is damaged ({exc}), so this directory's run cannot be identified. "
-                "Choose another train.output_dir, or pass --overwrite to start a new run there."
-            ) from None
-        if not isinstance(previous, dict) or previous.get("config") != _fingerprint(cfg):
-            raise UserError(
-                f"{out} already holds a different run (its run.json has other settings). "
-                "Choose another train.output_dir, or pass --overwrite to replace it."
-            )
-        if not resume and latest_checkpoint(out) is not None:
-            raise UserError(f"{out} already holds checkpoints of this run. Pass --resume to continue it, or --overwrite to start again.")
-    return out
-
-
-def prepare_output_dir(cfg: Config, resume: bool, overwrite: bool) -> Path:
-    """Check the output directory, then (with --overwrite) clear the previous run and record this one."""
-    out = check_output_dir(cfg, resume, overwrite)
-    with _writing(out, "the run directory"):
-        if overwrite and out.exists():
-            import shutil
-
-            # Everything a run writes (offline_targets.jsonl: offline distillation's fixed teacher answers).
-            for child in ("checkpoints", "final", "metrics.jsonl", "run.json", "offline_targets.jsonl"):
-                target = inside(out, child)
-                if target.is_dir():
-                    shutil.rmtree(target)
-                elif target.exists():
-                    target.unlink()
-        out.mkdir(parents=True, exist_ok=True)
-        write_atomic(out / "run.json", json.dumps({"config": _fingerprint(cfg), "full_config": cfg.to_dict()}, indent=2))
-    return out
-
-
-class _writing:
-    """Turn a failed write (full disk, no permission) into one clear message; what was written stays."""
-
-    def __init__(self, out: Path, what: str):
-        self.out, self.what = Path(out), what
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, kind, exc, tb):
-        if kind is None or not issubclass(kind, OSError):
-            return False
-        last = latest_checkpoint(self.out) if self.out.is_dir() else None
-        kept = f"The last complete checkpoint, {last}, is intact" if last else "No checkpoint of this run was written yet"
-        raise RunFailed(
-            f"Could not write {self.what} in {self.out}: {exc.strerror or exc}"
-            f"{' (' + exc.filename + ')' if getattr(exc, 'filename', None) else ''}. {kept}; "
-            "free disk space or fix the permissions, then run the same command with --resume."
-        ) from None
 
 
 class _StopFlag:

@@ -18,10 +18,10 @@ sys.path.insert(0, str(Path(__file__).parent))
 torch.set_num_threads(1)
 
 import torch.distributed as dist  # noqa: E402
+from toy import KEYS, VALUES, toy_records  # noqa: E402
 
 from selfdistill.config import load_config  # noqa: E402
 from selfdistill.models.tiny import tiny_model, tiny_tokenizer  # noqa: E402
-from toy import KEYS, VALUES, toy_records  # noqa: E402
 
 COLLECTIVES = ("all_gather_single", "reduce_scatter_single", "all_reduce", "all_gather_into_tensor",
                "reduce_scatter_tensor", "all_gather", "broadcast", "barrier", "all_to_all_single")

@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 
 from selfdistill.distributed import is_sharded
-from selfdistill.losses import LossSettings, chunked_completion_loss, output_head, STAT_NAMES
+from selfdistill.losses import STAT_NAMES, LossSettings, chunked_completion_loss, output_head
 from selfdistill.methods.base import Method, TrainItem, completion_hidden
 from selfdistill.rollout import generate
 from selfdistill.teacher import Teacher
