@@ -145,3 +145,21 @@ def test_gpu_check_script_runs_its_cases_on_cpu(tmp_path):
     for row in rows:
         assert row["finite"] and row["steps"] == 3 and row["s_step"] > 0 and row["tokens_per_s"] > 0
     assert rows[0]["s_rollout"] > 0 and rows[0]["s_teacher"] > 0  # SDFT's split is measured
+
+
+def test_lora_sharded_checkpoint_resumes_exactly(tmp_path):
+    """A LoRA checkpoint holds only the adapter, its AdamW state and the EMA teacher; resuming from it
+    (the newest checkpoint removed, as if the run had died after step 2) gives the straight run."""
+    import shutil
+
+    settings = {"lora": True, "max_steps": 4, "save_every": 2}
+    straight, resumed = tmp_path / "straight", tmp_path / "resumed"
+    launch(straight, settings, 2)
+    shutil.copytree(straight, resumed)
+    for part in ("checkpoints/step-000004", "final"):
+        shutil.rmtree(resumed / part)
+    launch(resumed, {**settings, "resume": True}, 2)
+    assert result(resumed)["steps"] == [3, 4]
+    assert result(resumed)["losses"] == pytest.approx(result(straight)["losses"][2:], rel=1e-6, abs=1e-9)
+    for part in ("final/model.safetensors", "final/adapter/adapter_model.safetensors", "teacher_final.safetensors"):
+        assert_same_weights(straight / part, resumed / part)
