@@ -110,6 +110,9 @@ def run_case(name: str, args, shape: str, method: str, lora: bool = False, layer
     procs = setup_processes()
     device = procs.device if args.device == "cuda" else torch.device("cpu")
     if device.type == "cuda":
+        import gc
+
+        gc.collect()  # the previous case's model, teacher and optimizer
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats(device)
     started = time.perf_counter()
