@@ -5,12 +5,12 @@
 - CPUs: fp32, whatever their instructions. On CPUs without bf16 matrix instructions (AVX2 only)
   bf16 runs many times slower than fp32 (a 1024x1024 product ~85x, the 135M model's forward
   ~4x, a whole training step ~20x, measured on a 2-core AVX2 machine). On a 2-core CPU with
-  AMX-BF16 and AVX512-BF16 (SmolLM2-135M, bf16 autocast over fp32 weights, 2026-12-02,
-  `python -m benchmarks.run precision` / `precision_train`, machine shared and loaded) bf16 was
-  only 1.11x fp32 for the student's forward + backward and 1.45x for the teacher's forward, but
-  0.48x for rollouts (the decode step re-casts every weight each token) and PRECISION_TRAIN_RATIO
-  for whole SDFT steps; the gain does not pay for bf16's rounding of the loss.
-  Choose `bf16` explicitly to use it anyway.
+  AMX-BF16 and AVX512-BF16 (SmolLM2-135M, bf16 autocast over fp32 weights, 2026-12-02, other
+  jobs running; `python -m benchmarks.run precision`) bf16 was 1.11x fp32 for the student's
+  forward + backward and 1.45x for the teacher's forward, but 0.48x for rollouts (autocast casts
+  every weight again for each decoded token), which dominate an SDFT step on a CPU; a whole
+  3-step SDFT run (`precision_train`, 2 prompts x 16 tokens) took 447 s in fp32 while the bf16
+  run had not finished after 1200 s under the same load (stopped there). Choose `bf16` explicitly to use it anyway.
 """
 
 from __future__ import annotations
