@@ -10,7 +10,8 @@
   forward + backward and 1.45x for the teacher's forward, but 0.48x for rollouts (autocast casts
   every weight again for each decoded token), which dominate an SDFT step on a CPU; a whole
   3-step SDFT run (`precision_train`, 2 prompts x 16 tokens) took 447 s in fp32 while the bf16
-  run had not finished after 1200 s under the same load (stopped there). Choose `bf16` explicitly to use it anyway.
+  run had not finished after 1200 s under the same load (stopped there).
+  Choose `bf16` explicitly to use it anyway.
 """
 
 from __future__ import annotations
