@@ -33,7 +33,15 @@ import torch
 from selfdistill.checkpoint import latest_checkpoint, load_checkpoint, replace_dir, save_checkpoint
 from selfdistill.config import Config
 from selfdistill.data import PromptBuilder, Record, load_records
-from selfdistill.distributed import Processes, barrier, max_across, setup_processes, shard_model, sum_across
+from selfdistill.distributed import (
+    Processes,
+    barrier,
+    max_across,
+    reshard_all,
+    setup_processes,
+    shard_model,
+    sum_across,
+)
 from selfdistill.errors import RunFailed, RunStopped, UserError
 from selfdistill.faults import fault
 from selfdistill.files import write_jsonl
@@ -290,6 +298,9 @@ def _accumulate_gradients(run: TrainingRun, items: list, global_tokens: float, d
             loss_sum = loss_sum + loss.detach().double()  # stays on the device; read once per step
             for key, value in stats.items():
                 loss_stats[key] = loss_stats.get(key, 0.0) + value
+    # The root unit stays gathered after a forward until its backward; a step without loss tokens
+    # (no backward anywhere) must free it too, or the teacher update would meet whole weights.
+    reshard_all(run.model)
     return float(loss_sum), loss_stats, backward_time
 
 

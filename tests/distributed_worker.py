@@ -59,7 +59,7 @@ def train_mode(out: Path, settings: dict) -> None:
         "model": {"precision": "fp32", "lora": {"enabled": settings.get("lora", False), "rank": 4, "alpha": 8.0}},
         "rollout": {"max_new_tokens": 4},
         "teacher": {"kind": settings.get("teacher", "ema"), "ema_rate": 0.1},
-        "loss": {"skip_first_tokens": 1, "chunk_size": settings.get("chunk_size", 3)},
+        "loss": {"skip_first_tokens": settings.get("skip_first_tokens", 1), "chunk_size": settings.get("chunk_size", 3)},
         "train": {"output_dir": str(out), "batch_size": 8, "micro_batch_size": 3,
                   "max_steps": settings.get("max_steps", 3), "lr": settings.get("lr", 1e-3),
                   "save_every": settings.get("save_every", 0),

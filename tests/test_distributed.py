@@ -83,7 +83,8 @@ def test_sdft_full_fine_tuning_two_processes_match_one(sdft_runs):
     ({"lora": True}, True),  # EMA of B·A on local shards
     ({"lora": True, "teacher": "frozen"}, False),  # the adapter switched off: no teacher copy
     ({"method": "sft", "activation_checkpointing": True}, False),  # recomputation under FSDP2 changes nothing
-], ids=["sdft-lora-ema", "sdft-lora-frozen", "sft-checkpointed"])
+    ({"skip_first_tokens": 10}, True),  # no loss tokens at all: no backward, yet the teacher update works
+], ids=["sdft-lora-ema", "sdft-lora-frozen", "sft-checkpointed", "sdft-no-loss-tokens"])
 def test_other_settings_two_processes_match_one(tmp_path, settings, teacher):
     one_settings = {k: v for k, v in settings.items() if k != "activation_checkpointing"}
     launch(tmp_path / "one", one_settings, 1)
