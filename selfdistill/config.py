@@ -70,6 +70,8 @@ class ModelConfig(_Section):
 
     name: str = _f("smollm2-135m", "Hub id, local directory, .gguf file, or 'smollm2-135m' (embedded).")
     precision: Precision = _f("auto", "auto (bf16 on GPUs, fp32 on CPUs), fp32, or bf16 (bf16 autocast over fp32 master weights).")
+    load_dtype: Precision = _f("auto", "Dtype the weights are loaded in: auto (fp32 for full fine-tuning, whose master "
+                               "weights stay fp32; bf16 for LoRA when computing in bf16), fp32, or bf16.")
     trust_remote_code: bool = _f(False, "Allow the model repository's own Python code to run.")
     lora: LoraConfig = field(default_factory=LoraConfig)
 

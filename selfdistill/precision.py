@@ -1,11 +1,17 @@
 """The compute precision of a run, chosen at run time from the device.
 
-'auto' means bf16 where the hardware computes it fast and fp32 elsewhere:
+'auto' means:
 - CUDA GPUs with bf16 support: bf16 compute over fp32 master weights.
-- CPUs with bf16 matrix instructions (AMX-BF16 or AVX512-BF16): bf16.
-- Other CPUs (AVX2 only): fp32. There bf16 matrix products are emulated and run many times
-  slower than fp32 (a 1024x1024 product ~85x, the 135M model's forward ~4x, a whole training
-  step ~20x, measured on a 2-core AVX2 machine).
+- CPUs: fp32, whatever their instructions. On CPUs without bf16 matrix instructions (AVX2 only)
+  bf16 runs many times slower than fp32 (a 1024x1024 product ~85x, the 135M model's forward
+  ~4x, a whole training step ~20x, measured on a 2-core AVX2 machine). On a 2-core CPU with
+  AMX-BF16 and AVX512-BF16 (SmolLM2-135M, bf16 autocast over fp32 weights, 2026-12-02, other
+  jobs running; `python -m benchmarks.run precision`) bf16 was 1.11x fp32 for the student's
+  forward + backward and 1.45x for the teacher's forward, but 0.48x for rollouts (autocast casts
+  every weight again for each decoded token), which dominate an SDFT step on a CPU; a whole
+  3-step SDFT run (`precision_train`, 2 prompts x 16 tokens) took 447 s in fp32 while the bf16
+  run had not finished after 1200 s under the same load (stopped there).
+  Choose `bf16` explicitly to use it anyway.
 """
 
 from __future__ import annotations
@@ -21,7 +27,10 @@ PRECISIONS: tuple[str, ...] = ("auto", "fp32", "bf16")
 
 @functools.lru_cache(maxsize=1)
 def cpu_has_bf16_instructions() -> bool:
-    """True when the CPU has AMX-BF16 or AVX512-BF16 (read from /proc/cpuinfo; False where unknown)."""
+    """True when the CPU has AMX-BF16 or AVX512-BF16 (read from /proc/cpuinfo; False where unknown).
+
+    Not used by 'auto' (fp32 on every CPU, see above); the benchmarks report it beside their numbers.
+    """
     try:
         with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as f:
             for line in f:
@@ -40,6 +49,4 @@ def resolve_precision(precision: str, device: torch.device | str) -> Literal["fp
     device_type = torch.device(device).type
     if device_type == "cuda":
         return "bf16" if torch.cuda.is_bf16_supported() else "fp32"
-    if device_type == "cpu":
-        return "bf16" if cpu_has_bf16_instructions() else "fp32"
-    return "fp32"
+    return "fp32"  # CPUs (see above) and other devices

@@ -20,6 +20,8 @@ from dataclasses import dataclass
 import torch
 from transformers import GenerationConfig, LogitsProcessor, LogitsProcessorList
 
+from selfdistill.distributed import backbone, full_weights
+from selfdistill.precision import resolve_precision
 from selfdistill.progress import progress_bar
 
 
@@ -72,15 +74,9 @@ def pad_batch(rows: list[list[int]], pad_id: int, side: str = "right") -> tuple[
 
 
 def autocast_context(device: torch.device | str, precision: str):
-    """bf16 autocast for 'bf16', and for 'auto' on GPUs.
-
-    'auto' stays in fp32 on CPUs: without bf16 matrix instructions (no AVX512-BF16 / AMX, as on
-    the AVX2-only CPUs we build on) bf16 matrix products run far slower than fp32 (measured
-    ~85x for a 1024² product, ~4x for the embedded model's forward).
-    """
-    device_type = torch.device(device).type
-    if precision == "bf16" or (precision == "auto" and device_type == "cuda"):
-        return torch.autocast(device_type=device_type, dtype=torch.bfloat16)
+    """bf16 autocast when the run's precision (resolved for this device, see `resolve_precision`) is bf16."""
+    if resolve_precision(precision, device) == "bf16":
+        return torch.autocast(device_type=torch.device(device).type, dtype=torch.bfloat16)
     return nullcontext()
 
 
@@ -118,7 +114,7 @@ def _decode(model, ids: torch.Tensor, mask: torch.Tensor, *, max_new_tokens: int
     """
     from transformers import DynamicCache
 
-    decoder = model.get_decoder()
+    decoder = backbone(model)
     logits_of = _logits_fn(model)
     cache = DynamicCache(config=model.config)
     positions = (mask.cumsum(-1) - 1).clamp(min=0)
@@ -178,29 +174,38 @@ def generate(model, prompts: list[list[int]], *, stop_token_ids: int | list[int]
     out_ids: list[list[int]] = [[] for _ in prompts]
     finished = [False] * len(prompts)
     bar = progress_bar(total=len(prompts), desc=desc) if desc else None
-    for start in range(0, len(order), batch_size):
-        batch = order[start:start + batch_size]
-        ids, mask = pad_batch([prompts[i] for i in batch], pad_token_id, side="left")
-        ids, mask = ids.to(device), mask.to(device)
-        sampler = SeededSampling([seeds[i] for i in batch], temperature, top_p) if temperature > 0 else None
-        with autocast_context(device, precision):
-            if own_loop:
-                pick = (lambda logits: sampler(None, logits).argmax(-1)) if sampler else (lambda logits: logits.argmax(-1))
-                new = _decode(model, ids, mask, max_new_tokens=max_new_tokens, stop_token_ids=stop_token_ids,
-                              pad_token_id=pad_token_id, pick=pick)
-            else:
-                generated = model.generate(
-                    input_ids=ids, attention_mask=mask, generation_config=config,
-                    logits_processor=LogitsProcessorList([sampler] if sampler else []),
-                )
-                new = generated[:, ids.shape[1]:].tolist()
-        for row, i in zip(new, batch):
-            cut = next((j for j, tok in enumerate(row) if tok in stop_token_ids), None)
-            out_ids[i] = row if cut is None else row[: cut + 1]
-            finished[i] = cut is not None
-        if bar:
-            bar.update(len(batch))
+    with full_weights(model):  # under FSDP2: gathered once here, no collectives while decoding
+        for start in range(0, len(order), batch_size):
+            _generate_batch(model, order[start:start + batch_size], prompts,
+                            out_ids, finished, device=device, own_loop=own_loop, config=config, seeds=seeds,
+                            temperature=temperature, top_p=top_p, precision=precision,
+                            max_new_tokens=max_new_tokens, stop_token_ids=stop_token_ids, pad_token_id=pad_token_id)
+            if bar:
+                bar.update(min(batch_size, len(order) - start))
     if bar:
         bar.close()
     model.train(was_training)
     return Completions(ids=out_ids, finished=finished)
+
+
+def _generate_batch(model, batch, prompts, out_ids, finished, *, device, own_loop, config, seeds, temperature, top_p,
+                    precision, max_new_tokens, stop_token_ids, pad_token_id) -> None:
+    """Complete the prompts at indices `batch`, writing into `out_ids` / `finished`."""
+    ids, mask = pad_batch([prompts[i] for i in batch], pad_token_id, side="left")
+    ids, mask = ids.to(device), mask.to(device)
+    sampler = SeededSampling([seeds[i] for i in batch], temperature, top_p) if temperature > 0 else None
+    with autocast_context(device, precision):
+        if own_loop:
+            pick = (lambda logits: sampler(None, logits).argmax(-1)) if sampler else (lambda logits: logits.argmax(-1))
+            new = _decode(model, ids, mask, max_new_tokens=max_new_tokens, stop_token_ids=stop_token_ids,
+                          pad_token_id=pad_token_id, pick=pick)
+        else:
+            generated = model.generate(
+                input_ids=ids, attention_mask=mask, generation_config=config,
+                logits_processor=LogitsProcessorList([sampler] if sampler else []),
+            )
+            new = generated[:, ids.shape[1]:].tolist()
+    for row, i in zip(new, batch):
+        cut = next((j for j, tok in enumerate(row) if tok in stop_token_ids), None)
+        out_ids[i] = row if cut is None else row[: cut + 1]
+        finished[i] = cut is not None

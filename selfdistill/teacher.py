@@ -11,16 +11,25 @@ B separately is not an average of their product. The teacher therefore keeps a p
 the model whose adapted layers hold W0 + EMA(ΔW), updated as
     W_T <- (1 − a) W_T + a (W0 + ΔW_student),
 which is the same thing because W0 is constant. It costs one copy of the adapted weights.
+
+Precision: an EMA teacher is kept in fp32 whatever the student's weights were loaded in (at
+a = 0.01 a bf16 copy would round most updates away); a frozen full-weight teacher may be kept
+in bf16 (`frozen_dtype`) when the run computes in bf16, since it never changes.
+
+Under FSDP2 the teacher module is sharded with the student's plan (`shard`), so the update is an
+elementwise operation on this process's shards; with LoRA each layer's weight delta needs the
+whole (small) A factor, gathered once per layer and step.
 """
 
 from __future__ import annotations
 
 import copy
-from contextlib import contextmanager, nullcontext
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
 
+from selfdistill.distributed import is_sharded, local, reshard_all
 from selfdistill.models.lora import is_lora
 
 
@@ -39,7 +48,7 @@ def _plain_name(peft_name: str) -> str:
 
 
 class Teacher:
-    def __init__(self, student, kind: str = "ema", ema_rate: float = 0.01):
+    def __init__(self, student, kind: str = "ema", ema_rate: float = 0.01, frozen_dtype: torch.dtype | None = None):
         if kind not in ("ema", "frozen", "live"):
             raise ValueError(f"unknown teacher kind {kind!r}")
         self.kind = kind
@@ -51,6 +60,10 @@ class Teacher:
                 self.module = copy.deepcopy(student).merge_and_unload()
             else:
                 self.module = copy.deepcopy(student)
+            if kind == "ema":
+                self.module.float()
+            elif frozen_dtype is not None:
+                self.module.to(frozen_dtype)
             self.module.eval()
             self.module.requires_grad_(False)
 
@@ -58,7 +71,10 @@ class Teacher:
     def scoring(self, student):
         """The model to score completions with, as a context (LoRA-frozen switches the adapter off)."""
         if self.module is not None:
-            yield self.module
+            try:
+                yield self.module
+            finally:
+                reshard_all(self.module)  # it never runs backward, so its gathered weights can go now
         elif self.kind == "frozen":  # LoRA: W0 is the student without its adapter
             with student.disable_adapter():
                 yield student
@@ -73,18 +89,22 @@ class Teacher:
         a = self.ema_rate
         if not self.lora:
             for t, s in zip(self.module.parameters(), student.parameters()):
-                t.lerp_(s.detach().to(t.dtype), a)
+                local(t).lerp_(local(s).detach().to(t.dtype), a)
             return
         teacher_modules = dict(self.module.named_modules())
+        sharded = is_sharded(student)
         for name, layer in _lora_layers(student):
             target = teacher_modules[_plain_name(name)]
-            effective = layer.base_layer.weight.detach().float()
+            effective = local(layer.base_layer.weight).detach().float()
             for adapter in layer.active_adapters:
-                effective = effective + layer.get_delta_weight(adapter).float()
-            target.weight.lerp_(effective.to(target.weight.dtype), a)
+                delta = _local_delta(layer, adapter) if sharded else layer.get_delta_weight(adapter)
+                effective = effective + delta.float()
+            local(target.weight).lerp_(effective.to(target.weight.dtype), a)
 
-    def state_dict(self) -> dict[str, torch.Tensor] | None:
-        return None if self.module is None else self.module.state_dict()
+    def shard(self, shard_fn) -> None:
+        """Shard the teacher's own copy with the student's plan (a no-op for live and LoRA-frozen)."""
+        if self.module is not None:
+            self.module = shard_fn(self.module)
 
     def save(self, path: Path) -> None:
         if self.module is not None:
@@ -97,3 +117,19 @@ class Teacher:
             from safetensors.torch import load_model
 
             load_model(self.module, str(path))
+
+
+def _local_delta(layer, adapter: str) -> torch.Tensor:
+    """This process's rows of scale · B·A for a sharded LoRA linear layer.
+
+    B [out, r] is sharded along its rows exactly as the base weight [out, in] is (both split dim 0
+    into the same pieces), so the local rows of B times the whole A give the local rows of the delta.
+    """
+    from torch.distributed.tensor import DTensor
+
+    if getattr(layer, "fan_in_fan_out", False):
+        raise NotImplementedError("EMA of a LoRA delta under FSDP2 supports plain linear layers only")
+    a = layer.lora_A[adapter].weight
+    b = layer.lora_B[adapter].weight
+    a_full = a.full_tensor() if isinstance(a, DTensor) else a
+    return (local(b).detach().float() @ a_full.detach().float()) * layer.scaling[adapter]

@@ -1,15 +1,20 @@
-"""The one training loop, shared by every method.
+"""The one training loop, shared by every method, as a recipe: set up, step, log, save.
 
-Per optimizer step: take the step's prompts (this process's share), let the method build the
-step's items (SDFT: rollouts), count the step's loss tokens across all processes, accumulate
-Σ per-token loss / total tokens over micro-batches (so every counted token of the step weighs
-the same, whatever the micro-batching or the number of processes), sum gradients across
-processes, clip, step AdamW and the cosine schedule, then let the method update its teacher.
+    run = setup(...)                      read and check every input, build model, method, optimizer;
+                                          shard them under torchrun; restore a checkpoint on --resume
+    for each step: train_step(run, step)  the step's prompts -> method items -> micro-batch losses ->
+                                          clip, AdamW, schedule, teacher update
+                   log_step(run, record)  metrics.jsonl and the progress bar
+                   save_checkpoint_now    every train.save_every steps, and on a stop signal
+    save_final_model(run)                 final/, one Hugging Face directory
+    on_train_end(run, final_dir)          one place for whatever follows a finished run
 
-Gradients are summed across processes explicitly (one flat all-reduce) instead of through a
-DDP wrapper: the methods run the model's backbone and output head separately, and the
-global-token normalisation above already gives each process's loss its share, so a plain sum
-makes N processes compute exactly what one process computes on the same global batch.
+Per optimizer step every process takes its share of the step's prompts, the method builds the
+step's items (SDFT: rollouts), and the loss is Σ per-token loss / (the step's loss tokens across
+all processes), accumulated over micro-batches, so every counted token weighs the same whatever
+the micro-batching or the number of processes. Under torchrun the model is sharded with FSDP2
+(see `selfdistill.distributed`), which sums the gradients across processes: N processes compute
+what one process computes on the same global batch.
 """
 
 from __future__ import annotations
@@ -18,32 +23,41 @@ import functools
 import json
 import logging
 import math
-import os
-import random
 import signal
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from accelerate import Accelerator
-from accelerate.utils import set_seed
 
-from selfdistill.checkpoint import inside, latest_checkpoint, load_checkpoint, replace_dir, save_checkpoint
+from selfdistill.checkpoint import latest_checkpoint, load_checkpoint, replace_dir, save_checkpoint
 from selfdistill.config import Config
 from selfdistill.data import PromptBuilder, Record, load_records
-from selfdistill.errors import UserError
+from selfdistill.distributed import (
+    Processes,
+    barrier,
+    max_across,
+    reshard_all,
+    setup_processes,
+    shard_model,
+    sum_across,
+)
+from selfdistill.errors import RunFailed, RunStopped, UserError
 from selfdistill.faults import fault
+from selfdistill.files import write_jsonl
 from selfdistill.methods import get_method
 from selfdistill.models import apply_lora, load_model, save_model, stop_token_id
+from selfdistill.models.loading import weights_dtype
+from selfdistill.models.saving import save_full_model
+from selfdistill.precision import resolve_precision
 from selfdistill.progress import progress_bar
 from selfdistill.rollout import rollout_seed
+from selfdistill.run_directory import check_output_dir, prepare_output_dir, read_metrics, writing
 
 log = logging.getLogger(__name__)
 
-
-class TrainingStopped(UserError):
-    """The run stopped on purpose (signal) or because it could not go on (non-finite steps)."""
+# What a caller catches for "the run ended before its last step" (a deliberate stop or a failure).
+TrainingStopped = (RunStopped, RunFailed)
 
 
 @dataclass
@@ -54,6 +68,165 @@ class TrainResult:
     metrics: list[dict] = field(default_factory=list)
     model: object = None
     tokenizer: object = None
+
+
+@dataclass
+class TrainingRun:
+    """Everything the loop's parts share."""
+
+    cfg: Config
+    procs: Processes
+    out: Path
+    model: object
+    tokenizer: object
+    method: object
+    optimizer: torch.optim.Optimizer
+    scheduler: object
+    params: list
+    examples: list
+    steps: int
+    start_step: int = 0
+    nonfinite: dict = field(default_factory=lambda: {"in_row": 0, "total": 0})
+    history: list[dict] = field(default_factory=list)
+    bar: object = None
+
+    @property
+    def metrics_path(self) -> Path:
+        return self.out / "metrics.jsonl"
+
+
+def train(cfg: Config, *, records: list[Record] | None = None, model=None, tokenizer=None, resume: bool = False,
+          overwrite: bool = False, save_final: bool = True) -> TrainResult:
+    """Train `cfg.method` on the records (or `cfg.data.train`). Pass `model`/`tokenizer` to train in memory.
+
+    Every input is read and checked (data, output directory, model, prompts) before anything is
+    written, so a mistake leaves the disk as it was. Under torchrun every process calls this.
+    """
+    run = setup(cfg, records, model, tokenizer, resume, overwrite)
+    with _StopFlag() as stop:
+        for step in range(run.start_step, run.steps):
+            record = train_step(run, step)
+            log_step(run, record)
+            done = step + 1
+            _stop_if_nonfinite(run, done)
+            # Processes may see a signal at different steps; they stop together (a checkpoint is collective).
+            stopping = max_across(run.procs, int(stop.requested is not None)) > 0
+            if stopping or (cfg.train.save_every and done % cfg.train.save_every == 0 and done < run.steps):
+                save_checkpoint_now(run, done)
+            if stopping:
+                _close_bar(run)
+                name = stop.requested or "SIGTERM"  # (sent to another process)
+                raise RunStopped(f"Stopped by {name} after step {done}; checkpoint written. "
+                                 "Run the same command with --resume to continue.", signal.Signals[name])
+        _close_bar(run)
+        if run.start_step < run.steps or latest_checkpoint(run.out) is None:
+            save_checkpoint_now(run, run.steps)
+        final_dir = save_final_model(run) if save_final else None
+    barrier(run.procs)
+    on_train_end(run, final_dir)
+    return TrainResult(output_dir=run.out, steps=run.steps, final_dir=final_dir, metrics=run.history,
+                       model=run.model, tokenizer=run.tokenizer)
+
+
+# ---------------------------------------------------------------------------------------------
+# Set-up
+
+
+def setup(cfg: Config, records, model, tokenizer, resume: bool, overwrite: bool) -> TrainingRun:
+    """Read and check the inputs, build model, method, optimizer and schedule; restore on --resume."""
+    from transformers import set_seed
+
+    procs = setup_processes()
+    set_seed(cfg.train.seed)  # Python, NumPy, torch and CUDA generators
+    if records is None:  # read the data first: a bad file should not wait for a model load
+        if not cfg.data.train:
+            raise UserError("No training data: set data.train (a .jsonl file, a dataset directory, hf:NAME or builtin:NAME).")
+        records = load_records(cfg.data.train, cfg.data.columns, cfg.data.split)
+    if cfg.train.batch_size < procs.world:
+        raise UserError(f"train.batch_size {cfg.train.batch_size} is smaller than the number of processes "
+                        f"({procs.world}): every process needs at least one prompt per step.")
+    out = check_output_dir(cfg, resume, overwrite)
+    model, tokenizer = _build_model(cfg, procs, model, tokenizer)
+    stop_id = stop_token_id(model, tokenizer)
+    builder = PromptBuilder(
+        tokenizer, cfg.data.teacher_template, cfg.data.system_prompt, cfg.data.max_prompt_tokens,
+        cfg.data.max_teacher_prompt_tokens, cfg.data.overlong, stop_id,
+    )
+    encoded = builder.encode_all(records)
+    method = get_method(cfg.method)(cfg, model, tokenizer, builder, stop_id, tokenizer.pad_token_id, records)
+    if procs.sharded:  # the teacher is copied from the whole student (in the method) before sharding
+        shard = functools.partial(shard_model, procs=procs, precision=method.precision)
+        model = shard(model)
+        method.model = model
+        method.shard(shard)
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=cfg.train.lr, weight_decay=cfg.train.weight_decay)
+    examples = method.training_examples(encoded)
+    steps = method.total_steps(total_steps(cfg, len(examples)))
+    from transformers import get_cosine_schedule_with_warmup
+
+    scheduler = get_cosine_schedule_with_warmup(optimizer, math.ceil(cfg.train.warmup_ratio * steps), steps)
+    run = TrainingRun(cfg, procs, out, model, tokenizer, method, optimizer, scheduler, params, examples, steps)
+    _restore(run, resume and not overwrite)
+    _prepare_outputs(run, resume, overwrite)
+    method.setup(examples)
+    if builder.skipped:
+        log.warning("%d records skipped for being over the prompt limits", len(builder.skipped))
+    if procs.is_main:
+        run.bar = progress_bar(total=steps, desc=f"{cfg.method} training")
+        run.bar.update(run.start_step)
+    return run
+
+
+def _build_model(cfg: Config, procs: Processes, model, tokenizer):
+    """The student on this process's device, in the dtype the run needs, with LoRA and checkpointing set up."""
+    precision = resolve_precision(cfg.model.precision, procs.device)
+    if model is None:
+        dtype = weights_dtype(cfg.model.load_dtype, precision, cfg.model.lora.enabled)
+        model, tokenizer = load_model(cfg.model.name, dtype, cfg.model.trust_remote_code, device=procs.device)
+    if cfg.model.lora.enabled:
+        lora = cfg.model.lora
+        model = apply_lora(model, lora.rank, lora.alpha, lora.dropout, lora.target_modules)
+    model.to(procs.device)
+    model.train()
+    model.config.use_cache = False  # training forwards need no cache; generation turns it on itself
+    if cfg.train.activation_checkpointing:
+        # Non-reentrant checkpointing also works with frozen embeddings (LoRA) and with FSDP2 (the
+        # recomputation gathers a layer's weights again); it is active only in training mode, so
+        # rollouts and the teacher's no-grad forwards are unaffected. (transformers 5 renamed
+        # gradient_checkpointing_enable; 4.x has only the old name.)
+        kwargs = {"use_reentrant": False}
+        if hasattr(model, "activation_checkpointing_enable"):
+            model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+        else:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+    if not getattr(tokenizer, "chat_template", None):
+        raise UserError(
+            f"model.name {cfg.model.name}: the tokenizer has no chat template, so prompts cannot be formatted as "
+            "conversations. Use an instruction-tuned model, or add a chat_template to its tokenizer_config.json."
+        )
+    return model, tokenizer
+
+
+def _restore(run: TrainingRun, resume: bool) -> None:
+    """On --resume, load the newest checkpoint (read before anything is written: a damaged one changes nothing)."""
+    checkpoint = latest_checkpoint(run.out) if resume else None
+    if checkpoint is None:
+        return
+    state = load_checkpoint(checkpoint, run.model, run.method, run.optimizer, run.scheduler, run.procs)
+    run.start_step = state["step"]
+    run.nonfinite.update(state.get("nonfinite", {}))
+    log.info("resumed from %s (step %d of %d)", checkpoint, run.start_step, run.steps)
+
+
+def _prepare_outputs(run: TrainingRun, resume: bool, overwrite: bool) -> None:
+    """Record the run in its directory; metrics logged after the checkpoint we continue from are dropped."""
+    if run.procs.is_main:
+        prepare_output_dir(run.cfg, resume, overwrite)
+        if run.metrics_path.exists():
+            with writing(run.out, "metrics.jsonl"):
+                write_jsonl(run.metrics_path, [r for r in read_metrics(run.metrics_path) if r["step"] <= run.start_step])
+    barrier(run.procs)
 
 
 @functools.lru_cache(maxsize=4)
@@ -74,338 +247,105 @@ def total_steps(cfg: Config, num_records: int) -> int:
     return max(1, math.ceil(cfg.train.epochs * num_records / cfg.train.batch_size))
 
 
-def _fingerprint(cfg: Config) -> dict:
-    """What identifies a run: an output directory holding a different run is not reused silently."""
-    data = cfg.to_dict()
-    data["train"] = {k: v for k, v in data["train"].items() if k not in ("output_dir", "save_every", "keep_last")}
-    return data
+# ---------------------------------------------------------------------------------------------
+# One optimizer step
 
 
-def check_output_dir(cfg: Config, resume: bool, overwrite: bool) -> Path:
-    """Refuse an output directory that would be misused; reads only, so a refusal changes nothing."""
-    out = Path(cfg.train.output_dir)
-    if out.exists() and not out.is_dir():
-        raise UserError(f"train.output_dir {out} is a file, not a directory. Choose another train.output_dir.")
-    run_file = out / "run.json"
-    if run_file.is_file() and not overwrite:
-        try:
-            previous = json.loads(run_file.read_text(encoding="utf-8"))
-        except (ValueError, UnicodeDecodeError) as exc:
-            raise UserError(
-                f"{run_file} is damaged ({exc}), so this directory's run cannot be identified. "
-                "Choose another train.output_dir, or pass --overwrite to start a new run there."
-            ) from None
-        if not isinstance(previous, dict) or previous.get("config") != _fingerprint(cfg):
-            raise UserError(
-                f"{out} already holds a different run (its run.json has other settings). "
-                "Choose another train.output_dir, or pass --overwrite to replace it."
-            )
-        if not resume and latest_checkpoint(out) is not None:
-            raise UserError(f"{out} already holds checkpoints of this run. Pass --resume to continue it, or --overwrite to start again.")
-    return out
+def train_step(run: TrainingRun, step: int) -> dict:
+    """One optimizer step (0-based `step`); returns its metrics record."""
+    cfg, procs = run.cfg, run.procs
+    started = time.perf_counter()
+    done = step + 1
+    positions = list(range(step * cfg.train.batch_size, done * cfg.train.batch_size))[procs.rank::procs.world]
+    mine = [run.examples[data_order(len(run.examples), cfg.train.seed, p)] for p in positions]
+    seeds = [rollout_seed(cfg.train.seed, p, r) for p in positions for r in range(cfg.rollout.num_rollouts)]
+    items, build_stats = run.method.build_items(mine, seeds, step)
+    fault("rollout", done)
+    (global_tokens,) = sum_across(procs, [float(sum(i.loss_tokens for i in items))])
+    loss_sum, loss_stats, backward_time = _accumulate_gradients(run, items, global_tokens, done)
+    grad_norm = _clip_gradients(run)
+    keys = sorted(set(loss_stats) | set(build_stats))
+    totals = sum_across(procs, [loss_sum] + [float(loss_stats.get(k, build_stats.get(k, 0.0))) for k in keys])
+    loss_total, summed = totals[0], dict(zip(keys, totals[1:]))
+    finite = math.isfinite(loss_total) and math.isfinite(grad_norm)
+    update_time = _apply_update(run, finite, done)
+    record = _step_metrics(done, loss_total, global_tokens, summed, run.scheduler, grad_norm,
+                           time.perf_counter() - started, backward_time, update_time, finite)
+    record["nonfinite_steps"] = run.nonfinite["total"]
+    return record
 
 
-def prepare_output_dir(cfg: Config, resume: bool, overwrite: bool) -> Path:
-    """Check the output directory, then (with --overwrite) clear the previous run and record this one."""
-    out = check_output_dir(cfg, resume, overwrite)
-    with _writing(out, "the run directory"):
-        if overwrite and out.exists():
-            import shutil
+def _accumulate_gradients(run: TrainingRun, items: list, global_tokens: float, done: int):
+    """Forward and backward over the micro-batches; returns (Σ loss, Σ stats, backward seconds).
 
-            # Everything a run writes (offline_targets.jsonl: offline distillation's fixed teacher answers).
-            for child in ("checkpoints", "final", "metrics.jsonl", "run.json", "offline_targets.jsonl"):
-                target = inside(out, child)
-                if target.is_dir():
-                    shutil.rmtree(target)
-                elif target.exists():
-                    target.unlink()
-        out.mkdir(parents=True, exist_ok=True)
-        _write_atomic(out / "run.json", json.dumps({"config": _fingerprint(cfg), "full_config": cfg.to_dict()}, indent=2))
-    return out
-
-
-def _write_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    with tmp.open("w", encoding="utf-8") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
-class _writing:
-    """Turn a failed write (full disk, no permission) into one clear message; what was written stays."""
-
-    def __init__(self, out: Path, what: str):
-        self.out, self.what = Path(out), what
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, kind, exc, tb):
-        if kind is None or not issubclass(kind, OSError):
-            return False
-        last = latest_checkpoint(self.out) if self.out.is_dir() else None
-        kept = f"The last complete checkpoint, {last}, is intact" if last else "No checkpoint of this run was written yet"
-        raise TrainingStopped(
-            f"Could not write {self.what} in {self.out}: {exc.strerror or exc}"
-            f"{' (' + exc.filename + ')' if getattr(exc, 'filename', None) else ''}. {kept}; "
-            "free disk space or fix the permissions, then run the same command with --resume."
-        ) from None
+    Under FSDP2 every process must run the same number of forwards and backwards (each gathers
+    weights and reduces gradients with the others), but processes can hold different numbers of
+    items. A process with fewer micro-batches repeats its last one with weight 0 (no gradient).
+    """
+    micro = run.cfg.train.micro_batch_size
+    batches = [items[s:s + micro] for s in range(0, len(items), micro)]
+    rounds = max_across(run.procs, len(batches))
+    loss_sum, loss_stats, backward_time = 0.0, {}, 0.0
+    for k in range(rounds):
+        counted = k < len(batches)
+        loss, stats = run.method.loss(batches[k] if counted else batches[-1])
+        if loss.requires_grad and global_tokens > 0:
+            t0 = time.perf_counter()
+            (loss * ((1.0 if counted else 0.0) / global_tokens)).backward()
+            backward_time += time.perf_counter() - t0
+            fault("backward", done)
+        if counted:
+            loss_sum = loss_sum + loss.detach().double()  # stays on the device; read once per step
+            for key, value in stats.items():
+                loss_stats[key] = loss_stats.get(key, 0.0) + value
+    # The root unit stays gathered after a forward until its backward; a step without loss tokens
+    # (no backward anywhere) must free it too, or the teacher update would meet whole weights.
+    reshard_all(run.model)
+    return float(loss_sum), loss_stats, backward_time
 
 
-def _read_metrics(path: Path) -> list[dict]:
-    """metrics.jsonl rows; a line cut short by a crash mid-append is dropped."""
-    rows = []
-    for line in path.read_text(encoding="utf-8", errors="replace").splitlines():
-        try:
-            row = json.loads(line)
-        except ValueError:
-            continue
-        if isinstance(row, dict) and isinstance(row.get("step"), int):
-            rows.append(row)
-    return rows
+def _clip_gradients(run: TrainingRun) -> float:
+    """Clip to train.max_grad_norm (the norm over all processes' shards); returns the norm before clipping."""
+    norm = torch.nn.utils.clip_grad_norm_(run.params, run.cfg.train.max_grad_norm or float("inf"))
+    from torch.distributed.tensor import DTensor
+
+    if isinstance(norm, DTensor):
+        norm = norm.full_tensor()
+    return float(norm)
 
 
-def _sum_across(accelerator: Accelerator, values: list[float]) -> list[float]:
-    if accelerator.num_processes == 1:
-        return values
-    tensor = torch.tensor(values, dtype=torch.float64, device=accelerator.device)
-    return accelerator.reduce(tensor, reduction="sum").tolist()
+def _apply_update(run: TrainingRun, finite: bool, done: int) -> float:
+    """AdamW step and teacher update when the step is finite; returns the teacher update's seconds."""
+    update_time = 0.0
+    if finite:
+        run.optimizer.step()
+        fault("optimizer_step", done)
+        t0 = time.perf_counter()
+        run.method.after_step()
+        update_time = time.perf_counter() - t0
+        run.nonfinite["in_row"] = 0
+    else:  # the weights, the optimizer's moments and the teacher stay as they were
+        run.nonfinite["in_row"] += 1
+        run.nonfinite["total"] += 1
+        log.warning("step %d: non-finite loss or gradient; step skipped, teacher not updated "
+                    "(%d in a row, %d in this run)", done, run.nonfinite["in_row"], run.nonfinite["total"])
+    run.scheduler.step()
+    run.optimizer.zero_grad(set_to_none=True)
+    return update_time
 
 
-def _sum_gradients(accelerator: Accelerator, params: list[torch.nn.Parameter]) -> None:
-    if accelerator.num_processes == 1:
+def _stop_if_nonfinite(run: TrainingRun, done: int) -> None:
+    limit = run.cfg.train.max_nonfinite_steps
+    if run.nonfinite["in_row"] <= limit:
         return
-    grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
-    flat = torch.cat([g.reshape(-1) for g in grads])
-    flat = accelerator.reduce(flat, reduction="sum")
-    offset = 0
-    for p, g in zip(params, grads):
-        n = g.numel()
-        p.grad = flat[offset:offset + n].view_as(p).clone()
-        offset += n
-
-
-class _StopFlag:
-    """SIGINT / SIGTERM ask the loop to checkpoint and stop at the end of the current step.
-
-    A second signal stops at once: the step in flight is dropped, and so is a checkpoint being
-    written (it is still in its temporary directory), so the newest complete checkpoint stays.
-    """
-
-    def __init__(self):
-        self.requested = None
-        self.previous = {}
-
-    def __enter__(self):
-        def handler(signum, frame):
-            name = signal.Signals(signum).name
-            if self.requested is not None:
-                raise TrainingStopped(f"Stopped at once by a second signal ({name}); the newest complete checkpoint "
-                                      "is kept. Run the same command with --resume to continue from it.")
-            self.requested = name
-
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            try:
-                self.previous[sig] = signal.signal(sig, handler)
-            except ValueError:  # not the main thread
-                pass
-        return self
-
-    def __exit__(self, *exc):
-        for sig, old in self.previous.items():
-            signal.signal(sig, old)
-
-
-def train(cfg: Config, *, records: list[Record] | None = None, model=None, tokenizer=None, resume: bool = False,
-          overwrite: bool = False, save_final: bool = True) -> TrainResult:
-    """Train `cfg.method` on the records (or `cfg.data.train`). Pass `model`/`tokenizer` to train in memory.
-
-    Every input is read and checked (data, output directory, model, prompts) before anything is
-    written, so a mistake leaves the disk as it was.
-    """
-    accelerator = Accelerator(cpu=not torch.cuda.is_available())
-    set_seed(cfg.train.seed)
-    if records is None:  # read the data first: a bad file should not wait for a model load
-        if not cfg.data.train:
-            raise UserError("No training data: set data.train (a .jsonl file, a dataset directory, hf:NAME or builtin:NAME).")
-        records = load_records(cfg.data.train, cfg.data.columns, cfg.data.split)
-    out = check_output_dir(cfg, resume, overwrite)
-    if model is None:
-        model, tokenizer = load_model(cfg.model.name, torch.float32, cfg.model.trust_remote_code)
-    if cfg.model.lora.enabled:
-        lora = cfg.model.lora
-        model = apply_lora(model, lora.rank, lora.alpha, lora.dropout, lora.target_modules)
-    model.to(accelerator.device)
-    model.train()
-    model.config.use_cache = False  # training forwards need no cache; generation turns it on itself
-    if cfg.train.activation_checkpointing:
-        # Non-reentrant checkpointing also works with frozen embeddings (LoRA) without extra hooks; it is
-        # active only in training mode, so rollouts and the teacher's no-grad forwards are unaffected.
-        # (transformers 5 renamed gradient_checkpointing_enable; 4.x has only the old name.)
-        kwargs = {"use_reentrant": False}
-        if hasattr(model, "activation_checkpointing_enable"):
-            model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
-        else:
-            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
-
-    if not getattr(tokenizer, "chat_template", None):
-        raise UserError(
-            f"model.name {cfg.model.name}: the tokenizer has no chat template, so prompts cannot be formatted as "
-            "conversations. Use an instruction-tuned model, or add a chat_template to its tokenizer_config.json."
-        )
-    stop_id = stop_token_id(model, tokenizer)
-    builder = PromptBuilder(
-        tokenizer, cfg.data.teacher_template, cfg.data.system_prompt, cfg.data.max_prompt_tokens,
-        cfg.data.max_teacher_prompt_tokens, cfg.data.overlong, stop_id,
+    last = latest_checkpoint(run.out)
+    _close_bar(run)
+    raise RunFailed(
+        f"Training stopped at step {done}: {run.nonfinite['in_row']} steps in a row had a non-finite loss or "
+        f"gradient (limit train.max_nonfinite_steps={limit}). "
+        + (f"The last good checkpoint, {last}, is intact; " if last else "No checkpoint was written; ")
+        + "lower train.lr, or use model.precision=fp32, then resume or start again."
     )
-    encoded = builder.encode_all(records)
-    method = get_method(cfg.method)(cfg, model, tokenizer, builder, stop_id, tokenizer.pad_token_id, records)
-
-    params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=cfg.train.lr, weight_decay=cfg.train.weight_decay)
-    examples = method.training_examples(encoded)
-    steps = method.total_steps(total_steps(cfg, len(examples)))
-    from transformers import get_cosine_schedule_with_warmup
-
-    scheduler = get_cosine_schedule_with_warmup(optimizer, math.ceil(cfg.train.warmup_ratio * steps), steps)
-
-    start_step = 0
-    nonfinite = {"in_row": 0, "total": 0}
-    checkpoint = latest_checkpoint(out) if resume and not overwrite else None
-    if checkpoint is not None:  # read before anything is written: a damaged checkpoint changes nothing
-        state = load_checkpoint(checkpoint, model, method, optimizer, scheduler)
-        start_step = state["step"]
-        nonfinite.update(state.get("nonfinite", {}))
-        log.info("resumed from %s (step %d of %d)", checkpoint, start_step, steps)
-    out = prepare_output_dir(cfg, resume, overwrite) if accelerator.is_main_process else out
-    accelerator.wait_for_everyone()
-    metrics_path = out / "metrics.jsonl"
-    if accelerator.is_main_process and metrics_path.exists():
-        # Lines logged after the checkpoint we continue from (all lines, for a fresh start) are redone.
-        with _writing(out, "metrics.jsonl"):
-            kept = [r for r in _read_metrics(metrics_path) if r["step"] <= start_step]
-            _write_atomic(metrics_path, "".join(json.dumps(r) + "\n" for r in kept))
-    method.setup(examples)
-    if builder.skipped:
-        log.warning("%d records skipped for being over the prompt limits", len(builder.skipped))
-
-    rank, world = accelerator.process_index, accelerator.num_processes
-    batch, micro = cfg.train.batch_size, cfg.train.micro_batch_size
-    history: list[dict] = []
-    bar = progress_bar(total=steps, desc=f"{cfg.method} training") if accelerator.is_main_process else None
-    if bar:
-        bar.update(start_step)
-    save = functools.partial(_save, accelerator, out, steps=steps, model=model, tokenizer=tokenizer, method=method,
-                             optimizer=optimizer, scheduler=scheduler, cfg=cfg, nonfinite=nonfinite)
-    with _StopFlag() as stop:
-        for step in range(start_step, steps):
-            step_start = time.perf_counter()
-            done = step + 1
-            positions = list(range(step * batch, (step + 1) * batch))[rank::world]
-            mine = [examples[data_order(len(examples), cfg.train.seed, p)] for p in positions]
-            seeds = [rollout_seed(cfg.train.seed, p, r) for p in positions for r in range(cfg.rollout.num_rollouts)]
-            items, build_stats = method.build_items(mine, seeds, step)
-            fault("rollout", done)
-            local_tokens = sum(i.loss_tokens for i in items)
-            (global_tokens,) = _sum_across(accelerator, [float(local_tokens)])
-
-            loss_sum, loss_stats, backward_time = 0.0, {}, 0.0
-            for start in range(0, len(items), micro):
-                loss, stats = method.loss(items[start:start + micro])
-                if loss.requires_grad and global_tokens > 0:
-                    t0 = time.perf_counter()
-                    (loss / global_tokens).backward()
-                    backward_time += time.perf_counter() - t0
-                    fault("backward", done)
-                loss_sum = loss_sum + loss.detach().double()  # stays on the device; read once per step, below
-                for k, v in stats.items():
-                    loss_stats[k] = loss_stats.get(k, 0.0) + v
-            _sum_gradients(accelerator, params)
-            grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.train.max_grad_norm or float("inf"))
-            keys = sorted(set(loss_stats) | set(build_stats))
-            totals = _sum_across(accelerator, [float(loss_sum)] + [float(loss_stats.get(k, build_stats.get(k, 0.0))) for k in keys])
-            loss_total, summed = totals[0], dict(zip(keys, totals[1:]))
-
-            finite = math.isfinite(loss_total) and bool(torch.isfinite(grad_norm))
-            update_time = 0.0
-            if finite:
-                optimizer.step()
-                fault("optimizer_step", done)
-                t0 = time.perf_counter()
-                method.after_step()
-                update_time = time.perf_counter() - t0
-                nonfinite["in_row"] = 0
-            else:  # the weights, the optimizer's moments and the teacher stay as they were
-                nonfinite["in_row"] += 1
-                nonfinite["total"] += 1
-                log.warning("step %d: non-finite loss or gradient; step skipped, teacher not updated "
-                            "(%d in a row, %d in this run)", done, nonfinite["in_row"], nonfinite["total"])
-            scheduler.step()
-            optimizer.zero_grad(set_to_none=True)
-
-            elapsed = time.perf_counter() - step_start
-            record = _step_metrics(done, loss_total, global_tokens, summed, scheduler, grad_norm, elapsed,
-                                   backward_time, update_time, finite)
-            record["nonfinite_steps"] = nonfinite["total"]
-            history.append(record)
-            if accelerator.is_main_process:
-                line = json.dumps(record) + "\n"
-                with _writing(out, "metrics.jsonl"), metrics_path.open("a", encoding="utf-8") as f:
-                    half = len(line) // 2
-                    f.write(line[:half])
-                    fault("metrics", done, on_hit=f.flush)
-                    f.write(line[half:])
-                if bar:
-                    bar.update(1)
-                    bar.set_postfix(loss=f"{record['loss']:.4f}")
-            if nonfinite["in_row"] > cfg.train.max_nonfinite_steps:
-                last = latest_checkpoint(out)
-                raise TrainingStopped(
-                    f"Training stopped at step {done}: {nonfinite['in_row']} steps in a row had a non-finite loss or "
-                    f"gradient (limit train.max_nonfinite_steps={cfg.train.max_nonfinite_steps}). "
-                    + (f"The last good checkpoint, {last}, is intact; " if last else "No checkpoint was written; ")
-                    + "lower train.lr, or use model.precision=fp32, then resume or start again."
-                )
-            periodic = cfg.train.save_every and done % cfg.train.save_every == 0 and done < steps
-            if periodic or stop.requested:
-                save(done)
-            if stop.requested:
-                if bar:
-                    bar.close()
-                raise TrainingStopped(f"Stopped by {stop.requested} after step {done}; checkpoint written. "
-                                      "Run the same command with --resume to continue.")
-        if bar:
-            bar.close()
-        final_dir = None
-        if start_step < steps or latest_checkpoint(out) is None:
-            save(steps)
-        if save_final and accelerator.is_main_process:
-            final_dir = out / "final"
-            tmp = out / ".final.tmp"
-            import shutil
-
-            with _writing(out, "the final model"):
-                try:
-                    shutil.rmtree(tmp, ignore_errors=True)
-                    save_model(model, tokenizer, tmp)
-                    fault("final", steps)
-                    replace_dir(tmp, final_dir)
-                except BaseException:
-                    shutil.rmtree(tmp, ignore_errors=True)
-                    raise
-    accelerator.wait_for_everyone()
-    return TrainResult(output_dir=out, steps=steps, final_dir=final_dir, metrics=history, model=model, tokenizer=tokenizer)
-
-
-def _save(accelerator, out, done, *, steps, model, tokenizer, method, optimizer, scheduler, cfg, nonfinite):
-    if accelerator.is_main_process:
-        with _writing(out, f"the checkpoint of step {done}"):
-            save_checkpoint(out, done, model, tokenizer, method, optimizer, scheduler,
-                            {"total_steps": steps, "method": cfg.method, "nonfinite": dict(nonfinite)},
-                            cfg.train.keep_last)
-    accelerator.wait_for_everyone()
 
 
 def _step_metrics(step, loss_total, tokens, summed, scheduler, grad_norm, elapsed, backward_time, update_time, finite):
@@ -432,3 +372,105 @@ def _step_metrics(step, loss_total, tokens, summed, scheduler, grad_norm, elapse
     for name, value in summed.items():  # timings: summed over processes, reported per process
         record[name] = value
     return record
+
+
+# ---------------------------------------------------------------------------------------------
+# Logging
+
+
+def log_step(run: TrainingRun, record: dict) -> None:
+    """The one per-step logging point: metrics.jsonl (appended, main process) and the progress bar."""
+    run.history.append(record)
+    if not run.procs.is_main:
+        return
+    line = json.dumps(record) + "\n"
+    with writing(run.out, "metrics.jsonl"), run.metrics_path.open("a", encoding="utf-8") as f:
+        half = len(line) // 2
+        f.write(line[:half])
+        fault("metrics", record["step"], on_hit=f.flush)
+        f.write(line[half:])
+    if run.bar:
+        run.bar.update(1)
+        run.bar.set_postfix(loss=f"{record['loss']:.4f}")
+
+
+def on_train_end(run: TrainingRun, final_dir: Path | None) -> None:
+    """Called once, on every process, after the last step and `final/` were written.
+
+    The place for what follows a finished run (closing an experiment tracker, writing a model
+    card into `final_dir`); nothing is done here yet.
+    """
+
+
+def _close_bar(run: TrainingRun) -> None:
+    if run.bar:
+        run.bar.close()
+        run.bar = None
+
+
+# ---------------------------------------------------------------------------------------------
+# Saving
+
+
+def save_checkpoint_now(run: TrainingRun, done: int) -> None:
+    """A checkpoint of step `done` (every process takes part under torchrun)."""
+    extra = {"total_steps": run.steps, "method": run.cfg.method, "nonfinite": dict(run.nonfinite)}
+    with writing(run.out, f"the checkpoint of step {done}"):
+        save_checkpoint(run.out, done, run.model, run.tokenizer, run.method, run.optimizer, run.scheduler, extra,
+                        run.cfg.train.keep_last, run.procs)
+
+
+def save_final_model(run: TrainingRun) -> Path | None:
+    """final/: one Hugging Face directory (merged weights for LoRA), written aside and renamed into place."""
+    import shutil
+
+    from selfdistill.distributed import full_state_dict
+
+    full = full_state_dict(run.model) if run.procs.sharded else None  # every process takes part
+    if not run.procs.is_main:
+        return None
+    final_dir, tmp = run.out / "final", run.out / ".final.tmp"
+    with writing(run.out, "the final model"):
+        try:
+            shutil.rmtree(tmp, ignore_errors=True)
+            if full is None:
+                save_model(run.model, run.tokenizer, tmp)
+            else:
+                save_full_model(run.model, full, run.tokenizer, tmp)
+            fault("final", run.steps)
+            replace_dir(tmp, final_dir)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+    return final_dir
+
+
+class _StopFlag:
+    """SIGINT / SIGTERM ask the loop to checkpoint and stop at the end of the current step.
+
+    A second signal stops at once: the step in flight is dropped, and so is a checkpoint being
+    written (it is still in its temporary directory), so the newest complete checkpoint stays.
+    """
+
+    def __init__(self):
+        self.requested = None
+        self.previous = {}
+
+    def __enter__(self):
+        def handler(signum, frame):
+            name = signal.Signals(signum).name
+            if self.requested is not None:
+                raise RunStopped(f"Stopped at once by a second signal ({name}); the newest complete checkpoint "
+                                 "is kept. Run the same command with --resume to continue from it.", signum)
+            self.requested = name
+
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            try:
+                self.previous[sig] = signal.signal(sig, handler)
+            except ValueError:  # not the main thread
+                pass
+        return self
+
+    def __exit__(self, *exc):
+        for sig, old in self.previous.items():
+            signal.signal(sig, old)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Optional
 
@@ -32,7 +33,10 @@ def register(app: typer.Typer) -> None:
         resume: bool = typer.Option(False, "--resume", help="Continue from the newest checkpoint in the run directory."),
         overwrite: bool = typer.Option(False, "--overwrite", help="Replace a different run already in the run directory."),
     ) -> None:
-        """Train a model on demonstrations (SDFT by default) and save an HF-compatible checkpoint."""
+        """Train a model on demonstrations (SDFT by default) and save an HF-compatible checkpoint.
+
+        Under `torchrun --nproc_per_node N` the N processes train one model sharded with FSDP2.
+        """
         overrides = list(set_)
         for key, value in (("method", method), ("model.name", model), ("data.train", data),
                            ("train.output_dir", output_dir), ("train.max_steps", max_steps), ("train.lr", lr),
@@ -43,6 +47,8 @@ def register(app: typer.Typer) -> None:
         from selfdistill.train import train  # heavy imports only when training
 
         result = train(cfg, resume=resume, overwrite=overwrite)
+        if os.environ.get("RANK", "0") != "0":  # under torchrun the first process reports for all
+            return
         if result.metrics:
             last = result.metrics[-1]
             typer.echo(f"trained {result.steps} steps; last loss {last['loss']:.4f}")

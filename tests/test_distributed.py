@@ -1,3 +1,10 @@
+"""FSDP2 on CPU (gloo, 2 processes) against one plain process, on the tiny toy setup.
+
+Each test launches tests/distributed_worker.py once plainly and once under torchrun. Learning
+rates are small (1e-3): Adam magnifies the different summation order of sharded reductions, and
+at 1e-2 that noise grows past 1e-5 within a few steps.
+"""
+
 import json
 import os
 import subprocess
@@ -9,26 +16,151 @@ import torch
 from safetensors.torch import load_file
 
 WORKER = Path(__file__).parent / "distributed_worker.py"
+ROOT = Path(__file__).parent.parent
+
+pytestmark = pytest.mark.distributed
 
 
-def run(args, cwd):
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "SELFDISTILL_PROGRESS": "0"}
-    proc = subprocess.run(args, cwd=cwd, env=env, capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stderr[-3000:]
+def launch(out: Path, settings: dict, processes: int, fault: str | None = None, check: bool = True):
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "SELFDISTILL_PROGRESS": "0",
+           "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
+    env.pop("SELFDISTILL_FAULT", None)
+    if fault:
+        env["SELFDISTILL_FAULT"] = fault
+    prefix = [sys.executable]
+    if processes > 1:  # --standalone: a free port of its own, so parallel test runs do not collide
+        prefix += ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(processes)]
+    proc = subprocess.run(prefix + [str(WORKER), str(out), json.dumps(settings)], cwd=out.parent, env=env,
+                          capture_output=True, text=True, timeout=600)
+    if check:
+        assert proc.returncode == 0, proc.stderr[-3000:]
+    return proc
 
 
-@pytest.mark.distributed
-def test_two_processes_match_one_process_with_the_same_global_batch(tmp_path):
-    run([sys.executable, str(WORKER), str(tmp_path / "one")], tmp_path)
-    torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29533"]
-    run(torchrun + [str(WORKER), str(tmp_path / "two")], tmp_path)
-    one = json.loads((tmp_path / "one" / "world.json").read_text())
-    two = json.loads((tmp_path / "two" / "world.json").read_text())
-    assert (one["world_size"], two["world_size"]) == (1, 2)
-    assert two["losses"] == pytest.approx(one["losses"], rel=1e-4, abs=1e-6)
-    for part in ("final/model.safetensors", "checkpoints/step-000003/teacher.safetensors"):
-        a = load_file(str(tmp_path / "one" / part))
-        b = load_file(str(tmp_path / "two" / part))
-        assert a.keys() == b.keys()
-        for name in a:
-            torch.testing.assert_close(b[name], a[name], atol=1e-5, rtol=1e-4)
+def result(out: Path) -> dict:
+    return json.loads((out / "world.json").read_text())
+
+
+def assert_same_weights(a_file: Path, b_file: Path) -> None:
+    a, b = load_file(str(a_file)), load_file(str(b_file))
+    assert a.keys() == b.keys()
+    for name in a:
+        torch.testing.assert_close(b[name], a[name], atol=1e-5, rtol=1e-4, msg=name)
+
+
+def assert_same_run(one: Path, two: Path, teacher: bool = True) -> None:
+    r1, r2 = result(one), result(two)
+    assert (r1["world_size"], r2["world_size"]) == (1, 2)
+    assert r2["losses"] == pytest.approx(r1["losses"], rel=1e-4, abs=1e-6)
+    assert_same_weights(one / "final" / "model.safetensors", two / "final" / "model.safetensors")
+    if teacher:
+        assert_same_weights(one / "teacher_final.safetensors", two / "teacher_final.safetensors")
+
+
+SDFT = {"max_steps": 4, "save_every": 2, "count_collectives": True}
+
+
+@pytest.fixture(scope="module")
+def sdft_runs(tmp_path_factory):
+    """SDFT full fine-tuning with an EMA teacher: one process, and two FSDP2 processes."""
+    root = tmp_path_factory.mktemp("sdft")
+    launch(root / "one", SDFT, 1)
+    launch(root / "two", SDFT, 2)
+    return root
+
+
+def test_sdft_full_fine_tuning_two_processes_match_one(sdft_runs):
+    assert_same_run(sdft_runs / "one", sdft_runs / "two")
+    # The sharded run wrote sharded checkpoints; final/ is one consolidated HF directory.
+    assert (sdft_runs / "two" / "checkpoints" / "step-000004" / "shards" / ".metadata").is_file()
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(sdft_runs / "two" / "final")
+    assert sum(p.numel() for p in model.parameters()) > 0
+
+
+@pytest.mark.parametrize("settings, teacher", [
+    ({"lora": True}, True),  # EMA of B·A on local shards
+    ({"lora": True, "teacher": "frozen"}, False),  # the adapter switched off: no teacher copy
+    ({"method": "sft", "activation_checkpointing": True}, False),  # recomputation under FSDP2 changes nothing
+    ({"skip_first_tokens": 10}, True),  # no loss tokens at all: no backward, yet the teacher update works
+], ids=["sdft-lora-ema", "sdft-lora-frozen", "sft-checkpointed", "sdft-no-loss-tokens"])
+def test_other_settings_two_processes_match_one(tmp_path, settings, teacher):
+    one_settings = {k: v for k, v in settings.items() if k != "activation_checkpointing"}
+    launch(tmp_path / "one", one_settings, 1)
+    launch(tmp_path / "two", settings, 2)
+    assert_same_run(tmp_path / "one", tmp_path / "two", teacher)
+    if settings.get("lora"):
+        assert (tmp_path / "two" / "final" / "adapter" / "adapter_model.safetensors").is_file()
+
+
+def test_rollouts_under_fsdp_give_one_process_tokens(tmp_path):
+    launch(tmp_path / "one", {"mode": "rollout"}, 1)
+    launch(tmp_path / "two", {"mode": "rollout"}, 2)
+    one, two = result(tmp_path / "one"), result(tmp_path / "two")
+    assert two["world_size"] == 2
+    assert two["tokens"] == one["tokens"]
+    assert len({len(t) for t in one["tokens"]}) > 1  # some rows stopped early: ranks decoded different lengths
+
+
+def test_collectives_per_step_do_not_depend_on_the_number_of_loss_chunks(sdft_runs, tmp_path):
+    """One chunk per loss position (ranks then have different chunk counts) runs the same collectives
+    as 3 positions per chunk: no collective inside the chunked loss, and no deadlock."""
+    launch(tmp_path / "chunk1", {**SDFT, "chunk_size": 1}, 2)
+    few, many = result(sdft_runs / "two")["collectives"], result(tmp_path / "chunk1")["collectives"]
+    assert many == few
+    assert few[0].get("all_gather_single", 0) > 0 and few[0].get("reduce_scatter_single", 0) > 0  # FSDP's own
+
+
+def test_kill_during_a_sharded_checkpoint_then_resume_gives_the_uninterrupted_run(sdft_runs, tmp_path):
+    out = tmp_path / "killed"
+    killed = launch(out, SDFT, 2, fault="checkpoint_model:4:kill", check=False)
+    assert killed.returncode != 0
+    assert [p.name for p in (out / "checkpoints").iterdir() if not p.name.startswith(".")] == ["step-000002"]
+    refused = launch(out, {**SDFT, "resume": True}, 1, check=False)  # another number of processes
+    assert refused.returncode != 0
+    assert "was written by 2 process(es) under torchrun and this run has one process without torchrun" in refused.stderr
+    launch(out, {**SDFT, "resume": True}, 2)
+    resumed, straight = result(out), result(sdft_runs / "two")
+    assert resumed["steps"] == [3, 4]
+    assert resumed["losses"] == pytest.approx(straight["losses"][2:], rel=1e-6, abs=1e-9)
+    assert_same_weights(sdft_runs / "two" / "final" / "model.safetensors", out / "final" / "model.safetensors")
+    assert_same_weights(sdft_runs / "two" / "teacher_final.safetensors", out / "teacher_final.safetensors")
+    steps = [json.loads(line)["step"] for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert steps == [1, 2, 3, 4]
+
+
+def test_gpu_check_script_runs_its_cases_on_cpu(tmp_path):
+    """benchmarks/gpu/check.py (FSDP2 through torchrun with one process) in its CPU smoke mode."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "SELFDISTILL_PROGRESS": "0",
+           "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
+    rows_file = tmp_path / "rows.json"
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "1",
+                           str(ROOT / "benchmarks" / "gpu" / "check.py"), "--device", "cpu", "--tiny",
+                           "--json", str(rows_file)], cwd=tmp_path, env=env, capture_output=True, text=True,
+                          timeout=600)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+    assert proc.stdout.strip().endswith("ALL FINITE")
+    rows = json.loads(rows_file.read_text())
+    assert [r["case"] for r in rows] == ["tiny sdft full", "tiny sft full", "tiny sdft lora"]
+    for row in rows:
+        assert row["finite"] and row["steps"] == 3 and row["s_step"] > 0 and row["tokens_per_s"] > 0
+    assert rows[0]["s_rollout"] > 0 and rows[0]["s_teacher"] > 0  # SDFT's split is measured
+
+
+def test_lora_sharded_checkpoint_resumes_exactly(tmp_path):
+    """A LoRA checkpoint holds only the adapter, its AdamW state and the EMA teacher; resuming from it
+    (the newest checkpoint removed, as if the run had died after step 2) gives the straight run."""
+    import shutil
+
+    settings = {"lora": True, "max_steps": 4, "save_every": 2}
+    straight, resumed = tmp_path / "straight", tmp_path / "resumed"
+    launch(straight, settings, 2)
+    shutil.copytree(straight, resumed)
+    for part in ("checkpoints/step-000004", "final"):
+        shutil.rmtree(resumed / part)
+    launch(resumed, {**settings, "resume": True}, 2)
+    assert result(resumed)["steps"] == [3, 4]
+    assert result(resumed)["losses"] == pytest.approx(result(straight)["losses"][2:], rel=1e-6, abs=1e-9)
+    for part in ("final/model.safetensors", "final/adapter/adapter_model.safetensors", "teacher_final.safetensors"):
+        assert_same_weights(straight / part, resumed / part)

@@ -201,17 +201,3 @@ def test_offline_distill_scores_each_fixed_target_once_with_the_same_losses(tmp_
     assert len(plain_scored) == 4 * steps  # without the cache: every item of every step
     for a, b in zip(cached_run.metrics, plain_run.metrics):
         assert a["loss"] == pytest.approx(b["loss"], rel=1e-5, abs=1e-7)
-
-
-def test_teacher_inference_mode_gives_the_same_training(tmp_path, monkeypatch):
-    from selfdistill.methods.sdft import SDFT
-
-    model, tok = copy_model(steps=150)
-    records = toy_records()
-    losses = {}
-    for mode in (True, False):
-        monkeypatch.setattr(SDFT, "teacher_inference_mode", mode)
-        cfg = method_config(tmp_path / str(mode), "sdft", train={"max_steps": 3, "batch_size": 4})
-        result = train(cfg, records=records, model=copy_model(steps=150)[0], tokenizer=tok, save_final=False)
-        losses[mode] = [v for m in result.metrics for v in (m["loss"], m["grad_norm"])]
-    assert losses[True] == pytest.approx(losses[False], rel=1e-5)

@@ -7,6 +7,8 @@ from dataclasses import dataclass, field
 import torch
 
 from selfdistill.data.prompts import EncodedRecord
+from selfdistill.distributed import backbone
+from selfdistill.precision import resolve_precision
 from selfdistill.rollout import autocast_context, pad_batch
 
 
@@ -45,7 +47,7 @@ def completion_hidden(model, items: list[TrainItem], use_teacher_prompt: bool, p
     device = next(model.parameters()).device
     ids, mask = pad_batch(rows, pad_id)
     with autocast_context(device, precision):
-        hidden = model.get_decoder()(input_ids=ids.to(device), attention_mask=mask.to(device)).last_hidden_state
+        hidden = backbone(model)(input_ids=ids.to(device), attention_mask=mask.to(device)).last_hidden_state
     index_rows = torch.tensor(rows_index, dtype=torch.long, device=device)
     index_pos = torch.tensor(positions, dtype=torch.long, device=device)
     return hidden[index_rows, index_pos], torch.tensor(tokens, dtype=torch.long, device=device)
@@ -70,7 +72,8 @@ class Method:
         self.builder = builder
         self.stop_token_id = stop_token_id
         self.pad_token_id = pad_token_id
-        self.precision = cfg.model.precision
+        # 'fp32' or 'bf16': model.precision with 'auto' decided for the model's device.
+        self.precision = resolve_precision(cfg.model.precision, next(model.parameters()).device)
 
     def training_examples(self, records: list[EncodedRecord]) -> list:
         """What the data order runs over (records by default; cpt: document pieces)."""
@@ -91,6 +94,13 @@ class Method:
 
     def after_step(self) -> None:
         """Called after each optimizer step that was taken."""
+
+    def shard(self, shard_fn) -> None:
+        """Shard the method's own models (the SDFT teacher) with `shard_fn`; the student is the loop's."""
+
+    def checkpointed_module(self):
+        """A module of the method's own whose weights a sharded checkpoint holds (the SDFT teacher), or None."""
+        return None
 
     # Checkpointed method state (the SDFT teacher); files in the checkpoint directory.
     def save_state(self, directory) -> None:

@@ -15,7 +15,8 @@ from pathlib import Path
 
 import torch
 
-from selfdistill.losses import LossSettings, chunked_completion_loss, output_head, STAT_NAMES
+from selfdistill.distributed import is_sharded
+from selfdistill.losses import STAT_NAMES, LossSettings, chunked_completion_loss, output_head
 from selfdistill.methods.base import Method, TrainItem, completion_hidden
 from selfdistill.rollout import generate
 from selfdistill.teacher import Teacher
@@ -25,9 +26,6 @@ class SDFT(Method):
     name = "sdft"
 
     teacher_kind: str | None = None  # subclasses may fix the teacher (e.g. frozen)
-    # torch.inference_mode for the teacher forward instead of no_grad: measured no faster on the
-    # CPU (benchmarks teacher_mode: 1.07x the no_grad time, 8 alternated repetitions), so off.
-    teacher_inference_mode = False
     # Reuse a frozen teacher's hidden states for completions it already scored (offline_distill:
     # the same fixed targets come back every epoch). Off for on-policy SDFT: samples rarely repeat.
     cache_teacher_scores = False
@@ -35,7 +33,9 @@ class SDFT(Method):
     def __init__(self, cfg, model, tokenizer, builder, stop_token_id, pad_token_id, records=None):
         super().__init__(cfg, model, tokenizer, builder, stop_token_id, pad_token_id, records)
         # The teacher starts from the in-memory student (for `frozen`, its weights now).
-        self.teacher = Teacher(model, self.teacher_kind or cfg.teacher.kind, cfg.teacher.ema_rate)
+        # A frozen copy never changes, so it may be stored in the compute precision.
+        frozen_dtype = torch.bfloat16 if self.precision == "bf16" else None
+        self.teacher = Teacher(model, self.teacher_kind or cfg.teacher.kind, cfg.teacher.ema_rate, frozen_dtype)
         self.loss_settings = LossSettings(
             kind=cfg.loss.kind, beta=cfg.loss.beta, top_k=cfg.loss.top_k, add_tail=cfg.loss.add_tail,
             chunk_size=cfg.loss.chunk_size,
@@ -71,19 +71,19 @@ class SDFT(Method):
                              [r.index for r in records], seeds, self.cfg.loss.skip_first_tokens)
 
     def loss(self, items: list[TrainItem]):
-        items = [i for i in items if i.loss_tokens > 0]
-        if not items:
-            return torch.zeros((), requires_grad=False), {}
+        # Items without loss tokens are not dropped: under FSDP2 every process runs the same forwards.
         start = time.perf_counter()
+        # The teacher's head is applied chunk by chunk inside the loss, so the loss runs while the
+        # teacher's weights are in use (under FSDP2 they are freed when scoring ends).
         with self.teacher.scoring(self.model) as teacher_model:
             teacher_hidden = self._teacher_hidden(teacher_model, items)
-            teacher_head = output_head(teacher_model)
-        teacher_time = time.perf_counter() - start
-        start = time.perf_counter()
-        student_hidden, tokens = completion_hidden(self.model, items, False, self.pad_token_id, self.precision)
-        weights = torch.ones(tokens.shape[0], device=student_hidden.device)
-        loss, sums = chunked_completion_loss(student_hidden, teacher_hidden, tokens, weights,
-                                             output_head(self.model), teacher_head, self.loss_settings)
+            teacher_time = time.perf_counter() - start
+            start = time.perf_counter()
+            student_hidden, tokens = completion_hidden(self.model, items, False, self.pad_token_id, self.precision)
+            weights = torch.ones(tokens.shape[0], device=student_hidden.device)
+            loss, sums = chunked_completion_loss(student_hidden, teacher_hidden, tokens, weights,
+                                                 output_head(self.model), output_head(teacher_model),
+                                                 self.loss_settings)
         stats = dict(zip(STAT_NAMES, sums.tolist()))
         stats["time_teacher"] = teacher_time
         stats["time_student_forward"] = time.perf_counter() - start
@@ -92,7 +92,8 @@ class SDFT(Method):
     def _teacher_hidden(self, teacher_model, items: list[TrainItem]) -> torch.Tensor:
         """The teacher's final hidden states at the items' loss positions (from the cache where allowed)."""
         cache = getattr(self, "_teacher_cache", None)
-        if self.cache_teacher_scores and self.teacher.kind == "frozen":
+        # Not under FSDP2: a cache hit on one process and a miss on another would run different collectives.
+        if self.cache_teacher_scores and self.teacher.kind == "frozen" and not is_sharded(teacher_model):
             if cache is None:
                 cache = self._teacher_cache = {}
             keys = [(i.record_index, i.loss_start, tuple(i.completion), tuple(i.teacher_prompt_ids)) for i in items]
@@ -100,13 +101,8 @@ class SDFT(Method):
         else:
             keys, missing = None, items
         if missing:
-            grad_off = torch.inference_mode() if self.teacher_inference_mode else torch.no_grad()
-            with grad_off:
+            with torch.no_grad():
                 hidden, _ = completion_hidden(teacher_model, missing, True, self.pad_token_id, self.precision)
-            if self.teacher_inference_mode:
-                # Inference tensors cannot enter autograd's saved state (the chunked loss's
-                # checkpoint recomputes from them); a plain copy of [N, hidden] is cheap.
-                hidden = hidden.clone()
             if keys is None:
                 return hidden
             for item, part in zip(missing, hidden.split([i.loss_tokens for i in missing])):
@@ -115,6 +111,12 @@ class SDFT(Method):
 
     def after_step(self) -> None:
         self.teacher.update(self.model)
+
+    def shard(self, shard_fn) -> None:
+        self.teacher.shard(shard_fn)
+
+    def checkpointed_module(self):
+        return self.teacher.module
 
     def save_state(self, directory: Path) -> None:
         self.teacher.save(Path(directory) / "teacher.safetensors")

@@ -135,6 +135,18 @@ def default_device() -> torch.device:
     return torch.device("cpu")
 
 
+def weights_dtype(load_dtype: str, precision: str, lora: bool) -> torch.dtype:
+    """The dtype to load the weights in: `model.load_dtype`, or for 'auto' what the run needs.
+
+    Full fine-tuning keeps fp32 master weights (bf16 is only the compute dtype), so it loads fp32.
+    LoRA never updates the base weights, so with bf16 compute they are loaded in bf16 (half the
+    memory); the adapter itself is kept in fp32 by PEFT.
+    """
+    if load_dtype == "auto":
+        return torch.bfloat16 if (lora and precision == "bf16") else torch.float32
+    return {"fp32": torch.float32, "bf16": torch.bfloat16}[load_dtype]
+
+
 def load_model(name: str, dtype: torch.dtype = torch.float32, trust_remote_code: bool = False,
                device: torch.device | str | None = None):
     """(model, tokenizer) on `device` (default: the GPU if there is one). Weights are read from

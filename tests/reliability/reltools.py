@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from selfdistill.config import load_config
-from selfdistill.errors import UserError
+from selfdistill.errors import RunFailed, RunStopped, UserError
 from selfdistill.faults import ENV
 from selfdistill.models.tiny import tiny_model, tiny_tokenizer
 from toy import KEYS, VALUES, toy_records
@@ -65,7 +65,8 @@ class Outcome:
 
 def run_child(fn, *, fault: str | None = None, work: Path, timeout: float = 120.0,
               on_start=None) -> Outcome:
-    """Run fn() in a forked child with SELFDISTILL_FAULT=fault; exit 0 ok, 2 UserError, 3 other error."""
+    """Run fn() in a forked child with SELFDISTILL_FAULT=fault; exit 0 ok, else the exception's exit status
+    (UserError 2, RunFailed 1, RunStopped 128 + signal), 3 any other error."""
     work.mkdir(parents=True, exist_ok=True)
     message_file, log_file = work / "child.message", work / "child.log"
     for f in (message_file, log_file):
@@ -82,9 +83,9 @@ def run_child(fn, *, fault: str | None = None, work: Path, timeout: float = 120.
             logging.getLogger().setLevel(logging.INFO)
             fn()
             code = 0
-        except UserError as exc:
+        except (UserError, RunFailed, RunStopped) as exc:  # the exit status the command line gives
             message_file.write_text(str(exc))
-            code = 2
+            code = exc.exit_code
         except BaseException:  # noqa: BLE001
             message_file.write_text(traceback.format_exc())
         finally:

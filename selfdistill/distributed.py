@@ -1,0 +1,235 @@
+"""Multi-process training with FSDP2 (`torch.distributed.fsdp.fully_shard`), launched by torchrun.
+
+One process (no torchrun) trains the plain model. Under torchrun every process holds a shard
+of the student, of its gradients, of the AdamW state and of the teacher:
+
+- Shard plan: each decoder layer is one FSDP unit, the rest (embeddings, final norm, output
+  head) is the root unit. The head stays in the root on purpose: the chunked loss calls it once
+  per chunk after the backbone's forward, and ranks have different numbers of chunks, so the
+  head must not gather on its own (a collective per chunk would deadlock). The root keeps its
+  weights gathered from its forward until the end of the backward.
+- The methods call the backbone (`model.get_decoder()`) directly; that bypasses the root's
+  forward hooks, so `shard_model` registers `backbone_forward` as an FSDP forward method and
+  `backbone(model)` is what the methods call.
+- Gradients are summed, not averaged, across processes: the loop already divides every
+  process's loss by the step's global number of loss tokens, so a sum gives exactly what one
+  process computes on the same global batch.
+- The teacher is a copy made before sharding, sharded with the same plan, so its EMA update is
+  an elementwise operation on local shards.
+- Rollouts need the full weights for many small forwards whose number differs between ranks:
+  `full_weights` gathers every unit once, decodes without further collectives, and frees them.
+- Checkpoints: `save_sharded` / `load_sharded` write and read this process's shards with
+  `torch.distributed.checkpoint`; `full_state_dict` gathers the whole model on rank 0 for
+  `final/`.
+"""
+
+from __future__ import annotations
+
+import os
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+
+@dataclass(frozen=True)
+class Processes:
+    """Where this process stands: its rank among `world` processes, its device, and whether the
+    model is sharded (every run launched by torchrun, even with one process; never a plain one)."""
+
+    rank: int
+    world: int
+    device: torch.device
+    sharded: bool = False
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def setup_processes() -> Processes:
+    """Join torchrun's process group (gloo on CPUs, nccl on GPUs); a plain process needs none."""
+    from selfdistill.models.loading import default_device
+
+    device = default_device()
+    if "WORLD_SIZE" in os.environ and not dist.is_initialized():  # launched by torchrun
+        if device.type == "cuda":
+            torch.cuda.set_device(device)
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    if dist.is_available() and dist.is_initialized():
+        return Processes(dist.get_rank(), dist.get_world_size(), device, sharded=True)
+    return Processes(0, 1, device)
+
+
+def barrier(procs: Processes) -> None:  # (the helpers below are no-ops for a plain process)
+    if procs.sharded:
+        dist.barrier()
+
+
+def sum_across(procs: Processes, values: list[float]) -> list[float]:
+    """Element-wise sums over all processes (float64, so token counts stay exact)."""
+    if not procs.sharded:
+        return values
+    tensor = torch.tensor(values, dtype=torch.float64, device=_comm_device(procs))
+    dist.all_reduce(tensor)
+    return tensor.tolist()
+
+
+def max_across(procs: Processes, value: int) -> int:
+    if not procs.sharded:
+        return value
+    tensor = torch.tensor([value], dtype=torch.int64, device=_comm_device(procs))
+    dist.all_reduce(tensor, op=dist.ReduceOp.MAX)
+    return int(tensor.item())
+
+
+def _comm_device(procs: Processes) -> torch.device:
+    return procs.device if procs.device.type == "cuda" else torch.device("cpu")
+
+
+def is_sharded(model) -> bool:
+    from torch.distributed.fsdp import FSDPModule
+
+    return isinstance(model, FSDPModule)
+
+
+def local(tensor: torch.Tensor) -> torch.Tensor:
+    """This process's shard of a sharded (DTensor) parameter; a plain tensor as it is."""
+    from torch.distributed.tensor import DTensor
+
+    return tensor.to_local() if isinstance(tensor, DTensor) else tensor
+
+
+def backbone(model):
+    """The callable that returns the backbone's final hidden states (`.last_hidden_state`)."""
+    return getattr(model, "backbone_forward", None) or model.get_decoder()
+
+
+def _backbone_forward(self, **kwargs):
+    return self.get_decoder()(**kwargs)
+
+
+def decoder_layers(model) -> list[torch.nn.Module]:
+    layers = getattr(model.get_decoder(), "layers", None)
+    if layers is None:
+        raise ValueError(f"{type(model).__name__}: no decoder layers found to shard (expected get_decoder().layers)")
+    return list(layers)
+
+
+def mixed_precision(precision: str):
+    """bf16 compute over fp32 master weights, gradients reduced in fp32; fp32 keeps the weights' dtype."""
+    from torch.distributed.fsdp import MixedPrecisionPolicy
+
+    if precision == "bf16":
+        return MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
+    return MixedPrecisionPolicy()
+
+
+def shard_model(model, procs: Processes, precision: str):
+    """Shard `model` in place with the plan above; returns it (now an FSDP module)."""
+    import types
+
+    from torch.distributed.fsdp import FSDPModule, fully_shard, register_fsdp_forward_method
+
+    policy = mixed_precision(precision)
+    for layer in decoder_layers(model):
+        fully_shard(layer, mp_policy=policy)
+    fully_shard(model, mp_policy=policy)
+    for module in model.modules():
+        if isinstance(module, FSDPModule):
+            module.set_gradient_divide_factor(1.0)  # a sum: each process's loss already carries its share
+            if procs.device.type == "cpu":
+                module.set_force_sum_reduction_for_comms(True)  # gloo has no pre-multiplied sum
+    model.backbone_forward = types.MethodType(_backbone_forward, model)
+    register_fsdp_forward_method(model, "backbone_forward")
+    _first_forward(model, procs)
+    return model
+
+
+@torch.no_grad()
+def _first_forward(model, procs: Processes) -> None:
+    """FSDP sets up its root on the first forward through the root; do it now, with one token,
+    so that gathering weights for a rollout (the first thing an SDFT step does) finds it ready."""
+    was_training = model.training
+    model.eval()
+    model.backbone_forward(input_ids=torch.zeros((1, 1), dtype=torch.long, device=procs.device))
+    model.train(was_training)
+    reshard_all(model)
+
+
+def fsdp_units(model) -> list:
+    from torch.distributed.fsdp import FSDPModule
+
+    return [m for m in model.modules() if isinstance(m, FSDPModule)]
+
+
+def reshard_all(model) -> None:
+    """Free every gathered weight of a sharded model (a no-op for a plain model)."""
+    for unit in fsdp_units(model) if is_sharded(model) else []:
+        unit.reshard()
+
+
+@contextmanager
+def full_weights(model):
+    """Every unit gathered once on entry and kept (no collectives inside), all freed on exit.
+
+    Used around the decode loop: each rank runs a different number of decode steps, so any
+    collective inside would hang.
+    """
+    if not is_sharded(model):
+        yield model
+        return
+    units = fsdp_units(model)
+    for unit in units[1:]:  # units[0] is the root, which stays gathered after its forward anyway
+        unit.set_reshard_after_forward(False, recurse=False)
+    for unit in units:
+        unit.unshard()
+    try:
+        yield model
+    finally:
+        for unit in units[1:]:
+            unit.set_reshard_after_forward(True, recurse=False)
+        for unit in units:
+            unit.reshard()
+
+
+def full_state_dict(model) -> dict[str, torch.Tensor]:
+    """The whole model's weights on rank 0's CPU (empty on other ranks); every rank must call it."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+
+
+def save_sharded(directory: Path, model, optimizer, teacher_module, trainable_only: bool) -> None:
+    """Every process writes its shards of the student, the optimizer and the teacher into `directory`."""
+    import torch.distributed.checkpoint as dcp
+
+    dcp.save(_sharded_state(model, optimizer, teacher_module, trainable_only), checkpoint_id=str(directory))
+
+
+def load_sharded(directory: Path, model, optimizer, teacher_module, trainable_only: bool) -> None:
+    """Read back what `save_sharded` wrote, into the sharded model, optimizer and teacher in place."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_state_dict
+
+    state = _sharded_state(model, optimizer, teacher_module, trainable_only)
+    dcp.load(state, checkpoint_id=str(directory))
+    options = StateDictOptions(ignore_frozen_params=trainable_only, strict=not trainable_only)
+    set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optimizer"],
+                   options=options)
+    if teacher_module is not None:
+        teacher_module.load_state_dict(state["teacher"])
+
+
+def _sharded_state(model, optimizer, teacher_module, trainable_only: bool) -> dict:
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict
+
+    # LoRA: the frozen base weights never change, so only the adapter is stored.
+    model_state, optim_state = get_state_dict(model, optimizer,
+                                              options=StateDictOptions(ignore_frozen_params=trainable_only))
+    state = {"model": model_state, "optimizer": optim_state}
+    if teacher_module is not None:
+        state["teacher"] = teacher_module.state_dict()
+    return state
