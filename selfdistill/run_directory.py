@@ -19,7 +19,7 @@ from selfdistill.files import write_atomic
 def _fingerprint(cfg: Config) -> dict:
     """What identifies a run: an output directory holding a different run is not reused silently."""
     data = cfg.to_dict()
-    data["train"] = {k: v for k, v in data["train"].items() if k not in ("output_dir", "save_every", "keep_last")}
+    data["train"] = {k: v for k, v in data["train"].items() if k not in ("output_dir", "save_every", "keep_last", "report_to")}
     return data
 
 

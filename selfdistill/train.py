@@ -46,6 +46,7 @@ from selfdistill.errors import RunFailed, RunStopped, UserError
 from selfdistill.faults import fault
 from selfdistill.files import write_jsonl
 from selfdistill.methods import get_method
+from selfdistill.model_card import write_model_card
 from selfdistill.models import apply_lora, load_model, save_model, stop_token_id
 from selfdistill.models.loading import weights_dtype
 from selfdistill.models.saving import save_full_model
@@ -53,6 +54,7 @@ from selfdistill.precision import resolve_precision
 from selfdistill.progress import progress_bar
 from selfdistill.rollout import rollout_seed
 from selfdistill.run_directory import check_output_dir, prepare_output_dir, read_metrics, writing
+from selfdistill.tracking import Tracker, open_tracker, require_backends
 
 log = logging.getLogger(__name__)
 
@@ -89,6 +91,7 @@ class TrainingRun:
     nonfinite: dict = field(default_factory=lambda: {"in_row": 0, "total": 0})
     history: list[dict] = field(default_factory=list)
     bar: object = None
+    tracker: Tracker = field(default_factory=Tracker)
 
     @property
     def metrics_path(self) -> Path:
@@ -103,6 +106,19 @@ def train(cfg: Config, *, records: list[Record] | None = None, model=None, token
     written, so a mistake leaves the disk as it was. Under torchrun every process calls this.
     """
     run = setup(cfg, records, model, tokenizer, resume, overwrite)
+    try:
+        final_dir = _run_steps(run, save_final)
+    finally:
+        run.tracker.close()
+    barrier(run.procs)
+    on_train_end(run, final_dir)
+    return TrainResult(output_dir=run.out, steps=run.steps, final_dir=final_dir, metrics=run.history,
+                       model=run.model, tokenizer=run.tokenizer)
+
+
+def _run_steps(run: TrainingRun, save_final: bool) -> Path | None:
+    """Every remaining step, a checkpoint where asked (and on a stop signal), then final/."""
+    cfg = run.cfg
     with _StopFlag() as stop:
         for step in range(run.start_step, run.steps):
             record = train_step(run, step)
@@ -121,11 +137,7 @@ def train(cfg: Config, *, records: list[Record] | None = None, model=None, token
         _close_bar(run)
         if run.start_step < run.steps or latest_checkpoint(run.out) is None:
             save_checkpoint_now(run, run.steps)
-        final_dir = save_final_model(run) if save_final else None
-    barrier(run.procs)
-    on_train_end(run, final_dir)
-    return TrainResult(output_dir=run.out, steps=run.steps, final_dir=final_dir, metrics=run.history,
-                       model=run.model, tokenizer=run.tokenizer)
+        return save_final_model(run) if save_final else None
 
 
 # ---------------------------------------------------------------------------------------------
@@ -145,6 +157,7 @@ def setup(cfg: Config, records, model, tokenizer, resume: bool, overwrite: bool)
     if cfg.train.batch_size < procs.world:
         raise UserError(f"train.batch_size {cfg.train.batch_size} is smaller than the number of processes "
                         f"({procs.world}): every process needs at least one prompt per step.")
+    require_backends(cfg.train.report_to)  # a missing tracking package is bad input: before any write
     out = check_output_dir(cfg, resume, overwrite)
     model, tokenizer = _build_model(cfg, procs, model, tokenizer)
     stop_id = stop_token_id(model, tokenizer)
@@ -175,6 +188,7 @@ def setup(cfg: Config, records, model, tokenizer, resume: bool, overwrite: bool)
     if procs.is_main:
         run.bar = progress_bar(total=steps, desc=f"{cfg.method} training")
         run.bar.update(run.start_step)
+    run.tracker = open_tracker(cfg, out, procs.is_main)
     return run
 
 
@@ -389,6 +403,7 @@ def log_step(run: TrainingRun, record: dict) -> None:
         f.write(line[:half])
         fault("metrics", record["step"], on_hit=f.flush)
         f.write(line[half:])
+    run.tracker.log(record, record["step"])
     if run.bar:
         run.bar.update(1)
         run.bar.set_postfix(loss=f"{record['loss']:.4f}")
@@ -397,8 +412,8 @@ def log_step(run: TrainingRun, record: dict) -> None:
 def on_train_end(run: TrainingRun, final_dir: Path | None) -> None:
     """Called once, on every process, after the last step and `final/` were written.
 
-    The place for what follows a finished run (closing an experiment tracker, writing a model
-    card into `final_dir`); nothing is done here yet.
+    The place for what follows a finished run on every process (the tracker is already closed and
+    `final/` holds its model card); nothing more is done here yet.
     """
 
 
@@ -437,6 +452,8 @@ def save_final_model(run: TrainingRun) -> Path | None:
                 save_model(run.model, run.tokenizer, tmp)
             else:
                 save_full_model(run.model, full, run.tokenizer, tmp)
+            # metrics.jsonl, not run.history: after a resume the history holds only the steps since.
+            write_model_card(tmp, run.cfg, read_metrics(run.metrics_path), records=len(run.examples))
             fault("final", run.steps)
             replace_dir(tmp, final_dir)
         except BaseException:
