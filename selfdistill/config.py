@@ -76,6 +76,10 @@ class RolloutConfig:
     num_rollouts: int = _f(1, "Completions sampled per prompt.")
     batch_size: int = _f(16, "Prompts generated together in one batch.")
     ignore_eos: bool = _f(False, "Keep sampling past the end-of-turn token (fixed-length rollouts, for benchmarks).")
+    engine: str = _f("decode", "decode (our KV-cache loop, any device) or vllm (in-process vLLM engine; optional extra).")
+    vllm_precision: str = _f("auto", "vllm: the engine's precision: auto (as model.precision), fp32 or bf16.")
+    importance_sampling: str = _f("sequence", "vllm: truncated importance weights per sequence, per token, or off.")
+    importance_cap: float = _f(2.0, "vllm: the importance weight's cap C: min(C, p_trainer / p_sampler).")
 
 
 @dataclass
@@ -176,6 +180,12 @@ def validate(cfg: Config) -> Config:
     _check(0.0 < cfg.rollout.top_p <= 1.0, "rollout.top_p", "must lie in (0, 1].")
     _check(cfg.rollout.max_new_tokens > 0, "rollout.max_new_tokens", "must be > 0.")
     _check(cfg.rollout.num_rollouts >= 1, "rollout.num_rollouts", "must be >= 1.")
+    _check(cfg.rollout.engine in ("decode", "vllm"), "rollout.engine", "must be 'decode' or 'vllm'.")
+    _check(cfg.rollout.vllm_precision in ("auto", "fp32", "bf16"), "rollout.vllm_precision",
+           "must be 'auto', 'fp32' or 'bf16'.")
+    _check(cfg.rollout.importance_sampling in ("sequence", "token", "off"), "rollout.importance_sampling",
+           "must be 'sequence', 'token' or 'off'.")
+    _check(cfg.rollout.importance_cap > 0, "rollout.importance_cap", "must be > 0.")
     _check(cfg.offline.loss in ("ce", "divergence"), "offline.loss", "must be 'ce' or 'divergence'.")
     _check(cfg.reinvoke.steps >= 0, "reinvoke.steps", "must be >= 0.")
     _check(cfg.data.overlong in ("error", "skip"), "data.overlong", "must be 'error' or 'skip'.")

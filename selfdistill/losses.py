@@ -147,13 +147,12 @@ class _GradientsInForward(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, chunk_loss, chunk_size: int, num_stats: int, hidden: torch.Tensor, *params: torch.Tensor):
+    def forward(ctx, chunk_loss, chunks: list[slice], num_stats: int, hidden: torch.Tensor, *params: torch.Tensor):
         grad_hidden = torch.zeros_like(hidden)
         grad_params = [torch.zeros_like(p) for p in params]
         total = torch.zeros((), dtype=torch.float32, device=hidden.device)
         stats = torch.zeros(num_stats, dtype=torch.float32, device=hidden.device)
-        for start in range(0, hidden.shape[0], chunk_size):
-            part = slice(start, start + chunk_size)
+        for part in chunks:
             with torch.enable_grad():
                 chunk = hidden[part].detach().requires_grad_()
                 loss, chunk_stats = chunk_loss(chunk, part)
@@ -175,15 +174,21 @@ class _GradientsInForward(torch.autograd.Function):
                 *(g * grad_total.to(g.dtype) for g in grad_params))
 
 
-def _chunked(chunk_loss, hidden: torch.Tensor, head, chunk_size: int, num_stats: int):
-    """(Σ chunk losses, Σ chunk stats) over chunks of `hidden`'s rows, differentiable in hidden and the head."""
+def _chunked(chunk_loss, hidden: torch.Tensor, head, chunk_size: int, num_stats: int,
+             chunks: list[slice] | None = None):
+    """(Σ chunk losses, Σ chunk stats) over chunks of `hidden`'s rows, differentiable in hidden and the head.
+
+    `chunks` overrides the plain `chunk_size` cuts (importance sampling cuts at sequence ends).
+    """
+    if chunks is None:
+        chunks = [slice(s, s + chunk_size) for s in range(0, hidden.shape[0], chunk_size)]
     params = _trainable_parameters(head)
     if torch.is_grad_enabled() and (hidden.requires_grad or params):
-        return _GradientsInForward.apply(chunk_loss, chunk_size, num_stats, hidden, *params)
+        return _GradientsInForward.apply(chunk_loss, chunks, num_stats, hidden, *params)
     total = torch.zeros((), dtype=torch.float32, device=hidden.device)
     stats = torch.zeros(num_stats, dtype=torch.float32, device=hidden.device)
-    for start in range(0, hidden.shape[0], chunk_size):
-        loss, chunk_stats = chunk_loss(hidden[start:start + chunk_size], slice(start, start + chunk_size))
+    for part in chunks:
+        loss, chunk_stats = chunk_loss(hidden[part], part)
         total += loss.float()
         stats += chunk_stats.float().reshape(num_stats)
     return total, stats
@@ -192,7 +197,8 @@ def _chunked(chunk_loss, hidden: torch.Tensor, head, chunk_size: int, num_stats:
 STAT_NAMES = ("divergence", "teacher_minus_student_logp", "teacher_entropy")
 
 
-def _chunk_loss(student_hidden, teacher_hidden, tokens, weights, student_head, teacher_head, settings: LossSettings):
+def _chunk_loss(student_hidden, teacher_hidden, tokens, weights, student_head, teacher_head, settings: LossSettings,
+                importance=None, part: slice | None = None):
     student_logits = student_head(student_hidden)
     with torch.no_grad():
         teacher_logits = teacher_head(teacher_hidden).float()
@@ -212,25 +218,33 @@ def _chunk_loss(student_hidden, teacher_hidden, tokens, weights, student_head, t
     with torch.no_grad():
         entropy = -(teacher_logp.exp() * teacher_logp).sum(-1)
         stats = torch.stack([(div * weights).sum(), ((t_tok - s_tok) * weights).sum(), (entropy * weights).sum()])
+    if importance is not None:  # another engine sampled: weight by the capped trainer/sampler ratio
+        weights = weights * importance.weights(s_tok, part)
     return (per_token * weights).sum(), stats
 
 
 def chunked_completion_loss(student_hidden: torch.Tensor, teacher_hidden: torch.Tensor, tokens: torch.Tensor,
                             weights: torch.Tensor, student_head, teacher_head,
-                            settings: LossSettings) -> tuple[torch.Tensor, torch.Tensor]:
+                            settings: LossSettings, importance=None) -> tuple[torch.Tensor, torch.Tensor]:
     """Σ_positions weight · divergence, from hidden states `[N, hidden]` at N completion positions.
 
     `tokens[n]` is the sampled token predicted at position n (used by the sampled estimator and
     the logged teacher−student log-prob gap). Returns (weighted sum, stats) where stats holds
-    the weighted sums of STAT_NAMES (no gradient).
+    the weighted sums of STAT_NAMES (no gradient). `importance` (a
+    `selfdistill.importance.ImportanceSampling`) multiplies each position's weight by its
+    truncated importance weight, from the student log-probs computed here, and records the ratios.
     """
     teacher_hidden = teacher_hidden.detach()
+    chunks = None
+    if importance is not None:
+        chunks = importance.chunks(settings.chunk_size)
+        importance.prepare(student_hidden.detach(), tokens, student_head, settings.chunk_size)
 
     def chunk_loss(student_part: torch.Tensor, part: slice):
         return _chunk_loss(student_part, teacher_hidden[part], tokens[part], weights[part], student_head, teacher_head,
-                           settings)
+                           settings, importance, part)
 
-    total, stats = _chunked(chunk_loss, student_hidden, student_head, settings.chunk_size, len(STAT_NAMES))
+    total, stats = _chunked(chunk_loss, student_hidden, student_head, settings.chunk_size, len(STAT_NAMES), chunks)
     return total, stats.cpu()
 
 

@@ -196,3 +196,30 @@ def shared_engine(model, *, precision: str, max_model_len: int, seed: int = 0) -
     engine = VLLMRollout(model, precision=precision, max_model_len=max_model_len, seed=seed)
     _ENGINE = (key, engine)
     return engine
+
+
+def vllm_rollouts(method, prompts: list[list[int]], stop_token_ids: list[int],
+                  seeds: list[int]) -> tuple[Completions, float]:
+    """A method's rollouts through the shared engine: sync the current weights, then sample.
+
+    The weights are synced before every rollout. In training there is one rollout per optimizer
+    step, so this is the sync after every step; doing it here rather than after the step also
+    covers a resumed run and an engine reused from an earlier task.
+    Returns (completions, seconds spent syncing).
+    """
+    from selfdistill.precision import resolve_precision
+
+    cfg = method.cfg
+    engine = getattr(method, "_vllm_engine", None)
+    if engine is None:
+        device = next(method.model.parameters()).device
+        wanted = cfg.model.precision if cfg.rollout.vllm_precision == "auto" else cfg.rollout.vllm_precision
+        engine = shared_engine(method.model, precision=resolve_precision(wanted, device),
+                               max_model_len=cfg.data.max_prompt_tokens + cfg.rollout.max_new_tokens,
+                               seed=cfg.train.seed)
+        method._vllm_engine = engine
+    sync_time = engine.sync(method.model)
+    rollout = cfg.rollout
+    completions = engine.generate(prompts, stop_token_ids=stop_token_ids, max_new_tokens=rollout.max_new_tokens,
+                                  temperature=rollout.temperature, top_p=rollout.top_p, seeds=seeds)
+    return completions, sync_time
