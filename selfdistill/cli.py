@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import logging
+import signal
 import sys
 
 import typer
 
-from selfdistill.errors import UserError
+from selfdistill.errors import RunFailed, RunStopped, UserError
 
 app = typer.Typer(
     help="Continual learning of language models from demonstrations with Self-Distillation Fine-Tuning (SDFT).",
@@ -37,18 +38,25 @@ _register_diagnose(app)
 
 
 def main() -> None:
+    """Run the `sdft` command. Exit statuses: 0 done; 2 bad input (UserError, nothing written);
+    1 the run could not go on (RunFailed, last checkpoint intact); 128 + signal a deliberate stop
+    (RunStopped or Ctrl-C: 130 for SIGINT, 143 for SIGTERM), so a scheduler can tell a pre-emption
+    from a mistake."""
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     for noisy in ("httpx", "urllib3", "filelock"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
+    from selfdistill.progress import quiet_third_party_bars
+
+    quiet_third_party_bars()
     try:
         app()
-    except UserError as exc:
+    except (UserError, RunFailed, RunStopped) as exc:
         typer.secho(f"error: {exc}", fg=typer.colors.RED, err=True)
-        sys.exit(2)
+        sys.exit(exc.exit_code)
     except KeyboardInterrupt:  # Ctrl-C outside the training loop (inside it, the loop checkpoints and stops)
         typer.secho("error: interrupted. Checkpoints and results already complete on disk are kept; "
                     "a training run continues from its newest checkpoint with --resume.", fg=typer.colors.RED, err=True)
-        sys.exit(130)
+        sys.exit(128 + signal.SIGINT)
 
 
 if __name__ == "__main__":

@@ -11,24 +11,32 @@ overrides from the command line.
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import difflib
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, get_args, get_origin, get_type_hints
+from typing import Any, ClassVar, Literal, get_args, get_origin, get_type_hints
 
 import yaml
 
 from selfdistill.errors import UserError
+from selfdistill.precision import Precision
+from selfdistill.registry import METHODS, MethodName  # noqa: F401  (METHODS: re-exported for callers)
 
-METHODS = {
-    "sdft": "Self-Distillation Fine-Tuning: the student's own samples, scored by the demonstration-conditioned teacher.",
-    "sft": "Supervised fine-tuning: cross-entropy on the demonstration tokens (+ end of turn).",
-    "dft": "Dynamic Fine-Tuning: SFT's token loss weighted by the token's (constant) probability.",
-    "offline_distill": "The demonstration-conditioned teacher answers once before training; the student learns those answers.",
-    "cpt": "Continued pre-training: next-token loss on raw documents (data.documents, or the records' context).",
-    "sft_reinvoke": "SFT, then on-policy distillation from the initial model on general prompts to recover old skills.",
-}
+# The choices of every multiple-choice setting: validation and `--help` read them from these types.
+LossKind = Literal["forward_kl", "reverse_kl", "jsd", "sampled_kl"]
+TeacherKind = Literal["ema", "frozen", "live"]
+Overlong = Literal["error", "skip"]
+OfflineLoss = Literal["ce", "divergence"]
+Reporter = Literal["tensorboard", "wandb"]
+RolloutEngine = Literal["decode", "vllm"]
+ImportanceLevel = Literal["sequence", "token", "off"]
+
+
+def choices(kind: Any) -> tuple[str, ...]:
+    """The allowed values of a Literal setting type, e.g. choices(LossKind)."""
+    return tuple(get_args(kind))
 
 
 def _f(default: Any, help: str, **kwargs: Any) -> Any:
@@ -38,8 +46,19 @@ def _f(default: Any, help: str, **kwargs: Any) -> Any:
     return field(default=default, metadata={"help": help}, **kwargs)
 
 
+class _Section:
+    """Checks a section's types and choices as soon as it is built, e.g. LossConfig(kind="kl") raises."""
+
+    key: ClassVar[str] = ""  # the section's path in the config, for messages
+
+    def __post_init__(self) -> None:
+        check_fields(self, f"{self.key}.")
+
+
 @dataclass
-class LoraConfig:
+class LoraConfig(_Section):
+    key: ClassVar[str] = "model.lora"
+
     enabled: bool = _f(False, "Train a LoRA adapter instead of all weights.")
     rank: int = _f(16, "LoRA rank r.")
     alpha: float = _f(32.0, "LoRA scaling numerator (scale = alpha / rank).")
@@ -48,15 +67,19 @@ class LoraConfig:
 
 
 @dataclass
-class ModelConfig:
+class ModelConfig(_Section):
+    key: ClassVar[str] = "model"
+
     name: str = _f("smollm2-135m", "Hub id, local directory, .gguf file, or 'smollm2-135m' (embedded).")
-    precision: str = _f("auto", "auto (bf16 on GPUs, fp32 on CPUs), fp32, or bf16 (bf16 autocast over fp32 master weights).")
+    precision: Precision = _f("auto", "auto (bf16 on GPUs, fp32 on CPUs), fp32, or bf16 (bf16 autocast over fp32 master weights).")
     trust_remote_code: bool = _f(False, "Allow the model repository's own Python code to run.")
     lora: LoraConfig = field(default_factory=LoraConfig)
 
 
 @dataclass
-class DataConfig:
+class DataConfig(_Section):
+    key: ClassVar[str] = "data"
+
     train: str | None = _f(None, "Training records: a .jsonl file, a saved HF dataset dir, 'hf:NAME', or 'builtin:demo'.")
     split: str = _f("train", "Split to read from a Hugging Face dataset.")
     columns: dict = _f({}, "Column mapping, e.g. {prompt: instruction, demonstration: golden_response}.")
@@ -64,27 +87,31 @@ class DataConfig:
     teacher_template: str = _f("paper", "Teacher prompt: 'paper', 'plain', or a template with {question} and {demonstration}.")
     max_prompt_tokens: int = _f(1024, "Longest student prompt, in tokens.")
     max_teacher_prompt_tokens: int = _f(2048, "Longest teacher prompt (question + demonstration), in tokens.")
-    overlong: str = _f("error", "What to do with a prompt over its limit: 'error' or 'skip' (counted and logged).")
+    overlong: Overlong = _f("error", "What to do with a prompt over its limit: 'error' or 'skip' (counted and logged).")
     documents: str | None = _f(None, "Raw documents for cpt: .jsonl with a 'text' field, or .txt split on blank lines.")
 
 
 @dataclass
-class RolloutConfig:
+class RolloutConfig(_Section):
+    key: ClassVar[str] = "rollout"
+
     temperature: float = _f(1.0, "Sampling temperature of the student's rollouts.")
     top_p: float = _f(1.0, "Nucleus sampling mass.")
     max_new_tokens: int = _f(1024, "Longest completion, in tokens.")
     num_rollouts: int = _f(1, "Completions sampled per prompt.")
     batch_size: int = _f(16, "Prompts generated together in one batch.")
     ignore_eos: bool = _f(False, "Keep sampling past the end-of-turn token (fixed-length rollouts, for benchmarks).")
-    engine: str = _f("decode", "decode (our KV-cache loop, any device) or vllm (in-process vLLM engine; optional extra).")
-    vllm_precision: str = _f("auto", "vllm: the engine's precision: auto (as model.precision), fp32 or bf16.")
-    importance_sampling: str = _f("sequence", "vllm: truncated importance weights per sequence, per token, or off.")
+    engine: RolloutEngine = _f("decode", "decode (our KV-cache loop, any device) or vllm (in-process vLLM engine; optional extra).")
+    vllm_precision: Precision = _f("auto", "vllm: the engine's precision: auto (as model.precision), fp32 or bf16.")
+    importance_sampling: ImportanceLevel = _f("sequence", "vllm: truncated importance weights per sequence, per token, or off.")
     importance_cap: float = _f(2.0, "vllm: the importance weight's cap C: min(C, p_trainer / p_sampler).")
 
 
 @dataclass
-class LossConfig:
-    kind: str = _f("forward_kl", "forward_kl (paper's runs), reverse_kl (paper's derivation), jsd, or sampled_kl.")
+class LossConfig(_Section):
+    key: ClassVar[str] = "loss"
+
+    kind: LossKind = _f("forward_kl", "forward_kl (paper's runs), reverse_kl (paper's derivation), jsd, or sampled_kl.")
     beta: float = _f(0.5, "Teacher weight of the JSD mixture.")
     top_k: int | None = _f(None, "Sum the divergence over the teacher's top-k tokens only (None: full vocabulary).")
     add_tail: bool = _f(False, "With top_k: keep the rest of the mass as one extra 'tail' bucket.")
@@ -93,24 +120,32 @@ class LossConfig:
 
 
 @dataclass
-class TeacherConfig:
-    kind: str = _f("ema", "ema (weights follow the student), frozen (initial weights), or live (the student).")
+class TeacherConfig(_Section):
+    key: ClassVar[str] = "teacher"
+
+    kind: TeacherKind = _f("ema", "ema (weights follow the student), frozen (initial weights), or live (the student).")
     ema_rate: float = _f(0.01, "EMA rate a: teacher <- (1 - a) teacher + a student, after every optimizer step.")
 
 
 @dataclass
-class OfflineConfig:
-    loss: str = _f("ce", "offline_distill: 'ce' (cross-entropy on the teacher's answers) or 'divergence' (match its distributions).")
+class OfflineConfig(_Section):
+    key: ClassVar[str] = "offline"
+
+    loss: OfflineLoss = _f("ce", "offline_distill: 'ce' (cross-entropy on the teacher's answers) or 'divergence' (match its distributions).")
 
 
 @dataclass
-class ReinvokeConfig:
+class ReinvokeConfig(_Section):
+    key: ClassVar[str] = "reinvoke"
+
     steps: int = _f(10, "sft_reinvoke: optimizer steps of the second (recovery) phase.")
     prompts: str | None = _f(None, "sft_reinvoke: general prompts (.jsonl with 'prompt'); default: the built-in probe prompts.")
 
 
 @dataclass
-class TrainConfig:
+class TrainConfig(_Section):
+    key: ClassVar[str] = "train"
+
     lr: float = _f(2e-5, "Peak learning rate (AdamW).")
     batch_size: int = _f(32, "Prompts per optimizer step (global, across processes).")
     micro_batch_size: int = _f(4, "Sequences per forward/backward; the step accumulates over them.")
@@ -123,6 +158,8 @@ class TrainConfig:
     output_dir: str = _f("runs/sdft", "Where checkpoints, metrics.jsonl and the final model go.")
     save_every: int = _f(0, "Save a checkpoint every N optimizer steps (0: only at the end).")
     keep_last: int = _f(2, "Checkpoints kept on disk.")
+    report_to: list[Reporter] = _f([], "Also log every step's metrics to: tensorboard (RUN/tensorboard/), wandb (RUN/wandb/; "
+                                   "WANDB_MODE=offline works without a network). metrics.jsonl is always written.")
     max_nonfinite_steps: int = _f(3, "Consecutive non-finite steps tolerated before the run stops.")
     activation_checkpointing: bool = _f(
         False, "Recompute each layer's activations in the backward pass (gradient checkpointing): less "
@@ -131,7 +168,7 @@ class TrainConfig:
 
 @dataclass
 class Config:
-    method: str = _f("sdft", "Training method.")
+    method: MethodName = _f("sdft", "Training method.")
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
     rollout: RolloutConfig = field(default_factory=RolloutConfig)
@@ -140,6 +177,15 @@ class Config:
     offline: OfflineConfig = field(default_factory=OfflineConfig)
     reinvoke: ReinvokeConfig = field(default_factory=ReinvokeConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+
+    def __post_init__(self) -> None:
+        # Sections may be given as mappings, e.g. Config(method="sft", train={"lr": 1e-4}).
+        hints = get_type_hints(type(self))
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            if isinstance(value, dict) and dataclasses.is_dataclass(hints[f.name]):
+                setattr(self, f.name, build(hints[f.name], value, f"{f.name}."))
+        validate(self)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -152,16 +198,11 @@ def _check(cond: bool, key: str, message: str) -> None:
 
 def validate(cfg: Config) -> Config:
     """Reject values that cannot work, naming the key."""
-    _check(cfg.method in METHODS, "method", f"unknown method {cfg.method!r}; choose one of {', '.join(METHODS)}.")
-    _check(cfg.model.precision in ("auto", "fp32", "bf16"), "model.precision", "must be 'auto', 'fp32' or 'bf16'.")
-    _check(cfg.loss.kind in ("forward_kl", "reverse_kl", "jsd", "sampled_kl"), "loss.kind",
-           f"unknown divergence {cfg.loss.kind!r}; choose forward_kl, reverse_kl, jsd or sampled_kl.")
+    check_fields(cfg)
     _check(0.0 <= cfg.loss.beta <= 1.0, "loss.beta", "must lie in [0, 1].")
     _check(cfg.loss.top_k is None or cfg.loss.top_k > 0, "loss.top_k", "must be a positive integer or null.")
     _check(cfg.loss.skip_first_tokens >= 0, "loss.skip_first_tokens", "must be >= 0.")
     _check(cfg.loss.chunk_size > 0, "loss.chunk_size", "must be > 0.")
-    _check(cfg.teacher.kind in ("ema", "frozen", "live"), "teacher.kind",
-           f"unknown teacher kind {cfg.teacher.kind!r}; choose ema, frozen or live.")
     _check(0.0 <= cfg.teacher.ema_rate <= 1.0, "teacher.ema_rate", "must lie in [0, 1].")
     _check(cfg.train.lr > 0 and cfg.train.lr != float("inf"), "train.lr", "must be a finite number > 0.")
     _check(cfg.train.batch_size > 0 and cfg.train.micro_batch_size > 0, "train.batch_size",
@@ -180,15 +221,8 @@ def validate(cfg: Config) -> Config:
     _check(0.0 < cfg.rollout.top_p <= 1.0, "rollout.top_p", "must lie in (0, 1].")
     _check(cfg.rollout.max_new_tokens > 0, "rollout.max_new_tokens", "must be > 0.")
     _check(cfg.rollout.num_rollouts >= 1, "rollout.num_rollouts", "must be >= 1.")
-    _check(cfg.rollout.engine in ("decode", "vllm"), "rollout.engine", "must be 'decode' or 'vllm'.")
-    _check(cfg.rollout.vllm_precision in ("auto", "fp32", "bf16"), "rollout.vllm_precision",
-           "must be 'auto', 'fp32' or 'bf16'.")
-    _check(cfg.rollout.importance_sampling in ("sequence", "token", "off"), "rollout.importance_sampling",
-           "must be 'sequence', 'token' or 'off'.")
     _check(cfg.rollout.importance_cap > 0, "rollout.importance_cap", "must be > 0.")
-    _check(cfg.offline.loss in ("ce", "divergence"), "offline.loss", "must be 'ce' or 'divergence'.")
     _check(cfg.reinvoke.steps >= 0, "reinvoke.steps", "must be >= 0.")
-    _check(cfg.data.overlong in ("error", "skip"), "data.overlong", "must be 'error' or 'skip'.")
     template = cfg.data.teacher_template
     _check(template in ("paper", "plain") or ("{question}" in template and "{demonstration}" in template),
            "data.teacher_template", f"{template!r} is neither 'paper' nor 'plain', and a template of your own must "
@@ -201,13 +235,27 @@ def validate(cfg: Config) -> Config:
 def _coerce(value: Any, annotation: Any, key: str) -> Any:
     """Turn a YAML/CLI value into the field's type, or say which key is wrong."""
     origin = get_origin(annotation)
+    if origin is Literal:
+        allowed = get_args(annotation)
+        if value not in allowed:
+            close = difflib.get_close_matches(str(value), [str(a) for a in allowed], n=1)
+            hint = f" (did you mean {close[0]!r}?)" if close else ""
+            name = key.replace(".", " ")  # "unknown loss kind", "unknown method"
+            raise UserError(f"Config value {key}: unknown {name} {value!r}; choose one of "
+                            f"{', '.join(map(str, allowed))}.{hint}")
+        return value
     args = [a for a in get_args(annotation) if a is not type(None)]
     if value is None:
         if type(None) in get_args(annotation) or annotation is Any:
             return None
         raise UserError(f"Config value {key}: may not be null.")
+    if origin is list:  # list[X]: a YAML list, or comma-separated on the command line
+        items = [v.strip() for v in value.split(",") if v.strip()] if isinstance(value, str) else value
+        if not isinstance(items, list):
+            raise UserError(f"Config value {key}: expected a list, got {value!r}.")
+        return [_coerce(item, args[0], key) for item in items] if args else items
     if origin is not None and args and origin is not dict and origin is not list:  # Optional[X] / X | None
-        annotation = args[0]
+        return _coerce(value, args[0], key)
     if annotation is Any:
         return value
     try:
@@ -220,10 +268,12 @@ def _coerce(value: Any, annotation: Any, key: str) -> Any:
                 raise ValueError(value)
             return bool(value)
         if annotation is int:
-            if isinstance(value, float) and not value.is_integer():
+            if isinstance(value, bool) or (isinstance(value, float) and not value.is_integer()):
                 raise ValueError(value)
             return int(value)
         if annotation is float:
+            if isinstance(value, bool):
+                raise ValueError(value)
             return float(value)
         if annotation is str:
             return str(value)
@@ -238,22 +288,61 @@ def _coerce(value: Any, annotation: Any, key: str) -> Any:
     return value
 
 
-def _apply(obj: Any, data: dict, prefix: str) -> None:
+def settings_of(obj: Any, prefix: str = ""):
+    """(owning section, field, declared type, dotted key) of every setting of `obj`, sections walked in order."""
     hints = get_type_hints(type(obj))
-    names = [f.name for f in dataclasses.fields(obj)]
-    for key, value in data.items():
-        full = f"{prefix}{key}"
-        if key not in names:
-            close = difflib.get_close_matches(key, names, n=1)
-            hint = f" Did you mean {prefix + close[0]!r}?" if close else f" Valid keys: {', '.join(prefix + n for n in names)}."
-            raise UserError(f"Unknown config key {full!r}.{hint}")
-        current = getattr(obj, key)
-        if dataclasses.is_dataclass(current):
-            if not isinstance(value, dict):
-                raise UserError(f"Config value {full}: expected a section (mapping), got {value!r}.")
-            _apply(current, value, f"{full}.")
+    for f in dataclasses.fields(obj):
+        value = getattr(obj, f.name)
+        if dataclasses.is_dataclass(value):
+            yield from settings_of(value, f"{prefix}{f.name}.")
         else:
-            setattr(obj, key, _coerce(value, hints[key], full))
+            yield obj, f, hints[f.name], f"{prefix}{f.name}"
+
+
+def check_fields(obj: Any, prefix: str = "") -> None:
+    """Coerce every setting of `obj` (and its sections) to its declared type; a wrong type or an
+    unknown choice is a UserError naming the key. Run when a section is built and again by validate()."""
+    for owner, f, hint, key in settings_of(obj, prefix):
+        setattr(owner, f.name, _coerce(getattr(owner, f.name), hint, key))
+
+
+def check_keys(data: dict, names: list[str], prefix: str = "", unknown: str = "Unknown config key") -> None:
+    """Reject a key that is not a setting, suggesting the closest one."""
+    for key in data:
+        if key not in names:
+            close = difflib.get_close_matches(str(key), names, n=1)
+            hint = f" Did you mean {prefix + close[0]!r}?" if close else f" Valid keys: {', '.join(prefix + n for n in names)}."
+            raise UserError(f"{unknown} {prefix + str(key)!r}.{hint}")
+
+
+def build(cls: type, data: Any, prefix: str = "", unknown: str = "Unknown config key"):
+    """A settings dataclass from a (YAML) mapping: every key checked, every value coerced to its type,
+    sections built recursively; the class's own checks run on construction. Shared by every command's config."""
+    where = prefix[:-1] if prefix.endswith(".") else prefix
+    if not isinstance(data, dict):
+        raise UserError(f"Config value {where or 'config'}: expected a section (mapping), got {data!r}.")
+    hints = get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    check_keys(data, list(fields), prefix, unknown)
+    kwargs = {}
+    for key, value in data.items():
+        hint = hints[key]
+        if isinstance(hint, type) and dataclasses.is_dataclass(hint):
+            kwargs[key] = build(hint, value, f"{prefix}{key}.", unknown)
+        else:
+            kwargs[key] = _coerce(value, hint, f"{prefix}{key}")
+    return cls(**kwargs)
+
+
+def merge(base: dict, update: dict) -> dict:
+    """A new mapping: `update`'s values over `base`'s, section by section (neither is changed)."""
+    merged = copy.deepcopy(base)
+    for key, value in update.items():
+        if isinstance(value, dict) and isinstance(merged.get(key), dict):
+            merged[key] = merge(merged[key], value)
+        else:
+            merged[key] = copy.deepcopy(value)
+    return merged
 
 
 def parse_overrides(overrides: list[str]) -> dict:
@@ -286,8 +375,8 @@ def read_yaml(path: Path) -> Any:
 
 
 def load_config(path: str | Path | None = None, overrides: list[str] | dict | None = None) -> Config:
-    """Defaults, then the YAML file, then the overrides; validated."""
-    cfg = Config()
+    """Defaults, then the YAML file, then the overrides (`section.key=value` strings or a nested dict); validated."""
+    data: dict = {}
     if path is not None:
         path = Path(path)
         data = read_yaml(path)
@@ -295,25 +384,20 @@ def load_config(path: str | Path | None = None, overrides: list[str] | dict | No
             raise UserError(f"Config file {path}: the top level must be a mapping of sections "
                             "(e.g. 'train:' with 'lr: 2e-5' indented below it).")
         try:
-            _apply(cfg, data, "")
+            build(Config, data)
         except UserError as exc:
             raise UserError(f"Config file {path}: {exc}") from None
     if overrides:
-        _apply(cfg, overrides if isinstance(overrides, dict) else parse_overrides(overrides), "")
-    return validate(cfg)
+        data = merge(data, overrides if isinstance(overrides, dict) else parse_overrides(overrides))
+    return build(Config, data)
 
 
 def describe_options() -> list[tuple[str, str, str]]:
-    """(key, default, help) for every setting, for `--help`."""
+    """(key, default, help) for every setting, for `--help`; a multiple-choice setting lists its choices."""
     rows: list[tuple[str, str, str]] = []
-
-    def walk(obj: Any, prefix: str) -> None:
-        for f in dataclasses.fields(obj):
-            value = getattr(obj, f.name)
-            if dataclasses.is_dataclass(value):
-                walk(value, f"{prefix}{f.name}.")
-            else:
-                rows.append((f"{prefix}{f.name}", repr(value), f.metadata.get("help", "")))
-
-    walk(Config(), "")
+    for owner, f, hint, key in settings_of(Config()):
+        text = f.metadata.get("help", "")
+        if get_origin(hint) is Literal:
+            text += f" One of: {', '.join(map(str, get_args(hint)))}."
+        rows.append((key, repr(getattr(owner, f.name)), text))
     return rows

@@ -92,7 +92,9 @@ class ImportanceSampling:
         seq = self.sequence_ids[part].to(log_ratio.device)
         base = int(seq.min())
         local = seq - base
-        count = torch.zeros(int(local.max()) + 1, device=log_ratio.device).index_add_(0, local, torch.ones_like(log_ratio))
+        count = torch.zeros(int(local.max()) + 1, device=log_ratio.device).index_add_(
+            0, local, torch.ones_like(log_ratio)
+        )
         mean = torch.zeros_like(count).index_add_(0, local, log_ratio) / count.clamp(min=1)
         record = count > 0
         for sid, long_mean in self._long_mean.items():  # recorded once, in `prepare`
@@ -129,4 +131,3 @@ def _runs(ids: torch.Tensor) -> list[tuple[int, int]]:
             out.append((begin, i))
             begin = i
     return out
-

@@ -20,8 +20,6 @@ from typing import Callable
 
 import torch
 
-KINDS = ("forward_kl", "reverse_kl", "jsd", "sampled_kl")
-
 
 def _kl(logp: torch.Tensor, logq: torch.Tensor) -> torch.Tensor:
     """KL(p ‖ q) over the last dimension; 0 · log 0 counts as 0."""

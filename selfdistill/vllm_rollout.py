@@ -23,7 +23,7 @@ from __future__ import annotations
 import os
 import tempfile
 import time
-from typing import Iterator
+from collections.abc import Iterator
 
 import torch
 from safetensors.torch import save_file
@@ -112,11 +112,19 @@ class VLLMRollout:
             # A real first load: vLLM's placeholder ("dummy") weights also overwrite buffers such as
             # the rotary tables, which a later weight sync does not restore.
             config.save_pretrained(directory)
-            save_file({name: t.contiguous() for name, t in merged_weights(model)},
-                      os.path.join(directory, "model.safetensors"), metadata={"format": "pt"})
+            save_file(
+                {name: t.contiguous() for name, t in merged_weights(model)},
+                os.path.join(directory, "model.safetensors"),
+                metadata={"format": "pt"},
+            )
             self.llm = vllm.LLM(
-                model=directory, dtype=engine_dtype(precision), skip_tokenizer_init=True,
-                enforce_eager=True, max_model_len=self.max_model_len, seed=seed, generation_config="vllm",
+                model=directory,
+                dtype=engine_dtype(precision),
+                skip_tokenizer_init=True,
+                enforce_eager=True,
+                max_model_len=self.max_model_len,
+                seed=seed,
+                generation_config="vllm",
                 enable_prefix_caching=True,
             )
         self.syncs = 0
@@ -125,15 +133,24 @@ class VLLMRollout:
         """Stream the model's current weights into the engine; returns the seconds it took."""
         start = time.perf_counter()
         with torch.no_grad():
-            self.llm.collective_rpc("reload_weights", kwargs={"weights_iterator": merged_weights(model),
-                                                              "is_checkpoint_format": True})
+            self.llm.collective_rpc(
+                "reload_weights", kwargs={"weights_iterator": merged_weights(model), "is_checkpoint_format": True}
+            )
         # Prefix blocks computed with the old weights must never be reused.
         self.llm.reset_prefix_cache()
         self.syncs += 1
         return time.perf_counter() - start
 
-    def generate(self, prompts: list[list[int]], *, stop_token_ids: list[int], max_new_tokens: int,
-                 temperature: float = 1.0, top_p: float = 1.0, seeds: list[int] | None = None) -> Completions:
+    def generate(
+        self,
+        prompts: list[list[int]],
+        *,
+        stop_token_ids: list[int],
+        max_new_tokens: int,
+        temperature: float = 1.0,
+        top_p: float = 1.0,
+        seeds: list[int] | None = None,
+    ) -> Completions:
         """Complete every prompt (token ids); the same contract as `selfdistill.rollout.generate`.
 
         Also returns each sampled token's log-probability under the engine's model, before
@@ -146,19 +163,26 @@ class VLLMRollout:
             raise ValueError("sampling needs one seed per prompt")
         too_long = [len(p) for p in prompts if len(p) + max_new_tokens > self.max_model_len]
         if too_long:
-            raise UserError(f"rollout.engine=vllm: a prompt of {max(too_long)} tokens plus rollout.max_new_tokens="
-                            f"{max_new_tokens} exceeds the engine's context of {self.max_model_len} tokens.")
+            raise UserError(
+                f"rollout.engine=vllm: a prompt of {max(too_long)} tokens plus rollout.max_new_tokens="
+                f"{max_new_tokens} exceeds the engine's context of {self.max_model_len} tokens."
+            )
         params = [
             SamplingParams(
-                n=1, temperature=temperature, top_p=top_p, max_tokens=max_new_tokens,
-                seed=int(seeds[i]) if temperature > 0 else None, logprobs=0, detokenize=False,
+                n=1,
+                temperature=temperature,
+                top_p=top_p,
+                max_tokens=max_new_tokens,
+                seed=int(seeds[i]) if temperature > 0 else None,
+                logprobs=0,
+                detokenize=False,
                 # Only our stop tokens end a completion (not the model's own eos), as in our decode loop.
-                ignore_eos=True, stop_token_ids=list(stop_token_ids),
+                ignore_eos=True,
+                stop_token_ids=list(stop_token_ids),
             )
             for i in range(len(prompts))
         ]
-        outputs = self.llm.generate([TokensPrompt(prompt_token_ids=list(p)) for p in prompts], params,
-                                    use_tqdm=False)
+        outputs = self.llm.generate([TokensPrompt(prompt_token_ids=list(p)) for p in prompts], params, use_tqdm=False)
         ids, finished, logprobs = [], [], []
         for out in outputs:
             sample = out.outputs[0]
@@ -198,8 +222,9 @@ def shared_engine(model, *, precision: str, max_model_len: int, seed: int = 0) -
     return engine
 
 
-def vllm_rollouts(method, prompts: list[list[int]], stop_token_ids: list[int],
-                  seeds: list[int]) -> tuple[Completions, float]:
+def vllm_rollouts(
+    method, prompts: list[list[int]], stop_token_ids: list[int], seeds: list[int]
+) -> tuple[Completions, float]:
     """A method's rollouts through the shared engine: sync the current weights, then sample.
 
     The weights are synced before every rollout. In training there is one rollout per optimizer
@@ -214,12 +239,21 @@ def vllm_rollouts(method, prompts: list[list[int]], stop_token_ids: list[int],
     if engine is None:
         device = next(method.model.parameters()).device
         wanted = cfg.model.precision if cfg.rollout.vllm_precision == "auto" else cfg.rollout.vllm_precision
-        engine = shared_engine(method.model, precision=resolve_precision(wanted, device),
-                               max_model_len=cfg.data.max_prompt_tokens + cfg.rollout.max_new_tokens,
-                               seed=cfg.train.seed)
+        engine = shared_engine(
+            method.model,
+            precision=resolve_precision(wanted, device),
+            max_model_len=cfg.data.max_prompt_tokens + cfg.rollout.max_new_tokens,
+            seed=cfg.train.seed,
+        )
         method._vllm_engine = engine
     sync_time = engine.sync(method.model)
     rollout = cfg.rollout
-    completions = engine.generate(prompts, stop_token_ids=stop_token_ids, max_new_tokens=rollout.max_new_tokens,
-                                  temperature=rollout.temperature, top_p=rollout.top_p, seeds=seeds)
+    completions = engine.generate(
+        prompts,
+        stop_token_ids=stop_token_ids,
+        max_new_tokens=rollout.max_new_tokens,
+        temperature=rollout.temperature,
+        top_p=rollout.top_p,
+        seeds=seeds,
+    )
     return completions, sync_time

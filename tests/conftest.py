@@ -8,6 +8,7 @@ import torch
 # Tiny models run fastest single-threaded; OpenMP spinning across 2 threads costs more than it saves.
 torch.set_num_threads(1)
 os.environ.setdefault("SELFDISTILL_PROGRESS", "0")
+os.environ.setdefault("WANDB_MODE", "offline")  # no test may reach the network
 sys.path.insert(0, str(Path(__file__).parent))
 
 REPO = Path(__file__).resolve().parents[1]

@@ -35,8 +35,16 @@ def _run(closed_form: bool, importance_level=None, frozen_head=False):
         importance = ImportanceSampling(torch.randn(n, generator=g) - 3.0, sequence, level=importance_level)
     settings = LossSettings(chunk_size=4, closed_form_gradient=closed_form)
     assert _closed_form_applies(settings, output_head(_Model(head))) == closed_form
-    loss, stats = chunked_completion_loss(hidden, teacher_hidden, tokens, weights, output_head(_Model(head)),
-                                          output_head(_Model(teacher)), settings, importance)
+    loss, stats = chunked_completion_loss(
+        hidden,
+        teacher_hidden,
+        tokens,
+        weights,
+        output_head(_Model(head)),
+        output_head(_Model(teacher)),
+        settings,
+        importance,
+    )
     loss.backward()
     return loss.detach(), stats, hidden.grad, head.weight.grad
 

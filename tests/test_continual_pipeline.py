@@ -185,7 +185,7 @@ def test_changed_method_settings_are_not_mixed_with_old_results(tmp_path):
     ({"stream": [{"name": "a", "train": "a.jsonl"}]}, "needs eval, grader"),
     ({"seeds": "zero"}, "'seeds' must be a list"),
     ({"evaluation": {}}, "unknown key 'evaluation'"),
-    ({"eval": {"probes": {"limt": 3}}}, "Did you mean 'limit'"),
+    ({"eval": {"probes": {"limt": 3}}}, "Did you mean 'probes.limit'"),
 ])
 def test_config_errors_name_the_file_and_field(tmp_path, change, message):
     path, config = write_stream(tmp_path)

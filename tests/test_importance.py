@@ -34,8 +34,16 @@ def _setup(seed=0):
 def _run(importance, seed=0, chunk=4):
     head, teacher_head, hidden, teacher_hidden, tokens, _, _ = _setup(seed)
     hidden = hidden.clone().requires_grad_()
-    loss, _ = chunked_completion_loss(hidden, teacher_hidden, tokens, torch.ones(tokens.shape[0]), head, teacher_head,
-                                      LossSettings(chunk_size=chunk), importance)
+    loss, _ = chunked_completion_loss(
+        hidden,
+        teacher_hidden,
+        tokens,
+        torch.ones(tokens.shape[0]),
+        head,
+        teacher_head,
+        LossSettings(chunk_size=chunk),
+        importance,
+    )
     loss.backward()
     return loss.detach(), hidden.grad, head.weight.grad
 
@@ -92,7 +100,9 @@ def test_token_level_weights_each_token():
     expected = _reference(offsets.exp().clamp(max=2.0))
     for a, b in zip(got, expected):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
-    assert importance.summary()["importance_clipped_fraction"] == pytest.approx(float((offsets.exp() > 2).float().mean()))
+    assert importance.summary()["importance_clipped_fraction"] == pytest.approx(
+        float((offsets.exp() > 2).float().mean())
+    )
 
 
 def test_sequence_chunks_never_split_a_short_sequence():

@@ -17,7 +17,9 @@ from selfdistill.errors import UserError
 from selfdistill.models.tiny import tiny_model, tiny_tokenizer
 
 HAS_VLLM = importlib.util.find_spec("vllm") is not None
-needs_vllm = pytest.mark.skipif(not HAS_VLLM, reason="vLLM is not installed (scripts/setup_vllm_env.sh builds its environment)")
+needs_vllm = pytest.mark.skipif(
+    not HAS_VLLM, reason="vLLM is not installed (scripts/setup_vllm_env.sh builds its environment)"
+)
 LONG = 300  # longer than 256 tokens: a prompt that spans several prefix-cache blocks
 
 
@@ -62,15 +64,17 @@ def test_greedy_tokens_equal_our_decode_loop(engine):
     engine.sync(model)
     prompts = _prompts(tok)
     stop = [tok.eos_token_id]
-    ours = generate(model, prompts, stop_token_ids=stop, pad_token_id=tok.pad_token_id, max_new_tokens=12,
-                    temperature=0)
+    ours = generate(
+        model, prompts, stop_token_ids=stop, pad_token_id=tok.pad_token_id, max_new_tokens=12, temperature=0
+    )
     theirs = engine.generate(prompts, stop_token_ids=stop, max_new_tokens=12, temperature=0)
     assert theirs.ids == ours.ids
     assert theirs.finished == ours.finished
     assert any(len(c) > 1 for c in theirs.ids)
     for prompt, completion, logprobs in zip(prompts, theirs.ids, theirs.logprobs):
-        torch.testing.assert_close(torch.tensor(logprobs), _trainer_logprobs(model, prompt, completion),
-                                   atol=1e-4, rtol=0)
+        torch.testing.assert_close(
+            torch.tensor(logprobs), _trainer_logprobs(model, prompt, completion), atol=1e-4, rtol=0
+        )
 
 
 @needs_vllm
@@ -88,7 +92,7 @@ def test_logprobs_match_the_trainer_after_an_optimizer_step_and_a_sync(engine):
     seconds = engine.sync(model)
     assert seconds >= 0
     after = engine.generate(prompts, stop_token_ids=[], max_new_tokens=8, temperature=1.0, seeds=seeds)
-    for prompt, completion, logprobs, old in zip(prompts, after.ids, after.logprobs, before.logprobs):
+    for prompt, completion, logprobs in zip(prompts, after.ids, after.logprobs):
         expected = _trainer_logprobs(model, prompt, completion)
         torch.testing.assert_close(torch.tensor(logprobs), expected, atol=1e-4, rtol=0)
     # The long prompt's cached prefix from the old weights was not reused: its numbers moved.
@@ -120,21 +124,31 @@ def test_lora_syncs_the_merged_weights(engine):
     engine.sync(lora)
     prompts = _prompts(tok, lengths=(10,), seed=3)
     out = engine.generate(prompts, stop_token_ids=[], max_new_tokens=6, temperature=1.0, seeds=[5])
-    torch.testing.assert_close(torch.tensor(out.logprobs[0]), _trainer_logprobs(lora, prompts[0], out.ids[0]),
-                               atol=1e-4, rtol=0)
+    torch.testing.assert_close(
+        torch.tensor(out.logprobs[0]), _trainer_logprobs(lora, prompts[0], out.ids[0]), atol=1e-4, rtol=0
+    )
     plain, _ = _model()
     assert (_trainer_logprobs(plain, prompts[0], out.ids[0]) - torch.tensor(out.logprobs[0])).abs().max() > 1e-2
 
 
 def _toy_config(tmp_path, **train):
-    return load_config(overrides={
-        "model": {"precision": "fp32"},
-        "data": {"teacher_template": "plain", "max_prompt_tokens": 256},
-        "rollout": {"engine": "vllm", "max_new_tokens": 4},
-        "loss": {"skip_first_tokens": 0},
-        "train": {"output_dir": str(tmp_path / "run"), "batch_size": 4, "micro_batch_size": 2, "lr": 1e-3,
-                  "warmup_ratio": 0.25, "max_steps": 4, **train},
-    })
+    return load_config(
+        overrides={
+            "model": {"precision": "fp32"},
+            "data": {"teacher_template": "plain", "max_prompt_tokens": 256},
+            "rollout": {"engine": "vllm", "max_new_tokens": 4},
+            "loss": {"skip_first_tokens": 0},
+            "train": {
+                "output_dir": str(tmp_path / "run"),
+                "batch_size": 4,
+                "micro_batch_size": 2,
+                "lr": 1e-3,
+                "warmup_ratio": 0.25,
+                "max_steps": 4,
+                **train,
+            },
+        }
+    )
 
 
 @needs_vllm

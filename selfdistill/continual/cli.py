@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import signal
 import time
 from importlib import resources
 from pathlib import Path
@@ -31,17 +32,19 @@ def run_and_report(cfg, overwrite: bool) -> dict:
     from selfdistill.continual.runner import Runner
     from selfdistill.report import write_report
 
-    from selfdistill.train import TrainingStopped
+    from selfdistill.errors import RunFailed, RunStopped
 
     start = time.perf_counter()
     again = "Run the same command again (without --overwrite/--fresh) to continue from the last finished step."
     try:
         Runner(cfg, overwrite=overwrite, echo=typer.echo).run()
-    except TrainingStopped as exc:  # its own advice (--resume) is for `sdft train`
-        raise UserError(f"{str(exc).split(';')[0]}; checkpoint written. {again}") from None
+    except RunStopped as exc:  # the loop's own advice (--resume) is for `sdft train`; the exit status stays 128+signal
+        raise RunStopped(f"{str(exc).split(';')[0]}; checkpoint written. {again}", exc.signum) from None
+    except RunFailed as exc:
+        raise RunFailed(f"{exc} {again}") from None
     except KeyboardInterrupt:
         typer.secho(f"\ninterrupted. {again}", fg=typer.colors.YELLOW, err=True)
-        raise typer.Exit(130) from None
+        raise typer.Exit(128 + signal.SIGINT) from None
     paths = write_report(cfg.output_dir)
     typer.echo("")
     typer.echo(summary_table(paths["data"]))

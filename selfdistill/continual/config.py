@@ -20,7 +20,7 @@ A YAML file with these top-level keys (every key but `stream` and `methods` is o
       - name: sdft-lr1e-4       # label in results and plots
         method: sdft            # one of selfdistill.config.METHODS
         overrides: {train: {lr: 1e-4}}
-    eval: {max_new_tokens: 64, batch_size: 16, precision: fp32, samples: 3,
+    eval: {max_new_tokens: 64, batch_size: 16, precision: auto, samples: 3,
            probes: {enabled: true, limit: 40, max_new_tokens: 64}, drift: {enabled: true, limit: null}}
 
 The teacher template of a stage is, first found: the method's `overrides.data.teacher_template`,
@@ -29,21 +29,20 @@ the stage's `teacher_template`, the built-in task's own template, the base confi
 
 from __future__ import annotations
 
-import copy
 import dataclasses
-import difflib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-
-from selfdistill.config import METHODS, Config, load_config, read_yaml
+from selfdistill.config import Config, build, check_keys, load_config, merge, read_yaml
 from selfdistill.errors import UserError
+from selfdistill.precision import Precision
+from selfdistill.registry import METHODS
 
 
 @dataclass
 class StageSpec:
-    name: str
+    name: str | None  # None only until checked: a task from files must be named
     task: str | None = None  # built-in task name
     train: str | None = None  # records file (when not built-in)
     eval: str | None = None
@@ -79,7 +78,7 @@ class DriftSettings:
 class EvalSettings:
     max_new_tokens: int = 128
     batch_size: int = 16
-    precision: str = "fp32"  # greedy generation; bf16 autocast was slower on the 2-core dev CPU
+    precision: Precision = "auto"  # resolved per device at run time, as for training
     samples: int = 3  # sample outputs per task shown in the report
     probes: ProbeSettings = field(default_factory=ProbeSettings)
     drift: DriftSettings = field(default_factory=DriftSettings)
@@ -102,7 +101,7 @@ class ContinualConfig:
 
     def stage_config(self, method: MethodSpec, stage: StageSpec, seed: int, output_dir: Path) -> Config:
         """The training Config of one stage: base, the task's template, the method's overrides, seed, dir."""
-        data: dict = copy.deepcopy(self.base)
+        data: dict = merge({}, self.base)
         template = stage.teacher_template
         if template is None and stage.task:
             from selfdistill.tasks import get_task
@@ -110,52 +109,22 @@ class ContinualConfig:
             template = get_task(stage.task).teacher_template
         if template is not None:
             data.setdefault("data", {})["teacher_template"] = template
-        _merge(data, copy.deepcopy(method.overrides))
+        data = merge(data, method.overrides)
         data["method"] = method.method
         data.setdefault("train", {}).update({"seed": seed, "output_dir": str(output_dir)})
         return load_config(overrides=data)
 
 
-def _merge(into: dict, update: dict) -> None:
-    for key, value in update.items():
-        if isinstance(value, dict) and isinstance(into.get(key), dict):
-            _merge(into[key], value)
-        else:
-            into[key] = value
-
-
-def _fields(cls) -> list[str]:
-    return [f.name for f in dataclasses.fields(cls)]
-
-
-def _check_keys(data: dict, cls, where: str) -> None:
-    names = _fields(cls)
-    for key in data:
-        if key not in names:
-            close = difflib.get_close_matches(str(key), names, n=1)
-            hint = f" Did you mean {close[0]!r}?" if close else f" Valid keys: {', '.join(names)}."
-            raise UserError(f"{where}: unknown key {key!r}.{hint}")
-
-
 def _build(cls, data: Any, where: str):
-    """A dataclass from a mapping, naming the unknown key or wrong type."""
+    """A dataclass from a mapping (the training config's builder), naming `where` and the field on an error."""
     if not isinstance(data, dict):
         raise UserError(f"{where}: expected a mapping, got {data!r}.")
-    _check_keys(data, cls, where)
-    kwargs = {}
-    for f in dataclasses.fields(cls):
-        if f.name not in data:
-            continue
-        value = data[f.name]
-        nested = {"probes": ProbeSettings, "drift": DriftSettings}.get(f.name) if cls is EvalSettings else None
-        if nested is not None:
-            value = _build(nested, value if value is not False else {"enabled": False}, f"{where}.{f.name}")
-        elif f.type in ("int", "int | None") and value is not None and not isinstance(value, int):
-            raise UserError(f"{where}.{f.name}: expected an integer, got {value!r}.")
-        elif f.type == "bool" and not isinstance(value, bool):
-            raise UserError(f"{where}.{f.name}: expected true or false, got {value!r}.")
-        kwargs[f.name] = value
-    return cls(**kwargs)
+    if cls is EvalSettings:  # `probes: false` / `drift: false` switch a part off
+        data = {k: {"enabled": False} if k in ("probes", "drift") and v is False else v for k, v in data.items()}
+    try:
+        return build(cls, data, "", unknown="unknown key")
+    except UserError as exc:
+        raise UserError(f"{where}: {exc}") from None
 
 
 def _stage(data: Any, where: str) -> StageSpec:
@@ -205,7 +174,7 @@ def parse_config(data: Any, where: str = "config") -> ContinualConfig:
     """A validated ContinualConfig from a parsed YAML mapping; errors name `where` and the field."""
     if not isinstance(data, dict):
         raise UserError(f"{where}: the top level must be a mapping (stream, methods, ...).")
-    _check_keys(data, ContinualConfig, where)
+    check_keys(data, [f.name for f in dataclasses.fields(ContinualConfig)], unknown=f"{where}: unknown key")
     for key in ("stream", "methods"):
         if not isinstance(data.get(key), list) or not data[key]:
             raise UserError(f"{where}: '{key}' must be a non-empty list.")
@@ -232,8 +201,6 @@ def parse_config(data: Any, where: str = "config") -> ContinualConfig:
     )
     if not isinstance(cfg.workers, int) or isinstance(cfg.workers, bool) or cfg.workers < 1:
         raise UserError(f"{where}: 'workers' must be an integer >= 1 (processes running sequences at once), got {cfg.workers!r}.")
-    if cfg.eval.precision not in ("fp32", "bf16"):
-        raise UserError(f"{where}: eval.precision must be fp32 or bf16, got {cfg.eval.precision!r}.")
     # Every method's stage config must load: report a bad override now, not after hours of training.
     for m in methods:
         try:
@@ -248,7 +215,7 @@ def load_continual_config(path: str | Path, overrides: dict | None = None) -> Co
     path = Path(path)
     data = read_yaml(path)
     if overrides and isinstance(data, dict):
-        _merge(data, overrides)
+        data = merge(data, overrides)
     # Relative data files are relative to the config file, so a config travels with its data.
     if isinstance(data, dict) and isinstance(data.get("stream"), list):
         for stage in data["stream"]:

@@ -10,7 +10,8 @@ import json
 from pathlib import Path
 
 from selfdistill.continual.metrics import CI_METHOD, mean_ci, stream_metrics
-from selfdistill.continual.runner import read_json, stage_dir, write_json
+from selfdistill.continual.runner import stage_dir
+from selfdistill.files import read_json, write_json
 from selfdistill.errors import UserError
 
 FORMAT = "selfdistill-continual-v1"

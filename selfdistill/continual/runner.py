@@ -20,7 +20,6 @@ scores are row 0 of every method's and seed's matrix.
 from __future__ import annotations
 
 import copy
-import json
 import logging
 import multiprocessing
 import os
@@ -34,6 +33,7 @@ from typing import Callable
 from selfdistill.continual.config import ContinualConfig, MethodSpec
 from selfdistill.data.records import Record, load_records
 from selfdistill.errors import UserError
+from selfdistill.files import read_json, write_json, write_jsonl
 
 log = logging.getLogger(__name__)
 
@@ -46,17 +46,6 @@ class StreamTask:
     eval: list[Record]
     max_new_tokens: int
     documents: list[str] = field(default_factory=list)
-
-
-def write_json(path: Path, value) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(value, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
-    tmp.replace(path)
-
-
-def read_json(path: Path):
-    return json.loads(Path(path).read_text(encoding="utf-8"))
 
 
 def stage_dir(out: Path, method: str, seed: int, stage: int) -> Path:
@@ -178,6 +167,7 @@ class Runner:
 
     def drift_answers(self):
         from selfdistill.eval import drift as drift_mod
+        from selfdistill.precision import resolve_precision
 
         if self._drift_answers is None:
             path = self.out / "start" / "drift_answers.json"
@@ -186,8 +176,9 @@ class Runner:
                 model, tokenizer = self.start_model()
                 settings = self.cfg.eval.drift
                 prompts = drift_mod.drift_prompts()[:settings.limit]
+                precision = resolve_precision(self.cfg.eval.precision, next(model.parameters()).device)
                 answers = drift_mod.base_answers(model, tokenizer, prompts=prompts, max_new_tokens=settings.max_new_tokens,
-                                                 batch_size=self.cfg.eval.batch_size, precision=self.cfg.eval.precision,
+                                                 batch_size=self.cfg.eval.batch_size, precision=precision,
                                                  base_name=self.model_name())
                 drift_mod.save_base_answers(answers, path)
             self._drift_answers = answers
@@ -198,8 +189,11 @@ class Runner:
         from selfdistill.eval import graders
         from selfdistill.eval.evaluate import evaluate
 
+        from selfdistill.precision import resolve_precision
+
         model.eval()
         settings = self.cfg.eval
+        precision = resolve_precision(settings.precision, next(model.parameters()).device)
         start = time.perf_counter()
         for task in self.tasks:
             target = where / "eval" / task.name
@@ -208,7 +202,7 @@ class Runner:
             tmp = target.with_name(task.name + ".tmp")
             shutil.rmtree(tmp, ignore_errors=True)
             summary = evaluate(model, tokenizer, task.eval, graders.get(task.grader), max_new_tokens=task.max_new_tokens,
-                               batch_size=settings.batch_size, precision=settings.precision, out_dir=tmp,
+                               batch_size=settings.batch_size, precision=precision, out_dir=tmp,
                                desc=f"{label} eval {task.name}")
             summary.update({"task": task.name, "grader": task.grader})
             write_json(tmp / "summary.json", summary)
@@ -219,13 +213,13 @@ class Runner:
             from selfdistill.eval.probes import run_probes
 
             result = run_probes(model, tokenizer, limit=settings.probes.limit, max_new_tokens=settings.probes.max_new_tokens,
-                                batch_size=settings.batch_size, precision=settings.precision, out_dir=where / "probes")
+                                batch_size=settings.batch_size, precision=precision, out_dir=where / "probes")
             write_json(where / "probes.json", result)
             self.echo(f"  {label}: prior-capability probes = {result['score']:.3f} ({result['count']} items)")
         if settings.drift.enabled and not (where / "drift.json").is_file():
             from selfdistill.eval import drift as drift_mod
 
-            result = drift_mod.drift(self.drift_answers(), model, precision=settings.precision)
+            result = drift_mod.drift(self.drift_answers(), model, precision=precision)
             write_json(where / "drift.json", result)
             self.echo(f"  {label}: drift from the starting model = {result['kl_nats']:.4f} nats/token (KL)")
         return time.perf_counter() - start
@@ -284,15 +278,13 @@ class Runner:
                 self.echo(f"{label}: training ({method.method})")
                 cfg = self.cfg.stage_config(method, self.cfg.stream[k - 1], seed, where / "train")
                 if task.documents and not cfg.data.documents:  # cpt reads raw documents of knowledge tasks
-                    docs = where / "documents.jsonl"
-                    docs.parent.mkdir(parents=True, exist_ok=True)
-                    docs.write_text("".join(json.dumps({"text": d}) + "\n" for d in task.documents))
+                    docs = write_jsonl(where / "documents.jsonl", [{"text": d} for d in task.documents])
                     cfg.data.documents = str(docs)
                 t0 = time.perf_counter()
                 # A fresh method per stage: the SDFT teacher starts from the model this stage starts with.
                 result = self.train_fn(cfg, records=task.train, model=model, tokenizer=tokenizer, resume=True,
                                        save_final=True)
-                model, tokenizer = result.model, result.tokenizer
+                model, tokenizer = _merged(result.model), result.tokenizer
                 train_time = time.perf_counter() - t0
                 write_json(trained, {"stage": k, "task": task.name, "steps": result.steps, "train_time_s": train_time})
             eval_time = self.evaluate_stage(model, tokenizer, where, label)
@@ -304,11 +296,28 @@ class Runner:
                 shutil.rmtree(stage_dir(self.out, method.name, seed, k - 1) / "train" / "final", ignore_errors=True)
 
 
+def _merged(model):
+    """The trained model as the next stage (and a resumed run, which loads final/) sees it: a LoRA
+    adapter merged into the weights, so the next stage trains a fresh adapter on plain weights
+    instead of wrapping the adapter-carrying model a second time."""
+    from selfdistill.models import is_lora
+
+    return model.merge_and_unload() if is_lora(model) else model
+
+
 def _run_sequence_process(cfg: ContinualConfig, method_name: str, seed: int, threads: int) -> None:
     """One method x seed sequence in a worker process of a parallel run (ContinualConfig.workers > 1)."""
     import torch
 
+    from selfdistill.progress import ENV, LABEL_ENV, quiet_third_party_bars
+
     torch.set_num_threads(threads)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
+    # Live bars of several processes on one terminal garble each other: each worker reports in whole
+    # lines, labelled with its sequence (SELFDISTILL_PROGRESS=0 still silences them).
+    if os.environ.get(ENV) != "0":
+        os.environ[ENV] = "lines"
+    os.environ[LABEL_ENV] = f"[{method_name} seed {seed}]"
+    quiet_third_party_bars()
     runner = Runner(cfg, prepared=True, echo=lambda line: print(line, flush=True))
     runner.run_sequence(next(m for m in cfg.methods if m.name == method_name), seed)

@@ -74,7 +74,7 @@ def record_from_row(row: Any, source: str, columns: dict | None = None, require_
         raise UserError(f"{source}: expected a JSON object, got {type(row).__name__}. "
                         "Write each record as one object, e.g. {\"prompt\": ..., \"demonstration\": ...}.")
     columns = dict(columns or {})
-    for ours, theirs in columns.items():
+    for ours in columns:
         if ours not in FIELDS:
             raise UserError(f"data.columns: unknown field {ours!r}; map one of {', '.join(FIELDS)} to a column.")
     take = {name: columns.get(name, name) for name in FIELDS}

@@ -8,6 +8,7 @@ from html import escape
 from pathlib import Path
 
 from selfdistill.diagnose.core import RecordTrace
+from selfdistill.files import write_atomic
 
 # What each field of diagnose.json means; written into the file so it explains itself.
 FIELDS = {
@@ -217,6 +218,6 @@ def render_html(data: dict, traces: list[RecordTrace]) -> str:
 def write(out: Path, data: dict, traces: list[RecordTrace]) -> tuple[Path, Path]:
     out.mkdir(parents=True, exist_ok=True)
     json_path, html_path = out / "diagnose.json", out / "diagnose.html"
-    json_path.write_text(json.dumps(data, indent=1, ensure_ascii=False) + "\n", encoding="utf-8")
-    html_path.write_text(render_html(data, traces), encoding="utf-8")
+    write_atomic(json_path, json.dumps(data, indent=1, ensure_ascii=False) + "\n")
+    write_atomic(html_path, render_html(data, traces))
     return json_path, html_path

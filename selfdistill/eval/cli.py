@@ -11,10 +11,10 @@ import torch
 import typer
 
 from selfdistill.errors import UserError
+from selfdistill.files import write_json
+from selfdistill.precision import PRECISIONS, resolve_precision
 
 log = logging.getLogger(__name__)
-
-PRECISIONS = ("fp32", "bf16")
 
 
 def _load(name: str):
@@ -40,7 +40,8 @@ def eval_command(
     probe_tokens: int = typer.Option(128, "--probe-tokens", help="Token limit for probe-suite answers."),
     drift_tokens: int = typer.Option(64, "--drift-tokens", help="Length of the base model's stored answers for drift."),
     batch_size: int = typer.Option(8, "--batch-size"),
-    precision: str = typer.Option("bf16", "--precision", help="fp32 or bf16 (bf16 autocast)."),
+    precision: str = typer.Option("auto", "--precision", help="auto (chosen from the device at run time), fp32 or "
+                                  "bf16 (bf16 autocast)."),
     seed: int = typer.Option(0, "--seed"),
 ) -> None:
     """Evaluate a model on a task and/or on prior-capability probes; writes JSON results under --out."""
@@ -50,27 +51,23 @@ def eval_command(
         raise UserError("Nothing to do: give --task, --probes, --humaneval and/or --lm-eval.")
     if base and not (probes or humaneval):
         raise UserError("--base is used by --probes and --humaneval (relative scores and drift); add one of them.")
-    out.mkdir(parents=True, exist_ok=True)
+    if out.exists() and not out.is_dir():
+        raise UserError(f"--out {out}: exists and is not a directory.")
     results: dict = {"model": model}
     if task:
-        from selfdistill.eval import graders
-        from selfdistill.eval.evaluate import evaluate
-        from selfdistill.eval.tasks import resolve_task
+        from selfdistill.api import evaluate
 
-        records, grader_name = resolve_task(task, grader, limit, seed)
-        grade = graders.get(grader_name)
-        net, tok = _load(model)
-        summary = evaluate(net, tok, records, grade, n_samples=n_samples, temperature=temperature,
-                           max_new_tokens=max_new_tokens, batch_size=batch_size, precision=precision, seed=seed,
-                           out_dir=out / "task", desc=f"eval {Path(task).stem}")
-        summary.update({"task": task, "grader": grader_name})
-        (out / "task" / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+        # Reads and checks the task and grader before loading the model or writing anything.
+        summary = evaluate(model, task, grader=grader, limit=limit, out=out / "task", n_samples=n_samples,
+                           temperature=temperature, max_new_tokens=max_new_tokens, batch_size=batch_size,
+                           precision=precision, seed=seed)
         results["task"] = summary
         typer.echo(f"task {task}: score {summary['score']:.4f} over {summary['count']} "
-                   f"(95% CI {summary['ci95'][0]:.3f}-{summary['ci95'][1]:.3f}, grader {grader_name})")
+                   f"(95% CI {summary['ci95'][0]:.3f}-{summary['ci95'][1]:.3f}, grader {summary['grader']})")
     if probes or humaneval:
         from selfdistill.eval.probes import probe_report
 
+        precision = resolve_precision(precision, "cuda" if torch.cuda.is_available() else "cpu")
         report = probe_report(model, base, out_dir=out / "probes", load=_load, limit=limit, humaneval=humaneval,
                               suite=probes, batch_size=batch_size, precision=precision, max_new_tokens=probe_tokens, drift_tokens=drift_tokens)
         results["probes"] = report
@@ -83,7 +80,7 @@ def eval_command(
                              include_path=lm_eval_include, seed=seed, batch_size=batch_size)
         results["lm_eval"] = scores
         typer.echo(json.dumps(scores, indent=2))
-    (out / "results.json").write_text(json.dumps(results, indent=2) + "\n")
+    write_json(out / "results.json", results)
     typer.echo(f"results in {out}")
 
 

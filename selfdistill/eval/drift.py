@@ -25,6 +25,7 @@ from pathlib import Path
 import torch
 
 from selfdistill.data.prompts import PromptBuilder
+from selfdistill.files import write_atomic
 from selfdistill.models import stop_token_id
 from selfdistill.rollout import autocast_context, generate
 
@@ -67,11 +68,7 @@ def base_answers(model, tokenizer, *, prompts: list[str] | None = None, max_new_
 
 
 def save_base_answers(answers: dict, path: str | Path) -> None:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(answers), encoding="utf-8")
-    tmp.replace(path)  # a crash mid-write never leaves a truncated file behind
+    write_atomic(path, json.dumps(answers))  # a crash mid-write never leaves a truncated file behind
 
 
 def load_base_answers(path: str | Path, base_name: str | None = None) -> dict | None:

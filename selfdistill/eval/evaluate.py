@@ -12,7 +12,6 @@ coverage theory holds for 0/1 scores; for fractional scores it is the usual appr
 
 from __future__ import annotations
 
-import json
 import math
 from pathlib import Path
 from typing import Callable
@@ -20,6 +19,7 @@ from typing import Callable
 from selfdistill.data.prompts import PromptBuilder
 from selfdistill.data.records import Record
 from selfdistill.errors import UserError
+from selfdistill.files import write_json, write_jsonl
 from selfdistill.models import stop_token_id
 from selfdistill.rollout import generate
 
@@ -127,8 +127,5 @@ def summarize(examples: list[dict], n_samples: int = 1, ks: list[int] | None = N
 
 def write_results(out_dir: str | Path, examples: list[dict], summary: dict) -> None:
     out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    with open(out / "examples.jsonl", "w", encoding="utf-8") as f:
-        for example in examples:
-            f.write(json.dumps(example, ensure_ascii=False) + "\n")
-    (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")
+    write_jsonl(out / "examples.jsonl", examples)
+    write_json(out / "summary.json", summary)

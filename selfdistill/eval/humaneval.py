@@ -71,7 +71,7 @@ def run_program(program: str, *, timeout: float = 10.0, memory_mb: int = 1024) -
             return False, "timeout"
     if proc.returncode == 0:
         return True, "passed"
-    last = (proc.stderr.strip().splitlines() or ["exit code %d" % proc.returncode])[-1]
+    last = (proc.stderr.strip().splitlines() or [f"exit code {proc.returncode}"])[-1]
     return False, last[:200]
 
 

@@ -1,16 +1,12 @@
-"""Training methods: each turns a batch of records into a loss; the loop in train.py is shared."""
+"""Training methods: each turns a batch of records into a loss; the loop in train.py is shared.
+
+The list of methods lives in `selfdistill.registry` (names, descriptions, classes).
+"""
 
 from selfdistill.methods.base import Method, TrainItem
-from selfdistill.methods.cpt import CPT
-from selfdistill.methods.dft import DFT
-from selfdistill.methods.offline_distill import OfflineDistill
-from selfdistill.methods.sdft import SDFT
-from selfdistill.methods.sft import SFT
-from selfdistill.methods.sft_reinvoke import SFTReinvoke
+from selfdistill.registry import METHODS, method_class
 
-REGISTRY: dict[str, type[Method]] = {
-    "sdft": SDFT, "sft": SFT, "dft": DFT, "offline_distill": OfflineDistill, "cpt": CPT, "sft_reinvoke": SFTReinvoke,
-}
+REGISTRY: dict[str, type[Method]] = {name: method_class(name) for name in METHODS}
 
 
 def get_method(name: str) -> type[Method]:

@@ -12,9 +12,9 @@ on-policy sampling adds. The responses are stored in the run directory
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
+from selfdistill.files import write_jsonl
 from selfdistill.methods.base import TrainItem
 from selfdistill.methods.sdft import SDFT
 from selfdistill.methods.sft import SFT
@@ -51,10 +51,7 @@ class OfflineDistill(SDFT):
             )
         self.teacher_generations += len(records)
         self.targets = {r.index: ids for r, ids in zip(records, completions.ids)}
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(f".tmp{os.getpid()}")
-        tmp.write_text("".join(json.dumps({"index": i, "ids": ids}) + "\n" for i, ids in self.targets.items()))
-        tmp.replace(path)
+        write_jsonl(path, [{"index": i, "ids": ids} for i, ids in self.targets.items()])
 
     def build_items(self, records, seeds, step):
         divergence = self.cfg.offline.loss == "divergence"

@@ -5,6 +5,8 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
+from selfdistill.files import write_atomic
+
 
 def write_report(run_dir: str | Path) -> dict:
     """(Re)build results.json from the run's files, draw the figures, write both reports; returns paths."""
@@ -21,14 +23,14 @@ def write_report(run_dir: str | Path) -> dict:
     intro = (f"Run {out.resolve()} - model {model}; stream: {' -> '.join(t['name'] for t in results['tasks'])}; "
              f"methods: {', '.join(results['methods'])}; seeds: {', '.join(map(str, config['seeds']))}. "
              f"Written {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}.")
-    (out / "report.html").write_text(html.render(results, figures, samples, intro), encoding="utf-8")
+    write_atomic(out / "report.html", html.render(results, figures, samples, intro))
     files_dir = out / "report_files"
     files_dir.mkdir(exist_ok=True)
     figure_files = []
     for figure in figures:
         name = f"{figure.key}.png"
-        (files_dir / name).write_bytes(figure.png)
+        write_atomic(files_dir / name, figure.png)
         figure_files.append((figure, f"report_files/{name}"))
-    (out / "report.md").write_text(markdown.render(results, figure_files, samples, intro), encoding="utf-8")
+    write_atomic(out / "report.md", markdown.render(results, figure_files, samples, intro))
     return {"results": out / "results.json", "html": out / "report.html", "markdown": out / "report.md",
             "figures": len(figures), "data": results}

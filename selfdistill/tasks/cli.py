@@ -8,6 +8,8 @@ from pathlib import Path
 import typer
 
 from selfdistill.errors import UserError
+from selfdistill.files import write_jsonl
+from selfdistill.precision import PRECISIONS, resolve_precision
 
 data_app = typer.Typer(help="Built-in learning tasks, dataset loaders and the teacher-ceiling diagnostic.",
                        no_args_is_help=True)
@@ -46,12 +48,6 @@ def show_command(task: str, seed: int = typer.Option(0, help="Generator seed."),
             typer.echo(doc)
 
 
-def write_jsonl(path: Path, rows: list[dict]) -> None:
-    with open(path, "w", encoding="utf-8") as f:
-        for row in rows:
-            f.write(json.dumps(row, ensure_ascii=False, sort_keys=True) + "\n")
-
-
 @data_app.command("make")
 def make_command(task: str, out: Path = typer.Option(..., help="Directory for the JSONL files."),
                  seed: int = typer.Option(0, help="Generator seed: the same seed gives identical files."),
@@ -84,9 +80,9 @@ def ceiling_command(
     format: str = typer.Option("auto", help="Row format of a data file: auto, records, paper-tooluse, paper-science, huatuo, messages."),
     grader: list[str] = typer.Option([], help="Grader(s) for a data file (e.g. toolalpaca, choice_tag)."),
     max_new_tokens: int = typer.Option(96, help="Greedy generation budget per answer."),
-    # fp32 by default: on CPUs without bf16 matrix units, bf16 autocast was ~6x slower here, and
-    # greedy teacher outputs of a small model can flip between precisions (DESIGN.md section 7).
-    precision: str = typer.Option("fp32", help="fp32 or bf16."),
+    # auto, as for every command: bf16 only where the device computes it fast. Greedy teacher outputs
+    # of a small model can flip between precisions (SmolLM2-135M's first-token distribution is flat).
+    precision: str = typer.Option("auto", help="auto (chosen from the device at run time), fp32 or bf16."),
     batch_size: int = typer.Option(8),
     loglik: bool = typer.Option(True, help="Also measure the demonstration log-likelihood gain."),
     outputs: Path = typer.Option(None, help="Write every prompt's outputs and scores to this JSONL file."),
@@ -97,8 +93,8 @@ def ceiling_command(
     from selfdistill.tasks import ceiling
     from selfdistill.tasks.loaders import load_dataset_records
 
-    if precision not in ("fp32", "bf16"):
-        raise UserError(f"--precision must be fp32 or bf16, got {precision!r}.")
+    if precision not in PRECISIONS:
+        raise UserError(f"--precision must be one of {', '.join(PRECISIONS)}, got {precision!r}.")
     if task in {spec.name for spec in list_tasks()}:
         spec = get_task(task)
         splits = make_task(task, seed, size).splits()
@@ -114,6 +110,7 @@ def ceiling_command(
     chosen = [recommended if t == "task" else t for t in template] or list(dict.fromkeys(["paper", "plain", recommended]))
     records = records[:limit]
     lm, tokenizer = load_model(model)
+    precision = resolve_precision(precision, next(lm.parameters()).device)
     results = ceiling.measure(lm, tokenizer, records, metrics, templates=tuple(chosen), max_new_tokens=max_new_tokens,
                               precision=precision, batch_size=batch_size, stop_token_ids=[stop_token_id(lm, tokenizer)],
                               loglik=loglik)

@@ -3,7 +3,8 @@
 A seeded world of people, towns, organisations and events (2026-2029) is written as short
 documents (the raw text, for continued pre-training). Each fact becomes a question whose
 demonstration states the answer, with the source passage as teacher-only `context`: copying
-a fact from a demonstration is what a 135M model does best (DESIGN.md section 7).
+a fact from a demonstration is what a 135M model does best (SmolLM2-135M's teacher answered 5 of
+6 fictional facts given the demonstration, 0 of 6 without).
 
 Splits: `train` and `eval` ask the same facts in different phrasings (no question appears in
 both); `ood` asks them indirectly (naming an entity by another of its facts) or combines two

@@ -4,7 +4,8 @@ The prompt documents one fictional API (two functions) in the paper's layout and
 user request whose arguments can be read from the request itself; the demonstration is the
 paper's "Thought: ... / Action: ... / Action Input: {...}" answer. Prompts are kept short
 (~150 tokens): the embedded 135M model follows a demonstrated call only in short prompts
-(DESIGN.md section 7). Training and evaluation use disjoint API names, so no evaluation prompt
+(as teacher, with the plain template, it got 71% of 24 short synthetic calls right and 5% of the
+paper's ~740-token tool-use prompts). Training and evaluation use disjoint API names, so no evaluation prompt
 is a training prompt.
 """
 

@@ -1,0 +1,84 @@
+"""The one typed config: choices validated at construction, one builder and merge, one method list."""
+
+import typing
+
+import pytest
+
+from selfdistill.config import (
+    Config,
+    LossConfig,
+    LossKind,
+    TrainConfig,
+    build,
+    choices,
+    describe_options,
+    load_config,
+    merge,
+)
+from selfdistill.errors import UserError
+from selfdistill.registry import METHODS, MethodName, method_class
+
+
+def test_a_bad_choice_fails_when_the_config_is_built():
+    with pytest.raises(UserError, match="Config value method: unknown method 'sdftt'.*did you mean 'sdft'"):
+        Config(method="sdftt")
+    with pytest.raises(UserError, match="loss.kind: unknown loss kind 'kl'"):
+        LossConfig(kind="kl")
+    with pytest.raises(UserError, match="model.precision: unknown model precision 'fp16'"):
+        Config(model={"precision": "fp16"})
+    with pytest.raises(UserError, match="train.lr: must be a finite number > 0"):
+        Config(train={"lr": -1.0})
+    with pytest.raises(UserError, match="train.batch_size: expected int, got 'many'"):
+        TrainConfig(batch_size="many")
+
+
+def test_sections_can_be_given_as_mappings_and_values_are_coerced():
+    cfg = Config(method="sft", train={"lr": "1e-4", "max_steps": 3}, loss=LossConfig(kind="jsd"))
+    assert cfg.method == "sft" and cfg.train.lr == 1e-4 and cfg.train.max_steps == 3 and cfg.loss.kind == "jsd"
+    assert cfg.train.batch_size == TrainConfig().batch_size  # untouched keys keep their defaults
+    assert (
+        cfg.to_dict()
+        == load_config(
+            overrides={"method": "sft", "train": {"lr": 1e-4, "max_steps": 3}, "loss": {"kind": "jsd"}}
+        ).to_dict()
+    )
+
+
+def test_load_config_file_then_overrides(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("method: dft\ntrain:\n  lr: 1.0e-4\n  seed: 7\n")
+    cfg = load_config(path, ["train.lr=3e-4", "loss.kind=reverse_kl"])
+    assert (cfg.method, cfg.train.lr, cfg.train.seed, cfg.loss.kind) == ("dft", 3e-4, 7, "reverse_kl")
+    path.write_text("train:\n  lrr: 1\n")
+    with pytest.raises(UserError, match=f"Config file {path}: Unknown config key 'train.lrr'. Did you mean 'train.lr'"):
+        load_config(path)
+
+
+def test_merge_is_deep_and_changes_neither_input():
+    base = {"train": {"lr": 1, "seed": 2}, "method": "sft"}
+    update = {"train": {"lr": 3}, "loss": {"kind": "jsd"}}
+    merged = merge(base, update)
+    assert merged == {"train": {"lr": 3, "seed": 2}, "method": "sft", "loss": {"kind": "jsd"}}
+    assert base == {"train": {"lr": 1, "seed": 2}, "method": "sft"} and update["train"] == {"lr": 3}
+
+
+def test_one_method_list_feeds_the_type_the_classes_and_the_help():
+    assert choices(MethodName) == tuple(METHODS)
+    assert typing.get_type_hints(Config)["method"] == MethodName
+    for name in METHODS:
+        assert method_class(name).__name__  # every entry points at an importable class
+    help_rows = {key: text for key, _, text in describe_options()}
+    assert all(name in help_rows["method"] for name in METHODS)
+    assert "One of: forward_kl, reverse_kl, jsd, sampled_kl" in help_rows["loss.kind"]
+
+
+def test_every_command_shares_the_choices():
+    from selfdistill.continual.config import EvalSettings
+    from selfdistill.diagnose.cli import DIVERGENCES
+    from selfdistill.precision import PRECISIONS
+
+    assert DIVERGENCES == choices(LossKind)
+    assert EvalSettings().precision == "auto" and Config().model.precision == "auto"
+    with pytest.raises(UserError, match="unknown precision 'fp64'"):
+        build(EvalSettings, {"precision": "fp64"})
+    assert set(PRECISIONS) == set(choices(typing.get_type_hints(EvalSettings)["precision"]))
