@@ -2,7 +2,8 @@
 
 - loss: the chunked SDFT loss (forward + backward) on the embedded model's output head
   (vocabulary 49,152, width 576) at prompts x length positions: full vocabulary with chunks
-  of 32 / 256 / 1024 positions vs the teacher's top-20.
+  of 32 / 256 / 1024 positions vs the teacher's top-20, and the closed-form forward-KL gradient
+  (default) vs autograd through the chunk (full_chunk256_autograd).
 - precision: the embedded model's student forward+backward, teacher forward and a rollout,
   fp32 vs bf16 autocast; then SDFT on the toy copy task (tests/toy.py) in both precisions, the
   same seeds, to show whether learning changes.
@@ -29,7 +30,7 @@ def _alternate(sides: dict, reps: int) -> dict:
 def loss_suite(args) -> dict:
     import torch
 
-    from selfdistill.losses import LossSettings, chunked_completion_loss
+    from selfdistill.losses import LossSettings, chunked_completion_loss, output_head
     from selfdistill.models import load_model
 
     torch.set_num_threads(2)
@@ -45,11 +46,12 @@ def loss_suite(args) -> dict:
     tokens = torch.randint(0, head.out_features, (n,))
     weights = torch.ones(n)
 
-    def side(chunk, top_k):
+    def side(chunk, top_k, closed_form=True):
         def run():
             t0 = time.perf_counter()
-            loss, _ = chunked_completion_loss(student, teacher, tokens, weights, head, teacher_head,
-                                              LossSettings(chunk_size=chunk, top_k=top_k))
+            loss, _ = chunked_completion_loss(student, teacher, tokens, weights, output_head(model), teacher_head,
+                                              LossSettings(chunk_size=chunk, top_k=top_k,
+                                                           closed_form_gradient=closed_form))
             loss.backward()
             student.grad = None
             head.weight.grad = None
@@ -57,7 +59,7 @@ def loss_suite(args) -> dict:
         return run
 
     sides = {"full_chunk256": side(256, None), "full_chunk32": side(32, None), "full_chunk1024": side(1024, None),
-             "top20_chunk256": side(256, 20)}
+             "top20_chunk256": side(256, 20), "full_chunk256_autograd": side(256, None, closed_form=False)}
     sides["full_chunk256"]()  # warm-up
     times = _alternate(sides, args.reps)
     base = median(times["full_chunk256"])

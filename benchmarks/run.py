@@ -2,6 +2,8 @@
 
     python -m benchmarks.run sdft_vs_sft --reps 3 --steps 3 --prompts 8 --length 64
     python -m benchmarks.run loss | precision | trl | memory | mfu | rollout
+    python -m benchmarks.run sdft_vllm --prompts 8      # every side in .venv-vllm (scripts/setup_vllm_env.sh)
+    .venv-vllm/bin/python -m benchmarks.run vllm_rollout
 
 Every side of every repetition is its own process (peak resident memory does not mix). The
 first training step of a run is warm-up and left out; per-step numbers are medians over the
@@ -19,7 +21,7 @@ from pathlib import Path
 
 from benchmarks.common import RESULTS, ROOT, median, run_json, table
 
-SPLIT = ["time_rollout", "time_teacher", "time_student_forward", "time_student_backward", "time_teacher_update"]
+SPLIT = ["time_rollout", "time_weight_sync", "time_teacher", "time_student_forward", "time_student_backward", "time_teacher_update"]
 
 
 def _ours(spec: dict) -> dict:
@@ -33,6 +35,15 @@ def _trl(spec: dict) -> dict:
         return {"error": "benchmarks/.venv-trl missing: run benchmarks/setup_trl.sh first"}
     env = dict(os.environ, PYTHONPATH=str(ROOT))
     return run_json([str(python), "-m", "benchmarks.trl_driver", json.dumps(spec)], env=env)
+
+
+def _ours_vllm_env(spec: dict) -> dict:
+    """Our trainer in the vLLM environment (transformers < 5.20 there), for sides that must share it."""
+    python = ROOT / ".venv-vllm" / "bin" / "python"
+    if not python.exists():
+        return {"error": ".venv-vllm missing: run scripts/setup_vllm_env.sh first"}
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    return run_json([str(python), "-m", "benchmarks.worker", json.dumps(spec)], env=env)
 
 
 def summarize(run: dict) -> dict:
@@ -97,10 +108,10 @@ def _save(result: dict, args) -> None:
     path = RESULTS / f"{args.suite}{args.tag}.json"
     path.write_text(json.dumps(result, indent=1))
     columns = ["side", "reps", "s_per_example", "examples_per_s", "tokens_per_s", "peak_rss_mb", "time_ratio",
-               "rss_ratio", "s_rollout", "s_teacher", "s_student_forward", "s_student_backward", "s_teacher_update"]
+               "rss_ratio", "s_rollout", "s_weight_sync", "s_teacher", "s_student_forward", "s_student_backward", "s_teacher_update"]
     if result.get("rows"):
         present = [c for c in columns if any(c in r for r in result["rows"])]
-        if args.suite in ("memory", "mfu", "teacher_mode", "loss", "precision", "rollout"):
+        if args.suite in ("memory", "mfu", "teacher_mode", "loss", "precision", "rollout", "vllm_rollout"):
             present = [k for k in result["rows"][0] if k not in ("error",)]
         print(table(result["rows"], present))
     print(f"load: {result['uptime']}; written {path.relative_to(ROOT)}")
@@ -109,7 +120,7 @@ def _save(result: dict, args) -> None:
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("suite", choices=["sdft_vs_sft", "loss", "precision", "loss_train", "precision_train", "trl",
-                                          "teacher_mode", "memory", "mfu", "rollout"])
+                                          "teacher_mode", "memory", "mfu", "rollout", "sdft_vllm", "vllm_rollout"])
     parser.add_argument("--reps", type=int, default=3)
     parser.add_argument("--steps", type=int, default=3, help="training steps per run (the first is warm-up)")
     parser.add_argument("--prompts", type=int, default=8, help="prompts per step (and per rollout batch)")
@@ -158,6 +169,19 @@ def main(argv=None) -> None:
         same.pop("micro", None)
         ours = dict(same, micro=args.micro) if args.micro else same
         result = compare("trl", {"trl_sdft": (_trl, same), "selfdistill_sdft": (_ours, ours)}, args.reps, "trl_sdft")
+    elif args.suite == "sdft_vllm":
+        # All sides in the vLLM environment, so they share one transformers version.
+        vllm = {"rollout": {"engine": "vllm", "vllm_precision": "fp32"}}
+        vllm_bf16 = {"rollout": {"engine": "vllm", "vllm_precision": "bf16"}}
+        result = compare("sdft_vllm", {"sft": (_ours_vllm_env, dict(base, method="sft")),
+                                       "sdft_decode": (_ours_vllm_env, sdft),
+                                       "sdft_vllm_fp32": (_ours_vllm_env, dict(sdft, extra=vllm)),
+                                       "sdft_vllm_bf16": (_ours_vllm_env, dict(sdft, extra=vllm_bf16))},
+                         args.reps, "sft")
+    elif args.suite == "vllm_rollout":
+        from benchmarks.vllm_rollout import vllm_rollout_suite
+
+        result = vllm_rollout_suite(args)
     elif args.suite == "rollout":
         from benchmarks.rollout import rollout_suite
 

@@ -52,8 +52,9 @@ def main(spec: dict) -> dict:
         result = train(cfg, records=records, model=model, tokenizer=tokenizer, save_final=False)
         total = time.perf_counter() - start
     metrics = result.metrics[1:] or result.metrics  # the first step is warm-up
-    keys = ["time_step", "time_rollout", "time_teacher", "time_student_forward", "time_student_backward",
-            "time_teacher_update", "loss_tokens", "tokens_per_s", "loss"]
+    keys = ["time_step", "time_rollout", "time_weight_sync", "time_teacher", "time_student_forward", "time_student_backward",
+            "time_teacher_update", "loss_tokens", "tokens_per_s", "loss", "importance_ratio_mean", "importance_ratio_min",
+            "importance_ratio_max", "importance_clipped_fraction"]
     per_step = {k: [m.get(k) for m in metrics] for k in keys}
     return {
         "spec": spec, "per_step": per_step, "losses": [m["loss"] for m in result.metrics],

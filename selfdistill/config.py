@@ -30,6 +30,8 @@ TeacherKind = Literal["ema", "frozen", "live"]
 Overlong = Literal["error", "skip"]
 OfflineLoss = Literal["ce", "divergence"]
 Reporter = Literal["tensorboard", "wandb"]
+RolloutEngine = Literal["decode", "vllm"]
+ImportanceLevel = Literal["sequence", "token", "off"]
 
 
 def choices(kind: Any) -> tuple[str, ...]:
@@ -101,6 +103,10 @@ class RolloutConfig(_Section):
     num_rollouts: int = _f(1, "Completions sampled per prompt.")
     batch_size: int = _f(16, "Prompts generated together in one batch.")
     ignore_eos: bool = _f(False, "Keep sampling past the end-of-turn token (fixed-length rollouts, for benchmarks).")
+    engine: RolloutEngine = _f("decode", "decode (our KV-cache loop, any device) or vllm (in-process vLLM engine; optional extra).")
+    vllm_precision: Precision = _f("auto", "vllm: the engine's precision: auto (as model.precision), fp32 or bf16.")
+    importance_sampling: ImportanceLevel = _f("sequence", "vllm: truncated importance weights per sequence, per token, or off.")
+    importance_cap: float = _f(2.0, "vllm: the importance weight's cap C: min(C, p_trainer / p_sampler).")
 
 
 @dataclass
@@ -217,6 +223,7 @@ def validate(cfg: Config) -> Config:
     _check(0.0 < cfg.rollout.top_p <= 1.0, "rollout.top_p", "must lie in (0, 1].")
     _check(cfg.rollout.max_new_tokens > 0, "rollout.max_new_tokens", "must be > 0.")
     _check(cfg.rollout.num_rollouts >= 1, "rollout.num_rollouts", "must be >= 1.")
+    _check(cfg.rollout.importance_cap > 0, "rollout.importance_cap", "must be > 0.")
     _check(cfg.reinvoke.steps >= 0, "reinvoke.steps", "must be >= 0.")
     template = cfg.data.teacher_template
     _check(template in ("paper", "plain") or ("{question}" in template and "{demonstration}" in template),

@@ -106,6 +106,9 @@ class LossSettings:
     top_k: int | None = None
     add_tail: bool = False
     chunk_size: int = 256
+    # Forward KL over the full vocabulary with a plain linear head: each chunk's gradient in closed
+    # form (softmax(s) − p_T) instead of through autograd (see _forward_kl_chunk_closed_form).
+    closed_form_gradient: bool = True
 
 
 def output_head(model) -> Callable[[torch.Tensor], torch.Tensor]:
@@ -145,17 +148,20 @@ class _GradientsInForward(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, chunk_loss, chunk_size: int, num_stats: int, hidden: torch.Tensor, *params: torch.Tensor):
+    def forward(ctx, chunk_loss, chunks: list[slice], num_stats: int, hidden: torch.Tensor, *params: torch.Tensor):
         grad_hidden = torch.zeros_like(hidden)
         grad_params = [torch.zeros_like(p) for p in params]
         total = torch.zeros((), dtype=torch.float32, device=hidden.device)
         stats = torch.zeros(num_stats, dtype=torch.float32, device=hidden.device)
-        for start in range(0, hidden.shape[0], chunk_size):
-            part = slice(start, start + chunk_size)
+        for part in chunks:
             with torch.enable_grad():
                 chunk = hidden[part].detach().requires_grad_()
-                loss, chunk_stats = chunk_loss(chunk, part)
-                grads = torch.autograd.grad(loss, [chunk, *params], allow_unused=True)
+                out = chunk_loss(chunk, part)
+                if len(out) == 3:  # the chunk worked out its own gradients (closed form)
+                    loss, chunk_stats, grads = out
+                else:
+                    loss, chunk_stats = out
+                    grads = torch.autograd.grad(loss, [chunk, *params], allow_unused=True)
             grad_hidden[part] = grads[0]
             for buffer, grad in zip(grad_params, grads[1:]):
                 if grad is not None:
@@ -173,15 +179,21 @@ class _GradientsInForward(torch.autograd.Function):
                 *(g * grad_total.to(g.dtype) for g in grad_params))
 
 
-def _chunked(chunk_loss, hidden: torch.Tensor, head, chunk_size: int, num_stats: int):
-    """(Σ chunk losses, Σ chunk stats) over chunks of `hidden`'s rows, differentiable in hidden and the head."""
+def _chunked(chunk_loss, hidden: torch.Tensor, head, chunk_size: int, num_stats: int,
+             chunks: list[slice] | None = None):
+    """(Σ chunk losses, Σ chunk stats) over chunks of `hidden`'s rows, differentiable in hidden and the head.
+
+    `chunks` overrides the plain `chunk_size` cuts (importance sampling cuts at sequence ends).
+    """
+    if chunks is None:
+        chunks = [slice(s, s + chunk_size) for s in range(0, hidden.shape[0], chunk_size)]
     params = _trainable_parameters(head)
     if torch.is_grad_enabled() and (hidden.requires_grad or params):
-        return _GradientsInForward.apply(chunk_loss, chunk_size, num_stats, hidden, *params)
+        return _GradientsInForward.apply(chunk_loss, chunks, num_stats, hidden, *params)
     total = torch.zeros((), dtype=torch.float32, device=hidden.device)
     stats = torch.zeros(num_stats, dtype=torch.float32, device=hidden.device)
-    for start in range(0, hidden.shape[0], chunk_size):
-        loss, chunk_stats = chunk_loss(hidden[start:start + chunk_size], slice(start, start + chunk_size))
+    for part in chunks:
+        loss, chunk_stats = chunk_loss(hidden[part], part)[:2]
         total += loss.float()
         stats += chunk_stats.float().reshape(num_stats)
     return total, stats
@@ -190,7 +202,8 @@ def _chunked(chunk_loss, hidden: torch.Tensor, head, chunk_size: int, num_stats:
 STAT_NAMES = ("divergence", "teacher_minus_student_logp", "teacher_entropy")
 
 
-def _chunk_loss(student_hidden, teacher_hidden, tokens, weights, student_head, teacher_head, settings: LossSettings):
+def _chunk_loss(student_hidden, teacher_hidden, tokens, weights, student_head, teacher_head, settings: LossSettings,
+                importance=None, part: slice | None = None):
     student_logits = student_head(student_hidden)
     with torch.no_grad():
         teacher_logits = teacher_head(teacher_hidden).float()
@@ -210,25 +223,75 @@ def _chunk_loss(student_hidden, teacher_hidden, tokens, weights, student_head, t
     with torch.no_grad():
         entropy = -(teacher_logp.exp() * teacher_logp).sum(-1)
         stats = torch.stack([(div * weights).sum(), ((t_tok - s_tok) * weights).sum(), (entropy * weights).sum()])
+    if importance is not None:  # another engine sampled: weight by the capped trainer/sampler ratio
+        weights = weights * importance.weights(s_tok, part)
     return (per_token * weights).sum(), stats
+
+
+def _forward_kl_chunk_closed_form(student_hidden, teacher_hidden, tokens, weights, student_head, teacher_head,
+                                  importance=None, part: slice | None = None):
+    """Forward KL(teacher ‖ student) of one chunk with its gradient in closed form: (loss, stats, grads).
+
+    d/ds Σ_v p_T (log p_T − log_softmax(s)) = softmax(s) − p_T, so the gradient with respect to
+    the logits needs no autograd graph over the [chunk, vocab] tensors; the hidden states' and the
+    head's gradients are two matrix products with it. p_T also gives the entropy statistic.
+    Same values as `_chunk_loss` for a bias-free linear head.
+    """
+    weight = student_head.module.weight
+    with torch.no_grad():
+        hidden = student_hidden.detach()
+        student_logp = torch.log_softmax(student_head(hidden).float(), dim=-1)
+        teacher_logp = torch.log_softmax(teacher_head(teacher_hidden).float(), dim=-1)
+        teacher_p = teacher_logp.exp()
+        per_token = torch.where(teacher_p > 0, teacher_p * (teacher_logp - student_logp), 0.0).sum(-1)
+        s_tok = student_logp.gather(-1, tokens[:, None]).squeeze(-1)
+        t_tok = teacher_logp.gather(-1, tokens[:, None]).squeeze(-1)
+        entropy = -(teacher_p * teacher_logp).sum(-1)
+        stats = torch.stack([(per_token * weights).sum(), ((t_tok - s_tok) * weights).sum(),
+                             (entropy * weights).sum()])
+        if importance is not None:
+            weights = weights * importance.weights(s_tok, part)
+        grad_logits = (student_logp.exp_() - teacher_p).mul_(weights[:, None].float()).to(weight.dtype)
+        grads = [(grad_logits @ weight).to(hidden.dtype)]
+        if weight.requires_grad:
+            grads.append(grad_logits.T @ hidden.to(weight.dtype))
+    return (per_token * weights).sum(), stats, grads
+
+
+def _closed_form_applies(settings: LossSettings, student_head) -> bool:
+    params = _trainable_parameters(student_head)
+    module = getattr(student_head, "module", None)
+    return (settings.closed_form_gradient and settings.kind == "forward_kl" and settings.top_k is None
+            and getattr(student_head, "plain_linear", False) and all(p is module.weight for p in params))
 
 
 def chunked_completion_loss(student_hidden: torch.Tensor, teacher_hidden: torch.Tensor, tokens: torch.Tensor,
                             weights: torch.Tensor, student_head, teacher_head,
-                            settings: LossSettings) -> tuple[torch.Tensor, torch.Tensor]:
+                            settings: LossSettings, importance=None) -> tuple[torch.Tensor, torch.Tensor]:
     """Σ_positions weight · divergence, from hidden states `[N, hidden]` at N completion positions.
 
     `tokens[n]` is the sampled token predicted at position n (used by the sampled estimator and
     the logged teacher−student log-prob gap). Returns (weighted sum, stats) where stats holds
-    the weighted sums of STAT_NAMES (no gradient).
+    the weighted sums of STAT_NAMES (no gradient). `importance` (a
+    `selfdistill.importance.ImportanceSampling`) multiplies each position's weight by its
+    truncated importance weight, from the student log-probs computed here, and records the ratios.
     """
     teacher_hidden = teacher_hidden.detach()
+    chunks = None
+    if importance is not None:
+        chunks = importance.chunks(settings.chunk_size)
+        importance.prepare(student_hidden.detach(), tokens, student_head, settings.chunk_size)
+
+    closed_form = _closed_form_applies(settings, student_head)
 
     def chunk_loss(student_part: torch.Tensor, part: slice):
+        if closed_form and torch.is_grad_enabled():  # without gradients the plain path does less
+            return _forward_kl_chunk_closed_form(student_part, teacher_hidden[part], tokens[part], weights[part],
+                                                 student_head, teacher_head, importance, part)
         return _chunk_loss(student_part, teacher_hidden[part], tokens[part], weights[part], student_head, teacher_head,
-                           settings)
+                           settings, importance, part)
 
-    total, stats = _chunked(chunk_loss, student_hidden, student_head, settings.chunk_size, len(STAT_NAMES))
+    total, stats = _chunked(chunk_loss, student_hidden, student_head, settings.chunk_size, len(STAT_NAMES), chunks)
     return total, stats.cpu()
 
 

@@ -14,6 +14,7 @@ processes reproduce one, and a resumed run reproduce an uninterrupted one.
 
 from __future__ import annotations
 
+import inspect
 from contextlib import nullcontext
 from dataclasses import dataclass
 
@@ -38,6 +39,9 @@ SMALL_DECODE_ROWS = 16
 class Completions:
     ids: list[list[int]]  # generated tokens, up to and including the stop token
     finished: list[bool]  # False when the completion hit max_new_tokens (clipped)
+    # Each sampled token's log-probability under the sampler, when the backend reports it (vLLM);
+    # None from our decode loop, whose numbers are the trainer's own.
+    logprobs: list[list[float]] | None = None
 
 
 class SeededSampling(LogitsProcessor):
@@ -120,11 +124,15 @@ def _decode(model, ids: torch.Tensor, mask: torch.Tensor, *, max_new_tokens: int
     positions = (mask.cumsum(-1) - 1).clamp(min=0)
     stops = torch.tensor(stop_token_ids, dtype=torch.long, device=ids.device)
     stopped = torch.zeros(ids.shape[0], dtype=torch.bool, device=ids.device)
+    # transformers 5.20 renamed `past_key_values` to `cache`; an unknown keyword is swallowed
+    # silently, which would decode every step without its context.
+    # (Asked of the decoder module: under FSDP2 `decoder` is the root's registered forward method.)
+    cache_kwarg = "cache" if "cache" in inspect.signature(model.get_decoder().forward).parameters else "past_key_values"
     tokens = []
     inputs = ids
     for _ in range(max_new_tokens):
-        hidden = decoder(input_ids=inputs, attention_mask=mask, position_ids=positions, cache=cache,
-                         use_cache=True).last_hidden_state[:, -1]
+        hidden = decoder(input_ids=inputs, attention_mask=mask, position_ids=positions, use_cache=True,
+                         **{cache_kwarg: cache}).last_hidden_state[:, -1]
         logits = logits_of(hidden).float()
         token = pick(logits).masked_fill(stopped, pad_token_id)
         tokens.append(token)

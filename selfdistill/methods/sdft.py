@@ -16,6 +16,7 @@ from pathlib import Path
 import torch
 
 from selfdistill.distributed import is_sharded
+from selfdistill.importance import ImportanceSampling, ratio_summary
 from selfdistill.losses import STAT_NAMES, LossSettings, chunked_completion_loss, output_head
 from selfdistill.methods.base import Method, TrainItem, completion_hidden
 from selfdistill.rollout import generate
@@ -40,26 +41,44 @@ class SDFT(Method):
             kind=cfg.loss.kind, beta=cfg.loss.beta, top_k=cfg.loss.top_k, add_tail=cfg.loss.add_tail,
             chunk_size=cfg.loss.chunk_size,
         )
+        self._importance_ratios: list[torch.Tensor] = []
+        self._importance_reported: dict[str, float] = {}
+        if cfg.rollout.engine == "vllm":  # fail before training starts, with how to install it
+            from selfdistill.vllm_rollout import import_vllm
+
+            import_vllm()
 
     def rollouts(self, student_prompts: list[list[int]], teacher_prompts: list[list[int]], indices: list[int],
                  seeds: list[int], skip_first: int) -> tuple[list[TrainItem], dict]:
         """Sample the student's completions (num_rollouts per prompt) and pair them with the teacher prompts."""
         rollouts = self.cfg.rollout
         n = rollouts.num_rollouts
-        start = time.perf_counter()
-        completions = generate(
-            self.model, [p for p in student_prompts for _ in range(n)],
-            stop_token_ids=[] if rollouts.ignore_eos else self.stop_token_id,
-            pad_token_id=self.pad_token_id, max_new_tokens=rollouts.max_new_tokens, temperature=rollouts.temperature,
-            top_p=rollouts.top_p, seeds=seeds, batch_size=rollouts.batch_size, precision=self.precision,
-        )
+        prompts = [p for p in student_prompts for _ in range(n)]
+        stop = [] if rollouts.ignore_eos else [self.stop_token_id]
+        extra_stats = {}
+        if rollouts.engine == "vllm":
+            from selfdistill.vllm_rollout import vllm_rollouts
+
+            start = time.perf_counter()
+            completions, extra_stats["time_weight_sync"] = vllm_rollouts(self, prompts, stop, seeds)
+        else:
+            start = time.perf_counter()
+            completions = generate(
+                self.model, prompts, stop_token_ids=stop,
+                pad_token_id=self.pad_token_id, max_new_tokens=rollouts.max_new_tokens, temperature=rollouts.temperature,
+                top_p=rollouts.top_p, seeds=seeds, batch_size=rollouts.batch_size, precision=self.precision,
+            )
         items = [
             TrainItem(record_index=indices[k // n], prompt_ids=student_prompts[k // n], completion=ids,
-                      loss_start=skip_first, teacher_prompt_ids=teacher_prompts[k // n], finished=finished)
+                      loss_start=skip_first, teacher_prompt_ids=teacher_prompts[k // n], finished=finished,
+                      extra={} if completions.logprobs is None else {"sampler_logp": completions.logprobs[k]})
             for k, (ids, finished) in enumerate(zip(completions.ids, completions.finished))
         ]
+        self._importance_ratios = []  # this step's, across its micro-batches
+        self._importance_reported: dict[str, float] = {}
         stats = {
-            "time_rollout": time.perf_counter() - start,
+            **extra_stats,
+            "time_rollout": time.perf_counter() - start - extra_stats.get("time_weight_sync", 0.0),
             "completion_tokens": sum(len(i.completion) for i in items),
             "clipped": sum(not i.finished for i in items),
             "sequences": len(items),
@@ -81,13 +100,39 @@ class SDFT(Method):
             start = time.perf_counter()
             student_hidden, tokens = completion_hidden(self.model, items, False, self.pad_token_id, self.precision)
             weights = torch.ones(tokens.shape[0], device=student_hidden.device)
+            importance = self._importance_sampling(items)
             loss, sums = chunked_completion_loss(student_hidden, teacher_hidden, tokens, weights,
                                                  output_head(self.model), output_head(teacher_model),
-                                                 self.loss_settings)
+                                                 self.loss_settings, importance)
         stats = dict(zip(STAT_NAMES, sums.tolist()))
+        if importance is not None:
+            stats.update(self._importance_stats(importance))
         stats["time_teacher"] = teacher_time
         stats["time_student_forward"] = time.perf_counter() - start
         return loss, stats
+
+    def _importance_sampling(self, items: list[TrainItem]) -> ImportanceSampling | None:
+        """Truncated importance weights, when another engine sampled the items (never for our decode loop)."""
+        level = self.cfg.rollout.importance_sampling
+        if level == "off" or not items or any("sampler_logp" not in i.extra for i in items):
+            return None
+        sampler = [lp for i in items for lp in i.extra["sampler_logp"][i.loss_start:]]
+        sequence = [k for k, i in enumerate(items) for _ in range(i.loss_tokens)]
+        return ImportanceSampling(torch.tensor(sampler, dtype=torch.float32), torch.tensor(sequence),
+                                  cap=self.cfg.rollout.importance_cap, level=level)
+
+    def _importance_stats(self, importance: ImportanceSampling) -> dict[str, float]:
+        """The step's ratio statistics so far, as increments over what earlier micro-batches reported.
+
+        The loop adds up each stat over a step's micro-batches; reporting the change of the
+        step-wide mean/min/max makes that sum the step's value. (Across processes the loop sums
+        again, so with several processes these are per-process values added up.)
+        """
+        self._importance_ratios.extend(importance.ratios)
+        whole = ratio_summary(self._importance_ratios, importance.cap)
+        delta = {k: v - self._importance_reported.get(k, 0.0) for k, v in whole.items()}
+        self._importance_reported = whole
+        return delta
 
     def _teacher_hidden(self, teacher_model, items: list[TrainItem]) -> torch.Tensor:
         """The teacher's final hidden states at the items' loss positions (from the cache where allowed)."""

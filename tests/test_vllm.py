@@ -1,0 +1,191 @@
+"""rollout.engine=vllm: the in-process vLLM engine against our decode loop and the trainer.
+
+These run in the vLLM environment (`make test-vllm`, built by scripts/setup_vllm_env.sh) and are
+skipped where vLLM is not installed; the last test checks the error a user gets there instead.
+All comparisons are in fp32, where vLLM's numbers match the trainer's.
+"""
+
+import importlib.util
+import json
+import shutil
+
+import pytest
+import torch
+
+from selfdistill.config import load_config
+from selfdistill.errors import UserError
+from selfdistill.models.tiny import tiny_model, tiny_tokenizer
+
+HAS_VLLM = importlib.util.find_spec("vllm") is not None
+needs_vllm = pytest.mark.skipif(
+    not HAS_VLLM, reason="vLLM is not installed (scripts/setup_vllm_env.sh builds its environment)"
+)
+LONG = 300  # longer than 256 tokens: a prompt that spans several prefix-cache blocks
+
+
+def _model(seed=0, extra_words=()):
+    """A tiny Llama whose next-token distributions are peaked, so greedy choices are not near-ties.
+
+    Head size 64: vLLM's CPU attention supports a fixed set of head sizes (the test default, 16, is not one).
+    """
+    tok = tiny_tokenizer(list(extra_words))
+    model = tiny_model(tok, hidden_size=128, layers=2, heads=2, seed=seed)
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.dim() > 1:
+                p.mul_(20)
+    return model, tok
+
+
+def _prompts(tok, lengths=(5, 9, LONG), seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randint(6, len(tok), (n,), generator=g).tolist() for n in lengths]
+
+
+def _trainer_logprobs(model, prompt, completion):
+    with torch.no_grad():
+        logp = model(torch.tensor([prompt + completion])).logits.float().log_softmax(-1)[0]
+    return torch.tensor([float(logp[len(prompt) - 1 + j, t]) for j, t in enumerate(completion)])
+
+
+@pytest.fixture(scope="module")
+def engine():
+    from selfdistill.vllm_rollout import VLLMRollout
+
+    model, _ = _model()
+    return VLLMRollout(model, precision="fp32", max_model_len=512)
+
+
+@needs_vllm
+def test_greedy_tokens_equal_our_decode_loop(engine):
+    from selfdistill.rollout import generate
+
+    model, tok = _model()
+    engine.sync(model)
+    prompts = _prompts(tok)
+    stop = [tok.eos_token_id]
+    ours = generate(
+        model, prompts, stop_token_ids=stop, pad_token_id=tok.pad_token_id, max_new_tokens=12, temperature=0
+    )
+    theirs = engine.generate(prompts, stop_token_ids=stop, max_new_tokens=12, temperature=0)
+    assert theirs.ids == ours.ids
+    assert theirs.finished == ours.finished
+    assert any(len(c) > 1 for c in theirs.ids)
+    for prompt, completion, logprobs in zip(prompts, theirs.ids, theirs.logprobs):
+        torch.testing.assert_close(
+            torch.tensor(logprobs), _trainer_logprobs(model, prompt, completion), atol=1e-4, rtol=0
+        )
+
+
+@needs_vllm
+def test_logprobs_match_the_trainer_after_an_optimizer_step_and_a_sync(engine):
+    model, tok = _model()
+    engine.sync(model)
+    prompts = _prompts(tok, lengths=(LONG, 7), seed=1)
+    seeds = [11, 12]
+    before = engine.generate(prompts, stop_token_ids=[], max_new_tokens=8, temperature=1.0, seeds=seeds)
+    # One optimizer step that moves every weight noticeably.
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.5)
+    ids = torch.tensor([prompts[0][:40]])
+    model(ids, labels=ids).loss.backward()
+    optimizer.step()
+    seconds = engine.sync(model)
+    assert seconds >= 0
+    after = engine.generate(prompts, stop_token_ids=[], max_new_tokens=8, temperature=1.0, seeds=seeds)
+    for prompt, completion, logprobs in zip(prompts, after.ids, after.logprobs):
+        expected = _trainer_logprobs(model, prompt, completion)
+        torch.testing.assert_close(torch.tensor(logprobs), expected, atol=1e-4, rtol=0)
+    # The long prompt's cached prefix from the old weights was not reused: its numbers moved.
+    assert after.ids != before.ids or max(abs(a - b) for a, b in zip(after.logprobs[0], before.logprobs[0])) > 1e-2
+
+
+@needs_vllm
+def test_samples_do_not_depend_on_the_batch_in_fp32(engine):
+    model, tok = _model()
+    engine.sync(model)
+    prompts = _prompts(tok, lengths=(6, 12, 20), seed=2)
+    together = engine.generate(prompts, stop_token_ids=[], max_new_tokens=10, temperature=1.0, seeds=[1, 2, 3])
+    alone = engine.generate(prompts[1:2], stop_token_ids=[], max_new_tokens=10, temperature=1.0, seeds=[2])
+    assert alone.ids[0] == together.ids[1]
+    other_seed = engine.generate(prompts[1:2], stop_token_ids=[], max_new_tokens=10, temperature=1.0, seeds=[99])
+    assert other_seed.ids[0] != together.ids[1]
+
+
+@needs_vllm
+def test_lora_syncs_the_merged_weights(engine):
+    from selfdistill.models.lora import apply_lora
+
+    model, tok = _model()
+    lora = apply_lora(model, rank=4, alpha=8.0)
+    with torch.no_grad():
+        for name, p in lora.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0.0, 0.5)
+    engine.sync(lora)
+    prompts = _prompts(tok, lengths=(10,), seed=3)
+    out = engine.generate(prompts, stop_token_ids=[], max_new_tokens=6, temperature=1.0, seeds=[5])
+    torch.testing.assert_close(
+        torch.tensor(out.logprobs[0]), _trainer_logprobs(lora, prompts[0], out.ids[0]), atol=1e-4, rtol=0
+    )
+    plain, _ = _model()
+    assert (_trainer_logprobs(plain, prompts[0], out.ids[0]) - torch.tensor(out.logprobs[0])).abs().max() > 1e-2
+
+
+def _toy_config(tmp_path, **train):
+    return load_config(
+        overrides={
+            "model": {"precision": "fp32"},
+            "data": {"teacher_template": "plain", "max_prompt_tokens": 256},
+            "rollout": {"engine": "vllm", "max_new_tokens": 4},
+            "loss": {"skip_first_tokens": 0},
+            "train": {
+                "output_dir": str(tmp_path / "run"),
+                "batch_size": 4,
+                "micro_batch_size": 2,
+                "lr": 1e-3,
+                "warmup_ratio": 0.25,
+                "max_steps": 4,
+                **train,
+            },
+        }
+    )
+
+
+@needs_vllm
+def test_resume_with_vllm_rollouts_repeats_the_straight_run(tmp_path):
+    from toy import KEYS, VALUES, toy_records
+
+    from selfdistill.train import train
+
+    records = toy_records()
+    model, tok = _model(extra_words=KEYS + VALUES)
+    straight = train(_toy_config(tmp_path / "a"), records=records, model=model, tokenizer=tok, save_final=False)
+    assert all(m["time_weight_sync"] > 0 for m in straight.metrics)
+    assert all("importance_ratio_mean" in m for m in straight.metrics)
+    # fp32 sampler and trainer: the ratios are 1 up to rounding, so nothing is clipped.
+    for m in straight.metrics:
+        assert abs(m["importance_ratio_mean"] - 1.0) < 1e-3 and m["importance_clipped_fraction"] == 0.0
+
+    cfg = _toy_config(tmp_path / "b", save_every=2)
+    model, tok = _model(extra_words=KEYS + VALUES)
+    train(cfg, records=records, model=model, tokenizer=tok, save_final=False)
+    checkpoints = sorted((tmp_path / "b" / "run" / "checkpoints").iterdir())
+    shutil.rmtree(checkpoints[-1])  # as if the run had died after step 2
+    model, tok = _model(extra_words=KEYS + VALUES)
+    resumed = train(cfg, records=records, model=model, tokenizer=tok, resume=True, save_final=False)
+    assert [m["step"] for m in resumed.metrics] == [3, 4]
+    for name, value in straight.model.state_dict().items():
+        torch.testing.assert_close(resumed.model.state_dict()[name], value, atol=1e-6, rtol=1e-5)
+    lines = (tmp_path / "b" / "run" / "metrics.jsonl").read_text().splitlines()
+    resumed_losses = [json.loads(line)["loss"] for line in lines]
+    assert resumed_losses == pytest.approx([m["loss"] for m in straight.metrics], rel=1e-5)
+
+
+@pytest.mark.skipif(HAS_VLLM, reason="checks the message shown where vLLM is missing")
+def test_asking_for_vllm_without_it_says_how_to_install(tmp_path):
+    from selfdistill.methods.sdft import SDFT
+
+    model, tok = _model()
+    cfg = _toy_config(tmp_path)
+    with pytest.raises(UserError, match="setup_vllm_env.sh"):
+        SDFT(cfg, model, tok, None, tok.eos_token_id, tok.pad_token_id)
