@@ -5,14 +5,15 @@ from __future__ import annotations
 import json
 import statistics
 import subprocess
-import sys
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
 RESULTS = HERE / "results"
-FILLER = ("The expedition mapped the northern ridge, logged each sample in the notebook, and returned to camp "
-          "before dusk to compare notes with the other team. ")
+FILLER = (
+    "The expedition mapped the northern ridge, logged each sample in the notebook, and returned to camp "
+    "before dusk to compare notes with the other team. "
+)
 
 
 def fixed_records(num: int, length: int, tokenizer) -> list[dict]:
@@ -23,7 +24,11 @@ def fixed_records(num: int, length: int, tokenizer) -> list[dict]:
     """
     from importlib import resources
 
-    rows = [json.loads(l) for l in (resources.files("selfdistill") / "resources" / "demo.jsonl").read_text().splitlines() if l.strip()]
+    rows = [
+        json.loads(l)
+        for l in (resources.files("selfdistill") / "resources" / "demo.jsonl").read_text().splitlines()
+        if l.strip()
+    ]
     out = []
     for i in range(num):
         row = rows[i % len(rows)]

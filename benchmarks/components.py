@@ -22,7 +22,7 @@ def _alternate(sides: dict, reps: int) -> dict:
     names = list(sides)
     times = {n: [] for n in names}
     for rep in range(reps):
-        for name in names[rep % len(names):] + names[:rep % len(names)]:
+        for name in names[rep % len(names) :] + names[: rep % len(names)]:
             times[name].append(sides[name]())
     return times
 
@@ -49,22 +49,36 @@ def loss_suite(args) -> dict:
     def side(chunk, top_k, closed_form=True):
         def run():
             t0 = time.perf_counter()
-            loss, _ = chunked_completion_loss(student, teacher, tokens, weights, output_head(model), teacher_head,
-                                              LossSettings(chunk_size=chunk, top_k=top_k,
-                                                           closed_form_gradient=closed_form))
+            loss, _ = chunked_completion_loss(
+                student,
+                teacher,
+                tokens,
+                weights,
+                output_head(model),
+                teacher_head,
+                LossSettings(chunk_size=chunk, top_k=top_k, closed_form_gradient=closed_form),
+            )
             loss.backward()
             student.grad = None
             head.weight.grad = None
             return time.perf_counter() - t0
+
         return run
 
-    sides = {"full_chunk256": side(256, None), "full_chunk32": side(32, None), "full_chunk1024": side(1024, None),
-             "top20_chunk256": side(256, 20), "full_chunk256_autograd": side(256, None, closed_form=False)}
+    sides = {
+        "full_chunk256": side(256, None),
+        "full_chunk32": side(32, None),
+        "full_chunk1024": side(1024, None),
+        "top20_chunk256": side(256, 20),
+        "full_chunk256_autograd": side(256, None, closed_form=False),
+    }
     sides["full_chunk256"]()  # warm-up
     times = _alternate(sides, args.reps)
     base = median(times["full_chunk256"])
-    rows = [{"side": k, "reps": len(v), "positions": n, "s_loss_fwd_bwd": median(v), "time_ratio": median(v) / base}
-            for k, v in times.items()]
+    rows = [
+        {"side": k, "reps": len(v), "positions": n, "s_loss_fwd_bwd": median(v), "time_ratio": median(v) / base}
+        for k, v in times.items()
+    ]
     return {"suite": "loss", "baseline": "full_chunk256", "rows": rows, "times": times}
 
 
@@ -82,17 +96,30 @@ def precision_suite(args) -> dict:
     model, tokenizer = load_model("smollm2-135m", torch.float32)
     model.config.use_cache = False
     builder = PromptBuilder(tokenizer, "paper", None, 1024, 2048, "error", stop_token_id(model, tokenizer))
-    encoded = builder.encode_all([Record(prompt=r["prompt"], demonstration=r["demonstration"])
-                                  for r in fixed_records(args.prompts, args.length, tokenizer)])
-    items = [TrainItem(record_index=e.index, prompt_ids=e.student_ids, completion=e.demonstration_ids,
-                       teacher_prompt_ids=e.teacher_ids) for e in encoded]
+    encoded = builder.encode_all(
+        [
+            Record(prompt=r["prompt"], demonstration=r["demonstration"])
+            for r in fixed_records(args.prompts, args.length, tokenizer)
+        ]
+    )
+    items = [
+        TrainItem(
+            record_index=e.index,
+            prompt_ids=e.student_ids,
+            completion=e.demonstration_ids,
+            teacher_prompt_ids=e.teacher_ids,
+        )
+        for e in encoded
+    ]
     pad = tokenizer.pad_token_id
 
     def student(precision):
         model.train()
         t0 = time.perf_counter()
         hidden, tokens = completion_hidden(model, items, False, pad, precision)
-        loss, _ = chunked_token_loss(hidden, tokens, torch.ones(tokens.shape[0]), output_head(model), lambda lp: -lp, 256)
+        loss, _ = chunked_token_loss(
+            hidden, tokens, torch.ones(tokens.shape[0]), output_head(model), lambda lp: -lp, 256
+        )
         loss.backward()
         model.zero_grad(set_to_none=True)
         return time.perf_counter() - t0
@@ -105,12 +132,23 @@ def precision_suite(args) -> dict:
 
     def rollout(precision):
         t0 = time.perf_counter()
-        generate(model, [e.student_ids for e in encoded], stop_token_ids=[], pad_token_id=pad,
-                 max_new_tokens=args.length // 4, seeds=list(range(len(encoded))), precision=precision)
+        generate(
+            model,
+            [e.student_ids for e in encoded],
+            stop_token_ids=[],
+            pad_token_id=pad,
+            max_new_tokens=args.length // 4,
+            seeds=list(range(len(encoded))),
+            precision=precision,
+        )
         return time.perf_counter() - t0
 
     rows = []
-    for name, fn in (("student fwd+bwd", student), ("teacher fwd", teacher), (f"rollout {args.length // 4} tokens", rollout)):
+    for name, fn in (
+        ("student fwd+bwd", student),
+        ("teacher fwd", teacher),
+        (f"rollout {args.length // 4} tokens", rollout),
+    ):
         fn("fp32")
         times = _alternate({"fp32": lambda: fn("fp32"), "bf16_autocast": lambda: fn("bf16")}, args.reps)
         f32, b16 = median(times["fp32"]), median(times["bf16_autocast"])
@@ -133,15 +171,32 @@ def toy_learning(steps: int = 30) -> list[dict]:
         model, tok = copy_model(steps=150)
         before = greedy_accuracy(model, tok, records)
         with tempfile.TemporaryDirectory() as tmp:
-            cfg = load_config(overrides={
-                "model": {"precision": precision}, "data": {"teacher_template": "plain"},
-                "rollout": {"max_new_tokens": 3}, "loss": {"skip_first_tokens": 0},
-                "train": {"output_dir": tmp, "batch_size": 8, "micro_batch_size": 4, "lr": 3e-3, "warmup_ratio": 0.0,
-                          "max_steps": steps}})
+            cfg = load_config(
+                overrides={
+                    "model": {"precision": precision},
+                    "data": {"teacher_template": "plain"},
+                    "rollout": {"max_new_tokens": 3},
+                    "loss": {"skip_first_tokens": 0},
+                    "train": {
+                        "output_dir": tmp,
+                        "batch_size": 8,
+                        "micro_batch_size": 4,
+                        "lr": 3e-3,
+                        "warmup_ratio": 0.0,
+                        "max_steps": steps,
+                    },
+                }
+            )
             result = train(cfg, records=records, model=model, tokenizer=tok, save_final=False)
         losses = [m["loss"] for m in result.metrics]
-        out.append({"precision": precision, "accuracy_before": before,
-                    "accuracy_after": greedy_accuracy(result.model, tok, records),
-                    "loss_first5": sum(losses[:5]) / 5, "loss_last5": sum(losses[-5:]) / 5})
+        out.append(
+            {
+                "precision": precision,
+                "accuracy_before": before,
+                "accuracy_after": greedy_accuracy(result.model, tok, records),
+                "loss_first5": sum(losses[:5]) / 5,
+                "loss_last5": sum(losses[-5:]) / 5,
+            }
+        )
         print(out[-1], file=sys.stderr, flush=True)
     return out

@@ -30,8 +30,16 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
 
-SMOLLM2_135M = dict(hidden_size=576, intermediate_size=1536, num_hidden_layers=30, num_attention_heads=9,
-                    num_key_value_heads=3, vocab_size=49152, tie_word_embeddings=True, max_position_embeddings=2048)
+SMOLLM2_135M = dict(
+    hidden_size=576,
+    intermediate_size=1536,
+    num_hidden_layers=30,
+    num_attention_heads=9,
+    num_key_value_heads=3,
+    vocab_size=49152,
+    tie_word_embeddings=True,
+    max_position_embeddings=2048,
+)
 
 
 def _local_bytes(tensors) -> int:
@@ -53,38 +61,59 @@ def worker(out: Path, steps: int, prompts: int, length: int) -> None:
     torch.set_num_threads(1)
     words = [f"w{i}" for i in range(300)]
     tok = tiny_tokenizer(words)
-    config = LlamaConfig(**SMOLLM2_135M, pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id,
-                         bos_token_id=None)
+    config = LlamaConfig(
+        **SMOLLM2_135M, pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id, bos_token_id=None
+    )
     torch.manual_seed(0)
     model = LlamaForCausalLM(config)
-    records = [Record(prompt=" ".join(words[(i * 7 + j) % 300] for j in range(length)),
-                      demonstration=" ".join(words[(i * 11 + j) % 300] for j in range(length))) for i in range(64)]
+    records = [
+        Record(
+            prompt=" ".join(words[(i * 7 + j) % 300] for j in range(length)),
+            demonstration=" ".join(words[(i * 11 + j) % 300] for j in range(length)),
+        )
+        for i in range(64)
+    ]
     state = {}
 
     def measure(run, final_dir):
         params = list(run.model.parameters())
         trainable = [p for p in params if p.requires_grad]
-        optimizer_state = [v for s in run.optimizer.state.values() for v in s.values()
-                           if torch.is_tensor(v) and v.dim() > 0]
+        optimizer_state = [
+            v for s in run.optimizer.state.values() for v in s.values() if torch.is_tensor(v) and v.dim() > 0
+        ]
         teacher = run.method.teacher.module
-        state.update(weights=_local_bytes(params), gradients=_local_bytes(trainable),
-                     optimizer=_local_bytes(optimizer_state),
-                     teacher=_local_bytes(teacher.parameters()) if teacher is not None else 0)
+        state.update(
+            weights=_local_bytes(params),
+            gradients=_local_bytes(trainable),
+            optimizer=_local_bytes(optimizer_state),
+            teacher=_local_bytes(teacher.parameters()) if teacher is not None else 0,
+        )
 
     train_mod.on_train_end = measure
     with tempfile.TemporaryDirectory() as tmp:
-        cfg = load_config(overrides={
-            "model": {"precision": "fp32"}, "data": {"teacher_template": "plain"},
-            "rollout": {"max_new_tokens": length, "ignore_eos": True},
-            "loss": {"skip_first_tokens": 0},
-            "train": {"output_dir": tmp, "batch_size": prompts, "micro_batch_size": prompts, "max_steps": steps,
-                      "lr": 1e-5, "warmup_ratio": 0.0},
-        })
+        cfg = load_config(
+            overrides={
+                "model": {"precision": "fp32"},
+                "data": {"teacher_template": "plain"},
+                "rollout": {"max_new_tokens": length, "ignore_eos": True},
+                "loss": {"skip_first_tokens": 0},
+                "train": {
+                    "output_dir": tmp,
+                    "batch_size": prompts,
+                    "micro_batch_size": prompts,
+                    "max_steps": steps,
+                    "lr": 1e-5,
+                    "warmup_ratio": 0.0,
+                },
+            }
+        )
         result = train_mod.train(cfg, records=records, model=model, tokenizer=tok, save_final=False)
     rank = int(os.environ.get("RANK", "0"))
     row = {
-        "rank": rank, "world": int(os.environ.get("WORLD_SIZE", "0")),
-        "state_mb": sum(state.values()) / 2**20, **{f"{k}_mb": v / 2**20 for k, v in state.items()},
+        "rank": rank,
+        "world": int(os.environ.get("WORLD_SIZE", "0")),
+        "state_mb": sum(state.values()) / 2**20,
+        **{f"{k}_mb": v / 2**20 for k, v in state.items()},
         "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
         "s_step": statistics.median(m["time_step"] for m in result.metrics[1:] or result.metrics),
         "losses": [m["loss"] for m in result.metrics],
@@ -95,8 +124,17 @@ def worker(out: Path, steps: int, prompts: int, length: int) -> None:
 def launch(kind: str, args) -> list[dict]:
     out = Path(tempfile.mkdtemp(prefix=f"fsdp-{kind}-"))
     env = {**os.environ, "OMP_NUM_THREADS": "1", "SELFDISTILL_PROGRESS": "0", "PYTHONPATH": str(ROOT)}
-    command = [str(Path(__file__)), "--worker", str(out), "--steps", str(args.steps), "--prompts", str(args.prompts),
-               "--length", str(args.length)]
+    command = [
+        str(Path(__file__)),
+        "--worker",
+        str(out),
+        "--steps",
+        str(args.steps),
+        "--prompts",
+        str(args.prompts),
+        "--length",
+        str(args.length),
+    ]
     if kind == "plain":
         prefix = [sys.executable]
     else:
@@ -121,12 +159,25 @@ def main(argv=None) -> None:
     for kind in ("plain", "fsdp1", "fsdp2"):
         rows.extend(launch(kind, args))
         print(json.dumps(rows[-1]), flush=True)
-    result = {"suite": "fsdp", "command": " ".join(sys.argv), "rows": rows,
-              "load": Path("/proc/loadavg").read_text().strip(), "finished": time.strftime("%Y-%m-%d %H:%M:%S UTC",
-                                                                                           time.gmtime())}
+    result = {
+        "suite": "fsdp",
+        "command": " ".join(sys.argv),
+        "rows": rows,
+        "load": Path("/proc/loadavg").read_text().strip(),
+        "finished": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime()),
+    }
     (HERE / "results" / f"fsdp{args.tag}.json").write_text(json.dumps(result, indent=1))
-    columns = ["side", "rank", "state_mb", "weights_mb", "gradients_mb", "optimizer_mb", "teacher_mb", "peak_rss_mb",
-               "s_step"]
+    columns = [
+        "side",
+        "rank",
+        "state_mb",
+        "weights_mb",
+        "gradients_mb",
+        "optimizer_mb",
+        "teacher_mb",
+        "peak_rss_mb",
+        "s_step",
+    ]
     print(" | ".join(columns))
     for row in rows:
         print(" | ".join(f"{row[c]:.3g}" if isinstance(row[c], float) else str(row[c]) for c in columns))

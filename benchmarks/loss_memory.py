@@ -25,18 +25,29 @@ def measure(n: int, vocab: int, hidden: int, chunk: int, seed: int = 0) -> dict:
     tokens = torch.randint(0, vocab, (n,))
     weights = torch.ones(n)
     # Warm-up on two positions, so allocator and library start-up costs land in the baseline.
-    warm, _ = chunked_completion_loss(student[:2], teacher[:2], tokens[:2], weights[:2], head, teacher_head,
-                                      LossSettings(chunk_size=chunk))
+    warm, _ = chunked_completion_loss(
+        student[:2], teacher[:2], tokens[:2], weights[:2], head, teacher_head, LossSettings(chunk_size=chunk)
+    )
     warm.backward()
     head.weight.grad = None
     student.grad = None
     before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    loss, _ = chunked_completion_loss(student, teacher, tokens, weights, head, teacher_head, LossSettings(chunk_size=chunk))
+    loss, _ = chunked_completion_loss(
+        student, teacher, tokens, weights, head, teacher_head, LossSettings(chunk_size=chunk)
+    )
     loss.backward()
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    return {"n": n, "vocab": vocab, "hidden": hidden, "chunk": chunk, "baseline_mb": before, "peak_mb": peak,
-            "loss_rise_mb": peak - before, "full_logits_mb": n * vocab * 4 / 2**20,
-            "grad_finite": bool(torch.isfinite(student.grad).all())}
+    return {
+        "n": n,
+        "vocab": vocab,
+        "hidden": hidden,
+        "chunk": chunk,
+        "baseline_mb": before,
+        "peak_mb": peak,
+        "loss_rise_mb": peak - before,
+        "full_logits_mb": n * vocab * 4 / 2**20,
+        "grad_finite": bool(torch.isfinite(student.grad).all()),
+    }
 
 
 if __name__ == "__main__":

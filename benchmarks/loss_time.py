@@ -35,15 +35,21 @@ def main(positions: int, kind: str) -> dict:
         weights = torch.ones(positions)
         start = time.perf_counter()
         if kind == "kl":
-            loss, _ = chunked_completion_loss(hidden, teacher_hidden, tokens, weights, head, head,
-                                              LossSettings(chunk_size=256))
+            loss, _ = chunked_completion_loss(
+                hidden, teacher_hidden, tokens, weights, head, head, LossSettings(chunk_size=256)
+            )
         else:
             loss, _ = chunked_token_loss(hidden, tokens, weights, head, lambda lp: -lp, 256)
         loss.backward()
         times.append(time.perf_counter() - start)
         model.zero_grad(set_to_none=True)
-    return {"positions": positions, "kind": kind, "times": times, "median_after_warmup": sorted(times[1:])[1],
-            "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
+    return {
+        "positions": positions,
+        "kind": kind,
+        "times": times,
+        "median_after_warmup": sorted(times[1:])[1],
+        "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+    }
 
 
 if __name__ == "__main__":

@@ -13,7 +13,9 @@ def memory_suite() -> dict:
     rows = []
     for n in (128, 1024):
         for chunk, label in ((64, "chunked 64"), (n, "unchunked (chunk = N)")):
-            result = run_json([sys.executable, "-m", "benchmarks.loss_memory", str(n), "49152", "576", str(chunk)], env=env)
+            result = run_json(
+                [sys.executable, "-m", "benchmarks.loss_memory", str(n), "49152", "576", str(chunk)], env=env
+            )
             result["side"] = f"N={n}, {label}"
             rows.append(result)
             print(result, file=sys.stderr, flush=True)

@@ -9,11 +9,10 @@ over the measured student forward + backward time of an SFT step.
 
 from __future__ import annotations
 
-import os
 import sys
 import time
 
-from benchmarks.common import ROOT, median, run_json
+from benchmarks.common import median
 
 
 def matmul_peak(size: int = 2048, repeats: int = 10) -> float:
@@ -49,7 +48,6 @@ def mfu_suite(args) -> dict:
     import torch
 
     from benchmarks.common import fixed_records
-    from selfdistill.config import load_config
     from selfdistill.data import PromptBuilder
     from selfdistill.data.records import Record
     from selfdistill.losses import chunked_token_loss, output_head
@@ -60,10 +58,11 @@ def mfu_suite(args) -> dict:
     model, tokenizer = load_model("smollm2-135m", torch.float32)
     model.train()
     model.config.use_cache = False
-    cfg = load_config(None, {})
     builder = PromptBuilder(tokenizer, "paper", None, 1024, 2048, "error", stop_token_id(model, tokenizer))
-    records = [Record(prompt=r["prompt"], demonstration=r["demonstration"])
-               for r in fixed_records(args.prompts, args.length, tokenizer)]
+    records = [
+        Record(prompt=r["prompt"], demonstration=r["demonstration"])
+        for r in fixed_records(args.prompts, args.length, tokenizer)
+    ]
     encoded = builder.encode_all(records)
     items = [TrainItem(record_index=e.index, prompt_ids=e.student_ids, completion=e.demonstration_ids) for e in encoded]
     seq = [len(i.prompt_ids) + len(i.completion) for i in items]
@@ -74,7 +73,9 @@ def mfu_suite(args) -> dict:
     def student_pass() -> float:
         t0 = time.perf_counter()
         hidden, tokens = completion_hidden(model, items, False, tokenizer.pad_token_id, "fp32")
-        loss, _ = chunked_token_loss(hidden, tokens, torch.ones(tokens.shape[0]), output_head(model), lambda lp: -lp, 256)
+        loss, _ = chunked_token_loss(
+            hidden, tokens, torch.ones(tokens.shape[0]), output_head(model), lambda lp: -lp, 256
+        )
         loss.backward()
         model.zero_grad(set_to_none=True)
         return time.perf_counter() - t0
@@ -85,8 +86,16 @@ def mfu_suite(args) -> dict:
         peaks.append(matmul_peak())
         times.append(student_pass())
     peak, seconds = median(peaks), median(times)
-    row = {"side": "student fwd+bwd (SFT loss, fp32)", "sequences": len(items), "padded_len": max(seq),
-           "loss_positions": positions, "gflop": flops / 1e9, "seconds": seconds,
-           "achieved_gflops": flops / seconds / 1e9, "peak_matmul_gflops": peak / 1e9, "mfu": flops / seconds / peak}
+    row = {
+        "side": "student fwd+bwd (SFT loss, fp32)",
+        "sequences": len(items),
+        "padded_len": max(seq),
+        "loss_positions": positions,
+        "gflop": flops / 1e9,
+        "seconds": seconds,
+        "achieved_gflops": flops / seconds / 1e9,
+        "peak_matmul_gflops": peak / 1e9,
+        "mfu": flops / seconds / peak,
+    }
     print(row, file=sys.stderr)
     return {"suite": "mfu", "rows": [row], "peaks": peaks, "times": times}

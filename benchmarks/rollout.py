@@ -31,17 +31,27 @@ def rollout_suite(args) -> dict:
     times_all = {}
     for size in args.rollout_rows:
         records = fixed_records(size, 16, tokenizer)
-        prompts = [e.student_ids for e in builder.encode_all([Record(prompt=r["prompt"], demonstration=r["demonstration"])
-                                                              for r in records])]
+        prompts = [
+            e.student_ids
+            for e in builder.encode_all([Record(prompt=r["prompt"], demonstration=r["demonstration"]) for r in records])
+        ]
         seeds = [rollout.rollout_seed(0, i, 0) for i in range(size)]
         default_rows = rollout.SMALL_DECODE_ROWS
 
         def run(side: str):
             rollout.SMALL_DECODE_ROWS = 0 if side == "decode_loop_linear_head" else default_rows
             t0 = time.perf_counter()
-            out = rollout.generate(model, prompts, stop_token_ids=[stop], pad_token_id=tokenizer.pad_token_id,
-                                   max_new_tokens=args.length, temperature=1.0, seeds=seeds, batch_size=size,
-                                   use_hf_generate=side == "transformers_generate")
+            out = rollout.generate(
+                model,
+                prompts,
+                stop_token_ids=[stop],
+                pad_token_id=tokenizer.pad_token_id,
+                max_new_tokens=args.length,
+                temperature=1.0,
+                seeds=seeds,
+                batch_size=size,
+                use_hf_generate=side == "transformers_generate",
+            )
             seconds = time.perf_counter() - t0
             rollout.SMALL_DECODE_ROWS = default_rows
             return seconds, out
@@ -51,7 +61,7 @@ def rollout_suite(args) -> dict:
         times = {side: [] for side in sides}
         reference = None
         for rep in range(args.reps):
-            for side in sides[rep % 3:] + sides[:rep % 3]:
+            for side in sides[rep % 3 :] + sides[: rep % 3]:
                 seconds, out = run(side)
                 if reference is None:
                     reference = out.ids
@@ -61,10 +71,18 @@ def rollout_suite(args) -> dict:
         tokens = max(len(ids) for ids in reference)  # decode steps (the batch runs until its longest row stops)
         base = median(times["transformers_generate"])
         for side in sides:
-            rows.append({"side": side, "rows": size, "reps": len(times[side]), "decode_steps": tokens,
-                         "s_rollout": median(times[side]), "ms_per_step": 1000 * median(times[side]) / tokens,
-                         "ms_per_row_token": 1000 * median(times[side]) / tokens / size,
-                         "time_ratio": median(times[side]) / base})
+            rows.append(
+                {
+                    "side": side,
+                    "rows": size,
+                    "reps": len(times[side]),
+                    "decode_steps": tokens,
+                    "s_rollout": median(times[side]),
+                    "ms_per_step": 1000 * median(times[side]) / tokens,
+                    "ms_per_row_token": 1000 * median(times[side]) / tokens / size,
+                    "time_ratio": median(times[side]) / base,
+                }
+            )
         times_all[size] = times
         print(rows[-3:], file=sys.stderr, flush=True)
     return {"suite": "rollout", "baseline": "transformers_generate", "rows": rows, "times": times_all}

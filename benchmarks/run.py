@@ -21,7 +21,14 @@ from pathlib import Path
 
 from benchmarks.common import RESULTS, ROOT, median, run_json, table
 
-SPLIT = ["time_rollout", "time_weight_sync", "time_teacher", "time_student_forward", "time_student_backward", "time_teacher_update"]
+SPLIT = [
+    "time_rollout",
+    "time_weight_sync",
+    "time_teacher",
+    "time_student_forward",
+    "time_student_backward",
+    "time_teacher_update",
+]
 
 
 def _ours(spec: dict) -> dict:
@@ -73,15 +80,18 @@ def compare(name: str, sides: dict[str, tuple], reps: int, baseline: str) -> dic
     runs: dict[str, list[dict]] = {label: [] for label in sides}
     labels = list(sides)
     for rep in range(reps):
-        order = labels[rep % len(labels):] + labels[:rep % len(labels)]
+        order = labels[rep % len(labels) :] + labels[: rep % len(labels)]
         for label in order:
             runner, spec = sides[label]
             t0 = time.time()
             result = runner(spec)
             runs[label].append(result)
-            print(f"[{name}] rep {rep + 1}/{reps} {label}: "
-                  f"{summarize(result).get('s_per_step', result.get('error', '')[-300:])} ({time.time() - t0:.0f}s)",
-                  file=sys.stderr, flush=True)
+            print(
+                f"[{name}] rep {rep + 1}/{reps} {label}: "
+                f"{summarize(result).get('s_per_step', result.get('error', '')[-300:])} ({time.time() - t0:.0f}s)",
+                file=sys.stderr,
+                flush=True,
+            )
     rows = []
     for label in labels:
         summaries = [summarize(r) for r in runs[label] if "error" not in r]
@@ -107,8 +117,22 @@ def _save(result: dict, args) -> None:
     result["finished"] = time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime())
     path = RESULTS / f"{args.suite}{args.tag}.json"
     path.write_text(json.dumps(result, indent=1))
-    columns = ["side", "reps", "s_per_example", "examples_per_s", "tokens_per_s", "peak_rss_mb", "time_ratio",
-               "rss_ratio", "s_rollout", "s_weight_sync", "s_teacher", "s_student_forward", "s_student_backward", "s_teacher_update"]
+    columns = [
+        "side",
+        "reps",
+        "s_per_example",
+        "examples_per_s",
+        "tokens_per_s",
+        "peak_rss_mb",
+        "time_ratio",
+        "rss_ratio",
+        "s_rollout",
+        "s_weight_sync",
+        "s_teacher",
+        "s_student_forward",
+        "s_student_backward",
+        "s_teacher_update",
+    ]
     if result.get("rows"):
         present = [c for c in columns if any(c in r for r in result["rows"])]
         if args.suite in ("memory", "mfu", "teacher_mode", "loss", "precision", "rollout", "vllm_rollout"):
@@ -119,27 +143,56 @@ def _save(result: dict, args) -> None:
 
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("suite", choices=["sdft_vs_sft", "loss", "precision", "loss_train", "precision_train", "trl",
-                                          "teacher_mode", "memory", "mfu", "rollout", "sdft_vllm", "vllm_rollout"])
+    parser.add_argument(
+        "suite",
+        choices=[
+            "sdft_vs_sft",
+            "loss",
+            "precision",
+            "loss_train",
+            "precision_train",
+            "trl",
+            "teacher_mode",
+            "memory",
+            "mfu",
+            "rollout",
+            "sdft_vllm",
+            "vllm_rollout",
+        ],
+    )
     parser.add_argument("--reps", type=int, default=3)
     parser.add_argument("--steps", type=int, default=3, help="training steps per run (the first is warm-up)")
     parser.add_argument("--prompts", type=int, default=8, help="prompts per step (and per rollout batch)")
     parser.add_argument("--length", type=int, default=64, help="completion tokens")
-    parser.add_argument("--micro", type=int, default=None,
-                        help="sequences per forward/backward (default: all prompts of the step at once)")
-    parser.add_argument("--rollout-rows", type=int, nargs="+", default=[8, 32],
-                        help="rollout suite: batch sizes to time (all prompts in one batch)")
+    parser.add_argument(
+        "--micro",
+        type=int,
+        default=None,
+        help="sequences per forward/backward (default: all prompts of the step at once)",
+    )
+    parser.add_argument(
+        "--rollout-rows",
+        type=int,
+        nargs="+",
+        default=[8, 32],
+        help="rollout suite: batch sizes to time (all prompts in one batch)",
+    )
     parser.add_argument("--tag", default="", help="suffix of the results file name")
-    parser.add_argument("--no-checkpointing", dest="checkpointing", action="store_false",
-                        help="trl suite: both sides keep all activations (TRL's default recomputes them)")
+    parser.add_argument(
+        "--no-checkpointing",
+        dest="checkpointing",
+        action="store_false",
+        help="trl suite: both sides keep all activations (TRL's default recomputes them)",
+    )
     args = parser.parse_args(argv)
     base = {"steps": args.steps, "prompts": args.prompts, "length": args.length}
     if args.micro:
         base["micro"] = args.micro
     sdft = dict(base, method="sdft")
     if args.suite == "sdft_vs_sft":
-        result = compare("sdft_vs_sft", {"sft": (_ours, dict(base, method="sft")), "sdft": (_ours, sdft)},
-                         args.reps, "sft")
+        result = compare(
+            "sdft_vs_sft", {"sft": (_ours, dict(base, method="sft")), "sdft": (_ours, sdft)}, args.reps, "sft"
+        )
     elif args.suite == "loss":  # component timing (fast); loss_train: whole training runs
         from benchmarks.components import loss_suite
 
@@ -155,8 +208,12 @@ def main(argv=None) -> None:
         sides["top20_chunk256"] = (_ours, dict(sdft, chunk=256, top_k=20))
         result = compare("loss_train", sides, args.reps, "full_chunk256")
     elif args.suite == "precision_train":
-        result = compare("precision", {"fp32": (_ours, dict(sdft, precision="fp32")),
-                                       "bf16_autocast": (_ours, dict(sdft, precision="bf16"))}, args.reps, "fp32")
+        result = compare(
+            "precision",
+            {"fp32": (_ours, dict(sdft, precision="fp32")), "bf16_autocast": (_ours, dict(sdft, precision="bf16"))},
+            args.reps,
+            "fp32",
+        )
     elif args.suite == "teacher_mode":
         from benchmarks.teacher_mode import teacher_mode_suite
 
@@ -173,11 +230,17 @@ def main(argv=None) -> None:
         # All sides in the vLLM environment, so they share one transformers version.
         vllm = {"rollout": {"engine": "vllm", "vllm_precision": "fp32"}}
         vllm_bf16 = {"rollout": {"engine": "vllm", "vllm_precision": "bf16"}}
-        result = compare("sdft_vllm", {"sft": (_ours_vllm_env, dict(base, method="sft")),
-                                       "sdft_decode": (_ours_vllm_env, sdft),
-                                       "sdft_vllm_fp32": (_ours_vllm_env, dict(sdft, extra=vllm)),
-                                       "sdft_vllm_bf16": (_ours_vllm_env, dict(sdft, extra=vllm_bf16))},
-                         args.reps, "sft")
+        result = compare(
+            "sdft_vllm",
+            {
+                "sft": (_ours_vllm_env, dict(base, method="sft")),
+                "sdft_decode": (_ours_vllm_env, sdft),
+                "sdft_vllm_fp32": (_ours_vllm_env, dict(sdft, extra=vllm)),
+                "sdft_vllm_bf16": (_ours_vllm_env, dict(sdft, extra=vllm_bf16)),
+            },
+            args.reps,
+            "sft",
+        )
     elif args.suite == "vllm_rollout":
         from benchmarks.vllm_rollout import vllm_rollout_suite
 

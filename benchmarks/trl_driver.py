@@ -20,8 +20,10 @@ import time
 from pathlib import Path
 
 MODEL_DIR = Path.home() / ".cache" / "selfdistill" / "models" / "smollm2-135m"
-TEMPLATE = ("{prompt}\n\nThis is an example for a response to the question:\n{privileged_context}\n\n"
-            "Now answer with a response of your own.")
+TEMPLATE = (
+    "{prompt}\n\nThis is an example for a response to the question:\n{privileged_context}\n\n"
+    "Now answer with a response of your own."
+)
 
 
 def main(spec: dict) -> dict:
@@ -38,8 +40,9 @@ def main(spec: dict) -> dict:
     tokenizer = AutoTokenizer.from_pretrained(MODEL_DIR)
     model = AutoModelForCausalLM.from_pretrained(MODEL_DIR, dtype=torch.float32)
     rows = fixed_records(prompts * steps, length, tokenizer)
-    dataset = Dataset.from_list([{"prompt": [{"role": "user", "content": r["prompt"]}],
-                                  "privileged_context": r["demonstration"]} for r in rows])
+    dataset = Dataset.from_list(
+        [{"prompt": [{"role": "user", "content": r["prompt"]}], "privileged_context": r["demonstration"]} for r in rows]
+    )
 
     times: list[float] = []
 
@@ -52,29 +55,57 @@ def main(spec: dict) -> dict:
 
     with tempfile.TemporaryDirectory() as out:
         args = SDFTConfig(
-            output_dir=out, per_device_train_batch_size=prompts, gradient_accumulation_steps=1, max_steps=steps,
-            learning_rate=1e-5, lr_scheduler_type="cosine", warmup_steps=0, num_generations=1,
-            max_completion_length=length, generation_kwargs={"min_new_tokens": length}, temperature=1.0,
-            teacher_model_kind="ema", teacher_update_rate=0.01, teacher_sync_steps=1,
-            distillation_mode="full_logits", distillation_alpha=0.0, num_loss_tokens_to_skip=spec.get("skip_first", 0),
-            teacher_prompt_template=TEMPLATE, use_cpu=True, bf16=False, fp16=False, save_strategy="no",
-            logging_steps=1, report_to=[], seed=42, shuffle_dataset=False, dataloader_num_workers=0,
+            output_dir=out,
+            per_device_train_batch_size=prompts,
+            gradient_accumulation_steps=1,
+            max_steps=steps,
+            learning_rate=1e-5,
+            lr_scheduler_type="cosine",
+            warmup_steps=0,
+            num_generations=1,
+            max_completion_length=length,
+            generation_kwargs={"min_new_tokens": length},
+            temperature=1.0,
+            teacher_model_kind="ema",
+            teacher_update_rate=0.01,
+            teacher_sync_steps=1,
+            distillation_mode="full_logits",
+            distillation_alpha=0.0,
+            num_loss_tokens_to_skip=spec.get("skip_first", 0),
+            teacher_prompt_template=TEMPLATE,
+            use_cpu=True,
+            bf16=False,
+            fp16=False,
+            save_strategy="no",
+            logging_steps=1,
+            report_to=[],
+            seed=42,
+            shuffle_dataset=False,
+            dataloader_num_workers=0,
             disable_tqdm=True,
             # TRL's default is on; the spec says which, so that both sides recompute or neither does.
             gradient_checkpointing=spec.get("checkpointing", True),
         )
-        trainer = SDFTTrainer(model=model, args=args, train_dataset=dataset, processing_class=tokenizer,
-                              callbacks=[StepTimer()])
+        trainer = SDFTTrainer(
+            model=model, args=args, train_dataset=dataset, processing_class=tokenizer, callbacks=[StepTimer()]
+        )
         start = time.perf_counter()
         trainer.train()
         total = time.perf_counter() - start
     measured = times[1:] or times
     losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
     return {
-        "spec": spec, "per_step": {"time_step": measured, "loss_tokens": [prompts * (length - spec.get("skip_first", 0))] * len(measured),
-                                   "tokens_per_s": [prompts * length / t for t in measured]},
-        "losses": losses, "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
-        "total_s": total, "examples_per_step": prompts, "torch": torch.__version__,
+        "spec": spec,
+        "per_step": {
+            "time_step": measured,
+            "loss_tokens": [prompts * (length - spec.get("skip_first", 0))] * len(measured),
+            "tokens_per_s": [prompts * length / t for t in measured],
+        },
+        "losses": losses,
+        "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+        "total_s": total,
+        "examples_per_step": prompts,
+        "torch": torch.__version__,
     }
 
 

@@ -1,6 +1,6 @@
 """One side of a benchmark, in its own process: train a few steps of selfdistill and print a JSON line.
 
-    python -m benchmarks.worker '{"method": "sdft", "length": 64, ...}'
+python -m benchmarks.worker '{"method": "sdft", "length": 64, ...}'
 """
 
 from __future__ import annotations
@@ -18,30 +18,41 @@ def main(spec: dict) -> dict:
     import torch
 
     torch.set_num_threads(spec.get("threads", 2))
+    from benchmarks.common import fixed_records
     from selfdistill.config import load_config
     from selfdistill.data.records import Record
     from selfdistill.models import load_model
     from selfdistill.train import train
 
-    from benchmarks.common import fixed_records
-
     model, tokenizer = load_model("smollm2-135m", torch.float32)
     length, prompts = spec.get("length", 64), spec.get("prompts", 8)
     steps = spec.get("steps", 4)
-    records = [Record(prompt=r["prompt"], demonstration=r["demonstration"])
-               for r in fixed_records(prompts * steps, length, tokenizer)]
+    records = [
+        Record(prompt=r["prompt"], demonstration=r["demonstration"])
+        for r in fixed_records(prompts * steps, length, tokenizer)
+    ]
     with tempfile.TemporaryDirectory() as out:
         overrides = {
             "method": spec["method"],
             "model": {"precision": spec.get("precision", "fp32")},
             "data": {"teacher_template": spec.get("teacher_template", "paper")},
             "rollout": {"ignore_eos": True, "max_new_tokens": length, "batch_size": prompts},
-            "loss": {"top_k": spec.get("top_k"), "chunk_size": spec.get("chunk", 256),
-                     "skip_first_tokens": spec.get("skip_first", 0)},
+            "loss": {
+                "top_k": spec.get("top_k"),
+                "chunk_size": spec.get("chunk", 256),
+                "skip_first_tokens": spec.get("skip_first", 0),
+            },
             "teacher": {"kind": spec.get("teacher", "ema"), "ema_rate": 0.01},
-            "train": {"batch_size": prompts, "micro_batch_size": spec.get("micro", prompts), "max_steps": steps,
-                      "lr": 1e-5, "save_every": 0, "output_dir": out, "warmup_ratio": 0.0,
-                      "activation_checkpointing": spec.get("checkpointing", False)},
+            "train": {
+                "batch_size": prompts,
+                "micro_batch_size": spec.get("micro", prompts),
+                "max_steps": steps,
+                "lr": 1e-5,
+                "save_every": 0,
+                "output_dir": out,
+                "warmup_ratio": 0.0,
+                "activation_checkpointing": spec.get("checkpointing", False),
+            },
         }
         for key, value in spec.get("extra", {}).items():  # e.g. {"offline": {"loss": "divergence"}}
             overrides.setdefault(key, {}).update(value)
@@ -52,14 +63,31 @@ def main(spec: dict) -> dict:
         result = train(cfg, records=records, model=model, tokenizer=tokenizer, save_final=False)
         total = time.perf_counter() - start
     metrics = result.metrics[1:] or result.metrics  # the first step is warm-up
-    keys = ["time_step", "time_rollout", "time_weight_sync", "time_teacher", "time_student_forward", "time_student_backward",
-            "time_teacher_update", "loss_tokens", "tokens_per_s", "loss", "importance_ratio_mean", "importance_ratio_min",
-            "importance_ratio_max", "importance_clipped_fraction"]
+    keys = [
+        "time_step",
+        "time_rollout",
+        "time_weight_sync",
+        "time_teacher",
+        "time_student_forward",
+        "time_student_backward",
+        "time_teacher_update",
+        "loss_tokens",
+        "tokens_per_s",
+        "loss",
+        "importance_ratio_mean",
+        "importance_ratio_min",
+        "importance_ratio_max",
+        "importance_clipped_fraction",
+    ]
     per_step = {k: [m.get(k) for m in metrics] for k in keys}
     return {
-        "spec": spec, "per_step": per_step, "losses": [m["loss"] for m in result.metrics],
-        "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, "total_s": total,
-        "examples_per_step": prompts, "torch": torch.__version__,
+        "spec": spec,
+        "per_step": per_step,
+        "losses": [m["loss"] for m in result.metrics],
+        "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+        "total_s": total,
+        "examples_per_step": prompts,
+        "torch": torch.__version__,
     }
 
 

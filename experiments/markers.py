@@ -24,8 +24,7 @@ def marker_table(out: Path, task: str, markers: list[str]) -> str:
     rows = [("starting model", out / "start" / task / "start" / "eval" / task / "examples.jsonl")]
     for run in sorted((out / "runs" / task).glob("*")):
         rows += [(run.name, f) for f in sorted(run.glob(f"methods/*/seed-*/stage-1/eval/{task}/examples.jsonl"))]
-    lines = ["| job | outputs | " + " | ".join(f"`{m}`" for m in markers) + " |",
-             "|---|---|" + "---|" * len(markers)]
+    lines = ["| job | outputs | " + " | ".join(f"`{m}`" for m in markers) + " |", "|---|---|" + "---|" * len(markers)]
     for name, examples in rows:
         if examples.is_file():
             counts, total = count_markers(examples, markers)

@@ -72,8 +72,15 @@ def load_sweep(path: Path) -> dict:
 
 def job_config(sweep: dict, job: Job, run_dir: Path) -> dict:
     config = copy.deepcopy(sweep["compare"])
-    config.update({"stream": [job.task], "methods": [method_entry(job.variant)], "seeds": [job.seed], "output_dir": str(run_dir),
-                   "keep_stage_models": False})
+    config.update(
+        {
+            "stream": [job.task],
+            "methods": [method_entry(job.variant)],
+            "seeds": [job.seed],
+            "output_dir": str(run_dir),
+            "keep_stage_models": False,
+        }
+    )
     return config
 
 
@@ -86,6 +93,7 @@ def finished(out: Path, job: Job) -> bool:
 
 
 # --- stage 0 once per task -------------------------------------------------------------------
+
 
 def evaluate_start(config_path: str) -> None:
     """Entry point of the per-task stage-0 process (`--start CONFIG`)."""
@@ -100,6 +108,7 @@ def start_dir(out: Path, task: dict) -> Path:
 
 
 # --- running ---------------------------------------------------------------------------------
+
 
 def child_env(threads: int) -> dict:
     env = dict(os.environ)
@@ -119,8 +128,12 @@ def launch(out: Path, sweep: dict, job: Job, threads: int) -> subprocess.Popen:
     config = run_dir / "sweep-job.yaml"
     config.write_text(yaml.safe_dump(job_config(sweep, job, run_dir), sort_keys=False))
     log = open(run_dir / "log.txt", "a")
-    return subprocess.Popen([sys.executable, "-m", "selfdistill.cli", "compare", str(config)], stdout=log,
-                            stderr=subprocess.STDOUT, env=child_env(threads))
+    return subprocess.Popen(
+        [sys.executable, "-m", "selfdistill.cli", "compare", str(config)],
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        env=child_env(threads),
+    )
 
 
 def run_starts(out: Path, sweep: dict, workers: int, threads: int) -> None:
@@ -135,8 +148,17 @@ def run_starts(out: Path, sweep: dict, workers: int, threads: int) -> None:
         path = where / "sweep-start.yaml"
         path.write_text(yaml.safe_dump(config, sort_keys=False))
         log = open(where / "log.txt", "a")
-        procs.append((task["name"], subprocess.Popen([sys.executable, "-m", "experiments.sweep", "--start", str(path)],
-                                                     stdout=log, stderr=subprocess.STDOUT, env=child_env(threads))))
+        procs.append(
+            (
+                task["name"],
+                subprocess.Popen(
+                    [sys.executable, "-m", "experiments.sweep", "--start", str(path)],
+                    stdout=log,
+                    stderr=subprocess.STDOUT,
+                    env=child_env(threads),
+                ),
+            )
+        )
         while sum(p.poll() is None for _, p in procs) >= workers:
             time.sleep(0.5)
     for name, proc in procs:
@@ -145,8 +167,9 @@ def run_starts(out: Path, sweep: dict, workers: int, threads: int) -> None:
         print(f"stage 0 of {name} evaluated", flush=True)
 
 
-def run_jobs(out: Path, sweep: dict, jobs: list[Job], workers: int, threads: int, deadline: float | None,
-             started: float) -> list[Job]:
+def run_jobs(
+    out: Path, sweep: dict, jobs: list[Job], workers: int, threads: int, deadline: float | None, started: float
+) -> list[Job]:
     """Runs the jobs (skipping finished ones); returns those not started before the deadline."""
     queue = [j for j in jobs if not finished(out, j)]
     running: dict[str, tuple[Job, subprocess.Popen, float]] = {}
@@ -165,13 +188,18 @@ def run_jobs(out: Path, sweep: dict, jobs: list[Job], workers: int, threads: int
             if proc.returncode == 0:  # the trained weights are not needed for the table (540 MB each on the 135M model)
                 for final in run_dir_of(out, job).glob("methods/*/seed-*/stage-*/train/final"):
                     shutil.rmtree(final, ignore_errors=True)
-            status = "done" if proc.returncode == 0 else f"FAILED ({proc.returncode}, see {run_dir_of(out, job) / 'log.txt'})"
+            status = (
+                "done"
+                if proc.returncode == 0
+                else f"FAILED ({proc.returncode}, see {run_dir_of(out, job) / 'log.txt'})"
+            )
             print(f"[{time.time() - started:6.0f} s] {status} {job.name} in {time.time() - t0:.0f} s", flush=True)
             write_tables(out, sweep)
     return queue
 
 
 # --- results ---------------------------------------------------------------------------------
+
 
 def row_of(out: Path, job: Job) -> dict | None:
     path = run_dir_of(out, job) / "results.json"
@@ -181,16 +209,37 @@ def row_of(out: Path, job: Job) -> dict | None:
     entry = results["methods"][job.variant["name"]]["seeds"].get(str(job.seed))
     if not entry or not entry.get("complete"):
         return None
-    curve = [json.loads(line) for line in
-             (run_dir_of(out, job) / "methods" / job.variant["name"] / f"seed-{job.seed}" / "stage-1" / "train"
-              / "metrics.jsonl").read_text().splitlines() if line.strip()]
+    curve = [
+        json.loads(line)
+        for line in (
+            run_dir_of(out, job)
+            / "methods"
+            / job.variant["name"]
+            / f"seed-{job.seed}"
+            / "stage-1"
+            / "train"
+            / "metrics.jsonl"
+        )
+        .read_text()
+        .splitlines()
+        if line.strip()
+    ]
     return {
-        "task": job.task["name"], "variant": job.variant["name"], "method": job.variant.get("method", job.variant["name"]),
-        "seed": job.seed, "start_score": entry["R"][0][0], "score": entry["R"][1][0],
-        "prior_start": entry["prior"][0], "prior": entry["prior"][1], "prior_change": entry["prior_delta"][1],
-        "drift_kl": entry["drift_kl"][1], "drift_nll": entry["drift_nll"][1],
-        "train_time_s": entry["train_time_s"][0], "steps": len(curve),
-        "loss_first": curve[0]["loss"] if curve else None, "loss_last": curve[-1]["loss"] if curve else None,
+        "task": job.task["name"],
+        "variant": job.variant["name"],
+        "method": job.variant.get("method", job.variant["name"]),
+        "seed": job.seed,
+        "start_score": entry["R"][0][0],
+        "score": entry["R"][1][0],
+        "prior_start": entry["prior"][0],
+        "prior": entry["prior"][1],
+        "prior_change": entry["prior_delta"][1],
+        "drift_kl": entry["drift_kl"][1],
+        "drift_nll": entry["drift_nll"][1],
+        "train_time_s": entry["train_time_s"][0],
+        "steps": len(curve),
+        "loss_first": curve[0]["loss"] if curve else None,
+        "loss_last": curve[-1]["loss"] if curve else None,
         "completion_length_first": curve[0].get("completion_length") if curve else None,
         "completion_length_last": curve[-1].get("completion_length") if curve else None,
     }
@@ -198,8 +247,13 @@ def row_of(out: Path, job: Job) -> dict | None:
 
 def all_jobs(sweep: dict, seeds: list[int]) -> list[Job]:
     # Variant-major order: with a deadline, every task gets the most important variants first.
-    return [Job(task, variant, seed) for variant in sweep["variants"] for seed in seeds for task in sweep["tasks"]
-            if task["name"] in variant.get("tasks", [task["name"]])]
+    return [
+        Job(task, variant, seed)
+        for variant in sweep["variants"]
+        for seed in seeds
+        for task in sweep["tasks"]
+        if task["name"] in variant.get("tasks", [task["name"]])
+    ]
 
 
 def method_entry(variant: dict) -> dict:
@@ -263,20 +317,30 @@ def write_tables(out: Path, sweep: dict) -> None:
             writer.writeheader()
             writer.writerows(rows)
     by_name = {v["name"]: v for v in sweep["variants"]}
-    md = ["# Sweep results", "", "Scores are fractions of the task's evaluation items (greedy); prior change is the",
-          "change in the prior-capability probe score from the starting model; drift is KL(start || model) in",
-          "nats/token on general prompts. With several seeds: mean ± sample standard deviation.", ""]
+    md = [
+        "# Sweep results",
+        "",
+        "Scores are fractions of the task's evaluation items (greedy); prior change is the",
+        "change in the prior-capability probe score from the starting model; drift is KL(start || model) in",
+        "nats/token on general prompts. With several seeds: mean ± sample standard deviation.",
+        "",
+    ]
     for task in sweep["tasks"]:
         group = sorted((line for line in lines if line["task"] == task["name"]), key=lambda l: -(l["score"] or 0))
         if not group:
             continue
-        md += [f"## {task['name']} (starting model: score {group[0]['start_score']:.3f}, probes {group[0]['prior_start']:.3f})",
-               "", "| variant | method | seeds | new-task score | prior change | drift (nats) | train s | completion len | settings |",
-               "|---|---|---|---|---|---|---|---|---|"]
+        md += [
+            f"## {task['name']} (starting model: score {group[0]['start_score']:.3f}, probes {group[0]['prior_start']:.3f})",
+            "",
+            "| variant | method | seeds | new-task score | prior change | drift (nats) | train s | completion len | settings |",
+            "|---|---|---|---|---|---|---|---|---|",
+        ]
         for line in group:
-            md.append(f"| {line['variant']} | {line['method']} | {line['seeds']} | {line['score_text']} | "
-                      f"{line['prior_change_text']} | {line['drift_kl_text']} | {line['train_time_s_text']} | "
-                      f"{line['completion_length_last_text']} | {describe(by_name[line['variant']])} |")
+            md.append(
+                f"| {line['variant']} | {line['method']} | {line['seeds']} | {line['score_text']} | "
+                f"{line['prior_change_text']} | {line['drift_kl_text']} | {line['train_time_s_text']} | "
+                f"{line['completion_length_last_text']} | {describe(by_name[line['variant']])} |"
+            )
         md.append("")
     (out / "sweep.md").write_text("\n".join(md))
     plot(out, sweep, lines)
@@ -301,8 +365,13 @@ def plot(out: Path, sweep: dict, lines: list[dict]) -> None:
             methods = {l["method"] for l in group}
             colour = "tab:blue" if methods == {"sdft"} else "tab:orange" if "sdft" not in methods else "tab:purple"
             ax.scatter(score, change, color=colour, s=30)
-            ax.annotate(", ".join(l["variant"] for l in group), (score, change), fontsize=6,
-                        xytext=(4, -2), textcoords="offset points")
+            ax.annotate(
+                ", ".join(l["variant"] for l in group),
+                (score, change),
+                fontsize=6,
+                xytext=(4, -2),
+                textcoords="offset points",
+            )
         ax.set_xlim(-0.05, 1.05)  # scores are fractions: the same scale in every panel
         ax.axhline(0, color="grey", lw=0.5)
         ax.set_title(f"{name}: each point one setting (blue SDFT, orange other, purple both)", fontsize=9)
@@ -326,9 +395,15 @@ def finalist_jobs(out: Path, sweep: dict) -> list[Job]:
             continue
         sdft = [l for l in lines if l["task"] == task["name"] and l["method"] == "sdft"]
         sdft.sort(key=lambda l: (-(l["score"] or 0), -(l["prior_change"] or 0)))
-        names = list(dict.fromkeys(list(spec.get("include", [])) + [l["variant"] for l in sdft[: spec.get("per_task", 0)]]))
-        jobs += [Job(task, v, seed) for seed in spec.get("seeds", []) for v in sweep["variants"]
-                 if v["name"] in names and task["name"] in v.get("tasks", [task["name"]])]
+        names = list(
+            dict.fromkeys(list(spec.get("include", [])) + [l["variant"] for l in sdft[: spec.get("per_task", 0)]])
+        )
+        jobs += [
+            Job(task, v, seed)
+            for seed in spec.get("seeds", [])
+            for v in sweep["variants"]
+            if v["name"] in names and task["name"] in v.get("tasks", [task["name"]])
+        ]
     return jobs
 
 

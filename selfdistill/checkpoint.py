@@ -84,7 +84,7 @@ def checkpoint_dirs(output_dir: Path) -> list[Path]:
     if not root.is_dir():
         return []
     found = [p for p in root.iterdir() if _NAME.fullmatch(p.name) and p.is_dir() and (p / "state.json").is_file()]
-    return sorted(found, key=lambda p: int(p.name[len(PREFIX):]))
+    return sorted(found, key=lambda p: int(p.name[len(PREFIX) :]))
 
 
 def latest_checkpoint(output_dir: Path) -> Path | None:
@@ -115,8 +115,18 @@ def _tensor_file(path: Path, value) -> None:
     write_atomic(path, buffer.getvalue())
 
 
-def save_checkpoint(output_dir: Path, step: int, model, tokenizer, method, optimizer, scheduler, extra: dict,
-                    keep_last: int = 2, procs: Processes | None = None) -> Path:
+def save_checkpoint(
+    output_dir: Path,
+    step: int,
+    model,
+    tokenizer,
+    method,
+    optimizer,
+    scheduler,
+    extra: dict,
+    keep_last: int = 2,
+    procs: Processes | None = None,
+) -> Path:
     """Write the checkpoint of `step` (every process calls this under FSDP2), then prune old ones."""
     if not isinstance(step, int) or step < 0:
         raise ValueError(f"checkpoint step must be a non-negative int, got {step!r}")
@@ -232,7 +242,9 @@ def _load_whole(directory: Path, model, method) -> None:
     else:
         from transformers import AutoModelForCausalLM
 
-        saved = AutoModelForCausalLM.from_pretrained(directory, dtype=next(model.parameters()).dtype, use_safetensors=True)
+        saved = AutoModelForCausalLM.from_pretrained(
+            directory, dtype=next(model.parameters()).dtype, use_safetensors=True
+        )
         model.load_state_dict(saved.state_dict())
         del saved
     method.load_state(directory)

@@ -17,6 +17,7 @@ app = typer.Typer(
     add_completion=False,
 )
 
+
 @app.callback()
 def _root() -> None:
     """Train, evaluate and compare language models learning from demonstrations."""
@@ -24,11 +25,11 @@ def _root() -> None:
 
 # Sub-commands register themselves here (one import each; the modules define them).
 # (section: commands)
+from selfdistill.continual.cli import register as _register_continual  # noqa: E402
+from selfdistill.diagnose.cli import register as _register_diagnose  # noqa: E402
 from selfdistill.eval.cli import register as _register_eval  # noqa: E402
 from selfdistill.tasks.cli import register as _register_data  # noqa: E402
 from selfdistill.train_cli import register as _register_train  # noqa: E402
-from selfdistill.continual.cli import register as _register_continual  # noqa: E402
-from selfdistill.diagnose.cli import register as _register_diagnose  # noqa: E402
 
 _register_train(app)
 _register_eval(app)
@@ -54,8 +55,12 @@ def main() -> None:
         typer.secho(f"error: {exc}", fg=typer.colors.RED, err=True)
         sys.exit(exc.exit_code)
     except KeyboardInterrupt:  # Ctrl-C outside the training loop (inside it, the loop checkpoints and stops)
-        typer.secho("error: interrupted. Checkpoints and results already complete on disk are kept; "
-                    "a training run continues from its newest checkpoint with --resume.", fg=typer.colors.RED, err=True)
+        typer.secho(
+            "error: interrupted. Checkpoints and results already complete on disk are kept; "
+            "a training run continues from its newest checkpoint with --resume.",
+            fg=typer.colors.RED,
+            err=True,
+        )
         sys.exit(128 + signal.SIGINT)
 
 

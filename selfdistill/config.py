@@ -71,9 +71,14 @@ class ModelConfig(_Section):
     key: ClassVar[str] = "model"
 
     name: str = _f("smollm2-135m", "Hub id, local directory, .gguf file, or 'smollm2-135m' (embedded).")
-    precision: Precision = _f("auto", "auto (bf16 on GPUs, fp32 on CPUs), fp32, or bf16 (bf16 autocast over fp32 master weights).")
-    load_dtype: Precision = _f("auto", "Dtype the weights are loaded in: auto (fp32 for full fine-tuning, whose master "
-                               "weights stay fp32; bf16 for LoRA when computing in bf16), fp32, or bf16.")
+    precision: Precision = _f(
+        "auto", "auto (bf16 on GPUs, fp32 on CPUs), fp32, or bf16 (bf16 autocast over fp32 master weights)."
+    )
+    load_dtype: Precision = _f(
+        "auto",
+        "Dtype the weights are loaded in: auto (fp32 for full fine-tuning, whose master "
+        "weights stay fp32; bf16 for LoRA when computing in bf16), fp32, or bf16.",
+    )
     trust_remote_code: bool = _f(False, "Allow the model repository's own Python code to run.")
     lora: LoraConfig = field(default_factory=LoraConfig)
 
@@ -82,11 +87,15 @@ class ModelConfig(_Section):
 class DataConfig(_Section):
     key: ClassVar[str] = "data"
 
-    train: str | None = _f(None, "Training records: a .jsonl file, a saved HF dataset dir, 'hf:NAME', or 'builtin:demo'.")
+    train: str | None = _f(
+        None, "Training records: a .jsonl file, a saved HF dataset dir, 'hf:NAME', or 'builtin:demo'."
+    )
     split: str = _f("train", "Split to read from a Hugging Face dataset.")
     columns: dict = _f({}, "Column mapping, e.g. {prompt: instruction, demonstration: golden_response}.")
     system_prompt: str | None = _f(None, "System message prepended to prompts given as plain strings.")
-    teacher_template: str = _f("paper", "Teacher prompt: 'paper', 'plain', or a template with {question} and {demonstration}.")
+    teacher_template: str = _f(
+        "paper", "Teacher prompt: 'paper', 'plain', or a template with {question} and {demonstration}."
+    )
     max_prompt_tokens: int = _f(1024, "Longest student prompt, in tokens.")
     max_teacher_prompt_tokens: int = _f(2048, "Longest teacher prompt (question + demonstration), in tokens.")
     overlong: Overlong = _f("error", "What to do with a prompt over its limit: 'error' or 'skip' (counted and logged).")
@@ -103,9 +112,13 @@ class RolloutConfig(_Section):
     num_rollouts: int = _f(1, "Completions sampled per prompt.")
     batch_size: int = _f(16, "Prompts generated together in one batch.")
     ignore_eos: bool = _f(False, "Keep sampling past the end-of-turn token (fixed-length rollouts, for benchmarks).")
-    engine: RolloutEngine = _f("decode", "decode (our KV-cache loop, any device) or vllm (in-process vLLM engine; optional extra).")
+    engine: RolloutEngine = _f(
+        "decode", "decode (our KV-cache loop, any device) or vllm (in-process vLLM engine; optional extra)."
+    )
     vllm_precision: Precision = _f("auto", "vllm: the engine's precision: auto (as model.precision), fp32 or bf16.")
-    importance_sampling: ImportanceLevel = _f("sequence", "vllm: truncated importance weights per sequence, per token, or off.")
+    importance_sampling: ImportanceLevel = _f(
+        "sequence", "vllm: truncated importance weights per sequence, per token, or off."
+    )
     importance_cap: float = _f(2.0, "vllm: the importance weight's cap C: min(C, p_trainer / p_sampler).")
 
 
@@ -133,7 +146,10 @@ class TeacherConfig(_Section):
 class OfflineConfig(_Section):
     key: ClassVar[str] = "offline"
 
-    loss: OfflineLoss = _f("ce", "offline_distill: 'ce' (cross-entropy on the teacher's answers) or 'divergence' (match its distributions).")
+    loss: OfflineLoss = _f(
+        "ce",
+        "offline_distill: 'ce' (cross-entropy on the teacher's answers) or 'divergence' (match its distributions).",
+    )
 
 
 @dataclass
@@ -141,7 +157,9 @@ class ReinvokeConfig(_Section):
     key: ClassVar[str] = "reinvoke"
 
     steps: int = _f(10, "sft_reinvoke: optimizer steps of the second (recovery) phase.")
-    prompts: str | None = _f(None, "sft_reinvoke: general prompts (.jsonl with 'prompt'); default: the built-in probe prompts.")
+    prompts: str | None = _f(
+        None, "sft_reinvoke: general prompts (.jsonl with 'prompt'); default: the built-in probe prompts."
+    )
 
 
 @dataclass
@@ -160,12 +178,17 @@ class TrainConfig(_Section):
     output_dir: str = _f("runs/sdft", "Where checkpoints, metrics.jsonl and the final model go.")
     save_every: int = _f(0, "Save a checkpoint every N optimizer steps (0: only at the end).")
     keep_last: int = _f(2, "Checkpoints kept on disk.")
-    report_to: list[Reporter] = _f([], "Also log every step's metrics to: tensorboard (RUN/tensorboard/), wandb (RUN/wandb/; "
-                                   "WANDB_MODE=offline works without a network). metrics.jsonl is always written.")
+    report_to: list[Reporter] = _f(
+        [],
+        "Also log every step's metrics to: tensorboard (RUN/tensorboard/), wandb (RUN/wandb/; "
+        "WANDB_MODE=offline works without a network). metrics.jsonl is always written.",
+    )
     max_nonfinite_steps: int = _f(3, "Consecutive non-finite steps tolerated before the run stops.")
     activation_checkpointing: bool = _f(
-        False, "Recompute each layer's activations in the backward pass (gradient checkpointing): less "
-        "memory (the activations of one layer instead of all), one more student forward of compute.")
+        False,
+        "Recompute each layer's activations in the backward pass (gradient checkpointing): less "
+        "memory (the activations of one layer instead of all), one more student forward of compute.",
+    )
 
 
 @dataclass
@@ -207,8 +230,7 @@ def validate(cfg: Config) -> Config:
     _check(cfg.loss.chunk_size > 0, "loss.chunk_size", "must be > 0.")
     _check(0.0 <= cfg.teacher.ema_rate <= 1.0, "teacher.ema_rate", "must lie in [0, 1].")
     _check(cfg.train.lr > 0 and cfg.train.lr != float("inf"), "train.lr", "must be a finite number > 0.")
-    _check(cfg.train.batch_size > 0 and cfg.train.micro_batch_size > 0, "train.batch_size",
-           "batch sizes must be > 0.")
+    _check(cfg.train.batch_size > 0 and cfg.train.micro_batch_size > 0, "train.batch_size", "batch sizes must be > 0.")
     _check(cfg.train.epochs > 0, "train.epochs", "must be > 0.")
     _check(cfg.train.max_steps is None or cfg.train.max_steps > 0, "train.max_steps", "must be > 0 or null.")
     _check(0.0 <= cfg.train.warmup_ratio < 1.0, "train.warmup_ratio", "must lie in [0, 1).")
@@ -226,11 +248,17 @@ def validate(cfg: Config) -> Config:
     _check(cfg.rollout.importance_cap > 0, "rollout.importance_cap", "must be > 0.")
     _check(cfg.reinvoke.steps >= 0, "reinvoke.steps", "must be >= 0.")
     template = cfg.data.teacher_template
-    _check(template in ("paper", "plain") or ("{question}" in template and "{demonstration}" in template),
-           "data.teacher_template", f"{template!r} is neither 'paper' nor 'plain', and a template of your own must "
-           "contain both {question} and {demonstration}.")
-    _check(cfg.data.max_prompt_tokens > 0 and cfg.data.max_teacher_prompt_tokens > 0,
-           "data.max_prompt_tokens", "limits must be > 0.")
+    _check(
+        template in ("paper", "plain") or ("{question}" in template and "{demonstration}" in template),
+        "data.teacher_template",
+        f"{template!r} is neither 'paper' nor 'plain', and a template of your own must "
+        "contain both {question} and {demonstration}.",
+    )
+    _check(
+        cfg.data.max_prompt_tokens > 0 and cfg.data.max_teacher_prompt_tokens > 0,
+        "data.max_prompt_tokens",
+        "limits must be > 0.",
+    )
     return cfg
 
 
@@ -243,8 +271,9 @@ def _coerce(value: Any, annotation: Any, key: str) -> Any:
             close = difflib.get_close_matches(str(value), [str(a) for a in allowed], n=1)
             hint = f" (did you mean {close[0]!r}?)" if close else ""
             name = key.replace(".", " ")  # "unknown loss kind", "unknown method"
-            raise UserError(f"Config value {key}: unknown {name} {value!r}; choose one of "
-                            f"{', '.join(map(str, allowed))}.{hint}")
+            raise UserError(
+                f"Config value {key}: unknown {name} {value!r}; choose one of {', '.join(map(str, allowed))}.{hint}"
+            )
         return value
     args = [a for a in get_args(annotation) if a is not type(None)]
     if value is None:
@@ -286,7 +315,9 @@ def _coerce(value: Any, annotation: Any, key: str) -> Any:
                 raise ValueError(value)
             return value
     except (TypeError, ValueError):
-        raise UserError(f"Config value {key}: expected {getattr(annotation, '__name__', annotation)}, got {value!r}.") from None
+        raise UserError(
+            f"Config value {key}: expected {getattr(annotation, '__name__', annotation)}, got {value!r}."
+        ) from None
     return value
 
 
@@ -313,7 +344,11 @@ def check_keys(data: dict, names: list[str], prefix: str = "", unknown: str = "U
     for key in data:
         if key not in names:
             close = difflib.get_close_matches(str(key), names, n=1)
-            hint = f" Did you mean {prefix + close[0]!r}?" if close else f" Valid keys: {', '.join(prefix + n for n in names)}."
+            hint = (
+                f" Did you mean {prefix + close[0]!r}?"
+                if close
+                else f" Valid keys: {', '.join(prefix + n for n in names)}."
+            )
             raise UserError(f"{unknown} {prefix + str(key)!r}.{hint}")
 
 
@@ -372,8 +407,10 @@ def read_yaml(path: Path) -> Any:
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f" line {mark.line + 1}, column {mark.column + 1}" if mark else ""
-        raise UserError(f"Config file {path}{where}: invalid YAML ({getattr(exc, 'problem', exc)}). "
-                        "Fix the syntax there (indentation, brackets, quotes).") from None
+        raise UserError(
+            f"Config file {path}{where}: invalid YAML ({getattr(exc, 'problem', exc)}). "
+            "Fix the syntax there (indentation, brackets, quotes)."
+        ) from None
 
 
 def load_config(path: str | Path | None = None, overrides: list[str] | dict | None = None) -> Config:
@@ -383,8 +420,10 @@ def load_config(path: str | Path | None = None, overrides: list[str] | dict | No
         path = Path(path)
         data = read_yaml(path)
         if not isinstance(data, dict):
-            raise UserError(f"Config file {path}: the top level must be a mapping of sections "
-                            "(e.g. 'train:' with 'lr: 2e-5' indented below it).")
+            raise UserError(
+                f"Config file {path}: the top level must be a mapping of sections "
+                "(e.g. 'train:' with 'lr: 2e-5' indented below it)."
+            )
         try:
             build(Config, data)
         except UserError as exc:

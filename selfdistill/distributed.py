@@ -217,8 +217,9 @@ def load_sharded(directory: Path, model, optimizer, teacher_module, trainable_on
     state = _sharded_state(model, optimizer, teacher_module, trainable_only)
     dcp.load(state, checkpoint_id=str(directory))
     options = StateDictOptions(ignore_frozen_params=trainable_only, strict=not trainable_only)
-    set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optimizer"],
-                   options=options)
+    set_state_dict(
+        model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optimizer"], options=options
+    )
     if teacher_module is not None:
         teacher_module.load_state_dict(state["teacher"])
 
@@ -227,8 +228,9 @@ def _sharded_state(model, optimizer, teacher_module, trainable_only: bool) -> di
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict
 
     # LoRA: the frozen base weights never change, so only the adapter is stored.
-    model_state, optim_state = get_state_dict(model, optimizer,
-                                              options=StateDictOptions(ignore_frozen_params=trainable_only))
+    model_state, optim_state = get_state_dict(
+        model, optimizer, options=StateDictOptions(ignore_frozen_params=trainable_only)
+    )
     state = {"model": model_state, "optimizer": optim_state}
     if teacher_module is not None:
         state["teacher"] = teacher_module.state_dict()

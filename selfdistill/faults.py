@@ -20,7 +20,7 @@ from __future__ import annotations
 import errno
 import os
 import signal
-from typing import Callable
+from collections.abc import Callable
 
 ENV = "SELFDISTILL_FAULT"
 

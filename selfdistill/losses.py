@@ -15,8 +15,8 @@ Direction matters and is easy to get wrong (`F.kl_div(input, target)` is KL(targ
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 import torch
 
@@ -27,8 +27,9 @@ def _kl(logp: torch.Tensor, logq: torch.Tensor) -> torch.Tensor:
     return torch.where(p > 0, p * (logp - logq), torch.zeros_like(p)).sum(-1)
 
 
-def divergence_from_logprobs(student_logp: torch.Tensor, teacher_logp: torch.Tensor, kind: str = "forward_kl",
-                             beta: float = 0.5) -> torch.Tensor:
+def divergence_from_logprobs(
+    student_logp: torch.Tensor, teacher_logp: torch.Tensor, kind: str = "forward_kl", beta: float = 0.5
+) -> torch.Tensor:
     """The divergence between two normalised log-distributions over the last dimension."""
     if kind == "forward_kl":
         return _kl(teacher_logp, student_logp)
@@ -73,8 +74,15 @@ def _at_least_fp32(x: torch.Tensor) -> torch.Tensor:
     return x.to(torch.promote_types(x.dtype, torch.float32))
 
 
-def divergence(student_logits: torch.Tensor, teacher_logits: torch.Tensor, kind: str = "forward_kl", *,
-               beta: float = 0.5, top_k: int | None = None, add_tail: bool = False) -> torch.Tensor:
+def divergence(
+    student_logits: torch.Tensor,
+    teacher_logits: torch.Tensor,
+    kind: str = "forward_kl",
+    *,
+    beta: float = 0.5,
+    top_k: int | None = None,
+    add_tail: bool = False,
+) -> torch.Tensor:
     """Per-position divergence between teacher and student, summed over the vocabulary.
 
     Returns a tensor of shape `logits.shape[:-1]`. The teacher side should carry no gradient
@@ -175,12 +183,18 @@ class _GradientsInForward(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_total, grad_stats):
         grad_hidden, *grad_params = ctx.saved_tensors
-        return (None, None, None, grad_hidden * grad_total.to(grad_hidden.dtype),
-                *(g * grad_total.to(g.dtype) for g in grad_params))
+        return (
+            None,
+            None,
+            None,
+            grad_hidden * grad_total.to(grad_hidden.dtype),
+            *(g * grad_total.to(g.dtype) for g in grad_params),
+        )
 
 
-def _chunked(chunk_loss, hidden: torch.Tensor, head, chunk_size: int, num_stats: int,
-             chunks: list[slice] | None = None):
+def _chunked(
+    chunk_loss, hidden: torch.Tensor, head, chunk_size: int, num_stats: int, chunks: list[slice] | None = None
+):
     """(Σ chunk losses, Σ chunk stats) over chunks of `hidden`'s rows, differentiable in hidden and the head.
 
     `chunks` overrides the plain `chunk_size` cuts (importance sampling cuts at sequence ends).
@@ -202,8 +216,17 @@ def _chunked(chunk_loss, hidden: torch.Tensor, head, chunk_size: int, num_stats:
 STAT_NAMES = ("divergence", "teacher_minus_student_logp", "teacher_entropy")
 
 
-def _chunk_loss(student_hidden, teacher_hidden, tokens, weights, student_head, teacher_head, settings: LossSettings,
-                importance=None, part: slice | None = None):
+def _chunk_loss(
+    student_hidden,
+    teacher_hidden,
+    tokens,
+    weights,
+    student_head,
+    teacher_head,
+    settings: LossSettings,
+    importance=None,
+    part: slice | None = None,
+):
     student_logits = student_head(student_hidden)
     with torch.no_grad():
         teacher_logits = teacher_head(teacher_hidden).float()
@@ -228,8 +251,16 @@ def _chunk_loss(student_hidden, teacher_hidden, tokens, weights, student_head, t
     return (per_token * weights).sum(), stats
 
 
-def _forward_kl_chunk_closed_form(student_hidden, teacher_hidden, tokens, weights, student_head, teacher_head,
-                                  importance=None, part: slice | None = None):
+def _forward_kl_chunk_closed_form(
+    student_hidden,
+    teacher_hidden,
+    tokens,
+    weights,
+    student_head,
+    teacher_head,
+    importance=None,
+    part: slice | None = None,
+):
     """Forward KL(teacher ‖ student) of one chunk with its gradient in closed form: (loss, stats, grads).
 
     d/ds Σ_v p_T (log p_T − log_softmax(s)) = softmax(s) − p_T, so the gradient with respect to
@@ -247,8 +278,7 @@ def _forward_kl_chunk_closed_form(student_hidden, teacher_hidden, tokens, weight
         s_tok = student_logp.gather(-1, tokens[:, None]).squeeze(-1)
         t_tok = teacher_logp.gather(-1, tokens[:, None]).squeeze(-1)
         entropy = -(teacher_p * teacher_logp).sum(-1)
-        stats = torch.stack([(per_token * weights).sum(), ((t_tok - s_tok) * weights).sum(),
-                             (entropy * weights).sum()])
+        stats = torch.stack([(per_token * weights).sum(), ((t_tok - s_tok) * weights).sum(), (entropy * weights).sum()])
         if importance is not None:
             weights = weights * importance.weights(s_tok, part)
         grad_logits = (student_logp.exp_() - teacher_p).mul_(weights[:, None].float()).to(weight.dtype)
@@ -261,13 +291,25 @@ def _forward_kl_chunk_closed_form(student_hidden, teacher_hidden, tokens, weight
 def _closed_form_applies(settings: LossSettings, student_head) -> bool:
     params = _trainable_parameters(student_head)
     module = getattr(student_head, "module", None)
-    return (settings.closed_form_gradient and settings.kind == "forward_kl" and settings.top_k is None
-            and getattr(student_head, "plain_linear", False) and all(p is module.weight for p in params))
+    return (
+        settings.closed_form_gradient
+        and settings.kind == "forward_kl"
+        and settings.top_k is None
+        and getattr(student_head, "plain_linear", False)
+        and all(p is module.weight for p in params)
+    )
 
 
-def chunked_completion_loss(student_hidden: torch.Tensor, teacher_hidden: torch.Tensor, tokens: torch.Tensor,
-                            weights: torch.Tensor, student_head, teacher_head,
-                            settings: LossSettings, importance=None) -> tuple[torch.Tensor, torch.Tensor]:
+def chunked_completion_loss(
+    student_hidden: torch.Tensor,
+    teacher_hidden: torch.Tensor,
+    tokens: torch.Tensor,
+    weights: torch.Tensor,
+    student_head,
+    teacher_head,
+    settings: LossSettings,
+    importance=None,
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Σ_positions weight · divergence, from hidden states `[N, hidden]` at N completion positions.
 
     `tokens[n]` is the sampled token predicted at position n (used by the sampled estimator and
@@ -286,10 +328,27 @@ def chunked_completion_loss(student_hidden: torch.Tensor, teacher_hidden: torch.
 
     def chunk_loss(student_part: torch.Tensor, part: slice):
         if closed_form and torch.is_grad_enabled():  # without gradients the plain path does less
-            return _forward_kl_chunk_closed_form(student_part, teacher_hidden[part], tokens[part], weights[part],
-                                                 student_head, teacher_head, importance, part)
-        return _chunk_loss(student_part, teacher_hidden[part], tokens[part], weights[part], student_head, teacher_head,
-                           settings, importance, part)
+            return _forward_kl_chunk_closed_form(
+                student_part,
+                teacher_hidden[part],
+                tokens[part],
+                weights[part],
+                student_head,
+                teacher_head,
+                importance,
+                part,
+            )
+        return _chunk_loss(
+            student_part,
+            teacher_hidden[part],
+            tokens[part],
+            weights[part],
+            student_head,
+            teacher_head,
+            settings,
+            importance,
+            part,
+        )
 
     total, stats = _chunked(chunk_loss, student_hidden, student_head, settings.chunk_size, len(STAT_NAMES), chunks)
     return total, stats.cpu()
@@ -301,13 +360,20 @@ def _chunk_token_loss(hidden, tokens, weights, head, per_token_fn):
     return (per_token_fn(token_logp) * weights).sum(), (token_logp.detach() * weights).sum()
 
 
-def chunked_token_loss(hidden: torch.Tensor, tokens: torch.Tensor, weights: torch.Tensor, head,
-                       per_token_fn: Callable[[torch.Tensor], torch.Tensor], chunk_size: int = 256):
+def chunked_token_loss(
+    hidden: torch.Tensor,
+    tokens: torch.Tensor,
+    weights: torch.Tensor,
+    head,
+    per_token_fn: Callable[[torch.Tensor], torch.Tensor],
+    chunk_size: int = 256,
+):
     """Σ weight · per_token_fn(log p(token)) over positions, chunked like `chunked_completion_loss`.
 
     Returns (weighted loss sum, weighted sum of the tokens' log-probabilities). With
     `per_token_fn = lambda lp: -lp` this is the cross-entropy of supervised fine-tuning.
     """
+
     def chunk_loss(part_hidden: torch.Tensor, part: slice):
         return _chunk_token_loss(part_hidden, tokens[part], weights[part], head, per_token_fn)
 

@@ -107,8 +107,16 @@ def _logits_fn(model):
     return logits
 
 
-def _decode(model, ids: torch.Tensor, mask: torch.Tensor, *, max_new_tokens: int, stop_token_ids: list[int],
-            pad_token_id: int, pick) -> list[list[int]]:
+def _decode(
+    model,
+    ids: torch.Tensor,
+    mask: torch.Tensor,
+    *,
+    max_new_tokens: int,
+    stop_token_ids: list[int],
+    pad_token_id: int,
+    pick,
+) -> list[list[int]]:
     """Prefill once, then one token per step with a KV cache, until every row stopped or the budget ends.
 
     The same computation as `model.generate` for a decoder-only model (positions from the
@@ -131,8 +139,9 @@ def _decode(model, ids: torch.Tensor, mask: torch.Tensor, *, max_new_tokens: int
     tokens = []
     inputs = ids
     for _ in range(max_new_tokens):
-        hidden = decoder(input_ids=inputs, attention_mask=mask, position_ids=positions, use_cache=True,
-                         **{cache_kwarg: cache}).last_hidden_state[:, -1]
+        hidden = decoder(
+            input_ids=inputs, attention_mask=mask, position_ids=positions, use_cache=True, **{cache_kwarg: cache}
+        ).last_hidden_state[:, -1]
         logits = logits_of(hidden).float()
         token = pick(logits).masked_fill(stopped, pad_token_id)
         tokens.append(token)
@@ -155,10 +164,21 @@ def _uses_own_loop(model) -> bool:
 
 
 @torch.no_grad()
-def generate(model, prompts: list[list[int]], *, stop_token_ids: int | list[int], pad_token_id: int,
-             max_new_tokens: int, temperature: float = 1.0, top_p: float = 1.0, seeds: list[int] | None = None,
-             batch_size: int = 16, precision: str = "fp32", desc: str | None = None,
-             use_hf_generate: bool = False) -> Completions:
+def generate(
+    model,
+    prompts: list[list[int]],
+    *,
+    stop_token_ids: int | list[int],
+    pad_token_id: int,
+    max_new_tokens: int,
+    temperature: float = 1.0,
+    top_p: float = 1.0,
+    seeds: list[int] | None = None,
+    batch_size: int = 16,
+    precision: str = "fp32",
+    desc: str | None = None,
+    use_hf_generate: bool = False,
+) -> Completions:
     """Complete every prompt (token ids). temperature 0 is greedy; otherwise `seeds` gives one seed per prompt.
 
     No stop tokens (an empty list) means every completion runs to `max_new_tokens`.
@@ -174,7 +194,10 @@ def generate(model, prompts: list[list[int]], *, stop_token_ids: int | list[int]
     model.eval()
     own_loop = not use_hf_generate and _uses_own_loop(model)
     config = GenerationConfig(
-        do_sample=False, max_new_tokens=max_new_tokens, eos_token_id=stop_token_ids or None, pad_token_id=pad_token_id,
+        do_sample=False,
+        max_new_tokens=max_new_tokens,
+        eos_token_id=stop_token_ids or None,
+        pad_token_id=pad_token_id,
         use_cache=True,
     )
     # Longest prompts first, so each batch holds prompts of similar length (less padding).
@@ -184,10 +207,23 @@ def generate(model, prompts: list[list[int]], *, stop_token_ids: int | list[int]
     bar = progress_bar(total=len(prompts), desc=desc) if desc else None
     with full_weights(model):  # under FSDP2: gathered once here, no collectives while decoding
         for start in range(0, len(order), batch_size):
-            _generate_batch(model, order[start:start + batch_size], prompts,
-                            out_ids, finished, device=device, own_loop=own_loop, config=config, seeds=seeds,
-                            temperature=temperature, top_p=top_p, precision=precision,
-                            max_new_tokens=max_new_tokens, stop_token_ids=stop_token_ids, pad_token_id=pad_token_id)
+            _generate_batch(
+                model,
+                order[start : start + batch_size],
+                prompts,
+                out_ids,
+                finished,
+                device=device,
+                own_loop=own_loop,
+                config=config,
+                seeds=seeds,
+                temperature=temperature,
+                top_p=top_p,
+                precision=precision,
+                max_new_tokens=max_new_tokens,
+                stop_token_ids=stop_token_ids,
+                pad_token_id=pad_token_id,
+            )
             if bar:
                 bar.update(min(batch_size, len(order) - start))
     if bar:
@@ -196,8 +232,24 @@ def generate(model, prompts: list[list[int]], *, stop_token_ids: int | list[int]
     return Completions(ids=out_ids, finished=finished)
 
 
-def _generate_batch(model, batch, prompts, out_ids, finished, *, device, own_loop, config, seeds, temperature, top_p,
-                    precision, max_new_tokens, stop_token_ids, pad_token_id) -> None:
+def _generate_batch(
+    model,
+    batch,
+    prompts,
+    out_ids,
+    finished,
+    *,
+    device,
+    own_loop,
+    config,
+    seeds,
+    temperature,
+    top_p,
+    precision,
+    max_new_tokens,
+    stop_token_ids,
+    pad_token_id,
+) -> None:
     """Complete the prompts at indices `batch`, writing into `out_ids` / `finished`."""
     ids, mask = pad_batch([prompts[i] for i in batch], pad_token_id, side="left")
     ids, mask = ids.to(device), mask.to(device)
@@ -205,14 +257,23 @@ def _generate_batch(model, batch, prompts, out_ids, finished, *, device, own_loo
     with autocast_context(device, precision):
         if own_loop:
             pick = (lambda logits: sampler(None, logits).argmax(-1)) if sampler else (lambda logits: logits.argmax(-1))
-            new = _decode(model, ids, mask, max_new_tokens=max_new_tokens, stop_token_ids=stop_token_ids,
-                          pad_token_id=pad_token_id, pick=pick)
+            new = _decode(
+                model,
+                ids,
+                mask,
+                max_new_tokens=max_new_tokens,
+                stop_token_ids=stop_token_ids,
+                pad_token_id=pad_token_id,
+                pick=pick,
+            )
         else:
             generated = model.generate(
-                input_ids=ids, attention_mask=mask, generation_config=config,
+                input_ids=ids,
+                attention_mask=mask,
+                generation_config=config,
                 logits_processor=LogitsProcessorList([sampler] if sampler else []),
             )
-            new = generated[:, ids.shape[1]:].tolist()
+            new = generated[:, ids.shape[1] :].tolist()
     for row, i in zip(new, batch):
         cut = next((j for j, tok in enumerate(row) if tok in stop_token_ids), None)
         out_ids[i] = row if cut is None else row[: cut + 1]

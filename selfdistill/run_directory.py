@@ -19,7 +19,9 @@ from selfdistill.files import write_atomic
 def _fingerprint(cfg: Config) -> dict:
     """What identifies a run: an output directory holding a different run is not reused silently."""
     data = cfg.to_dict()
-    data["train"] = {k: v for k, v in data["train"].items() if k not in ("output_dir", "save_every", "keep_last", "report_to")}
+    data["train"] = {
+        k: v for k, v in data["train"].items() if k not in ("output_dir", "save_every", "keep_last", "report_to")
+    }
     return data
 
 
@@ -43,7 +45,9 @@ def check_output_dir(cfg: Config, resume: bool, overwrite: bool) -> Path:
                 "Choose another train.output_dir, or pass --overwrite to replace it."
             )
         if not resume and latest_checkpoint(out) is not None:
-            raise UserError(f"{out} already holds checkpoints of this run. Pass --resume to continue it, or --overwrite to start again.")
+            raise UserError(
+                f"{out} already holds checkpoints of this run. Pass --resume to continue it, or --overwrite to start again."
+            )
     return out
 
 
@@ -62,7 +66,9 @@ def prepare_output_dir(cfg: Config, resume: bool, overwrite: bool) -> Path:
                 elif target.exists():
                     target.unlink()
         out.mkdir(parents=True, exist_ok=True)
-        write_atomic(out / "run.json", json.dumps({"config": _fingerprint(cfg), "full_config": cfg.to_dict()}, indent=2))
+        write_atomic(
+            out / "run.json", json.dumps({"config": _fingerprint(cfg), "full_config": cfg.to_dict()}, indent=2)
+        )
     return out
 
 
@@ -79,7 +85,9 @@ class writing:
         if kind is None or not issubclass(kind, OSError):
             return False
         last = latest_checkpoint(self.out) if self.out.is_dir() else None
-        kept = f"The last complete checkpoint, {last}, is intact" if last else "No checkpoint of this run was written yet"
+        kept = (
+            f"The last complete checkpoint, {last}, is intact" if last else "No checkpoint of this run was written yet"
+        )
         raise RunFailed(
             f"Could not write {self.what} in {self.out}: {exc.strerror or exc}"
             f"{' (' + exc.filename + ')' if getattr(exc, 'filename', None) else ''}. {kept}; "

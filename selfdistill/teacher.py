@@ -44,7 +44,7 @@ def _lora_layers(student):
 def _plain_name(peft_name: str) -> str:
     """PEFT module name -> the same module's name in the unwrapped model."""
     prefix = "base_model.model."
-    return peft_name[len(prefix):] if peft_name.startswith(prefix) else peft_name
+    return peft_name[len(prefix) :] if peft_name.startswith(prefix) else peft_name
 
 
 class Teacher:

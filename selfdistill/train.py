@@ -98,8 +98,16 @@ class TrainingRun:
         return self.out / "metrics.jsonl"
 
 
-def train(cfg: Config, *, records: list[Record] | None = None, model=None, tokenizer=None, resume: bool = False,
-          overwrite: bool = False, save_final: bool = True) -> TrainResult:
+def train(
+    cfg: Config,
+    *,
+    records: list[Record] | None = None,
+    model=None,
+    tokenizer=None,
+    resume: bool = False,
+    overwrite: bool = False,
+    save_final: bool = True,
+) -> TrainResult:
     """Train `cfg.method` on the records (or `cfg.data.train`). Pass `model`/`tokenizer` to train in memory.
 
     Every input is read and checked (data, output directory, model, prompts) before anything is
@@ -112,8 +120,14 @@ def train(cfg: Config, *, records: list[Record] | None = None, model=None, token
         run.tracker.close()
     barrier(run.procs)
     on_train_end(run, final_dir)
-    return TrainResult(output_dir=run.out, steps=run.steps, final_dir=final_dir, metrics=run.history,
-                       model=run.model, tokenizer=run.tokenizer)
+    return TrainResult(
+        output_dir=run.out,
+        steps=run.steps,
+        final_dir=final_dir,
+        metrics=run.history,
+        model=run.model,
+        tokenizer=run.tokenizer,
+    )
 
 
 def _run_steps(run: TrainingRun, save_final: bool) -> Path | None:
@@ -132,8 +146,11 @@ def _run_steps(run: TrainingRun, save_final: bool) -> Path | None:
             if stopping:
                 _close_bar(run)
                 name = stop.requested or "SIGTERM"  # (sent to another process)
-                raise RunStopped(f"Stopped by {name} after step {done}; checkpoint written. "
-                                 "Run the same command with --resume to continue.", signal.Signals[name])
+                raise RunStopped(
+                    f"Stopped by {name} after step {done}; checkpoint written. "
+                    "Run the same command with --resume to continue.",
+                    signal.Signals[name],
+                )
         _close_bar(run)
         if run.start_step < run.steps or latest_checkpoint(run.out) is None:
             save_checkpoint_now(run, run.steps)
@@ -152,18 +169,27 @@ def setup(cfg: Config, records, model, tokenizer, resume: bool, overwrite: bool)
     set_seed(cfg.train.seed)  # Python, NumPy, torch and CUDA generators
     if records is None:  # read the data first: a bad file should not wait for a model load
         if not cfg.data.train:
-            raise UserError("No training data: set data.train (a .jsonl file, a dataset directory, hf:NAME or builtin:NAME).")
+            raise UserError(
+                "No training data: set data.train (a .jsonl file, a dataset directory, hf:NAME or builtin:NAME)."
+            )
         records = load_records(cfg.data.train, cfg.data.columns, cfg.data.split)
     if cfg.train.batch_size < procs.world:
-        raise UserError(f"train.batch_size {cfg.train.batch_size} is smaller than the number of processes "
-                        f"({procs.world}): every process needs at least one prompt per step.")
+        raise UserError(
+            f"train.batch_size {cfg.train.batch_size} is smaller than the number of processes "
+            f"({procs.world}): every process needs at least one prompt per step."
+        )
     require_backends(cfg.train.report_to)  # a missing tracking package is bad input: before any write
     out = check_output_dir(cfg, resume, overwrite)
     model, tokenizer = _build_model(cfg, procs, model, tokenizer)
     stop_id = stop_token_id(model, tokenizer)
     builder = PromptBuilder(
-        tokenizer, cfg.data.teacher_template, cfg.data.system_prompt, cfg.data.max_prompt_tokens,
-        cfg.data.max_teacher_prompt_tokens, cfg.data.overlong, stop_id,
+        tokenizer,
+        cfg.data.teacher_template,
+        cfg.data.system_prompt,
+        cfg.data.max_prompt_tokens,
+        cfg.data.max_teacher_prompt_tokens,
+        cfg.data.overlong,
+        stop_id,
     )
     encoded = builder.encode_all(records)
     method = get_method(cfg.method)(cfg, model, tokenizer, builder, stop_id, tokenizer.pad_token_id, records)
@@ -239,7 +265,9 @@ def _prepare_outputs(run: TrainingRun, resume: bool, overwrite: bool) -> None:
         prepare_output_dir(run.cfg, resume, overwrite)
         if run.metrics_path.exists():
             with writing(run.out, "metrics.jsonl"):
-                write_jsonl(run.metrics_path, [r for r in read_metrics(run.metrics_path) if r["step"] <= run.start_step])
+                write_jsonl(
+                    run.metrics_path, [r for r in read_metrics(run.metrics_path) if r["step"] <= run.start_step]
+                )
     barrier(run.procs)
 
 
@@ -270,7 +298,7 @@ def train_step(run: TrainingRun, step: int) -> dict:
     cfg, procs = run.cfg, run.procs
     started = time.perf_counter()
     done = step + 1
-    positions = list(range(step * cfg.train.batch_size, done * cfg.train.batch_size))[procs.rank::procs.world]
+    positions = list(range(step * cfg.train.batch_size, done * cfg.train.batch_size))[procs.rank :: procs.world]
     mine = [run.examples[data_order(len(run.examples), cfg.train.seed, p)] for p in positions]
     seeds = [rollout_seed(cfg.train.seed, p, r) for p in positions for r in range(cfg.rollout.num_rollouts)]
     items, build_stats = run.method.build_items(mine, seeds, step)
@@ -283,8 +311,18 @@ def train_step(run: TrainingRun, step: int) -> dict:
     loss_total, summed = totals[0], dict(zip(keys, totals[1:]))
     finite = math.isfinite(loss_total) and math.isfinite(grad_norm)
     update_time = _apply_update(run, finite, done)
-    record = _step_metrics(done, loss_total, global_tokens, summed, run.scheduler, grad_norm,
-                           time.perf_counter() - started, backward_time, update_time, finite)
+    record = _step_metrics(
+        done,
+        loss_total,
+        global_tokens,
+        summed,
+        run.scheduler,
+        grad_norm,
+        time.perf_counter() - started,
+        backward_time,
+        update_time,
+        finite,
+    )
     record["nonfinite_steps"] = run.nonfinite["total"]
     return record
 
@@ -297,7 +335,7 @@ def _accumulate_gradients(run: TrainingRun, items: list, global_tokens: float, d
     items. A process with fewer micro-batches repeats its last one with weight 0 (no gradient).
     """
     micro = run.cfg.train.micro_batch_size
-    batches = [items[s:s + micro] for s in range(0, len(items), micro)]
+    batches = [items[s : s + micro] for s in range(0, len(items), micro)]
     rounds = max_across(run.procs, len(batches))
     loss_sum, loss_stats, backward_time = 0.0, {}, 0.0
     for k in range(rounds):
@@ -341,8 +379,12 @@ def _apply_update(run: TrainingRun, finite: bool, done: int) -> float:
     else:  # the weights, the optimizer's moments and the teacher stay as they were
         run.nonfinite["in_row"] += 1
         run.nonfinite["total"] += 1
-        log.warning("step %d: non-finite loss or gradient; step skipped, teacher not updated "
-                    "(%d in a row, %d in this run)", done, run.nonfinite["in_row"], run.nonfinite["total"])
+        log.warning(
+            "step %d: non-finite loss or gradient; step skipped, teacher not updated (%d in a row, %d in this run)",
+            done,
+            run.nonfinite["in_row"],
+            run.nonfinite["total"],
+        )
     run.scheduler.step()
     run.optimizer.zero_grad(set_to_none=True)
     return update_time
@@ -431,8 +473,18 @@ def save_checkpoint_now(run: TrainingRun, done: int) -> None:
     """A checkpoint of step `done` (every process takes part under torchrun)."""
     extra = {"total_steps": run.steps, "method": run.cfg.method, "nonfinite": dict(run.nonfinite)}
     with writing(run.out, f"the checkpoint of step {done}"):
-        save_checkpoint(run.out, done, run.model, run.tokenizer, run.method, run.optimizer, run.scheduler, extra,
-                        run.cfg.train.keep_last, run.procs)
+        save_checkpoint(
+            run.out,
+            done,
+            run.model,
+            run.tokenizer,
+            run.method,
+            run.optimizer,
+            run.scheduler,
+            extra,
+            run.cfg.train.keep_last,
+            run.procs,
+        )
 
 
 def save_final_model(run: TrainingRun) -> Path | None:
@@ -477,8 +529,11 @@ class _StopFlag:
         def handler(signum, frame):
             name = signal.Signals(signum).name
             if self.requested is not None:
-                raise RunStopped(f"Stopped at once by a second signal ({name}); the newest complete checkpoint "
-                                 "is kept. Run the same command with --resume to continue from it.", signum)
+                raise RunStopped(
+                    f"Stopped at once by a second signal ({name}); the newest complete checkpoint "
+                    "is kept. Run the same command with --resume to continue from it.",
+                    signum,
+                )
             self.requested = name
 
         for sig in (signal.SIGINT, signal.SIGTERM):

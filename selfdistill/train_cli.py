@@ -25,22 +25,34 @@ def register(app: typer.Typer) -> None:
         set_: list[str] = typer.Option([], "--set", "-s", help="Override a setting: section.key=value (repeatable)."),
         method: Optional[str] = typer.Option(None, help="Training method (see the list below)."),
         model: Optional[str] = typer.Option(None, help="Model: hub id, directory, .gguf file or 'smollm2-135m'."),
-        data: Optional[str] = typer.Option(None, help="Training records: .jsonl, dataset dir, hf:NAME or builtin:demo."),
+        data: Optional[str] = typer.Option(
+            None, help="Training records: .jsonl, dataset dir, hf:NAME or builtin:demo."
+        ),
         output_dir: Optional[str] = typer.Option(None, "--output-dir", "-o", help="Run directory."),
         max_steps: Optional[int] = typer.Option(None, help="Stop after this many optimizer steps."),
         lr: Optional[float] = typer.Option(None, help="Peak learning rate."),
         batch_size: Optional[int] = typer.Option(None, help="Prompts per optimizer step."),
-        resume: bool = typer.Option(False, "--resume", help="Continue from the newest checkpoint in the run directory."),
-        overwrite: bool = typer.Option(False, "--overwrite", help="Replace a different run already in the run directory."),
+        resume: bool = typer.Option(
+            False, "--resume", help="Continue from the newest checkpoint in the run directory."
+        ),
+        overwrite: bool = typer.Option(
+            False, "--overwrite", help="Replace a different run already in the run directory."
+        ),
     ) -> None:
         """Train a model on demonstrations (SDFT by default) and save an HF-compatible checkpoint.
 
         Under `torchrun --nproc_per_node N` the N processes train one model sharded with FSDP2.
         """
         overrides = list(set_)
-        for key, value in (("method", method), ("model.name", model), ("data.train", data),
-                           ("train.output_dir", output_dir), ("train.max_steps", max_steps), ("train.lr", lr),
-                           ("train.batch_size", batch_size)):
+        for key, value in (
+            ("method", method),
+            ("model.name", model),
+            ("data.train", data),
+            ("train.output_dir", output_dir),
+            ("train.max_steps", max_steps),
+            ("train.lr", lr),
+            ("train.batch_size", batch_size),
+        ):
             if value is not None:
                 overrides.append(f"{key}={value}")
         cfg = load_config(config, overrides)

@@ -23,8 +23,17 @@ from toy import KEYS, VALUES, toy_records  # noqa: E402
 from selfdistill.config import load_config  # noqa: E402
 from selfdistill.models.tiny import tiny_model, tiny_tokenizer  # noqa: E402
 
-COLLECTIVES = ("all_gather_single", "reduce_scatter_single", "all_reduce", "all_gather_into_tensor",
-               "reduce_scatter_tensor", "all_gather", "broadcast", "barrier", "all_to_all_single")
+COLLECTIVES = (
+    "all_gather_single",
+    "reduce_scatter_single",
+    "all_reduce",
+    "all_gather_into_tensor",
+    "reduce_scatter_tensor",
+    "all_gather",
+    "broadcast",
+    "barrier",
+    "all_to_all_single",
+)
 calls: dict[str, int] = {}
 
 
@@ -59,16 +68,29 @@ def train_mode(out: Path, settings: dict) -> None:
         "model": {"precision": "fp32", "lora": {"enabled": settings.get("lora", False), "rank": 4, "alpha": 8.0}},
         "rollout": {"max_new_tokens": 4},
         "teacher": {"kind": settings.get("teacher", "ema"), "ema_rate": 0.1},
-        "loss": {"skip_first_tokens": settings.get("skip_first_tokens", 1), "chunk_size": settings.get("chunk_size", 3)},
-        "train": {"output_dir": str(out), "batch_size": 8, "micro_batch_size": 3,
-                  "max_steps": settings.get("max_steps", 3), "lr": settings.get("lr", 1e-3),
-                  "save_every": settings.get("save_every", 0),
-                  "activation_checkpointing": settings.get("activation_checkpointing", False)},
+        "loss": {
+            "skip_first_tokens": settings.get("skip_first_tokens", 1),
+            "chunk_size": settings.get("chunk_size", 3),
+        },
+        "train": {
+            "output_dir": str(out),
+            "batch_size": 8,
+            "micro_batch_size": 3,
+            "max_steps": settings.get("max_steps", 3),
+            "lr": settings.get("lr", 1e-3),
+            "save_every": settings.get("save_every", 0),
+            "activation_checkpointing": settings.get("activation_checkpointing", False),
+        },
     }
     if settings.get("count_collectives"):
         count_collectives()
-    result = train(load_config(overrides=overrides), records=toy_records(), model=model, tokenizer=tok,
-                   resume=settings.get("resume", False))
+    result = train(
+        load_config(overrides=overrides),
+        records=toy_records(),
+        model=model,
+        tokenizer=tok,
+        resume=settings.get("resume", False),
+    )
     counts = gathered_objects(calls)
     method_teacher = LAST_RUN.get("teacher")
     if method_teacher is not None:
@@ -79,10 +101,16 @@ def train_mode(out: Path, settings: dict) -> None:
             from safetensors.torch import save_file
 
             save_file({k: v.contiguous() for k, v in state.items()}, str(out / "teacher_final.safetensors"))
-        (out / "world.json").write_text(json.dumps({
-            "world_size": world, "losses": [m["loss"] for m in result.metrics],
-            "steps": [m["step"] for m in result.metrics], "collectives": counts,
-        }))
+        (out / "world.json").write_text(
+            json.dumps(
+                {
+                    "world_size": world,
+                    "losses": [m["loss"] for m in result.metrics],
+                    "steps": [m["step"] for m in result.metrics],
+                    "collectives": counts,
+                }
+            )
+        )
 
 
 LAST_RUN: dict = {}  # the teacher module of the run just finished, kept by the hook below
@@ -112,17 +140,28 @@ def rollout_mode(out: Path, settings: dict) -> None:
     if procs.sharded:
         model = shard_model(model, procs, "fp32")
     ids = tok.convert_tokens_to_ids(KEYS + VALUES)
-    prompts = [[ids[(3 * i + j) % len(ids)] for j in range(2 + i % 5)] for i in range(9)]  # 5 and 4 prompts: ranks decode different numbers of batches
+    prompts = [
+        [ids[(3 * i + j) % len(ids)] for j in range(2 + i % 5)] for i in range(9)
+    ]  # 5 and 4 prompts: ranks decode different numbers of batches
     mine = list(range(procs.rank, len(prompts), procs.world))
-    result = generate(model, [prompts[i] for i in mine], stop_token_ids=ids[:6], pad_token_id=tok.pad_token_id,
-                      max_new_tokens=8, temperature=1.0, seeds=[100 + i for i in mine], batch_size=2)
+    result = generate(
+        model,
+        [prompts[i] for i in mine],
+        stop_token_ids=ids[:6],
+        pad_token_id=tok.pad_token_id,
+        max_new_tokens=8,
+        temperature=1.0,
+        seeds=[100 + i for i in mine],
+        batch_size=2,
+    )
     shares = gathered_objects({i: row for i, row in zip(mine, result.ids)})
     if procs.is_main:
         merged = {}
         for share in shares:
             merged.update(share)
-        (out / "world.json").write_text(json.dumps({"world_size": procs.world,
-                                                    "tokens": [merged[i] for i in range(len(prompts))]}))
+        (out / "world.json").write_text(
+            json.dumps({"world_size": procs.world, "tokens": [merged[i] for i in range(len(prompts))]})
+        )
 
 
 def gathered_objects(value) -> list:

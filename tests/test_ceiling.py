@@ -16,7 +16,9 @@ def exact(output, record):
 
 
 def test_score_uses_answer_field_and_best_alternative():
-    record = Record(prompt="Who?", demonstration="Ada Byron.", answer="Ada Byron", meta={"answers": ["Ada Byron", "Byron"]})
+    record = Record(
+        prompt="Who?", demonstration="Ada Byron.", answer="Ada Byron", meta={"answers": ["Ada Byron", "Byron"]}
+    )
     contains = lambda out, rec: float(rec["answer"] in out)  # noqa: E731
     assert score("It was Byron.", record, Metric("strict", "contains"), contains) == 0.0
     assert score("It was Byron.", record, Metric("lenient", "contains", "answers"), contains) == 1.0
@@ -32,8 +34,16 @@ def make_tiny(records):
 def test_measure_reports_student_and_each_template():
     records = [Record(prompt=f"what is {w} ?", demonstration=w, answer=w) for w in ["red", "blue", "green"]]
     model, tok = make_tiny(records)
-    results = measure(model, tok, records, (Metric("accuracy", "exact"),), templates=("paper", "plain"),
-                      max_new_tokens=4, precision="fp32", grader_lookup={"exact": exact}.get)
+    results = measure(
+        model,
+        tok,
+        records,
+        (Metric("accuracy", "exact"),),
+        templates=("paper", "plain"),
+        max_new_tokens=4,
+        precision="fp32",
+        grader_lookup={"exact": exact}.get,
+    )
     assert [r.prompt for r in results] == ["student", "teacher:paper", "teacher:plain"]
     for r in results:
         assert len(r.outputs) == 3 and 0.0 <= r.scores["accuracy"] <= 1.0
@@ -58,7 +68,16 @@ def test_demonstration_loglik_matches_a_direct_computation():
 def test_custom_templates_are_named_by_position():
     records = [Record(prompt="what is red ?", demonstration="red", answer="red")]
     model, tok = make_tiny(records)
-    results = measure(model, tok, records, (Metric("accuracy", "exact"),), templates=("plain", "{question} is {demonstration}"),
-                      max_new_tokens=2, precision="fp32", loglik=False, grader_lookup={"exact": exact}.get)
+    results = measure(
+        model,
+        tok,
+        records,
+        (Metric("accuracy", "exact"),),
+        templates=("plain", "{question} is {demonstration}"),
+        max_new_tokens=2,
+        precision="fp32",
+        loglik=False,
+        grader_lookup={"exact": exact}.get,
+    )
     assert [r.prompt for r in results] == ["student", "teacher:plain", "teacher:custom2"]
     assert results[2].loglik is None and "| teacher:custom2 |" in table(results)

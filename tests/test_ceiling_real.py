@@ -16,8 +16,16 @@ def test_embedded_model_copies_facts_from_the_demonstration():
     model, tok = load_model("smollm2-135m")
     records = make_task("knowledge", 0, 40).eval[:6]
     contains = lambda out, rec: float(str(rec["answer"]).lower() in out.lower())  # noqa: E731 - stand-in for the eval grader
-    student, teacher = measure(model, tok, records, get_task("knowledge").metrics, templates=("plain",), max_new_tokens=24,
-                               stop_token_ids=[stop_token_id(model, tok)], grader_lookup=lambda name: contains)
+    student, teacher = measure(
+        model,
+        tok,
+        records,
+        get_task("knowledge").metrics,
+        templates=("plain",),
+        max_new_tokens=24,
+        stop_token_ids=[stop_token_id(model, tok)],
+        grader_lookup=lambda name: contains,
+    )
     # fictional facts: unknown without the demonstration, copied with it
     assert student.scores["strict"] <= 1 / 6
     assert teacher.scores["strict"] >= 4 / 6

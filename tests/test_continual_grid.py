@@ -17,10 +17,17 @@ MINIMAL = {"stream": [{"task": "knowledge", "size": 8}]}
 
 
 def test_a_grid_expands_into_one_labelled_method_per_point():
-    cfg = parse_config({**MINIMAL, "grid": {"train.lr": ["1e-4", 2.0e-4]},
-                        "methods": [{"name": "sdft", "method": "sdft", "overrides": {"teacher": {"kind": "frozen"}}},
-                                    {"name": "sft", "method": "sft", "grid": {"train": {"lr": [3.0e-5]}}},
-                                    {"name": "plain", "method": "sft", "grid": {}}]})
+    cfg = parse_config(
+        {
+            **MINIMAL,
+            "grid": {"train.lr": ["1e-4", 2.0e-4]},
+            "methods": [
+                {"name": "sdft", "method": "sdft", "overrides": {"teacher": {"kind": "frozen"}}},
+                {"name": "sft", "method": "sft", "grid": {"train": {"lr": [3.0e-5]}}},
+                {"name": "plain", "method": "sft", "grid": {}},
+            ],
+        }
+    )
     names = [m.name for m in cfg.methods]
     assert names == ["sdft@lr=1e-4", "sdft@lr=2e-4", "sft@lr=3e-5", "plain"]
     first = cfg.methods[0]
@@ -34,19 +41,28 @@ def test_a_grid_expands_into_one_labelled_method_per_point():
 
 
 def test_several_keys_give_every_combination_with_readable_labels():
-    cfg = parse_config({**MINIMAL, "methods": [{"name": "sdft", "method": "sdft",
-                                                "grid": {"train.lr": [1.0e-4, 5.0e-5], "teacher.ema_rate": [0.05]}}]})
+    cfg = parse_config(
+        {
+            **MINIMAL,
+            "methods": [
+                {"name": "sdft", "method": "sdft", "grid": {"train.lr": [1.0e-4, 5.0e-5], "teacher.ema_rate": [0.05]}}
+            ],
+        }
+    )
     assert [m.name for m in cfg.methods] == ["sdft@lr=1e-4,ema_rate=0.05", "sdft@lr=5e-5,ema_rate=0.05"]
     assert format_value(2.5e-4) == "2.5e-4" and format_value(0.05) == "0.05" and format_value(True) == "true"
 
 
-@pytest.mark.parametrize("grid, message", [
-    ({"lr": [1.0e-4]}, "must name a config section and setting"),
-    ({"train.lr": 1.0e-4}, "expected a non-empty list"),
-    ({"train.lr": []}, "expected a non-empty list"),
-    ({"train.lr": [1.0e-4, 1.0e-4]}, "repeated values"),
-    ({"train.nonsense": [1]}, "nonsense"),
-])
+@pytest.mark.parametrize(
+    "grid, message",
+    [
+        ({"lr": [1.0e-4]}, "must name a config section and setting"),
+        ({"train.lr": 1.0e-4}, "expected a non-empty list"),
+        ({"train.lr": []}, "expected a non-empty list"),
+        ({"train.lr": [1.0e-4, 1.0e-4]}, "repeated values"),
+        ({"train.nonsense": [1]}, "nonsense"),
+    ],
+)
 def test_bad_grids_are_rejected_naming_the_field(grid, message):
     with pytest.raises(UserError, match=message) as info:
         parse_config({**MINIMAL, "methods": [{"name": "sft", "method": "sft", "grid": grid}]})
@@ -54,9 +70,11 @@ def test_bad_grids_are_rejected_naming_the_field(grid, message):
 
 
 def test_grid_results_keep_the_value_and_a_half_finished_grid_resumes(tmp_path):
-    path, config = write_stream(tmp_path, grid={"train.lr": [1.0e-3, 3.0e-3]},
-                                methods=[{"name": "sdft", "method": "sdft", "overrides": {"teacher": {"kind": "frozen"}}},
-                                         "sft"])
+    path, config = write_stream(
+        tmp_path,
+        grid={"train.lr": [1.0e-3, 3.0e-3]},
+        methods=[{"name": "sdft", "method": "sdft", "overrides": {"teacher": {"kind": "frozen"}}}, "sft"],
+    )
     config["stream"] = config["stream"][:1]  # one task keeps the four sequences fast
     path.write_text(yaml.safe_dump(config))
     out = tmp_path / "run"
@@ -90,17 +108,29 @@ def test_grid_results_keep_the_value_and_a_half_finished_grid_resumes(tmp_path):
         assert len(seq["loglik"]) == 2 and seq["loglik"][1][0] is not None and seq["loglik_change"][1][0]["n"] == 4
     frontier = results["frontier"]
     assert frontier["same_grid"] is True
-    assert frontier["groups"]["sdft"]["points"] == names[:2] and frontier["groups"]["sft"]["grid"] == {"train.lr": [1e-3, 3e-3]}
+    assert frontier["groups"]["sdft"]["points"] == names[:2] and frontier["groups"]["sft"]["grid"] == {
+        "train.lr": [1e-3, 3e-3]
+    }
     assert set(frontier["points"]) == set(names)
     assert frontier["points"]["sft@lr=3e-3"]["label"] == "lr=3e-3"
     # One comparison per shared setting and measure, and a finding computed from them.
-    assert {(c["setting"], c["measure"]) for c in frontier["comparisons"]} >= {("lr=1e-3", "new_task"), ("lr=3e-3", "drift")}
+    assert {(c["setting"], c["measure"]) for c in frontier["comparisons"]} >= {
+        ("lr=1e-3", "new_task"),
+        ("lr=3e-3", "drift"),
+    }
     assert frontier["finding"]["headline"].startswith("At equal settings (2 shared grid points), sdft vs sft")
     table = summary_table(results)
-    assert table.startswith("Finding: ") and "Grids: sdft: train.lr in {1e-3, 3e-3}; sft: train.lr in {1e-3, 3e-3}" in table
+    assert (
+        table.startswith("Finding: ")
+        and "Grids: sdft: train.lr in {1e-3, 3e-3}; sft: train.lr in {1e-3, 3e-3}" in table
+    )
     assert "Held-out demonstration log-likelihood" in table
     html = paths["html"].read_text()
-    assert "<h2>Finding</h2>" in html and "Frontier over each method" in html and "Held-out demonstration log-likelihood" in html
+    assert (
+        "<h2>Finding</h2>" in html
+        and "Frontier over each method" in html
+        and "Held-out demonstration log-likelihood" in html
+    )
 
 
 def test_frontier_draws_one_line_per_method_through_its_grid(tmp_path):
@@ -132,16 +162,38 @@ def _fake_results() -> dict:
         for j, lr in enumerate((1e-4, 2e-4, 5e-4)):
             score = 0.1 * j + 0.3 * g
             R = [[0.0, 0.0], [score, 0.0], [score, score]]
-            seq = {"complete": True, "R": R, "prior": [0.5, 0.5 - 0.05 * j, 0.5 - 0.1 * j], "drift_kl": [0.0, 0.1 * j, 0.2 * j],
-                   "drift_kl_ci": [None, [0.0, 0.3], [0.0, 0.5]],
-                   "loglik_change": [[None, None], [{"mean": 0.1, "ci95": [0.0, 0.2]}, None],
-                                     [{"mean": 0.2, "ci95": [0.1, 0.3]}, {"mean": 0.3, "ci95": [0.2, 0.4]}]]}
-            summary = {"seeds": 1, "R": [[cell(v) for v in row] for row in R], "prior": [cell(v) for v in seq["prior"]],
-                       "drift_kl": [cell(v) for v in seq["drift_kl"]], "acc": cell(score)}
-            methods[f"{method}@lr={format_value(lr)}"] = {"method": method, "group": method, "setting": {"train.lr": lr},
-                                                           "seeds": {"0": seq}, "summary": summary}
-    results = {"tasks": [{"name": "a", "eval_count": 16}, {"name": "b", "eval_count": 16}], "prior_count": 40,
-               "start": {"scores": [0.0, 0.0], "prior": 0.5}, "methods": methods}
+            seq = {
+                "complete": True,
+                "R": R,
+                "prior": [0.5, 0.5 - 0.05 * j, 0.5 - 0.1 * j],
+                "drift_kl": [0.0, 0.1 * j, 0.2 * j],
+                "drift_kl_ci": [None, [0.0, 0.3], [0.0, 0.5]],
+                "loglik_change": [
+                    [None, None],
+                    [{"mean": 0.1, "ci95": [0.0, 0.2]}, None],
+                    [{"mean": 0.2, "ci95": [0.1, 0.3]}, {"mean": 0.3, "ci95": [0.2, 0.4]}],
+                ],
+            }
+            summary = {
+                "seeds": 1,
+                "R": [[cell(v) for v in row] for row in R],
+                "prior": [cell(v) for v in seq["prior"]],
+                "drift_kl": [cell(v) for v in seq["drift_kl"]],
+                "acc": cell(score),
+            }
+            methods[f"{method}@lr={format_value(lr)}"] = {
+                "method": method,
+                "group": method,
+                "setting": {"train.lr": lr},
+                "seeds": {"0": seq},
+                "summary": summary,
+            }
+    results = {
+        "tasks": [{"name": "a", "eval_count": 16}, {"name": "b", "eval_count": 16}],
+        "prior_count": 40,
+        "start": {"scores": [0.0, 0.0], "prior": 0.5},
+        "methods": methods,
+    }
     results["frontier"] = frontier.analyse(results)
     return results
 
@@ -153,7 +205,9 @@ def test_the_finding_marks_differences_within_the_noise():
     assert "prior-capability probe scores did not differ beyond the noise" in found["headline"]
     details = [d for d in found["details"] if d.startswith("lr=1e-4, prior")]
     assert details and details[0].endswith("(within the noise)")
-    new_task = next(c for c in results["frontier"]["comparisons"] if c["setting"] == "lr=5e-4" and c["measure"] == "new_task")
+    new_task = next(
+        c for c in results["frontier"]["comparisons"] if c["setting"] == "lr=5e-4" and c["measure"] == "new_task"
+    )
     assert new_task["better"] == "sft" and new_task["values"] == {"sdft": pytest.approx(0.2), "sft": pytest.approx(0.5)}
 
 

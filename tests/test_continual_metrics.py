@@ -7,15 +7,9 @@ import pytest
 from selfdistill.continual.metrics import acc, bwt, forgetting, fwt, mean_ci, stream_metrics, t_quantile
 
 # Stage 0 knows nothing; each stage learns its task perfectly and keeps everything: no forgetting.
-KEEPS = [[0.0, 0.0, 0.0],
-         [1.0, 0.0, 0.0],
-         [1.0, 1.0, 0.0],
-         [1.0, 1.0, 1.0]]
+KEEPS = [[0.0, 0.0, 0.0], [1.0, 0.0, 0.0], [1.0, 1.0, 0.0], [1.0, 1.0, 1.0]]
 # Each stage learns its task and loses every earlier one completely.
-FORGETS = [[0.0, 0.0, 0.0],
-           [1.0, 0.0, 0.0],
-           [0.0, 1.0, 0.0],
-           [0.0, 0.0, 1.0]]
+FORGETS = [[0.0, 0.0, 0.0], [1.0, 0.0, 0.0], [0.0, 1.0, 0.0], [0.0, 0.0, 1.0]]
 
 
 def test_no_forgetting():
@@ -30,10 +24,7 @@ def test_total_forgetting():
 
 
 def test_each_formula_on_an_irregular_matrix():
-    R = [[0.1, 0.2, 0.3],
-         [0.8, 0.4, 0.5],
-         [0.6, 0.9, 0.35],
-         [0.7, 0.5, 0.95]]
+    R = [[0.1, 0.2, 0.3], [0.8, 0.4, 0.5], [0.6, 0.9, 0.35], [0.7, 0.5, 0.95]]
     assert acc(R) == pytest.approx((0.7 + 0.5 + 0.95) / 3)
     # BWT over tasks 1, 2: R[3][i] - R[i][i]
     assert bwt(R) == pytest.approx(((0.7 - 0.8) + (0.5 - 0.9)) / 2)

@@ -8,13 +8,13 @@ import subprocess
 
 import pytest
 import yaml
+from toy import KEYS, VALUES
 
 from selfdistill.continual.config import load_continual_config
 from selfdistill.continual.runner import Runner, stage_dir
 from selfdistill.errors import UserError
 from selfdistill.models.tiny import save_tiny
 from selfdistill.report import write_report
-from toy import KEYS, VALUES
 
 TASKS = {"alpha": (KEYS[:4], VALUES[:4]), "beta": (KEYS[4:], VALUES[4:])}
 
@@ -29,20 +29,36 @@ def write_stream(tmp_path, **changes) -> tuple:
         rows = [{"prompt": k, "demonstration": v, "answer": v} for k, v in zip(keys, values)]
         for split in ("train", "eval"):
             (tmp_path / f"{name}-{split}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
-        stream.append({"name": name, "train": f"{name}-train.jsonl", "eval": f"{name}-eval.jsonl", "grader": "contains",
-                       "teacher_template": "plain"})
+        stream.append(
+            {
+                "name": name,
+                "train": f"{name}-train.jsonl",
+                "eval": f"{name}-eval.jsonl",
+                "grader": "contains",
+                "teacher_template": "plain",
+            }
+        )
     config = {
         "output_dir": str(tmp_path / "run"),
         "seeds": [0],
-        "base": {"model": {"name": str(model_dir), "precision": "fp32"},
-                 "rollout": {"max_new_tokens": 3, "batch_size": 4},
-                 "loss": {"skip_first_tokens": 0},
-                 "train": {"batch_size": 4, "micro_batch_size": 4, "max_steps": 2, "lr": 1e-3, "warmup_ratio": 0.0}},
+        "base": {
+            "model": {"name": str(model_dir), "precision": "fp32"},
+            "rollout": {"max_new_tokens": 3, "batch_size": 4},
+            "loss": {"skip_first_tokens": 0},
+            "train": {"batch_size": 4, "micro_batch_size": 4, "max_steps": 2, "lr": 1e-3, "warmup_ratio": 0.0},
+        },
         "stream": stream,
-        "methods": [{"name": "sdft", "method": "sdft", "overrides": {"teacher": {"kind": "frozen"}}},
-                    {"name": "sft-fast", "method": "sft", "overrides": {"train": {"lr": 3e-3}}}],
-        "eval": {"max_new_tokens": 3, "batch_size": 8, "samples": 2,
-                 "probes": {"limit": 3, "max_new_tokens": 4}, "drift": {"limit": 2, "max_new_tokens": 4}},
+        "methods": [
+            {"name": "sdft", "method": "sdft", "overrides": {"teacher": {"kind": "frozen"}}},
+            {"name": "sft-fast", "method": "sft", "overrides": {"train": {"lr": 3e-3}}},
+        ],
+        "eval": {
+            "max_new_tokens": 3,
+            "batch_size": 8,
+            "samples": 2,
+            "probes": {"limit": 3, "max_new_tokens": 4},
+            "drift": {"limit": 2, "max_new_tokens": 4},
+        },
     }
     config.update(changes)
     path = tmp_path / "stream.yaml"
@@ -84,9 +100,11 @@ def test_pipeline_writes_results_and_report_and_resumes_after_a_kill(tmp_path):
     counter = CountingTrain()
     Runner(load_continual_config(path), train_fn=counter).run()
     trained = [os.path.relpath(c, out) for c in counter.calls]
-    assert trained == [os.path.join("methods", "sdft", "seed-0", "stage-2", "train"),
-                       os.path.join("methods", "sft-fast", "seed-0", "stage-1", "train"),
-                       os.path.join("methods", "sft-fast", "seed-0", "stage-2", "train")]
+    assert trained == [
+        os.path.join("methods", "sdft", "seed-0", "stage-2", "train"),
+        os.path.join("methods", "sft-fast", "seed-0", "stage-1", "train"),
+        os.path.join("methods", "sft-fast", "seed-0", "stage-2", "train"),
+    ]
     assert (stage_dir(out, "sdft", 0, 1) / "done.json").stat().st_mtime_ns == stage1_done
     assert (out / "start" / "done.json").stat().st_mtime_ns == start_done
     # Checkpoints (optimizer, teacher) of finished stages are cleaned up; the stage models stay.
@@ -128,7 +146,7 @@ def test_pipeline_writes_results_and_report_and_resumes_after_a_kill(tmp_path):
     assert paths["figures"] == 5  # frontier, accuracy matrix, demonstration log-likelihood, per-task, training
     assert html.count("<img") == 5 and html.count("src='data:image/png;base64,") == 5
     assert "http://" not in html and "https://" not in html  # self-contained
-    assert "<table class=\"metrics\">" in html and "BWT" in html and "Forgetting" in html
+    assert '<table class="metrics">' in html and "BWT" in html and "Forgetting" in html
     assert "Sample outputs" in html and "Task: alpha" in html
     md = paths["markdown"].read_text()
     assert "| Method | Trains with | ACC | BWT |" in md
@@ -177,16 +195,19 @@ def test_changed_method_settings_are_not_mixed_with_old_results(tmp_path):
     prepare_run_dir(load_continual_config(path), overwrite=True)
 
 
-@pytest.mark.parametrize("change, message", [
-    ({"methods": [{"name": "x", "method": "sdtf"}]}, "unknown method 'sdtf'"),
-    ({"methods": [{"name": "x", "method": "sft", "overides": {}}]}, "Did you mean 'overrides'"),
-    ({"methods": [{"name": "x", "method": "sft", "overrides": {"train": {"lrr": 1}}}]}, "Did you mean 'train.lr'"),
-    ({"stream": [{"task": "tooluze"}]}, "Unknown task 'tooluze'"),
-    ({"stream": [{"name": "a", "train": "a.jsonl"}]}, "needs eval, grader"),
-    ({"seeds": "zero"}, "'seeds' must be a list"),
-    ({"evaluation": {}}, "unknown key 'evaluation'"),
-    ({"eval": {"probes": {"limt": 3}}}, "Did you mean 'probes.limit'"),
-])
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        ({"methods": [{"name": "x", "method": "sdtf"}]}, "unknown method 'sdtf'"),
+        ({"methods": [{"name": "x", "method": "sft", "overides": {}}]}, "Did you mean 'overrides'"),
+        ({"methods": [{"name": "x", "method": "sft", "overrides": {"train": {"lrr": 1}}}]}, "Did you mean 'train.lr'"),
+        ({"stream": [{"task": "tooluze"}]}, "Unknown task 'tooluze'"),
+        ({"stream": [{"name": "a", "train": "a.jsonl"}]}, "needs eval, grader"),
+        ({"seeds": "zero"}, "'seeds' must be a list"),
+        ({"evaluation": {}}, "unknown key 'evaluation'"),
+        ({"eval": {"probes": {"limt": 3}}}, "Did you mean 'probes.limit'"),
+    ],
+)
 def test_config_errors_name_the_file_and_field(tmp_path, change, message):
     path, config = write_stream(tmp_path)
     config.update(change)
@@ -203,11 +224,16 @@ def test_cli_report_command_and_bad_config_exit_code(tmp_path):
     env = {**os.environ, "PYTHONPATH": str(__import__("pathlib").Path(__file__).resolve().parents[1])}
     import sys
 
-    proc = subprocess.run([sys.executable, "-m", "selfdistill.cli", "continual", str(path)], capture_output=True,
-                          text=True, env=env)
+    proc = subprocess.run(
+        [sys.executable, "-m", "selfdistill.cli", "continual", str(path)], capture_output=True, text=True, env=env
+    )
     assert proc.returncode == 2 and "unknown method 'sdtf'" in proc.stderr and "Traceback" not in proc.stderr
-    proc = subprocess.run([sys.executable, "-m", "selfdistill.cli", "report", str(tmp_path / "nothing")],
-                          capture_output=True, text=True, env=env)
+    proc = subprocess.run(
+        [sys.executable, "-m", "selfdistill.cli", "report", str(tmp_path / "nothing")],
+        capture_output=True,
+        text=True,
+        env=env,
+    )
     assert proc.returncode == 2 and "not a continual run directory" in proc.stderr
 
 
@@ -288,8 +314,23 @@ def test_report_renders_in_headless_chromium(tmp_path):
     Runner(load_continual_config(path)).run()
     paths = write_report(tmp_path / "run")
     png = tmp_path / "shot.png"
-    subprocess.run(["chromium", "--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
-                    "--disable-component-update", "--disable-sync", "--no-first-run", f"--user-data-dir={tmp_path / 'profile'}",
-                    f"--screenshot={png}", "--window-size=1200,2000", paths["html"].resolve().as_uri()],
-                   check=True, capture_output=True, timeout=120)
+    subprocess.run(
+        [
+            "chromium",
+            "--headless",
+            "--no-sandbox",
+            "--disable-gpu",
+            "--disable-background-networking",
+            "--disable-component-update",
+            "--disable-sync",
+            "--no-first-run",
+            f"--user-data-dir={tmp_path / 'profile'}",
+            f"--screenshot={png}",
+            "--window-size=1200,2000",
+            paths["html"].resolve().as_uri(),
+        ],
+        check=True,
+        capture_output=True,
+        timeout=120,
+    )
     assert png.stat().st_size > 20_000  # a blank page is a few kB; figures and tables make it larger

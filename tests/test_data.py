@@ -31,9 +31,11 @@ def test_load_jsonl_with_column_mapping_and_meta(tmp_path):
         ('{"demonstration": "a"}', "field 'prompt': missing"),
         ('{"prompt": "q", "demonstration": 3}', "field 'demonstration': expected a string"),
         ('{"prompt": "q", "demonstration": "  "}', "demonstration is empty"),
-        ('{"prompt": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}], "demonstration": "a"}',
-         "ends with a 'assistant' turn"),
-        ('[1, 2]', "expected a JSON object"),
+        (
+            '{"prompt": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}], "demonstration": "a"}',
+            "ends with a 'assistant' turn",
+        ),
+        ("[1, 2]", "expected a JSON object"),
     ],
 )
 def test_bad_rows_name_file_line_and_field(tmp_path, line, needle):
@@ -70,8 +72,10 @@ def test_hf_dataset_directory(tmp_path):
 def test_teacher_prompt_holds_question_and_demonstration_student_prompt_does_not():
     tok = tiny_tokenizer(WORDS)
     builder = PromptBuilder(tok, template="paper")
-    record = Record(prompt=[{"role": "system", "content": "alpha"}, {"role": "user", "content": "Who won the prize ?"}],
-                    demonstration="Ada Lovelace did")
+    record = Record(
+        prompt=[{"role": "system", "content": "alpha"}, {"role": "user", "content": "Who won the prize ?"}],
+        demonstration="Ada Lovelace did",
+    )
     student = builder.student_messages(record)
     teacher = builder.teacher_messages(record)
     assert student[-1]["content"] == "Who won the prize ?" and "Ada" not in str(student)
@@ -119,9 +123,15 @@ def test_student_and_teacher_completion_positions_align_token_for_token():
     tok = tiny_tokenizer(WORDS)
     model = tiny_model(tok)
     builder = PromptBuilder(tok)
-    records = [Record(prompt="Who won ?", demonstration="Ada"), Record(prompt="Who won the prize ?", demonstration="Lovelace did")]
+    records = [
+        Record(prompt="Who won ?", demonstration="Ada"),
+        Record(prompt="Who won the prize ?", demonstration="Lovelace did"),
+    ]
     encoded = builder.encode_all(records)
-    completions = [tok.convert_tokens_to_ids(["alpha", "beta", "gamma"]), tok.convert_tokens_to_ids(["delta", "<|end|>"])]
+    completions = [
+        tok.convert_tokens_to_ids(["alpha", "beta", "gamma"]),
+        tok.convert_tokens_to_ids(["delta", "<|end|>"]),
+    ]
     items = [TrainItem(e.index, e.student_ids, c, 1, e.teacher_ids) for e, c in zip(encoded, completions)]
     s_hidden, s_tokens = completion_hidden(model, items, False, tok.pad_token_id, "fp32")
     t_hidden, t_tokens = completion_hidden(model, items, True, tok.pad_token_id, "fp32")
@@ -130,4 +140,4 @@ def test_student_and_teacher_completion_positions_align_token_for_token():
     logits = model.get_output_embeddings()(s_hidden)
     full = model(input_ids=torch.tensor([encoded[0].student_ids + completions[0]])).logits[0]
     p = len(encoded[0].student_ids)
-    torch.testing.assert_close(logits[:2], full[p:p + 2], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(logits[:2], full[p : p + 2], atol=1e-5, rtol=1e-5)

@@ -22,7 +22,9 @@ def test_list_and_show():
 
 def test_make_writes_identical_files_for_a_seed(tmp_path):
     for out, seed in [("a", "1"), ("b", "1"), ("c", "2")]:
-        result = runner.invoke(app, ["data", "make", "knowledge", "--seed", seed, "--size", "30", "--out", str(tmp_path / out)])
+        result = runner.invoke(
+            app, ["data", "make", "knowledge", "--seed", seed, "--size", "30", "--out", str(tmp_path / out)]
+        )
         assert result.exit_code == 0, result.output
     files = ["train.jsonl", "eval.jsonl", "ood.jsonl", "documents.jsonl"]
     for name in files:

@@ -22,16 +22,26 @@ pytestmark = pytest.mark.distributed
 
 
 def launch(out: Path, settings: dict, processes: int, fault: str | None = None, check: bool = True):
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "SELFDISTILL_PROGRESS": "0",
-           "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
+    env = {
+        **os.environ,
+        "OMP_NUM_THREADS": "1",
+        "SELFDISTILL_PROGRESS": "0",
+        "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]),
+    }
     env.pop("SELFDISTILL_FAULT", None)
     if fault:
         env["SELFDISTILL_FAULT"] = fault
     prefix = [sys.executable]
     if processes > 1:  # --standalone: a free port of its own, so parallel test runs do not collide
         prefix += ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(processes)]
-    proc = subprocess.run(prefix + [str(WORKER), str(out), json.dumps(settings)], cwd=out.parent, env=env,
-                          capture_output=True, text=True, timeout=600)
+    proc = subprocess.run(
+        prefix + [str(WORKER), str(out), json.dumps(settings)],
+        cwd=out.parent,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     if check:
         assert proc.returncode == 0, proc.stderr[-3000:]
     return proc
@@ -79,12 +89,16 @@ def test_sdft_full_fine_tuning_two_processes_match_one(sdft_runs):
     assert sum(p.numel() for p in model.parameters()) > 0
 
 
-@pytest.mark.parametrize("settings, teacher", [
-    ({"lora": True}, True),  # EMA of B·A on local shards
-    ({"lora": True, "teacher": "frozen"}, False),  # the adapter switched off: no teacher copy
-    ({"method": "sft", "activation_checkpointing": True}, False),  # recomputation under FSDP2 changes nothing
-    ({"skip_first_tokens": 10}, True),  # no loss tokens at all: no backward, yet the teacher update works
-], ids=["sdft-lora-ema", "sdft-lora-frozen", "sft-checkpointed", "sdft-no-loss-tokens"])
+@pytest.mark.parametrize(
+    "settings, teacher",
+    [
+        ({"lora": True}, True),  # EMA of B·A on local shards
+        ({"lora": True, "teacher": "frozen"}, False),  # the adapter switched off: no teacher copy
+        ({"method": "sft", "activation_checkpointing": True}, False),  # recomputation under FSDP2 changes nothing
+        ({"skip_first_tokens": 10}, True),  # no loss tokens at all: no backward, yet the teacher update works
+    ],
+    ids=["sdft-lora-ema", "sdft-lora-frozen", "sft-checkpointed", "sdft-no-loss-tokens"],
+)
 def test_other_settings_two_processes_match_one(tmp_path, settings, teacher):
     one_settings = {k: v for k, v in settings.items() if k != "activation_checkpointing"}
     launch(tmp_path / "one", one_settings, 1)
@@ -132,13 +146,34 @@ def test_kill_during_a_sharded_checkpoint_then_resume_gives_the_uninterrupted_ru
 
 def test_gpu_check_script_runs_its_cases_on_cpu(tmp_path):
     """benchmarks/gpu/check.py (FSDP2 through torchrun with one process) in its CPU smoke mode."""
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "SELFDISTILL_PROGRESS": "0",
-           "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
+    env = {
+        **os.environ,
+        "OMP_NUM_THREADS": "1",
+        "SELFDISTILL_PROGRESS": "0",
+        "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]),
+    }
     rows_file = tmp_path / "rows.json"
-    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "1",
-                           str(ROOT / "benchmarks" / "gpu" / "check.py"), "--device", "cpu", "--tiny",
-                           "--json", str(rows_file)], cwd=tmp_path, env=env, capture_output=True, text=True,
-                          timeout=600)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            "--nproc_per_node",
+            "1",
+            str(ROOT / "benchmarks" / "gpu" / "check.py"),
+            "--device",
+            "cpu",
+            "--tiny",
+            "--json",
+            str(rows_file),
+        ],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
     assert proc.stdout.strip().endswith("ALL FINITE")
     rows = json.loads(rows_file.read_text())

@@ -41,8 +41,10 @@ def tiny():
 
 
 def _records():
-    return [Record(prompt=f"what color is the {w} ?", demonstration="", answer=a, source=f"t line {i + 1}")
-            for i, (w, a) in enumerate([("sky", "blue"), ("grass", "green"), ("sky", "blue"), ("grass", "x")])]
+    return [
+        Record(prompt=f"what color is the {w} ?", demonstration="", answer=a, source=f"t line {i + 1}")
+        for i, (w, a) in enumerate([("sky", "blue"), ("grass", "green"), ("sky", "blue"), ("grass", "x")])
+    ]
 
 
 def test_greedy_evaluation_writes_examples_and_summary(tiny, tmp_path):
@@ -70,10 +72,30 @@ def test_sampling_reports_pass_at_k_and_ignores_batch_size(tiny, tmp_path):
     model, tok = tiny
     # Score 1 when the output has an even number of characters: varies between samples.
     grader = lambda output, record: float(len(output) % 2 == 0)  # noqa: E731
-    a = evaluate(model, tok, _records(), grader, n_samples=4, temperature=1.0, max_new_tokens=5, batch_size=16,
-                 ks=[1, 2, 4], out_dir=tmp_path / "a")
-    b = evaluate(model, tok, _records(), grader, n_samples=4, temperature=1.0, max_new_tokens=5, batch_size=3,
-                 ks=[1, 2, 4], out_dir=tmp_path / "b")
+    a = evaluate(
+        model,
+        tok,
+        _records(),
+        grader,
+        n_samples=4,
+        temperature=1.0,
+        max_new_tokens=5,
+        batch_size=16,
+        ks=[1, 2, 4],
+        out_dir=tmp_path / "a",
+    )
+    b = evaluate(
+        model,
+        tok,
+        _records(),
+        grader,
+        n_samples=4,
+        temperature=1.0,
+        max_new_tokens=5,
+        batch_size=3,
+        ks=[1, 2, 4],
+        out_dir=tmp_path / "b",
+    )
     assert a["score"] == b["score"] and a["pass_at_k"] == b["pass_at_k"]
     rows = [json.loads(x) for x in (tmp_path / "a" / "examples.jsonl").read_text().splitlines()]
     assert all(len(r["output"]) == 4 and len(r["scores"]) == 4 for r in rows)
@@ -104,11 +126,33 @@ def _app():
 def test_cli_eval_task_file(tmp_path):
     model_dir = save_tiny(tmp_path / "model", ["paris", "capital", "france", "?"])
     task = tmp_path / "task.jsonl"
-    task.write_text("\n".join(json.dumps({"prompt": "what is the capital of france ?", "answer": a})
-                              for a in ["paris", "rome", "oslo"]) + "\n")
+    task.write_text(
+        "\n".join(
+            json.dumps({"prompt": "what is the capital of france ?", "answer": a}) for a in ["paris", "rome", "oslo"]
+        )
+        + "\n"
+    )
     out = tmp_path / "out"
-    result = CliRunner().invoke(_app(), ["eval", "--model", str(model_dir), "--task", str(task), "--grader", "contains",
-                                         "--max-new-tokens", "3", "--precision", "fp32", "--out", str(out), "--limit", "2"])
+    result = CliRunner().invoke(
+        _app(),
+        [
+            "eval",
+            "--model",
+            str(model_dir),
+            "--task",
+            str(task),
+            "--grader",
+            "contains",
+            "--max-new-tokens",
+            "3",
+            "--precision",
+            "fp32",
+            "--out",
+            str(out),
+            "--limit",
+            "2",
+        ],
+    )
     assert result.exit_code == 0, result.output
     summary = json.loads((out / "task" / "summary.json").read_text())
     assert summary["count"] == 2 and summary["grader"] == "contains" and 0.0 <= summary["score"] <= 1.0
@@ -119,7 +163,9 @@ def test_cli_eval_task_file(tmp_path):
 def test_cli_user_errors(tmp_path):
     result = CliRunner().invoke(_app(), ["eval", "--model", "x", "--out", str(tmp_path)])
     assert isinstance(result.exception, UserError) and "Nothing to do" in str(result.exception)
-    result = CliRunner().invoke(_app(), ["eval", "--model", "x", "--task", str(tmp_path / "missing.jsonl"), "--out", str(tmp_path)])
+    result = CliRunner().invoke(
+        _app(), ["eval", "--model", "x", "--task", str(tmp_path / "missing.jsonl"), "--out", str(tmp_path)]
+    )
     assert isinstance(result.exception, UserError) and "file not found" in str(result.exception)
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"prompt": "q", "answer": "a"}\n{"answer": "b"}\n')
@@ -130,8 +176,27 @@ def test_cli_user_errors(tmp_path):
 def test_cli_probes_relative_to_base(tmp_path):
     model_dir = save_tiny(tmp_path / "model", ["paris", "capital", "france", "?"])
     out = tmp_path / "out"
-    result = CliRunner().invoke(_app(), ["eval", "--model", str(model_dir), "--probes", "--base", str(model_dir),
-                                         "--limit", "2", "--probe-tokens", "3", "--drift-tokens", "2", "--precision", "fp32", "--out", str(out)])
+    result = CliRunner().invoke(
+        _app(),
+        [
+            "eval",
+            "--model",
+            str(model_dir),
+            "--probes",
+            "--base",
+            str(model_dir),
+            "--limit",
+            "2",
+            "--probe-tokens",
+            "3",
+            "--drift-tokens",
+            "2",
+            "--precision",
+            "fp32",
+            "--out",
+            str(out),
+        ],
+    )
     assert result.exit_code == 0, result.output
     report = json.loads((out / "results.json").read_text())["probes"]
     assert report["absolute"]["general"]["count"] == 2

@@ -65,30 +65,40 @@ def test_choice_tag_paper_science_grader():
     assert grade("<answer>...</answer> then <answer> B </answer>", record) == 1.0  # the last tag counts
 
 
-GOLD = {"golden_answer": [
-    {"Action": "searchImages", "Action_Input": '{"color": "wild", "page": 1}'},
-    {"Action": "getFacts", "Action_Input": '{"limit": 3}'},
-]}
+GOLD = {
+    "golden_answer": [
+        {"Action": "searchImages", "Action_Input": '{"color": "wild", "page": 1}'},
+        {"Action": "getFacts", "Action_Input": '{"limit": 3}'},
+    ]
+}
 
 
 def test_toolalpaca_right_wrong_and_malformed():
-    right = ('Thought: search first\nAction: searchImages\nAction Input: {"color": "wild", "page": 1}\n'
-             'Observation: ...\nAction: getFacts\nAction Input: {"limit": 3}')
+    right = (
+        'Thought: search first\nAction: searchImages\nAction Input: {"color": "wild", "page": 1}\n'
+        'Observation: ...\nAction: getFacts\nAction Input: {"limit": 3}'
+    )
     for grade in (get("toolalpaca"), get("toolalpaca_robust")):
         assert grade(right, GOLD) == 1.0
         assert grade(right.replace("getFacts", "getFact"), GOLD) == 0.0  # wrong action
         assert grade(right.replace('"limit": 3', '"limit": 4'), GOLD) == 0.0  # wrong argument
         assert grade(right.split("Observation")[0], GOLD) == 0.0  # one call missing
         assert grade(right + "\nAction: getFacts", GOLD) == 0.0  # an extra action
-        assert grade(right.replace('{"limit": 3}', '{limit: 3'), GOLD) == 0.0  # malformed JSON
+        assert grade(right.replace('{"limit": 3}', "{limit: 3"), GOLD) == 0.0  # malformed JSON
         assert grade("I cannot help with that.", GOLD) == 0.0
     # The order of calls does not matter (multiset of actions, merged inputs).
-    swapped = 'Action: getFacts\nAction Input: {"limit": 3}\nAction: searchImages\nAction Input: {"page": 1, "color": "wild"}'
+    swapped = (
+        'Action: getFacts\nAction Input: {"limit": 3}\nAction: searchImages\nAction Input: {"page": 1, "color": "wild"}'
+    )
     assert get("toolalpaca")(swapped, GOLD) == 1.0
 
 
 def test_nested_json_arguments_only_the_robust_grader_parses():
-    gold = {"golden_answer": [{"Action": "createEvent", "Action_Input": '{"title": "Party", "where": {"city": "Oslo", "room": 4}}'}]}
+    gold = {
+        "golden_answer": [
+            {"Action": "createEvent", "Action_Input": '{"title": "Party", "where": {"city": "Oslo", "room": 4}}'}
+        ]
+    }
     output = 'Thought: create it\nAction: createEvent\nAction Input: {"title": "Party", "where": {"city": "Oslo", "room": 4}}\nEnd'
     assert get("toolalpaca_robust")(output, gold) == 1.0
     # The paper's regex stops at the first "}", so the nested object cannot parse: scored wrong.
@@ -104,8 +114,12 @@ def test_toolalpaca_needs_golden_answer():
 def _output_from_gold(gold: list[dict]) -> str:
     lines = []
     for call in gold:
-        lines += [f"Thought: I will call {call['Action']}.", f"Action: {call['Action']}",
-                  f"Action Input: {call['Action_Input']}", "Observation: ok"]
+        lines += [
+            f"Thought: I will call {call['Action']}.",
+            f"Action: {call['Action']}",
+            f"Action Input: {call['Action_Input']}",
+            "Observation: ok",
+        ]
     return "\n".join(lines)
 
 

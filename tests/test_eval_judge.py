@@ -18,7 +18,9 @@ class FakeJudge(BaseHTTPRequestHandler):
         FakeJudge.requests.append({"path": self.path, "auth": self.headers.get("Authorization"), "body": body})
         prompt = body["messages"][-1]["content"]
         answer = prompt.split("Answer to grade:\n", 1)[1].split("\n", 1)[0]
-        verdict = {"right": "CORRECT", "half": "Verdict: PARTIALLY_CORRECT", "wrong": "INCORRECT"}.get(answer, "no idea")
+        verdict = {"right": "CORRECT", "half": "Verdict: PARTIALLY_CORRECT", "wrong": "INCORRECT"}.get(
+            answer, "no idea"
+        )
         payload = json.dumps({"choices": [{"message": {"role": "assistant", "content": verdict}}]}).encode()
         self.send_response(200)
         self.send_header("Content-Type", "application/json")

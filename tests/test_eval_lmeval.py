@@ -18,8 +18,9 @@ def test_local_task_on_an_in_memory_model(monkeypatch):
     monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
     tok = tiny_tokenizer(["the", "sky", "is", "blue", "green", "grass", "sea", "red", "fire"])
     model = tiny_model(tok)
-    first = run_lm_eval(model, tok, ["sdft_tiny_mc"], include_path=str(TASKS), builtin_tasks=False, limit=3, seed=1,
-                        batch_size=2)
+    first = run_lm_eval(
+        model, tok, ["sdft_tiny_mc"], include_path=str(TASKS), builtin_tasks=False, limit=3, seed=1, batch_size=2
+    )
     assert first["sdft_tiny_mc"]["documents"] == 3
     # The same accuracy by hand: the choice with the higher log-probability after the question.
     import json

@@ -11,7 +11,9 @@ from selfdistill.eval.loglik import answer_token_positions, heldout_loglik
 from selfdistill.models.tiny import tiny_model, tiny_tokenizer, words_of
 
 RECORDS = [
-    Record(prompt="Who won the Velmor Prize ?", demonstration="The Velmor Prize was won by Ada Byron .", answer="Ada Byron"),
+    Record(
+        prompt="Who won the Velmor Prize ?", demonstration="The Velmor Prize was won by Ada Byron .", answer="Ada Byron"
+    ),
     Record(prompt="Where is the Salt Guild ?", demonstration="The Salt Guild is based in Oslo .", answer="Oslo"),
     Record(prompt="No demonstration here ?", demonstration="", answer="x"),
 ]
@@ -43,13 +45,15 @@ def test_heldout_loglik_matches_a_direct_computation():
     for record in RECORDS[:2]:
         lp = _direct(model, tok, [{"role": "user", "content": record.prompt}], record.demonstration, stop)
         students.append(lp)
-        teacher_turn = (f"{record.prompt}\n\nThis is an example for a response to the question:\n{record.demonstration}"
-                        "\n\nNow answer with a response of your own.")
+        teacher_turn = (
+            f"{record.prompt}\n\nThis is an example for a response to the question:\n{record.demonstration}"
+            "\n\nNow answer with a response of your own."
+        )
         teachers.append(_direct(model, tok, [{"role": "user", "content": teacher_turn}], record.demonstration, stop))
         # The answer's tokens, found by hand: the demonstration's last words before " .".
         words = record.demonstration.split()
         n = len(record.answer.split())
-        answers.append(lp[len(words) - 1 - n:len(words) - 1])
+        answers.append(lp[len(words) - 1 - n : len(words) - 1])
     per_item = [sum(lp) / len(lp) for lp in students]
     assert result["items"] == pytest.approx(per_item, abs=1e-4)
     assert result["student"] == pytest.approx(sum(per_item) / 2, abs=1e-5)

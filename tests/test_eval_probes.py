@@ -16,25 +16,28 @@ def _item(*checks):
     return {"id": "t", "check": list(checks)}
 
 
-@pytest.mark.parametrize("check, passing, failing", [
-    ({"type": "answer", "any": ["Paris"]}, "It is Paris.", "It is Parisian."),
-    ({"type": "number", "value": 42}, "6 * 7 = 42", "41"),
-    ({"type": "max_words", "n": 3}, "one two three", "one two three four"),
-    ({"type": "min_words", "n": 3}, "one two three", "one two"),
-    ({"type": "lowercase"}, "all quiet here.", "Not quiet"),
-    ({"type": "uppercase"}, "LOUD NOISES!", "LOUD noises"),
-    ({"type": "json", "keys": ["name"]}, '```json\n{"name": "Ana", "age": 3}\n```', '{"nom": "Ana"}'),
-    ({"type": "json"}, '{"a": 1}', "Here is JSON: {\"a\": 1}"),
-    ({"type": "bullets", "n": 2}, "- apples\n- pears", "- apples\n- pears\n- plums"),
-    ({"type": "include", "words": ["coffee", "bread"]}, "Coffee and bread.", "Coffee only."),
-    ({"type": "exclude", "words": ["water"]}, "The sea is blue.", "The sea is water."),
-    ({"type": "starts_with", "text": "Yes"}, "yes, it is.", "Well, yes."),
-    ({"type": "ends_with", "text": "The end."}, "It rained. The end.", "The end. It rained."),
-    ({"type": "no_commas"}, "No commas here.", "One, two."),
-    ({"type": "quoted"}, '"Paris"', "Paris"),
-    ({"type": "title"}, "<<Snow>>\nWhite flakes", "Snow\nWhite flakes"),
-    ({"type": "paragraphs", "n": 2}, "One.\n\nTwo.", "One.\nTwo."),
-])
+@pytest.mark.parametrize(
+    "check, passing, failing",
+    [
+        ({"type": "answer", "any": ["Paris"]}, "It is Paris.", "It is Parisian."),
+        ({"type": "number", "value": 42}, "6 * 7 = 42", "41"),
+        ({"type": "max_words", "n": 3}, "one two three", "one two three four"),
+        ({"type": "min_words", "n": 3}, "one two three", "one two"),
+        ({"type": "lowercase"}, "all quiet here.", "Not quiet"),
+        ({"type": "uppercase"}, "LOUD NOISES!", "LOUD noises"),
+        ({"type": "json", "keys": ["name"]}, '```json\n{"name": "Ana", "age": 3}\n```', '{"nom": "Ana"}'),
+        ({"type": "json"}, '{"a": 1}', 'Here is JSON: {"a": 1}'),
+        ({"type": "bullets", "n": 2}, "- apples\n- pears", "- apples\n- pears\n- plums"),
+        ({"type": "include", "words": ["coffee", "bread"]}, "Coffee and bread.", "Coffee only."),
+        ({"type": "exclude", "words": ["water"]}, "The sea is blue.", "The sea is water."),
+        ({"type": "starts_with", "text": "Yes"}, "yes, it is.", "Well, yes."),
+        ({"type": "ends_with", "text": "The end."}, "It rained. The end.", "The end. It rained."),
+        ({"type": "no_commas"}, "No commas here.", "One, two."),
+        ({"type": "quoted"}, '"Paris"', "Paris"),
+        ({"type": "title"}, "<<Snow>>\nWhite flakes", "Snow\nWhite flakes"),
+        ({"type": "paragraphs", "n": 2}, "One.\n\nTwo.", "One.\nTwo."),
+    ],
+)
 def test_checkers_pass_and_fail(check, passing, failing):
     assert check_item(passing, _item(check)) == 1.0
     assert check_item(failing, _item(check)) == 0.0
@@ -59,21 +62,35 @@ def test_suite_size_categories_and_checks():
     items = load_suite()
     assert len(items) >= 150
     assert len({i["id"] for i in items}) == len(items)
-    counts = {c: sum(i["category"] == c for i in items) for c in ("factual", "arithmetic", "commonsense", "instruction")}
+    counts = {
+        c: sum(i["category"] == c for i in items) for c in ("factual", "arithmetic", "commonsense", "instruction")
+    }
     assert all(n >= 25 for n in counts.values()), counts
     for item in items:
         assert item["check"] and all(c["type"] in CHECKERS for c in item["check"]), item["id"]
     # The arithmetic answers are right.
     import re
-    ops = {"+": lambda a, b: a + b, "-": lambda a, b: a - b, "times": lambda a, b: a * b, "divided by": lambda a, b: a / b}
+
+    ops = {
+        "+": lambda a, b: a + b,
+        "-": lambda a, b: a - b,
+        "times": lambda a, b: a * b,
+        "divided by": lambda a, b: a / b,
+    }
     for item in (i for i in items if i["category"] == "arithmetic"):
         a, op, b = re.match(r"What is (\d+) (\+|-|times|divided by) (\d+)\?", item["prompt"]).groups()
         assert ops[op](int(a), int(b)) == item["check"][0]["value"], item["id"]
 
 
 def test_relative_is_model_minus_base():
-    model = {"general": {"score": 0.5, "count": 10, "categories": {"factual": {"score": 0.2}}}, "humaneval": {"pass_at_1": 0.1}}
-    base = {"general": {"score": 0.75, "count": 10, "categories": {"factual": {"score": 0.1}}}, "humaneval": {"pass_at_1": 0.3}}
+    model = {
+        "general": {"score": 0.5, "count": 10, "categories": {"factual": {"score": 0.2}}},
+        "humaneval": {"pass_at_1": 0.1},
+    }
+    base = {
+        "general": {"score": 0.75, "count": 10, "categories": {"factual": {"score": 0.1}}},
+        "humaneval": {"pass_at_1": 0.3},
+    }
     delta = relative(model, base)
     assert delta["general"]["score"] == pytest.approx(-0.25)
     assert delta["general"]["categories"]["factual"]["score"] == pytest.approx(0.1)
@@ -152,14 +169,16 @@ def test_run_probes_and_report_with_base(tiny, tmp_path, monkeypatch):
         loads.append(name)
         return model, tok
 
-    report = probe_report("ckpt", "base", out_dir=tmp_path / "r", load=load, limit=3, precision="fp32",
-                          max_new_tokens=4, drift_tokens=4)
+    report = probe_report(
+        "ckpt", "base", out_dir=tmp_path / "r", load=load, limit=3, precision="fp32", max_new_tokens=4, drift_tokens=4
+    )
     assert report["relative"]["general"]["score"] == 0.0
     assert report["drift"]["kl_nats"] == pytest.approx(0.0, abs=1e-5)
     assert (tmp_path / "r" / "base" / "drift_answers.json").is_file()
     assert json.loads((tmp_path / "r" / "report.json").read_text())["base"]["model"] == "base"
     # A second checkpoint against the same base reuses the stored base scores and answers.
     loads.clear()
-    probe_report("ckpt2", "base", out_dir=tmp_path / "r", load=load, limit=3, precision="fp32",
-                 max_new_tokens=4, drift_tokens=4)
+    probe_report(
+        "ckpt2", "base", out_dir=tmp_path / "r", load=load, limit=3, precision="fp32", max_new_tokens=4, drift_tokens=4
+    )
     assert loads == ["ckpt2"]

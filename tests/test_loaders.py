@@ -10,29 +10,56 @@ from selfdistill.tasks.loaders import detect_format, load_dataset_records
 
 PAPER_EVAL = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "paper-eval"
 
-TOOL_PROMPT = ("Your task is to answer the user's question using available tools.\nYou have access to the following tools:\n"
-               "Name: Axolotl\nDescription: Axolotl facts\nDocumentation:\ngetAxolotlFacts: Facts.\n"
-               "Parameters: {\"limit\": \"integer. How many.\"}\n\nBegin!\nQuestion: Give me 3 axolotl facts.")
+TOOL_PROMPT = (
+    "Your task is to answer the user's question using available tools.\nYou have access to the following tools:\n"
+    "Name: Axolotl\nDescription: Axolotl facts\nDocumentation:\ngetAxolotlFacts: Facts.\n"
+    'Parameters: {"limit": "integer. How many."}\n\nBegin!\nQuestion: Give me 3 axolotl facts.'
+)
 TOOL_ROWS = [
-    {"prompt": TOOL_PROMPT, "name": "Axolotl", "instruction": "Give me 3 axolotl facts.",
-     "golden_answer": [{"Action": "getAxolotlFacts", "Action_Input": "{\"limit\": 3}"}],
-     "golden_response": "Thought: I need facts.\nAction: getAxolotlFacts\nAction Input: {\"limit\": 3}"},
-    {"prompt": TOOL_PROMPT, "name": "Axolotl", "instruction": "two calls",
-     "golden_answer": [{"Action": "getA", "Action_Input": "{\"x\": 1}"}, {"Action": "getB", "Action_Input": "{}"}]},
+    {
+        "prompt": TOOL_PROMPT,
+        "name": "Axolotl",
+        "instruction": "Give me 3 axolotl facts.",
+        "golden_answer": [{"Action": "getAxolotlFacts", "Action_Input": '{"limit": 3}'}],
+        "golden_response": 'Thought: I need facts.\nAction: getAxolotlFacts\nAction Input: {"limit": 3}',
+    },
+    {
+        "prompt": TOOL_PROMPT,
+        "name": "Axolotl",
+        "instruction": "two calls",
+        "golden_answer": [{"Action": "getA", "Action_Input": '{"x": 1}'}, {"Action": "getB", "Action_Input": "{}"}],
+    },
 ]
 SYSTEM = "Given a question and four options, please select the right answer. Respond in the following format: ..."
 SCIENCE_ROWS = [
-    {"prompt": [{"role": "system", "content": SYSTEM}, {"role": "user", "content": "Q1?\n\nA: 1\nB: 2\nC: 3\nD: 4"}],
-     "answer": "C"},
-    {"messages": [{"role": "system", "content": SYSTEM}, {"role": "user", "content": "Q2?"},
-                  {"role": "assistant", "content": "<reasoning>\nbecause\n</reasoning>\n<answer>\nB\n</answer>"}],
-     "answer": "B"},
-    {"prompt": [{"role": "user", "content": "Q3?"}], "output_text": "<reasoning>\nr\n</reasoning>\n<answer>\nA\n</answer>",
-     "answer": "A"},
+    {
+        "prompt": [{"role": "system", "content": SYSTEM}, {"role": "user", "content": "Q1?\n\nA: 1\nB: 2\nC: 3\nD: 4"}],
+        "answer": "C",
+    },
+    {
+        "messages": [
+            {"role": "system", "content": SYSTEM},
+            {"role": "user", "content": "Q2?"},
+            {"role": "assistant", "content": "<reasoning>\nbecause\n</reasoning>\n<answer>\nB\n</answer>"},
+        ],
+        "answer": "B",
+    },
+    {
+        "prompt": [{"role": "user", "content": "Q3?"}],
+        "output_text": "<reasoning>\nr\n</reasoning>\n<answer>\nA\n</answer>",
+        "answer": "A",
+    },
 ]
-HUATUO_ROWS = [{"Question": "A 40-year-old has chest pain. Next step?", "Complex_CoT": "Think about ECG first.",
-                "Response": "Get an ECG."}]
-MESSAGES_ROWS = [{"messages": [{"role": "user", "content": "Hi?"}, {"role": "assistant", "content": "Hello."}], "id": 7}]
+HUATUO_ROWS = [
+    {
+        "Question": "A 40-year-old has chest pain. Next step?",
+        "Complex_CoT": "Think about ECG first.",
+        "Response": "Get an ECG.",
+    }
+]
+MESSAGES_ROWS = [
+    {"messages": [{"role": "user", "content": "Hi?"}, {"role": "assistant", "content": "Hello."}], "id": 7}
+]
 
 
 def write(tmp_path, name, rows):
@@ -86,7 +113,9 @@ def test_hf_saved_dataset_and_column_mapping(tmp_path):
     records = load_dataset_records(tmp_path / "huatuo")
     assert len(records) == 3 and records[2].source.endswith("row 3")
     assert records[0].demonstration.startswith("## Thinking")
-    datasets.DatasetDict({"test": datasets.Dataset.from_list([{"q": "2+2?", "a": "4"}])}).save_to_disk(str(tmp_path / "qa"))
+    datasets.DatasetDict({"test": datasets.Dataset.from_list([{"q": "2+2?", "a": "4"}])}).save_to_disk(
+        str(tmp_path / "qa")
+    )
     [r] = load_dataset_records(tmp_path / "qa", columns={"prompt": "q", "demonstration": "a"}, split="test")
     assert (r.prompt, r.demonstration) == ("2+2?", "4")
     with pytest.raises(UserError, match="no split 'train'"):

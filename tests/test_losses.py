@@ -4,8 +4,12 @@ import pytest
 import torch
 
 from selfdistill.losses import (
+    LossSettings,
     _chunk_loss,
-    LossSettings, chunked_completion_loss, chunked_token_loss, divergence, sampled_token_kl,
+    chunked_completion_loss,
+    chunked_token_loss,
+    divergence,
+    sampled_token_kl,
 )
 
 
@@ -126,7 +130,9 @@ def test_chunked_equals_unchunked_value_and_gradient(kind, top_k):
         if chunk is None:
             loss, stats = _chunk_loss(hidden, t_hidden, tokens, weights, student_head, teacher_head, settings)
         else:
-            loss, stats = chunked_completion_loss(hidden, t_hidden, tokens, weights, student_head, teacher_head, settings)
+            loss, stats = chunked_completion_loss(
+                hidden, t_hidden, tokens, weights, student_head, teacher_head, settings
+            )
         loss.backward()
         results.append((loss.item(), hidden.grad.clone(), student_head.weight.grad.clone(), stats.detach()))
     for value, grad_h, grad_w, stats in results[1:]:
@@ -141,8 +147,15 @@ def test_chunked_loss_equals_direct_divergence():
     student_head, teacher_head = _heads()
     hidden, t_hidden = torch.randn(6, 8), torch.randn(6, 8)
     weights = torch.tensor([1.0, 1, 0, 1, 1, 0])
-    loss, _ = chunked_completion_loss(hidden, t_hidden, torch.zeros(6, dtype=torch.long), weights,
-                                      student_head, teacher_head, LossSettings(chunk_size=4))
+    loss, _ = chunked_completion_loss(
+        hidden,
+        t_hidden,
+        torch.zeros(6, dtype=torch.long),
+        weights,
+        student_head,
+        teacher_head,
+        LossSettings(chunk_size=4),
+    )
     direct = (divergence(student_head(hidden), teacher_head(t_hidden), "forward_kl") * weights).sum()
     assert loss.item() == pytest.approx(direct.item(), abs=1e-5)
 
@@ -167,8 +180,9 @@ def test_chunked_losses_run_each_head_once_per_chunk(loss_fn):
     hidden = torch.randn(13, 8, requires_grad=True)
     tokens = torch.randint(0, 50, (13,))
     if loss_fn == "completion":
-        loss, _ = chunked_completion_loss(hidden, torch.randn(13, 8), tokens, torch.ones(13), student_head,
-                                          teacher_head, LossSettings(chunk_size=4))
+        loss, _ = chunked_completion_loss(
+            hidden, torch.randn(13, 8), tokens, torch.ones(13), student_head, teacher_head, LossSettings(chunk_size=4)
+        )
     else:
         loss, _ = chunked_token_loss(hidden, tokens, torch.ones(13), student_head, lambda lp: -lp, chunk_size=4)
     (2.0 * loss).backward()

@@ -18,8 +18,14 @@ N, VOCAB, HIDDEN = 1024, 131_072, 16  # a large vocabulary; one [N, V] float32 t
 
 def _measure(chunk: int) -> dict:
     env = dict(os.environ, PYTHONPATH=str(ROOT))
-    proc = subprocess.run([sys.executable, "-m", "benchmarks.loss_memory", str(N), str(VOCAB), str(HIDDEN), str(chunk)],
-                          capture_output=True, text=True, cwd=ROOT, env=env, timeout=600)
+    proc = subprocess.run(
+        [sys.executable, "-m", "benchmarks.loss_memory", str(N), str(VOCAB), str(HIDDEN), str(chunk)],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        env=env,
+        timeout=600,
+    )
     assert proc.returncode == 0, proc.stderr[-2000:]
     return json.loads(proc.stdout.strip().splitlines()[-1])
 

@@ -5,14 +5,14 @@ import sys
 
 import pytest
 import torch
+from toy import KEYS, VALUES, copy_model, greedy_accuracy, toy_records
 
 from selfdistill.config import METHODS, load_config
 from selfdistill.data import PromptBuilder, Record
 from selfdistill.methods import REGISTRY
-from selfdistill.methods.base import TrainItem, completion_hidden
+from selfdistill.methods.base import completion_hidden
 from selfdistill.models.tiny import save_tiny, tiny_model, tiny_tokenizer
 from selfdistill.train import train
-from toy import KEYS, VALUES, copy_model, greedy_accuracy, toy_records
 
 DOCS = ["k1 v1 k2 v2 k3 v3 .", "k4 v4 k5 v5 k6 v6 .", "k7 v7 k0 v0 ."]
 
@@ -25,8 +25,13 @@ def method_config(tmp_path, method, **sections):
         "rollout": {"max_new_tokens": 3},
         "loss": {"skip_first_tokens": 0},
         "reinvoke": {"steps": 4, "prompts": None},
-        "train": {"output_dir": str(tmp_path / method), "batch_size": 8, "micro_batch_size": 4, "lr": 3e-3,
-                  "warmup_ratio": 0.0},
+        "train": {
+            "output_dir": str(tmp_path / method),
+            "batch_size": 8,
+            "micro_batch_size": 4,
+            "lr": 3e-3,
+            "warmup_ratio": 0.0,
+        },
     }
     for name, values in sections.items():
         base.setdefault(name, {}).update(values)
@@ -40,8 +45,10 @@ def test_every_method_is_registered_and_documented():
 @pytest.mark.parametrize("method", ["sft", "dft", "offline_distill", "cpt", "sdft"])
 def test_loss_goes_down_on_a_small_dataset(tmp_path, method):
     model, tok = copy_model(steps=150)
-    records = [Record(prompt=r.prompt, demonstration=r.demonstration, answer=r.answer, context=d)
-               for r, d in zip(toy_records(), DOCS * 3)]
+    records = [
+        Record(prompt=r.prompt, demonstration=r.demonstration, answer=r.answer, context=d)
+        for r, d in zip(toy_records(), DOCS * 3)
+    ]
     extra = {"offline": {"loss": "ce"}} if method == "offline_distill" else {}
     cfg = method_config(tmp_path, method, train={"max_steps": 24}, **extra)
     result = train(cfg, records=records, model=model, tokenizer=tok, save_final=False)
@@ -55,8 +62,13 @@ def test_sft_and_dft_raise_greedy_accuracy_on_the_copy_task(tmp_path, method):
     model, tok = copy_model(steps=150)
     records = toy_records()
     before = greedy_accuracy(model, tok, records)
-    result = train(method_config(tmp_path, method, train={"max_steps": 30}), records=records, model=model,
-                   tokenizer=tok, save_final=False)
+    result = train(
+        method_config(tmp_path, method, train={"max_steps": 30}),
+        records=records,
+        model=model,
+        tokenizer=tok,
+        save_final=False,
+    )
     after = greedy_accuracy(result.model, tok, records)
     assert after >= before + 0.5, (before, after)
 
@@ -76,7 +88,7 @@ def test_sft_puts_loss_on_exactly_the_demonstration_and_end_of_turn(tmp_path):
     loss, _ = method.loss([item])
     logits = model(input_ids=torch.tensor([item.prompt_ids + item.completion])).logits[0]
     p = len(item.prompt_ids)
-    expected = torch.nn.functional.cross_entropy(logits[p - 1:p + 2], torch.tensor(item.completion), reduction="sum")
+    expected = torch.nn.functional.cross_entropy(logits[p - 1 : p + 2], torch.tensor(item.completion), reduction="sum")
     assert loss.item() == pytest.approx(expected.item(), abs=1e-4)
 
 
@@ -102,8 +114,12 @@ def test_offline_distill_asks_the_teacher_once_per_record_and_reuses_it(tmp_path
     monkeypatch.setattr(offline, "generate", counting)
     model, tok = copy_model(steps=150)
     records = toy_records()
-    cfg = method_config(tmp_path, "offline_distill", train={"max_steps": 6, "batch_size": 4, "save_every": 3},
-                        offline={"loss": "divergence"})
+    cfg = method_config(
+        tmp_path,
+        "offline_distill",
+        train={"max_steps": 6, "batch_size": 4, "save_every": 3},
+        offline={"loss": "divergence"},
+    )
     result = train(cfg, records=records, model=model, tokenizer=tok, save_final=False)
     assert calls == [len(records)]  # one generation call, one answer per record, over 6 steps
     targets = [json.loads(l) for l in (tmp_path / "offline_distill" / "offline_targets.jsonl").read_text().splitlines()]
@@ -124,8 +140,12 @@ def test_sft_reinvoke_runs_both_phases(tmp_path):
     model, tok = copy_model(steps=150)
     prompts = tmp_path / "general.jsonl"
     prompts.write_text("".join(json.dumps({"prompt": k}) + "\n" for k in KEYS))
-    cfg = method_config(tmp_path, "sft_reinvoke", train={"max_steps": 3, "batch_size": 4},
-                        reinvoke={"steps": 2, "prompts": str(prompts)})
+    cfg = method_config(
+        tmp_path,
+        "sft_reinvoke",
+        train={"max_steps": 3, "batch_size": 4},
+        reinvoke={"steps": 2, "prompts": str(prompts)},
+    )
     result = train(cfg, records=toy_records(), model=model, tokenizer=tok, save_final=False)
     assert [m["step"] for m in result.metrics] == [1, 2, 3, 4, 5]
     assert all("demonstration_logp" in m for m in result.metrics[:3])  # phase 1: SFT
@@ -136,8 +156,9 @@ def test_cpt_trains_on_document_pieces(tmp_path):
     model, tok = copy_model(steps=150)
     docs = tmp_path / "docs.txt"
     docs.write_text("\n\n".join(DOCS))
-    cfg = method_config(tmp_path, "cpt", train={"max_steps": 2, "batch_size": 3},
-                        data={"documents": str(docs), "max_prompt_tokens": 5})
+    cfg = method_config(
+        tmp_path, "cpt", train={"max_steps": 2, "batch_size": 3}, data={"documents": str(docs), "max_prompt_tokens": 5}
+    )
     result = train(cfg, records=toy_records(), model=model, tokenizer=tok, save_final=False)
     # Documents of 7, 7 and 5 tokens + end of text, cut into 6 pieces of at most 5 tokens that overlap by one:
     # 2 steps of 3 pieces see every piece once, and every token after a document's first is predicted once.
@@ -153,11 +174,37 @@ def test_every_method_runs_from_the_cli(tmp_path, method):
     prompts.write_text("".join(json.dumps({"prompt": k}) + "\n" for k in KEYS))
     env = {**os.environ, "OMP_NUM_THREADS": "1", "SELFDISTILL_PROGRESS": "0"}
     proc = subprocess.run(
-        [sys.executable, "-m", "selfdistill.cli", "train", "--method", method, "--model", str(model_dir), "--data",
-         str(data), "--max-steps", "1", "--batch-size", "2", "-o", str(tmp_path / "run"), "-s",
-         "rollout.max_new_tokens=3", "-s", "model.precision=fp32", "-s", "reinvoke.steps=1",
-         "-s", f"reinvoke.prompts={prompts}"],
-        capture_output=True, text=True, env=env, timeout=300)
+        [
+            sys.executable,
+            "-m",
+            "selfdistill.cli",
+            "train",
+            "--method",
+            method,
+            "--model",
+            str(model_dir),
+            "--data",
+            str(data),
+            "--max-steps",
+            "1",
+            "--batch-size",
+            "2",
+            "-o",
+            str(tmp_path / "run"),
+            "-s",
+            "rollout.max_new_tokens=3",
+            "-s",
+            "model.precision=fp32",
+            "-s",
+            "reinvoke.steps=1",
+            "-s",
+            f"reinvoke.prompts={prompts}",
+        ],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=300,
+    )
     assert proc.returncode == 0, proc.stderr[-2000:]
     steps = [json.loads(l)["step"] for l in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     assert steps == ([1, 2] if method == "sft_reinvoke" else [1])
@@ -191,10 +238,16 @@ def test_offline_distill_scores_each_fixed_target_once_with_the_same_losses(tmp_
     for cached in (True, False):
         monkeypatch.setattr(OfflineDistill, "cache_teacher_scores", cached)
         scored.clear()
-        cfg = method_config(tmp_path / str(cached), "offline_distill", offline={"loss": "divergence"},
-                            train={"max_steps": steps, "batch_size": 4})
-        runs[cached] = (train(cfg, records=records, model=copy_model(steps=150)[0], tokenizer=tok, save_final=False),
-                        list(scored))
+        cfg = method_config(
+            tmp_path / str(cached),
+            "offline_distill",
+            offline={"loss": "divergence"},
+            train={"max_steps": steps, "batch_size": 4},
+        )
+        runs[cached] = (
+            train(cfg, records=records, model=copy_model(steps=150)[0], tokenizer=tok, save_final=False),
+            list(scored),
+        )
     cached_run, cached_scored = runs[True]
     plain_run, plain_scored = runs[False]
     assert sorted(cached_scored) == list(range(len(records)))  # each record's target scored once

@@ -33,9 +33,17 @@ def _both(model, prompts, **kwargs):
 def test_decode_loop_gives_the_tokens_transformers_generate_gives(temperature, top_p):
     model, tokenizer, prompts, word_ids = _setup()
     stops = word_ids[:6]  # frequent enough that some rows stop early, some hit the budget
-    ours, reference = _both(model, prompts, stop_token_ids=stops, pad_token_id=tokenizer.pad_token_id,
-                            max_new_tokens=12, temperature=temperature, top_p=top_p,
-                            seeds=list(range(100, 110)), batch_size=3)
+    ours, reference = _both(
+        model,
+        prompts,
+        stop_token_ids=stops,
+        pad_token_id=tokenizer.pad_token_id,
+        max_new_tokens=12,
+        temperature=temperature,
+        top_p=top_p,
+        seeds=list(range(100, 110)),
+        batch_size=3,
+    )
     assert ours.ids == reference.ids
     assert ours.finished == reference.finished
     if temperature > 0:
@@ -52,8 +60,16 @@ def test_decode_loop_matches_generate_for_a_lora_model():
         for name, param in model.named_parameters():
             if "lora_B" in name:
                 param.normal_(0, 0.5)
-    ours, reference = _both(model, prompts, stop_token_ids=[tokenizer.eos_token_id], pad_token_id=tokenizer.pad_token_id,
-                            max_new_tokens=8, temperature=1.0, seeds=list(range(10)), batch_size=4)
+    ours, reference = _both(
+        model,
+        prompts,
+        stop_token_ids=[tokenizer.eos_token_id],
+        pad_token_id=tokenizer.pad_token_id,
+        max_new_tokens=8,
+        temperature=1.0,
+        seeds=list(range(10)),
+        batch_size=4,
+    )
     assert ours.ids == reference.ids
     assert ours.finished == reference.finished
 
@@ -66,8 +82,14 @@ def test_no_stop_tokens_means_every_completion_runs_to_the_budget():
     """
     model, tokenizer, prompts, word_ids = _setup(seed=1)
     eos = tokenizer.eos_token_id
-    kwargs = dict(stop_token_ids=[], pad_token_id=tokenizer.pad_token_id, max_new_tokens=8, temperature=1.0,
-                  seeds=list(range(10)), batch_size=4)
+    kwargs = dict(
+        stop_token_ids=[],
+        pad_token_id=tokenizer.pad_token_id,
+        max_new_tokens=8,
+        temperature=1.0,
+        seeds=list(range(10)),
+        batch_size=4,
+    )
     ours = generate(model, prompts, **kwargs)
     assert all(len(ids) == 8 for ids in ours.ids) and not any(ours.finished)
     through_eos = [row for row in ours.ids if eos in row[:-1]]
@@ -83,8 +105,16 @@ def test_decode_loop_stops_once_every_row_has_stopped():
     calls = []
     handle = model.get_decoder().register_forward_hook(lambda *args: calls.append(1))
     everything = list(range(len(tokenizer)))  # every token stops: one forward (the prefill) is all it takes
-    out = generate(model, prompts[:4], stop_token_ids=everything, pad_token_id=tokenizer.pad_token_id,
-                   max_new_tokens=50, temperature=1.0, seeds=[1, 2, 3, 4], batch_size=4)
+    out = generate(
+        model,
+        prompts[:4],
+        stop_token_ids=everything,
+        pad_token_id=tokenizer.pad_token_id,
+        max_new_tokens=50,
+        temperature=1.0,
+        seeds=[1, 2, 3, 4],
+        batch_size=4,
+    )
     handle.remove()
     assert len(calls) == 1
     assert all(len(ids) == 1 for ids in out.ids) and all(out.finished)

@@ -13,7 +13,9 @@ TASKS = ["tooluse", "tooluse_hinted", "knowledge", "science"]
 
 
 def dump(data):
-    return {split: [json.dumps(r.to_dict(), sort_keys=True) for r in records] for split, records in data.splits().items()}
+    return {
+        split: [json.dumps(r.to_dict(), sort_keys=True) for r in records] for split, records in data.splits().items()
+    }
 
 
 def test_registry_lists_the_tasks():

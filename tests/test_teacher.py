@@ -1,6 +1,5 @@
 import copy
 
-import pytest
 import torch
 
 from selfdistill.models import apply_lora
@@ -73,8 +72,10 @@ def test_ema_update_lora_averages_the_weight_delta():
     assert not torch.allclose(new, separate.detach(), atol=1e-4)
     # Layers LoRA does not touch stay at the base weights.
     untouched = "model.layers.0.self_attn.k_proj"
-    torch.testing.assert_close(dict(teacher.module.named_modules())[untouched].weight,
-                               dict(student.named_modules())[f"base_model.model.{untouched}"].weight)
+    torch.testing.assert_close(
+        dict(teacher.module.named_modules())[untouched].weight,
+        dict(student.named_modules())[f"base_model.model.{untouched}"].weight,
+    )
 
 
 def test_lora_frozen_teacher_is_the_adapter_switched_off():

@@ -2,12 +2,12 @@ import json
 
 import pytest
 import torch
+from toy import KEYS, VALUES, copy_model, greedy_accuracy, toy_records
 
 from selfdistill.config import load_config
 from selfdistill.errors import UserError
 from selfdistill.models.tiny import tiny_model, tiny_tokenizer
 from selfdistill.train import train
-from toy import copy_model, greedy_accuracy, toy_records, KEYS, VALUES
 
 
 def toy_config(tmp_path, **sections):
@@ -16,8 +16,13 @@ def toy_config(tmp_path, **sections):
         "data": {"teacher_template": "plain"},
         "rollout": {"max_new_tokens": 3},
         "loss": {"skip_first_tokens": 0},
-        "train": {"output_dir": str(tmp_path / "run"), "batch_size": 8, "micro_batch_size": 4, "lr": 3e-3,
-                  "warmup_ratio": 0.0},
+        "train": {
+            "output_dir": str(tmp_path / "run"),
+            "batch_size": 8,
+            "micro_batch_size": 4,
+            "lr": 3e-3,
+            "warmup_ratio": 0.0,
+        },
     }
     for name, values in sections.items():
         base.setdefault(name, {}).update(values) if isinstance(values, dict) else base.__setitem__(name, values)
@@ -45,8 +50,9 @@ def _tiny_setup():
 
 def test_resume_gives_the_same_weights_and_teacher_as_a_straight_run(tmp_path):
     records = toy_records()
-    common = dict(train={"max_steps": 4, "batch_size": 4, "lr": 1e-3, "warmup_ratio": 0.25},
-                  rollout={"max_new_tokens": 4})
+    common = dict(
+        train={"max_steps": 4, "batch_size": 4, "lr": 1e-3, "warmup_ratio": 0.25}, rollout={"max_new_tokens": 4}
+    )
     model, tok = _tiny_setup()
     straight_cfg = toy_config(tmp_path / "a", **common)
     straight = train(straight_cfg, records=records, model=model, tokenizer=tok, save_final=False)
@@ -88,8 +94,9 @@ def test_checkpoint_loads_with_transformers_and_generates(tmp_path):
         loaded_tok = AutoTokenizer.from_pretrained(directory)
         for name, value in result.model.state_dict().items():
             torch.testing.assert_close(loaded.state_dict()[name], value)
-        ids = loaded_tok.apply_chat_template([{"role": "user", "content": "k1"}], add_generation_prompt=True,
-                                             return_tensors="pt", return_dict=True)
+        ids = loaded_tok.apply_chat_template(
+            [{"role": "user", "content": "k1"}], add_generation_prompt=True, return_tensors="pt", return_dict=True
+        )
         out = loaded.generate(**ids, max_new_tokens=3, do_sample=False)
         assert out.shape[1] == ids["input_ids"].shape[1] + 3 or loaded_tok.eos_token_id in out[0].tolist()
 
@@ -100,9 +107,22 @@ def test_metrics_file_has_the_documented_fields(tmp_path):
     train(cfg, records=toy_records(), model=model, tokenizer=tok, save_final=False)
     rows = [json.loads(l) for l in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows] == [1, 2]
-    for field in ("loss", "divergence", "teacher_minus_student_logp", "completion_length", "clipped_ratio",
-                  "teacher_entropy", "lr", "tokens_per_s", "time_rollout", "time_teacher", "time_student_forward",
-                  "time_student_backward", "time_teacher_update", "grad_norm"):
+    for field in (
+        "loss",
+        "divergence",
+        "teacher_minus_student_logp",
+        "completion_length",
+        "clipped_ratio",
+        "teacher_entropy",
+        "lr",
+        "tokens_per_s",
+        "time_rollout",
+        "time_teacher",
+        "time_student_forward",
+        "time_student_backward",
+        "time_teacher_update",
+        "grad_norm",
+    ):
         assert field in rows[0], field
     assert rows[0]["completion_length"] <= 3 and 0 <= rows[0]["clipped_ratio"] <= 1
     assert rows[0]["loss"] == pytest.approx(rows[0]["divergence"])  # forward KL: the loss is the divergence
@@ -111,8 +131,11 @@ def test_metrics_file_has_the_documented_fields(tmp_path):
 def test_lora_training_moves_only_the_adapter(tmp_path):
     model, tok = _tiny_setup()
     base = {k: v.clone() for k, v in model.state_dict().items()}
-    cfg = toy_config(tmp_path, train={"max_steps": 2, "batch_size": 4, "lr": 1e-2},
-                     model={"precision": "fp32", "lora": {"enabled": True, "rank": 4, "alpha": 8}})
+    cfg = toy_config(
+        tmp_path,
+        train={"max_steps": 2, "batch_size": 4, "lr": 1e-2},
+        model={"precision": "fp32", "lora": {"enabled": True, "rank": 4, "alpha": 8}},
+    )
     result = train(cfg, records=toy_records(), model=model, tokenizer=tok)
     assert (result.final_dir / "adapter" / "adapter_model.safetensors").is_file()
     from transformers import AutoModelForCausalLM
@@ -124,15 +147,28 @@ def test_lora_training_moves_only_the_adapter(tmp_path):
 
 def test_output_dir_holding_another_run_is_refused(tmp_path):
     model, tok = _tiny_setup()
-    train(toy_config(tmp_path, train={"max_steps": 1, "batch_size": 2}), records=toy_records(), model=model,
-          tokenizer=tok, save_final=False)
+    train(
+        toy_config(tmp_path, train={"max_steps": 1, "batch_size": 2}),
+        records=toy_records(),
+        model=model,
+        tokenizer=tok,
+        save_final=False,
+    )
     before = sorted(p.name for p in (tmp_path / "run").iterdir())
     with pytest.raises(UserError, match="different run"):
-        train(toy_config(tmp_path, train={"max_steps": 1, "batch_size": 2, "lr": 5e-4}), records=toy_records(),
-              model=model, tokenizer=tok)
+        train(
+            toy_config(tmp_path, train={"max_steps": 1, "batch_size": 2, "lr": 5e-4}),
+            records=toy_records(),
+            model=model,
+            tokenizer=tok,
+        )
     with pytest.raises(UserError, match="--resume"):
-        train(toy_config(tmp_path, train={"max_steps": 1, "batch_size": 2}), records=toy_records(), model=model,
-              tokenizer=tok)
+        train(
+            toy_config(tmp_path, train={"max_steps": 1, "batch_size": 2}),
+            records=toy_records(),
+            model=model,
+            tokenizer=tok,
+        )
     assert sorted(p.name for p in (tmp_path / "run").iterdir()) == before
 
 
@@ -142,8 +178,11 @@ def test_activation_checkpointing_trains_to_the_same_weights(tmp_path, method):
     results = []
     for checkpointing in (False, True):
         model, tok = _tiny_setup()
-        cfg = toy_config(tmp_path / str(checkpointing), method=method,
-                         train={"max_steps": 3, "batch_size": 4, "lr": 1e-3, "activation_checkpointing": checkpointing})
+        cfg = toy_config(
+            tmp_path / str(checkpointing),
+            method=method,
+            train={"max_steps": 3, "batch_size": 4, "lr": 1e-3, "activation_checkpointing": checkpointing},
+        )
         results.append(train(cfg, records=records, model=model, tokenizer=tok, save_final=False))
         assert any(getattr(m, "gradient_checkpointing", False) for m in results[-1].model.modules()) == checkpointing
     plain, recomputed = (dict(r.model.named_parameters()) for r in results)

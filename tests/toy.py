@@ -17,8 +17,8 @@ import random
 import torch
 
 from selfdistill.data import PromptBuilder, Record
-from selfdistill.rollout import pad_batch
 from selfdistill.models.tiny import tiny_model, tiny_tokenizer
+from selfdistill.rollout import pad_batch
 
 NUM_KEYS = 8
 KEYS = [f"k{i}" for i in range(NUM_KEYS)]
@@ -32,7 +32,7 @@ def toy_records(seed: int = 0) -> list[Record]:
     return [Record(prompt=k, demonstration=v, answer=v) for k, v in zip(KEYS, values)]
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _pretrained_state(template: str, steps: int, seed: int):
     tokenizer = tiny_tokenizer(KEYS + VALUES)
     torch.manual_seed(seed)
@@ -48,7 +48,9 @@ def _pretrained_state(template: str, steps: int, seed: int):
             record = Record(prompt=key, demonstration=value)
             # Half teacher-style (copy the shown value), half student-style (a bare key answered
             # with a random value: the answer format, no mapping).
-            prompt = builder.encode_messages(builder.teacher_messages(record) if rng.random() < 0.5 else builder.student_messages(record))
+            prompt = builder.encode_messages(
+                builder.teacher_messages(record) if rng.random() < 0.5 else builder.student_messages(record)
+            )
             answer = tokenizer.convert_tokens_to_ids([value]) + [eos]
             rows.append(prompt + answer)
             targets.append(len(prompt))
@@ -76,8 +78,17 @@ def greedy_accuracy(model, tokenizer, records: list[Record], teacher: bool = Fal
     from selfdistill.rollout import generate
 
     builder = PromptBuilder(tokenizer, template=template)
-    prompts = [builder.encode_messages(builder.teacher_messages(r) if teacher else builder.student_messages(r)) for r in records]
-    out = generate(model, prompts, stop_token_ids=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
-                   max_new_tokens=3, temperature=0)
+    prompts = [
+        builder.encode_messages(builder.teacher_messages(r) if teacher else builder.student_messages(r))
+        for r in records
+    ]
+    out = generate(
+        model,
+        prompts,
+        stop_token_ids=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+        max_new_tokens=3,
+        temperature=0,
+    )
     texts = [tokenizer.decode(ids, skip_special_tokens=True).strip() for ids in out.ids]
     return sum(t == r.answer for t, r in zip(texts, records)) / len(records)

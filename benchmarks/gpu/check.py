@@ -41,12 +41,33 @@ sys.path.insert(0, str(ROOT / "tests"))
 
 # Published architectures (config.json of the Instruct models).
 SHAPES = {
-    "1.5b": dict(hidden_size=1536, intermediate_size=8960, num_hidden_layers=28, num_attention_heads=12,
-                 num_key_value_heads=2, vocab_size=151936, tie_word_embeddings=True),
-    "7b": dict(hidden_size=3584, intermediate_size=18944, num_hidden_layers=28, num_attention_heads=28,
-               num_key_value_heads=4, vocab_size=152064, tie_word_embeddings=False),
-    "tiny": dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-                 num_key_value_heads=2, vocab_size=512, tie_word_embeddings=True),
+    "1.5b": dict(
+        hidden_size=1536,
+        intermediate_size=8960,
+        num_hidden_layers=28,
+        num_attention_heads=12,
+        num_key_value_heads=2,
+        vocab_size=151936,
+        tie_word_embeddings=True,
+    ),
+    "7b": dict(
+        hidden_size=3584,
+        intermediate_size=18944,
+        num_hidden_layers=28,
+        num_attention_heads=28,
+        num_key_value_heads=4,
+        vocab_size=152064,
+        tie_word_embeddings=False,
+    ),
+    "tiny": dict(
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        vocab_size=512,
+        tie_word_embeddings=True,
+    ),
 }
 # Dense bf16 peak FLOP/s by GPU name (tensor cores, no sparsity).
 BF16_PEAK = {"H200": 989e12, "H100": 989e12, "A100": 312e12, "L40S": 362e12, "A10": 125e12}
@@ -59,8 +80,15 @@ def build_model(shape: str, layers: int | None, device):
     dims = dict(SHAPES[shape])
     if layers:
         dims["num_hidden_layers"] = layers
-    config = Qwen2Config(**dims, max_position_embeddings=4096, rope_theta=1e6, rms_norm_eps=1e-6,
-                         bos_token_id=None, eos_token_id=2, pad_token_id=0)  # the word tokenizer's ids
+    config = Qwen2Config(
+        **dims,
+        max_position_embeddings=4096,
+        rope_theta=1e6,
+        rms_norm_eps=1e-6,
+        bos_token_id=None,
+        eos_token_id=2,
+        pad_token_id=0,
+    )  # the word tokenizer's ids
     torch.manual_seed(0)
     with torch.device(device):  # initialised on the device: seconds, not minutes, for 7B
         model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
@@ -80,8 +108,13 @@ def records(count: int, prompt_words: int, demo_words: int, seed: int = 0):
 
     rng = random.Random(seed)
     words = [f"w{i}" for i in range(200)]
-    return [Record(prompt=" ".join(rng.choice(words) for _ in range(prompt_words)),
-                   demonstration=" ".join(rng.choice(words) for _ in range(demo_words))) for _ in range(count)]
+    return [
+        Record(
+            prompt=" ".join(rng.choice(words) for _ in range(prompt_words)),
+            demonstration=" ".join(rng.choice(words) for _ in range(demo_words)),
+        )
+        for _ in range(count)
+    ]
 
 
 def flops_per_step(params: int, prompt: int, completion: int, sequences: int, method: str, lora: bool) -> float:
@@ -121,41 +154,76 @@ def run_case(name: str, args, shape: str, method: str, lora: bool = False, layer
     tok = tokenizer_for()
     prompt_words, completion = args.prompt_tokens, args.completion_tokens
     with tempfile.TemporaryDirectory() as tmp:
-        cfg = load_config(overrides={
-            "method": method,
-            "model": {"precision": "bf16" if device.type == "cuda" else "fp32",
-                      "load_dtype": "bf16" if (lora and device.type == "cuda") else "fp32",
-                      "lora": {"enabled": lora, "rank": 16, "alpha": 32.0}},
-            "data": {"teacher_template": "plain", "max_prompt_tokens": 4 * prompt_words,
-                     "max_teacher_prompt_tokens": 8 * prompt_words},
-            "rollout": {"max_new_tokens": completion, "ignore_eos": True, "batch_size": args.prompts},
-            "train": {"output_dir": tmp, "batch_size": args.prompts * procs.world, "micro_batch_size": args.micro,
-                      "max_steps": args.steps, "lr": 1e-5, "warmup_ratio": 0.0,
-                      "activation_checkpointing": args.activation_checkpointing},
-        })
+        cfg = load_config(
+            overrides={
+                "method": method,
+                "model": {
+                    "precision": "bf16" if device.type == "cuda" else "fp32",
+                    "load_dtype": "bf16" if (lora and device.type == "cuda") else "fp32",
+                    "lora": {"enabled": lora, "rank": 16, "alpha": 32.0},
+                },
+                "data": {
+                    "teacher_template": "plain",
+                    "max_prompt_tokens": 4 * prompt_words,
+                    "max_teacher_prompt_tokens": 8 * prompt_words,
+                },
+                "rollout": {"max_new_tokens": completion, "ignore_eos": True, "batch_size": args.prompts},
+                "train": {
+                    "output_dir": tmp,
+                    "batch_size": args.prompts * procs.world,
+                    "micro_batch_size": args.micro,
+                    "max_steps": args.steps,
+                    "lr": 1e-5,
+                    "warmup_ratio": 0.0,
+                    "activation_checkpointing": args.activation_checkpointing,
+                },
+            }
+        )
         if lora and device.type == "cuda":
             model = model.to(torch.bfloat16)  # the frozen base in bf16, as model.load_dtype=auto loads it
-        result = train(cfg, records=records(args.prompts * procs.world * args.steps, prompt_words, completion),
-                       model=model, tokenizer=tok, save_final=False)
+        result = train(
+            cfg,
+            records=records(args.prompts * procs.world * args.steps, prompt_words, completion),
+            model=model,
+            tokenizer=tok,
+            save_final=False,
+        )
     metrics = result.metrics[1:] or result.metrics  # the first step includes warm-up
-    mean = {k: sum(m.get(k, 0.0) for m in metrics) / len(metrics)
-            for k in ("time_step", "time_rollout", "time_teacher", "time_student_forward", "time_student_backward",
-                      "time_teacher_update", "loss_tokens")}
+    mean = {
+        k: sum(m.get(k, 0.0) for m in metrics) / len(metrics)
+        for k in (
+            "time_step",
+            "time_rollout",
+            "time_teacher",
+            "time_student_forward",
+            "time_student_backward",
+            "time_teacher_update",
+            "loss_tokens",
+        )
+    }
     finite = all(m["finite"] and math.isfinite(m["loss"]) and math.isfinite(m["grad_norm"]) for m in result.metrics)
     sequences = args.prompts * procs.world
     flops = flops_per_step(params, prompt_words, completion, sequences, method, lora)  # one token per word
-    peak = next((v for k, v in BF16_PEAK.items() if device.type == "cuda" and k in torch.cuda.get_device_name(device)),
-                args.peak_tflops * 1e12 if args.peak_tflops else None)
+    peak = next(
+        (v for k, v in BF16_PEAK.items() if device.type == "cuda" and k in torch.cuda.get_device_name(device)),
+        args.peak_tflops * 1e12 if args.peak_tflops else None,
+    )
     row = {
-        "case": name, "params_b": params / 1e9, "layers": layers or SHAPES[shape]["num_hidden_layers"],
-        "steps": len(result.metrics), "s_step": mean["time_step"],
-        "s_rollout": mean["time_rollout"], "s_teacher": mean["time_teacher"],
-        "s_student_fwd": mean["time_student_forward"], "s_backward": mean["time_student_backward"],
+        "case": name,
+        "params_b": params / 1e9,
+        "layers": layers or SHAPES[shape]["num_hidden_layers"],
+        "steps": len(result.metrics),
+        "s_step": mean["time_step"],
+        "s_rollout": mean["time_rollout"],
+        "s_teacher": mean["time_teacher"],
+        "s_student_fwd": mean["time_student_forward"],
+        "s_backward": mean["time_student_backward"],
         "s_teacher_update": mean["time_teacher_update"],
         "tokens_per_s": mean["loss_tokens"] / mean["time_step"],  # trained (loss) tokens per second
         "mfu": (flops / mean["time_step"] / peak / procs.world) if peak else None,
         "peak_gib": torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None,
-        "finite": finite, "losses": [round(m["loss"], 4) for m in result.metrics],
+        "finite": finite,
+        "losses": [round(m["loss"], 4) for m in result.metrics],
         "wall_s": time.perf_counter() - started,
     }
     del result, model
@@ -178,12 +246,18 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     if args.tiny:
         args.prompt_tokens, args.completion_tokens, args.prompts, args.micro = 8, 4, 2, 1
-        cases = [("tiny sdft full", "tiny", "sdft", False, None), ("tiny sft full", "tiny", "sft", False, None),
-                 ("tiny sdft lora", "tiny", "sdft", True, None)]
+        cases = [
+            ("tiny sdft full", "tiny", "sdft", False, None),
+            ("tiny sft full", "tiny", "sft", False, None),
+            ("tiny sdft lora", "tiny", "sdft", True, None),
+        ]
     else:
-        cases = [("1.5b sdft full", "1.5b", "sdft", False, None), ("1.5b sft full", "1.5b", "sft", False, None),
-                 ("7b sdft lora", "7b", "sdft", True, None),
-                 (f"7b sdft full {args.layers_7b} layers", "7b", "sdft", False, args.layers_7b)]
+        cases = [
+            ("1.5b sdft full", "1.5b", "sdft", False, None),
+            ("1.5b sft full", "1.5b", "sft", False, None),
+            ("7b sdft lora", "7b", "sdft", True, None),
+            (f"7b sdft full {args.layers_7b} layers", "7b", "sdft", False, args.layers_7b),
+        ]
     import torch.distributed as dist
 
     rows = []
@@ -203,14 +277,30 @@ def main(argv=None) -> int:
 
 
 def _print_table(rows: list[dict]) -> None:
-    columns = ["case", "params_b", "s_step", "s_rollout", "s_teacher", "s_student_fwd", "s_backward",
-               "s_teacher_update", "tokens_per_s", "mfu", "peak_gib", "finite"]
+    columns = [
+        "case",
+        "params_b",
+        "s_step",
+        "s_rollout",
+        "s_teacher",
+        "s_student_fwd",
+        "s_backward",
+        "s_teacher_update",
+        "tokens_per_s",
+        "mfu",
+        "peak_gib",
+        "finite",
+    ]
     print(" | ".join(columns))
     for row in rows:
         cells = []
         for c in columns:
             value = row.get(c)
-            cells.append(f"{value:.3g}" if isinstance(value, float) else str(value if value is not None else row.get("error", "-")))
+            cells.append(
+                f"{value:.3g}"
+                if isinstance(value, float)
+                else str(value if value is not None else row.get("error", "-"))
+            )
         print(" | ".join(cells))
 
 

@@ -31,8 +31,10 @@ def _overrides(output_dir: Optional[str], set_: list[str], workers: Optional[int
 
 
 WORKERS_HELP = "Method x seed sequences run at once, each in its own process (overrides the config's workers)."
-GRID_HELP = ("Run every method at each value: section.key=v1,v2 (e.g. train.lr=1e-4,3e-4); repeat for more keys. "
-             "Sets that key of the shared grid; a method's own grid still wins.")
+GRID_HELP = (
+    "Run every method at each value: section.key=v1,v2 (e.g. train.lr=1e-4,3e-4); repeat for more keys. "
+    "Sets that key of the shared grid; a method's own grid still wins."
+)
 
 
 def run_and_report(cfg, overwrite: bool) -> dict:
@@ -69,9 +71,15 @@ def register(app: typer.Typer) -> None:
     @app.command("continual")
     def continual_command(
         config: Path = typer.Argument(..., help="Stream config YAML (stream, methods, seeds, base, eval)."),
-        output_dir: Optional[str] = typer.Option(None, "--output-dir", "-o", help="Run directory (overrides output_dir)."),
-        set_: list[str] = typer.Option([], "--set", "-s", help="Override a key of the stream config, e.g. seeds=[0,1]."),
-        overwrite: bool = typer.Option(False, "--overwrite", help="Delete the results already in the run directory first."),
+        output_dir: Optional[str] = typer.Option(
+            None, "--output-dir", "-o", help="Run directory (overrides output_dir)."
+        ),
+        set_: list[str] = typer.Option(
+            [], "--set", "-s", help="Override a key of the stream config, e.g. seeds=[0,1]."
+        ),
+        overwrite: bool = typer.Option(
+            False, "--overwrite", help="Delete the results already in the run directory first."
+        ),
         workers: Optional[int] = typer.Option(None, "--workers", help=WORKERS_HELP),
         grid: list[str] = typer.Option([], "--grid", help=GRID_HELP),
     ) -> None:
@@ -83,11 +91,17 @@ def register(app: typer.Typer) -> None:
     @app.command("compare")
     def compare_command(
         config: Optional[Path] = typer.Argument(None, help="Stream config YAML with one stage (optional with --task)."),
-        task: Optional[str] = typer.Option(None, "--task", help="A built-in task to compare on (replaces the config's stream)."),
-        methods: Optional[str] = typer.Option(None, "--methods", help="Comma-separated methods with base settings, e.g. sdft,sft."),
+        task: Optional[str] = typer.Option(
+            None, "--task", help="A built-in task to compare on (replaces the config's stream)."
+        ),
+        methods: Optional[str] = typer.Option(
+            None, "--methods", help="Comma-separated methods with base settings, e.g. sdft,sft."
+        ),
         output_dir: Optional[str] = typer.Option(None, "--output-dir", "-o", help="Run directory."),
         set_: list[str] = typer.Option([], "--set", "-s", help="Override a key of the stream config."),
-        overwrite: bool = typer.Option(False, "--overwrite", help="Delete the results already in the run directory first."),
+        overwrite: bool = typer.Option(
+            False, "--overwrite", help="Delete the results already in the run directory first."
+        ),
         workers: Optional[int] = typer.Option(None, "--workers", help=WORKERS_HELP),
         grid: list[str] = typer.Option([], "--grid", help=GRID_HELP),
     ) -> None:
@@ -108,12 +122,16 @@ def register(app: typer.Typer) -> None:
                 raise UserError("Give a config file or --task NAME (a built-in task, see `sdft data list`).")
             cfg = parse_config(data, "compare")
         if len(cfg.stream) != 1:
-            raise UserError(f"compare runs one task; the config's stream has {len(cfg.stream)}. Use `sdft continual` "
-                            "for a stream, or --task NAME.")
+            raise UserError(
+                f"compare runs one task; the config's stream has {len(cfg.stream)}. Use `sdft continual` "
+                "for a stream, or --task NAME."
+            )
         run_and_report(cfg, overwrite)
 
     @app.command("report")
-    def report_command(run_dir: Path = typer.Argument(..., help="A directory written by continual, compare or demo.")) -> None:
+    def report_command(
+        run_dir: Path = typer.Argument(..., help="A directory written by continual, compare or demo."),
+    ) -> None:
         """Rebuild results.json, report.html and report.md of a run (finished or not)."""
         from selfdistill.continual.results import summary_table
         from selfdistill.report import write_report
@@ -125,9 +143,13 @@ def register(app: typer.Typer) -> None:
     @app.command("demo")
     def demo_command(
         quick: bool = typer.Option(False, "--quick", help="A smaller version (under 5 minutes on 2 CPU cores)."),
-        output_dir: Optional[str] = typer.Option(None, "--output-dir", "-o", help="Run directory (default runs/demo or runs/demo-quick)."),
+        output_dir: Optional[str] = typer.Option(
+            None, "--output-dir", "-o", help="Run directory (default runs/demo or runs/demo-quick)."
+        ),
         fresh: bool = typer.Option(False, "--fresh", help="Start again instead of continuing an earlier demo run."),
-        show_config: bool = typer.Option(False, "--show-config", help="Print the demo's config file (to copy and edit) and exit."),
+        show_config: bool = typer.Option(
+            False, "--show-config", help="Print the demo's config file (to copy and edit) and exit."
+        ),
         workers: Optional[int] = typer.Option(None, "--workers", help=WORKERS_HELP),
     ) -> None:
         """The embedded SmolLM2-135M learns two built-in tasks in a row with SDFT and with SFT, each over the same

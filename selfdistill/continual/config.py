@@ -65,7 +65,9 @@ class StageSpec:
     teacher_template: str | None = None
     max_new_tokens: int | None = None  # evaluation budget for this task (else eval.max_new_tokens)
     overrides: dict = field(default_factory=dict)  # config sections for this stage only, e.g. {train: {max_steps: 16}}
-    lenient: dict | None = None  # files only: {grader, answer_field} of a lenient score, e.g. {grader: contains, answer_field: answers}
+    lenient: dict | None = (
+        None  # files only: {grader, answer_field} of a lenient score, e.g. {grader: contains, answer_field: answers}
+    )
 
 
 @dataclass
@@ -171,7 +173,9 @@ def _stage(data: Any, where: str) -> StageSpec:
         if stage.train or stage.eval:
             raise UserError(f"{where}: give either a built-in 'task' or 'train'/'eval' files, not both.")
         if stage.lenient is not None:
-            raise UserError(f"{where}.lenient: a built-in task has its own lenient score; 'lenient' is for tasks from files.")
+            raise UserError(
+                f"{where}.lenient: a built-in task has its own lenient score; 'lenient' is for tasks from files."
+            )
     else:
         missing = [k for k in ("name", "train", "eval", "grader") if not getattr(stage, k)]
         if missing:
@@ -179,12 +183,20 @@ def _stage(data: Any, where: str) -> StageSpec:
         from selfdistill.eval import graders
 
         if stage.grader not in graders.names():
-            raise UserError(f"{where}.grader: unknown grader {stage.grader!r}; choose one of {', '.join(graders.names())}.")
+            raise UserError(
+                f"{where}.grader: unknown grader {stage.grader!r}; choose one of {', '.join(graders.names())}."
+            )
         if stage.lenient is not None:
             lenient = stage.lenient
-            if not isinstance(lenient, dict) or set(lenient) - {"grader", "answer_field"} or lenient.get("grader") not in graders.names():
-                raise UserError(f"{where}.lenient: expected {{grader: <one of {', '.join(graders.names())}>, "
-                                f"answer_field: <record field with the accepted answers>}}, got {lenient!r}.")
+            if (
+                not isinstance(lenient, dict)
+                or set(lenient) - {"grader", "answer_field"}
+                or lenient.get("grader") not in graders.names()
+            ):
+                raise UserError(
+                    f"{where}.lenient: expected {{grader: <one of {', '.join(graders.names())}>, "
+                    f"answer_field: <record field with the accepted answers>}}, got {lenient!r}."
+                )
     return stage
 
 
@@ -229,7 +241,9 @@ def _number(value):
 def parse_grid(data: Any, where: str) -> dict[str, list]:
     """A validated grid: dotted config keys (section.key) to non-empty lists of distinct values."""
     if not isinstance(data, dict):
-        raise UserError(f"{where}: expected a mapping of config keys to lists of values, e.g. {{train.lr: [1.0e-4, 2.0e-4]}}.")
+        raise UserError(
+            f"{where}: expected a mapping of config keys to lists of values, e.g. {{train.lr: [1.0e-4, 2.0e-4]}}."
+        )
     grid = {}
     for key, values in _flatten(data).items():
         if "." not in key:
@@ -287,8 +301,15 @@ def expand_grid(spec: MethodSpec, data: Any, shared: dict, where: str) -> list[M
                 if not isinstance(node, dict):
                     raise UserError(f"{where}.grid: {key!r} runs into a setting that is not a section.")
             node[leaf] = value
-        out.append(MethodSpec(name=f"{spec.name}@{grid_label(point)}", method=spec.method, overrides=overrides,
-                              group=spec.name, setting=point))
+        out.append(
+            MethodSpec(
+                name=f"{spec.name}@{grid_label(point)}",
+                method=spec.method,
+                overrides=overrides,
+                group=spec.name,
+                setting=point,
+            )
+        )
     return out
 
 
@@ -302,8 +323,11 @@ def parse_config(data: Any, where: str = "config") -> ContinualConfig:
             raise UserError(f"{where}: '{key}' must be a non-empty list.")
     stream = [_stage(s, f"{where}: stream[{i}]") for i, s in enumerate(data["stream"])]
     shared_grid = parse_grid(data.get("grid") or {}, f"{where}: grid")
-    methods = [point for i, m in enumerate(data["methods"])
-               for point in expand_grid(_method(m, f"{where}: methods[{i}]"), m, shared_grid, f"{where}: methods[{i}]")]
+    methods = [
+        point
+        for i, m in enumerate(data["methods"])
+        for point in expand_grid(_method(m, f"{where}: methods[{i}]"), m, shared_grid, f"{where}: methods[{i}]")
+    ]
     for label, items in (("stream", [s.name for s in stream]), ("methods", [m.name for m in methods])):
         dupes = sorted({n for n in items if items.count(n) > 1})
         if dupes:
@@ -317,7 +341,11 @@ def parse_config(data: Any, where: str = "config") -> ContinualConfig:
     if not isinstance(base, dict):
         raise UserError(f"{where}: 'base' must be a mapping of config sections (model, train, ...).")
     cfg = ContinualConfig(
-        stream=stream, methods=methods, base=base, seeds=seeds, data_seed=int(data.get("data_seed", 0)),
+        stream=stream,
+        methods=methods,
+        base=base,
+        seeds=seeds,
+        data_seed=int(data.get("data_seed", 0)),
         output_dir=str(data.get("output_dir", "runs/continual")),
         keep_stage_models=bool(data.get("keep_stage_models", True)),
         workers=data.get("workers", 1),
@@ -325,7 +353,9 @@ def parse_config(data: Any, where: str = "config") -> ContinualConfig:
         grid={k: list(v) for k, v in shared_grid.items()},
     )
     if not isinstance(cfg.workers, int) or isinstance(cfg.workers, bool) or cfg.workers < 1:
-        raise UserError(f"{where}: 'workers' must be an integer >= 1 (processes running sequences at once), got {cfg.workers!r}.")
+        raise UserError(
+            f"{where}: 'workers' must be an integer >= 1 (processes running sequences at once), got {cfg.workers!r}."
+        )
     # Every method's stage config must load: report a bad override now, not after hours of training.
     for m in methods:
         try:

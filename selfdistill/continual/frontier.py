@@ -86,14 +86,18 @@ def _point(entry: dict, results: dict, stage: int, final: bool) -> dict:
         per_seed = []
         for seq in entry["seeds"].values():
             if seq["complete"]:
-                cells = seq["loglik_change"][stage] if final else seq["loglik_change"][stage][stage - 1:stage]
+                cells = seq["loglik_change"][stage] if final else seq["loglik_change"][stage][stage - 1 : stage]
                 per_seed.append(_combine(cells)["value"])
         from selfdistill.continual.metrics import mean_ci
 
         summary = mean_ci(per_seed)
         gain = _cell(summary["mean"], summary["ci95"])
-    return {"new_task": _cell(new_value, new_ci), "prior": _cell(prior["mean"], prior_ci),
-            "drift": _cell(drift["mean"], drift_ci), "loglik_gain": gain}
+    return {
+        "new_task": _cell(new_value, new_ci),
+        "prior": _cell(prior["mean"], prior_ci),
+        "drift": _cell(drift["mean"], drift_ci),
+        "loglik_gain": gain,
+    }
 
 
 def _separated(a: dict, b: dict) -> bool | None:
@@ -121,7 +125,9 @@ def groups_of(results: dict) -> dict:
             except TypeError:
                 pass
         keys = list(group["grid"])
-        order = {name: tuple(_sort_key(results["methods"][name]["setting"].get(k)) for k in keys) for name in group["points"]}
+        order = {
+            name: tuple(_sort_key(results["methods"][name]["setting"].get(k)) for k in keys) for name in group["points"]
+        }
         group["points"].sort(key=lambda n: order[n])
     return groups
 
@@ -133,7 +139,9 @@ def _sort_key(value):
 def grid_text(group: dict) -> str:
     if not group["grid"]:
         return "one setting (no grid)"
-    return "; ".join(f"{key} in {{{', '.join(format_value(v) for v in values)}}}" for key, values in group["grid"].items())
+    return "; ".join(
+        f"{key} in {{{', '.join(format_value(v) for v in values)}}}" for key, values in group["grid"].items()
+    )
 
 
 def _fmt(measure: str, cell: dict) -> str:
@@ -151,15 +159,23 @@ def analyse(results: dict) -> dict:
     for name, entry in results["methods"].items():
         if not entry.get("summary"):
             continue
-        points[name] = {"group": entry.get("group") or name, "setting": entry.get("setting") or {},
-                        "label": grid_label(entry.get("setting") or {}) or name,
-                        "final": _point(entry, results, n, final=True),
-                        "stages": [_point(entry, results, k, final=False) for k in range(1, n + 1)]}
+        points[name] = {
+            "group": entry.get("group") or name,
+            "setting": entry.get("setting") or {},
+            "label": grid_label(entry.get("setting") or {}) or name,
+            "final": _point(entry, results, n, final=True),
+            "stages": [_point(entry, results, k, final=False) for k in range(1, n + 1)],
+        }
     grids = {g: {k: [repr(v) for v in vs] for k, vs in info["grid"].items()} for g, info in groups.items()}
     same_grid = len(groups) > 1 and len({repr(sorted(g.items())) for g in grids.values()}) == 1
     comparisons = _compare(groups, points)
-    return {"groups": groups, "same_grid": same_grid, "points": points, "comparisons": comparisons,
-            "finding": finding(groups, points, comparisons, same_grid)}
+    return {
+        "groups": groups,
+        "same_grid": same_grid,
+        "points": points,
+        "comparisons": comparisons,
+        "finding": finding(groups, points, comparisons, same_grid),
+    }
 
 
 def _compare(groups: dict, points: dict) -> list[dict]:
@@ -167,7 +183,7 @@ def _compare(groups: dict, points: dict) -> list[dict]:
     names = list(groups)
     out = []
     for i, a in enumerate(names):
-        for b in names[i + 1:]:
+        for b in names[i + 1 :]:
             by_setting_a = {repr(sorted(points[p]["setting"].items())): p for p in groups[a]["points"] if p in points}
             by_setting_b = {repr(sorted(points[p]["setting"].items())): p for p in groups[b]["points"] if p in points}
             for key in by_setting_a:
@@ -185,18 +201,31 @@ def _compare(groups: dict, points: dict) -> list[dict]:
                         winner = a
                     else:
                         winner = b
-                    out.append({"groups": [a, b], "setting": pa["label"], "measure": measure,
-                                "values": {a: ca["value"], b: cb["value"]}, "ci95": {a: ca["ci95"], b: cb["ci95"]},
-                                "better": winner, "outside_noise": separated})
+                    out.append(
+                        {
+                            "groups": [a, b],
+                            "setting": pa["label"],
+                            "measure": measure,
+                            "values": {a: ca["value"], b: cb["value"]},
+                            "ci95": {a: ca["ci95"], b: cb["ci95"]},
+                            "better": winner,
+                            "outside_noise": separated,
+                        }
+                    )
     return out
 
 
 VERDICTS = {
     "new_task": ("{w} learned the new tasks better", "new-task scores did not differ beyond the noise"),
-    "prior": ("{w} kept more of its prior capabilities", "prior-capability probe scores did not differ beyond the noise"),
+    "prior": (
+        "{w} kept more of its prior capabilities",
+        "prior-capability probe scores did not differ beyond the noise",
+    ),
     "drift": ("{w} stayed closer to the starting model", "drift did not differ beyond the noise"),
-    "loglik_gain": ("{w} made the held-out demonstrations more likely",
-                    "held-out demonstration log-likelihood gains did not differ beyond the noise"),
+    "loglik_gain": (
+        "{w} made the held-out demonstrations more likely",
+        "held-out demonstration log-likelihood gains did not differ beyond the noise",
+    ),
 }
 
 
@@ -215,12 +244,18 @@ def finding(groups: dict, points: dict, comparisons: list[dict], same_grid: bool
     if len(groups) < 2:
         name = next(iter(groups))
         best = max(points.values(), key=lambda p: p["final"]["new_task"]["value"] or 0)
-        return {"headline": f"One method ({name}, {grid_text(groups[name])}); its best new-task score is "
-                            f"{best['final']['new_task']['value']:.2f} ({best['label']}).", "details": []}
+        return {
+            "headline": f"One method ({name}, {grid_text(groups[name])}); its best new-task score is "
+            f"{best['final']['new_task']['value']:.2f} ({best['label']}).",
+            "details": [],
+        }
     sentences, details = [], []
     if not same_grid:
-        sentences.append("The methods ran over different grids (" + "; ".join(
-            f"{g}: {grid_text(info)}" for g, info in groups.items()) + "), so only settings both ran are compared.")
+        sentences.append(
+            "The methods ran over different grids ("
+            + "; ".join(f"{g}: {grid_text(info)}" for g, info in groups.items())
+            + "), so only settings both ran are compared."
+        )
     pairs: dict = {}
     for c in comparisons:
         pairs.setdefault(tuple(c["groups"]), []).append(c)
@@ -233,10 +268,17 @@ def finding(groups: dict, points: dict, comparisons: list[dict], same_grid: bool
                 continue
             for r in rows_m:
                 label, _, unit = MEASURES[measure]
-                details.append(f"{r['setting']}, {label}: {a} {_interval_text(measure, r['values'][a], r['ci95'][a])} vs "
-                               f"{b} {_interval_text(measure, r['values'][b], r['ci95'][b])}{unit}"
-                               + ("" if r["outside_noise"] else " (within the noise)" if r["outside_noise"] is False
-                                  else " (no interval to judge the noise)"))
+                details.append(
+                    f"{r['setting']}, {label}: {a} {_interval_text(measure, r['values'][a], r['ci95'][a])} vs "
+                    f"{b} {_interval_text(measure, r['values'][b], r['ci95'][b])}{unit}"
+                    + (
+                        ""
+                        if r["outside_noise"]
+                        else " (within the noise)"
+                        if r["outside_noise"] is False
+                        else " (no interval to judge the noise)"
+                    )
+                )
             real = [r for r in rows_m if r["outside_noise"]]
             wins = {g: sum(1 for r in real if r["better"] == g) for g in (a, b)}
             count = f"{len(rows_m)} setting" + ("s" if len(rows_m) > 1 else "")
@@ -248,7 +290,9 @@ def finding(groups: dict, points: dict, comparisons: list[dict], same_grid: bool
                 winner = a if wins[a] else b
                 extra = "" if len(real) == len(rows_m) else f", within the noise at the other {len(rows_m) - len(real)}"
                 clauses.append(win.format(w=winner) + f" (at {len(real)} of {count}{extra})")
-        where = "At the same setting" if len(settings) == 1 else f"At equal settings ({len(settings)} shared grid points)"
+        where = (
+            "At the same setting" if len(settings) == 1 else f"At equal settings ({len(settings)} shared grid points)"
+        )
         sentences.append(f"{where}, {a} vs {b}: " + "; ".join(clauses) + ".")
     if not pairs:
         sentences.append("No setting was run by more than one method, so no point-by-point comparison is possible.")

@@ -22,16 +22,47 @@ import math
 from statistics import mean, stdev
 
 # Two-sided 95% quantiles t_{0.975, df} for df = 1..30; beyond 30 the normal 1.96 is within 2%.
-_T975 = [12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228, 2.201, 2.179, 2.160, 2.145,
-         2.131, 2.120, 2.110, 2.101, 2.093, 2.086, 2.080, 2.074, 2.069, 2.064, 2.060, 2.056, 2.052, 2.048,
-         2.045, 2.042]
+_T975 = [
+    12.706,
+    4.303,
+    3.182,
+    2.776,
+    2.571,
+    2.447,
+    2.365,
+    2.306,
+    2.262,
+    2.228,
+    2.201,
+    2.179,
+    2.160,
+    2.145,
+    2.131,
+    2.120,
+    2.110,
+    2.101,
+    2.093,
+    2.086,
+    2.080,
+    2.074,
+    2.069,
+    2.064,
+    2.060,
+    2.056,
+    2.052,
+    2.048,
+    2.045,
+    2.042,
+]
 CI_METHOD = "95% interval from Student's t with n-1 degrees of freedom across seeds; null with one seed"
 
 
 def _check(R: list[list[float]]) -> int:
     n = len(R[0]) if R else 0
     if n == 0 or len(R) != n + 1 or any(len(row) != n for row in R):
-        raise ValueError(f"R must have N + 1 rows (stages 0..N) of N scores; got {len(R)} rows of {[len(r) for r in R]}")
+        raise ValueError(
+            f"R must have N + 1 rows (stages 0..N) of N scores; got {len(R)} rows of {[len(r) for r in R]}"
+        )
     return n
 
 

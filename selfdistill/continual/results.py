@@ -16,8 +16,19 @@ from selfdistill.errors import UserError
 from selfdistill.files import read_json, write_json
 
 FORMAT = "selfdistill-continual-v1"
-METRIC_NAMES = ("acc", "bwt", "fwt", "forgetting", "prior_final", "prior_change", "drift_kl_final", "drift_nll_final",
-                "lenient_acc", "loglik_final", "loglik_gain")
+METRIC_NAMES = (
+    "acc",
+    "bwt",
+    "fwt",
+    "forgetting",
+    "prior_final",
+    "prior_change",
+    "drift_kl_final",
+    "drift_nll_final",
+    "lenient_acc",
+    "loglik_final",
+    "loglik_gain",
+)
 
 
 # Per-task matrices besides R, each [stage][task], null where a task has no such measure.
@@ -33,14 +44,20 @@ def _stage_values(where: Path, tasks: list[str]) -> dict | None:
     probes = read_json(where / "probes.json") if (where / "probes.json").is_file() else {}
     drift = read_json(where / "drift.json") if (where / "drift.json").is_file() else {}
     logliks = [s.get("loglik") or {} for s in summaries]
-    return {"scores": [s["score"] for s in summaries], "prior": probes.get("score"),
-            "drift_kl": drift.get("kl_nats"), "drift_nll": drift.get("nll_nats"),
-            "drift_per_prompt": drift.get("kl_per_prompt"),
-            "lenient": [(s.get("lenient") or {}).get("score") for s in summaries],
-            "loglik": [ll.get("student") for ll in logliks], "loglik_teacher": [ll.get("teacher") for ll in logliks],
-            "loglik_answer": [ll.get("student_answer") for ll in logliks],
-            "loglik_items": [ll.get("items") for ll in logliks],
-            "train_time_s": done.get("train_time_s"), "eval_time_s": done.get("eval_time_s")}
+    return {
+        "scores": [s["score"] for s in summaries],
+        "prior": probes.get("score"),
+        "drift_kl": drift.get("kl_nats"),
+        "drift_nll": drift.get("nll_nats"),
+        "drift_per_prompt": drift.get("kl_per_prompt"),
+        "lenient": [(s.get("lenient") or {}).get("score") for s in summaries],
+        "loglik": [ll.get("student") for ll in logliks],
+        "loglik_teacher": [ll.get("teacher") for ll in logliks],
+        "loglik_answer": [ll.get("student_answer") for ll in logliks],
+        "loglik_items": [ll.get("items") for ll in logliks],
+        "train_time_s": done.get("train_time_s"),
+        "eval_time_s": done.get("eval_time_s"),
+    }
 
 
 def _item_change(items: list | None, start_items: list | None) -> dict | None:
@@ -63,13 +80,17 @@ def _sequence(out: Path, method: str, seed: int, tasks: list[str], start: dict) 
         "stages_done": len(stages) - 1,
         "R": [s["scores"] for s in stages],
         "prior": [s["prior"] for s in stages],
-        "prior_delta": [None if s["prior"] is None or start["prior"] is None else s["prior"] - start["prior"] for s in stages],
+        "prior_delta": [
+            None if s["prior"] is None or start["prior"] is None else s["prior"] - start["prior"] for s in stages
+        ],
         "drift_kl": [s["drift_kl"] for s in stages],
         "drift_nll": [s["drift_nll"] for s in stages],
         **{key: [s[key] for s in stages] for key in MATRICES},
         # Change of the student-prompt log-likelihood from the start, per stage and task, with a t interval
         # across evaluation items (one seed's measurement noise; null where a task has no demonstrations).
-        "loglik_change": [[_item_change(a, b) for a, b in zip(s["loglik_items"], start["loglik_items"])] for s in stages],
+        "loglik_change": [
+            [_item_change(a, b) for a, b in zip(s["loglik_items"], start["loglik_items"])] for s in stages
+        ],
         # A t interval across the drift prompts: how much drift varies from prompt to prompt (one seed's noise).
         "drift_kl_ci": [mean_ci(s["drift_per_prompt"])["ci95"] if s["drift_per_prompt"] else None for s in stages],
         "train_time_s": [s["train_time_s"] for s in stages[1:]],
@@ -86,7 +107,9 @@ def _sequence(out: Path, method: str, seed: int, tasks: list[str], start: dict) 
         metrics["lenient_acc"] = _mean_known(seq["lenient"][-1])
         metrics["loglik_final"] = _mean_known(seq["loglik"][-1])
         start_ll = _mean_known(seq["loglik"][0])
-        metrics["loglik_gain"] = None if metrics["loglik_final"] is None or start_ll is None else metrics["loglik_final"] - start_ll
+        metrics["loglik_gain"] = (
+            None if metrics["loglik_final"] is None or start_ll is None else metrics["loglik_final"] - start_ll
+        )
         seq["metrics"] = metrics
     return seq
 
@@ -108,17 +131,34 @@ def collect(out_dir: str | Path) -> dict:
     config = read_json(out / "config.json")
     tasks = [s["name"] for s in config["stream"]]
     start = _stage_values(out / "start", tasks)
-    results = {"format": FORMAT, "run_dir": str(out), "config": config, "ci_method": CI_METHOD,
-               "tasks": [], "methods": {}, "complete": False}
+    results = {
+        "format": FORMAT,
+        "run_dir": str(out),
+        "config": config,
+        "ci_method": CI_METHOD,
+        "tasks": [],
+        "methods": {},
+        "complete": False,
+    }
     for stage, name in zip(config["stream"], tasks):
         summary = out / "start" / "eval" / name / "summary.json"
         info = read_json(summary) if summary.is_file() else {}
-        results["tasks"].append({"name": name, "builtin": stage.get("task"), "grader": info.get("grader", stage.get("grader")),
-                                 "eval_count": info.get("count")})
+        results["tasks"].append(
+            {
+                "name": name,
+                "builtin": stage.get("task"),
+                "grader": info.get("grader", stage.get("grader")),
+                "eval_count": info.get("count"),
+            }
+        )
     if start is None:
         return results
-    results["start"] = {"scores": start["scores"], "prior": start["prior"], "eval_time_s": start["eval_time_s"],
-                        **{key: start[key] for key in MATRICES}}
+    results["start"] = {
+        "scores": start["scores"],
+        "prior": start["prior"],
+        "eval_time_s": start["eval_time_s"],
+        **{key: start[key] for key in MATRICES},
+    }
     probes = out / "start" / "probes.json"
     results["prior_count"] = read_json(probes)["count"] if probes.is_file() else None
     complete = True
@@ -138,10 +178,14 @@ def collect(out_dir: str | Path) -> dict:
             for key in ("prior", "prior_delta", "drift_kl", "drift_nll"):
                 summary[key] = _per_stage_ci([s[key] for s in finished])
             summary["seeds"] = len(finished)
-        results["methods"][method["name"]] = {"method": method["method"], "overrides": method["overrides"],
-                                              "group": method.get("group") or method["name"],
-                                              "setting": method.get("setting") or {},
-                                              "seeds": seeds, "summary": summary}
+        results["methods"][method["name"]] = {
+            "method": method["method"],
+            "overrides": method["overrides"],
+            "group": method.get("group") or method["name"],
+            "setting": method.get("setting") or {},
+            "seeds": seeds,
+            "summary": summary,
+        }
     results["complete"] = complete
     results["frontier"] = frontier.analyse(results)
     return results
@@ -172,8 +216,12 @@ def summary_table(results: dict) -> str:
     lines += [header, "-" * len(header)]
     start = results.get("start")
     if start:
-        lines.append(f"{'(start)':<{w}}{'stage 0':<16}" + "".join(f"{v:>13.3f}" for v in start["scores"])
-                     + _num(start["prior"]) + _num(0.0))
+        lines.append(
+            f"{'(start)':<{w}}{'stage 0':<16}"
+            + "".join(f"{v:>13.3f}" for v in start["scores"])
+            + _num(start["prior"])
+            + _num(0.0)
+        )
     for name, entry in methods.items():
         s = entry["summary"]
         if s is None:
@@ -181,23 +229,36 @@ def summary_table(results: dict) -> str:
             continue
         for k in range(1, len(tasks) + 1):
             stage = f"{k} {tasks[k - 1]}"[:15]
-            lines.append(f"{name:<{w}}{stage:<16}" + "".join(f"{c['mean']:>13.3f}" for c in s["R"][k])
-                         + _num(s["prior"][k]["mean"]) + _num(s["drift_kl"][k]["mean"]))
+            lines.append(
+                f"{name:<{w}}{stage:<16}"
+                + "".join(f"{c['mean']:>13.3f}" for c in s["R"][k])
+                + _num(s["prior"][k]["mean"])
+                + _num(s["drift_kl"][k]["mean"])
+            )
         parts = []
         for key, label in (("acc", "ACC"), ("bwt", "BWT"), ("fwt", "FWT"), ("forgetting", "Forgetting")):
             v = s[key]["mean"]
             parts.append(f"{label} {v:+.3f}" if v is not None else f"{label} -")
         lines.append(f"{'':<{w}}" + "  ".join(parts))
-    lines.append("scores: fraction correct (0-1); prior: prior-capability probe score; drift: KL from the starting "
-                 "model, nats/token")
+    lines.append(
+        "scores: fraction correct (0-1); prior: prior-capability probe score; drift: KL from the starting "
+        "model, nats/token"
+    )
     lines += _loglik_block(results, tasks, w)
     lines += _lenient_block(results, tasks, w)
     groups = frontier_data.get("groups") or {}
     if any(g["grid"] for g in groups.values()):
-        lines += ["", "Grids: " + "; ".join(f"{g}: {frontier.grid_text(info)}" for g, info in groups.items())
-                  + (" (the same for every method)" if frontier_data.get("same_grid") else "")]
+        lines += [
+            "",
+            "Grids: "
+            + "; ".join(f"{g}: {frontier.grid_text(info)}" for g, info in groups.items())
+            + (" (the same for every method)" if frontier_data.get("same_grid") else ""),
+        ]
     if found.get("details"):
-        lines += ["", "Point by point, at the end of the stream (95% intervals; 'within the noise': the intervals overlap):"]
+        lines += [
+            "",
+            "Point by point, at the end of the stream (95% intervals; 'within the noise': the intervals overlap):",
+        ]
         lines += [f"  {d}" for d in found["details"]]
     return "\n".join(lines)
 
@@ -214,10 +275,15 @@ def _loglik_block(results: dict, tasks: list[str], w: int) -> list[str]:
     if not shown:
         return []
     names = [tasks[i] for i in shown]
-    lines = ["", "Held-out demonstration log-likelihood, nats/token (student prompt; change from the start in brackets):",
-             f"{'method':<{w}}{'after':<16}" + "".join(f"{t[:18]:>19}" for t in names)]
+    lines = [
+        "",
+        "Held-out demonstration log-likelihood, nats/token (student prompt; change from the start in brackets):",
+        f"{'method':<{w}}{'after':<16}" + "".join(f"{t[:18]:>19}" for t in names),
+    ]
     lines.append(f"{'(start)':<{w}}{'stage 0':<16}" + "".join(f"{start['loglik'][i]:>19.3f}" for i in shown))
-    lines.append(f"{'(start)':<{w}}{'teacher prompt':<16}" + "".join(_num(start["loglik_teacher"][i], ".3f", 19) for i in shown))
+    lines.append(
+        f"{'(start)':<{w}}{'teacher prompt':<16}" + "".join(_num(start["loglik_teacher"][i], ".3f", 19) for i in shown)
+    )
     for name, entry in results["methods"].items():
         s = entry["summary"]
         if s is None:
@@ -236,16 +302,22 @@ def _lenient_block(results: dict, tasks: list[str], w: int) -> list[str]:
     shown = [i for i, v in enumerate(start.get("lenient") or []) if v is not None]
     if not shown:
         return []
-    lines = ["", "Lenient / partial scores (knowledge: any accepted form of the answer; tool calls: the right action "
-             "with wrong arguments counts 0.5):", f"{'method':<{w}}{'after':<16}" + "".join(f"{tasks[i][:12]:>13}" for i in shown),
-             f"{'(start)':<{w}}{'stage 0':<16}" + "".join(f"{start['lenient'][i]:>13.3f}" for i in shown)]
+    lines = [
+        "",
+        "Lenient / partial scores (knowledge: any accepted form of the answer; tool calls: the right action "
+        "with wrong arguments counts 0.5):",
+        f"{'method':<{w}}{'after':<16}" + "".join(f"{tasks[i][:12]:>13}" for i in shown),
+        f"{'(start)':<{w}}{'stage 0':<16}" + "".join(f"{start['lenient'][i]:>13.3f}" for i in shown),
+    ]
     for name, entry in results["methods"].items():
         s = entry["summary"]
         if s is None:
             continue
         for k in range(1, len(tasks) + 1):
-            lines.append(f"{name:<{w}}{f'{k} {tasks[k - 1]}'[:15]:<16}" + "".join(_num(s["lenient"][k][i]["mean"], ".3f", 13)
-                                                                            for i in shown))
+            lines.append(
+                f"{name:<{w}}{f'{k} {tasks[k - 1]}'[:15]:<16}"
+                + "".join(_num(s["lenient"][k][i]["mean"], ".3f", 13) for i in shown)
+            )
     return lines
 
 

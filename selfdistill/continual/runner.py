@@ -83,23 +83,27 @@ def build_tasks(cfg: ContinualConfig) -> list[StreamTask]:
         if stage.task:
             spec = get_task(stage.task)
             data = make_task(stage.task, cfg.data_seed, stage.size)
-            evals = data.eval[:stage.eval_size] if stage.eval_size else data.eval
+            evals = data.eval[: stage.eval_size] if stage.eval_size else data.eval
             lenient = spec.metrics[1] if len(spec.metrics) > 1 else None
-            tasks.append(StreamTask(stage.name, spec.metrics[0].grader, data.train, evals, budget, data.documents,
-                                    lenient, template))
+            tasks.append(
+                StreamTask(
+                    stage.name, spec.metrics[0].grader, data.train, evals, budget, data.documents, lenient, template
+                )
+            )
         else:
             train = load_records(stage.train)
             evals = load_records(stage.eval, require_demonstration=False)
             if stage.size:
-                train = train[:stage.size]
+                train = train[: stage.size]
             if stage.eval_size:
-                evals = evals[:stage.eval_size]
+                evals = evals[: stage.eval_size]
             partial = LENIENT_GRADERS.get(stage.grader)
             lenient = Metric("partial", partial) if partial else None
             if stage.lenient:
                 lenient = Metric("lenient", stage.lenient["grader"], stage.lenient.get("answer_field", "answer"))
-            tasks.append(StreamTask(stage.name, stage.grader, train, evals, budget, lenient=lenient,
-                                    teacher_template=template))
+            tasks.append(
+                StreamTask(stage.name, stage.grader, train, evals, budget, lenient=lenient, teacher_template=template)
+            )
     return tasks
 
 
@@ -115,8 +119,10 @@ def prepare_run_dir(cfg: ContinualConfig, overwrite: bool) -> Path:
     if saved.is_file() and not overwrite:
         previous = read_json(saved)
         if _fingerprint_of(previous) != _fingerprint(cfg):
-            raise UserError(f"{out} holds a run with another stream, base config or evaluation settings. "
-                            "Choose another output_dir, or pass --overwrite to start again.")
+            raise UserError(
+                f"{out} holds a run with another stream, base config or evaluation settings. "
+                "Choose another output_dir, or pass --overwrite to start again."
+            )
     if overwrite and out.exists():
         for child in ("start", "methods", "config.json", "results.json", "report.html", "report.md"):
             target = out / child
@@ -139,8 +145,10 @@ def prepare_run_dir(cfg: ContinualConfig, overwrite: bool) -> Path:
         entry = {"name": method.name, "method": method.method, "overrides": method.overrides}
         path = out / "methods" / method.name / "method.json"
         if path.is_file() and read_json(path) != entry:
-            raise UserError(f"{out}: method {method.name!r} was run before with other settings; give the changed "
-                            "entry a new name, or pass --overwrite to start again.")
+            raise UserError(
+                f"{out}: method {method.name!r} was run before with other settings; give the changed "
+                "entry a new name, or pass --overwrite to start again."
+            )
         write_json(path, entry)
     return out
 
@@ -152,8 +160,15 @@ def _fingerprint_of(saved: dict) -> dict:
 class Runner:
     """Runs (or continues) every method x seed sequence of a stream config."""
 
-    def __init__(self, cfg: ContinualConfig, *, overwrite: bool = False, echo: Callable[[str], None] = print,
-                 train_fn: Callable | None = None, prepared: bool = False):
+    def __init__(
+        self,
+        cfg: ContinualConfig,
+        *,
+        overwrite: bool = False,
+        echo: Callable[[str], None] = print,
+        train_fn: Callable | None = None,
+        prepared: bool = False,
+    ):
         self.cfg = cfg
         # A worker process of a parallel run finds the directory already prepared by its parent.
         self.out = Path(cfg.output_dir) if prepared else prepare_run_dir(cfg, overwrite)
@@ -202,11 +217,17 @@ class Runner:
             if answers is None:
                 model, tokenizer = self.start_model()
                 settings = self.cfg.eval.drift
-                prompts = drift_mod.drift_prompts()[:settings.limit]
+                prompts = drift_mod.drift_prompts()[: settings.limit]
                 precision = resolve_precision(self.cfg.eval.precision, next(model.parameters()).device)
-                answers = drift_mod.base_answers(model, tokenizer, prompts=prompts, max_new_tokens=settings.max_new_tokens,
-                                                 batch_size=self.cfg.eval.batch_size, precision=precision,
-                                                 base_name=self.model_name())
+                answers = drift_mod.base_answers(
+                    model,
+                    tokenizer,
+                    prompts=prompts,
+                    max_new_tokens=settings.max_new_tokens,
+                    batch_size=self.cfg.eval.batch_size,
+                    precision=precision,
+                    base_name=self.model_name(),
+                )
                 drift_mod.save_base_answers(answers, path)
             self._drift_answers = answers
         return self._drift_answers
@@ -228,9 +249,18 @@ class Runner:
             tmp = target.with_name(task.name + ".tmp")
             shutil.rmtree(tmp, ignore_errors=True)
             examples: list[dict] = []
-            summary = evaluate(model, tokenizer, task.eval, graders.get(task.grader), max_new_tokens=task.max_new_tokens,
-                               batch_size=settings.batch_size, precision=precision, out_dir=tmp,
-                               desc=f"{label} eval {task.name}", examples=examples)
+            summary = evaluate(
+                model,
+                tokenizer,
+                task.eval,
+                graders.get(task.grader),
+                max_new_tokens=task.max_new_tokens,
+                batch_size=settings.batch_size,
+                precision=precision,
+                out_dir=tmp,
+                desc=f"{label} eval {task.name}",
+                examples=examples,
+            )
             summary.update({"task": task.name, "grader": task.grader})
             if task.lenient is not None:
                 summary["lenient"] = self.lenient_score(task, examples)
@@ -247,8 +277,15 @@ class Runner:
         if settings.probes.enabled and not (where / "probes.json").is_file():
             from selfdistill.eval.probes import run_probes
 
-            result = run_probes(model, tokenizer, limit=settings.probes.limit, max_new_tokens=settings.probes.max_new_tokens,
-                                batch_size=settings.batch_size, precision=precision, out_dir=where / "probes")
+            result = run_probes(
+                model,
+                tokenizer,
+                limit=settings.probes.limit,
+                max_new_tokens=settings.probes.max_new_tokens,
+                batch_size=settings.batch_size,
+                precision=precision,
+                out_dir=where / "probes",
+            )
             write_json(where / "probes.json", result)
             self.echo(f"  {label}: prior-capability probes = {result['score']:.3f} ({result['count']} items)")
         if settings.drift.enabled and not (where / "drift.json").is_file():
@@ -267,8 +304,13 @@ class Runner:
         grader = default_grader(task.lenient.grader)
         scores = [score(e["output"], record, task.lenient, grader) for e, record in zip(examples, task.eval)]
         mean = sum(scores) / len(scores)
-        return {"metric": task.lenient.name, "grader": task.lenient.grader, "score": mean,
-                "ci95": list(wilson_interval(mean, len(scores))), "scores": scores}
+        return {
+            "metric": task.lenient.name,
+            "grader": task.lenient.grader,
+            "score": mean,
+            "ci95": list(wilson_interval(mean, len(scores))),
+            "scores": scores,
+        }
 
     def demonstration_loglik(self, model, tokenizer, task: StreamTask, precision: str) -> dict | None:
         """Held-out demonstration log-likelihood of the task's evaluation items (None without demonstrations)."""
@@ -276,8 +318,15 @@ class Runner:
         from selfdistill.models import stop_token_id
 
         system_prompt = (self.cfg.base.get("data") or {}).get("system_prompt")
-        return heldout_loglik(model, tokenizer, task.eval, template=task.teacher_template, system_prompt=system_prompt,
-                              stop_token_id=stop_token_id(model, tokenizer), precision=precision)
+        return heldout_loglik(
+            model,
+            tokenizer,
+            task.eval,
+            template=task.teacher_template,
+            system_prompt=system_prompt,
+            stop_token_id=stop_token_id(model, tokenizer),
+            precision=precision,
+        )
 
     # --- the loop -----------------------------------------------------------------------------
 
@@ -307,7 +356,9 @@ class Runner:
         self.echo(f"running {len(sequences)} method x seed sequences in {workers} processes of {threads} thread(s)")
         context = multiprocessing.get_context("spawn")  # no forked copies of torch's thread pools
         with ProcessPoolExecutor(max_workers=workers, mp_context=context) as pool:
-            futures = [pool.submit(_run_sequence_process, self.cfg, method.name, seed, threads) for method, seed in sequences]
+            futures = [
+                pool.submit(_run_sequence_process, self.cfg, method.name, seed, threads) for method, seed in sequences
+            ]
             for future in as_completed(futures):
                 future.result()  # re-raises a sequence's error here; the others' finished stages stay on disk
 
@@ -337,14 +388,23 @@ class Runner:
                     cfg.data.documents = str(docs)
                 t0 = time.perf_counter()
                 # A fresh method per stage: the SDFT teacher starts from the model this stage starts with.
-                result = self.train_fn(cfg, records=task.train, model=model, tokenizer=tokenizer, resume=True,
-                                       save_final=True)
+                result = self.train_fn(
+                    cfg, records=task.train, model=model, tokenizer=tokenizer, resume=True, save_final=True
+                )
                 model, tokenizer = _merged(result.model), result.tokenizer
                 train_time = time.perf_counter() - t0
                 write_json(trained, {"stage": k, "task": task.name, "steps": result.steps, "train_time_s": train_time})
             eval_time = self.evaluate_stage(model, tokenizer, where, label)
-            write_json(where / "done.json", {"stage": k, "task": task.name, "train_time_s": train_time,
-                                             "eval_time_s": eval_time, "finished": time.time()})
+            write_json(
+                where / "done.json",
+                {
+                    "stage": k,
+                    "task": task.name,
+                    "train_time_s": train_time,
+                    "eval_time_s": eval_time,
+                    "finished": time.time(),
+                },
+            )
             # Checkpoints (optimizer, teacher) only serve resuming inside a stage; the model is in final/.
             shutil.rmtree(where / "train" / "checkpoints", ignore_errors=True)
             if not self.cfg.keep_stage_models and k > 1:

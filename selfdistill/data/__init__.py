@@ -1,6 +1,6 @@
 """Records, their loading and validation, and the student / teacher prompts built from them."""
 
+from selfdistill.data.prompts import TEACHER_TEMPLATES, PromptBuilder
 from selfdistill.data.records import Record, load_records, records_from_rows
-from selfdistill.data.prompts import PromptBuilder, TEACHER_TEMPLATES
 
 __all__ = ["Record", "load_records", "records_from_rows", "PromptBuilder", "TEACHER_TEMPLATES"]

@@ -65,9 +65,16 @@ class EncodedRecord:
 
 
 class PromptBuilder:
-    def __init__(self, tokenizer, template: str = "paper", system_prompt: str | None = None,
-                 max_prompt_tokens: int = 1024, max_teacher_prompt_tokens: int = 2048,
-                 overlong: str = "error", stop_token_id: int | None = None):
+    def __init__(
+        self,
+        tokenizer,
+        template: str = "paper",
+        system_prompt: str | None = None,
+        max_prompt_tokens: int = 1024,
+        max_teacher_prompt_tokens: int = 2048,
+        overlong: str = "error",
+        stop_token_id: int | None = None,
+    ):
         if not getattr(tokenizer, "chat_template", None):
             raise UserError(
                 "The tokenizer has no chat template, so prompts cannot be formatted as conversations. "
@@ -108,7 +115,12 @@ class PromptBuilder:
         teacher = self.encode_messages(self.teacher_messages(record))
         for ids, limit, what, option in (
             (student, self.max_prompt_tokens, "student prompt", "data.max_prompt_tokens"),
-            (teacher, self.max_teacher_prompt_tokens, "teacher prompt (question + demonstration)", "data.max_teacher_prompt_tokens"),
+            (
+                teacher,
+                self.max_teacher_prompt_tokens,
+                "teacher prompt (question + demonstration)",
+                "data.max_teacher_prompt_tokens",
+            ),
         ):
             if len(ids) > limit:
                 message = f"{record.source or f'record {index}'}: the {what} has {len(ids)} tokens, over the limit {limit} ({option})."

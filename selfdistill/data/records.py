@@ -9,10 +9,11 @@ Every problem names the file, the line (1-based) and the field.
 from __future__ import annotations
 
 import json
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any
 
 from selfdistill.errors import UserError
 
@@ -50,59 +51,87 @@ def _where(source: str, fieldname: str) -> str:
 def _validate_prompt(value: Any, source: str) -> str | list[dict]:
     if isinstance(value, str):
         if not value.strip():
-            raise UserError(f"{_where(source, 'prompt')}: the prompt is empty. Write the question, or remove the record.")
+            raise UserError(
+                f"{_where(source, 'prompt')}: the prompt is empty. Write the question, or remove the record."
+            )
         return value
     if isinstance(value, list):
         if not value:
-            raise UserError(f"{_where(source, 'prompt')}: the message list is empty. End it with the user turn to answer.")
+            raise UserError(
+                f"{_where(source, 'prompt')}: the message list is empty. End it with the user turn to answer."
+            )
         for i, msg in enumerate(value):
-            if not isinstance(msg, dict) or not isinstance(msg.get("role"), str) or not isinstance(msg.get("content"), str):
-                raise UserError(f"{_where(source, 'prompt')}: message {i} must be an object with string 'role' and 'content'.")
+            if (
+                not isinstance(msg, dict)
+                or not isinstance(msg.get("role"), str)
+                or not isinstance(msg.get("content"), str)
+            ):
+                raise UserError(
+                    f"{_where(source, 'prompt')}: message {i} must be an object with string 'role' and 'content'."
+                )
         if value[-1]["role"] != "user":
             raise UserError(
                 f"{_where(source, 'prompt')}: the chat prompt ends with a {value[-1]['role']!r} turn; "
                 "it must end with the user turn the model answers (put the expert answer in 'demonstration')."
             )
         return [{"role": m["role"], "content": m["content"]} for m in value]
-    raise UserError(f"{_where(source, 'prompt')}: expected a string or a list of chat messages, got {type(value).__name__}. "
-                    "Write the prompt as a JSON string or as [{\"role\": \"user\", \"content\": ...}].")
+    raise UserError(
+        f"{_where(source, 'prompt')}: expected a string or a list of chat messages, got {type(value).__name__}. "
+        'Write the prompt as a JSON string or as [{"role": "user", "content": ...}].'
+    )
 
 
 def record_from_row(row: Any, source: str, columns: dict | None = None, require_demonstration: bool = True) -> Record:
     """Validate one row (after the column mapping) into a Record."""
     if not isinstance(row, dict):
-        raise UserError(f"{source}: expected a JSON object, got {type(row).__name__}. "
-                        "Write each record as one object, e.g. {\"prompt\": ..., \"demonstration\": ...}.")
+        raise UserError(
+            f"{source}: expected a JSON object, got {type(row).__name__}. "
+            'Write each record as one object, e.g. {"prompt": ..., "demonstration": ...}.'
+        )
     columns = dict(columns or {})
     for ours in columns:
         if ours not in FIELDS:
             raise UserError(f"data.columns: unknown field {ours!r}; map one of {', '.join(FIELDS)} to a column.")
     take = {name: columns.get(name, name) for name in FIELDS}
     if take["prompt"] not in row:
-        raise UserError(f"{_where(source, take['prompt'])}: missing (the prompt; map another column with data.columns).")
+        raise UserError(
+            f"{_where(source, take['prompt'])}: missing (the prompt; map another column with data.columns)."
+        )
     prompt = _validate_prompt(row[take["prompt"]], source)
     demo = row.get(take["demonstration"])
     if demo is None:
         if require_demonstration:
-            raise UserError(f"{_where(source, take['demonstration'])}: missing (the expert demonstration). "
-                            "Add it to every record, or map another column with data.columns.")
+            raise UserError(
+                f"{_where(source, take['demonstration'])}: missing (the expert demonstration). "
+                "Add it to every record, or map another column with data.columns."
+            )
         demo = ""
     if not isinstance(demo, str):
-        raise UserError(f"{_where(source, take['demonstration'])}: expected a string, got {type(demo).__name__}. "
-                        "Write the demonstration as a JSON string.")
+        raise UserError(
+            f"{_where(source, take['demonstration'])}: expected a string, got {type(demo).__name__}. "
+            "Write the demonstration as a JSON string."
+        )
     if require_demonstration and not demo.strip():
-        raise UserError(f"{_where(source, take['demonstration'])}: the demonstration is empty. "
-                        "Give every record an expert answer, or remove the record.")
+        raise UserError(
+            f"{_where(source, take['demonstration'])}: the demonstration is empty. "
+            "Give every record an expert answer, or remove the record."
+        )
     context = row.get(take["context"])
     if context is not None and not isinstance(context, str):
-        raise UserError(f"{_where(source, take['context'])}: expected a string, got {type(context).__name__}. "
-                        "Write the context as a JSON string, or leave it out.")
+        raise UserError(
+            f"{_where(source, take['context'])}: expected a string, got {type(context).__name__}. "
+            "Write the context as a JSON string, or leave it out."
+        )
     used = set(take.values())
     meta = {k: v for k, v in row.items() if k not in used}
-    return Record(prompt=prompt, demonstration=demo, context=context, answer=row.get(take["answer"]), meta=meta, source=source)
+    return Record(
+        prompt=prompt, demonstration=demo, context=context, answer=row.get(take["answer"]), meta=meta, source=source
+    )
 
 
-def records_from_rows(rows: Iterable[Any], name: str, columns: dict | None = None, require_demonstration: bool = True) -> list[Record]:
+def records_from_rows(
+    rows: Iterable[Any], name: str, columns: dict | None = None, require_demonstration: bool = True
+) -> list[Record]:
     records = [
         record_from_row(row, f"{name} row {i + 1}", columns, require_demonstration) for i, row in enumerate(rows)
     ]
@@ -126,25 +155,32 @@ def read_jsonl(path: Path) -> list[tuple[int, Any]]:
         try:
             text = line.decode("utf-8")
         except UnicodeDecodeError as exc:
-            raise UserError(f"{path} line {number}: not valid UTF-8 (byte {exc.start}); re-save the file as UTF-8.") from None
+            raise UserError(
+                f"{path} line {number}: not valid UTF-8 (byte {exc.start}); re-save the file as UTF-8."
+            ) from None
         try:
             rows.append((number, json.loads(text)))
         except json.JSONDecodeError as exc:
-            raise UserError(f"{path} line {number}, column {exc.colno}: malformed JSON ({exc.msg}). "
-                            "Fix that line: each line must be one complete JSON object.") from None
+            raise UserError(
+                f"{path} line {number}, column {exc.colno}: malformed JSON ({exc.msg}). "
+                "Fix that line: each line must be one complete JSON object."
+            ) from None
     return rows
 
 
 def builtin_path(name: str) -> Path:
     path = resources.files("selfdistill") / "resources" / f"{name}.jsonl"
     if not path.is_file():
-        available = sorted(p.name[:-6] for p in (resources.files("selfdistill") / "resources").iterdir() if p.name.endswith(".jsonl"))
+        available = sorted(
+            p.name[:-6] for p in (resources.files("selfdistill") / "resources").iterdir() if p.name.endswith(".jsonl")
+        )
         raise UserError(f"Unknown built-in dataset {name!r}; available: {', '.join(available)}.")
     return Path(str(path))
 
 
-def load_records(source: str | Path, columns: dict | None = None, split: str = "train",
-                 require_demonstration: bool = True) -> list[Record]:
+def load_records(
+    source: str | Path, columns: dict | None = None, split: str = "train", require_demonstration: bool = True
+) -> list[Record]:
     """Records from a .jsonl file, a `save_to_disk` directory, `hf:NAME` (load_dataset) or `builtin:NAME`."""
     text = str(source)
     if text.startswith("builtin:"):
@@ -165,8 +201,10 @@ def load_records(source: str | Path, columns: dict | None = None, split: str = "
             try:
                 ds = datasets.load_from_disk(str(path))
             except Exception as exc:  # noqa: BLE001
-                raise UserError(f"{path}: not a saved Hugging Face dataset ({exc}). Point data.train at a .jsonl "
-                                "file or a directory written by Dataset.save_to_disk.") from None
+                raise UserError(
+                    f"{path}: not a saved Hugging Face dataset ({exc}). Point data.train at a .jsonl "
+                    "file or a directory written by Dataset.save_to_disk."
+                ) from None
             if isinstance(ds, datasets.DatasetDict):
                 if split not in ds:
                     raise UserError(f"{path}: no split {split!r}; it has {', '.join(ds)}.")

@@ -18,7 +18,9 @@ DEFAULT_MAX_NEW_TOKENS = 128
 DIVERGENCES = choices(LossKind)
 
 
-def _check_options(limit, rollouts, temperature, max_new_tokens, divergence, top_k, precision, beta, skip_first) -> None:
+def _check_options(
+    limit, rollouts, temperature, max_new_tokens, divergence, top_k, precision, beta, skip_first
+) -> None:
     """Reject a bad option by its name, before the (slow) model load."""
     if limit < 1:
         raise UserError(f"--limit must be at least 1, got {limit}.")
@@ -86,7 +88,9 @@ def _template(option: str | None, config_file: Path | None, task_template: str |
     if option is not None:
         if option == "task":
             if task_template is None:
-                raise UserError("--template task: only built-in tasks have their own template; use paper, plain or your own.")
+                raise UserError(
+                    "--template task: only built-in tasks have their own template; use paper, plain or your own."
+                )
             return task_template, "the task's own (--template task)"
         return option, "option"
     if config_file is not None:
@@ -99,50 +103,87 @@ def _template(option: str | None, config_file: Path | None, task_template: str |
 
 
 def diagnose_command(
-    task_arg: Optional[str] = typer.Argument(None, metavar="[TASK]", help="A built-in task (tooluse, knowledge, science) "
-                                             "or a data file / dataset directory / hf:NAME (as `sdft data ceiling`)."),
+    task_arg: Optional[str] = typer.Argument(
+        None,
+        metavar="[TASK]",
+        help="A built-in task (tooluse, knowledge, science) "
+        "or a data file / dataset directory / hf:NAME (as `sdft data ceiling`).",
+    ),
     task: Optional[str] = typer.Option(None, "--task", help="The same as TASK, as an option."),
-    model: Optional[str] = typer.Option(None, "--model", help="Model: alias, hub id, directory or .gguf file "
-                                        "(default: the config's, else smollm2-135m)."),
-    template: Optional[str] = typer.Option(None, "--template", help="Teacher template: paper, plain, task (the built-in "
-                                           "task's own) or your own with {question} and {demonstration} (default: the "
-                                           "config's, else the task's own, else paper)."),
-    config: Optional[Path] = typer.Option(None, "--config", help="A `sdft train` YAML config: take the model, data, "
-                                          "template, rollout and loss settings from it (options below override it)."),
-    set_: list[str] = typer.Option([], "--set", "-s", help="Override any config setting: section.key=value (repeatable)."),
+    model: Optional[str] = typer.Option(
+        None,
+        "--model",
+        help="Model: alias, hub id, directory or .gguf file (default: the config's, else smollm2-135m).",
+    ),
+    template: Optional[str] = typer.Option(
+        None,
+        "--template",
+        help="Teacher template: paper, plain, task (the built-in "
+        "task's own) or your own with {question} and {demonstration} (default: the "
+        "config's, else the task's own, else paper).",
+    ),
+    config: Optional[Path] = typer.Option(
+        None,
+        "--config",
+        help="A `sdft train` YAML config: take the model, data, "
+        "template, rollout and loss settings from it (options below override it).",
+    ),
+    set_: list[str] = typer.Option(
+        [], "--set", "-s", help="Override any config setting: section.key=value (repeatable)."
+    ),
     split: Optional[str] = typer.Option(None, "--split", help="Split to diagnose (default: train)."),
-    format: str = typer.Option("auto", "--format", help="Row format of a data file: auto, records, paper-tooluse, "
-                               "paper-science, huatuo, messages."),
-    grader: list[str] = typer.Option([], "--grader", help="Grader(s) for the ceiling (default: the task's; for a file, "
-                                     "guessed from its fields)."),
+    format: str = typer.Option(
+        "auto",
+        "--format",
+        help="Row format of a data file: auto, records, paper-tooluse, paper-science, huatuo, messages.",
+    ),
+    grader: list[str] = typer.Option(
+        [], "--grader", help="Grader(s) for the ceiling (default: the task's; for a file, guessed from its fields)."
+    ),
     limit: int = typer.Option(8, "--limit", help="Records to diagnose (the first N of the split)."),
-    rollouts_per_record: Optional[int] = typer.Option(None, "--rollouts-per-record", help="Completions sampled per record "
-                                                      "(default: rollout.num_rollouts, 1)."),
-    temperature: Optional[float] = typer.Option(None, "--temperature", help="Sampling temperature (default: "
-                                                "rollout.temperature, 1.0)."),
-    max_new_tokens: Optional[int] = typer.Option(None, "--max-new-tokens", help="Longest completion (default: the "
-                                                 f"config's rollout.max_new_tokens, else {DEFAULT_MAX_NEW_TOKENS})."),
-    divergence: Optional[str] = typer.Option(None, "--divergence", help="forward_kl, reverse_kl, jsd or sampled_kl "
-                                             "(shown as the reverse KL it estimates) (default: loss.kind, forward_kl)."),
+    rollouts_per_record: Optional[int] = typer.Option(
+        None, "--rollouts-per-record", help="Completions sampled per record (default: rollout.num_rollouts, 1)."
+    ),
+    temperature: Optional[float] = typer.Option(
+        None, "--temperature", help="Sampling temperature (default: rollout.temperature, 1.0)."
+    ),
+    max_new_tokens: Optional[int] = typer.Option(
+        None,
+        "--max-new-tokens",
+        help=f"Longest completion (default: the config's rollout.max_new_tokens, else {DEFAULT_MAX_NEW_TOKENS}).",
+    ),
+    divergence: Optional[str] = typer.Option(
+        None,
+        "--divergence",
+        help="forward_kl, reverse_kl, jsd or sampled_kl "
+        "(shown as the reverse KL it estimates) (default: loss.kind, forward_kl).",
+    ),
     beta: Optional[float] = typer.Option(None, "--beta", help="JSD teacher weight (default: loss.beta, 0.5)."),
-    top_k: Optional[int] = typer.Option(None, "--top-k", help="Divergence over the teacher's top-k tokens only "
-                                        "(default: loss.top_k, full vocabulary)."),
-    skip_first_tokens: Optional[int] = typer.Option(None, "--skip-first-tokens", help="First completion tokens training "
-                                                    "leaves out of the loss (default: loss.skip_first_tokens, 3)."),
-    precision: Optional[str] = typer.Option(None, "--precision", help="auto (fp32 on CPUs, bf16 on GPUs), fp32 or bf16 "
-                                            "(default: model.precision, auto)."),
+    top_k: Optional[int] = typer.Option(
+        None, "--top-k", help="Divergence over the teacher's top-k tokens only (default: loss.top_k, full vocabulary)."
+    ),
+    skip_first_tokens: Optional[int] = typer.Option(
+        None,
+        "--skip-first-tokens",
+        help="First completion tokens training leaves out of the loss (default: loss.skip_first_tokens, 3).",
+    ),
+    precision: Optional[str] = typer.Option(
+        None, "--precision", help="auto (fp32 on CPUs, bf16 on GPUs), fp32 or bf16 (default: model.precision, auto)."
+    ),
     seed: Optional[int] = typer.Option(None, "--seed", help="Sampling seed (default: train.seed, 42)."),
     task_seed: int = typer.Option(0, "--task-seed", help="Generator seed of a built-in task."),
     ceiling: bool = typer.Option(True, "--ceiling/--no-ceiling", help="Also measure the teacher ceiling (greedy)."),
-    batch_size: Optional[int] = typer.Option(None, "--batch-size", help="Prompts generated together "
-                                             "(default: rollout.batch_size)."),
+    batch_size: Optional[int] = typer.Option(
+        None, "--batch-size", help="Prompts generated together (default: rollout.batch_size)."
+    ),
     out: Path = typer.Option(Path("runs/diagnose"), "--out", help="Directory for diagnose.json and diagnose.html."),
 ) -> None:
     """Per-token teacher vs student numbers on the student's own samples, the teacher ceiling, and advice."""
     from selfdistill.config import load_config, merge, parse_overrides
 
-    _check_options(limit, rollouts_per_record, temperature, max_new_tokens, divergence, top_k, precision, beta,
-                   skip_first_tokens)
+    _check_options(
+        limit, rollouts_per_record, temperature, max_new_tokens, divergence, top_k, precision, beta, skip_first_tokens
+    )
     if task_arg and task and task_arg != task:
         raise UserError(f"Two tasks given: {task_arg!r} and --task {task!r}; give one.")
     if out.exists() and not out.is_dir():
@@ -151,13 +192,23 @@ def diagnose_command(
     base = load_config(config, set_)  # the user's training settings (or the defaults), validated
     records, metrics, task_template, label = _records(name, base, split, format, grader, task_seed)
     set_template = parse_overrides(set_).get("data", {}).get("teacher_template")
-    chosen_template, template_source = _template(template if template is not None else set_template, config, task_template)
+    chosen_template, template_source = _template(
+        template if template is not None else set_template, config, task_template
+    )
     overrides = {"data": {"teacher_template": chosen_template}}
-    for key, value in (("model.name", model), ("rollout.num_rollouts", rollouts_per_record),
-                       ("rollout.temperature", temperature), ("rollout.max_new_tokens", max_new_tokens),
-                       ("rollout.batch_size", batch_size), ("loss.kind", divergence), ("loss.beta", beta),
-                       ("loss.top_k", top_k), ("loss.skip_first_tokens", skip_first_tokens),
-                       ("model.precision", precision), ("train.seed", seed)):
+    for key, value in (
+        ("model.name", model),
+        ("rollout.num_rollouts", rollouts_per_record),
+        ("rollout.temperature", temperature),
+        ("rollout.max_new_tokens", max_new_tokens),
+        ("rollout.batch_size", batch_size),
+        ("loss.kind", divergence),
+        ("loss.beta", beta),
+        ("loss.top_k", top_k),
+        ("loss.skip_first_tokens", skip_first_tokens),
+        ("model.precision", precision),
+        ("train.seed", seed),
+    ):
         if value is not None:
             section, field = key.split(".")
             overrides.setdefault(section, {})[field] = value
@@ -171,7 +222,8 @@ def diagnose_command(
 def run(cfg, records, metrics, *, label: str, template_source: str, ceiling: bool, out: Path) -> dict:
     """Load the model, measure, write the outputs and print the summary; returns diagnose.json's content."""
     from selfdistill.data.prompts import TEACHER_TEMPLATES
-    from selfdistill.diagnose import core, report, summary as summary_module
+    from selfdistill.diagnose import core, report
+    from selfdistill.diagnose import summary as summary_module
     from selfdistill.models import load_model, stop_token_id
     from selfdistill.tasks import ceiling as ceiling_module
 
@@ -181,28 +233,49 @@ def run(cfg, records, metrics, *, label: str, template_source: str, ceiling: boo
     ceiling_rows, greedy = None, {}
     if ceiling:
         results = ceiling_module.measure(
-            model, tokenizer, records, metrics, templates=(template,), max_new_tokens=cfg.rollout.max_new_tokens,
-            precision=cfg.model.precision, batch_size=cfg.rollout.batch_size, stop_token_ids=[stop], loglik=True,
-            system_prompt=cfg.data.system_prompt)
+            model,
+            tokenizer,
+            records,
+            metrics,
+            templates=(template,),
+            max_new_tokens=cfg.rollout.max_new_tokens,
+            precision=cfg.model.precision,
+            batch_size=cfg.rollout.batch_size,
+            stop_token_ids=[stop],
+            loglik=True,
+            system_prompt=cfg.data.system_prompt,
+        )
         ceiling_rows = summary_module.ceiling_rows(results)
         greedy = {i: {r.prompt: r.outputs[i] for r in results} for i in range(len(records))}
     traces = core.trace(model, tokenizer, records, cfg, stop)
     summary = summary_module.summarize(traces, cfg.loss.skip_first_tokens)
     advice = summary_module.advice(summary, ceiling_rows, cfg.rollout.temperature)
-    divergence = cfg.loss.kind + ("" if cfg.loss.top_k is None else f", top-{cfg.loss.top_k}"
-                                  + (" + tail" if cfg.loss.add_tail else ""))
+    divergence = cfg.loss.kind + (
+        "" if cfg.loss.top_k is None else f", top-{cfg.loss.top_k}" + (" + tail" if cfg.loss.add_tail else "")
+    )
     if cfg.loss.kind == "jsd":
         divergence += f", beta {cfg.loss.beta}"
     if cfg.loss.kind == "sampled_kl":
         divergence += " (shown as the reverse KL it estimates)"
     settings = {
-        "model": cfg.model.name, "task": label, "records": len(records),
+        "model": cfg.model.name,
+        "task": label,
+        "records": len(records),
         "template": template if template in TEACHER_TEMPLATES else f"custom: {template!r}",
-        "template_source": template_source, "system_prompt": cfg.data.system_prompt,
-        "num_rollouts": cfg.rollout.num_rollouts, "temperature": cfg.rollout.temperature, "top_p": cfg.rollout.top_p,
-        "max_new_tokens": cfg.rollout.max_new_tokens, "divergence": divergence, "loss_kind": cfg.loss.kind,
-        "beta": cfg.loss.beta, "top_k": cfg.loss.top_k, "add_tail": cfg.loss.add_tail,
-        "skip_first_tokens": cfg.loss.skip_first_tokens, "precision": cfg.model.precision, "seed": cfg.train.seed,
+        "template_source": template_source,
+        "system_prompt": cfg.data.system_prompt,
+        "num_rollouts": cfg.rollout.num_rollouts,
+        "temperature": cfg.rollout.temperature,
+        "top_p": cfg.rollout.top_p,
+        "max_new_tokens": cfg.rollout.max_new_tokens,
+        "divergence": divergence,
+        "loss_kind": cfg.loss.kind,
+        "beta": cfg.loss.beta,
+        "top_k": cfg.loss.top_k,
+        "add_tail": cfg.loss.add_tail,
+        "skip_first_tokens": cfg.loss.skip_first_tokens,
+        "precision": cfg.model.precision,
+        "seed": cfg.train.seed,
         "metrics": [m.name for m in metrics],
     }
     data = report.to_json(settings, summary, ceiling_rows, advice, traces, greedy)
@@ -217,9 +290,11 @@ def _print(data: dict, json_path: Path, html_path: Path) -> None:
     s = data["settings"]
     # A custom template's text is long; it is in diagnose.json.
     template = "custom" if s["template"].startswith("custom:") else s["template"]
-    typer.echo(f"{s['task']}: {s['records']} records x {s['num_rollouts']} rollouts, {s['model']}, template {template} "
-               f"({s['template_source']}), temperature {s['temperature']:g}, max_new_tokens {s['max_new_tokens']}, "
-               f"{s['divergence']}, {s['precision']}, seed {s['seed']}")
+    typer.echo(
+        f"{s['task']}: {s['records']} records x {s['num_rollouts']} rollouts, {s['model']}, template {template} "
+        f"({s['template_source']}), temperature {s['temperature']:g}, max_new_tokens {s['max_new_tokens']}, "
+        f"{s['divergence']}, {s['precision']}, seed {s['seed']}"
+    )
     if data["ceiling"]:
         header, rows = ceiling_table_rows(data["ceiling"])
         typer.echo("teacher ceiling (greedy):")

@@ -72,7 +72,7 @@ def token_texts(tokenizer, ids: list[int]) -> list[str]:
     for j in range(len(ids)):
         current = tokenizer.decode(ids[: j + 1], skip_special_tokens=False)
         if current.startswith(previous):
-            texts.append(current[len(previous):])
+            texts.append(current[len(previous) :])
         else:  # the decoder rewrote earlier text (clean-up rules): fall back to the token alone
             texts.append(tokenizer.decode([ids[j]], skip_special_tokens=False))
         previous = current
@@ -98,8 +98,15 @@ def score_completion(model, item: TrainItem, cfg: Config, pad_token_id: int, tok
     head = output_head(model)
     # sampled_kl trains on a single-sample estimate of the reverse KL; show the exact reverse KL it estimates.
     kind = "reverse_kl" if cfg.loss.kind == "sampled_kl" else cfg.loss.kind
-    out: dict = {"student_logp": [], "teacher_logp": [], "divergence": [], "teacher_top": [], "student_top": [],
-                 "first_student_logp": None, "first_teacher_logp": None}
+    out: dict = {
+        "student_logp": [],
+        "teacher_logp": [],
+        "divergence": [],
+        "teacher_top": [],
+        "student_top": [],
+        "first_student_logp": None,
+        "first_teacher_logp": None,
+    }
     # A chunk of positions at a time: [positions, vocab] logits for two models can be large.
     for start in range(0, tokens.shape[0], cfg.loss.chunk_size):
         part = slice(start, start + cfg.loss.chunk_size)
@@ -111,8 +118,9 @@ def score_completion(model, item: TrainItem, cfg: Config, pad_token_id: int, tok
         picked = tokens[part, None]
         out["student_logp"] += student_logp.gather(-1, picked)[:, 0].tolist()
         out["teacher_logp"] += teacher_logp.gather(-1, picked)[:, 0].tolist()
-        out["divergence"] += divergence(student_logits, teacher_logits, kind, beta=cfg.loss.beta, top_k=cfg.loss.top_k,
-                                        add_tail=cfg.loss.add_tail).tolist()
+        out["divergence"] += divergence(
+            student_logits, teacher_logits, kind, beta=cfg.loss.beta, top_k=cfg.loss.top_k, add_tail=cfg.loss.add_tail
+        ).tolist()
         out["teacher_top"] += _top(teacher_logp, tokenizer, TOP_N)
         out["student_top"] += _top(student_logp, tokenizer, TOP_N)
         if start == 0:  # the distributions right after each prompt, for the demonstration's first token
@@ -122,8 +130,15 @@ def score_completion(model, item: TrainItem, cfg: Config, pad_token_id: int, tok
 
 def trace(model, tokenizer, records: list[Record], cfg: Config, stop_token_id: int) -> list[RecordTrace]:
     """Sample cfg.rollout.num_rollouts completions per record and score every position."""
-    builder = PromptBuilder(tokenizer, cfg.data.teacher_template, cfg.data.system_prompt, cfg.data.max_prompt_tokens,
-                            cfg.data.max_teacher_prompt_tokens, cfg.data.overlong, stop_token_id)
+    builder = PromptBuilder(
+        tokenizer,
+        cfg.data.teacher_template,
+        cfg.data.system_prompt,
+        cfg.data.max_prompt_tokens,
+        cfg.data.max_teacher_prompt_tokens,
+        cfg.data.overlong,
+        stop_token_id,
+    )
     encoded = builder.encode_all(records)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else stop_token_id
     n = cfg.rollout.num_rollouts
@@ -132,37 +147,67 @@ def trace(model, tokenizer, records: list[Record], cfg: Config, stop_token_id: i
     seeds = [rollout_seed(cfg.train.seed, e.index, r) for e in encoded for r in range(n)]
     was_training = model.training
     model.eval()
-    done = generate(model, [e.student_ids for e in encoded for _ in range(n)],
-                    stop_token_ids=[] if cfg.rollout.ignore_eos else stop_token_id, pad_token_id=pad,
-                    max_new_tokens=cfg.rollout.max_new_tokens, temperature=cfg.rollout.temperature,
-                    top_p=cfg.rollout.top_p, seeds=seeds, batch_size=cfg.rollout.batch_size,
-                    precision=cfg.model.precision, desc="diagnose: student rollouts")
+    done = generate(
+        model,
+        [e.student_ids for e in encoded for _ in range(n)],
+        stop_token_ids=[] if cfg.rollout.ignore_eos else stop_token_id,
+        pad_token_id=pad,
+        max_new_tokens=cfg.rollout.max_new_tokens,
+        temperature=cfg.rollout.temperature,
+        top_p=cfg.rollout.top_p,
+        seeds=seeds,
+        batch_size=cfg.rollout.batch_size,
+        precision=cfg.model.precision,
+        desc="diagnose: student rollouts",
+    )
     special = set(tokenizer.all_special_ids) | {stop_token_id}
     results: list[RecordTrace] = []
     bar = progress_bar(total=len(done.ids), desc="diagnose: scoring")
     for position, e in enumerate(encoded):
         demo_first = e.demonstration_ids[0]
         record = RecordTrace(
-            index=e.index, student_prompt=tokenizer.decode(e.student_ids), teacher_prompt=tokenizer.decode(e.teacher_ids),
-            demonstration=records[e.index].demonstration, demo_first_token=tokenizer.decode([demo_first]),
-            demo_first_student_p=float("nan"), demo_first_teacher_p=float("nan"))
+            index=e.index,
+            student_prompt=tokenizer.decode(e.student_ids),
+            teacher_prompt=tokenizer.decode(e.teacher_ids),
+            demonstration=records[e.index].demonstration,
+            demo_first_token=tokenizer.decode([demo_first]),
+            demo_first_student_p=float("nan"),
+            demo_first_teacher_p=float("nan"),
+        )
         for r in range(n):
             k = position * n + r  # generation order: each record's rollouts in a row
             ids = done.ids[k]
             if not ids:  # max_new_tokens >= 1 makes this impossible; guard the indexing below anyway
                 continue
-            item = TrainItem(record_index=e.index, prompt_ids=e.student_ids, completion=ids, loss_start=0,
-                             teacher_prompt_ids=e.teacher_ids, finished=done.finished[k])
+            item = TrainItem(
+                record_index=e.index,
+                prompt_ids=e.student_ids,
+                completion=ids,
+                loss_start=0,
+                teacher_prompt_ids=e.teacher_ids,
+                finished=done.finished[k],
+            )
             scored = score_completion(model, item, cfg, pad, tokenizer)
             record.demo_first_student_p = scored["first_student_logp"][demo_first].exp().item()
             record.demo_first_teacher_p = scored["first_teacher_logp"][demo_first].exp().item()
             texts = token_texts(tokenizer, ids)
-            record.completions.append(CompletionTrace(
-                record=e.index, rollout=r, seed=seeds[k], finished=done.finished[k], token_ids=list(ids), token_texts=texts,
-                student_logp=scored["student_logp"], teacher_logp=scored["teacher_logp"], divergence=scored["divergence"],
-                is_format=[is_format_token(t, i in special) for t, i in zip(texts, ids)],
-                in_loss=[j >= cfg.loss.skip_first_tokens for j in range(len(ids))],
-                teacher_top=scored["teacher_top"], student_top=scored["student_top"]))
+            record.completions.append(
+                CompletionTrace(
+                    record=e.index,
+                    rollout=r,
+                    seed=seeds[k],
+                    finished=done.finished[k],
+                    token_ids=list(ids),
+                    token_texts=texts,
+                    student_logp=scored["student_logp"],
+                    teacher_logp=scored["teacher_logp"],
+                    divergence=scored["divergence"],
+                    is_format=[is_format_token(t, i in special) for t, i in zip(texts, ids)],
+                    in_loss=[j >= cfg.loss.skip_first_tokens for j in range(len(ids))],
+                    teacher_top=scored["teacher_top"],
+                    student_top=scored["student_top"],
+                )
+            )
             bar.update(1)
         results.append(record)
     bar.close()

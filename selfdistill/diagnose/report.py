@@ -18,24 +18,24 @@ FIELDS = {
     "summary.first_k_share": "share of divergence_total at completion positions j < k (k = 1, 4, 16); null if the total is 0",
     "summary.in_loss_share": "share of divergence_total at positions training counts (j >= skip_first_tokens)",
     "summary.format_share / answer_share": "share of divergence_total at format tokens (no letter or digit: punctuation, "
-                                           "brackets, quotes, whitespace, special tokens) / at all other tokens; they add up to 1",
+    "brackets, quotes, whitespace, special tokens) / at all other tokens; they add up to 1",
     "summary.format_token_fraction": "fraction of positions that are format tokens",
     "summary.logp_gap_mean": "mean over positions of log p_teacher(sampled token) - log p_student(sampled token), nats",
     "summary.teacher_top_differs / student_top_differs": "fraction of positions where the teacher's (student's) most likely "
-                                                         "token is not the sampled token",
+    "token is not the sampled token",
     "summary.demo_first_token_teacher_p / _student_p": "mean over records of the probability of the demonstration's first "
-                                                       "token right after the teacher (student) prompt",
+    "token right after the teacher (student) prompt",
     "summary.clipped_fraction": "fraction of completions that hit max_new_tokens",
     "ceiling": "greedy scores (0-1) with the student prompt and with the teacher prompt, mean demonstration "
-               "log-likelihood (nats/token) and its gain over the student prompt (null with --no-ceiling)",
+    "log-likelihood (nats/token) and its gain over the student prompt (null with --no-ceiling)",
     "advice": "the advice printed with the summary, each derived from a number above",
     "records[].completions[]": "one sampled completion: per-position arrays of equal length, position j is completion token j",
     "records[].completions[].student_logp / teacher_logp": "log-probability of the sampled token after the student / teacher "
-                                                           "prompt and the earlier completion tokens",
+    "prompt and the earlier completion tokens",
     "records[].completions[].student_p / teacher_p": "the same as probabilities",
     "records[].completions[].logp_gap": "teacher_logp - student_logp (positive: the teacher likes the token more)",
     "records[].completions[].divergence": "per-position divergence of settings.divergence between the two next-token "
-                                          "distributions, over the full vocabulary (or top_k), nats",
+    "distributions, over the full vocabulary (or top_k), nats",
     "records[].completions[].is_format / in_loss": "format token (see above) / counted by the training loss",
     "records[].completions[].teacher_top / student_top": "the 5 most likely tokens as [token id, text, probability]",
 }
@@ -43,12 +43,20 @@ FIELDS = {
 
 def _completion_json(c) -> dict:
     return {
-        "rollout": c.rollout, "seed": c.seed, "finished": c.finished, "text": "".join(c.token_texts),
-        "token_ids": c.token_ids, "token_texts": c.token_texts,
-        "student_logp": c.student_logp, "teacher_logp": c.teacher_logp,
-        "student_p": [math.exp(v) for v in c.student_logp], "teacher_p": [math.exp(v) for v in c.teacher_logp],
+        "rollout": c.rollout,
+        "seed": c.seed,
+        "finished": c.finished,
+        "text": "".join(c.token_texts),
+        "token_ids": c.token_ids,
+        "token_texts": c.token_texts,
+        "student_logp": c.student_logp,
+        "teacher_logp": c.teacher_logp,
+        "student_p": [math.exp(v) for v in c.student_logp],
+        "teacher_p": [math.exp(v) for v in c.teacher_logp],
         "logp_gap": [t - s for t, s in zip(c.teacher_logp, c.student_logp)],
-        "divergence": c.divergence, "is_format": c.is_format, "in_loss": c.in_loss,
+        "divergence": c.divergence,
+        "is_format": c.is_format,
+        "in_loss": c.in_loss,
         "teacher_top": [[list(t) for t in row] for row in c.teacher_top],
         "student_top": [[list(t) for t in row] for row in c.student_top],
     }
@@ -58,20 +66,37 @@ def _nan_to_none(x):
     return None if isinstance(x, float) and math.isnan(x) else x
 
 
-def to_json(settings: dict, summary: dict, ceiling: list[dict] | None, advice: list[str], traces: list[RecordTrace],
-            greedy: dict[int, dict[str, str]] | None = None) -> dict:
+def to_json(
+    settings: dict,
+    summary: dict,
+    ceiling: list[dict] | None,
+    advice: list[str],
+    traces: list[RecordTrace],
+    greedy: dict[int, dict[str, str]] | None = None,
+) -> dict:
     records = []
     for r in traces:
-        records.append({
-            "index": r.index, "student_prompt": r.student_prompt, "teacher_prompt": r.teacher_prompt,
-            "demonstration": r.demonstration, "demo_first_token": r.demo_first_token,
-            "demo_first_token_student_p": _nan_to_none(r.demo_first_student_p),
-            "demo_first_token_teacher_p": _nan_to_none(r.demo_first_teacher_p),
-            "greedy_outputs": (greedy or {}).get(r.index, {}),
-            "completions": [_completion_json(c) for c in r.completions],
-        })
-    return {"fields": FIELDS, "settings": settings, "summary": summary, "ceiling": ceiling, "advice": advice,
-            "records": records}
+        records.append(
+            {
+                "index": r.index,
+                "student_prompt": r.student_prompt,
+                "teacher_prompt": r.teacher_prompt,
+                "demonstration": r.demonstration,
+                "demo_first_token": r.demo_first_token,
+                "demo_first_token_student_p": _nan_to_none(r.demo_first_student_p),
+                "demo_first_token_teacher_p": _nan_to_none(r.demo_first_teacher_p),
+                "greedy_outputs": (greedy or {}).get(r.index, {}),
+                "completions": [_completion_json(c) for c in r.completions],
+            }
+        )
+    return {
+        "fields": FIELDS,
+        "settings": settings,
+        "summary": summary,
+        "ceiling": ceiling,
+        "advice": advice,
+        "records": records,
+    }
 
 
 # ---- HTML ----------------------------------------------------------------------------------
@@ -108,10 +133,12 @@ def _fmt_top(row) -> str:
 
 def _token_span(c, j: int) -> str:
     gap = c.teacher_logp[j] - c.student_logp[j]
-    title = (f"position {j}{'' if c.in_loss[j] else ' (left out of the loss)'}; {'format' if c.is_format[j] else 'answer'} token\n"
-             f"student p {math.exp(c.student_logp[j]):.4f}, teacher p {math.exp(c.teacher_logp[j]):.4f}, "
-             f"gap {gap:+.3f} nats, divergence {c.divergence[j]:.4f}\n"
-             f"teacher top: {_fmt_top(c.teacher_top[j])}\nstudent top: {_fmt_top(c.student_top[j])}")
+    title = (
+        f"position {j}{'' if c.in_loss[j] else ' (left out of the loss)'}; {'format' if c.is_format[j] else 'answer'} token\n"
+        f"student p {math.exp(c.student_logp[j]):.4f}, teacher p {math.exp(c.teacher_logp[j]):.4f}, "
+        f"gap {gap:+.3f} nats, divergence {c.divergence[j]:.4f}\n"
+        f"teacher top: {_fmt_top(c.teacher_top[j])}\nstudent top: {_fmt_top(c.student_top[j])}"
+    )
     text = c.token_texts[j].replace("\n", "\u21b5\n")  # make newlines visible
     css = "tok" if c.in_loss[j] else "tok masked"
     return f'<span class="{css}" style="background:{gap_colour(gap)}" title="{escape(title)}">{escape(text)}</span>'
@@ -125,6 +152,7 @@ def _table(header: list[str], rows: list[list[str]]) -> str:
 
 def summary_lines(summary: dict) -> list[tuple[str, str]]:
     """(label, value) pairs, shared by the terminal output and the HTML table."""
+
     def pct(x):
         return "n/a" if x is None else f"{100 * x:.1f}%"
 
@@ -133,17 +161,35 @@ def summary_lines(summary: dict) -> list[tuple[str, str]]:
 
     first = summary["first_k_share"]
     return [
-        ("completions / tokens", f"{summary['completions']} / {summary['tokens']} "
-                                 f"(mean {summary['mean_completion_tokens']:.1f} tokens, {pct(summary['clipped_fraction'])} clipped)"),
-        ("divergence total / per token", f"{summary['divergence_total']:.3f} / {summary['divergence_per_token']:.4f} nats"),
+        (
+            "completions / tokens",
+            f"{summary['completions']} / {summary['tokens']} "
+            f"(mean {summary['mean_completion_tokens']:.1f} tokens, {pct(summary['clipped_fraction'])} clipped)",
+        ),
+        (
+            "divergence total / per token",
+            f"{summary['divergence_total']:.3f} / {summary['divergence_per_token']:.4f} nats",
+        ),
         ("share in first 1 / 4 / 16 tokens", f"{pct(first['1'])} / {pct(first['4'])} / {pct(first['16'])}"),
-        ("share counted by the loss", f"{pct(summary['in_loss_share'])} (skip_first_tokens={summary['skip_first_tokens']})"),
-        ("share at format / answer tokens", f"{pct(summary['format_share'])} / {pct(summary['answer_share'])} "
-                                            f"(format tokens: {pct(summary['format_token_fraction'])} of positions)"),
+        (
+            "share counted by the loss",
+            f"{pct(summary['in_loss_share'])} (skip_first_tokens={summary['skip_first_tokens']})",
+        ),
+        (
+            "share at format / answer tokens",
+            f"{pct(summary['format_share'])} / {pct(summary['answer_share'])} "
+            f"(format tokens: {pct(summary['format_token_fraction'])} of positions)",
+        ),
         ("mean teacher - student log p (sampled tokens)", f"{summary['logp_gap_mean']:+.4f} nats"),
-        ("teacher's / student's top token != sampled", f"{pct(summary['teacher_top_differs'])} / {pct(summary['student_top_differs'])}"),
-        ("p(demonstration's first token): teacher / student", f"{num(summary['demo_first_token_teacher_p'], '.4f')} / "
-                                                             f"{num(summary['demo_first_token_student_p'], '.4f')}"),
+        (
+            "teacher's / student's top token != sampled",
+            f"{pct(summary['teacher_top_differs'])} / {pct(summary['student_top_differs'])}",
+        ),
+        (
+            "p(demonstration's first token): teacher / student",
+            f"{num(summary['demo_first_token_teacher_p'], '.4f')} / "
+            f"{num(summary['demo_first_token_student_p'], '.4f')}",
+        ),
     ]
 
 
@@ -156,7 +202,11 @@ def ceiling_table_rows(ceiling: list[dict]) -> tuple[list[str], list[list[str]]]
         if row.get("demo_loglik") is None:
             cells += ["-", "-", "-"]
         else:
-            cells += [f"{row['demo_loglik']:.3f}", f"{row['demo_loglik_gain']:+.3f}", f"{row['demo_first_token_gain']:+.3f}"]
+            cells += [
+                f"{row['demo_loglik']:.3f}",
+                f"{row['demo_loglik_gain']:+.3f}",
+                f"{row['demo_first_token_gain']:+.3f}",
+            ]
         rows.append(cells)
     return header, rows
 
@@ -176,15 +226,17 @@ HOW_TO_READ = (
 
 def render_html(data: dict, traces: list[RecordTrace]) -> str:
     s = data["settings"]
-    parts = ["<!DOCTYPE html><html lang='en'><head><meta charset='utf-8'><title>sdft diagnose</title>"
-             f"<style>{STYLE}</style></head><body>",
-             f"<h1>SDFT diagnosis: {escape(str(s['task']))}</h1>",
-             f"<p class='meta'>model {escape(str(s['model']))}; template {escape(str(s['template']))}; "
-             f"{s['records']} records x {s['num_rollouts']} rollouts at temperature {s['temperature']:g}, "
-             f"max {s['max_new_tokens']} new tokens; divergence {escape(str(s['divergence']))}; precision "
-             f"{escape(str(s['precision']))}; seed {s['seed']}</p>",
-             "<h2>How to read this</h2>",
-             "<p>" + HOW_TO_READ.format(red=gap_colour(-GAP_SCALE), green=gap_colour(GAP_SCALE)) + "</p>"]
+    parts = [
+        "<!DOCTYPE html><html lang='en'><head><meta charset='utf-8'><title>sdft diagnose</title>"
+        f"<style>{STYLE}</style></head><body>",
+        f"<h1>SDFT diagnosis: {escape(str(s['task']))}</h1>",
+        f"<p class='meta'>model {escape(str(s['model']))}; template {escape(str(s['template']))}; "
+        f"{s['records']} records x {s['num_rollouts']} rollouts at temperature {s['temperature']:g}, "
+        f"max {s['max_new_tokens']} new tokens; divergence {escape(str(s['divergence']))}; precision "
+        f"{escape(str(s['precision']))}; seed {s['seed']}</p>",
+        "<h2>How to read this</h2>",
+        "<p>" + HOW_TO_READ.format(red=gap_colour(-GAP_SCALE), green=gap_colour(GAP_SCALE)) + "</p>",
+    ]
     if data["advice"]:
         parts.append("<ul>" + "".join(f"<li>{escape(a)}</li>" for a in data["advice"]) + "</ul>")
     parts.append("<h2>Summary</h2>")
@@ -205,12 +257,18 @@ def render_html(data: dict, traces: list[RecordTrace]) -> str:
         parts.append(f"<details><summary>teacher prompt</summary><pre>{escape(trace.teacher_prompt)}</pre></details>")
         parts.append(f"<details><summary>demonstration</summary><pre>{escape(trace.demonstration)}</pre></details>")
         for label, text in r["greedy_outputs"].items():
-            parts.append(f"<details><summary>greedy output, {escape(label)} prompt</summary><pre>{escape(text)}</pre></details>")
+            parts.append(
+                f"<details><summary>greedy output, {escape(label)} prompt</summary><pre>{escape(text)}</pre></details>"
+            )
         for c in trace.completions:
             total = sum(c.divergence)
-            parts.append(f"<p class='meta'>rollout {c.rollout} (seed {c.seed}): {len(c.token_ids)} tokens"
-                         f"{'' if c.finished else ', clipped'}; divergence {total:.3f} nats</p>")
-            parts.append("<div class='completion'>" + "".join(_token_span(c, j) for j in range(len(c.token_ids))) + "</div>")
+            parts.append(
+                f"<p class='meta'>rollout {c.rollout} (seed {c.seed}): {len(c.token_ids)} tokens"
+                f"{'' if c.finished else ', clipped'}; divergence {total:.3f} nats</p>"
+            )
+            parts.append(
+                "<div class='completion'>" + "".join(_token_span(c, j) for j in range(len(c.token_ids))) + "</div>"
+            )
     parts.append("</body></html>")
     return "\n".join(parts)
 

@@ -43,8 +43,12 @@ def summarize(traces: list[RecordTrace], skip_first_tokens: int) -> dict:
         "answer_share": _share(total - fmt, total),
         "format_token_fraction": sum(c.is_format[j] for j, c in positions) / count if count else 0.0,
         "logp_gap_mean": sum(c.teacher_logp[j] - c.student_logp[j] for j, c in positions) / count if count else 0.0,
-        "teacher_top_differs": sum(c.teacher_top[j][0][0] != c.token_ids[j] for j, c in positions) / count if count else 0.0,
-        "student_top_differs": sum(c.student_top[j][0][0] != c.token_ids[j] for j, c in positions) / count if count else 0.0,
+        "teacher_top_differs": sum(c.teacher_top[j][0][0] != c.token_ids[j] for j, c in positions) / count
+        if count
+        else 0.0,
+        "student_top_differs": sum(c.student_top[j][0][0] != c.token_ids[j] for j, c in positions) / count
+        if count
+        else 0.0,
         "demo_first_token_teacher_p": _mean([r.demo_first_teacher_p for r in traces]),
         "demo_first_token_student_p": _mean([r.demo_first_student_p for r in traces]),
     }
@@ -55,7 +59,12 @@ def ceiling_rows(results: list[CeilingResult]) -> list[dict]:
     student = results[0]
     rows = []
     for r in results:
-        row = {"prompt": r.prompt, "scores": r.scores, "demo_loglik": r.loglik, "demo_first_token_loglik": r.first_token_loglik}
+        row = {
+            "prompt": r.prompt,
+            "scores": r.scores,
+            "demo_loglik": r.loglik,
+            "demo_first_token_loglik": r.first_token_loglik,
+        }
         if r.loglik is not None and student.loglik is not None:
             row["demo_loglik_gain"] = r.loglik - student.loglik
             row["demo_first_token_gain"] = r.first_token_loglik - student.first_token_loglik
@@ -86,56 +95,82 @@ def advice(summary: dict, ceiling: list[dict] | None, temperature: float) -> lis
         gain_points = 100 * (teacher["scores"][metrics[0]] - student["scores"][metrics[0]]) if metrics else None
         gain_nats = teacher.get("demo_loglik_gain")
         if gain_nats is not None and gain_nats < NO_GAIN_NATS and (gain_points is None or gain_points <= 0):
-            out.append(f"No teacher ceiling: with the demonstration the model is not better (demonstration log-likelihood "
-                       f"gain {gain_nats:+.2f} nats/token" + (f", accuracy {gain_points:+.0f} points" if gain_points is not None else "")
-                       + "). SDFT distils exactly that difference, so it cannot help here: try another teacher template "
-                       "(--template plain, or the task's own) or use SFT.")
+            out.append(
+                f"No teacher ceiling: with the demonstration the model is not better (demonstration log-likelihood "
+                f"gain {gain_nats:+.2f} nats/token"
+                + (f", accuracy {gain_points:+.0f} points" if gain_points is not None else "")
+                + "). SDFT distils exactly that difference, so it cannot help here: try another teacher template "
+                "(--template plain, or the task's own) or use SFT."
+            )
         elif gain_points is not None and gain_points <= 0:
-            out.append(f"Greedy accuracy does not rise with the demonstration ({gain_points:+.0f} points on {metrics[0]}), but the "
-                       f"demonstration becomes more likely ({gain_nats:+.2f} nats/token): the teacher's signal exists but does not "
-                       "produce correct greedy answers. Expect slow progress in accuracy; during training watch the "
-                       "demonstration log-likelihood under the student prompt, and try other templates first.")
+            out.append(
+                f"Greedy accuracy does not rise with the demonstration ({gain_points:+.0f} points on {metrics[0]}), but the "
+                f"demonstration becomes more likely ({gain_nats:+.2f} nats/token): the teacher's signal exists but does not "
+                "produce correct greedy answers. Expect slow progress in accuracy; during training watch the "
+                "demonstration log-likelihood under the student prompt, and try other templates first."
+            )
         elif gain_points is not None:
-            out.append(f"The teacher is better than the student by {gain_points:+.0f} points ({metrics[0]}): there is something to "
-                       "distil.")
+            out.append(
+                f"The teacher is better than the student by {gain_points:+.0f} points ({metrics[0]}): there is something to "
+                "distil."
+            )
     first4 = summary["first_k_share"]["4"]
     if first4 is not None and first4 >= EARLY_SHARE:
-        text = (f"{_pct(first4)} of the divergence sits in the first 4 tokens: the teacher mostly disagrees with how the "
-                "student starts its answer. More rollouts per prompt (more chances to sample a start the teacher likes), a "
-                "larger learning rate, or a format hint in the prompt (so the student's own samples start closer to the "
-                "demonstration) target that.")
+        text = (
+            f"{_pct(first4)} of the divergence sits in the first 4 tokens: the teacher mostly disagrees with how the "
+            "student starts its answer. More rollouts per prompt (more chances to sample a start the teacher likes), a "
+            "larger learning rate, or a format hint in the prompt (so the student's own samples start closer to the "
+            "demonstration) target that."
+        )
         masked = 1 - summary["in_loss_share"] if summary["in_loss_share"] is not None else 0.0
         if summary["skip_first_tokens"] > 0 and masked >= 0.25:
-            text += (f" Note that loss.skip_first_tokens={summary['skip_first_tokens']} leaves {_pct(masked)} of the divergence "
-                     "out of the loss; consider 0 when the start is what must change.")
+            text += (
+                f" Note that loss.skip_first_tokens={summary['skip_first_tokens']} leaves {_pct(masked)} of the divergence "
+                "out of the loss; consider 0 when the start is what must change."
+            )
         out.append(text)
     first_p, student_p = summary["demo_first_token_teacher_p"], summary["demo_first_token_student_p"]
     if first_p is not None and first_p < LOW_FIRST_P:
-        relation = ("more likely than the student does" if student_p is not None and first_p > 2 * student_p
-                    else "no more likely than the student does")
-        out.append(f"The teacher gives the demonstration's first token p={first_p:.4f} (student {student_p:.4f}): shown the "
-                   f"demonstration, it finds that start {relation}, but still rarely starts that way, so the student's own "
-                   "samples start elsewhere and the signal toward the demonstrated format has to come later in the "
-                   "completion. Another template wording may raise it: `sdft data ceiling TASK --template ...` compares "
-                   "templates.")
+        relation = (
+            "more likely than the student does"
+            if student_p is not None and first_p > 2 * student_p
+            else "no more likely than the student does"
+        )
+        out.append(
+            f"The teacher gives the demonstration's first token p={first_p:.4f} (student {student_p:.4f}): shown the "
+            f"demonstration, it finds that start {relation}, but still rarely starts that way, so the student's own "
+            "samples start elsewhere and the signal toward the demonstrated format has to come later in the "
+            "completion. Another template wording may raise it: `sdft data ceiling TASK --template ...` compares "
+            "templates."
+        )
     if summary["divergence_per_token"] < WEAK_DIVERGENCE:
-        out.append(f"Teacher and student nearly agree on the student's own samples ({summary['divergence_per_token']:.3f} nats "
-                   "per token): the per-token training signal is weak, so expect many steps or a larger learning rate.")
+        out.append(
+            f"Teacher and student nearly agree on the student's own samples ({summary['divergence_per_token']:.3f} nats "
+            "per token): the per-token training signal is weak, so expect many steps or a larger learning rate."
+        )
     fmt, fmt_positions = summary["format_share"], summary["format_token_fraction"]
     # Only worth saying when one kind of token carries clearly more than its share of positions.
     if fmt is not None and 0 < fmt_positions < 1:
         if fmt >= CONCENTRATED * fmt_positions:
-            out.append(f"Format tokens (punctuation, brackets, newlines) carry {_pct(fmt)} of the divergence while being "
-                       f"{_pct(fmt_positions)} of the positions: the teacher mainly disagrees about the format.")
+            out.append(
+                f"Format tokens (punctuation, brackets, newlines) carry {_pct(fmt)} of the divergence while being "
+                f"{_pct(fmt_positions)} of the positions: the teacher mainly disagrees about the format."
+            )
         elif 1 - fmt >= CONCENTRATED * (1 - fmt_positions):
-            out.append(f"Answer (content) tokens carry {_pct(1 - fmt)} of the divergence while being "
-                       f"{_pct(1 - fmt_positions)} of the positions: the teacher mainly disagrees about the content.")
+            out.append(
+                f"Answer (content) tokens carry {_pct(1 - fmt)} of the divergence while being "
+                f"{_pct(1 - fmt_positions)} of the positions: the teacher mainly disagrees about the content."
+            )
     if summary["student_top_differs"] >= OFF_MODE and temperature > 0:
-        out.append(f"At temperature {temperature:g} the sampled token is not the student's own top token at "
-                   f"{_pct(summary['student_top_differs'])} of positions (and not the teacher's at "
-                   f"{_pct(summary['teacher_top_differs'])}): samples drift from both models' likely text, which spreads the "
-                   "signal; a lower rollout.temperature keeps samples nearer what the student would write.")
+        out.append(
+            f"At temperature {temperature:g} the sampled token is not the student's own top token at "
+            f"{_pct(summary['student_top_differs'])} of positions (and not the teacher's at "
+            f"{_pct(summary['teacher_top_differs'])}): samples drift from both models' likely text, which spreads the "
+            "signal; a lower rollout.temperature keeps samples nearer what the student would write."
+        )
     if summary["clipped_fraction"] >= CLIPPED:
-        out.append(f"{_pct(summary['clipped_fraction'])} of completions hit --max-new-tokens: the numbers miss their ends; "
-                   "raise it (rollout.max_new_tokens) if training will allow longer completions.")
+        out.append(
+            f"{_pct(summary['clipped_fraction'])} of completions hit --max-new-tokens: the numbers miss their ends; "
+            "raise it (rollout.max_new_tokens) if training will allow longer completions."
+        )
     return out

@@ -47,23 +47,47 @@ def _answer_logprobs(model, prompt_ids: list[int], answer_ids: list[int], precis
     return torch.log_softmax(logits.float(), dim=-1)
 
 
-def base_answers(model, tokenizer, *, prompts: list[str] | None = None, max_new_tokens: int = 64, top_k: int = 256,
-                 batch_size: int = 16, precision: str = "fp32", base_name: str = "") -> dict:
+def base_answers(
+    model,
+    tokenizer,
+    *,
+    prompts: list[str] | None = None,
+    max_new_tokens: int = 64,
+    top_k: int = 256,
+    batch_size: int = 16,
+    precision: str = "fp32",
+    base_name: str = "",
+) -> dict:
     """The base model's greedy answers with the top-k log-probabilities kept for each answer token."""
     builder = PromptBuilder(tokenizer)
     prompts = prompts if prompts is not None else drift_prompts()
     prompt_ids = [builder.encode_messages([{"role": "user", "content": p}]) for p in prompts]
-    done = generate(model, prompt_ids, stop_token_ids=stop_token_id(model, tokenizer), pad_token_id=tokenizer.pad_token_id,
-                    max_new_tokens=max_new_tokens, temperature=0, batch_size=batch_size, precision=precision,
-                    desc="drift: base answers")
+    done = generate(
+        model,
+        prompt_ids,
+        stop_token_ids=stop_token_id(model, tokenizer),
+        pad_token_id=tokenizer.pad_token_id,
+        max_new_tokens=max_new_tokens,
+        temperature=0,
+        batch_size=batch_size,
+        precision=precision,
+        desc="drift: base answers",
+    )
     items = []
     for text, ids, answer in zip(prompts, prompt_ids, done.ids):
         if not answer:
             continue
         logprobs = _answer_logprobs(model, ids, answer)
         top = logprobs.topk(min(top_k, logprobs.shape[-1]), dim=-1)
-        items.append({"prompt": text, "prompt_ids": ids, "answer_ids": answer,
-                      "top_ids": top.indices.tolist(), "top_logprobs": top.values.tolist()})
+        items.append(
+            {
+                "prompt": text,
+                "prompt_ids": ids,
+                "answer_ids": answer,
+                "top_ids": top.indices.tolist(),
+                "top_logprobs": top.values.tolist(),
+            }
+        )
     return {"format": FORMAT, "base": base_name, "top_k": top_k, "max_new_tokens": max_new_tokens, "items": items}
 
 
@@ -89,7 +113,9 @@ def _bucket_kl(base_top: torch.Tensor, top_ids: torch.Tensor, model_logprobs: to
     base_rest = (1 - base_p.sum(-1)).clamp_min(0)
     model_rest = (1 - model_top.exp().sum(-1)).clamp_min(1e-30)
     kl = (base_p * (base_top - model_top)).sum(-1)
-    rest = torch.where(base_rest > 0, base_rest * (base_rest.clamp_min(1e-30).log() - model_rest.log()), torch.zeros_like(base_rest))
+    rest = torch.where(
+        base_rest > 0, base_rest * (base_rest.clamp_min(1e-30).log() - model_rest.log()), torch.zeros_like(base_rest)
+    )
     return (kl + rest).clamp_min(0)
 
 
@@ -114,5 +140,11 @@ def drift(answers: dict, model, tokenizer=None, *, base_model=None, precision: s
         per_prompt.append(round(float(kl.mean()), 6) if len(answer_ids) else 0.0)
         total_nll += float(nll.sum())
         tokens += len(answer_ids)
-    return {"kl_nats": total_kl / max(tokens, 1), "nll_nats": total_nll / max(tokens, 1), "tokens": tokens,
-            "prompts": len(answers["items"]), "kl_per_prompt": per_prompt, "kl_method": "full" if base_model is not None else f"top{answers.get('top_k')}+rest"}
+    return {
+        "kl_nats": total_kl / max(tokens, 1),
+        "nll_nats": total_nll / max(tokens, 1),
+        "tokens": tokens,
+        "prompts": len(answers["items"]),
+        "kl_per_prompt": per_prompt,
+        "kl_method": "full" if base_model is not None else f"top{answers.get('top_k')}+rest",
+    }

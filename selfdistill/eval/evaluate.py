@@ -13,8 +13,8 @@ coverage theory holds for 0/1 scores; for fractional scores it is the usual appr
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 from selfdistill.data.prompts import PromptBuilder
 from selfdistill.data.records import Record
@@ -57,11 +57,25 @@ def grading_record(record: Record) -> dict:
     return row
 
 
-def evaluate(model, tokenizer, records: list[Record], grader: Callable[[str, dict], float], *,
-             n_samples: int = 1, temperature: float = 0.0, top_p: float = 1.0, max_new_tokens: int = 512,
-             batch_size: int = 8, precision: str = "fp32", seed: int = 0, system_prompt: str | None = None,
-             ks: list[int] | None = None, out_dir: str | Path | None = None, desc: str = "evaluate",
-             examples: list | None = None) -> dict:
+def evaluate(
+    model,
+    tokenizer,
+    records: list[Record],
+    grader: Callable[[str, dict], float],
+    *,
+    n_samples: int = 1,
+    temperature: float = 0.0,
+    top_p: float = 1.0,
+    max_new_tokens: int = 512,
+    batch_size: int = 8,
+    precision: str = "fp32",
+    seed: int = 0,
+    system_prompt: str | None = None,
+    ks: list[int] | None = None,
+    out_dir: str | Path | None = None,
+    desc: str = "evaluate",
+    examples: list | None = None,
+) -> dict:
     """Generate, grade and summarize; with `out_dir`, write `examples.jsonl` and `summary.json` there.
 
     Pass a list as `examples` to receive the per-record results in memory.
@@ -78,9 +92,19 @@ def evaluate(model, tokenizer, records: list[Record], grader: Callable[[str, dic
     rows = [p for p in prompts for _ in range(n_samples)]
     seeds = [seed * 1_000_003 + i for i in range(len(rows))] if temperature > 0 else None
     stop = stop_token_id(model, tokenizer)
-    done = generate(model, rows, stop_token_ids=stop, pad_token_id=tokenizer.pad_token_id, max_new_tokens=max_new_tokens,
-                    temperature=temperature, top_p=top_p, seeds=seeds, batch_size=batch_size, precision=precision,
-                    desc=desc)
+    done = generate(
+        model,
+        rows,
+        stop_token_ids=stop,
+        pad_token_id=tokenizer.pad_token_id,
+        max_new_tokens=max_new_tokens,
+        temperature=temperature,
+        top_p=top_p,
+        seeds=seeds,
+        batch_size=batch_size,
+        precision=precision,
+        desc=desc,
+    )
     examples = [] if examples is None else examples
     for i, record in enumerate(records):
         gold = grading_record(record)
@@ -96,15 +120,28 @@ def evaluate(model, tokenizer, records: list[Record], grader: Callable[[str, dic
             clipped += not done.finished[row]
         # Tool-use records keep their gold calls in `golden_answer`; show them as the answer.
         answer = record.answer if record.answer is not None else record.meta.get("golden_answer")
-        example = {"index": i, "source": record.source, "prompt": record.prompt, "answer": answer,
-                   "output": outputs[0] if n_samples == 1 else outputs,
-                   "score": sum(scores) / n_samples, "clipped": clipped}
+        example = {
+            "index": i,
+            "source": record.source,
+            "prompt": record.prompt,
+            "answer": answer,
+            "output": outputs[0] if n_samples == 1 else outputs,
+            "score": sum(scores) / n_samples,
+            "clipped": clipped,
+        }
         if n_samples > 1:
             example["scores"] = scores
         examples.append(example)
     summary = summarize(examples, n_samples, ks)
-    summary.update({"n_samples": n_samples, "temperature": temperature, "max_new_tokens": max_new_tokens,
-                    "precision": precision, "seed": seed})
+    summary.update(
+        {
+            "n_samples": n_samples,
+            "temperature": temperature,
+            "max_new_tokens": max_new_tokens,
+            "precision": precision,
+            "seed": seed,
+        }
+    )
     if out_dir is not None:
         write_results(out_dir, examples, summary)
     return summary
@@ -114,8 +151,13 @@ def summarize(examples: list[dict], n_samples: int = 1, ks: list[int] | None = N
     count = len(examples)
     mean = sum(e["score"] for e in examples) / count
     low, high = wilson_interval(mean, count)
-    summary = {"score": mean, "count": count, "ci95": [low, high], "ci_method": "wilson",
-               "clipped": sum(e["clipped"] for e in examples)}
+    summary = {
+        "score": mean,
+        "count": count,
+        "ci95": [low, high],
+        "ci_method": "wilson",
+        "clipped": sum(e["clipped"] for e in examples),
+    }
     if n_samples > 1:
         ks = sorted({k for k in (ks or [1, n_samples]) if 1 <= k <= n_samples})
         summary["pass_at_k"] = {

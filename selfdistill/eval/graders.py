@@ -172,7 +172,7 @@ def _robust_inputs(output: str) -> list:
     for mark in _INPUT_MARK.finditer(output):
         start = output.find("{", mark.end())
         # Only an object that starts right after the marker (whitespace aside) belongs to it.
-        if start < 0 or output[mark.end():start].strip():
+        if start < 0 or output[mark.end() : start].strip():
             continue
         try:
             value, _ = decoder.raw_decode(output, start)
@@ -229,9 +229,18 @@ class JudgeGrader:
     (default 0.5). The judge is asked at temperature 0 so a rerun gives the same verdicts.
     """
 
-    def __init__(self, base_url: str | None = None, model: str | None = None, api_key: str | None = None,
-                 partial_credit: float = 0.5, timeout: float = 60.0, prompt: str = JUDGE_PROMPT):
-        self.base_url = (base_url or os.environ.get("SDFT_JUDGE_BASE_URL") or os.environ.get("OPENAI_BASE_URL") or "").rstrip("/")
+    def __init__(
+        self,
+        base_url: str | None = None,
+        model: str | None = None,
+        api_key: str | None = None,
+        partial_credit: float = 0.5,
+        timeout: float = 60.0,
+        prompt: str = JUDGE_PROMPT,
+    ):
+        self.base_url = (
+            base_url or os.environ.get("SDFT_JUDGE_BASE_URL") or os.environ.get("OPENAI_BASE_URL") or ""
+        ).rstrip("/")
         self.model = model or os.environ.get("SDFT_JUDGE_MODEL")
         self.api_key = api_key or os.environ.get("SDFT_JUDGE_API_KEY") or os.environ.get("OPENAI_API_KEY") or ""
         if not self.base_url or not self.model:
@@ -248,11 +257,15 @@ class JudgeGrader:
         if isinstance(question, list):
             question = question[-1]["content"]
         content = self.prompt.format(question=question, answer=record.get("answer"), output=output)
-        body = json.dumps({"model": self.model, "temperature": 0,
-                           "messages": [{"role": "user", "content": content}]}).encode()
-        request = urllib.request.Request(f"{self.base_url}/chat/completions", data=body, method="POST",
-                                         headers={"Content-Type": "application/json",
-                                                  "Authorization": f"Bearer {self.api_key}"})
+        body = json.dumps(
+            {"model": self.model, "temperature": 0, "messages": [{"role": "user", "content": content}]}
+        ).encode()
+        request = urllib.request.Request(
+            f"{self.base_url}/chat/completions",
+            data=body,
+            method="POST",
+            headers={"Content-Type": "application/json", "Authorization": f"Bearer {self.api_key}"},
+        )
         try:
             with urllib.request.urlopen(request, timeout=self.timeout) as response:
                 reply = json.loads(response.read())

@@ -65,8 +65,15 @@ def run_program(program: str, *, timeout: float = 10.0, memory_mb: int = 1024) -
         path.write_text(program, encoding="utf-8")
         preexec = _limits(memory_mb << 20, int(timeout) + 1) if os.name == "posix" else None
         try:
-            proc = subprocess.run([sys.executable, "-I", str(path)], cwd=tmp, capture_output=True, text=True,
-                                  timeout=timeout, preexec_fn=preexec, env={"PATH": os.environ.get("PATH", "")})
+            proc = subprocess.run(
+                [sys.executable, "-I", str(path)],
+                cwd=tmp,
+                capture_output=True,
+                text=True,
+                timeout=timeout,
+                preexec_fn=preexec,
+                env={"PATH": os.environ.get("PATH", "")},
+            )
         except subprocess.TimeoutExpired:
             return False, "timeout"
     if proc.returncode == 0:
@@ -80,20 +87,42 @@ def check_completion(problem: dict, output: str, *, timeout: float = 10.0, memor
     return run_program(program, timeout=timeout, memory_mb=memory_mb)
 
 
-def run_humaneval(model, tokenizer, *, limit: int | None = None, max_new_tokens: int = 384, batch_size: int = 8,
-                  precision: str = "fp32", timeout: float = 10.0, out_dir: str | Path | None = None) -> dict:
+def run_humaneval(
+    model,
+    tokenizer,
+    *,
+    limit: int | None = None,
+    max_new_tokens: int = 384,
+    batch_size: int = 8,
+    precision: str = "fp32",
+    timeout: float = 10.0,
+    out_dir: str | Path | None = None,
+) -> dict:
     """pass@1 (greedy) on HumanEval problems."""
     from selfdistill.eval.evaluate import evaluate
 
     problems = load_problems(limit)
-    records = [Record(prompt=INSTRUCTION.format(prompt=p["prompt"]), demonstration="", meta={"problem": p},
-                      source=p["task_id"]) for p in problems]
+    records = [
+        Record(
+            prompt=INSTRUCTION.format(prompt=p["prompt"]), demonstration="", meta={"problem": p}, source=p["task_id"]
+        )
+        for p in problems
+    ]
 
     def grade(output: str, record: dict) -> float:
         return float(check_completion(record["problem"], output, timeout=timeout)[0])
 
-    summary = evaluate(model, tokenizer, records, grade, max_new_tokens=max_new_tokens, batch_size=batch_size,
-                       precision=precision, out_dir=out_dir, desc="humaneval")
+    summary = evaluate(
+        model,
+        tokenizer,
+        records,
+        grade,
+        max_new_tokens=max_new_tokens,
+        batch_size=batch_size,
+        precision=precision,
+        out_dir=out_dir,
+        desc="humaneval",
+    )
     result = {"pass_at_1": summary["score"], "count": summary["count"], "ci95": summary["ci95"]}
     if out_dir is not None:
         (Path(out_dir) / "summary.json").write_text(json.dumps(result, indent=2) + "\n")

@@ -27,10 +27,20 @@ def _require_lm_eval():
     return lm_eval, HFLM, TaskManager
 
 
-def run_lm_eval(model, tokenizer=None, tasks: list[str] | None = None, *, limit: int | float | None = None,
-                apply_chat_template: bool = False, num_fewshot: int | None = None, seed: int = 0,
-                include_path: str | None = None, builtin_tasks: bool = True, batch_size: int = 8,
-                max_length: int | None = None) -> dict:
+def run_lm_eval(
+    model,
+    tokenizer=None,
+    tasks: list[str] | None = None,
+    *,
+    limit: int | float | None = None,
+    apply_chat_template: bool = False,
+    num_fewshot: int | None = None,
+    seed: int = 0,
+    include_path: str | None = None,
+    builtin_tasks: bool = True,
+    batch_size: int = 8,
+    max_length: int | None = None,
+) -> dict:
     """{task: {metric: value}} for lm-eval `tasks` on `model` (a loaded model, or a path / hub id).
 
     `builtin_tasks=False` indexes only `include_path` (indexing lm-eval's thousands of built-in
@@ -50,9 +60,18 @@ def run_lm_eval(model, tokenizer=None, tasks: list[str] | None = None, *, limit:
     manager = TaskManager(include_path=include_path, include_defaults=builtin_tasks or not include_path)
     try:
         results = lm_eval.simple_evaluate(
-            model=lm, tasks=list(tasks), limit=limit, num_fewshot=num_fewshot, task_manager=manager,
-            apply_chat_template=apply_chat_template, random_seed=seed, numpy_random_seed=seed,
-            torch_random_seed=seed, fewshot_random_seed=seed, log_samples=False, bootstrap_iters=0,
+            model=lm,
+            tasks=list(tasks),
+            limit=limit,
+            num_fewshot=num_fewshot,
+            task_manager=manager,
+            apply_chat_template=apply_chat_template,
+            random_seed=seed,
+            numpy_random_seed=seed,
+            torch_random_seed=seed,
+            fewshot_random_seed=seed,
+            log_samples=False,
+            bootstrap_iters=0,
         )
     except KeyError as exc:
         raise UserError(f"lm-eval does not know the task {exc}; check the name or --lm-eval-include.") from None

@@ -53,16 +53,30 @@ def _demonstration_tokens(tokenizer, text: str, stop_id: int) -> tuple[list[int]
     return list(ids) + [stop_id], offsets
 
 
-def heldout_loglik(model, tokenizer, records: list[Record], *, template: str = "plain", system_prompt: str | None = None,
-                   stop_token_id: int | None = None, precision: str = "fp32") -> dict | None:
+def heldout_loglik(
+    model,
+    tokenizer,
+    records: list[Record],
+    *,
+    template: str = "plain",
+    system_prompt: str | None = None,
+    stop_token_id: int | None = None,
+    precision: str = "fp32",
+) -> dict | None:
     """The measures above for the records that have a demonstration; None when none has one."""
     kept = [r for r in records if isinstance(r.demonstration, str) and r.demonstration.strip()]
     if not kept:
         return None
     stop = stop_token_id if stop_token_id is not None else tokenizer.eos_token_id
     # No prompt limits: this is a measurement, and evaluation items are scored whole.
-    builder = PromptBuilder(tokenizer, template=template, system_prompt=system_prompt, max_prompt_tokens=10**9,
-                            max_teacher_prompt_tokens=10**9, stop_token_id=stop)
+    builder = PromptBuilder(
+        tokenizer,
+        template=template,
+        system_prompt=system_prompt,
+        max_prompt_tokens=10**9,
+        max_teacher_prompt_tokens=10**9,
+        stop_token_id=stop,
+    )
     demos, answers = [], []
     for record in kept:
         ids, offsets = _demonstration_tokens(tokenizer, record.demonstration, stop)
@@ -75,10 +89,13 @@ def heldout_loglik(model, tokenizer, records: list[Record], *, template: str = "
     per_item = [mean(lp) for lp in student_lp]
     answer_items = [mean(lp[i] for i in pos) for lp, pos in zip(student_lp, answers) if pos]
     return {
-        "count": len(kept), "tokens": sum(len(d) for d in demos), "template": template,
+        "count": len(kept),
+        "tokens": sum(len(d) for d in demos),
+        "template": template,
         "student": mean(per_item),
         "teacher": mean(mean(lp) for lp in teacher_lp),
         "student_first": mean(lp[0] for lp in student_lp),
-        "student_answer": mean(answer_items) if answer_items else None, "answer_count": len(answer_items),
+        "student_answer": mean(answer_items) if answer_items else None,
+        "answer_count": len(answer_items),
         "items": [round(v, 5) for v in per_item],
     }

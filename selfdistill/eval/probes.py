@@ -14,9 +14,9 @@ from __future__ import annotations
 
 import json
 import re
+from collections.abc import Callable
 from importlib import resources
 from pathlib import Path
-from typing import Callable
 
 from selfdistill.data.records import Record
 from selfdistill.errors import UserError
@@ -31,6 +31,7 @@ def load_suite(name: str = "general") -> list[dict]:
 
 
 # --- checkers: (output, check) -> bool ------------------------------------------------------
+
 
 def _words(text: str) -> list[str]:
     return re.findall(r"[A-Za-z0-9']+", text)
@@ -95,7 +96,7 @@ CHECKERS: dict[str, Callable[[str, dict], bool]] = {
     "starts_with": lambda o, c: o.strip().lower().startswith(c["text"].lower()),
     "ends_with": lambda o, c: o.strip().lower().endswith(c["text"].lower()),
     "no_commas": lambda o, c: bool(o.strip()) and "," not in o,
-    "quoted": lambda o, c: len(o.strip()) >= 2 and o.strip()[0] in "\"“" and o.strip()[-1] in "\"”",
+    "quoted": lambda o, c: len(o.strip()) >= 2 and o.strip()[0] in '"“' and o.strip()[-1] in '"”',
     "title": lambda o, c: re.search(r"<<[^<>\n]+>>", o) is not None,
     "paragraphs": check_paragraphs,
 }
@@ -134,23 +135,53 @@ def spread_sample(items: list[dict], limit: int | None) -> list[dict]:
     return chosen
 
 
-def run_probes(model, tokenizer, *, suite: str = "general", limit: int | None = None, max_new_tokens: int = 128,
-               batch_size: int = 16, precision: str = "fp32", out_dir: str | Path | None = None) -> dict:
+def run_probes(
+    model,
+    tokenizer,
+    *,
+    suite: str = "general",
+    limit: int | None = None,
+    max_new_tokens: int = 128,
+    batch_size: int = 16,
+    precision: str = "fp32",
+    out_dir: str | Path | None = None,
+) -> dict:
     """Score the model on the probe suite: overall and per category (greedy)."""
     from selfdistill.eval.evaluate import evaluate, wilson_interval
 
     items = spread_sample(load_suite(suite), limit)
-    records = [Record(prompt=item["prompt"], demonstration="", meta={"probe": item, "category": item["category"]},
-                      source=f"probe {item['id']}") for item in items]
+    records = [
+        Record(
+            prompt=item["prompt"],
+            demonstration="",
+            meta={"probe": item, "category": item["category"]},
+            source=f"probe {item['id']}",
+        )
+        for item in items
+    ]
     examples: list[dict] = []
-    summary = evaluate(model, tokenizer, records, _probe_grader, max_new_tokens=max_new_tokens, batch_size=batch_size,
-                       precision=precision, out_dir=out_dir, desc="probes", examples=examples)
+    summary = evaluate(
+        model,
+        tokenizer,
+        records,
+        _probe_grader,
+        max_new_tokens=max_new_tokens,
+        batch_size=batch_size,
+        precision=precision,
+        out_dir=out_dir,
+        desc="probes",
+        examples=examples,
+    )
     scores = [e["score"] for e in examples]
     result = {"score": summary["score"], "count": summary["count"], "ci95": summary["ci95"], "categories": {}}
     for category in sorted({item["category"] for item in items}):
         values = [s for s, item in zip(scores, items) if item["category"] == category]
         mean = sum(values) / len(values)
-        result["categories"][category] = {"score": mean, "count": len(values), "ci95": list(wilson_interval(mean, len(values)))}
+        result["categories"][category] = {
+            "score": mean,
+            "count": len(values),
+            "ci95": list(wilson_interval(mean, len(values))),
+        }
     return result
 
 
@@ -162,14 +193,29 @@ def relative(model_scores: dict, base_scores: dict) -> dict:
             inner = relative(value, base_scores[key])
             if inner:
                 delta[key] = inner
-        elif key in ("score", "pass_at_1") and isinstance(value, (int, float)) and isinstance(base_scores.get(key), (int, float)):
+        elif (
+            key in ("score", "pass_at_1")
+            and isinstance(value, (int, float))
+            and isinstance(base_scores.get(key), (int, float))
+        ):
             delta[key] = value - base_scores[key]
     return delta
 
 
-def probe_report(model_name: str, base_name: str | None, *, out_dir: Path, load, limit: int | None = None,
-                 suite: bool = True, humaneval: bool = False, batch_size: int = 16, precision: str = "bf16",
-                 max_new_tokens: int = 128, drift_tokens: int = 64) -> dict:
+def probe_report(
+    model_name: str,
+    base_name: str | None,
+    *,
+    out_dir: Path,
+    load,
+    limit: int | None = None,
+    suite: bool = True,
+    humaneval: bool = False,
+    batch_size: int = 16,
+    precision: str = "bf16",
+    max_new_tokens: int = 128,
+    drift_tokens: int = 64,
+) -> dict:
     """Probe scores of `model_name`, and with a base model: the base's scores, deltas and drift.
 
     The base model's scores and greedy answers are stored in `out_dir/base/` and reused when
@@ -184,13 +230,21 @@ def probe_report(model_name: str, base_name: str | None, *, out_dir: Path, load,
     def scores_of(net, tok, where: Path) -> dict:
         result = {}
         if suite:
-            result["general"] = run_probes(net, tok, limit=limit, batch_size=batch_size, precision=precision,
-                                           max_new_tokens=max_new_tokens, out_dir=where / "general")
+            result["general"] = run_probes(
+                net,
+                tok,
+                limit=limit,
+                batch_size=batch_size,
+                precision=precision,
+                max_new_tokens=max_new_tokens,
+                out_dir=where / "general",
+            )
         if humaneval:
             from selfdistill.eval.humaneval import run_humaneval
 
-            result["humaneval"] = run_humaneval(net, tok, limit=limit, batch_size=batch_size, precision=precision,
-                                                out_dir=where / "humaneval")
+            result["humaneval"] = run_humaneval(
+                net, tok, limit=limit, batch_size=batch_size, precision=precision, out_dir=where / "humaneval"
+            )
         return result
 
     net, tok = load(model_name)
@@ -201,7 +255,13 @@ def probe_report(model_name: str, base_name: str | None, *, out_dir: Path, load,
     else:
         base_dir = out_dir / "base"
         cache = base_dir / "scores.json"
-        key = {"base": base_name, "limit": limit, "suite": suite, "humaneval": humaneval, "max_new_tokens": max_new_tokens}
+        key = {
+            "base": base_name,
+            "limit": limit,
+            "suite": suite,
+            "humaneval": humaneval,
+            "max_new_tokens": max_new_tokens,
+        }
         base_net = None
         if cache.is_file() and json.loads(cache.read_text()).get("key") == key:
             base_scores = json.loads(cache.read_text())["scores"]
@@ -215,8 +275,9 @@ def probe_report(model_name: str, base_name: str | None, *, out_dir: Path, load,
         if answers is None or answers.get("max_new_tokens") != drift_tokens:
             if base_net is None:
                 base_net, base_tok = load(base_name)
-            answers = drift_mod.base_answers(base_net, base_tok, base_name=base_name, precision=precision,
-                                             max_new_tokens=drift_tokens)
+            answers = drift_mod.base_answers(
+                base_net, base_tok, base_name=base_name, precision=precision, max_new_tokens=drift_tokens
+            )
             drift_mod.save_base_answers(answers, answers_path)
         report["base"] = {"model": base_name, "absolute": base_scores}
         report["relative"] = relative(report["absolute"], base_scores)

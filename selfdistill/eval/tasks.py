@@ -23,7 +23,9 @@ def guess_grader(records: list[Record]) -> str:
     for field, grader in _GUESS_BY_FIELD:
         if field in first.meta:
             return grader
-    if isinstance(first.prompt, list) and any("<answer>" in m["content"] for m in first.prompt if m["role"] == "system"):
+    if isinstance(first.prompt, list) and any(
+        "<answer>" in m["content"] for m in first.prompt if m["role"] == "system"
+    ):
         return "choice_tag"
     return "contains"
 
@@ -37,7 +39,9 @@ def named_task(name: str, seed: int = 0) -> tuple[list[Record], str | None]:
     try:
         tasks = importlib.import_module("selfdistill.tasks")
     except ModuleNotFoundError:
-        raise UserError(f"Task {name!r}: no such file, and this version has no built-in tasks; pass a .jsonl file.") from None
+        raise UserError(
+            f"Task {name!r}: no such file, and this version has no built-in tasks; pass a .jsonl file."
+        ) from None
     spec = tasks.get_task(name)
     records = list(tasks.make_task(name, seed).eval)
     metric = spec.metrics[0] if getattr(spec, "metrics", None) else None
@@ -46,7 +50,9 @@ def named_task(name: str, seed: int = 0) -> tuple[list[Record], str | None]:
     return records, metric.grader if metric is not None else None
 
 
-def resolve_task(task: str, grader: str | None = None, limit: int | None = None, seed: int = 0) -> tuple[list[Record], str]:
+def resolve_task(
+    task: str, grader: str | None = None, limit: int | None = None, seed: int = 0
+) -> tuple[list[Record], str]:
     """(records, grader name) for a file path or a built-in task name."""
     path = Path(task)
     if path.suffix in (".jsonl", ".json") or path.exists() or "/" in task:

@@ -29,8 +29,9 @@ class TrainItem:
         return max(0, len(self.completion) - self.loss_start)
 
 
-def completion_hidden(model, items: list[TrainItem], use_teacher_prompt: bool, pad_id: int,
-                      precision: str) -> tuple[torch.Tensor, torch.Tensor]:
+def completion_hidden(
+    model, items: list[TrainItem], use_teacher_prompt: bool, pad_id: int, precision: str
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Final hidden states at the positions that predict each counted completion token.
 
     Returns (hidden [N, d], tokens [N]) over all items, in item order. Only the backbone runs on

@@ -23,7 +23,9 @@ def load_documents(path: str | Path) -> list[str]:
         for number, row in read_jsonl(path):
             text = row.get("text") if isinstance(row, dict) else None
             if not isinstance(text, str) or not text.strip():
-                raise UserError(f"{path} line {number}, field 'text': missing or empty (each line needs the document text).")
+                raise UserError(
+                    f"{path} line {number}, field 'text': missing or empty (each line needs the document text)."
+                )
             docs.append(text)
     else:
         try:
@@ -52,7 +54,7 @@ class CPT(SFT):
         pieces = []
         for doc in docs:
             ids = bos + self.tokenizer.encode(doc, add_special_tokens=False) + [self.tokenizer.eos_token_id]
-            pieces.extend(ids[i:i + piece] for i in range(0, len(ids) - 1, piece - 1))
+            pieces.extend(ids[i : i + piece] for i in range(0, len(ids) - 1, piece - 1))
         return [p for p in pieces if len(p) >= 2]
 
     def build_items(self, pieces, seeds, step):

@@ -43,11 +43,17 @@ class OfflineDistill(SDFT):
         rollouts = self.cfg.rollout
         with self.teacher.scoring(self.model) as teacher_model:
             completions = generate(
-                teacher_model, [r.teacher_ids for r in records], stop_token_ids=self.stop_token_id,
-                pad_token_id=self.pad_token_id, max_new_tokens=rollouts.max_new_tokens,
-                temperature=rollouts.temperature, top_p=rollouts.top_p,
+                teacher_model,
+                [r.teacher_ids for r in records],
+                stop_token_ids=self.stop_token_id,
+                pad_token_id=self.pad_token_id,
+                max_new_tokens=rollouts.max_new_tokens,
+                temperature=rollouts.temperature,
+                top_p=rollouts.top_p,
                 seeds=[rollout_seed(self.cfg.train.seed, -1 - r.index, 0) for r in records],
-                batch_size=rollouts.batch_size, precision=self.precision, desc="teacher answers (offline)",
+                batch_size=rollouts.batch_size,
+                precision=self.precision,
+                desc="teacher answers (offline)",
             )
         self.teacher_generations += len(records)
         self.targets = {r.index: ids for r, ids in zip(records, completions.ids)}
@@ -56,9 +62,13 @@ class OfflineDistill(SDFT):
     def build_items(self, records, seeds, step):
         divergence = self.cfg.offline.loss == "divergence"
         items = [
-            TrainItem(record_index=r.index, prompt_ids=r.student_ids, completion=self.targets[r.index],
-                      loss_start=self.cfg.loss.skip_first_tokens if divergence else 0,
-                      teacher_prompt_ids=r.teacher_ids if divergence else None)
+            TrainItem(
+                record_index=r.index,
+                prompt_ids=r.student_ids,
+                completion=self.targets[r.index],
+                loss_start=self.cfg.loss.skip_first_tokens if divergence else 0,
+                teacher_prompt_ids=r.teacher_ids if divergence else None,
+            )
             for r in records
         ]
         return items, {"completion_tokens": sum(len(i.completion) for i in items), "sequences": len(items)}

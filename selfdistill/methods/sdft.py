@@ -38,7 +38,10 @@ class SDFT(Method):
         frozen_dtype = torch.bfloat16 if self.precision == "bf16" else None
         self.teacher = Teacher(model, self.teacher_kind or cfg.teacher.kind, cfg.teacher.ema_rate, frozen_dtype)
         self.loss_settings = LossSettings(
-            kind=cfg.loss.kind, beta=cfg.loss.beta, top_k=cfg.loss.top_k, add_tail=cfg.loss.add_tail,
+            kind=cfg.loss.kind,
+            beta=cfg.loss.beta,
+            top_k=cfg.loss.top_k,
+            add_tail=cfg.loss.add_tail,
             chunk_size=cfg.loss.chunk_size,
         )
         self._importance_ratios: list[torch.Tensor] = []
@@ -48,8 +51,14 @@ class SDFT(Method):
 
             import_vllm()
 
-    def rollouts(self, student_prompts: list[list[int]], teacher_prompts: list[list[int]], indices: list[int],
-                 seeds: list[int], skip_first: int) -> tuple[list[TrainItem], dict]:
+    def rollouts(
+        self,
+        student_prompts: list[list[int]],
+        teacher_prompts: list[list[int]],
+        indices: list[int],
+        seeds: list[int],
+        skip_first: int,
+    ) -> tuple[list[TrainItem], dict]:
         """Sample the student's completions (num_rollouts per prompt) and pair them with the teacher prompts."""
         rollouts = self.cfg.rollout
         n = rollouts.num_rollouts
@@ -64,14 +73,27 @@ class SDFT(Method):
         else:
             start = time.perf_counter()
             completions = generate(
-                self.model, prompts, stop_token_ids=stop,
-                pad_token_id=self.pad_token_id, max_new_tokens=rollouts.max_new_tokens, temperature=rollouts.temperature,
-                top_p=rollouts.top_p, seeds=seeds, batch_size=rollouts.batch_size, precision=self.precision,
+                self.model,
+                prompts,
+                stop_token_ids=stop,
+                pad_token_id=self.pad_token_id,
+                max_new_tokens=rollouts.max_new_tokens,
+                temperature=rollouts.temperature,
+                top_p=rollouts.top_p,
+                seeds=seeds,
+                batch_size=rollouts.batch_size,
+                precision=self.precision,
             )
         items = [
-            TrainItem(record_index=indices[k // n], prompt_ids=student_prompts[k // n], completion=ids,
-                      loss_start=skip_first, teacher_prompt_ids=teacher_prompts[k // n], finished=finished,
-                      extra={} if completions.logprobs is None else {"sampler_logp": completions.logprobs[k]})
+            TrainItem(
+                record_index=indices[k // n],
+                prompt_ids=student_prompts[k // n],
+                completion=ids,
+                loss_start=skip_first,
+                teacher_prompt_ids=teacher_prompts[k // n],
+                finished=finished,
+                extra={} if completions.logprobs is None else {"sampler_logp": completions.logprobs[k]},
+            )
             for k, (ids, finished) in enumerate(zip(completions.ids, completions.finished))
         ]
         self._importance_ratios = []  # this step's, across its micro-batches
@@ -86,8 +108,13 @@ class SDFT(Method):
         return items, stats
 
     def build_items(self, records, seeds, step):
-        return self.rollouts([r.student_ids for r in records], [r.teacher_ids for r in records],
-                             [r.index for r in records], seeds, self.cfg.loss.skip_first_tokens)
+        return self.rollouts(
+            [r.student_ids for r in records],
+            [r.teacher_ids for r in records],
+            [r.index for r in records],
+            seeds,
+            self.cfg.loss.skip_first_tokens,
+        )
 
     def loss(self, items: list[TrainItem]):
         # Items without loss tokens are not dropped: under FSDP2 every process runs the same forwards.
@@ -101,9 +128,16 @@ class SDFT(Method):
             student_hidden, tokens = completion_hidden(self.model, items, False, self.pad_token_id, self.precision)
             weights = torch.ones(tokens.shape[0], device=student_hidden.device)
             importance = self._importance_sampling(items)
-            loss, sums = chunked_completion_loss(student_hidden, teacher_hidden, tokens, weights,
-                                                 output_head(self.model), output_head(teacher_model),
-                                                 self.loss_settings, importance)
+            loss, sums = chunked_completion_loss(
+                student_hidden,
+                teacher_hidden,
+                tokens,
+                weights,
+                output_head(self.model),
+                output_head(teacher_model),
+                self.loss_settings,
+                importance,
+            )
         stats = dict(zip(STAT_NAMES, sums.tolist()))
         if importance is not None:
             stats.update(self._importance_stats(importance))
@@ -116,10 +150,14 @@ class SDFT(Method):
         level = self.cfg.rollout.importance_sampling
         if level == "off" or not items or any("sampler_logp" not in i.extra for i in items):
             return None
-        sampler = [lp for i in items for lp in i.extra["sampler_logp"][i.loss_start:]]
+        sampler = [lp for i in items for lp in i.extra["sampler_logp"][i.loss_start :]]
         sequence = [k for k, i in enumerate(items) for _ in range(i.loss_tokens)]
-        return ImportanceSampling(torch.tensor(sampler, dtype=torch.float32), torch.tensor(sequence),
-                                  cap=self.cfg.rollout.importance_cap, level=level)
+        return ImportanceSampling(
+            torch.tensor(sampler, dtype=torch.float32),
+            torch.tensor(sequence),
+            cap=self.cfg.rollout.importance_cap,
+            level=level,
+        )
 
     def _importance_stats(self, importance: ImportanceSampling) -> dict[str, float]:
         """The step's ratio statistics so far, as increments over what earlier micro-batches reported.
@@ -151,7 +189,9 @@ class SDFT(Method):
             if keys is None:
                 return hidden
             for item, part in zip(missing, hidden.split([i.loss_tokens for i in missing])):
-                cache[(item.record_index, item.loss_start, tuple(item.completion), tuple(item.teacher_prompt_ids))] = part
+                cache[(item.record_index, item.loss_start, tuple(item.completion), tuple(item.teacher_prompt_ids))] = (
+                    part
+                )
         return torch.cat([cache[k] for k in keys])
 
     def after_step(self) -> None:

@@ -12,7 +12,9 @@ class SFT(Method):
     name = "sft"
 
     def build_items(self, records, seeds, step):
-        items = [TrainItem(record_index=r.index, prompt_ids=r.student_ids, completion=r.demonstration_ids) for r in records]
+        items = [
+            TrainItem(record_index=r.index, prompt_ids=r.student_ids, completion=r.demonstration_ids) for r in records
+        ]
         return items, {}
 
     def per_token_loss(self, token_logp: torch.Tensor) -> torch.Tensor:
@@ -21,6 +23,7 @@ class SFT(Method):
     def loss(self, items: list[TrainItem]):
         hidden, tokens = completion_hidden(self.model, items, False, self.pad_token_id, self.precision)
         weights = torch.ones(tokens.shape[0], device=hidden.device)
-        loss, logp_sum = chunked_token_loss(hidden, tokens, weights, output_head(self.model), self.per_token_loss,
-                                            self.cfg.loss.chunk_size)
+        loss, logp_sum = chunked_token_loss(
+            hidden, tokens, weights, output_head(self.model), self.per_token_loss, self.cfg.loss.chunk_size
+        )
         return loss, {"demonstration_logp": float(logp_sum)}

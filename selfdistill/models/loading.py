@@ -50,7 +50,9 @@ def _convert_gguf(gguf_path: Path, target: Path) -> None:
     log.info("converting %s to safetensors in %s (once)", gguf_path, target)
     try:
         tokenizer = AutoTokenizer.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name)
-        quantized = AutoModelForCausalLM.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name, dtype=torch.float32)
+        quantized = AutoModelForCausalLM.from_pretrained(
+            gguf_path.parent, gguf_file=gguf_path.name, dtype=torch.float32
+        )
     except Exception as exc:  # noqa: BLE001 - a corrupt or unsupported file is the user's input
         raise UserError(
             f"{gguf_path}: could not read the GGUF model ({exc}). The file may be damaged or incomplete: "
@@ -96,13 +98,17 @@ def resolve_model_path(name: str) -> str:
         return str(target)
     if path.exists():
         if not (path / "config.json").is_file():
-            raise UserError(f"model.name {name}: the directory has no config.json, so it is not a saved model. "
-                            "Point model.name at a directory written by save_pretrained, or at a .gguf file.")
+            raise UserError(
+                f"model.name {name}: the directory has no config.json, so it is not a saved model. "
+                "Point model.name at a directory written by save_pretrained, or at a .gguf file."
+            )
         return str(path)
     parts = name.split("/")
     looks_like_hub_id = len(parts) <= 2 and all(parts) and not name.startswith((".", "~"))
     if not looks_like_hub_id:
-        raise UserError(f"model.name {name}: no such file or directory. Check the path, or give a hub id or 'smollm2-135m'.")
+        raise UserError(
+            f"model.name {name}: no such file or directory. Check the path, or give a hub id or 'smollm2-135m'."
+        )
     return name  # a hub id
 
 
@@ -147,8 +153,12 @@ def weights_dtype(load_dtype: str, precision: str, lora: bool) -> torch.dtype:
     return {"fp32": torch.float32, "bf16": torch.bfloat16}[load_dtype]
 
 
-def load_model(name: str, dtype: torch.dtype = torch.float32, trust_remote_code: bool = False,
-               device: torch.device | str | None = None):
+def load_model(
+    name: str,
+    dtype: torch.dtype = torch.float32,
+    trust_remote_code: bool = False,
+    device: torch.device | str | None = None,
+):
     """(model, tokenizer) on `device` (default: the GPU if there is one). Weights are read from
     safetensors only (or converted GGUF). Evaluation and generation run where the model is, so
     loading onto the GPU here is what keeps `sdft eval` and the continual runner off the CPU."""

@@ -20,9 +20,11 @@ def write_report(run_dir: str | Path) -> dict:
     samples = tables.samples(results, out, per_task) if "start" in results else []
     config = results["config"]
     model = config.get("base", {}).get("model", {}).get("name", "smollm2-135m")
-    intro = (f"Run {out.resolve()} - model {model}; stream: {' -> '.join(t['name'] for t in results['tasks'])}; "
-             f"methods: {', '.join(results['methods'])}; seeds: {', '.join(map(str, config['seeds']))}. "
-             f"Written {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}.")
+    intro = (
+        f"Run {out.resolve()} - model {model}; stream: {' -> '.join(t['name'] for t in results['tasks'])}; "
+        f"methods: {', '.join(results['methods'])}; seeds: {', '.join(map(str, config['seeds']))}. "
+        f"Written {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}."
+    )
     write_atomic(out / "report.html", html.render(results, figures, samples, intro))
     files_dir = out / "report_files"
     files_dir.mkdir(exist_ok=True)
@@ -35,5 +37,10 @@ def write_report(run_dir: str | Path) -> dict:
         write_atomic(files_dir / name, figure.png)
         figure_files.append((figure, f"report_files/{name}"))
     write_atomic(out / "report.md", markdown.render(results, figure_files, samples, intro))
-    return {"results": out / "results.json", "html": out / "report.html", "markdown": out / "report.md",
-            "figures": len(figures), "data": results}
+    return {
+        "results": out / "results.json",
+        "html": out / "report.html",
+        "markdown": out / "report.md",
+        "figures": len(figures),
+        "data": results,
+    }

@@ -28,11 +28,14 @@ def frontier(results: dict) -> Figure | None:
     fig = frontier_figure(results)
     if fig is None:
         return None
-    return Figure("frontier", "Frontier over each method's grid",
-                  "One line per method, through the grid points it was run at (labelled by the setting). x: new-task "
-                  "score; top: prior-capability probe score, bottom: drift from the starting model. Where lines cross "
-                  "or their bars overlap, the grid does not separate the methods. The black star is the starting model.",
-                  _png(fig))
+    return Figure(
+        "frontier",
+        "Frontier over each method's grid",
+        "One line per method, through the grid points it was run at (labelled by the setting). x: new-task "
+        "score; top: prior-capability probe score, bottom: drift from the starting model. Where lines cross "
+        "or their bars overlap, the grid does not separate the methods. The black star is the starting model.",
+        _png(fig),
+    )
 
 
 def frontier_figure(results: dict):
@@ -45,12 +48,21 @@ def frontier_figure(results: dict):
     n = len(tasks)
     columns = [("final", "end of the stream", "mean score on all the stream's tasks at the end (ACC)")]
     if n > 1:
-        columns += [(k, f"after stage {k}: {tasks[k - 1]}", f"score on {tasks[k - 1]} right after training on it")
-                    for k in range(1, n + 1)]
-    rows = [("prior", "prior-capability probe score\n(fraction correct; higher: kept more)"),
-            ("drift", "drift from the starting model\n(KL, nats/token; lower: changed less)")]
-    fig, axes = plt.subplots(len(rows), len(columns), figsize=(5.2 * len(columns) + 1.2, 4.3 * len(rows)),
-                             squeeze=False, layout="constrained")
+        columns += [
+            (k, f"after stage {k}: {tasks[k - 1]}", f"score on {tasks[k - 1]} right after training on it")
+            for k in range(1, n + 1)
+        ]
+    rows = [
+        ("prior", "prior-capability probe score\n(fraction correct; higher: kept more)"),
+        ("drift", "drift from the starting model\n(KL, nats/token; lower: changed less)"),
+    ]
+    fig, axes = plt.subplots(
+        len(rows),
+        len(columns),
+        figsize=(5.2 * len(columns) + 1.2, 4.3 * len(rows)),
+        squeeze=False,
+        layout="constrained",
+    )
     start = results.get("start") or {}
     for c, (where, title, xlabel) in enumerate(columns):
         for r, (measure, ylabel) in enumerate(rows):
@@ -65,22 +77,36 @@ def frontier_figure(results: dict):
                 if any(v is None for v in xs + ys):
                     continue
                 color, marker = COLORS[g % len(COLORS)], MARKERS[g % len(MARKERS)]
-                ax.plot(xs, ys, color=color, marker=marker, markersize=7, linewidth=1.8,
-                        label=f"{group} ({info['method']})")
+                ax.plot(
+                    xs, ys, color=color, marker=marker, markersize=7, linewidth=1.8, label=f"{group} ({info['method']})"
+                )
                 for j, (cell, x, y, name) in enumerate(zip(cells, xs, ys, names)):
                     xerr, has_x = _err(cell["new_task"])
                     yerr, has_y = _err(cell[measure])
                     if has_x or has_y:
                         ax.errorbar([x], [y], xerr=xerr, yerr=yerr, color=color, alpha=0.35, linewidth=1, capsize=2)
                     # Alternate labels above and below, so grid points that land on one spot stay readable.
-                    ax.annotate(points[name]["label"], (x, y), textcoords="offset points", xytext=(6, 5 - 12 * ((g + j) % 2)),
-                                fontsize=8, color=color)
+                    ax.annotate(
+                        points[name]["label"],
+                        (x, y),
+                        textcoords="offset points",
+                        xytext=(6, 5 - 12 * ((g + j) % 2)),
+                        fontsize=8,
+                        color=color,
+                    )
             if start:
                 start_x = (sum(start["scores"]) / n) if where == "final" else start["scores"][where - 1]
                 start_y = start.get("prior") if measure == "prior" else 0.0
                 if start_y is not None:
-                    ax.plot([start_x], [start_y], marker="*", markersize=13, color="black", linestyle="none",
-                            label="starting model")
+                    ax.plot(
+                        [start_x],
+                        [start_y],
+                        marker="*",
+                        markersize=13,
+                        color="black",
+                        linestyle="none",
+                        label="starting model",
+                    )
             ax.set_xlim(-0.04, 1.04)
             if measure == "prior":
                 ax.set_ylim(-0.04, 1.04)
@@ -92,8 +118,10 @@ def frontier_figure(results: dict):
                 ax.set_title(title)
     if axes[0][0].get_legend_handles_labels()[0]:  # nothing to name when no point has all its numbers
         axes[0][0].legend(fontsize=8, loc="best", title="method (line through its grid)")
-    fig.suptitle("Frontier: what each method learned against what it kept, over its grid of settings\n"
-                 "(better: right and up in the top row, right and down in the bottom row; bars: 95% intervals)")
+    fig.suptitle(
+        "Frontier: what each method learned against what it kept, over its grid of settings\n"
+        "(better: right and up in the top row, right and down in the bottom row; bars: 95% intervals)"
+    )
     return fig
 
 
@@ -106,16 +134,24 @@ def loglik_matrices(results: dict) -> Figure | None:
         return None
     tasks = [results["tasks"][i]["name"] for i in shown]
     stages = len(results["tasks"]) + 1
-    fig, axes = plt.subplots(2, len(methods), figsize=(1.8 + (1.3 * len(tasks) + 1.2) * len(methods), 2.4 + 1.1 * stages),
-                             squeeze=False, layout="constrained")
+    fig, axes = plt.subplots(
+        2,
+        len(methods),
+        figsize=(1.8 + (1.3 * len(tasks) + 1.2) * len(methods), 2.4 + 1.1 * stages),
+        squeeze=False,
+        layout="constrained",
+    )
     values = [[[s["loglik"][k][i]["mean"] for i in shown] for k in range(stages)] for _, s in methods]
-    changes = [[[v - start["loglik"][i] if v is not None else None for v, i in zip(row, shown)] for row in m] for m in values]
+    changes = [
+        [[v - start["loglik"][i] if v is not None else None for v, i in zip(row, shown)] for row in m] for m in values
+    ]
     flat = [v for m in values for row in m for v in row if v is not None]
     low, high = min(flat), max(flat)
     span = max(abs(v) for m in changes for row in m for v in row if v is not None) or 1.0
     for col, (name, _) in enumerate(methods):
-        for row, (matrix, cmap, vmin, vmax, fmt) in enumerate(((values[col], "magma", low, high, "{:.2f}"),
-                                                               (changes[col], "RdBu", -span, span, "{:+.2f}"))):
+        for row, (matrix, cmap, vmin, vmax, fmt) in enumerate(
+            ((values[col], "magma", low, high, "{:.2f}"), (changes[col], "RdBu", -span, span, "{:+.2f}"))
+        ):
             ax = axes[row][col]
             grid = [[v if v is not None else float("nan") for v in r] for r in matrix]
             image = ax.imshow(grid, cmap=cmap, vmin=vmin, vmax=vmax, aspect="auto")
@@ -123,19 +159,35 @@ def loglik_matrices(results: dict) -> Figure | None:
                 for i, v in enumerate(r):
                     if v is not None:
                         dark = (v - vmin) / ((vmax - vmin) or 1) < 0.5 if row == 0 else abs(v) > 0.6 * span
-                        ax.text(i, k, fmt.format(v), ha="center", va="center", fontsize=9,
-                                color="white" if dark else "black")
+                        ax.text(
+                            i,
+                            k,
+                            fmt.format(v),
+                            ha="center",
+                            va="center",
+                            fontsize=9,
+                            color="white" if dark else "black",
+                        )
             ax.set_xticks(range(len(tasks)), tasks, rotation=20)
-            ax.set_yticks(range(stages), _stage_labels([t["name"] for t in results["tasks"]]) if col == 0 else [""] * stages)
+            ax.set_yticks(
+                range(stages), _stage_labels([t["name"] for t in results["tasks"]]) if col == 0 else [""] * stages
+            )
             ax.set_title(f"{name}" if row == 0 else f"{name}: change from the start", fontsize=10)
             if col == len(methods) - 1:
                 fig.colorbar(image, ax=ax, label="nats/token" if row == 0 else "change, nats/token", shrink=0.9)
-    fig.suptitle("Held-out demonstration log-likelihood under the student prompt (higher: the demonstrations are more "
-                 "likely)\ntop: after each stage; bottom: change from the starting model (blue: more likely)")
-    teacher = ", ".join(f"{t} {start['loglik_teacher'][i]:.2f}" for t, i in zip(tasks, shown)
-                        if start["loglik_teacher"][i] is not None)
-    return Figure("loglik", "Held-out demonstration log-likelihood",
-                  "Mean per-token log-likelihood of each evaluation item's demonstration, teacher-forced after the "
-                  "student prompt (no demonstration shown), in nats/token; the continuous measure of learning that "
-                  "greedy accuracy can hide. For reference, the starting model with the demonstration in its prompt "
-                  f"(teacher prompt): {teacher}.", _png(fig))
+    fig.suptitle(
+        "Held-out demonstration log-likelihood under the student prompt (higher: the demonstrations are more "
+        "likely)\ntop: after each stage; bottom: change from the starting model (blue: more likely)"
+    )
+    teacher = ", ".join(
+        f"{t} {start['loglik_teacher'][i]:.2f}" for t, i in zip(tasks, shown) if start["loglik_teacher"][i] is not None
+    )
+    return Figure(
+        "loglik",
+        "Held-out demonstration log-likelihood",
+        "Mean per-token log-likelihood of each evaluation item's demonstration, teacher-forced after the "
+        "student prompt (no demonstration shown), in nats/token; the continuous measure of learning that "
+        "greedy accuracy can hide. For reference, the starting model with the demonstration in its prompt "
+        f"(teacher prompt): {teacher}.",
+        _png(fig),
+    )

@@ -32,10 +32,12 @@ def _table(header: list[str], rows: list[list[str]], css: str = "") -> str:
 
 
 def render(results: dict, figures: list, samples: list[dict], intro: str) -> str:
-    parts = [f"<!DOCTYPE html><html lang='en'><head><meta charset='utf-8'><title>selfdistill continual-learning report</title>"
-             f"<style>{STYLE}</style></head><body>",
-             "<h1>Continual-learning report</h1>",
-             f"<p class='meta'>{escape(intro)}</p>"]
+    parts = [
+        f"<!DOCTYPE html><html lang='en'><head><meta charset='utf-8'><title>selfdistill continual-learning report</title>"
+        f"<style>{STYLE}</style></head><body>",
+        "<h1>Continual-learning report</h1>",
+        f"<p class='meta'>{escape(intro)}</p>",
+    ]
     if not results.get("complete"):
         parts.append("<p class='bad'>This run is not finished: numbers cover the stages done so far.</p>")
     found = tables.finding(results)
@@ -45,8 +47,10 @@ def render(results: dict, figures: list, samples: list[dict], intro: str) -> str
         parts.append(f"<p>{escape(tables.grids(results))}</p>")
     if found["details"]:
         items = "".join(f"<li>{escape(d)}</li>" for d in found["details"])
-        parts.append("<details><summary>Point by point, with 95% intervals ('within the noise': the intervals overlap)"
-                     f"</summary><ul class='legend'>{items}</ul></details>")
+        parts.append(
+            "<details><summary>Point by point, with 95% intervals ('within the noise': the intervals overlap)"
+            f"</summary><ul class='legend'>{items}</ul></details>"
+        )
     if tables.frontier_rows(results):
         parts.append("<h2>Frontier: every grid point at the end of the stream</h2>")
         parts.append(_table(tables.frontier_header(), tables.frontier_rows(results), "frontier"))
@@ -57,15 +61,23 @@ def render(results: dict, figures: list, samples: list[dict], intro: str) -> str
     parts.append(f"<p class='legend'>{legend}. Brackets: {escape(results['ci_method'])}.</p>")
     parts.append("<h2>Scores after every stage</h2>")
     parts.append(_table(tables.score_header(results), tables.score_rows(results), "scores"))
-    parts.append("<p class='legend'>Task scores are fractions of evaluation items answered correctly (greedy decoding).</p>")
-    for title, (header, rows), legend in (("Held-out demonstration log-likelihood", tables.loglik_table(results), tables.LOGLIK_LEGEND),
-                                          ("Lenient and partial scores", tables.lenient_table(results), tables.LENIENT_LEGEND)):
+    parts.append(
+        "<p class='legend'>Task scores are fractions of evaluation items answered correctly (greedy decoding).</p>"
+    )
+    for title, (header, rows), legend in (
+        ("Held-out demonstration log-likelihood", tables.loglik_table(results), tables.LOGLIK_LEGEND),
+        ("Lenient and partial scores", tables.lenient_table(results), tables.LENIENT_LEGEND),
+    ):
         if rows:
-            parts.append(f"<h2>{escape(title)}</h2>" + _table(header, rows, "scores") + f"<p class='legend'>{escape(legend)}</p>")
+            parts.append(
+                f"<h2>{escape(title)}</h2>" + _table(header, rows, "scores") + f"<p class='legend'>{escape(legend)}</p>"
+            )
     for figure in figures:
         data = base64.b64encode(figure.png).decode("ascii")
-        parts.append(f"<h2>{escape(figure.title)}</h2><figure><img alt='{escape(figure.title)}' "
-                     f"src='data:image/png;base64,{data}'><figcaption>{escape(figure.caption)}</figcaption></figure>")
+        parts.append(
+            f"<h2>{escape(figure.title)}</h2><figure><img alt='{escape(figure.title)}' "
+            f"src='data:image/png;base64,{data}'><figcaption>{escape(figure.caption)}</figcaption></figure>"
+        )
     if samples:
         parts.append("<h2>Sample outputs</h2>")
     for block in samples:
@@ -74,9 +86,12 @@ def render(results: dict, figures: list, samples: list[dict], intro: str) -> str
             rows = "".join(
                 f"<tr><td style='width:22%'>{escape(who)}</td><td style='width:6%' class='{'ok' if score >= 1 else 'bad'}'>"
                 f"{score:.2f}</td><td><pre>{escape(tables.clip(text))}</pre></td></tr>"
-                for who, text, score in item["outputs"])
-            parts.append(f"<div class='sample'><b>Prompt</b><pre>{escape(tables.clip(item['prompt']))}</pre>"
-                         f"<p><b>Expected answer:</b> {escape(tables.clip(item['answer'], 200))}</p>"
-                         f"<table><thead><tr><th>Model</th><th>Score</th><th>Output</th></tr></thead><tbody>{rows}</tbody></table></div>")
+                for who, text, score in item["outputs"]
+            )
+            parts.append(
+                f"<div class='sample'><b>Prompt</b><pre>{escape(tables.clip(item['prompt']))}</pre>"
+                f"<p><b>Expected answer:</b> {escape(tables.clip(item['answer'], 200))}</p>"
+                f"<table><thead><tr><th>Model</th><th>Score</th><th>Output</th></tr></thead><tbody>{rows}</tbody></table></div>"
+            )
     parts.append("</body></html>")
     return "\n".join(parts)

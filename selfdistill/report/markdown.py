@@ -28,14 +28,22 @@ def render(results: dict, figure_files: list[tuple[object, str]], samples: list[
         parts += ["Point by point, with 95% intervals ('within the noise': the intervals overlap):", ""]
         parts += [f"- {d}" for d in found["details"]] + [""]
     if tables.frontier_rows(results):
-        parts += ["## Frontier: every grid point at the end of the stream", "",
-                  _table(tables.frontier_header(), tables.frontier_rows(results)), "", tables.FRONTIER_LEGEND, ""]
+        parts += [
+            "## Frontier: every grid point at the end of the stream",
+            "",
+            _table(tables.frontier_header(), tables.frontier_rows(results)),
+            "",
+            tables.FRONTIER_LEGEND,
+            "",
+        ]
     parts += ["## Summary metrics", "", _table(tables.metric_header(), tables.metric_rows(results)), ""]
     parts += [f"- **{label}**: {text}" for _, label, text in tables.COLUMNS]
     parts += [f"- Brackets: {results['ci_method']}.", ""]
     parts += ["## Scores after every stage", "", _table(tables.score_header(results), tables.score_rows(results)), ""]
-    for title, (header, rows), legend in (("Held-out demonstration log-likelihood", tables.loglik_table(results), tables.LOGLIK_LEGEND),
-                                          ("Lenient and partial scores", tables.lenient_table(results), tables.LENIENT_LEGEND)):
+    for title, (header, rows), legend in (
+        ("Held-out demonstration log-likelihood", tables.loglik_table(results), tables.LOGLIK_LEGEND),
+        ("Lenient and partial scores", tables.lenient_table(results), tables.LENIENT_LEGEND),
+    ):
         if rows:
             parts += [f"## {title}", "", _table(header, rows), "", legend, ""]
     for figure, filename in figure_files:
@@ -47,6 +55,11 @@ def render(results: dict, figure_files: list[tuple[object, str]], samples: list[
         for item in block["items"]:
             prompt = tables.clip(item["prompt"]).replace("\n", "\n> ")
             parts += [f"> {prompt}", "", f"Expected answer: `{_cell(tables.clip(item['answer'], 200))}`", ""]
-            parts += [_table(["Model", "Score", "Output"],
-                             [[who, f"{score:.2f}", tables.clip(text, 300)] for who, text, score in item["outputs"]]), ""]
+            parts += [
+                _table(
+                    ["Model", "Score", "Output"],
+                    [[who, f"{score:.2f}", tables.clip(text, 300)] for who, text, score in item["outputs"]],
+                ),
+                "",
+            ]
     return "\n".join(parts) + "\n"

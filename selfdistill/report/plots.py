@@ -49,16 +49,28 @@ def _stage_labels(tasks: list[str]) -> list[str]:
 def accuracy_matrices(results: dict) -> Figure:
     tasks = [t["name"] for t in results["tasks"]]
     methods = _methods(results)
-    fig, axes = plt.subplots(1, len(methods), figsize=(2.5 + 1.5 * len(tasks) * len(methods) + 1.5, 1.6 + 0.6 * (len(tasks) + 1)),
-                             squeeze=False, layout="constrained")
+    fig, axes = plt.subplots(
+        1,
+        len(methods),
+        figsize=(2.5 + 1.5 * len(tasks) * len(methods) + 1.5, 1.6 + 0.6 * (len(tasks) + 1)),
+        squeeze=False,
+        layout="constrained",
+    )
     image = None
     for ax, (name, summary) in zip(axes[0], methods):
         matrix = [[cell["mean"] for cell in row] for row in summary["R"]]
         image = ax.imshow(matrix, vmin=0, vmax=1, cmap="viridis", aspect="auto")
         for k, row in enumerate(matrix):
             for i, value in enumerate(row):
-                ax.text(i, k, f"{value:.2f}", ha="center", va="center", fontsize=9,
-                        color="white" if value < 0.6 else "black")
+                ax.text(
+                    i,
+                    k,
+                    f"{value:.2f}",
+                    ha="center",
+                    va="center",
+                    fontsize=9,
+                    color="white" if value < 0.6 else "black",
+                )
         ax.set_xticks(range(len(tasks)), tasks, rotation=20)
         ax.set_yticks(range(len(tasks) + 1), _stage_labels(tasks) if ax is axes[0][0] else [""] * (len(tasks) + 1))
         ax.set_xlabel("evaluated on task")
@@ -67,16 +79,20 @@ def accuracy_matrices(results: dict) -> Figure:
     if image is not None:
         fig.colorbar(image, ax=axes[0].tolist(), label="score (fraction correct)", shrink=0.9)
     fig.suptitle("Accuracy matrix R: score on each task (columns) after each training stage (rows)")
-    return Figure("matrix", "Accuracy matrix per method",
-                  "Row k is the model after training on the first k tasks; the diagonal below 'start' is each task "
-                  "right after it was learned. Colour and number: mean score over seeds (0 = none correct, 1 = all).",
-                  _png(fig))
+    return Figure(
+        "matrix",
+        "Accuracy matrix per method",
+        "Row k is the model after training on the first k tasks; the diagonal below 'start' is each task "
+        "right after it was learned. Colour and number: mean score over seeds (0 = none correct, 1 = all).",
+        _png(fig),
+    )
 
 
 def task_curves(results: dict) -> Figure:
     tasks = [t["name"] for t in results["tasks"]]
-    fig, axes = plt.subplots(1, len(tasks), figsize=(4.2 * len(tasks), 3.6), squeeze=False, sharey=True,
-                             layout="constrained")
+    fig, axes = plt.subplots(
+        1, len(tasks), figsize=(4.2 * len(tasks), 3.6), squeeze=False, sharey=True, layout="constrained"
+    )
     stages = list(range(len(tasks) + 1))
     for i, (ax, task) in enumerate(zip(axes[0], tasks)):
         for c, (name, summary) in enumerate(_methods(results)):
@@ -84,7 +100,9 @@ def task_curves(results: dict) -> Figure:
             ax.plot(stages, means, marker="o", color=COLORS[c % len(COLORS)], label=name)
             cis = [summary["R"][k][i]["ci95"] for k in stages]
             if all(ci is not None for ci in cis):
-                ax.fill_between(stages, [ci[0] for ci in cis], [ci[1] for ci in cis], color=COLORS[c % len(COLORS)], alpha=0.15)
+                ax.fill_between(
+                    stages, [ci[0] for ci in cis], [ci[1] for ci in cis], color=COLORS[c % len(COLORS)], alpha=0.15
+                )
         ax.axvline(i + 1, color="grey", linestyle=":", linewidth=1)
         ax.text(i + 1, 1.02, " trained here", color="grey", fontsize=8, transform=ax.get_xaxis_transform())
         ax.set_xticks(stages, ["start"] + [f"{k}" for k in stages[1:]])
@@ -95,10 +113,13 @@ def task_curves(results: dict) -> Figure:
     axes[0][0].set_ylabel("score (fraction correct)")
     axes[0][-1].legend(title="method", loc="best", fontsize=8)
     fig.suptitle("Score on each task across the stream")
-    return Figure("tasks", "Per-task score across stages",
-                  "One panel per task, one line per method. The dotted line marks the stage that trained on the task: "
-                  "a line that drops after it shows forgetting. Shaded: 95% interval across seeds (when more than one).",
-                  _png(fig))
+    return Figure(
+        "tasks",
+        "Per-task score across stages",
+        "One panel per task, one line per method. The dotted line marks the stage that trained on the task: "
+        "a line that drops after it shows forgetting. Shaded: 95% interval across seeds (when more than one).",
+        _png(fig),
+    )
 
 
 def _curves(out: Path, method: str, seed: int, stages: int) -> tuple[list[dict], list[int]]:
@@ -119,11 +140,18 @@ def training_curves(results: dict, out_dir: str | Path) -> Figure:
     out = Path(out_dir)
     tasks = [t["name"] for t in results["tasks"]]
     seed = results["config"]["seeds"][0]
-    panels = [("loss", "loss (nats/token)"), ("divergence", "divergence (nats/token)"),
-              ("completion_length", "length (tokens)"), ("demonstration_logp", "log-likelihood (nats/token)")]
-    titles = {"loss": "training loss (each method's own)", "divergence": "SDFT: teacher-student divergence",
-              "completion_length": "SDFT: student completion length",
-              "demonstration_logp": "demonstration log-likelihood\n(line: SFT's training batches; markers: held-out, every method)"}
+    panels = [
+        ("loss", "loss (nats/token)"),
+        ("divergence", "divergence (nats/token)"),
+        ("completion_length", "length (tokens)"),
+        ("demonstration_logp", "log-likelihood (nats/token)"),
+    ]
+    titles = {
+        "loss": "training loss (each method's own)",
+        "divergence": "SDFT: teacher-student divergence",
+        "completion_length": "SDFT: student completion length",
+        "demonstration_logp": "demonstration log-likelihood\n(line: SFT's training batches; markers: held-out, every method)",
+    }
     fig, axes = plt.subplots(1, len(panels), figsize=(4.6 * len(panels), 3.6), squeeze=False, layout="constrained")
     for c, (name, entry) in enumerate(results["methods"].items()):
         rows, boundaries = _curves(out, name, seed, len(tasks))
@@ -140,24 +168,36 @@ def training_curves(results: dict, out_dir: str | Path) -> Figure:
         held += [(b, _mean(seq["loglik"][k])) for k, b in enumerate(boundaries, 1) if k < len(seq.get("loglik", []))]
         held = [(x, y) for x, y in held if y is not None]
         if held:
-            axes[0][3].plot(*zip(*held), color=COLORS[c % len(COLORS)], marker="o", linestyle="--", linewidth=1,
-                            label=f"{name} (held-out)")
+            axes[0][3].plot(
+                *zip(*held),
+                color=COLORS[c % len(COLORS)],
+                marker="o",
+                linestyle="--",
+                linewidth=1,
+                label=f"{name} (held-out)",
+            )
     for ax, (key, label) in zip(axes[0], panels):
         ax.set_xlabel("optimizer step (dotted: next task)")
         ax.set_ylabel(label)
         ax.set_title(titles[key], fontsize=10)
         ax.grid(alpha=0.3)
         if not ax.lines or all(line.get_linestyle() == ":" for line in ax.lines):
-            ax.text(0.5, 0.5, "not logged by these methods", ha="center", va="center", transform=ax.transAxes, color="grey")
+            ax.text(
+                0.5, 0.5, "not logged by these methods", ha="center", va="center", transform=ax.transAxes, color="grey"
+            )
     axes[0][0].legend(title="method", fontsize=8)
     if axes[0][3].lines:
         axes[0][3].legend(fontsize=7)
     fig.suptitle(f"Training curves over the whole stream (seed {seed})")
-    return Figure("training", "Training curves",
-                  "Per optimizer step over the whole stream. Loss is each method's own objective, so values are "
-                  "comparable over time within a method, not across methods. The last panel's markers are the held-out "
-                  "demonstration log-likelihood (mean over tasks with demonstrations) at the start and after each "
-                  "stage, for every method.", _png(fig))
+    return Figure(
+        "training",
+        "Training curves",
+        "Per optimizer step over the whole stream. Loss is each method's own objective, so values are "
+        "comparable over time within a method, not across methods. The last panel's markers are the held-out "
+        "demonstration log-likelihood (mean over tasks with demonstrations) at the start and after each "
+        "stage, for every method.",
+        _png(fig),
+    )
 
 
 def _mean(values: list) -> float | None:
@@ -170,6 +210,11 @@ def all_figures(results: dict, out_dir: str | Path) -> list[Figure]:
         return []
     from selfdistill.report.frontier_plots import frontier, loglik_matrices
 
-    figures = [frontier(results), accuracy_matrices(results), loglik_matrices(results), task_curves(results),
-               training_curves(results, out_dir)]
+    figures = [
+        frontier(results),
+        accuracy_matrices(results),
+        loglik_matrices(results),
+        task_curves(results),
+        training_curves(results, out_dir),
+    ]
     return [f for f in figures if f is not None]

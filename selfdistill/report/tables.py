@@ -52,14 +52,21 @@ def score_rows(results: dict) -> list[list[str]]:
     rows = []
     start = results.get("start")
     if start:
-        rows.append(["(starting model)", "start"] + [f"{v:.3f}" for v in start["scores"]]
-                    + [f"{start['prior']:.3f}" if start["prior"] is not None else "-", "0.000"])
+        rows.append(
+            ["(starting model)", "start"]
+            + [f"{v:.3f}" for v in start["scores"]]
+            + [f"{start['prior']:.3f}" if start["prior"] is not None else "-", "0.000"]
+        )
     for name, entry in results["methods"].items():
         s = entry["summary"]
         if s is None:
             continue
         for k in range(1, len(tasks) + 1):
-            rows.append([name, f"{k}: {tasks[k - 1]}"] + [fmt(c) for c in s["R"][k]] + [fmt(s["prior"][k]), fmt(s["drift_kl"][k])])
+            rows.append(
+                [name, f"{k}: {tasks[k - 1]}"]
+                + [fmt(c) for c in s["R"][k]]
+                + [fmt(s["prior"][k]), fmt(s["drift_kl"][k])]
+            )
     return rows
 
 
@@ -100,7 +107,9 @@ def samples(results: dict, out_dir: str | Path, per_task: int) -> list[dict]:
                     rows = _examples(stage_dir(out, name, seed, k) / "eval" / task / "examples.jsonl")
                     if j < len(rows):
                         outputs.append((f"{name}, {when} (stage {k})", rows[j]["output"], rows[j]["score"]))
-            items.append({"prompt": _prompt_text(example["prompt"]), "answer": example.get("answer"), "outputs": outputs})
+            items.append(
+                {"prompt": _prompt_text(example["prompt"]), "answer": example.get("answer"), "outputs": outputs}
+            )
         shown.append({"task": task, "items": items})
     return shown
 
@@ -118,6 +127,7 @@ def clip(text, limit: int = 600) -> str:
 
 # --- frontier, demonstration log-likelihood and lenient scores ------------------------------------
 
+
 def finding(results: dict) -> dict:
     return (results.get("frontier") or {}).get("finding") or {"headline": "", "details": []}
 
@@ -129,9 +139,14 @@ def grids(results: dict) -> str:
     groups = data.get("groups") or {}
     if not any(g["grid"] for g in groups.values()):
         return ""
-    same = " The grid is the same for every method." if data.get("same_grid") else \
-        " The grids differ between methods: only settings both ran are compared."
-    return "Grids: " + "; ".join(f"{g} ({info['method']}): {grid_text(info)}" for g, info in groups.items()) + "." + same
+    same = (
+        " The grid is the same for every method."
+        if data.get("same_grid")
+        else " The grids differ between methods: only settings both ran are compared."
+    )
+    return (
+        "Grids: " + "; ".join(f"{g} ({info['method']}): {grid_text(info)}" for g, info in groups.items()) + "." + same
+    )
 
 
 def _interval(cell: dict, signed: bool = False) -> str:
@@ -159,8 +174,16 @@ def frontier_rows(results: dict) -> list[list[str]]:
                 rows.append([group, name, "(not finished)", "", "", ""])
                 continue
             final = point["final"]
-            rows.append([group, point["label"], _interval(final["new_task"]), _interval(final["prior"]),
-                         _interval(final["drift"]), _interval(final["loglik_gain"], signed=True)])
+            rows.append(
+                [
+                    group,
+                    point["label"],
+                    _interval(final["new_task"]),
+                    _interval(final["prior"]),
+                    _interval(final["drift"]),
+                    _interval(final["loglik_gain"], signed=True),
+                ]
+            )
     return rows
 
 
@@ -172,8 +195,10 @@ def _matrix_rows(results: dict, key: str, change: bool) -> tuple[list[int], list
     tasks = [t["name"] for t in results["tasks"]]
     rows = [["(starting model)", "start"] + [f"{start[key][i]:.3f}" for i in shown]]
     if key == "loglik":
-        rows.append(["(starting model, teacher prompt)", "start"]
-                    + [f"{start['loglik_teacher'][i]:.3f}" if start["loglik_teacher"][i] is not None else "-" for i in shown])
+        rows.append(
+            ["(starting model, teacher prompt)", "start"]
+            + [f"{start['loglik_teacher'][i]:.3f}" if start["loglik_teacher"][i] is not None else "-" for i in shown]
+        )
     for name, entry in results["methods"].items():
         s = entry["summary"]
         if s is None:
@@ -197,14 +222,20 @@ def lenient_table(results: dict) -> tuple[list[str], list[list[str]]]:
     return ["Method", "After stage"] + [results["tasks"][i]["name"] for i in shown], rows
 
 
-LOGLIK_LEGEND = ("Mean per-token log-likelihood (nats/token) of each evaluation item's demonstration, teacher-forced "
-                 "after the student prompt, averaged over items; in brackets the change from the starting model "
-                 "(> 0: the held-out demonstrations became more likely). The teacher-prompt row shows the starting "
-                 "model with the demonstration in its prompt, for reference.")
-LENIENT_LEGEND = ("Lenient or partial scores of the same outputs: knowledge counts any accepted form of the answer "
-                  "(e.g. the surname, the year); tool calls count the right action with wrong arguments as 0.5.")
-FRONTIER_LEGEND = ("At the end of the stream, per grid point: the mean score over the stream's tasks, the prior-"
-                   "capability probe score, drift from the starting model, and the mean change of the held-out "
-                   "demonstration log-likelihood. Brackets: 95% intervals (one seed: Wilson over evaluation items "
-                   "for scores, t across drift prompts for drift, t across evaluation items for the log-likelihood "
-                   "change; several seeds: t across seeds).")
+LOGLIK_LEGEND = (
+    "Mean per-token log-likelihood (nats/token) of each evaluation item's demonstration, teacher-forced "
+    "after the student prompt, averaged over items; in brackets the change from the starting model "
+    "(> 0: the held-out demonstrations became more likely). The teacher-prompt row shows the starting "
+    "model with the demonstration in its prompt, for reference."
+)
+LENIENT_LEGEND = (
+    "Lenient or partial scores of the same outputs: knowledge counts any accepted form of the answer "
+    "(e.g. the surname, the year); tool calls count the right action with wrong arguments as 0.5."
+)
+FRONTIER_LEGEND = (
+    "At the end of the stream, per grid point: the mean score over the stream's tasks, the prior-"
+    "capability probe score, drift from the starting model, and the mean change of the held-out "
+    "demonstration log-likelihood. Brackets: 95% intervals (one seed: Wilson over evaluation items "
+    "for scores, t across drift prompts for drift, t across evaluation items for the log-likelihood "
+    "change; several seeds: t across seeds)."
+)

@@ -8,8 +8,8 @@ returns the splits; the same seed always gives the same records, and the splits 
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Callable
 
 from selfdistill.data.records import Record
 from selfdistill.errors import UserError

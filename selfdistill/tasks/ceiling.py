@@ -12,8 +12,8 @@ SDFT distils the teacher (the model with the demonstration in its prompt) into t
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Callable
 
 import torch
 
@@ -52,20 +52,24 @@ class CeilingResult:
 
 
 @torch.no_grad()
-def demonstration_token_logps(model, prompts: list[list[int]], demos: list[list[int]], precision: str) -> list[list[float]]:
+def demonstration_token_logps(
+    model, prompts: list[list[int]], demos: list[list[int]], precision: str
+) -> list[list[float]]:
     """Per record, log p(token | prompt, earlier demonstration tokens) of every demonstration token, nats."""
     device = next(model.parameters()).device
     out = []
     for prompt, demo in zip(prompts, demos):
         ids = torch.tensor([prompt + demo], device=device)
         with autocast_context(device, precision):
-            logits = model(input_ids=ids).logits[0, len(prompt) - 1:-1].float()
+            logits = model(input_ids=ids).logits[0, len(prompt) - 1 : -1].float()
         logp = logits.log_softmax(-1).gather(-1, torch.tensor(demo, device=device)[:, None])[:, 0]
         out.append(logp.tolist())
     return out
 
 
-def demonstration_loglik(model, prompts: list[list[int]], demos: list[list[int]], precision: str) -> tuple[float, float]:
+def demonstration_loglik(
+    model, prompts: list[list[int]], demos: list[list[int]], precision: str
+) -> tuple[float, float]:
     """Mean per-token and mean first-token log-likelihood of each demonstration after its prompt."""
     logps = demonstration_token_logps(model, prompts, demos, precision)
     token_count = sum(len(lp) for lp in logps)
@@ -74,10 +78,21 @@ def demonstration_loglik(model, prompts: list[list[int]], demos: list[list[int]]
     return token_sum / max(token_count, 1), first_sum / max(len(prompts), 1)
 
 
-def measure(model, tokenizer, records: list[Record], metrics: tuple[Metric, ...], *, templates: tuple[str, ...] = ("plain",),
-            max_new_tokens: int = 96, precision: str = "fp32", batch_size: int = 8, stop_token_ids: list[int] | None = None,
-            loglik: bool = True, grader_lookup: Callable[[str], Grader] = default_grader,
-            system_prompt: str | None = None) -> list[CeilingResult]:
+def measure(
+    model,
+    tokenizer,
+    records: list[Record],
+    metrics: tuple[Metric, ...],
+    *,
+    templates: tuple[str, ...] = ("plain",),
+    max_new_tokens: int = 96,
+    precision: str = "fp32",
+    batch_size: int = 8,
+    stop_token_ids: list[int] | None = None,
+    loglik: bool = True,
+    grader_lookup: Callable[[str], Grader] = default_grader,
+    system_prompt: str | None = None,
+) -> list[CeilingResult]:
     """Greedy scores (and demonstration log-likelihoods) with the student prompt and each teacher template.
 
     `system_prompt` is the one training would prepend to plain-string prompts (data.system_prompt),
@@ -87,22 +102,45 @@ def measure(model, tokenizer, records: list[Record], metrics: tuple[Metric, ...]
     stops = stop_token_ids or [tokenizer.eos_token_id]
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else stops[0]
     # No prompt limits here: the ceiling is a diagnostic, and long prompts are part of what it shows.
-    builders = {t: PromptBuilder(tokenizer, template=t, system_prompt=system_prompt, max_prompt_tokens=10**9,
-                                 max_teacher_prompt_tokens=10**9, stop_token_id=stops[0]) for t in templates}
+    builders = {
+        t: PromptBuilder(
+            tokenizer,
+            template=t,
+            system_prompt=system_prompt,
+            max_prompt_tokens=10**9,
+            max_teacher_prompt_tokens=10**9,
+            stop_token_id=stops[0],
+        )
+        for t in templates
+    }
     first = builders[templates[0]]
     demos = [first.encode(r).demonstration_ids for r in records]
     prompt_sets = [("student", [first.encode_messages(first.student_messages(r)) for r in records])]
     for i, t in enumerate(templates):
         # A custom template's text would break the table; name it by its position instead.
         name = t if t in TEACHER_TEMPLATES else f"custom{i + 1}"
-        prompt_sets.append((f"teacher:{name}", [builders[t].encode_messages(builders[t].teacher_messages(r)) for r in records]))
+        prompt_sets.append(
+            (f"teacher:{name}", [builders[t].encode_messages(builders[t].teacher_messages(r)) for r in records])
+        )
     results = []
     for label, prompts in prompt_sets:
-        done = generate(model, prompts, stop_token_ids=stops, pad_token_id=pad, max_new_tokens=max_new_tokens,
-                        temperature=0, batch_size=batch_size, precision=precision, desc=f"ceiling {label}")
+        done = generate(
+            model,
+            prompts,
+            stop_token_ids=stops,
+            pad_token_id=pad,
+            max_new_tokens=max_new_tokens,
+            temperature=0,
+            batch_size=batch_size,
+            precision=precision,
+            desc=f"ceiling {label}",
+        )
         outputs = [tokenizer.decode([t for t in ids if t not in stops], skip_special_tokens=True) for ids in done.ids]
-        scores = {name: sum(score(o, r, m, graders[name]) for o, r in zip(outputs, records)) / len(records)
-                  for m in metrics for name in [m.name]}
+        scores = {
+            name: sum(score(o, r, m, graders[name]) for o, r in zip(outputs, records)) / len(records)
+            for m in metrics
+            for name in [m.name]
+        }
         result = CeilingResult(prompt=label, scores=scores, outputs=outputs)
         if loglik:
             result.loglik, result.first_token_loglik = demonstration_loglik(model, prompts, demos, precision)

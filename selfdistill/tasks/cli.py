@@ -11,8 +11,9 @@ from selfdistill.errors import UserError
 from selfdistill.files import write_jsonl
 from selfdistill.precision import PRECISIONS, resolve_precision
 
-data_app = typer.Typer(help="Built-in learning tasks, dataset loaders and the teacher-ceiling diagnostic.",
-                       no_args_is_help=True)
+data_app = typer.Typer(
+    help="Built-in learning tasks, dataset loaders and the teacher-ceiling diagnostic.", no_args_is_help=True
+)
 
 
 def register(app: typer.Typer) -> None:
@@ -26,14 +27,19 @@ def list_command() -> None:
 
     for spec in list_tasks():
         graders = ", ".join(f"{m.name}={m.grader}" for m in spec.metrics)
-        typer.echo(f"{spec.name:<10} {spec.description}\n{'':<10} graders: {graders}; default size {spec.default_size}; "
-                   f"teacher template {spec.teacher_template!r}")
+        typer.echo(
+            f"{spec.name:<10} {spec.description}\n{'':<10} graders: {graders}; default size {spec.default_size}; "
+            f"teacher template {spec.teacher_template!r}"
+        )
 
 
 @data_app.command("show")
-def show_command(task: str, seed: int = typer.Option(0, help="Generator seed."),
-                 size: int = typer.Option(None, help="Training records (default: the task's)."),
-                 count: int = typer.Option(2, help="Records to print from each split.")) -> None:
+def show_command(
+    task: str,
+    seed: int = typer.Option(0, help="Generator seed."),
+    size: int = typer.Option(None, help="Training records (default: the task's)."),
+    count: int = typer.Option(2, help="Records to print from each split."),
+) -> None:
     """Print a few generated records of each split, and the split sizes."""
     from selfdistill.tasks import make_task
 
@@ -49,9 +55,12 @@ def show_command(task: str, seed: int = typer.Option(0, help="Generator seed."),
 
 
 @data_app.command("make")
-def make_command(task: str, out: Path = typer.Option(..., help="Directory for the JSONL files."),
-                 seed: int = typer.Option(0, help="Generator seed: the same seed gives identical files."),
-                 size: int = typer.Option(None, help="Training records (default: the task's).")) -> None:
+def make_command(
+    task: str,
+    out: Path = typer.Option(..., help="Directory for the JSONL files."),
+    seed: int = typer.Option(0, help="Generator seed: the same seed gives identical files."),
+    size: int = typer.Option(None, help="Training records (default: the task's)."),
+) -> None:
     """Write TRAIN/EVAL (and other) splits as JSONL: train.jsonl, eval.jsonl, [ood.jsonl, documents.jsonl]."""
     from selfdistill.tasks import make_task
 
@@ -71,13 +80,18 @@ def make_command(task: str, out: Path = typer.Option(..., help="Directory for th
 def ceiling_command(
     task: str = typer.Argument(..., help="A built-in task, or a data file/directory/hf:NAME (then give --grader)."),
     model: str = typer.Option("smollm2-135m", help="Model: alias, hub id, directory or .gguf file."),
-    template: list[str] = typer.Option([], help="Teacher template(s): paper, plain, task (the task's own) or a custom one; "
-                                       "default: paper, plain and the task's own."),
+    template: list[str] = typer.Option(
+        [],
+        help="Teacher template(s): paper, plain, task (the task's own) or a custom one; "
+        "default: paper, plain and the task's own.",
+    ),
     split: str = typer.Option("eval", help="Split to measure (built-in tasks: eval, ood; files: the split to load)."),
     limit: int = typer.Option(40, help="Records to measure (the first N of the split)."),
     seed: int = typer.Option(0, help="Generator seed (built-in tasks)."),
     size: int = typer.Option(None, help="Task size (built-in tasks; default: the task's)."),
-    format: str = typer.Option("auto", help="Row format of a data file: auto, records, paper-tooluse, paper-science, huatuo, messages."),
+    format: str = typer.Option(
+        "auto", help="Row format of a data file: auto, records, paper-tooluse, paper-science, huatuo, messages."
+    ),
     grader: list[str] = typer.Option([], help="Grader(s) for a data file (e.g. toolalpaca, choice_tag)."),
     max_new_tokens: int = typer.Option(96, help="Greedy generation budget per answer."),
     # auto, as for every command: bf16 only where the device computes it fast. Greedy teacher outputs
@@ -89,8 +103,7 @@ def ceiling_command(
 ) -> None:
     """Greedy accuracy without the demonstration (student) and with it (teacher), and the log-likelihood gain."""
     from selfdistill.models import load_model, stop_token_id
-    from selfdistill.tasks import Metric, get_task, list_tasks, make_task
-    from selfdistill.tasks import ceiling
+    from selfdistill.tasks import Metric, ceiling, get_task, list_tasks, make_task
     from selfdistill.tasks.loaders import load_dataset_records
 
     if precision not in PRECISIONS:
@@ -103,18 +116,33 @@ def ceiling_command(
         records, metrics = splits[split], spec.metrics
     else:
         if not grader:
-            raise UserError(f"{task}: not a built-in task; to measure a data file give --grader (e.g. toolalpaca, choice_tag).")
+            raise UserError(
+                f"{task}: not a built-in task; to measure a data file give --grader (e.g. toolalpaca, choice_tag)."
+            )
         records = load_dataset_records(task, format=format, split="train" if split == "eval" else split)
         metrics = tuple(Metric(g, g) for g in grader)
     recommended = spec.teacher_template if task in {s.name for s in list_tasks()} else "plain"
-    chosen = [recommended if t == "task" else t for t in template] or list(dict.fromkeys(["paper", "plain", recommended]))
+    chosen = [recommended if t == "task" else t for t in template] or list(
+        dict.fromkeys(["paper", "plain", recommended])
+    )
     records = records[:limit]
     lm, tokenizer = load_model(model)
     precision = resolve_precision(precision, next(lm.parameters()).device)
-    results = ceiling.measure(lm, tokenizer, records, metrics, templates=tuple(chosen), max_new_tokens=max_new_tokens,
-                              precision=precision, batch_size=batch_size, stop_token_ids=[stop_token_id(lm, tokenizer)],
-                              loglik=loglik)
-    typer.echo(f"{task} ({split}, {len(records)} records, {model}, greedy, {precision}, max_new_tokens {max_new_tokens})")
+    results = ceiling.measure(
+        lm,
+        tokenizer,
+        records,
+        metrics,
+        templates=tuple(chosen),
+        max_new_tokens=max_new_tokens,
+        precision=precision,
+        batch_size=batch_size,
+        stop_token_ids=[stop_token_id(lm, tokenizer)],
+        loglik=loglik,
+    )
+    typer.echo(
+        f"{task} ({split}, {len(records)} records, {model}, greedy, {precision}, max_new_tokens {max_new_tokens})"
+    )
     typer.echo(ceiling.table(results))
     if outputs:
         rows = [{"prompt": r.prompt, "index": i, "output": o} for r in results for i, o in enumerate(r.outputs)]

@@ -20,33 +20,136 @@ from dataclasses import dataclass
 from selfdistill.data.records import Record, record_from_row
 from selfdistill.tasks import Metric, TaskData, TaskSpec, eval_size
 
-FIRST = ["Tariq", "Liesel", "Odran", "Marisol", "Kofi", "Ysolde", "Bram", "Anouk", "Teodor", "Nilufar", "Caspian",
-         "Ilse", "Rafferty", "Soraya", "Emeric", "Oona", "Lazlo", "Thandie", "Corentin", "Mireille", "Dashiell",
-         "Ingrid", "Florian", "Zainab", "Quillon", "Henrike", "Matthias", "Esperanza", "Ruairi", "Saskia"]
-SYLLABLES = ["vel", "dra", "mor", "ken", "tal", "bri", "os", "quin", "hal", "zer", "lun", "cor", "fen", "ish",
-             "var", "nob", "tre", "gal", "pim", "ruk"]
+FIRST = [
+    "Tariq",
+    "Liesel",
+    "Odran",
+    "Marisol",
+    "Kofi",
+    "Ysolde",
+    "Bram",
+    "Anouk",
+    "Teodor",
+    "Nilufar",
+    "Caspian",
+    "Ilse",
+    "Rafferty",
+    "Soraya",
+    "Emeric",
+    "Oona",
+    "Lazlo",
+    "Thandie",
+    "Corentin",
+    "Mireille",
+    "Dashiell",
+    "Ingrid",
+    "Florian",
+    "Zainab",
+    "Quillon",
+    "Henrike",
+    "Matthias",
+    "Esperanza",
+    "Ruairi",
+    "Saskia",
+]
+SYLLABLES = [
+    "vel",
+    "dra",
+    "mor",
+    "ken",
+    "tal",
+    "bri",
+    "os",
+    "quin",
+    "hal",
+    "zer",
+    "lun",
+    "cor",
+    "fen",
+    "ish",
+    "var",
+    "nob",
+    "tre",
+    "gal",
+    "pim",
+    "ruk",
+]
 PLACE_ENDINGS = ["mora", "port", "vale", "stead", "haven", "ford", "wick", "by"]
 FIELDS = ["Glass", "Tidal", "Lantern", "Orchard", "Signal", "Copper", "Weather", "Salt", "Clockwork", "River"]
 ORG_KINDS = ["Institute", "Guild", "Collective", "Foundation", "Society", "Laboratory"]
 EVENT_KINDS = ["Prize", "Festival", "Marathon", "Chess Open", "Film Award", "Regatta"]
-MONTHS = ["January", "February", "March", "April", "May", "June", "July", "August", "September", "October",
-          "November", "December"]
+MONTHS = [
+    "January",
+    "February",
+    "March",
+    "April",
+    "May",
+    "June",
+    "July",
+    "August",
+    "September",
+    "October",
+    "November",
+    "December",
+]
 YEARS = [2026, 2027, 2028, 2029]
 
 # relation -> question phrasings ({s} = subject) and the demonstration sentence ({s}, {o} = answer)
 QUESTIONS = {
-    "founder": (["Who founded the {s}?", "Who is the founder of the {s}?", "The {s} was started by whom?",
-                 "Name the person who founded the {s}."], "The {s} was founded by {o}."),
-    "hq": (["Where is the {s} based?", "In which town is the {s} headquartered?", "Where does the {s} have its headquarters?",
-            "Which town is home to the {s}?"], "The {s} is based in {o}."),
-    "founded": (["When was the {s} founded?", "In which month and year was the {s} established?",
-                 "When did the {s} open its doors?", "What is the founding date of the {s}?"], "The {s} was founded in {o}."),
-    "winner": (["Who won the {s}?", "Who was the winner of the {s}?", "Which person took first place at the {s}?",
-                "Name the winner of the {s}."], "The {s} was won by {o}."),
-    "venue": (["Where was the {s} held?", "In which town did the {s} take place?", "Which town hosted the {s}?",
-               "Where did the {s} happen?"], "The {s} was held in {o}."),
-    "born": (["Where was {s} born?", "What is the birthplace of {s}?", "In which town was {s} born?",
-              "Which town does {s} come from?"], "{s} was born in {o}."),
+    "founder": (
+        [
+            "Who founded the {s}?",
+            "Who is the founder of the {s}?",
+            "The {s} was started by whom?",
+            "Name the person who founded the {s}.",
+        ],
+        "The {s} was founded by {o}.",
+    ),
+    "hq": (
+        [
+            "Where is the {s} based?",
+            "In which town is the {s} headquartered?",
+            "Where does the {s} have its headquarters?",
+            "Which town is home to the {s}?",
+        ],
+        "The {s} is based in {o}.",
+    ),
+    "founded": (
+        [
+            "When was the {s} founded?",
+            "In which month and year was the {s} established?",
+            "When did the {s} open its doors?",
+            "What is the founding date of the {s}?",
+        ],
+        "The {s} was founded in {o}.",
+    ),
+    "winner": (
+        [
+            "Who won the {s}?",
+            "Who was the winner of the {s}?",
+            "Which person took first place at the {s}?",
+            "Name the winner of the {s}.",
+        ],
+        "The {s} was won by {o}.",
+    ),
+    "venue": (
+        [
+            "Where was the {s} held?",
+            "In which town did the {s} take place?",
+            "Which town hosted the {s}?",
+            "Where did the {s} happen?",
+        ],
+        "The {s} was held in {o}.",
+    ),
+    "born": (
+        [
+            "Where was {s} born?",
+            "What is the birthplace of {s}?",
+            "In which town was {s} born?",
+            "Which town does {s} come from?",
+        ],
+        "{s} was born in {o}.",
+    ),
 }
 
 
@@ -78,7 +181,9 @@ def build_world(rng: random.Random, n_facts: int) -> tuple[list[Fact], list[str]
     """Facts, documents, organisations and events of a world with at least `n_facts` facts."""
     n_groups = max(2, -(-n_facts // 6))  # each group: one organisation and one event, 6 facts in all
     people = _unique_names(rng, 2 * n_groups, lambda: f"{rng.choice(FIRST)} {_word(rng)}")
-    towns = _unique_names(rng, 3 * n_groups, lambda: _word(rng, 1 if rng.random() < 0.5 else 2) + rng.choice(PLACE_ENDINGS))
+    towns = _unique_names(
+        rng, 3 * n_groups, lambda: _word(rng, 1 if rng.random() < 0.5 else 2) + rng.choice(PLACE_ENDINGS)
+    )
     orgs = _unique_names(rng, n_groups, lambda: f"{_word(rng)} {rng.choice(FIELDS)} {rng.choice(ORG_KINDS)}")
     events = _unique_names(rng, n_groups, lambda: f"{_word(rng)} {rng.choice(EVENT_KINDS)}")
     facts, documents, org_rows, event_rows = [], [], [], []
@@ -88,8 +193,10 @@ def build_world(rng: random.Random, n_facts: int) -> tuple[list[Fact], list[str]
         month, year = rng.choice(MONTHS), rng.choice(YEARS)
         event_year = rng.choice(YEARS)
         event = f"{event_year} {events[g]}"
-        org_doc = (f"The {orgs[g]} was founded in {month} {year} by {founder}. It is based in {hq}. "
-                   f"{founder} was born in {birthplace}.")
+        org_doc = (
+            f"The {orgs[g]} was founded in {month} {year} by {founder}. It is based in {hq}. "
+            f"{founder} was born in {birthplace}."
+        )
         event_doc = f"The {event} was held in {venue}. It was won by {winner}, who works at the {orgs[g]}."
         documents += [org_doc, event_doc]
         facts += [
@@ -101,14 +208,33 @@ def build_world(rng: random.Random, n_facts: int) -> tuple[list[Fact], list[str]
             Fact("venue", event, venue, [venue], event_doc),
         ]
         org_rows.append({"org": orgs[g], "founder": founder, "hq": hq, "birthplace": birthplace, "doc": org_doc})
-        event_rows.append({"event": event, "winner": winner, "venue": venue, "org": orgs[g], "doc": event_doc,
-                           "org_doc": org_doc, "hq": hq})
+        event_rows.append(
+            {
+                "event": event,
+                "winner": winner,
+                "venue": venue,
+                "org": orgs[g],
+                "doc": event_doc,
+                "org_doc": org_doc,
+                "hq": hq,
+            }
+        )
     return facts, documents, org_rows, event_rows
 
 
-def _row(question: str, demonstration: str, fact_answer: str, answers: list[str], context: str, split: str, kind: str) -> Record:
-    row = {"prompt": question, "demonstration": demonstration, "context": context, "answer": fact_answer,
-           "answers": answers, "task": "knowledge", "split": split, "kind": kind}
+def _row(
+    question: str, demonstration: str, fact_answer: str, answers: list[str], context: str, split: str, kind: str
+) -> Record:
+    row = {
+        "prompt": question,
+        "demonstration": demonstration,
+        "context": context,
+        "answer": fact_answer,
+        "answers": answers,
+        "task": "knowledge",
+        "split": split,
+        "kind": kind,
+    }
     return record_from_row(row, f"knowledge {split} {question!r}")
 
 
@@ -116,26 +242,56 @@ def _ood(rng: random.Random, orgs: list[dict], events: list[dict], count: int) -
     """Questions that name an entity by another of its facts, or chain two facts."""
     out = []
     makers = [
-        lambda o: (f"Who founded the organisation that is based in {o['hq']}?",
-                   f"The organisation based in {o['hq']} is the {o['org']}, founded by {o['founder']}.",
-                   o["founder"], [o["founder"], o["founder"].split()[-1]], o["doc"], "indirect"),
-        lambda o: (f"In which town was the founder of the {o['org']} born?",
-                   f"The {o['org']} was founded by {o['founder']}, who was born in {o['birthplace']}.",
-                   o["birthplace"], [o["birthplace"]], o["doc"], "two-hop"),
-        lambda o: (f"Where is the organisation founded by {o['founder']} based?",
-                   f"{o['founder']} founded the {o['org']}, which is based in {o['hq']}.",
-                   o["hq"], [o["hq"]], o["doc"], "indirect"),
+        lambda o: (
+            f"Who founded the organisation that is based in {o['hq']}?",
+            f"The organisation based in {o['hq']} is the {o['org']}, founded by {o['founder']}.",
+            o["founder"],
+            [o["founder"], o["founder"].split()[-1]],
+            o["doc"],
+            "indirect",
+        ),
+        lambda o: (
+            f"In which town was the founder of the {o['org']} born?",
+            f"The {o['org']} was founded by {o['founder']}, who was born in {o['birthplace']}.",
+            o["birthplace"],
+            [o["birthplace"]],
+            o["doc"],
+            "two-hop",
+        ),
+        lambda o: (
+            f"Where is the organisation founded by {o['founder']} based?",
+            f"{o['founder']} founded the {o['org']}, which is based in {o['hq']}.",
+            o["hq"],
+            [o["hq"]],
+            o["doc"],
+            "indirect",
+        ),
     ]
     event_makers = [
-        lambda e: (f"Which organisation does the winner of the {e['event']} work at?",
-                   f"The {e['event']} was won by {e['winner']}, who works at the {e['org']}.",
-                   e["org"], [e["org"]], e["doc"], "two-hop"),
-        lambda e: (f"Who won the event held in {e['venue']}?",
-                   f"The event held in {e['venue']} was the {e['event']}, won by {e['winner']}.",
-                   e["winner"], [e["winner"], e["winner"].split()[-1]], e["doc"], "indirect"),
-        lambda e: (f"In which town is the employer of the {e['event']} winner based?",
-                   f"The {e['event']} was won by {e['winner']}, who works at the {e['org']}, based in {e['hq']}.",
-                   e["hq"], [e["hq"]], e["doc"] + " " + e["org_doc"], "two-hop"),
+        lambda e: (
+            f"Which organisation does the winner of the {e['event']} work at?",
+            f"The {e['event']} was won by {e['winner']}, who works at the {e['org']}.",
+            e["org"],
+            [e["org"]],
+            e["doc"],
+            "two-hop",
+        ),
+        lambda e: (
+            f"Who won the event held in {e['venue']}?",
+            f"The event held in {e['venue']} was the {e['event']}, won by {e['winner']}.",
+            e["winner"],
+            [e["winner"], e["winner"].split()[-1]],
+            e["doc"],
+            "indirect",
+        ),
+        lambda e: (
+            f"In which town is the employer of the {e['event']} winner based?",
+            f"The {e['event']} was won by {e['winner']}, who works at the {e['org']}, based in {e['hq']}.",
+            e["hq"],
+            [e["hq"]],
+            e["doc"] + " " + e["org_doc"],
+            "two-hop",
+        ),
     ]
     candidates = [m(o) for o in orgs for m in makers] + [m(e) for e in events for m in event_makers]
     rng.shuffle(candidates)
@@ -150,17 +306,35 @@ def make(seed: int, size: int) -> TaskData:
     facts, documents, orgs, events = build_world(rng, max(size, n_eval))
     rng.shuffle(facts)
     train, evaluation = [], []
-    for i, fact in enumerate(facts[:max(size, n_eval)]):
+    for i, fact in enumerate(facts[: max(size, n_eval)]):
         phrasings, demo = QUESTIONS[fact.relation]
         first, second = rng.sample(phrasings, 2)  # two different phrasings of the same fact
         demonstration = demo.format(s=fact.subject, o=fact.answer)
         demonstration = demonstration[0].upper() + demonstration[1:]
         if i < size:
-            train.append(_row(first.format(s=fact.subject), demonstration, fact.answer, fact.answers, fact.passage,
-                              "train", fact.relation))
+            train.append(
+                _row(
+                    first.format(s=fact.subject),
+                    demonstration,
+                    fact.answer,
+                    fact.answers,
+                    fact.passage,
+                    "train",
+                    fact.relation,
+                )
+            )
         if i < n_eval:
-            evaluation.append(_row(second.format(s=fact.subject), demonstration, fact.answer, fact.answers, fact.passage,
-                                   "eval", fact.relation))
+            evaluation.append(
+                _row(
+                    second.format(s=fact.subject),
+                    demonstration,
+                    fact.answer,
+                    fact.answers,
+                    fact.passage,
+                    "eval",
+                    fact.relation,
+                )
+            )
     return TaskData(train=train, eval=evaluation, documents=documents, extra={"ood": _ood(rng, orgs, events, n_eval)})
 
 

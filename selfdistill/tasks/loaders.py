@@ -19,8 +19,9 @@ Sources: a .jsonl file, a `save_to_disk` directory, `hf:NAME` (datasets.load_dat
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 from selfdistill.data.records import Record, load_records, read_jsonl, record_from_row
 from selfdistill.errors import UserError
@@ -79,9 +80,13 @@ def paper_science_record(row: dict, where: str) -> Record:
     demo = row.get("output_text") or reply
     if not demo:
         if not isinstance(answer, str) or not answer.strip():
-            raise UserError(f"{where}: no demonstration: give 'output_text', a final assistant message, or an 'answer' letter.")
+            raise UserError(
+                f"{where}: no demonstration: give 'output_text', a final assistant message, or an 'answer' letter."
+            )
         # No worked reasoning in the data: the demonstration carries the format and the letter.
-        demo = f"<reasoning>\nThe correct option is {answer.strip()}.\n</reasoning>\n<answer>\n{answer.strip()}\n</answer>"
+        demo = (
+            f"<reasoning>\nThe correct option is {answer.strip()}.\n</reasoning>\n<answer>\n{answer.strip()}\n</answer>"
+        )
     meta = _rest(row, (name, "output_text", "answer"))
     return record_from_row({"prompt": chat, "demonstration": demo, "answer": answer, **meta}, where)
 
@@ -99,7 +104,9 @@ def huatuo_record(row: dict, where: str) -> Record:
 def messages_record(row: dict, where: str) -> Record:
     chat, reply = _split_chat(_field(row, "messages", where, list), where, "messages")
     if not reply:
-        raise UserError(f"{where}, field 'messages': the last message must be the assistant's answer (the demonstration).")
+        raise UserError(
+            f"{where}, field 'messages': the last message must be the assistant's answer (the demonstration)."
+        )
     return record_from_row({"prompt": chat, "demonstration": reply, **_rest(row, ("messages",))}, where)
 
 
@@ -150,8 +157,13 @@ def read_rows(source: str, split: str = "train") -> list[tuple[str, Any]]:
     return [(f"{path} line {number}", row) for number, row in read_jsonl(path)]
 
 
-def load_dataset_records(source: str | Path, format: str = "auto", columns: dict | None = None,
-                         split: str = "train", limit: int | None = None) -> list[Record]:
+def load_dataset_records(
+    source: str | Path,
+    format: str = "auto",
+    columns: dict | None = None,
+    split: str = "train",
+    limit: int | None = None,
+) -> list[Record]:
     """Records from any supported source and row format (see the module docstring)."""
     source = str(source)
     if format not in FORMATS:

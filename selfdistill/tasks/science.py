@@ -52,10 +52,13 @@ def _molar_mass_item(rng: random.Random):
     shifts = rng.sample([-32.0, -16.0, -14.0, -12.0, 12.0, 14.0, 16.0, 28.0, 35.5], 3)
     options, letter = _options(rng, f"{mass:.2f}", [f"{mass + s:.2f}" for s in shifts])
     formula = formula_text(counts)
-    question = rng.choice([
-        "What is the molar mass (g/mol) of {f}?", "Calculate the molar weight in g/mol of the molecule {f}.",
-        "A compound has the formula {f}. What is its molar mass in g/mol?",
-    ]).format(f=formula)
+    question = rng.choice(
+        [
+            "What is the molar mass (g/mol) of {f}?",
+            "Calculate the molar weight in g/mol of the molecule {f}.",
+            "A compound has the formula {f}. What is its molar mass in g/mol?",
+        ]
+    ).format(f=formula)
     terms = " + ".join(f"{n}x{MASSES[e]}" for e, n in counts.items())
     reasoning = f"{formula}: {terms} = {mass:.2f} g/mol."
     return question, options, letter, reasoning
@@ -68,10 +71,13 @@ def _atom_count_item(rng: random.Random):
     wrong = rng.sample([k for k in range(1, 21) if k != n], 3)
     options, letter = _options(rng, str(n), [str(k) for k in wrong])
     formula = formula_text(counts)
-    question = rng.choice([
-        "How many {name} atoms are in one molecule of {f}?", "Count the {name} atoms in the formula {f}.",
-        "One molecule of {f} contains how many atoms of {name}?",
-    ]).format(name=NAMES[element], f=formula)
+    question = rng.choice(
+        [
+            "How many {name} atoms are in one molecule of {f}?",
+            "Count the {name} atoms in the formula {f}.",
+            "One molecule of {f} contains how many atoms of {name}?",
+        ]
+    ).format(name=NAMES[element], f=formula)
     reasoning = f"In {formula} the subscript of {element} is {n}, so there are {n} {NAMES[element]} atoms."
     return question, options, letter, reasoning
 
@@ -85,10 +91,13 @@ def _heaviest_item(rng: random.Random):
     heaviest = max(formulas, key=molar_mass)
     rest = [f for f in formulas if f is not heaviest]
     options, letter = _options(rng, formula_text(heaviest), [formula_text(f) for f in rest])
-    question = rng.choice([
-        "Which of these molecules has the largest molar mass?", "Which molecule is the heaviest per mole?",
-        "Select the compound with the highest molar weight.",
-    ])
+    question = rng.choice(
+        [
+            "Which of these molecules has the largest molar mass?",
+            "Which molecule is the heaviest per mole?",
+            "Select the compound with the highest molar weight.",
+        ]
+    )
     reasoning = f"{formula_text(heaviest)} has the largest molar mass, {molar_mass(heaviest):.2f} g/mol."
     return question, options, letter, reasoning
 
@@ -105,8 +114,14 @@ def _record(rng: random.Random, split: str, seen: set[str]) -> Record:
             seen.add(text)
             break
     demonstration = f"<reasoning>\n{reasoning} The answer is {letter}.\n</reasoning>\n<answer>\n{letter}\n</answer>"
-    row = {"prompt": [{"role": "system", "content": SYSTEM_PROMPT}, {"role": "user", "content": text}],
-           "demonstration": demonstration, "answer": letter, "task": "science", "split": split, "kind": kind}
+    row = {
+        "prompt": [{"role": "system", "content": SYSTEM_PROMPT}, {"role": "user", "content": text}],
+        "demonstration": demonstration,
+        "answer": letter,
+        "task": "science",
+        "split": split,
+        "kind": kind,
+    }
     return record_from_row(row, f"science {split} item {len(seen)}")
 
 

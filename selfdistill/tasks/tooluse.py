@@ -20,8 +20,24 @@ from selfdistill.tasks import Metric, TaskData, TaskSpec, eval_size
 
 # Values a request can carry; each argument draws from one pool.
 POOLS = {
-    "city": ["Lisbon", "Oslo", "Nairobi", "Lima", "Hanoi", "Quito", "Tallinn", "Perth", "Accra", "Bergen",
-             "Dakar", "Kyoto", "Porto", "Tunis", "Leeds", "Cusco"],
+    "city": [
+        "Lisbon",
+        "Oslo",
+        "Nairobi",
+        "Lima",
+        "Hanoi",
+        "Quito",
+        "Tallinn",
+        "Perth",
+        "Accra",
+        "Bergen",
+        "Dakar",
+        "Kyoto",
+        "Porto",
+        "Tunis",
+        "Leeds",
+        "Cusco",
+    ],
     "day": ["Monday", "Tuesday", "Wednesday", "Thursday", "Friday", "Saturday", "Sunday"],
     "author": ["Mara Quinn", "Tobias Reed", "Ines Calder", "Omar Haddad", "Lena Ford", "Yuki Sato"],
     "genre": ["mystery", "poetry", "history", "fantasy", "travel", "cooking"],
@@ -50,83 +66,196 @@ class Domain:
 
 
 DOMAINS = (
-    Domain("Weather forecasts for cities.", (
-        Function("getForecast", "Get the weather forecast for a city on a given day.",
-                 (("city", "city", "The city name."), ("day", "day", "The day of the week.")),
-                 ("What will the weather be like in {city} on {day}?", "Will it rain in {city} on {day}?",
-                  "Can you check the forecast for {city} for {day}?", "I'm going to {city} on {day}, how warm will it be?"),
-                 "I need the forecast for {city} on {day}."),
-        Function("getAirQuality", "Get the current air quality index of a city.",
-                 (("city", "city", "The city name."),),
-                 ("How clean is the air in {city} right now?", "What's the air quality in {city}?",
-                  "Is the air in {city} safe for a run today?"),
-                 "I need the air quality of {city}."),
-    )),
-    Domain("Find books and authors.", (
-        Function("searchBooks", "Search books by author and genre.",
-                 (("author", "author", "The author's full name."), ("genre", "genre", "The genre of the book.")),
-                 ("Find me a {genre} book by {author}.", "Does {author} have any {genre} books?",
-                  "I'd like to read some {genre} written by {author}."),
-                 "I should search for {genre} books by {author}."),
-        Function("getAuthorBio", "Get a short biography of an author.",
-                 (("author", "author", "The author's full name."),),
-                 ("Who is {author}?", "Tell me about the writer {author}.", "Give me a short bio of {author}."),
-                 "I need the biography of {author}."),
-    )),
-    Domain("Recipes and cooking ideas.", (
-        Function("findRecipes", "Find recipes that use an ingredient.",
-                 (("ingredient", "ingredient", "The main ingredient."), ("servings", "number", "Number of servings.")),
-                 ("What can I cook with {ingredient} for {servings} people?",
-                  "Give me a recipe using {ingredient} that serves {servings}.",
-                  "I have {ingredient}, any dinner ideas for {servings} people?"),
-                 "I should look for {ingredient} recipes for {servings} servings."),
-        Function("getNutrition", "Get the nutrition facts of an ingredient.",
-                 (("ingredient", "ingredient", "The ingredient name."),),
-                 ("How healthy is {ingredient}?", "What are the nutrition facts of {ingredient}?",
-                  "How many calories are in {ingredient}?"),
-                 "I need the nutrition facts of {ingredient}."),
-    )),
-    Domain("Facts and pictures of animals.", (
-        Function("getAnimalFacts", "Get facts about an animal.",
-                 (("animal", "animal", "The animal name."), ("limit", "number", "How many facts to return.")),
-                 ("Tell me {limit} facts about the {animal}.", "Give me {limit} fun facts on the {animal}.",
-                  "I want to learn {limit} things about the {animal}."),
-                 "I should get {limit} facts about the {animal}."),
-        Function("getAnimalImage", "Get a picture of an animal.",
-                 (("animal", "animal", "The animal name."),),
-                 ("Show me a picture of a {animal}.", "Can I see a photo of a {animal}?",
-                  "I'd love an image of a {animal}."),
-                 "I need a picture of a {animal}."),
-    )),
-    Domain("Music playlists and songs.", (
-        Function("playSong", "Play a song by its title.",
-                 (("title", "song", "The song title."),),
-                 ("Play {title} for me.", "Put on the song {title}, please.", "I want to hear {title}."),
-                 "I should play the song {title}."),
-        Function("createPlaylist", "Create a playlist in a color theme with a number of songs.",
-                 (("theme", "color", "The color theme."), ("size", "number", "Number of songs.")),
-                 ("Make me a {theme} playlist with {size} songs.", "Create a {size}-song playlist, theme {theme}.",
-                  "I need a new {theme} themed playlist of {size} songs."),
-                 "I should create a {theme} playlist with {size} songs."),
-    )),
-    Domain("Sports scores and schedules.", (
-        Function("getNextMatch", "Get the next match of a team in a city.",
-                 (("team", "team", "The team name."), ("city", "city", "The city of the team.")),
-                 ("When do the {city} {team} play next?", "What's the next game of the {team} from {city}?",
-                  "Tell me when the {city} {team} have their next match."),
-                 "I need the next match of the {city} {team}."),
-        Function("getStandings", "Get the league table on a given day.",
-                 (("day", "day", "The day of the week."),),
-                 ("Show me the league table as of {day}.", "What were the standings on {day}?",
-                  "How did the league table look on {day}?"),
-                 "I need the standings on {day}."),
-    )),
+    Domain(
+        "Weather forecasts for cities.",
+        (
+            Function(
+                "getForecast",
+                "Get the weather forecast for a city on a given day.",
+                (("city", "city", "The city name."), ("day", "day", "The day of the week.")),
+                (
+                    "What will the weather be like in {city} on {day}?",
+                    "Will it rain in {city} on {day}?",
+                    "Can you check the forecast for {city} for {day}?",
+                    "I'm going to {city} on {day}, how warm will it be?",
+                ),
+                "I need the forecast for {city} on {day}.",
+            ),
+            Function(
+                "getAirQuality",
+                "Get the current air quality index of a city.",
+                (("city", "city", "The city name."),),
+                (
+                    "How clean is the air in {city} right now?",
+                    "What's the air quality in {city}?",
+                    "Is the air in {city} safe for a run today?",
+                ),
+                "I need the air quality of {city}.",
+            ),
+        ),
+    ),
+    Domain(
+        "Find books and authors.",
+        (
+            Function(
+                "searchBooks",
+                "Search books by author and genre.",
+                (("author", "author", "The author's full name."), ("genre", "genre", "The genre of the book.")),
+                (
+                    "Find me a {genre} book by {author}.",
+                    "Does {author} have any {genre} books?",
+                    "I'd like to read some {genre} written by {author}.",
+                ),
+                "I should search for {genre} books by {author}.",
+            ),
+            Function(
+                "getAuthorBio",
+                "Get a short biography of an author.",
+                (("author", "author", "The author's full name."),),
+                ("Who is {author}?", "Tell me about the writer {author}.", "Give me a short bio of {author}."),
+                "I need the biography of {author}.",
+            ),
+        ),
+    ),
+    Domain(
+        "Recipes and cooking ideas.",
+        (
+            Function(
+                "findRecipes",
+                "Find recipes that use an ingredient.",
+                (("ingredient", "ingredient", "The main ingredient."), ("servings", "number", "Number of servings.")),
+                (
+                    "What can I cook with {ingredient} for {servings} people?",
+                    "Give me a recipe using {ingredient} that serves {servings}.",
+                    "I have {ingredient}, any dinner ideas for {servings} people?",
+                ),
+                "I should look for {ingredient} recipes for {servings} servings.",
+            ),
+            Function(
+                "getNutrition",
+                "Get the nutrition facts of an ingredient.",
+                (("ingredient", "ingredient", "The ingredient name."),),
+                (
+                    "How healthy is {ingredient}?",
+                    "What are the nutrition facts of {ingredient}?",
+                    "How many calories are in {ingredient}?",
+                ),
+                "I need the nutrition facts of {ingredient}.",
+            ),
+        ),
+    ),
+    Domain(
+        "Facts and pictures of animals.",
+        (
+            Function(
+                "getAnimalFacts",
+                "Get facts about an animal.",
+                (("animal", "animal", "The animal name."), ("limit", "number", "How many facts to return.")),
+                (
+                    "Tell me {limit} facts about the {animal}.",
+                    "Give me {limit} fun facts on the {animal}.",
+                    "I want to learn {limit} things about the {animal}.",
+                ),
+                "I should get {limit} facts about the {animal}.",
+            ),
+            Function(
+                "getAnimalImage",
+                "Get a picture of an animal.",
+                (("animal", "animal", "The animal name."),),
+                (
+                    "Show me a picture of a {animal}.",
+                    "Can I see a photo of a {animal}?",
+                    "I'd love an image of a {animal}.",
+                ),
+                "I need a picture of a {animal}.",
+            ),
+        ),
+    ),
+    Domain(
+        "Music playlists and songs.",
+        (
+            Function(
+                "playSong",
+                "Play a song by its title.",
+                (("title", "song", "The song title."),),
+                ("Play {title} for me.", "Put on the song {title}, please.", "I want to hear {title}."),
+                "I should play the song {title}.",
+            ),
+            Function(
+                "createPlaylist",
+                "Create a playlist in a color theme with a number of songs.",
+                (("theme", "color", "The color theme."), ("size", "number", "Number of songs.")),
+                (
+                    "Make me a {theme} playlist with {size} songs.",
+                    "Create a {size}-song playlist, theme {theme}.",
+                    "I need a new {theme} themed playlist of {size} songs.",
+                ),
+                "I should create a {theme} playlist with {size} songs.",
+            ),
+        ),
+    ),
+    Domain(
+        "Sports scores and schedules.",
+        (
+            Function(
+                "getNextMatch",
+                "Get the next match of a team in a city.",
+                (("team", "team", "The team name."), ("city", "city", "The city of the team.")),
+                (
+                    "When do the {city} {team} play next?",
+                    "What's the next game of the {team} from {city}?",
+                    "Tell me when the {city} {team} have their next match.",
+                ),
+                "I need the next match of the {city} {team}.",
+            ),
+            Function(
+                "getStandings",
+                "Get the league table on a given day.",
+                (("day", "day", "The day of the week."),),
+                (
+                    "Show me the league table as of {day}.",
+                    "What were the standings on {day}?",
+                    "How did the league table look on {day}?",
+                ),
+                "I need the standings on {day}.",
+            ),
+        ),
+    ),
 )
 
 # Fictional API names: a brand part and a suffix. Training and evaluation take disjoint brands.
-BRANDS = ["Zorb", "Quill", "Marlo", "Fenwick", "Tavi", "Brisk", "Nimbo", "Kestra", "Olvar", "Pimble", "Rusk",
-          "Sable", "Trello", "Umbra", "Vexa", "Wren", "Yarrow", "Zephy", "Ardo", "Bexley", "Corvo", "Delmi",
-          "Elbo", "Fargo", "Glim", "Hollo", "Istra", "Jando", "Kiri", "Lumo"]
+BRANDS = [
+    "Zorb",
+    "Quill",
+    "Marlo",
+    "Fenwick",
+    "Tavi",
+    "Brisk",
+    "Nimbo",
+    "Kestra",
+    "Olvar",
+    "Pimble",
+    "Rusk",
+    "Sable",
+    "Trello",
+    "Umbra",
+    "Vexa",
+    "Wren",
+    "Yarrow",
+    "Zephy",
+    "Ardo",
+    "Bexley",
+    "Corvo",
+    "Delmi",
+    "Elbo",
+    "Fargo",
+    "Glim",
+    "Hollo",
+    "Istra",
+    "Jando",
+    "Kiri",
+    "Lumo",
+]
 SUFFIXES = ["Hub", "API", "ly", "Base", "Go", "Net"]
 
 HEADER = "Your task is to answer the user's question using available tools.\n"
@@ -171,7 +300,10 @@ def _record(rng: random.Random, api: str, domain: Domain, split: str, hinted: bo
         "prompt": HEADER + documentation(api, domain) + hint + QUESTION + request + REMINDER,
         "demonstration": demonstration,
         "golden_answer": [{"Action": fn.name, "Action_Input": arguments}],
-        "task": "tooluse_hinted" if hinted else "tooluse", "split": split, "api": api, "instruction": request,
+        "task": "tooluse_hinted" if hinted else "tooluse",
+        "split": split,
+        "api": api,
+        "instruction": request,
     }
     return record_from_row(row, f"tooluse {split} {api}")
 

@@ -16,29 +16,40 @@ import traceback
 from dataclasses import dataclass
 from pathlib import Path
 
+from toy import KEYS, VALUES, toy_records
+
 from selfdistill.config import load_config
 from selfdistill.errors import RunFailed, RunStopped, UserError
 from selfdistill.faults import ENV
 from selfdistill.models.tiny import tiny_model, tiny_tokenizer
-from toy import KEYS, VALUES, toy_records
 
 
 def run_config(out: Path, method: str = "sdft", lora: bool = False, **train):
-    settings = {"output_dir": str(out), "batch_size": 4, "micro_batch_size": 2, "lr": 1e-3, "warmup_ratio": 0.25,
-                "max_steps": 6, "save_every": 2, "keep_last": 2}
+    settings = {
+        "output_dir": str(out),
+        "batch_size": 4,
+        "micro_batch_size": 2,
+        "lr": 1e-3,
+        "warmup_ratio": 0.25,
+        "max_steps": 6,
+        "save_every": 2,
+        "keep_last": 2,
+    }
     settings.update(train)
     model = {"precision": "fp32"}
     if lora:
         model["lora"] = {"enabled": True, "rank": 4, "alpha": 8}
-    return load_config(overrides={
-        "method": method,
-        "model": model,
-        "data": {"teacher_template": "plain"},
-        "rollout": {"max_new_tokens": 4},
-        "loss": {"skip_first_tokens": 0},
-        "teacher": {"ema_rate": 0.1},
-        "train": settings,
-    })
+    return load_config(
+        overrides={
+            "method": method,
+            "model": model,
+            "data": {"teacher_template": "plain"},
+            "rollout": {"max_new_tokens": 4},
+            "loss": {"skip_first_tokens": 0},
+            "teacher": {"ema_rate": 0.1},
+            "train": settings,
+        }
+    )
 
 
 def tiny_setup():
@@ -51,8 +62,14 @@ def train_tiny(out: Path, resume: bool = False, overwrite: bool = False, **setti
     from selfdistill.train import train
 
     model, tok = tiny_setup()
-    return train(run_config(out, **settings), records=toy_records(), model=model, tokenizer=tok, resume=resume,
-                 overwrite=overwrite)
+    return train(
+        run_config(out, **settings),
+        records=toy_records(),
+        model=model,
+        tokenizer=tok,
+        resume=resume,
+        overwrite=overwrite,
+    )
 
 
 @dataclass
@@ -63,8 +80,7 @@ class Outcome:
     log: str
 
 
-def run_child(fn, *, fault: str | None = None, work: Path, timeout: float = 120.0,
-              on_start=None) -> Outcome:
+def run_child(fn, *, fault: str | None = None, work: Path, timeout: float = 120.0, on_start=None) -> Outcome:
     """Run fn() in a forked child with SELFDISTILL_FAULT=fault; exit 0 ok, else the exception's exit status
     (UserError 2, RunFailed 1, RunStopped 128 + signal), 3 any other error."""
     work.mkdir(parents=True, exist_ok=True)

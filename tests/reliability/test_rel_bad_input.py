@@ -14,14 +14,26 @@ import sys
 from pathlib import Path
 
 import pytest
-
 from reltools import tree_hashes
-from selfdistill.models.tiny import save_tiny
 from toy import KEYS, VALUES
 
+from selfdistill.models.tiny import save_tiny
+
 GOOD = [{"prompt": k, "demonstration": v} for k, v in zip(KEYS, VALUES)]
-COMMON = ["--max-steps", "1", "--batch-size", "2", "-s", "rollout.max_new_tokens=2", "-s", "model.precision=fp32",
-          "-s", "data.teacher_template=plain", "-s", "loss.skip_first_tokens=0"]
+COMMON = [
+    "--max-steps",
+    "1",
+    "--batch-size",
+    "2",
+    "-s",
+    "rollout.max_new_tokens=2",
+    "-s",
+    "model.precision=fp32",
+    "-s",
+    "data.teacher_template=plain",
+    "-s",
+    "loss.skip_first_tokens=0",
+]
 
 
 def jsonl(*rows) -> bytes:
@@ -49,8 +61,19 @@ def template(tmp_path_factory):
 
     argv, cwd = sys.argv, os.getcwd()
     # Relative paths, as a user in the workspace would type them; each test runs in a copy of it.
-    sys.argv = ["sdft", "train", "--model", "model", "--data", "good.jsonl", "-o", "prev", *COMMON,
-                "-s", "train.save_every=1"]
+    sys.argv = [
+        "sdft",
+        "train",
+        "--model",
+        "model",
+        "--data",
+        "good.jsonl",
+        "-o",
+        "prev",
+        *COMMON,
+        "-s",
+        "train.save_every=1",
+    ]
     try:
         os.chdir(root)
         with pytest.raises(SystemExit) as exited:
@@ -80,67 +103,154 @@ def _corrupt(path: Path, data: bytes = b"\x00not a safetensors file" * 4):
 # Placeholders: {ws} workspace, {data} data.jsonl, {model} model dir. Default data/model/output: data.jsonl, model, run.
 CASES = {
     # --- data files ------------------------------------------------------------------------------------
-    "malformed-json": ({"data.jsonl": jsonl(GOOD[0], '{"prompt": "k1", "demonstration": ')}, [],
-                       ["{data} line 2, column", "malformed JSON", "Fix that line"]),
-    "row-not-an-object": ({"data.jsonl": jsonl(GOOD[0], "[1, 2]")}, [],
-                          ["{data} line 2", "expected a JSON object, got list", "Write each record as one object"]),
-    "missing-prompt": ({"data.jsonl": jsonl(GOOD[0], {"demonstration": "v1"})}, [],
-                       ["{data} line 2, field 'prompt': missing", "data.columns"]),
-    "missing-demonstration": ({"data.jsonl": jsonl({"prompt": "k1"})}, [],
-                              ["{data} line 1, field 'demonstration': missing", "Add it to every record"]),
-    "demonstration-wrong-type": ({"data.jsonl": jsonl(GOOD[0], GOOD[1], {"prompt": "k2", "demonstration": 3})}, [],
-                                 ["{data} line 3, field 'demonstration': expected a string, got int", "JSON string"]),
-    "prompt-wrong-type": ({"data.jsonl": jsonl({"prompt": 7, "demonstration": "v1"})}, [],
-                          ["{data} line 1, field 'prompt': expected a string or a list of chat messages, got int",
-                           "Write the prompt as"]),
-    "context-wrong-type": ({"data.jsonl": jsonl({"prompt": "k1", "demonstration": "v1", "context": ["x"]})}, [],
-                           ["{data} line 1, field 'context': expected a string, got list", "leave it out"]),
-    "empty-demonstration": ({"data.jsonl": jsonl(GOOD[0], {"prompt": "k1", "demonstration": "  "})}, [],
-                            ["{data} line 2, field 'demonstration': the demonstration is empty", "expert answer"]),
-    "empty-prompt": ({"data.jsonl": jsonl({"prompt": " ", "demonstration": "v1"})}, [],
-                     ["{data} line 1, field 'prompt': the prompt is empty", "Write the question"]),
+    "malformed-json": (
+        {"data.jsonl": jsonl(GOOD[0], '{"prompt": "k1", "demonstration": ')},
+        [],
+        ["{data} line 2, column", "malformed JSON", "Fix that line"],
+    ),
+    "row-not-an-object": (
+        {"data.jsonl": jsonl(GOOD[0], "[1, 2]")},
+        [],
+        ["{data} line 2", "expected a JSON object, got list", "Write each record as one object"],
+    ),
+    "missing-prompt": (
+        {"data.jsonl": jsonl(GOOD[0], {"demonstration": "v1"})},
+        [],
+        ["{data} line 2, field 'prompt': missing", "data.columns"],
+    ),
+    "missing-demonstration": (
+        {"data.jsonl": jsonl({"prompt": "k1"})},
+        [],
+        ["{data} line 1, field 'demonstration': missing", "Add it to every record"],
+    ),
+    "demonstration-wrong-type": (
+        {"data.jsonl": jsonl(GOOD[0], GOOD[1], {"prompt": "k2", "demonstration": 3})},
+        [],
+        ["{data} line 3, field 'demonstration': expected a string, got int", "JSON string"],
+    ),
+    "prompt-wrong-type": (
+        {"data.jsonl": jsonl({"prompt": 7, "demonstration": "v1"})},
+        [],
+        ["{data} line 1, field 'prompt': expected a string or a list of chat messages, got int", "Write the prompt as"],
+    ),
+    "context-wrong-type": (
+        {"data.jsonl": jsonl({"prompt": "k1", "demonstration": "v1", "context": ["x"]})},
+        [],
+        ["{data} line 1, field 'context': expected a string, got list", "leave it out"],
+    ),
+    "empty-demonstration": (
+        {"data.jsonl": jsonl(GOOD[0], {"prompt": "k1", "demonstration": "  "})},
+        [],
+        ["{data} line 2, field 'demonstration': the demonstration is empty", "expert answer"],
+    ),
+    "empty-prompt": (
+        {"data.jsonl": jsonl({"prompt": " ", "demonstration": "v1"})},
+        [],
+        ["{data} line 1, field 'prompt': the prompt is empty", "Write the question"],
+    ),
     "chat-ends-with-assistant": (
-        {"data.jsonl": jsonl({"prompt": [{"role": "user", "content": "k1"}, {"role": "assistant", "content": "v1"}],
-                              "demonstration": "v1"})}, [],
-        ["{data} line 1, field 'prompt'", "ends with a 'assistant' turn", "put the expert answer in 'demonstration'"]),
-    "chat-message-without-content": ({"data.jsonl": jsonl({"prompt": [{"role": "user"}], "demonstration": "v1"})}, [],
-                                     ["{data} line 1, field 'prompt': message 0", "string 'role' and 'content'"]),
-    "chat-empty-list": ({"data.jsonl": jsonl({"prompt": [], "demonstration": "v1"})}, [],
-                        ["{data} line 1, field 'prompt': the message list is empty", "user turn"]),
-    "non-utf8": ({"data.jsonl": jsonl(GOOD[0]) + b'{"prompt": "caf\xe9", "demonstration": "v1"}\n'}, [],
-                 ["{data} line 2: not valid UTF-8", "re-save the file as UTF-8"]),
+        {
+            "data.jsonl": jsonl(
+                {
+                    "prompt": [{"role": "user", "content": "k1"}, {"role": "assistant", "content": "v1"}],
+                    "demonstration": "v1",
+                }
+            )
+        },
+        [],
+        ["{data} line 1, field 'prompt'", "ends with a 'assistant' turn", "put the expert answer in 'demonstration'"],
+    ),
+    "chat-message-without-content": (
+        {"data.jsonl": jsonl({"prompt": [{"role": "user"}], "demonstration": "v1"})},
+        [],
+        ["{data} line 1, field 'prompt': message 0", "string 'role' and 'content'"],
+    ),
+    "chat-empty-list": (
+        {"data.jsonl": jsonl({"prompt": [], "demonstration": "v1"})},
+        [],
+        ["{data} line 1, field 'prompt': the message list is empty", "user turn"],
+    ),
+    "non-utf8": (
+        {"data.jsonl": jsonl(GOOD[0]) + b'{"prompt": "caf\xe9", "demonstration": "v1"}\n'},
+        [],
+        ["{data} line 2: not valid UTF-8", "re-save the file as UTF-8"],
+    ),
     "empty-file": ({"data.jsonl": b""}, [], ["{data}: no records (the file is empty)", "one JSON object per line"]),
     "only-blank-lines": ({"data.jsonl": b"\n  \n\n"}, [], ["{data}: no records", "one JSON object per line"]),
     "data-file-missing": ({}, ["--data", "{ws}/nope.jsonl"], ["{ws}/nope.jsonl: file not found", "data.train"]),
-    "data-dir-not-a-dataset": ({"notds/readme.txt": b"hi"}, ["--data", "{ws}/notds"],
-                               ["{ws}/notds: not a saved Hugging Face dataset", "Point data.train"]),
+    "data-dir-not-a-dataset": (
+        {"notds/readme.txt": b"hi"},
+        ["--data", "{ws}/notds"],
+        ["{ws}/notds: not a saved Hugging Face dataset", "Point data.train"],
+    ),
     "unknown-builtin-dataset": ({}, ["--data", "builtin:nope"], ["Unknown built-in dataset 'nope'", "available: demo"]),
-    "unknown-column-field": ({}, ["-s", "data.columns={question: prompt}"],
-                             ["data.columns: unknown field 'question'", "map one of prompt"]),
-    "student-prompt-over-limit": ({}, ["-s", "data.max_prompt_tokens=3"],
-                                  ["{data} line ", "student prompt has", "over the limit 3 (data.max_prompt_tokens)",
-                                   "data.overlong=skip"]),
-    "teacher-prompt-over-limit": ({}, ["-s", "data.max_teacher_prompt_tokens=8"],
-                                  ["{data} line ", "teacher prompt (question + demonstration) has",
-                                   "(data.max_teacher_prompt_tokens)", "Raise the limit"]),
-    "all-records-skipped": ({}, ["-s", "data.max_prompt_tokens=3", "-s", "data.overlong=skip"],
-                            ["All 8 records are over the prompt limits"]),
+    "unknown-column-field": (
+        {},
+        ["-s", "data.columns={question: prompt}"],
+        ["data.columns: unknown field 'question'", "map one of prompt"],
+    ),
+    "student-prompt-over-limit": (
+        {},
+        ["-s", "data.max_prompt_tokens=3"],
+        ["{data} line ", "student prompt has", "over the limit 3 (data.max_prompt_tokens)", "data.overlong=skip"],
+    ),
+    "teacher-prompt-over-limit": (
+        {},
+        ["-s", "data.max_teacher_prompt_tokens=8"],
+        [
+            "{data} line ",
+            "teacher prompt (question + demonstration) has",
+            "(data.max_teacher_prompt_tokens)",
+            "Raise the limit",
+        ],
+    ),
+    "all-records-skipped": (
+        {},
+        ["-s", "data.max_prompt_tokens=3", "-s", "data.overlong=skip"],
+        ["All 8 records are over the prompt limits"],
+    ),
     # --- options and config files ------------------------------------------------------------------------
     "unknown-method": ({}, ["--method", "ppo"], ["Config value method: unknown method 'ppo'", "choose one of sdft"]),
-    "unknown-teacher-kind": ({}, ["-s", "teacher.kind=ghost"], ["teacher.kind", "unknown teacher kind 'ghost'",
-                                                                 "choose one of ema, frozen, live"]),
-    "unknown-loss-kind": ({}, ["-s", "loss.kind=l2"], ["loss.kind", "unknown loss kind 'l2'", "choose one of forward_kl"]),
-    "bad-teacher-template": ({}, ["-s", "data.teacher_template=answer like this"],
-                             ["data.teacher_template", "{question} and {demonstration}"]),
-    "bad-overlong-choice": ({}, ["-s", "data.overlong=maybe"], ["data.overlong: unknown data overlong 'maybe'; choose one of error, skip"]),
-    "invalid-yaml": ({"c.yaml": b"train:\n  lr: [1,\n"}, ["{ws}/c.yaml"],
-                     ["Config file {ws}/c.yaml line ", "invalid YAML", "Fix the syntax"]),
-    "yaml-not-a-mapping": ({"c.yaml": b"- train\n- lr\n"}, ["{ws}/c.yaml"],
-                           ["Config file {ws}/c.yaml: the top level must be a mapping"]),
-    "yaml-unknown-key": ({"c.yaml": b"train:\n  lerning_rate: 0.1\n"}, ["{ws}/c.yaml"],
-                         ["Config file {ws}/c.yaml", "Unknown config key 'train.lerning_rate'"]),
-    "yaml-misspelt-key": ({"c.yaml": b"teacher:\n  ema_rat: 0.1\n"}, ["{ws}/c.yaml"],
-                          ["Unknown config key 'teacher.ema_rat'", "Did you mean 'teacher.ema_rate'?"]),
+    "unknown-teacher-kind": (
+        {},
+        ["-s", "teacher.kind=ghost"],
+        ["teacher.kind", "unknown teacher kind 'ghost'", "choose one of ema, frozen, live"],
+    ),
+    "unknown-loss-kind": (
+        {},
+        ["-s", "loss.kind=l2"],
+        ["loss.kind", "unknown loss kind 'l2'", "choose one of forward_kl"],
+    ),
+    "bad-teacher-template": (
+        {},
+        ["-s", "data.teacher_template=answer like this"],
+        ["data.teacher_template", "{question} and {demonstration}"],
+    ),
+    "bad-overlong-choice": (
+        {},
+        ["-s", "data.overlong=maybe"],
+        ["data.overlong: unknown data overlong 'maybe'; choose one of error, skip"],
+    ),
+    "invalid-yaml": (
+        {"c.yaml": b"train:\n  lr: [1,\n"},
+        ["{ws}/c.yaml"],
+        ["Config file {ws}/c.yaml line ", "invalid YAML", "Fix the syntax"],
+    ),
+    "yaml-not-a-mapping": (
+        {"c.yaml": b"- train\n- lr\n"},
+        ["{ws}/c.yaml"],
+        ["Config file {ws}/c.yaml: the top level must be a mapping"],
+    ),
+    "yaml-unknown-key": (
+        {"c.yaml": b"train:\n  lerning_rate: 0.1\n"},
+        ["{ws}/c.yaml"],
+        ["Config file {ws}/c.yaml", "Unknown config key 'train.lerning_rate'"],
+    ),
+    "yaml-misspelt-key": (
+        {"c.yaml": b"teacher:\n  ema_rat: 0.1\n"},
+        ["{ws}/c.yaml"],
+        ["Unknown config key 'teacher.ema_rat'", "Did you mean 'teacher.ema_rate'?"],
+    ),
     "config-file-missing": ({}, ["{ws}/none.yaml"], ["Config file {ws}/none.yaml does not exist"]),
     "override-unknown-key": ({}, ["-s", "train.lrr=1"], ["Unknown config key 'train.lrr'", "Did you mean 'train.lr'?"]),
     "override-unknown-section": ({}, ["-s", "trian.lr=1"], ["Unknown config key 'trian'", "Did you mean 'train'?"]),
@@ -150,41 +260,81 @@ CASES = {
     "ema-rate-negative": ({}, ["-s", "teacher.ema_rate=-0.1"], ["Config value teacher.ema_rate: must lie in [0, 1]"]),
     "top-k-zero": ({}, ["-s", "loss.top_k=0"], ["Config value loss.top_k: must be a positive integer or null"]),
     "top-p-zero": ({}, ["-s", "rollout.top_p=0"], ["Config value rollout.top_p: must lie in (0, 1]"]),
-    "wrong-type-value": ({}, ["-s", "train.micro_batch_size=lots"],
-                         ["Config value train.micro_batch_size: expected int, got 'lots'"]),
+    "wrong-type-value": (
+        {},
+        ["-s", "train.micro_batch_size=lots"],
+        ["Config value train.micro_batch_size: expected int, got 'lots'"],
+    ),
     "keep-last-zero": ({}, ["-s", "train.keep_last=0"], ["Config value train.keep_last: must be >= 1"]),
-    "negative-nonfinite-limit": ({}, ["-s", "train.max_nonfinite_steps=-1"], ["train.max_nonfinite_steps: must be >= 0"]),
+    "negative-nonfinite-limit": (
+        {},
+        ["-s", "train.max_nonfinite_steps=-1"],
+        ["train.max_nonfinite_steps: must be >= 0"],
+    ),
     # --- the output directory ----------------------------------------------------------------------------
-    "output-dir-holds-another-run": ({}, ["-o", "{ws}/prev", "--lr", "0.5"],
-                                     ["{ws}/prev already holds a different run", "pass --overwrite"]),
-    "output-dir-holds-this-run": ({}, ["-o", "prev", "--data", "good.jsonl", "--model", "model"],
-                                  ["prev already holds checkpoints of this run", "--resume", "--overwrite"]),
-    "overwrite-with-broken-data-keeps-old-run": ({"data.jsonl": jsonl("{oops")}, ["-o", "{ws}/prev", "--overwrite"],
-                                                 ["{data} line 1", "malformed JSON"]),
+    "output-dir-holds-another-run": (
+        {},
+        ["-o", "{ws}/prev", "--lr", "0.5"],
+        ["{ws}/prev already holds a different run", "pass --overwrite"],
+    ),
+    "output-dir-holds-this-run": (
+        {},
+        ["-o", "prev", "--data", "good.jsonl", "--model", "model"],
+        ["prev already holds checkpoints of this run", "--resume", "--overwrite"],
+    ),
+    "overwrite-with-broken-data-keeps-old-run": (
+        {"data.jsonl": jsonl("{oops")},
+        ["-o", "{ws}/prev", "--overwrite"],
+        ["{data} line 1", "malformed JSON"],
+    ),
     "output-dir-is-a-file": ({"afile": b"x"}, ["-o", "{ws}/afile"], ["train.output_dir {ws}/afile is a file"]),
-    "output-dir-run-json-damaged": ({"prev/run.json": b"{not json"}, ["-o", "{ws}/prev", "--resume"],
-                                    ["{ws}/prev/run.json is damaged", "--overwrite"]),
+    "output-dir-run-json-damaged": (
+        {"prev/run.json": b"{not json"},
+        ["-o", "{ws}/prev", "--resume"],
+        ["{ws}/prev/run.json is damaged", "--overwrite"],
+    ),
     "resume-from-damaged-checkpoint": (
         {"prev/checkpoints/step-000001/trainer_state.pt": b"garbage"},
         ["-o", "prev", "--resume", "--data", "good.jsonl", "--model", "model"],
-        ["Checkpoint prev/checkpoints/step-000001 cannot be read", "Move it out of"]),
+        ["Checkpoint prev/checkpoints/step-000001 cannot be read", "Move it out of"],
+    ),
     # --- the model -------------------------------------------------------------------------------------
-    "missing-model-path": ({}, ["--model", "{ws}/no-such-model/"], ["model.name {ws}/no-such-model/: no such file or directory"]),
-    "model-dir-without-config": ({"emptymodel/x.txt": b""}, ["--model", "{ws}/emptymodel"],
-                                 ["model.name {ws}/emptymodel: the directory has no config.json", "save_pretrained"]),
+    "missing-model-path": (
+        {},
+        ["--model", "{ws}/no-such-model/"],
+        ["model.name {ws}/no-such-model/: no such file or directory"],
+    ),
+    "model-dir-without-config": (
+        {"emptymodel/x.txt": b""},
+        ["--model", "{ws}/emptymodel"],
+        ["model.name {ws}/emptymodel: the directory has no config.json", "save_pretrained"],
+    ),
     "missing-gguf": ({}, ["--model", "{ws}/none.gguf"], ["model.name {ws}/none.gguf: no such file"]),
-    "corrupt-gguf": ({"bad.gguf": b"GGUF" + b"\x00" * 60}, ["--model", "{ws}/bad.gguf"],
-                     ["{ws}/bad.gguf: could not read the GGUF model", "download it again"]),
-    "corrupt-safetensors": ({"model/model.safetensors": _corrupt}, [],
-                            ["model.name {model}: could not load the model from {model}/model.safetensors",
-                             "damaged or incomplete"]),
-    "pickle-only-weights": ({"model/model.safetensors": lambda p: p.unlink(), "model/pytorch_model.bin": b"\x80\x04K\x01."},
-                            [], ["model.name {model}: no .safetensors weights", "pytorch_model.bin",
-                                 "safe_serialization=True"]),
-    "corrupt-tokenizer": ({"model/tokenizer.json": b"{broken"}, [], ["model.name {model}: the tokenizer files are damaged",
-                                                                    "Save the tokenizer again"]),
-    "tokenizer-without-chat-template": ({"model/tokenizer_config.json": lambda p: _no_chat_template(p.parent)}, [],
-                                        ["model.name {model}: the tokenizer has no chat template", "chat_template"]),
+    "corrupt-gguf": (
+        {"bad.gguf": b"GGUF" + b"\x00" * 60},
+        ["--model", "{ws}/bad.gguf"],
+        ["{ws}/bad.gguf: could not read the GGUF model", "download it again"],
+    ),
+    "corrupt-safetensors": (
+        {"model/model.safetensors": _corrupt},
+        [],
+        ["model.name {model}: could not load the model from {model}/model.safetensors", "damaged or incomplete"],
+    ),
+    "pickle-only-weights": (
+        {"model/model.safetensors": lambda p: p.unlink(), "model/pytorch_model.bin": b"\x80\x04K\x01."},
+        [],
+        ["model.name {model}: no .safetensors weights", "pytorch_model.bin", "safe_serialization=True"],
+    ),
+    "corrupt-tokenizer": (
+        {"model/tokenizer.json": b"{broken"},
+        [],
+        ["model.name {model}: the tokenizer files are damaged", "Save the tokenizer again"],
+    ),
+    "tokenizer-without-chat-template": (
+        {"model/tokenizer_config.json": lambda p: _no_chat_template(p.parent)},
+        [],
+        ["model.name {model}: the tokenizer has no chat template", "chat_template"],
+    ),
 }
 
 
@@ -199,7 +349,9 @@ def test_bad_input_gives_one_clear_message_and_changes_nothing(case, template, t
         path = ws / name
         path.parent.mkdir(parents=True, exist_ok=True)
         content(path) if callable(content) else path.write_bytes(content)
-    fill = lambda s: s.replace("{ws}", str(ws)).replace("{data}", str(ws / "data.jsonl")).replace("{model}", str(ws / "model"))  # noqa: E731
+    fill = lambda s: (
+        s.replace("{ws}", str(ws)).replace("{data}", str(ws / "data.jsonl")).replace("{model}", str(ws / "model"))
+    )  # noqa: E731
     args = [fill(a) for a in args]
     head = ["train"] + [a for a in args if a.endswith(".yaml")]
     rest = [a for a in args if not a.endswith(".yaml")]
@@ -217,7 +369,7 @@ def test_bad_input_gives_one_clear_message_and_changes_nothing(case, template, t
 
     assert code == 2, err
     assert "Traceback" not in err
-    message = err[err.index("error: "):].strip()
+    message = err[err.index("error: ") :].strip()
     assert "\n" not in message, message  # one paragraph
     for needle in needles:
         assert fill(needle) in message, (needle, message)
@@ -231,8 +383,18 @@ def test_the_corpus_is_large_enough():
 def test_overwrite_replaces_another_run_once_the_input_is_good(template, tmp_path, capsys, monkeypatch):
     ws = tmp_path / "ws"
     shutil.copytree(template, ws)
-    args = ["train", "--model", str(ws / "model"), "--data", str(ws / "good.jsonl"), "-o", str(ws / "prev"), *COMMON,
-            "--lr", "0.5"]
+    args = [
+        "train",
+        "--model",
+        str(ws / "model"),
+        "--data",
+        str(ws / "good.jsonl"),
+        "-o",
+        str(ws / "prev"),
+        *COMMON,
+        "--lr",
+        "0.5",
+    ]
     code, err = run_sdft(args, capsys, monkeypatch)
     assert code == 2 and "different run" in err
     code, err = run_sdft(args + ["--overwrite"], capsys, monkeypatch)
@@ -244,24 +406,57 @@ def test_a_real_sdft_process_prints_no_traceback(template, tmp_path):
     data = tmp_path / "data.jsonl"
     data.write_bytes(jsonl(GOOD[0], '{"prompt": "k1", "demonstration": '))
     env = {**os.environ, "OMP_NUM_THREADS": "1", "SELFDISTILL_PROGRESS": "0"}
-    proc = subprocess.run([sys.executable, "-m", "selfdistill.cli", "train", "--data", str(data), "--model",
-                           str(template / "model"), "-o", str(tmp_path / "run")], capture_output=True, text=True,
-                          env=env, timeout=300)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "selfdistill.cli",
+            "train",
+            "--data",
+            str(data),
+            "--model",
+            str(template / "model"),
+            "-o",
+            str(tmp_path / "run"),
+        ],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=300,
+    )
     assert proc.returncode == 2
     assert "Traceback" not in proc.stderr
     assert proc.stderr.strip().startswith(f"error: {data} line 2, column ")
-    assert proc.stderr.strip().endswith("malformed JSON (Expecting value). "
-                                        "Fix that line: each line must be one complete JSON object.")
+    assert proc.stderr.strip().endswith(
+        "malformed JSON (Expecting value). Fix that line: each line must be one complete JSON object."
+    )
     assert not (tmp_path / "run").exists()
 
 
 OTHER_COMMANDS = {
-    "unknown-task-data-show": (["data", "show", "nosuchtask"], ["Unknown task 'nosuchtask'", "built-in tasks: tooluse"]),
+    "unknown-task-data-show": (
+        ["data", "show", "nosuchtask"],
+        ["Unknown task 'nosuchtask'", "built-in tasks: tooluse"],
+    ),
     "unknown-task-data-make": (["data", "make", "nosuchtask", "--out", "{ws}/made"], ["Unknown task 'nosuchtask'"]),
-    "unknown-task-eval": (["eval", "--model", "{ws}/model", "--task", "nosuchtask", "--out", "{ws}/prev"],
-                          ["Unknown task 'nosuchtask'", "built-in tasks:"]),
-    "unknown-grader-eval": (["eval", "--model", "{ws}/model", "--task", "{ws}/good.jsonl", "--grader", "nosuchgrader",
-                             "--out", "{ws}/prev"], ["Unknown grader 'nosuchgrader'", "choose one of"]),
+    "unknown-task-eval": (
+        ["eval", "--model", "{ws}/model", "--task", "nosuchtask", "--out", "{ws}/prev"],
+        ["Unknown task 'nosuchtask'", "built-in tasks:"],
+    ),
+    "unknown-grader-eval": (
+        [
+            "eval",
+            "--model",
+            "{ws}/model",
+            "--task",
+            "{ws}/good.jsonl",
+            "--grader",
+            "nosuchgrader",
+            "--out",
+            "{ws}/prev",
+        ],
+        ["Unknown grader 'nosuchgrader'", "choose one of"],
+    ),
 }
 
 
@@ -279,7 +474,7 @@ def test_unknown_task_and_grader_in_the_other_commands(case, template, tmp_path,
     before = tree_hashes(ws)
     code, err = run_sdft([fill(a) for a in args], capsys, monkeypatch)
     assert code == 2 and "Traceback" not in err
-    message = err[err.index("error: "):].strip()
+    message = err[err.index("error: ") :].strip()
     assert "\n" not in message and all(fill(n) in message for n in needles), message
     after = tree_hashes(ws)
     assert {k: v for k, v in after.items() if k in before} == before  # nothing already on disk changed

@@ -9,9 +9,9 @@ import signal
 
 import pytest
 import torch
+from reltools import Outcome, run_child, train_tiny, tree_hashes
 from safetensors.torch import load_file
 
-from reltools import Outcome, run_child, train_tiny, tree_hashes
 from selfdistill.checkpoint import checkpoint_dirs, latest_checkpoint
 
 COMPLETE = ("model.safetensors", "teacher.safetensors", "trainer_state.pt", "state.json", "config.json")
@@ -79,7 +79,10 @@ def test_killed_at_every_point_and_resumed_equals_an_uninterrupted_run(tmp_path,
     assert len([f for f in tried if f]) == 10
 
     # Same weights, teacher and metrics as the run that was never interrupted.
-    final, ref_final = load_file(str(out / "final" / "model.safetensors")), load_file(str(reference / "final" / "model.safetensors"))
+    final, ref_final = (
+        load_file(str(out / "final" / "model.safetensors")),
+        load_file(str(reference / "final" / "model.safetensors")),
+    )
     assert final.keys() == ref_final.keys()
     for name in ref_final:
         torch.testing.assert_close(final[name], ref_final[name], atol=1e-6, rtol=1e-5)
@@ -109,8 +112,11 @@ def test_sigint_from_outside_stops_after_a_checkpoint(tmp_path):
             time.sleep(0.01)
         os.kill(pid, signal.SIGINT)
 
-    result = run_child(lambda: train_tiny(out, max_steps=500, save_every=0), work=tmp_path / "child",
-                       on_start=interrupt_after_first_step)
+    result = run_child(
+        lambda: train_tiny(out, max_steps=500, save_every=0),
+        work=tmp_path / "child",
+        on_start=interrupt_after_first_step,
+    )
     assert result.exit_code == 128 + signal.SIGINT, result
     assert "Stopped by SIGINT after step" in result.message and "--resume" in result.message
     last_logged = json.loads(metrics.read_text().splitlines()[-1])["step"]
@@ -120,11 +126,14 @@ def test_sigint_from_outside_stops_after_a_checkpoint(tmp_path):
     assert json.loads((latest_checkpoint(out) / "state.json").read_text())["step"] == last_logged
 
 
-@pytest.mark.parametrize("variant", [
-    {"method": "sft"},
-    {"method": "offline_distill"},
-    {"method": "sdft", "lora": True},  # LoRA: adapter in the checkpoint, EMA teacher of W0 + B·A beside it
-])
+@pytest.mark.parametrize(
+    "variant",
+    [
+        {"method": "sft"},
+        {"method": "offline_distill"},
+        {"method": "sdft", "lora": True},  # LoRA: adapter in the checkpoint, EMA teacher of W0 + B·A beside it
+    ],
+)
 def test_other_methods_and_lora_resume_exactly_after_kills(tmp_path, variant):
     reference, out = tmp_path / "reference", tmp_path / "run"
     train_tiny(reference, **variant)

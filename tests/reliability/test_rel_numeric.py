@@ -5,9 +5,9 @@ import json
 
 import pytest
 import torch
+from reltools import train_tiny, tree_hashes
 from safetensors.torch import load_file
 
-from reltools import train_tiny, tree_hashes
 from selfdistill.methods.sdft import SDFT
 from selfdistill.teacher import Teacher
 from selfdistill.train import TrainingStopped
@@ -75,7 +75,9 @@ def test_a_non_finite_step_is_skipped_counted_and_logged(tmp_path, poison, caplo
     opt1 = torch.load(out / "checkpoints" / "step-000001" / "trainer_state.pt", weights_only=True)["optimizer"]
     opt2 = torch.load(out / "checkpoints" / "step-000002" / "trainer_state.pt", weights_only=True)["optimizer"]
     for k, v in opt1["state"].items():
-        assert torch.equal(v["exp_avg"], opt2["state"][k]["exp_avg"]) and torch.equal(v["step"], opt2["state"][k]["step"])
+        assert torch.equal(v["exp_avg"], opt2["state"][k]["exp_avg"]) and torch.equal(
+            v["step"], opt2["state"][k]["step"]
+        )
     assert not _same(_ckpt(out, 2, "model.safetensors"), _ckpt(out, 3, "model.safetensors"))  # step 3 trained
 
 
@@ -90,17 +92,23 @@ def test_too_many_non_finite_steps_in_a_row_stop_with_the_last_good_checkpoint(t
         train_tiny(out, max_nonfinite_steps=2, **cfg_extra)
     message = str(stopped.value)
     assert "Training stopped at step 5: 3 steps in a row had a non-finite loss or gradient" in message
-    assert "train.max_nonfinite_steps=2" in message and "step-000004, is intact" in message and "lower train.lr" in message
+    assert (
+        "train.max_nonfinite_steps=2" in message and "step-000004, is intact" in message and "lower train.lr" in message
+    )
     rows = [json.loads(l) for l in (out / "metrics.jsonl").read_text().splitlines()]
     assert [r["finite"] for r in rows] == [True, True, False, False, False]
     assert [p.name for p in (out / "checkpoints").iterdir()] and not (out / "final").exists()
     # The checkpoint kept after the bad steps holds the last good weights (those of step 2).
     assert _same(_ckpt(out, 2, "model.safetensors"), _ckpt(out, 4, "model.safetensors"))
     assert _same(_ckpt(out, 2, "teacher.safetensors"), _ckpt(out, 4, "teacher.safetensors"))
-    assert json.loads((out / "checkpoints" / "step-000004" / "state.json").read_text())["nonfinite"] == {"in_row": 2, "total": 2}
+    assert json.loads((out / "checkpoints" / "step-000004" / "state.json").read_text())["nonfinite"] == {
+        "in_row": 2,
+        "total": 2,
+    }
     before = tree_hashes(out)
     with pytest.raises(TrainingStopped):  # resuming into the same trouble stops again, touching nothing it kept
         train_tiny(out, resume=True, max_nonfinite_steps=2, **cfg_extra)
     after = tree_hashes(out)
-    assert {k: v for k, v in after.items() if k.startswith("checkpoints")} == \
-        {k: v for k, v in before.items() if k.startswith("checkpoints")}
+    assert {k: v for k, v in after.items() if k.startswith("checkpoints")} == {
+        k: v for k, v in before.items() if k.startswith("checkpoints")
+    }

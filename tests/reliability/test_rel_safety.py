@@ -7,8 +7,8 @@ import pickle
 from pathlib import Path
 
 import pytest
-
 from reltools import train_tiny, tree_hashes
+
 from selfdistill.checkpoint import inside, latest_checkpoint, save_checkpoint
 from selfdistill.config import load_config
 from selfdistill.errors import UserError

@@ -6,18 +6,21 @@ import os
 import signal
 
 import pytest
-
 from reltools import train_tiny
+
 from selfdistill.checkpoint import checkpoint_dirs
 from selfdistill.faults import ENV
 from selfdistill.train import TrainingStopped, _StopFlag
 
 
-@pytest.mark.parametrize("fault, what, kept", [
-    ("checkpoint_rename:4:enospc", "the checkpoint of step 4", "step-000002"),
-    ("metrics:3:enospc", "metrics.jsonl", "step-000002"),
-    ("final::enospc", "the final model", "step-000006"),
-])
+@pytest.mark.parametrize(
+    "fault, what, kept",
+    [
+        ("checkpoint_rename:4:enospc", "the checkpoint of step 4", "step-000002"),
+        ("metrics:3:enospc", "metrics.jsonl", "step-000002"),
+        ("final::enospc", "the final model", "step-000006"),
+    ],
+)
 def test_a_full_disk_keeps_the_last_checkpoint_and_says_so(tmp_path, monkeypatch, caplog, fault, what, kept):
     out = tmp_path / "run"
     monkeypatch.setenv(ENV, fault)
