@@ -33,6 +33,9 @@ class RunStopped(Exception):
         super().__init__(message)
         self.signum = int(signum)
 
+    def __reduce__(self):  # keeps the signal when raised in a worker process and re-raised in its parent
+        return (type(self), (str(self), self.signum))
+
     @property
     def exit_code(self) -> int:
         # The shell's convention for "ended by signal N", so schedulers treat it as a pre-emption.

@@ -182,15 +182,7 @@ def setup(cfg: Config, records, model, tokenizer, resume: bool, overwrite: bool)
     out = check_output_dir(cfg, resume, overwrite)
     model, tokenizer = _build_model(cfg, procs, model, tokenizer)
     stop_id = stop_token_id(model, tokenizer)
-    builder = PromptBuilder(
-        tokenizer,
-        cfg.data.teacher_template,
-        cfg.data.system_prompt,
-        cfg.data.max_prompt_tokens,
-        cfg.data.max_teacher_prompt_tokens,
-        cfg.data.overlong,
-        stop_id,
-    )
+    builder = PromptBuilder.from_config(tokenizer, cfg.data, stop_id)
     encoded = builder.encode_all(records)
     method = get_method(cfg.method)(cfg, model, tokenizer, builder, stop_id, tokenizer.pad_token_id, records)
     if procs.sharded:  # the teacher is copied from the whole student (in the method) before sharding

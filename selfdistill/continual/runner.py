@@ -19,20 +19,23 @@ scores are row 0 of every method's and seed's matrix.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import logging
 import multiprocessing
 import os
 import shutil
+import signal
 import time
 from collections.abc import Callable
 from concurrent.futures import ProcessPoolExecutor, as_completed
+from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from selfdistill.continual.config import ContinualConfig, MethodSpec
 from selfdistill.data.records import Record, load_records
-from selfdistill.errors import UserError
+from selfdistill.errors import RunStopped, UserError
 from selfdistill.files import read_json, write_json, write_jsonl  # results.py and plots read the first two from here
 
 log = logging.getLogger(__name__)
@@ -355,12 +358,27 @@ class Runner:
         threads = max(1, len(os.sched_getaffinity(0)) // workers)
         self.echo(f"running {len(sequences)} method x seed sequences in {workers} processes of {threads} thread(s)")
         context = multiprocessing.get_context("spawn")  # no forked copies of torch's thread pools
-        with ProcessPoolExecutor(max_workers=workers, mp_context=context) as pool:
+        # Workers get a process group of their own, so a terminal's Ctrl-C reaches this process only, and
+        # this process passes every stop signal on exactly once: a worker in training checkpoints and stops
+        # (a second signal stops it at once), none is left running after this process has gone.
+        with (
+            _StopSignalsForwarded() as stop,
+            ProcessPoolExecutor(max_workers=workers, mp_context=context, initializer=os.setpgrp) as pool,
+        ):
             futures = [
                 pool.submit(_run_sequence_process, self.cfg, method.name, seed, threads) for method, seed in sequences
             ]
-            for future in as_completed(futures):
-                future.result()  # re-raises a sequence's error here; the others' finished stages stay on disk
+            try:
+                for future in as_completed(futures):
+                    future.result()  # re-raises a sequence's error here; the others' finished stages stay on disk
+            except BrokenProcessPool:
+                if stop.signum is None:
+                    raise
+                # A worker outside its training loop (evaluating) ends on the signal itself.
+                raise RunStopped(
+                    f"Stopped by {signal.Signals(stop.signum).name}; finished stages and checkpoints are kept",
+                    stop.signum,
+                ) from None
 
     def run_sequence(self, method: MethodSpec, seed: int) -> None:
         n = len(self.tasks)
@@ -418,6 +436,30 @@ def _merged(model):
     from selfdistill.models import is_lora
 
     return model.merge_and_unload() if is_lora(model) else model
+
+
+class _StopSignalsForwarded(contextlib.AbstractContextManager):
+    """While open, SIGINT / SIGTERM received here are passed on to this process's worker processes."""
+
+    def __init__(self):
+        self.signum: int | None = None
+        self.previous: dict = {}
+
+    def __enter__(self):
+        def forward(signum, frame):
+            self.signum = signum
+            for child in multiprocessing.active_children():
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(child.pid, signum)
+
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            with contextlib.suppress(ValueError):  # not the main thread: signals stay as they are
+                self.previous[sig] = signal.signal(sig, forward)
+        return self
+
+    def __exit__(self, *exc):
+        for sig, old in self.previous.items():
+            signal.signal(sig, old)
 
 
 def _run_sequence_process(cfg: ContinualConfig, method_name: str, seed: int, threads: int) -> None:

@@ -90,6 +90,19 @@ class PromptBuilder:
         self.stop_token_id = stop_token_id if stop_token_id is not None else tokenizer.eos_token_id
         self.skipped: list[str] = []
 
+    @classmethod
+    def from_config(cls, tokenizer, data, stop_token_id: int | None = None) -> PromptBuilder:
+        """The builder a run's `data` settings describe (template, system prompt, limits, overlong policy)."""
+        return cls(
+            tokenizer,
+            data.teacher_template,
+            data.system_prompt,
+            data.max_prompt_tokens,
+            data.max_teacher_prompt_tokens,
+            data.overlong,
+            stop_token_id,
+        )
+
     def student_messages(self, record: Record) -> list[dict]:
         if isinstance(record.prompt, str):
             messages = [{"role": "user", "content": record.prompt}]

@@ -130,15 +130,7 @@ def score_completion(model, item: TrainItem, cfg: Config, pad_token_id: int, tok
 
 def trace(model, tokenizer, records: list[Record], cfg: Config, stop_token_id: int) -> list[RecordTrace]:
     """Sample cfg.rollout.num_rollouts completions per record and score every position."""
-    builder = PromptBuilder(
-        tokenizer,
-        cfg.data.teacher_template,
-        cfg.data.system_prompt,
-        cfg.data.max_prompt_tokens,
-        cfg.data.max_teacher_prompt_tokens,
-        cfg.data.overlong,
-        stop_token_id,
-    )
+    builder = PromptBuilder.from_config(tokenizer, cfg.data, stop_token_id)
     encoded = builder.encode_all(records)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else stop_token_id
     n = cfg.rollout.num_rollouts
