@@ -33,6 +33,7 @@ import torch
 from selfdistill.checkpoint import latest_checkpoint, load_checkpoint, replace_dir, save_checkpoint
 from selfdistill.config import Config
 from selfdistill.data import PromptBuilder, Record, load_records
+from selfdistill.data.order import data_order
 from selfdistill.distributed import (
     Processes,
     barrier,
@@ -54,6 +55,7 @@ from selfdistill.precision import resolve_precision
 from selfdistill.progress import progress_bar
 from selfdistill.rollout import rollout_seed
 from selfdistill.run_directory import check_output_dir, prepare_output_dir, read_metrics, writing
+from selfdistill.stop_signals import StopFlag
 from selfdistill.tracking import Tracker, open_tracker, require_backends
 
 log = logging.getLogger(__name__)
@@ -133,7 +135,7 @@ def train(
 def _run_steps(run: TrainingRun, save_final: bool) -> Path | None:
     """Every remaining step, a checkpoint where asked (and on a stop signal), then final/."""
     cfg = run.cfg
-    with _StopFlag() as stop:
+    with StopFlag() as stop:
         for step in range(run.start_step, run.steps):
             record = train_step(run, step)
             log_step(run, record)
@@ -261,18 +263,6 @@ def _prepare_outputs(run: TrainingRun, resume: bool, overwrite: bool) -> None:
                     run.metrics_path, [r for r in read_metrics(run.metrics_path) if r["step"] <= run.start_step]
                 )
     barrier(run.procs)
-
-
-@functools.lru_cache(maxsize=4)
-def _epoch_permutation(num_records: int, seed: int, epoch: int) -> list[int]:
-    generator = torch.Generator().manual_seed(seed * 100_003 + epoch)
-    return torch.randperm(num_records, generator=generator).tolist()
-
-
-def data_order(num_records: int, seed: int, position: int) -> int:
-    """Record index at stream position `position`: epochs are successive seeded permutations."""
-    epoch, offset = divmod(position, num_records)
-    return _epoch_permutation(num_records, seed, epoch)[offset]
 
 
 def total_steps(cfg: Config, num_records: int) -> int:
@@ -504,37 +494,3 @@ def save_final_model(run: TrainingRun) -> Path | None:
             shutil.rmtree(tmp, ignore_errors=True)
             raise
     return final_dir
-
-
-class _StopFlag:
-    """SIGINT / SIGTERM ask the loop to checkpoint and stop at the end of the current step.
-
-    A second signal stops at once: the step in flight is dropped, and so is a checkpoint being
-    written (it is still in its temporary directory), so the newest complete checkpoint stays.
-    """
-
-    def __init__(self):
-        self.requested = None
-        self.previous = {}
-
-    def __enter__(self):
-        def handler(signum, frame):
-            name = signal.Signals(signum).name
-            if self.requested is not None:
-                raise RunStopped(
-                    f"Stopped at once by a second signal ({name}); the newest complete checkpoint "
-                    "is kept. Run the same command with --resume to continue from it.",
-                    signum,
-                )
-            self.requested = name
-
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            try:
-                self.previous[sig] = signal.signal(sig, handler)
-            except ValueError:  # not the main thread
-                pass
-        return self
-
-    def __exit__(self, *exc):
-        for sig, old in self.previous.items():
-            signal.signal(sig, old)

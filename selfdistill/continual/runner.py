@@ -19,7 +19,6 @@ scores are row 0 of every method's and seed's matrix.
 
 from __future__ import annotations
 
-import contextlib
 import copy
 import logging
 import multiprocessing
@@ -37,6 +36,7 @@ from selfdistill.continual.config import ContinualConfig, MethodSpec
 from selfdistill.data.records import Record, load_records
 from selfdistill.errors import RunStopped, UserError
 from selfdistill.files import read_json, write_json, write_jsonl  # results.py and plots read the first two from here
+from selfdistill.stop_signals import StopSignalsForwarded
 
 log = logging.getLogger(__name__)
 
@@ -362,7 +362,7 @@ class Runner:
         # this process passes every stop signal on exactly once: a worker in training checkpoints and stops
         # (a second signal stops it at once), none is left running after this process has gone.
         with (
-            _StopSignalsForwarded() as stop,
+            StopSignalsForwarded() as stop,
             ProcessPoolExecutor(max_workers=workers, mp_context=context, initializer=os.setpgrp) as pool,
         ):
             futures = [
@@ -436,30 +436,6 @@ def _merged(model):
     from selfdistill.models import is_lora
 
     return model.merge_and_unload() if is_lora(model) else model
-
-
-class _StopSignalsForwarded(contextlib.AbstractContextManager):
-    """While open, SIGINT / SIGTERM received here are passed on to this process's worker processes."""
-
-    def __init__(self):
-        self.signum: int | None = None
-        self.previous: dict = {}
-
-    def __enter__(self):
-        def forward(signum, frame):
-            self.signum = signum
-            for child in multiprocessing.active_children():
-                with contextlib.suppress(ProcessLookupError):
-                    os.kill(child.pid, signum)
-
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            with contextlib.suppress(ValueError):  # not the main thread: signals stay as they are
-                self.previous[sig] = signal.signal(sig, forward)
-        return self
-
-    def __exit__(self, *exc):
-        for sig, old in self.previous.items():
-            signal.signal(sig, old)
 
 
 def _run_sequence_process(cfg: ContinualConfig, method_name: str, seed: int, threads: int) -> None:

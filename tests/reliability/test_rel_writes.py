@@ -10,7 +10,8 @@ from reltools import train_tiny
 
 from selfdistill.checkpoint import checkpoint_dirs
 from selfdistill.faults import ENV
-from selfdistill.train import TrainingStopped, _StopFlag
+from selfdistill.stop_signals import StopFlag
+from selfdistill.train import TrainingStopped
 
 
 @pytest.mark.parametrize(
@@ -41,7 +42,7 @@ def test_a_full_disk_keeps_the_last_checkpoint_and_says_so(tmp_path, monkeypatch
 
 
 def test_a_second_signal_stops_at_once():
-    with _StopFlag() as stop:
+    with StopFlag() as stop:
         os.kill(os.getpid(), signal.SIGINT)
         assert stop.requested == "SIGINT"  # the first one only asks the loop to checkpoint and stop
         with pytest.raises(TrainingStopped, match="second signal"):
