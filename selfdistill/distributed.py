@@ -54,13 +54,16 @@ def setup_processes() -> Processes:
     from selfdistill.models.loading import default_device
 
     device = default_device()
-    if "WORLD_SIZE" in os.environ and not dist.is_initialized():  # launched by torchrun
+    # Only a launcher (torchrun and those built on it) makes a run multi-process. A process group
+    # that something else in this process set up, such as the in-process vLLM engine of an earlier
+    # run, does not: sharding a plain run over it would turn its weights into DTensors.
+    if "WORLD_SIZE" not in os.environ:
+        return Processes(0, 1, device)
+    if not dist.is_initialized():
         if device.type == "cuda":
             torch.cuda.set_device(device)
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
-    if dist.is_available() and dist.is_initialized():
-        return Processes(dist.get_rank(), dist.get_world_size(), device, sharded=True)
-    return Processes(0, 1, device)
+    return Processes(dist.get_rank(), dist.get_world_size(), device, sharded=True)
 
 
 def barrier(procs: Processes) -> None:  # (the helpers below are no-ops for a plain process)
