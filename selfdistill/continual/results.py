@@ -269,56 +269,58 @@ def _wrap(text: str, width: int = 100) -> list[str]:
     return textwrap.wrap(text, width)
 
 
-def _loglik_block(results: dict, tasks: list[str], w: int) -> list[str]:
+def matrix_rows(results: dict, key: str, change: bool = False) -> tuple[list[int], list[tuple]]:
+    """A per-task matrix of results.json (`loglik`, `lenient`) as table rows, for the summary and the report.
+
+    Returns the tasks shown (those measured at the start) and rows `(method, stage, cells)`: the starting
+    model as `(None, 0, ...)`, for `loglik` the starting model under the teacher prompt as `(None, None, ...)`,
+    then each method after each stage `k` as `(name, k, ...)`. Cells have 3 decimals ("-" where not measured),
+    with the change from the start in brackets when `change`.
+    """
     start = results.get("start") or {}
-    shown = [i for i, v in enumerate(start.get("loglik") or []) if v is not None]
+    shown = [i for i, v in enumerate(start.get(key) or []) if v is not None]
     if not shown:
-        return []
-    names = [tasks[i] for i in shown]
-    lines = [
-        "",
-        "Held-out demonstration log-likelihood, nats/token (student prompt; change from the start in brackets):",
-        f"{'method':<{w}}{'after':<16}" + "".join(f"{t[:18]:>19}" for t in names),
-    ]
-    lines.append(f"{'(start)':<{w}}{'stage 0':<16}" + "".join(f"{start['loglik'][i]:>19.3f}" for i in shown))
-    lines.append(
-        f"{'(start)':<{w}}{'teacher prompt':<16}" + "".join(_num(start["loglik_teacher"][i], ".3f", 19) for i in shown)
-    )
+        return [], []
+
+    def cell(v, i):
+        if v is None:
+            return "-"
+        return f"{v:.3f} ({v - start[key][i]:+.3f})" if change else f"{v:.3f}"
+
+    rows = [(None, 0, [f"{start[key][i]:.3f}" for i in shown])]
+    if key == "loglik":
+        teacher = start["loglik_teacher"]
+        rows.append((None, None, ["-" if teacher[i] is None else f"{teacher[i]:.3f}" for i in shown]))
+    stages = len(results["tasks"])
     for name, entry in results["methods"].items():
         s = entry["summary"]
-        if s is None:
-            continue
-        for k in range(1, len(tasks) + 1):
-            cells = []
-            for i in shown:
-                v = s["loglik"][k][i]["mean"]
-                cells.append(f"{v:.3f} ({v - start['loglik'][i]:+.3f})" if v is not None else "-")
-            lines.append(f"{name:<{w}}{f'{k} {tasks[k - 1]}'[:15]:<16}" + "".join(f"{c:>19}" for c in cells))
+        if s is not None:
+            rows += [(name, k, [cell(s[key][k][i]["mean"], i) for i in shown]) for k in range(1, stages + 1)]
+    return shown, rows
+
+
+def _matrix_block(results: dict, tasks: list[str], w: int, key: str, title: str, width: int) -> list[str]:
+    shown, rows = matrix_rows(results, key, change=key == "loglik")
+    if not shown:
+        return []
+    lines = ["", title, f"{'method':<{w}}{'after':<16}" + "".join(f"{tasks[i][: width - 1]:>{width}}" for i in shown)]
+    for method, stage, cells in rows:
+        after = "stage 0" if stage == 0 else "teacher prompt" if stage is None else f"{stage} {tasks[stage - 1]}"[:15]
+        lines.append(f"{method or '(start)':<{w}}{after:<16}" + "".join(f"{c:>{width}}" for c in cells))
     return lines
+
+
+def _loglik_block(results: dict, tasks: list[str], w: int) -> list[str]:
+    title = "Held-out demonstration log-likelihood, nats/token (student prompt; change from the start in brackets):"
+    return _matrix_block(results, tasks, w, "loglik", title, 19)
 
 
 def _lenient_block(results: dict, tasks: list[str], w: int) -> list[str]:
-    start = results.get("start") or {}
-    shown = [i for i, v in enumerate(start.get("lenient") or []) if v is not None]
-    if not shown:
-        return []
-    lines = [
-        "",
+    title = (
         "Lenient / partial scores (knowledge: any accepted form of the answer; tool calls: the right action "
-        "with wrong arguments counts 0.5):",
-        f"{'method':<{w}}{'after':<16}" + "".join(f"{tasks[i][:12]:>13}" for i in shown),
-        f"{'(start)':<{w}}{'stage 0':<16}" + "".join(f"{start['lenient'][i]:>13.3f}" for i in shown),
-    ]
-    for name, entry in results["methods"].items():
-        s = entry["summary"]
-        if s is None:
-            continue
-        for k in range(1, len(tasks) + 1):
-            lines.append(
-                f"{name:<{w}}{f'{k} {tasks[k - 1]}'[:15]:<16}"
-                + "".join(_num(s["lenient"][k][i]["mean"], ".3f", 13) for i in shown)
-            )
-    return lines
+        "with wrong arguments counts 0.5):"
+    )
+    return _matrix_block(results, tasks, w, "lenient", title, 13)
 
 
 def dump(results: dict) -> str:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from selfdistill.continual.results import matrix_rows
 from selfdistill.continual.runner import stage_dir
 
 COLUMNS = [
@@ -188,28 +189,16 @@ def frontier_rows(results: dict) -> list[list[str]]:
 
 
 def _matrix_rows(results: dict, key: str, change: bool) -> tuple[list[int], list[list[str]]]:
-    start = results.get("start") or {}
-    shown = [i for i, v in enumerate(start.get(key) or []) if v is not None]
-    if not shown:
-        return [], []
+    shown, rows = matrix_rows(results, key, change)
     tasks = [t["name"] for t in results["tasks"]]
-    rows = [["(starting model)", "start"] + [f"{start[key][i]:.3f}" for i in shown]]
-    if key == "loglik":
-        rows.append(
-            ["(starting model, teacher prompt)", "start"]
-            + [f"{start['loglik_teacher'][i]:.3f}" if start["loglik_teacher"][i] is not None else "-" for i in shown]
-        )
-    for name, entry in results["methods"].items():
-        s = entry["summary"]
-        if s is None:
-            continue
-        for k in range(1, len(tasks) + 1):
-            cells = []
-            for i in shown:
-                v = s[key][k][i]["mean"]
-                cells.append("-" if v is None else f"{v:.3f} ({v - start[key][i]:+.3f})" if change else f"{v:.3f}")
-            rows.append([name, f"{k}: {tasks[k - 1]}"] + cells)
-    return shown, rows
+    labelled = []
+    for method, stage, cells in rows:
+        if method is None:
+            label = "(starting model)" if stage == 0 else "(starting model, teacher prompt)"
+            labelled.append([label, "start"] + cells)
+        else:
+            labelled.append([method, f"{stage}: {tasks[stage - 1]}"] + cells)
+    return shown, labelled
 
 
 def loglik_table(results: dict) -> tuple[list[str], list[list[str]]]:
