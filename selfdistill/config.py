@@ -183,6 +183,12 @@ class TrainConfig(_Section):
         "Also log every step's metrics to: tensorboard (RUN/tensorboard/), wandb (RUN/wandb/; "
         "WANDB_MODE=offline works without a network). metrics.jsonl is always written.",
     )
+    demonstration_logp_every: int = _f(
+        10,
+        "Methods that do not train on the demonstrations (SDFT) log their log-likelihood under the "
+        "student prompt (metrics.jsonl: demonstration_logp) every N steps, at the cost of one forward "
+        "without gradients of the step's prompts and demonstrations; 0: never. SFT always logs it.",
+    )
     max_nonfinite_steps: int = _f(3, "Consecutive non-finite steps tolerated before the run stops.")
     activation_checkpointing: bool = _f(
         False,
@@ -231,6 +237,7 @@ def validate(cfg: Config) -> Config:
     _check(0.0 <= cfg.teacher.ema_rate <= 1.0, "teacher.ema_rate", "must lie in [0, 1].")
     _check(cfg.train.lr > 0 and cfg.train.lr != float("inf"), "train.lr", "must be a finite number > 0.")
     _check(cfg.train.batch_size > 0 and cfg.train.micro_batch_size > 0, "train.batch_size", "batch sizes must be > 0.")
+    _check(cfg.train.demonstration_logp_every >= 0, "train.demonstration_logp_every", "must be >= 0 (0: never).")
     _check(cfg.train.epochs > 0, "train.epochs", "must be > 0.")
     _check(cfg.train.max_steps is None or cfg.train.max_steps > 0, "train.max_steps", "must be > 0 or null.")
     _check(0.0 <= cfg.train.warmup_ratio < 1.0, "train.warmup_ratio", "must lie in [0, 1).")

@@ -404,6 +404,10 @@ def _step_metrics(step, loss_total, tokens, summed, scheduler, grad_norm, elapse
     for name in ("divergence", "teacher_minus_student_logp", "teacher_entropy", "demonstration_logp"):
         if name in summed:
             record[name] = summed.pop(name) / per_token
+    if "demonstration_tokens" in summed:  # measured on the demonstrations, not on the loss tokens
+        record["demonstration_logp"] = summed.pop("demonstration_logp_sum") / max(
+            summed.pop("demonstration_tokens"), 1.0
+        )
     if "completion_tokens" in summed:
         record["completion_length"] = summed.pop("completion_tokens") / sequences
         record["clipped_ratio"] = summed.pop("clipped", 0.0) / sequences

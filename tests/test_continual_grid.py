@@ -150,6 +150,22 @@ def test_frontier_draws_one_line_per_method_through_its_grid(tmp_path):
     assert {"lr=1e-4", "lr=2e-4", "lr=5e-4"} <= texts
 
 
+def test_labels_of_grid_points_on_one_spot_are_stacked_not_drawn_over_each_other():
+    import matplotlib.pyplot as plt
+
+    from selfdistill.report.frontier_plots import _place_labels
+
+    fig, ax = plt.subplots()
+    ax.set_xlim(0, 1)
+    ax.set_ylim(0, 1)
+    # SDFT's two grid points and SFT's first land within a hair of each other; SFT's second is far away.
+    _place_labels(ax, [(0.1, 0.5, "a", "C0"), (0.1, 0.52, "b", "C0"), (0.11, 0.5, "c", "C1"), (0.8, 0.2, "d", "C1")])
+    offsets = {t.get_text(): t.xyann for t in ax.texts}
+    assert len({offsets[k] for k in "abc"}) == 3  # three distinct places for the three coinciding points
+    assert offsets["d"] == offsets["a"]  # a lone point keeps the default place
+    plt.close(fig)
+
+
 def _fake_results() -> dict:
     """results.json of a two-task stream, two methods over the same three learning rates (no files needed)."""
     from selfdistill.continual import frontier

@@ -190,3 +190,42 @@ def test_activation_checkpointing_trains_to_the_same_weights(tmp_path, method):
     assert any(not torch.equal(plain[n], initial[n]) for n in plain)  # training did move the weights
     for name, value in plain.items():
         torch.testing.assert_close(recomputed[name], value, rtol=1e-4, atol=1e-5)
+
+
+def _direct_demonstration_logp(model, tok, records) -> float:
+    """Mean log p(demonstration token | student prompt) over all the records' tokens, computed plainly."""
+    from selfdistill.data.prompts import PromptBuilder
+
+    builder = PromptBuilder(tok, template="plain", stop_token_id=tok.eos_token_id)
+    total, count = 0.0, 0
+    with torch.no_grad():
+        for record in records:
+            encoded = builder.encode(record)
+            ids = torch.tensor([encoded.student_ids + encoded.demonstration_ids])
+            logp = torch.log_softmax(model(input_ids=ids).logits[0].float(), dim=-1)
+            start = len(encoded.student_ids)
+            for j, token in enumerate(encoded.demonstration_ids):
+                total += float(logp[start - 1 + j, token])
+                count += 1
+    return total / count
+
+
+@pytest.mark.parametrize("method", ["sdft", "sft"])
+def test_demonstration_logp_of_a_step_is_that_of_the_model_before_it(tmp_path, method):
+    # SDFT never scores the demonstrations in its loss; it measures them with one extra forward. The
+    # value is the same quantity SFT's loss gives, so both methods agree with a direct computation.
+    records = toy_records()
+    model, tok = _tiny_setup()
+    expected = _direct_demonstration_logp(model, tok, records)
+    cfg = toy_config(
+        tmp_path,
+        method=method,
+        train={"max_steps": 3, "batch_size": len(records), "micro_batch_size": 3, "demonstration_logp_every": 2},
+    )
+    result = train(cfg, records=records, model=model, tokenizer=tok, save_final=False)
+    rows = [json.loads(l) for l in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert rows[0]["demonstration_logp"] == pytest.approx(expected, abs=1e-5)
+    if method == "sdft":  # measured before steps 1 and 3 only (every 2 steps)
+        assert ["demonstration_logp" in r for r in rows] == [True, False, True]
+        assert rows[2]["demonstration_logp"] != pytest.approx(expected, abs=1e-4)  # the weights moved
+    assert result.steps == 3

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass, field
 
 import torch
 
 from selfdistill.data.prompts import EncodedRecord
-from selfdistill.distributed import backbone
+from selfdistill.distributed import backbone, is_sharded, reshard_all
+from selfdistill.losses import chunked_token_loss, output_head
 from selfdistill.precision import resolve_precision
 from selfdistill.rollout import autocast_context, pad_batch
 
@@ -95,6 +97,46 @@ class Method:
 
     def after_step(self) -> None:
         """Called after each optimizer step that was taken."""
+
+    def demonstration_logp(self, records: list[EncodedRecord], step: int) -> dict:
+        """Σ log p(demonstration | student prompt) over this process's records, before the step's update.
+
+        SFT gets this from its own loss; a method that never scores the demonstrations (SDFT trains
+        on its own samples) pays one forward without gradients for it, so it is measured every
+        `train.demonstration_logp_every` steps (0: never). The loop divides the sum by the token
+        count into `demonstration_logp` in metrics.jsonl: the same quantity as SFT's, so the two
+        methods' training curves can be drawn on one axis.
+        """
+        every = self.cfg.train.demonstration_logp_every
+        if not every or step % every or not records:
+            return {}
+        start = time.perf_counter()
+        items = [TrainItem(r.index, r.student_ids, r.demonstration_ids) for r in records]
+        micro = self.cfg.train.micro_batch_size
+        # Under FSDP2 every process runs the same number of forwards: as many as the process with
+        # the most records of the step needs (a process with fewer repeats its last batch, unused).
+        world = torch.distributed.get_world_size() if is_sharded(self.model) else 1
+        most = -(-self.cfg.train.batch_size // world)  # the step's prompts are dealt out round-robin
+        rounds = -(-most // micro)
+        batches = [items[s : s + micro] for s in range(0, len(items), micro)]
+        logp_sum, tokens = 0.0, 0
+        with torch.no_grad():
+            for k in range(rounds):
+                batch = batches[min(k, len(batches) - 1)]
+                hidden, targets = completion_hidden(self.model, batch, False, self.pad_token_id, self.precision)
+                ones = torch.ones(targets.shape[0], device=hidden.device)
+                _, part = chunked_token_loss(
+                    hidden, targets, ones, output_head(self.model), torch.negative, self.cfg.loss.chunk_size
+                )
+                if k < len(batches):
+                    logp_sum += float(part)
+                    tokens += int(targets.shape[0])
+        reshard_all(self.model)
+        return {
+            "demonstration_logp_sum": logp_sum,
+            "demonstration_tokens": float(tokens),
+            "time_demonstration_logp": time.perf_counter() - start,
+        }
 
     def shard(self, shard_fn) -> None:
         """Shard the method's own models (the SDFT teacher) with `shard_fn`; the student is the loop's."""

@@ -71,9 +71,12 @@ class OfflineDistill(SDFT):
             )
             for r in records
         ]
-        return items, {"completion_tokens": sum(len(i.completion) for i in items), "sequences": len(items)}
+        stats = {"completion_tokens": sum(len(i.completion) for i in items), "sequences": len(items)}
+        return items, {**stats, **self.demonstration_logp(records, step)}  # it trains on teacher answers
 
     def loss(self, items):
         if self.cfg.offline.loss == "ce":
-            return SFT.loss(self, items)
+            loss, stats = SFT.loss(self, items)
+            stats.pop("demonstration_logp")  # the teacher answers' likelihood here, not the demonstrations'
+            return loss, stats
         return super().loss(items)

@@ -108,13 +108,14 @@ class SDFT(Method):
         return items, stats
 
     def build_items(self, records, seeds, step):
-        return self.rollouts(
+        items, stats = self.rollouts(
             [r.student_ids for r in records],
             [r.teacher_ids for r in records],
             [r.index for r in records],
             seeds,
             self.cfg.loss.skip_first_tokens,
         )
+        return items, {**stats, **self.demonstration_logp(records, step)}
 
     def loss(self, items: list[TrainItem]):
         # Items without loss tokens are not dropped: under FSDP2 every process runs the same forwards.

@@ -24,6 +24,17 @@ def _err(cell: dict) -> tuple[list[list[float]], bool]:
     return [[max(cell["value"] - ci[0], 0.0)], [max(ci[1] - cell["value"], 0.0)]], True
 
 
+def _place_labels(ax, labels: list[tuple[float, float, str, str]]) -> None:
+    """Label grid points; labels of points that land on (nearly) one spot are stacked, not drawn over each other."""
+    (x0, x1), (y0, y1) = ax.get_xlim(), ax.get_ylim()
+    x_near, y_near = 0.08 * (x1 - x0), 0.06 * ((y1 - y0) or 1.0)
+    placed: list[tuple[float, float]] = []
+    for x, y, text, color in labels:
+        below = sum(abs(x - px) < x_near and abs(y - py) < y_near for px, py in placed)
+        ax.annotate(text, (x, y), textcoords="offset points", xytext=(6, 4 - 10 * below), fontsize=8, color=color)
+        placed.append((x, y))
+
+
 def frontier(results: dict) -> Figure | None:
     fig = frontier_figure(results)
     if fig is None:
@@ -67,6 +78,7 @@ def frontier_figure(results: dict):
     for c, (where, title, xlabel) in enumerate(columns):
         for r, (measure, ylabel) in enumerate(rows):
             ax = axes[r][c]
+            labels = []  # (x, y, text, color), placed once the axis limits are known
             for g, (group, info) in enumerate(groups.items()):
                 names = [p for p in info["points"] if p in points]
                 if not names:
@@ -80,20 +92,12 @@ def frontier_figure(results: dict):
                 ax.plot(
                     xs, ys, color=color, marker=marker, markersize=7, linewidth=1.8, label=f"{group} ({info['method']})"
                 )
-                for j, (cell, x, y, name) in enumerate(zip(cells, xs, ys, names)):
+                for cell, x, y, name in zip(cells, xs, ys, names):
                     xerr, has_x = _err(cell["new_task"])
                     yerr, has_y = _err(cell[measure])
                     if has_x or has_y:
                         ax.errorbar([x], [y], xerr=xerr, yerr=yerr, color=color, alpha=0.35, linewidth=1, capsize=2)
-                    # Alternate labels above and below, so grid points that land on one spot stay readable.
-                    ax.annotate(
-                        points[name]["label"],
-                        (x, y),
-                        textcoords="offset points",
-                        xytext=(6, 5 - 12 * ((g + j) % 2)),
-                        fontsize=8,
-                        color=color,
-                    )
+                    labels.append((x, y, points[name]["label"], color))
             if start:
                 start_x = (sum(start["scores"]) / n) if where == "final" else start["scores"][where - 1]
                 start_y = start.get("prior") if measure == "prior" else 0.0
@@ -110,6 +114,7 @@ def frontier_figure(results: dict):
             ax.set_xlim(-0.04, 1.04)
             if measure == "prior":
                 ax.set_ylim(-0.04, 1.04)
+            _place_labels(ax, labels)
             ax.grid(alpha=0.3)
             ax.set_xlabel(f"new-task score: {xlabel}", fontsize=9)
             if c == 0:

@@ -150,7 +150,7 @@ def training_curves(results: dict, out_dir: str | Path) -> Figure:
         "loss": "training loss (each method's own)",
         "divergence": "SDFT: teacher-student divergence",
         "completion_length": "SDFT: student completion length",
-        "demonstration_logp": "demonstration log-likelihood\n(line: SFT's training batches; markers: held-out, every method)",
+        "demonstration_logp": "demonstration log-likelihood\n(lines: training batches; markers: held-out)",
     }
     fig, axes = plt.subplots(1, len(panels), figsize=(4.6 * len(panels), 3.6), squeeze=False, layout="constrained")
     for c, (name, entry) in enumerate(results["methods"].items()):
@@ -161,8 +161,8 @@ def training_curves(results: dict, out_dir: str | Path) -> Figure:
                 ax.plot(*zip(*points), color=COLORS[c % len(COLORS)], label=name, linewidth=1.3)
             for b in boundaries[:-1]:
                 ax.axvline(b + 0.5, color="grey", linestyle=":", linewidth=1)
-        # SDFT logs no per-step demonstration likelihood (it never scores the demonstration itself), so every
-        # method gets the held-out one after each stage: the mean over the tasks that have demonstrations.
+        # Beside the training batches' likelihood (before each logged step), the held-out one after each
+        # stage: the mean over the tasks that have demonstrations, on items no method trained on.
         seq = entry["seeds"].get(str(seed)) or {}
         held = [(0, _mean(seq["loglik"][0]))] if seq.get("loglik") else []
         held += [(b, _mean(seq["loglik"][k])) for k, b in enumerate(boundaries, 1) if k < len(seq.get("loglik", []))]
@@ -193,9 +193,11 @@ def training_curves(results: dict, out_dir: str | Path) -> Figure:
         "training",
         "Training curves",
         "Per optimizer step over the whole stream. Loss is each method's own objective, so values are "
-        "comparable over time within a method, not across methods. The last panel's markers are the held-out "
-        "demonstration log-likelihood (mean over tasks with demonstrations) at the start and after each "
-        "stage, for every method.",
+        "comparable over time within a method, not across methods. The last panel is one quantity for every "
+        "method: the log-likelihood of the demonstrations under the student prompt. Lines: the training "
+        "batch's, before the step (SFT at every step; SDFT every train.demonstration_logp_every steps, "
+        "with a forward of its own); markers: the held-out items' (mean over tasks with demonstrations) "
+        "at the start and after each stage.",
         _png(fig),
     )
 
