@@ -116,6 +116,10 @@ class RolloutConfig(_Section):
         "decode", "decode (our KV-cache loop, any device) or vllm (in-process vLLM engine; optional extra)."
     )
     vllm_precision: Precision = _f("auto", "vllm: the engine's precision: auto (as model.precision), fp32 or bf16.")
+    vllm_gpu_memory: float = _f(
+        0.3,
+        "vllm on a GPU: the fraction of its memory the engine may take (weights + KV cache); training has the rest.",
+    )
     importance_sampling: ImportanceLevel = _f(
         "sequence", "vllm: truncated importance weights per sequence, per token, or off."
     )
@@ -237,6 +241,7 @@ def validate(cfg: Config) -> Config:
     _check(0.0 <= cfg.teacher.ema_rate <= 1.0, "teacher.ema_rate", "must lie in [0, 1].")
     _check(cfg.train.lr > 0 and cfg.train.lr != float("inf"), "train.lr", "must be a finite number > 0.")
     _check(cfg.train.batch_size > 0 and cfg.train.micro_batch_size > 0, "train.batch_size", "batch sizes must be > 0.")
+    _check(0 < cfg.rollout.vllm_gpu_memory < 1, "rollout.vllm_gpu_memory", "must be between 0 and 1.")
     _check(cfg.train.demonstration_logp_every >= 0, "train.demonstration_logp_every", "must be >= 0 (0: never).")
     _check(cfg.train.epochs > 0, "train.epochs", "must be > 0.")
     _check(cfg.train.max_steps is None or cfg.train.max_steps > 0, "train.max_steps", "must be > 0 or null.")

@@ -88,6 +88,21 @@ def max_across(procs: Processes, value: int) -> int:
     return int(tensor.item())
 
 
+def extremes_across(procs: Processes, stats: dict[str, float]) -> dict[str, float]:
+    """`*_min` keys reduced by minimum and `*_max` keys by maximum over all processes (other keys: left out).
+
+    Every process must hold the same keys; one that measured nothing sends +inf / -inf.
+    """
+    keys = sorted(k for k in stats if k.endswith(("_min", "_max")))
+    if not procs.sharded or not keys:
+        return {k: stats[k] for k in keys}
+    # max(x) and -min(x) in one MAX reduction
+    signed = [stats[k] if k.endswith("_max") else -stats[k] for k in keys]
+    tensor = torch.tensor(signed, dtype=torch.float64, device=_comm_device(procs))
+    dist.all_reduce(tensor, op=dist.ReduceOp.MAX)
+    return {k: v if k.endswith("_max") else -v for k, v in zip(keys, tensor.tolist())}
+
+
 def _comm_device(procs: Processes) -> torch.device:
     return procs.device if procs.device.type == "cuda" else torch.device("cpu")
 

@@ -18,6 +18,7 @@ With our own decode loop the sampler is the trainer, the weight is 1 and this is
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 
 import torch
@@ -111,15 +112,35 @@ class ImportanceSampling:
 
 def ratio_summary(ratios: list[torch.Tensor], cap: float) -> dict[str, float]:
     """Mean, extremes and clipped fraction of importance ratios (before the cap); empty when none."""
+    return finish_ratio_stats(ratio_sums(ratios, cap))
+
+
+def ratio_sums(ratios: list[torch.Tensor], cap: float) -> dict[str, float]:
+    """The ratios' sum, count, clipped count, minimum and maximum: what adds up (or min/max-es) over
+    micro-batches and processes. The loop combines `*_min` / `*_max` keys by min / max, the rest by sum."""
     joined = torch.cat(ratios) if ratios else torch.zeros(0)
-    if joined.numel() == 0:
-        return {}
+    empty = joined.numel() == 0  # still every key: all processes must send the same ones
     return {
-        "importance_ratio_mean": float(joined.mean()),
-        "importance_ratio_min": float(joined.min()),
-        "importance_ratio_max": float(joined.max()),
-        "importance_clipped_fraction": float((joined > cap).float().mean()),
+        "importance_ratio_sum": float(joined.sum()),
+        "importance_ratio_count": float(joined.numel()),
+        "importance_clipped_count": float((joined > cap).sum()),
+        "importance_ratio_min": math.inf if empty else float(joined.min()),
+        "importance_ratio_max": -math.inf if empty else float(joined.max()),
     }
+
+
+def finish_ratio_stats(stats: dict[str, float]) -> dict[str, float]:
+    """Turns the combined sums of `ratio_sums` into the logged mean and clipped fraction (in place)."""
+    if "importance_ratio_count" not in stats:
+        return stats
+    count = stats.pop("importance_ratio_count")
+    total, clipped = stats.pop("importance_ratio_sum"), stats.pop("importance_clipped_count")
+    if count == 0:  # no loss tokens anywhere this step
+        stats.pop("importance_ratio_min", None), stats.pop("importance_ratio_max", None)
+        return stats
+    stats["importance_ratio_mean"] = total / count
+    stats["importance_clipped_fraction"] = clipped / count
+    return stats
 
 
 def _runs(ids: torch.Tensor) -> list[tuple[int, int]]:

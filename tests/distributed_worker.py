@@ -62,11 +62,13 @@ def train_mode(out: Path, settings: dict) -> None:
     from selfdistill.train import train
 
     tok = tiny_tokenizer(KEYS + VALUES)
-    model = tiny_model(tok, seed=0)
+    engine = settings.get("engine", "decode")
+    # vLLM's CPU attention takes a fixed set of head sizes (64 here; the default tiny model has 16)
+    model = tiny_model(tok, hidden_size=128, layers=2, heads=2, seed=0) if engine == "vllm" else tiny_model(tok, seed=0)
     overrides = {
         "method": settings.get("method", "sdft"),
         "model": {"precision": "fp32", "lora": {"enabled": settings.get("lora", False), "rank": 4, "alpha": 8.0}},
-        "rollout": {"max_new_tokens": 4},
+        "rollout": {"max_new_tokens": 4, "engine": engine},
         "teacher": {"kind": settings.get("teacher", "ema"), "ema_rate": 0.1},
         "loss": {
             "skip_first_tokens": settings.get("skip_first_tokens", 1),
@@ -80,6 +82,7 @@ def train_mode(out: Path, settings: dict) -> None:
             "lr": settings.get("lr", 1e-3),
             "save_every": settings.get("save_every", 0),
             "activation_checkpointing": settings.get("activation_checkpointing", False),
+            "demonstration_logp_every": settings.get("demonstration_logp_every", 10),
         },
     }
     if settings.get("count_collectives"):
@@ -106,6 +109,10 @@ def train_mode(out: Path, settings: dict) -> None:
                 {
                     "world_size": world,
                     "losses": [m["loss"] for m in result.metrics],
+                    "demonstration_logp": [m.get("demonstration_logp") for m in result.metrics],
+                    "importance": [
+                        {k: v for k, v in m.items() if k.startswith("importance_")} for m in result.metrics
+                    ],
                     "steps": [m["step"] for m in result.metrics],
                     "collectives": counts,
                 }

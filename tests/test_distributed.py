@@ -62,12 +62,16 @@ def assert_same_run(one: Path, two: Path, teacher: bool = True) -> None:
     r1, r2 = result(one), result(two)
     assert (r1["world_size"], r2["world_size"]) == (1, 2)
     assert r2["losses"] == pytest.approx(r1["losses"], rel=1e-4, abs=1e-6)
+    # SDFT's extra demonstration forward runs on every process's share and is summed like the loss
+    d1, d2 = r1["demonstration_logp"], r2["demonstration_logp"]
+    assert [v is None for v in d2] == [v is None for v in d1]
+    assert [v for v in d2 if v is not None] == pytest.approx([v for v in d1 if v is not None], rel=1e-4, abs=1e-6)
     assert_same_weights(one / "final" / "model.safetensors", two / "final" / "model.safetensors")
     if teacher:
         assert_same_weights(one / "teacher_final.safetensors", two / "teacher_final.safetensors")
 
 
-SDFT = {"max_steps": 4, "save_every": 2, "count_collectives": True}
+SDFT = {"max_steps": 4, "save_every": 2, "count_collectives": True, "demonstration_logp_every": 3}
 
 
 @pytest.fixture(scope="module")
@@ -81,6 +85,8 @@ def sdft_runs(tmp_path_factory):
 
 def test_sdft_full_fine_tuning_two_processes_match_one(sdft_runs):
     assert_same_run(sdft_runs / "one", sdft_runs / "two")
+    logged = [v is not None for v in result(sdft_runs / "two")["demonstration_logp"]]
+    assert logged == [True, False, False, True]  # steps 1 and 4 (every 3)
     # The sharded run wrote sharded checkpoints; final/ is one consolidated HF directory.
     assert (sdft_runs / "two" / "checkpoints" / "step-000004" / "shards" / ".metadata").is_file()
     from transformers import AutoModelForCausalLM

@@ -189,3 +189,23 @@ def test_asking_for_vllm_without_it_says_how_to_install(tmp_path):
     cfg = _toy_config(tmp_path)
     with pytest.raises(UserError, match="setup_vllm_env.sh"):
         SDFT(cfg, model, tok, None, tok.eos_token_id, tok.pad_token_id)
+
+
+@needs_vllm
+@pytest.mark.distributed
+@pytest.mark.parametrize("lora", [False, True], ids=["full", "lora"])
+def test_two_processes_with_their_own_engines_train_as_one(tmp_path, lora):
+    """Under torchrun every process gets an engine of its own (vLLM's external_launcher), its first
+    weights streamed from the FSDP2 shards and synced after every step. In fp32 a completion depends
+    only on prompt, seed and weights, so two processes train what one process trains."""
+    from test_distributed import assert_same_run, launch, result
+
+    settings = {"engine": "vllm", "max_steps": 2, "lora": lora}  # LoRA: merged W0 + scale·B·A from shards
+    launch(tmp_path / "one", settings, 1)
+    launch(tmp_path / "two", settings, 2)
+    assert_same_run(tmp_path / "one", tmp_path / "two")
+    for run in ("one", "two"):
+        steps = result(tmp_path / run)["importance"]
+        # extremes over both processes' sequences, not one process's (or their sum)
+        assert all(abs(m["importance_ratio_min"] - 1) < 1e-3 and abs(m["importance_ratio_max"] - 1) < 1e-3 for m in steps)
+        assert all(abs(m["importance_ratio_mean"] - 1) < 1e-3 and m["importance_clipped_fraction"] == 0 for m in steps)

@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 
 from selfdistill.distributed import is_sharded
-from selfdistill.importance import ImportanceSampling, ratio_summary
+from selfdistill.importance import ImportanceSampling, ratio_sums
 from selfdistill.losses import STAT_NAMES, LossSettings, chunked_completion_loss, output_head
 from selfdistill.methods.base import Method, TrainItem, completion_hidden
 from selfdistill.rollout import generate
@@ -44,8 +44,6 @@ class SDFT(Method):
             add_tail=cfg.loss.add_tail,
             chunk_size=cfg.loss.chunk_size,
         )
-        self._importance_ratios: list[torch.Tensor] = []
-        self._importance_reported: dict[str, float] = {}
         if cfg.rollout.engine == "vllm":  # fail before training starts, with how to install it
             from selfdistill.vllm_rollout import import_vllm
 
@@ -96,8 +94,6 @@ class SDFT(Method):
             )
             for k, (ids, finished) in enumerate(zip(completions.ids, completions.finished))
         ]
-        self._importance_ratios = []  # this step's, across its micro-batches
-        self._importance_reported: dict[str, float] = {}
         stats = {
             **extra_stats,
             "time_rollout": time.perf_counter() - start - extra_stats.get("time_weight_sync", 0.0),
@@ -141,7 +137,7 @@ class SDFT(Method):
             )
         stats = dict(zip(STAT_NAMES, sums.tolist()))
         if importance is not None:
-            stats.update(self._importance_stats(importance))
+            stats.update(ratio_sums(importance.ratios, importance.cap))
         stats["time_teacher"] = teacher_time
         stats["time_student_forward"] = time.perf_counter() - start
         return loss, stats
@@ -159,19 +155,6 @@ class SDFT(Method):
             cap=self.cfg.rollout.importance_cap,
             level=level,
         )
-
-    def _importance_stats(self, importance: ImportanceSampling) -> dict[str, float]:
-        """The step's ratio statistics so far, as increments over what earlier micro-batches reported.
-
-        The loop adds up each stat over a step's micro-batches; reporting the change of the
-        step-wide mean/min/max makes that sum the step's value. (Across processes the loop sums
-        again, so with several processes these are per-process values added up.)
-        """
-        self._importance_ratios.extend(importance.ratios)
-        whole = ratio_summary(self._importance_ratios, importance.cap)
-        delta = {k: v - self._importance_reported.get(k, 0.0) for k, v in whole.items()}
-        self._importance_reported = whole
-        return delta
 
     def _teacher_hidden(self, teacher_model, items: list[TrainItem]) -> torch.Tensor:
         """The teacher's final hidden states at the items' loss positions (from the cache where allowed)."""
