@@ -110,9 +110,7 @@ def train_mode(out: Path, settings: dict) -> None:
                     "world_size": world,
                     "losses": [m["loss"] for m in result.metrics],
                     "demonstration_logp": [m.get("demonstration_logp") for m in result.metrics],
-                    "importance": [
-                        {k: v for k, v in m.items() if k.startswith("importance_")} for m in result.metrics
-                    ],
+                    "importance": [{k: v for k, v in m.items() if k.startswith("importance_")} for m in result.metrics],
                     "steps": [m["step"] for m in result.metrics],
                     "collectives": counts,
                 }

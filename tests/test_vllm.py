@@ -207,5 +207,7 @@ def test_two_processes_with_their_own_engines_train_as_one(tmp_path, lora):
     for run in ("one", "two"):
         steps = result(tmp_path / run)["importance"]
         # extremes over both processes' sequences, not one process's (or their sum)
-        assert all(abs(m["importance_ratio_min"] - 1) < 1e-3 and abs(m["importance_ratio_max"] - 1) < 1e-3 for m in steps)
+        assert all(
+            abs(m["importance_ratio_min"] - 1) < 1e-3 and abs(m["importance_ratio_max"] - 1) < 1e-3 for m in steps
+        )
         assert all(abs(m["importance_ratio_mean"] - 1) < 1e-3 and m["importance_clipped_fraction"] == 0 for m in steps)
