@@ -179,6 +179,11 @@ def main(argv=None) -> None:
     )
     parser.add_argument("--tag", default="", help="suffix of the results file name")
     parser.add_argument(
+        "--ours-vllm",
+        action="store_true",
+        help="trl suite: also our side with vLLM rollouts, fp32 and bf16 engines (needs .venv-vllm)",
+    )
+    parser.add_argument(
         "--no-checkpointing",
         dest="checkpointing",
         action="store_false",
@@ -225,7 +230,12 @@ def main(argv=None) -> None:
         # rollout batch); --micro splits only our side's forward/backward: the same gradient per step.
         same.pop("micro", None)
         ours = dict(same, micro=args.micro) if args.micro else same
-        result = compare("trl", {"trl_sdft": (_trl, same), "selfdistill_sdft": (_ours, ours)}, args.reps, "trl_sdft")
+        sides = {"trl_sdft": (_trl, same), "selfdistill_sdft": (_ours, ours)}
+        if args.ours_vllm:  # our fastest rollouts: the vLLM engine (in .venv-vllm), fp32 and bf16 sampler
+            for precision in ("fp32", "bf16"):
+                extra = {"rollout": {"engine": "vllm", "vllm_precision": precision}}
+                sides[f"selfdistill_sdft_vllm_{precision}"] = (_ours_vllm_env, dict(ours, extra=extra))
+        result = compare("trl", sides, args.reps, "trl_sdft")
     elif args.suite == "sdft_vllm":
         # All sides in the vLLM environment, so they share one transformers version.
         vllm = {"rollout": {"engine": "vllm", "vllm_precision": "fp32"}}
