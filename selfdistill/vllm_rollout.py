@@ -155,6 +155,18 @@ def write_first_load(model, directory: str, *, write: bool, shard_bytes: int = 2
             json.dump(index_file, f)
 
 
+def _rebuild_output_head(worker) -> None:
+    """Runs inside the engine after a sync: rebuild what its output head derived from the weights.
+
+    With a tied head (output head = input embedding) the checkpoint has no head weight, so a
+    reload updates only the embedding. vLLM's CPU backend computes the logits with a packed copy
+    of the head made at load time; without this the engine kept sampling from the first head
+    (10 nats off after one step on a tied test model). On GPUs this is a no-op.
+    """
+    head = worker.model_runner.model.lm_head
+    head.quant_method.process_weights_after_loading(head)
+
+
 class VLLMRollout:
     """One vLLM engine holding a copy of the student, kept in step with it by `sync`.
 
@@ -172,6 +184,7 @@ class VLLMRollout:
         limit = getattr(config, "max_position_embeddings", None)
         self.max_model_len = min(max_model_len, limit) if limit else max_model_len
         self.precision = precision
+        self.tied_head = bool(getattr(config, "tie_word_embeddings", False))
         processes = _launched_processes()
         device = next(model.parameters()).device
         options = {}
@@ -212,6 +225,8 @@ class VLLMRollout:
             self.llm.collective_rpc(
                 "reload_weights", kwargs={"weights_iterator": merged_weights(model), "is_checkpoint_format": True}
             )
+        if self.tied_head:
+            self.llm.collective_rpc(_rebuild_output_head)
         # Prefix blocks computed with the old weights must never be reused.
         self.llm.reset_prefix_cache()
         self.syncs += 1

@@ -27,9 +27,11 @@ def _model(seed=0, extra_words=()):
     """A tiny Llama whose next-token distributions are peaked, so greedy choices are not near-ties.
 
     Head size 64: vLLM's CPU attention supports a fixed set of head sizes (the test default, 16, is not one).
+    Output head tied to the input embedding, as in SmolLM2, Qwen2.5-1.5B and Llama 3.2: the engine's
+    packed copy of a tied head must be rebuilt at every sync (the untied case runs in the two-process test).
     """
     tok = tiny_tokenizer(list(extra_words))
-    model = tiny_model(tok, hidden_size=128, layers=2, heads=2, seed=seed)
+    model = tiny_model(tok, hidden_size=128, layers=2, heads=2, seed=seed, tied=True)
     with torch.no_grad():
         for p in model.parameters():
             if p.dim() > 1:

@@ -50,8 +50,8 @@ def tiny_tokenizer(extra_words: list[str] = ()):
     return tokenizer
 
 
-def tiny_model(tokenizer, hidden_size: int = 64, layers: int = 2, heads: int = 4, seed: int = 0):
-    """A randomly initialised Llama sized for tests."""
+def tiny_model(tokenizer, hidden_size: int = 64, layers: int = 2, heads: int = 4, seed: int = 0, tied: bool = False):
+    """A randomly initialised Llama sized for tests (`tied`: output head = input embedding, as in SmolLM2)."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
     config = LlamaConfig(
@@ -65,7 +65,7 @@ def tiny_model(tokenizer, hidden_size: int = 64, layers: int = 2, heads: int = 4
         pad_token_id=tokenizer.pad_token_id,
         eos_token_id=tokenizer.eos_token_id,
         bos_token_id=None,
-        tie_word_embeddings=False,
+        tie_word_embeddings=tied,
     )
     torch.manual_seed(seed)
     model = LlamaForCausalLM(config)
