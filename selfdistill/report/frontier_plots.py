@@ -25,14 +25,21 @@ def _err(cell: dict) -> tuple[list[list[float]], bool]:
 
 
 def _place_labels(ax, labels: list[tuple[float, float, str, str]]) -> None:
-    """Label grid points; labels of points that land on (nearly) one spot are stacked, not drawn over each other."""
-    (x0, x1), (y0, y1) = ax.get_xlim(), ax.get_ylim()
-    x_near, y_near = 0.08 * (x1 - x0), 0.06 * ((y1 - y0) or 1.0)
-    placed: list[tuple[float, float]] = []
+    """Label grid points so that no label is drawn over another.
+
+    Each label goes just above its point unless a label already placed is within a line of it
+    (in display points); then it tries below, further above, further below, and so on.
+    """
+    ax.get_xlim(), ax.get_ylim()  # settle autoscaled limits before converting to display points
+    to_points = 72.0 / ax.figure.dpi
+    placed: list[tuple[float, float]] = []  # label positions, in points
     for x, y, text, color in labels:
-        below = sum(abs(x - px) < x_near and abs(y - py) < y_near for px, py in placed)
-        ax.annotate(text, (x, y), textcoords="offset points", xytext=(6, 4 - 10 * below), fontsize=8, color=color)
-        placed.append((x, y))
+        px, py = (v * to_points for v in ax.transData.transform((x, y)))
+        for dy in (4, -10, 14, -20, 24, -30, 34, -40):
+            if all(abs(px - qx) > 45 or abs(py + dy - qy) >= 10 for qx, qy in placed):
+                break
+        ax.annotate(text, (x, y), textcoords="offset points", xytext=(6, dy), fontsize=8, color=color)
+        placed.append((px, py + dy))
 
 
 def frontier(results: dict) -> Figure | None:
