@@ -113,6 +113,11 @@ def is_sharded(model) -> bool:
     return isinstance(model, FSDPModule)
 
 
+def processes_sharing(model) -> int:
+    """How many processes train this model together: the world of a sharded model, else 1."""
+    return dist.get_world_size() if is_sharded(model) else 1
+
+
 def local(tensor: torch.Tensor) -> torch.Tensor:
     """This process's shard of a sharded (DTensor) parameter; a plain tensor as it is."""
     from torch.distributed.tensor import DTensor

@@ -31,6 +31,7 @@ import torch
 from safetensors.torch import save_file
 from torch.distributed.tensor import DTensor
 
+from selfdistill.distributed import processes_sharing
 from selfdistill.errors import UserError
 from selfdistill.models.lora import is_lora
 from selfdistill.rollout import Completions
@@ -113,13 +114,6 @@ def engine_dtype(precision: str) -> str:
     return {"fp32": "float32", "bf16": "bfloat16"}[precision]
 
 
-def _launched_processes() -> int:
-    """How many processes torchrun launched this run with (1: a plain process)."""
-    import torch.distributed as dist
-
-    return dist.get_world_size() if "WORLD_SIZE" in os.environ and dist.is_initialized() else 1
-
-
 def write_first_load(model, directory: str, *, write: bool, shard_bytes: int = 2**30) -> None:
     """The engine's first weights as a sharded safetensors checkpoint, written as they stream in.
 
@@ -185,7 +179,7 @@ class VLLMRollout:
         self.max_model_len = min(max_model_len, limit) if limit else max_model_len
         self.precision = precision
         self.tied_head = bool(getattr(config, "tie_word_embeddings", False))
-        processes = _launched_processes()
+        processes = processes_sharing(model)  # torchrun's processes: the model is sharded over them
         device = next(model.parameters()).device
         options = {}
         if processes > 1:

@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 import torch
 
 from selfdistill.data.prompts import EncodedRecord
-from selfdistill.distributed import backbone, is_sharded, reshard_all
+from selfdistill.distributed import backbone, processes_sharing, reshard_all
 from selfdistill.losses import chunked_token_loss, output_head
 from selfdistill.precision import resolve_precision
 from selfdistill.rollout import autocast_context, pad_batch
@@ -115,8 +115,9 @@ class Method:
         micro = self.cfg.train.micro_batch_size
         # Under FSDP2 every process runs the same number of forwards: as many as the process with
         # the most records of the step needs (a process with fewer repeats its last batch, unused).
-        world = torch.distributed.get_world_size() if is_sharded(self.model) else 1
-        most = -(-self.cfg.train.batch_size // world)  # the step's prompts are dealt out round-robin
+        most = -(
+            -self.cfg.train.batch_size // processes_sharing(self.model)
+        )  # the step's prompts are dealt out round-robin
         rounds = -(-most // micro)
         batches = [items[s : s + micro] for s in range(0, len(items), micro)]
         logp_sum, tokens = 0.0, 0
