@@ -10,6 +10,15 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
 RESULTS = HERE / "results"
+# The parts of a training step that metrics.jsonl times (each `time_*` key), in step order.
+SPLIT = [
+    "time_rollout",
+    "time_weight_sync",
+    "time_teacher",
+    "time_student_forward",
+    "time_student_backward",
+    "time_teacher_update",
+]
 FILLER = (
     "The expedition mapped the northern ridge, logged each sample in the notebook, and returned to camp "
     "before dusk to compare notes with the other team. "
@@ -69,3 +78,15 @@ def table(rows: list[dict], columns: list[str]) -> str:
     widths = [max(len(c), *(len(row[i]) for row in cells)) for i, c in enumerate(columns)]
     line = lambda vals: "| " + " | ".join(v.ljust(w) for v, w in zip(vals, widths)) + " |"
     return "\n".join([line(columns), line(["-" * w for w in widths])] + [line(r) for r in cells])
+
+
+def fixed_student_prompts(num: int, model, tokenizer) -> tuple[list[list[int]], int]:
+    """(student prompt ids of `num` fixed records, end-of-turn token id): what the rollout suites sample from."""
+    from selfdistill.data import PromptBuilder
+    from selfdistill.data.records import Record
+    from selfdistill.models import stop_token_id
+
+    stop = stop_token_id(model, tokenizer)
+    builder = PromptBuilder(tokenizer, "plain", None, 1024, 2048, "error", stop)
+    records = [Record(prompt=r["prompt"], demonstration=r["demonstration"]) for r in fixed_records(num, 16, tokenizer)]
+    return [e.student_ids for e in builder.encode_all(records)], stop

@@ -12,29 +12,21 @@ from __future__ import annotations
 import sys
 import time
 
-from benchmarks.common import fixed_records, median
+from benchmarks.common import fixed_student_prompts, median
 
 
 def rollout_suite(args) -> dict:
     import torch
 
     from selfdistill import rollout
-    from selfdistill.data import PromptBuilder
-    from selfdistill.data.records import Record
-    from selfdistill.models import load_model, stop_token_id
+    from selfdistill.models import load_model
 
     torch.set_num_threads(2)
     model, tokenizer = load_model("smollm2-135m", torch.float32)
-    stop = stop_token_id(model, tokenizer)
-    builder = PromptBuilder(tokenizer, "plain", None, 1024, 2048, "error", stop)
     rows = []
     times_all = {}
     for size in args.rollout_rows:
-        records = fixed_records(size, 16, tokenizer)
-        prompts = [
-            e.student_ids
-            for e in builder.encode_all([Record(prompt=r["prompt"], demonstration=r["demonstration"]) for r in records])
-        ]
+        prompts, stop = fixed_student_prompts(size, model, tokenizer)
         seeds = [rollout.rollout_seed(0, i, 0) for i in range(size)]
         default_rows = rollout.SMALL_DECODE_ROWS
 

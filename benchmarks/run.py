@@ -20,16 +20,7 @@ import sys
 import time
 from pathlib import Path
 
-from benchmarks.common import RESULTS, ROOT, median, run_json, table
-
-SPLIT = [
-    "time_rollout",
-    "time_weight_sync",
-    "time_teacher",
-    "time_student_forward",
-    "time_student_backward",
-    "time_teacher_update",
-]
+from benchmarks.common import RESULTS, ROOT, SPLIT, median, run_json, table
 
 
 def _ours(spec: dict) -> dict:

@@ -15,7 +15,7 @@ from __future__ import annotations
 import sys
 import time
 
-from benchmarks.common import fixed_records, median
+from benchmarks.common import fixed_student_prompts, median
 
 SIDES = ["decode_loop_fp32", "decode_loop_bf16", "vllm_fp32", "vllm_bf16"]
 
@@ -24,26 +24,18 @@ def vllm_rollout_suite(args) -> dict:
     import torch
 
     from selfdistill import rollout
-    from selfdistill.data import PromptBuilder
-    from selfdistill.data.records import Record
-    from selfdistill.models import load_model, stop_token_id
+    from selfdistill.models import load_model
     from selfdistill.vllm_rollout import VLLMRollout
 
     torch.set_num_threads(2)
     model, tokenizer = load_model("smollm2-135m", torch.float32)
-    stop = stop_token_id(model, tokenizer)
-    builder = PromptBuilder(tokenizer, "plain", None, 1024, 2048, "error", stop)
     engines = {
         "vllm_fp32": VLLMRollout(model, precision="fp32", max_model_len=1024 + args.length),
         "vllm_bf16": VLLMRollout(model, precision="bf16", max_model_len=1024 + args.length),
     }
     rows, times_all, sync_times = [], {}, {name: [] for name in engines}
     for size in args.rollout_rows:
-        records = fixed_records(size, 16, tokenizer)
-        prompts = [
-            e.student_ids
-            for e in builder.encode_all([Record(prompt=r["prompt"], demonstration=r["demonstration"]) for r in records])
-        ]
+        prompts, _ = fixed_student_prompts(size, model, tokenizer)  # no stop token here
         seeds = [rollout.rollout_seed(0, i, 0) for i in range(size)]
 
         def run(side: str) -> tuple[float, list[list[int]]]:

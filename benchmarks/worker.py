@@ -18,7 +18,7 @@ def main(spec: dict) -> dict:
     import torch
 
     torch.set_num_threads(spec.get("threads", 2))
-    from benchmarks.common import fixed_records
+    from benchmarks.common import SPLIT, fixed_records
     from selfdistill.config import load_config
     from selfdistill.data.records import Record
     from selfdistill.models import load_model
@@ -65,12 +65,7 @@ def main(spec: dict) -> dict:
     metrics = result.metrics[1:] or result.metrics  # the first step is warm-up
     keys = [
         "time_step",
-        "time_rollout",
-        "time_weight_sync",
-        "time_teacher",
-        "time_student_forward",
-        "time_student_backward",
-        "time_teacher_update",
+        *SPLIT,
         "loss_tokens",
         "tokens_per_s",
         "loss",
