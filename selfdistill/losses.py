@@ -119,9 +119,14 @@ class LossSettings:
     closed_form_gradient: bool = True
 
 
-def output_head(model) -> Callable[[torch.Tensor], torch.Tensor]:
-    """hidden states -> logits, as the model's own forward would compute them."""
+def output_head(model, without_adapter: bool = False) -> Callable[[torch.Tensor], torch.Tensor]:
+    """hidden states -> logits, as the model's own forward would compute them.
+
+    `without_adapter`: for a LoRA model whose head is itself adapted, the head's base layer (W0).
+    """
     head = model.get_output_embeddings()
+    if without_adapter and hasattr(head, "base_layer"):
+        head = head.base_layer
     cap = getattr(getattr(model, "config", None), "final_logit_softcapping", None)
     scale = getattr(getattr(model, "config", None), "logit_scale", None)  # Cohere-style models scale logits
 

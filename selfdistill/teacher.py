@@ -25,11 +25,13 @@ from __future__ import annotations
 
 import copy
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
 from selfdistill.distributed import is_sharded, local, reshard_all
+from selfdistill.losses import output_head
 from selfdistill.models.lora import is_lora
 
 
@@ -69,17 +71,20 @@ class Teacher:
 
     @contextmanager
     def scoring(self, student):
-        """The model to score completions with, as a context (LoRA-frozen switches the adapter off)."""
+        """The teacher for one loss computation, as a context yielding a `TeacherView`.
+
+        Run the teacher's forwards inside `view.weights()`: for a LoRA-frozen teacher (the student
+        with its adapter switched off) only there is the adapter off, so the student's own forward,
+        run outside it, keeps its adapter and its gradients. A teacher copy stays gathered until the
+        context ends (the chunked loss applies its head after the student's forward).
+        """
         if self.module is not None:
             try:
-                yield self.module
+                yield TeacherView(self.module, adapter_off=False)
             finally:
                 reshard_all(self.module)  # it never runs backward, so its gathered weights can go now
-        elif self.kind == "frozen":  # LoRA: W0 is the student without its adapter
-            with student.disable_adapter():
-                yield student
-        else:
-            yield student
+        else:  # live, or LoRA-frozen: W0 is the student without its adapter
+            yield TeacherView(student, adapter_off=self.kind == "frozen")
 
     @torch.no_grad()
     def update(self, student) -> None:
@@ -117,6 +122,30 @@ class Teacher:
             from safetensors.torch import load_model
 
             load_model(self.module, str(path))
+
+
+@dataclass(frozen=True)
+class TeacherView:
+    """How a loss computation reaches the teacher: `model` for its forwards (run inside `weights()`),
+    `head` for its output head."""
+
+    model: torch.nn.Module
+    adapter_off: bool  # LoRA-frozen: the teacher is `model` with its adapter switched off
+
+    @contextmanager
+    def weights(self):
+        """The teacher's weights in place (the adapter off, for LoRA-frozen), without gradients."""
+        with torch.no_grad():
+            if self.adapter_off:
+                with self.model.disable_adapter():
+                    yield self.model
+            else:
+                yield self.model
+
+    @property
+    def head(self):
+        """hidden states -> the teacher's logits; for LoRA-frozen, an adapted head's base layer (W0)."""
+        return output_head(self.model, without_adapter=self.adapter_off)
 
 
 def _local_delta(layer, adapter: str) -> torch.Tensor:

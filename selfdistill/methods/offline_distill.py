@@ -26,6 +26,7 @@ class OfflineDistill(SDFT):
     teacher_kind = "frozen"
     per_token_loss = SFT.per_token_loss  # for offline.loss = ce
     cache_teacher_scores = True  # fixed targets, frozen teacher: each record is scored once
+    samples_student_prompts = False  # the teacher answers its own prompts, with our decode loop
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
@@ -41,7 +42,7 @@ class OfflineDistill(SDFT):
                 self.targets = stored
                 return
         rollouts = self.cfg.rollout
-        with self.teacher.scoring(self.model) as teacher_model:
+        with self.teacher.scoring(self.model) as teacher, teacher.weights() as teacher_model:
             completions = generate(
                 teacher_model,
                 [r.teacher_ids for r in records],

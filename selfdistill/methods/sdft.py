@@ -25,6 +25,7 @@ from selfdistill.teacher import Teacher
 
 class SDFT(Method):
     name = "sdft"
+    samples_student_prompts = True
 
     teacher_kind: str | None = None  # subclasses may fix the teacher (e.g. frozen)
     # Reuse a frozen teacher's hidden states for completions it already scored (offline_distill:
@@ -117,9 +118,12 @@ class SDFT(Method):
         # Items without loss tokens are not dropped: under FSDP2 every process runs the same forwards.
         start = time.perf_counter()
         # The teacher's head is applied chunk by chunk inside the loss, so the loss runs while the
-        # teacher's weights are in use (under FSDP2 they are freed when scoring ends).
-        with self.teacher.scoring(self.model) as teacher_model:
-            teacher_hidden = self._teacher_hidden(teacher_model, items)
+        # teacher's weights are in use (under FSDP2 they are freed when scoring ends). The student's
+        # forward runs outside `teacher.weights()`: for a LoRA-frozen teacher that is where the
+        # adapter is switched off, and a student computed there would have nothing to train.
+        with self.teacher.scoring(self.model) as teacher:
+            with teacher.weights() as teacher_model:
+                teacher_hidden = self._teacher_hidden(teacher_model, items)
             teacher_time = time.perf_counter() - start
             start = time.perf_counter()
             student_hidden, tokens = completion_hidden(self.model, items, False, self.pad_token_id, self.precision)
@@ -131,7 +135,7 @@ class SDFT(Method):
                 tokens,
                 weights,
                 output_head(self.model),
-                output_head(teacher_model),
+                teacher.head,
                 self.loss_settings,
                 importance,
             )
