@@ -31,7 +31,7 @@ Overlong = Literal["error", "skip"]
 OfflineLoss = Literal["ce", "divergence"]
 Reporter = Literal["tensorboard", "wandb"]
 RolloutEngine = Literal["decode", "vllm"]
-ImportanceLevel = Literal["sequence", "token", "off"]
+ImportanceLevel = Literal["capped_token_mean", "sequence", "token", "off"]
 
 
 def choices(kind: Any) -> tuple[str, ...]:
@@ -121,9 +121,12 @@ class RolloutConfig(_Section):
         "vllm on a GPU: the fraction of its memory the engine may take (weights + KV cache); training has the rest.",
     )
     importance_sampling: ImportanceLevel = _f(
-        "sequence", "vllm: truncated importance weights per sequence, per token, or off."
+        "capped_token_mean",
+        "vllm: truncated importance weights, with r_t = p_trainer(y_t) / p_sampler(y_t): capped_token_mean "
+        "(the SDFT authors'): each sequence weighted by mean_t min(C, r_t); sequence: by "
+        "min(C, exp(mean_t log r_t)); token: each token by min(C, r_t); off: none.",
     )
-    importance_cap: float = _f(2.0, "vllm: the importance weight's cap C: min(C, p_trainer / p_sampler).")
+    importance_cap: float = _f(2.0, "vllm: the importance weights' cap C, applied to r_t (or to the sequence's ratio).")
 
 
 @dataclass
@@ -274,11 +277,17 @@ def validate(cfg: Config) -> Config:
     return cfg
 
 
+_TRUE, _FALSE = ("true", "1", "yes", "on"), ("false", "0", "no", "off")
+
+
 def _coerce(value: Any, annotation: Any, key: str) -> Any:
     """Turn a YAML/CLI value into the field's type, or say which key is wrong."""
     origin = get_origin(annotation)
     if origin is Literal:
         allowed = get_args(annotation)
+        if isinstance(value, bool):  # YAML reads unquoted off/on/no/yes as booleans
+            spelled = [a for a in allowed if str(a).lower() in (_TRUE if value else _FALSE)]
+            value = spelled[0] if len(spelled) == 1 else value
         if value not in allowed:
             close = difflib.get_close_matches(str(value), [str(a) for a in allowed], n=1)
             hint = f" (did you mean {close[0]!r}?)" if close else ""
@@ -304,9 +313,9 @@ def _coerce(value: Any, annotation: Any, key: str) -> Any:
     try:
         if annotation is bool:
             if isinstance(value, str):
-                if value.lower() in ("true", "1", "yes", "on"):
+                if value.lower() in _TRUE:
                     return True
-                if value.lower() in ("false", "0", "no", "off"):
+                if value.lower() in _FALSE:
                     return False
                 raise ValueError(value)
             return bool(value)

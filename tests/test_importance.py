@@ -5,10 +5,10 @@ import math
 import pytest
 import torch
 
-from selfdistill.config import load_config
+from selfdistill.config import ImportanceLevel, choices, load_config
 from selfdistill.errors import UserError
-from selfdistill.importance import ImportanceSampling
-from selfdistill.losses import LossSettings, chunked_completion_loss, divergence
+from selfdistill.importance import LEVELS, PER_SEQUENCE, ImportanceSampling
+from selfdistill.losses import LossSettings, chunked_completion_loss, divergence, output_head
 
 VOCAB, DIM = 11, 6
 LENGTHS = [3, 7, 2, 5]  # one sequence (7) longer than the chunk of 4 used below
@@ -31,9 +31,21 @@ def _setup(seed=0):
     return head, teacher_head, hidden, teacher_hidden, tokens, sequence, trainer_logp
 
 
-def _run(importance, seed=0, chunk=4):
+class _Model(torch.nn.Module):
+    def __init__(self, head):
+        super().__init__()
+        self.head = head
+
+    def get_output_embeddings(self):
+        return self.head
+
+
+def _run(importance, seed=0, chunk=4, closed_form=False):
+    """(loss, hidden grad, head grad); `closed_form` takes the loss's closed-form forward-KL path."""
     head, teacher_head, hidden, teacher_hidden, tokens, _, _ = _setup(seed)
     hidden = hidden.clone().requires_grad_()
+    if closed_form:
+        head, teacher_head = output_head(_Model(head)), output_head(_Model(teacher_head))
     loss, _ = chunked_completion_loss(
         hidden,
         teacher_hidden,
@@ -45,7 +57,7 @@ def _run(importance, seed=0, chunk=4):
         importance,
     )
     loss.backward()
-    return loss.detach(), hidden.grad, head.weight.grad
+    return loss.detach(), hidden.grad, (head.module if closed_form else head).weight.grad
 
 
 def _reference(weights_per_position, seed=0):
@@ -58,7 +70,7 @@ def _reference(weights_per_position, seed=0):
     return loss.detach(), hidden.grad, head.weight.grad
 
 
-@pytest.mark.parametrize("level", ["sequence", "token"])
+@pytest.mark.parametrize("level", LEVELS)
 def test_weights_are_one_when_sampler_and_trainer_agree(level):
     *_, sequence, trainer_logp = _setup()
     importance = ImportanceSampling(trainer_logp.clone(), sequence, cap=2.0, level=level)
@@ -105,9 +117,10 @@ def test_token_level_weights_each_token():
     )
 
 
-def test_sequence_chunks_never_split_a_short_sequence():
+@pytest.mark.parametrize("level", PER_SEQUENCE)
+def test_sequence_chunks_never_split_a_short_sequence(level):
     sequence = torch.cat([torch.full((k,), i) for i, k in enumerate([3, 7, 2, 5, 1])])
-    chunks = ImportanceSampling(torch.zeros(len(sequence)), sequence, level="sequence").chunks(5)
+    chunks = ImportanceSampling(torch.zeros(len(sequence)), sequence, level=level).chunks(5)
     covered = [i for c in chunks for i in range(c.start, c.stop)]
     assert covered == list(range(len(sequence)))
     for c in chunks:
@@ -126,3 +139,94 @@ def test_config_rejects_unknown_engine_and_level():
         load_config(overrides=["rollout.importance_sampling=both"])
     cfg = load_config()
     assert cfg.rollout.engine == "decode" and cfg.rollout.importance_cap == 2.0
+    with pytest.raises(ValueError, match="importance sampling level"):
+        ImportanceSampling(torch.zeros(2), torch.zeros(2, dtype=torch.long), level="off")
+
+
+# The SDFT authors' form, the default: w_seq = mean over the sequence's loss tokens of min(C, r_t).
+
+
+def _default_level() -> str:
+    return load_config().rollout.importance_sampling
+
+
+def test_config_default_is_the_mean_of_capped_token_ratios():
+    assert _default_level() == "capped_token_mean"
+    assert set(choices(ImportanceLevel)) == {*LEVELS, "off"}
+    # Unquoted `off` is a YAML boolean; it still means the level "off" (on the command line and in files).
+    assert load_config(overrides=["rollout.importance_sampling=off"]).rollout.importance_sampling == "off"
+    assert load_config(overrides={"rollout": {"importance_sampling": False}}).rollout.importance_sampling == "off"
+    with pytest.raises(UserError, match="rollout.importance_sampling"):
+        load_config(overrides={"rollout": {"importance_sampling": True}})
+
+
+def _hand_example():
+    """Two sequences: [log 4, log 1/4] and [log 3, log 1/2, log 1] (log r_t = trainer − sampler)."""
+    *_, trainer_logp = _setup()
+    trainer_logp = trainer_logp[:5]
+    log_r = torch.tensor([4.0, 0.25, 3.0, 0.5, 1.0]).log()
+    return trainer_logp - log_r, torch.tensor([0, 0, 1, 1, 1])
+
+
+@pytest.mark.parametrize(
+    "level, expected",
+    [
+        # mean_t min(2, r_t): (2 + 1/4)/2 = 1.125 and (2 + 1/2 + 1)/3 = 7/6
+        ("capped_token_mean", [1.125, 1.125, 7 / 6, 7 / 6, 7 / 6]),
+        # min(2, exp(mean_t log r_t)): exp(0) = 1 and min(2, 1.5 ** (1/3)) = 1.5 ** (1/3)
+        ("sequence", [1.0, 1.0, 1.5 ** (1 / 3), 1.5 ** (1 / 3), 1.5 ** (1 / 3)]),
+        ("token", [2.0, 0.25, 2.0, 0.5, 1.0]),
+    ],
+)
+def test_hand_computed_weights_of_each_level(level, expected):
+    sampler, sequence = _hand_example()
+    importance = ImportanceSampling(sampler, sequence, cap=2.0, level=level)
+    *_, trainer_logp = _setup()
+    importance.prepare(torch.zeros(5, 1), torch.zeros(5, dtype=torch.long), None, chunk_size=5)
+    [chunk] = importance.chunks(5)
+    got = importance.weights(trainer_logp[chunk], chunk)
+    torch.testing.assert_close(got, torch.tensor(expected), rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("closed_form", [False, True])
+@pytest.mark.parametrize("chunk", [2, 4, 100])
+def test_default_weights_each_sequence_by_its_mean_capped_token_ratio(chunk, closed_form):
+    """Loss and gradients through the chunked loss, against Σ w · KL with hand-computed weights.
+
+    Chunks of 2 and 4 split the 7- and 5-token sequences (their means computed ahead), 100 none.
+    The old default (min(C, exp(mean log r))) gives other weights here, so this test fails with it.
+    """
+    *_, sequence, trainer_logp = _setup()
+    # log r_t spreads widely within each sequence, so capping each token differs from capping the mean.
+    log_r = torch.cat([torch.linspace(-2.0, 2.0, k) + shift for k, shift in zip(LENGTHS, [0.0, 0.5, -0.3, 1.0])])
+    importance = ImportanceSampling(trainer_logp - log_r, sequence, cap=2.0, level=_default_level())
+    got = _run(importance, chunk=chunk, closed_form=closed_form)
+    r = log_r.exp()
+    capped = r.clamp(max=2.0)
+    per_sequence = torch.stack([capped[sequence == i].mean() for i in range(len(LENGTHS))])
+    old_default = torch.stack([log_r[sequence == i].mean().exp().clamp(max=2.0) for i in range(len(LENGTHS))])
+    assert (per_sequence - old_default).abs().min() > 0.04  # the example tells the two forms apart
+    expected = _reference(per_sequence[sequence])
+    for a, b in zip(got, expected):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+    # Logged: every loss token's r_t before the cap, each once (long sequences included).
+    summary = importance.summary()
+    assert summary["importance_ratio_mean"] == pytest.approx(float(r.mean()), rel=1e-5)
+    assert summary["importance_ratio_min"] == pytest.approx(float(r.min()), rel=1e-5)
+    assert summary["importance_ratio_max"] == pytest.approx(float(r.max()), rel=1e-5)
+    assert summary["importance_clipped_fraction"] == pytest.approx(float((r > 2.0).float().mean()))
+
+
+@pytest.mark.parametrize("level", LEVELS)
+@pytest.mark.parametrize("chunk", [1, 2, 3, 4, 6])
+def test_chunk_size_does_not_change_the_loss(level, chunk):
+    """A sequence longer than the chunk gives the loss and gradients of one chunk holding everything."""
+    *_, sequence, trainer_logp = _setup()
+    log_r = torch.linspace(-1.5, 2.5, trainer_logp.shape[0])
+    whole = _run(ImportanceSampling(trainer_logp - log_r, sequence, cap=2.0, level=level), chunk=10_000)
+    importance = ImportanceSampling(trainer_logp - log_r, sequence, cap=2.0, level=level)
+    split = _run(importance, chunk=chunk)
+    for a, b in zip(split, whole):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+    count = len(LENGTHS) if level == "sequence" else sum(LENGTHS)
+    assert sum(r.numel() for r in importance.ratios) == count  # each ratio logged once
