@@ -59,6 +59,7 @@ from selfdistill.rollout import rollout_seed
 from selfdistill.run_directory import check_output_dir, prepare_output_dir, read_metrics, writing
 from selfdistill.stop_signals import StopFlag
 from selfdistill.tracking import Tracker, open_tracker, require_backends
+from selfdistill.vllm_rollout import check_prompts_fit
 
 log = logging.getLogger(__name__)
 
@@ -188,7 +189,11 @@ def setup(cfg: Config, records, model, tokenizer, resume: bool, overwrite: bool)
     stop_id = stop_token_id(model, tokenizer)
     builder = PromptBuilder.from_config(tokenizer, cfg.data, stop_id)
     encoded = builder.encode_all(records)
-    method = get_method(cfg.method)(cfg, model, tokenizer, builder, stop_id, tokenizer.pad_token_id, records)
+    method_class = get_method(cfg.method)
+    if cfg.rollout.engine == "vllm" and method_class.samples_student_prompts:
+        # Here, not at the rollout: a prompt too long for the engine would fail one process mid-run.
+        check_prompts_fit(cfg, model, records, encoded)
+    method = method_class(cfg, model, tokenizer, builder, stop_id, tokenizer.pad_token_id, records)
     if procs.sharded:  # the teacher is copied from the whole student (in the method) before sharding
         shard = functools.partial(shard_model, procs=procs, precision=method.precision)
         model = shard(model)

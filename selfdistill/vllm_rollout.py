@@ -161,6 +161,60 @@ def _rebuild_output_head(worker) -> None:
     head.quant_method.process_weights_after_loading(head)
 
 
+def _model_config(model):
+    return (model.get_base_model() if is_lora(model) else model).config
+
+
+def engine_context(model, cfg) -> int:
+    """The engine's context (vLLM's max_model_len) for a run: the longest prompt plus the longest completion.
+
+    data.max_prompt_tokens + rollout.max_new_tokens, capped by the model's own limit
+    (max_position_embeddings). The one place this is computed: the engine is built with it, and
+    `check_prompts_fit` checks every training prompt against it before a run writes anything.
+    """
+    wanted = cfg.data.max_prompt_tokens + cfg.rollout.max_new_tokens
+    limit = getattr(_model_config(model), "max_position_embeddings", None)
+    return min(wanted, limit) if limit else wanted
+
+
+def check_prompts_fit(cfg, model, records, encoded) -> None:
+    """Every training record's student prompt plus rollout.max_new_tokens fits the engine's context.
+
+    Pure length arithmetic (vLLM is not needed). Run in set-up, before anything is written: every
+    process holds all records, so all of them raise the same error and none waits in a collective
+    for one that failed mid-training.
+    """
+    context = engine_context(model, cfg)
+    new = cfg.rollout.max_new_tokens
+    over = [e for e in encoded if len(e.student_ids) + new > context]
+    if not over:
+        return
+    first = over[0]
+    record = records[first.index]
+    field = dict(cfg.data.columns).get("prompt", "prompt")
+    wanted = cfg.data.max_prompt_tokens + new
+    limit = getattr(_model_config(model), "max_position_embeddings", None)
+    why = (
+        f"the model's limit (max_position_embeddings={limit}; data.max_prompt_tokens + rollout.max_new_tokens "
+        f"would be {wanted})"
+        if context < wanted
+        else f"data.max_prompt_tokens={cfg.data.max_prompt_tokens} + rollout.max_new_tokens={new}"
+    )
+    more = f" {len(over) - 1} more records are too long as well." if len(over) > 1 else ""
+    room = context - new
+    fix = (
+        f"Lower data.max_prompt_tokens to {room} (with data.overlong=skip to leave longer records out), "
+        "lower rollout.max_new_tokens, or use a model with a longer context."
+        if room > 0
+        else f"Lower rollout.max_new_tokens below {context}, or use a model with a longer context."
+    )
+    raise UserError(
+        f"{record.source or f'record {first.index}'}, field {field!r}: the student prompt has "
+        f"{len(first.student_ids)} tokens; with rollout.max_new_tokens={new} that is over the vLLM engine's "
+        f"context of {context} tokens, {why}.{more} {fix}"
+    )
+
+
 class VLLMRollout:
     """One vLLM engine holding a copy of the student, kept in step with it by `sync`.
 
@@ -168,15 +222,15 @@ class VLLMRollout:
     of the step's prompts (vLLM's `external_launcher` backend, on the process group the trainer
     already joined): rollouts are data-parallel like the rest of the step. Completions depend only
     on prompt, seed and weights in fp32, so N processes sample what one would.
+    `max_model_len` is the engine's context, at most the model's limit (a run's: `engine_context`).
     """
 
     def __init__(self, model, *, precision: str, max_model_len: int, seed: int = 0, gpu_memory: float = 0.3):
         import torch.distributed as dist
 
         vllm = import_vllm()
-        config = (model.get_base_model() if is_lora(model) else model).config
-        limit = getattr(config, "max_position_embeddings", None)
-        self.max_model_len = min(max_model_len, limit) if limit else max_model_len
+        config = _model_config(model)
+        self.max_model_len = max_model_len
         self.precision = precision
         self.tied_head = bool(getattr(config, "tie_word_embeddings", False))
         processes = processes_sharing(model)  # torchrun's processes: the model is sharded over them
@@ -327,7 +381,7 @@ def vllm_rollouts(
         engine = shared_engine(
             method.model,
             precision=resolve_precision(wanted, device),
-            max_model_len=cfg.data.max_prompt_tokens + cfg.rollout.max_new_tokens,
+            max_model_len=engine_context(method.model, cfg),
             seed=cfg.train.seed,
             gpu_memory=cfg.rollout.vllm_gpu_memory,
         )

@@ -66,6 +66,8 @@ class Method:
     """
 
     name = "base"
+    # The rollout engine (rollout.engine) completes the training records' student prompts (SDFT).
+    samples_student_prompts = False
 
     def __init__(self, cfg, model, tokenizer, builder, stop_token_id: int, pad_token_id: int, records=None):
         self.cfg = cfg

@@ -30,6 +30,7 @@ class SFTReinvoke(SDFT):
     name = "sft_reinvoke"
     teacher_kind = "frozen"  # the initial model
     per_token_loss = SFT.per_token_loss
+    samples_student_prompts = False  # rollouts complete the general prompts, not the records'
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)

@@ -99,6 +99,17 @@ def _corrupt(path: Path, data: bytes = b"\x00not a safetensors file" * 4):
     path.write_bytes(data)
 
 
+def _context(limit: int):
+    """Set the model's own context limit (max_position_embeddings) in its config.json."""
+
+    def edit(path: Path):
+        config = json.loads(path.read_text())
+        config["max_position_embeddings"] = limit
+        path.write_text(json.dumps(config))
+
+    return edit
+
+
 # id -> (files to write (name -> bytes, or a function of the workspace), args, needles in the message).
 # Placeholders: {ws} workspace, {data} data.jsonl, {model} model dir. Default data/model/output: data.jsonl, model, run.
 CASES = {
@@ -334,6 +345,21 @@ CASES = {
         {"model/tokenizer_config.json": lambda p: _no_chat_template(p.parent)},
         [],
         ["model.name {model}: the tokenizer has no chat template", "chat_template"],
+    ),
+    # A student prompt ("<|user|> k0 <|end|> <|assistant|>", 4 tokens) + rollout.max_new_tokens=2 does not
+    # fit the vLLM engine's context, capped at the model's limit of 5: refused in set-up on every process
+    # (not mid-run on the one that drew it). Pure length arithmetic: vLLM need not be installed.
+    "student-prompt-over-vllm-context": (
+        {"model/config.json": _context(5)},
+        ["-s", "rollout.engine=vllm"],
+        [
+            "{data} line 1, field 'prompt': the student prompt has 4 tokens",
+            "rollout.max_new_tokens=2",
+            "the vLLM engine's context of 5 tokens",
+            "max_position_embeddings=5",
+            "7 more records are too long as well",
+            "Lower data.max_prompt_tokens to 3",
+        ],
     ),
 }
 
