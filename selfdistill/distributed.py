@@ -141,30 +141,39 @@ def decoder_layers(model) -> list[torch.nn.Module]:
     return list(layers)
 
 
-def mixed_precision(precision: str):
-    """bf16 compute over fp32 master weights, gradients reduced in fp32; fp32 keeps the weights' dtype."""
+def mixed_precision():
+    """FSDP2 keeps the weights in their own dtype and reduces gradients in fp32, whatever the run's precision.
+
+    bf16 runs compute in bf16 through autocast (`selfdistill.precision.autocast_context`), in one
+    process and in many alike: the backbone's matrix products in bf16; its residual stream, norms,
+    the student's output head, the loss and every gradient buffer in fp32 (a frozen full-weight
+    teacher is stored, and so computed, in bf16). FSDP2's own `param_dtype=bf16`
+    would be a different computation (a bf16 residual stream, bf16 logits and a head gradient summed
+    over loss chunks in bf16), so a run's numbers would depend on how many processes it had. The
+    cost: all-gathers move fp32 weights (twice bf16's bytes) and a gathered unit takes fp32 memory.
+    """
     from torch.distributed.fsdp import MixedPrecisionPolicy
 
-    if precision == "bf16":
-        return MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
-    return MixedPrecisionPolicy()
+    return MixedPrecisionPolicy(param_dtype=None, reduce_dtype=torch.float32)
 
 
-def shard_model(model, procs: Processes, precision: str):
+def shard_model(model, procs: Processes):
     """Shard `model` in place with the plan above; returns it (now an FSDP module)."""
     import types
 
     from torch.distributed.fsdp import FSDPModule, fully_shard, register_fsdp_forward_method
 
-    policy = mixed_precision(precision)
+    policy = mixed_precision()
     for layer in decoder_layers(model):
         fully_shard(layer, mp_policy=policy)
     fully_shard(model, mp_policy=policy)
     for module in model.modules():
         if isinstance(module, FSDPModule):
-            module.set_gradient_divide_factor(1.0)  # a sum: each process's loss already carries its share
-            if procs.device.type == "cpu":
-                module.set_force_sum_reduction_for_comms(True)  # gloo has no pre-multiplied sum
+            # A plain sum on every backend and process count: each process's loss already carries
+            # its share. Left to itself, torch reduces with PREMUL_SUM on several GPUs, AVG on one
+            # (which its own code warns may be wrong for one process on NCCL), and gloo has neither.
+            module.set_gradient_divide_factor(1.0)
+            module.set_force_sum_reduction_for_comms(True)
     model.backbone_forward = types.MethodType(_backbone_forward, model)
     register_fsdp_forward_method(model, "backbone_forward")
     _first_forward(model, procs)

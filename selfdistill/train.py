@@ -94,6 +94,8 @@ class TrainingRun:
     steps: int
     start_step: int = 0
     nonfinite: dict = field(default_factory=lambda: {"in_row": 0, "total": 0})
+    # Steps with loss tokens whose gradient was exactly zero: something trains nothing (see _count_zero_gradient).
+    zero_grad: dict = field(default_factory=lambda: {"total": 0, "with_tokens": 0})
     history: list[dict] = field(default_factory=list)
     bar: object = None
     tracker: Tracker = field(default_factory=Tracker)
@@ -159,6 +161,7 @@ def _run_steps(run: TrainingRun, save_final: bool) -> Path | None:
         _close_bar(run)
         if run.start_step < run.steps or latest_checkpoint(run.out) is None:
             save_checkpoint_now(run, run.steps)
+        _fail_if_nothing_trained(run)
         return save_final_model(run) if save_final else None
 
 
@@ -195,7 +198,7 @@ def setup(cfg: Config, records, model, tokenizer, resume: bool, overwrite: bool)
         check_prompts_fit(cfg, model, records, encoded)
     method = method_class(cfg, model, tokenizer, builder, stop_id, tokenizer.pad_token_id, records)
     if procs.sharded:  # the teacher is copied from the whole student (in the method) before sharding
-        shard = functools.partial(shard_model, procs=procs, precision=method.precision)
+        shard = functools.partial(shard_model, procs=procs)
         model = shard(model)
         method.model = model
         method.shard(shard)
@@ -257,6 +260,7 @@ def _restore(run: TrainingRun, resume: bool) -> None:
     state = load_checkpoint(checkpoint, run.model, run.method, run.optimizer, run.scheduler, run.procs)
     run.start_step = state["step"]
     run.nonfinite.update(state.get("nonfinite", {}))
+    run.zero_grad.update(state.get("zero_grad", {}))
     log.info("resumed from %s (step %d of %d)", checkpoint, run.start_step, run.steps)
 
 
@@ -296,10 +300,13 @@ def train_step(run: TrainingRun, step: int) -> dict:
     loss_sum, loss_stats, backward_time = _accumulate_gradients(run, items, global_tokens, done)
     grad_norm = _clip_gradients(run)
     stats = {**build_stats, **loss_stats}
+    # Seconds are each process's own and are not added up: the slowest process's are logged.
+    timings = {f"{k}_max": stats.pop(k) for k in list(stats) if k.startswith("time_")}
     keys = sorted(k for k in stats if not k.endswith(("_min", "_max")))
     totals = sum_across(procs, [loss_sum] + [float(stats[k]) for k in keys])
     loss_total, summed = totals[0], dict(zip(keys, totals[1:]))
     summed.update(extremes_across(procs, stats))
+    summed.update({k.removesuffix("_max"): v for k, v in extremes_across(procs, timings).items()})
     finite = math.isfinite(loss_total) and math.isfinite(grad_norm)
     update_time = _apply_update(run, finite, done)
     record = _step_metrics(
@@ -315,6 +322,8 @@ def train_step(run: TrainingRun, step: int) -> dict:
         finite,
     )
     record["nonfinite_steps"] = run.nonfinite["total"]
+    _count_zero_gradient(run, done, global_tokens, grad_norm, finite)
+    record["zero_grad_steps"] = run.zero_grad["total"]
     return record
 
 
@@ -393,6 +402,49 @@ def combine_stats(total: dict[str, float], part: dict[str, float]) -> None:
             total[key] += value
 
 
+def _count_zero_gradient(run: TrainingRun, done: int, tokens: float, grad_norm: float, finite: bool) -> None:
+    """Counts steps that had loss tokens but a gradient norm of exactly 0, and warns at the first.
+
+    A real loss over real tokens never has an exactly zero gradient; one that does means the
+    trainable weights are cut off from the loss (for example a student computed with its adapter
+    switched off), and the run would otherwise end looking normal with nothing learned.
+    """
+    if not tokens or not finite:
+        return
+    run.zero_grad["with_tokens"] += 1
+    if grad_norm != 0.0:
+        return
+    run.zero_grad["total"] += 1
+    if run.zero_grad["total"] == 1:
+        log.warning(
+            "step %d: %d loss tokens but a gradient of exactly 0; the trainable weights do not reach the loss (%s)",
+            done,
+            int(tokens),
+            _training_settings(run.cfg),
+        )
+
+
+def _training_settings(cfg: Config) -> str:
+    """The settings that decide which weights the loss reaches, for messages."""
+    parts = [f"method={cfg.method}", f"model.lora.enabled={cfg.model.lora.enabled}"]
+    if cfg.method in ("sdft", "offline_distill", "sft_reinvoke"):
+        parts += [f"teacher.kind={cfg.teacher.kind}", f"loss.kind={cfg.loss.kind}"]
+    if cfg.method == "offline_distill":
+        parts.append(f"offline.loss={cfg.offline.loss}")
+    return ", ".join(parts)
+
+
+def _fail_if_nothing_trained(run: TrainingRun) -> None:
+    """Status 1 for a run in which every step with loss tokens had a zero gradient."""
+    counts = run.zero_grad
+    if counts["with_tokens"] and counts["total"] == counts["with_tokens"]:
+        raise RunFailed(
+            f"Nothing was trained: all {counts['total']} steps with loss tokens had a gradient of exactly 0, so the "
+            f"weights never moved. These settings train nothing: {_training_settings(run.cfg)}. "
+            "Please report this combination; change one of them to train."
+        )
+
+
 def _stop_if_nonfinite(run: TrainingRun, done: int) -> None:
     limit = run.cfg.train.max_nonfinite_steps
     if run.nonfinite["in_row"] <= limit:
@@ -433,7 +485,7 @@ def _step_metrics(step, loss_total, tokens, summed, scheduler, grad_norm, elapse
         record["completion_length"] = summed.pop("completion_tokens") / sequences
         record["clipped_ratio"] = summed.pop("clipped", 0.0) / sequences
     finish_ratio_stats(summed)
-    for name, value in summed.items():  # timings: summed over processes, reported per process
+    for name, value in summed.items():  # the parts' timings (time_rollout, ...): the slowest process's
         record[name] = value
     return record
 
@@ -479,7 +531,12 @@ def _close_bar(run: TrainingRun) -> None:
 
 def save_checkpoint_now(run: TrainingRun, done: int) -> None:
     """A checkpoint of step `done` (every process takes part under torchrun)."""
-    extra = {"total_steps": run.steps, "method": run.cfg.method, "nonfinite": dict(run.nonfinite)}
+    extra = {
+        "total_steps": run.steps,
+        "method": run.cfg.method,
+        "nonfinite": dict(run.nonfinite),
+        "zero_grad": dict(run.zero_grad),
+    }
     with writing(run.out, f"the checkpoint of step {done}"):
         save_checkpoint(
             run.out,

@@ -67,7 +67,10 @@ def train_mode(out: Path, settings: dict) -> None:
     model = tiny_model(tok, hidden_size=128, layers=2, heads=2, seed=0) if engine == "vllm" else tiny_model(tok, seed=0)
     overrides = {
         "method": settings.get("method", "sdft"),
-        "model": {"precision": "fp32", "lora": {"enabled": settings.get("lora", False), "rank": 4, "alpha": 8.0}},
+        "model": {
+            "precision": settings.get("precision", "fp32"),
+            "lora": {"enabled": settings.get("lora", False), "rank": 4, "alpha": 8.0},
+        },
         "rollout": {"max_new_tokens": 4, "engine": engine},
         "teacher": {"kind": settings.get("teacher", "ema"), "ema_rate": 0.1},
         "loss": {
@@ -87,6 +90,18 @@ def train_mode(out: Path, settings: dict) -> None:
     }
     if settings.get("count_collectives"):
         count_collectives()
+    if settings.get("slow_rollout"):  # a known time inside every process's rollouts, for the timing metrics
+        import time
+
+        import selfdistill.methods.sdft as sdft_module
+
+        real_generate = sdft_module.generate
+
+        def slow_generate(*args, **kwargs):
+            time.sleep(settings["slow_rollout"])
+            return real_generate(*args, **kwargs)
+
+        sdft_module.generate = slow_generate
     result = train(
         load_config(overrides=overrides),
         records=toy_records(),
@@ -143,7 +158,7 @@ def rollout_mode(out: Path, settings: dict) -> None:
     tok = tiny_tokenizer(KEYS + VALUES)
     model = tiny_model(tok, seed=0)
     if procs.sharded:
-        model = shard_model(model, procs, "fp32")
+        model = shard_model(model, procs)
     ids = tok.convert_tokens_to_ids(KEYS + VALUES)
     prompts = [
         [ids[(3 * i + j) % len(ids)] for j in range(2 + i % 5)] for i in range(9)
@@ -178,12 +193,31 @@ def gathered_objects(value) -> list:
     return out
 
 
+def learning_mode(out: Path, settings: dict) -> None:
+    """The learning matrix's cases named in settings["cases"], one after another in these processes."""
+    import learning_matrix
+
+    wanted = set(settings["cases"])
+    outcomes = []
+    for case in learning_matrix.cases():
+        if case["name"] in wanted:
+            outcome = learning_matrix.run_case(
+                case, Path(settings["inputs"]), out / case["name"], settings.get("precision", "fp32")
+            )
+            outcomes.append(outcome)
+    world, rank = world_and_rank()
+    if rank == 0:
+        (out / "world.json").write_text(json.dumps({"world_size": world, "outcomes": outcomes}))
+
+
 if __name__ == "__main__":
     out_dir = Path(sys.argv[1])
     out_dir.mkdir(parents=True, exist_ok=True)
     options = json.loads(sys.argv[2]) if len(sys.argv) > 2 else {}
     if options.get("mode", "train") == "rollout":
         rollout_mode(out_dir, options)
+    elif options.get("mode") == "learning":
+        learning_mode(out_dir, options)
     else:
         keep_teacher()
         train_mode(out_dir, options)

@@ -39,8 +39,8 @@ def test_frozen_is_an_in_memory_copy_and_live_is_the_student():
     assert torch.equal(frozen.module.model.norm.weight, torch.full_like(student.model.norm.weight, 0.5))
     live = Teacher(student, "live")
     assert live.module is None
-    with live.scoring(student) as m:
-        assert m is student
+    with live.scoring(student) as view, view.weights() as m:
+        assert m is student and not view.adapter_off
 
 
 def _lora_student():
@@ -84,11 +84,17 @@ def test_lora_frozen_teacher_is_the_adapter_switched_off():
     teacher = Teacher(student, "frozen")
     assert teacher.module is None
     ids = torch.tensor([[5, 6, 7, 8]])
-    with torch.no_grad():
-        with teacher.scoring(student) as m:
+    with teacher.scoring(student) as view:
+        with view.weights() as m:
             off = m(input_ids=ids).logits
+            assert not torch.is_grad_enabled()
+        # Outside `weights()`, still inside scoring (where the student's own forward runs), the
+        # adapter is on again and the student's adapter gets gradients.
         on = student(input_ids=ids).logits
-    assert not torch.allclose(off, on)
+        on.sum().backward()
+    assert not torch.allclose(off, on.detach())
+    grads = [p.grad for n, p in student.named_parameters() if "lora_" in n]
+    assert grads and all(g is not None for g in grads) and any(float(g.abs().sum()) > 0 for g in grads)
     with torch.no_grad():
         plain = copy.deepcopy(student)
         plain.base_model.disable_adapter_layers()
@@ -106,3 +112,17 @@ def test_teacher_state_round_trips(tmp_path):
     other.load(tmp_path / "t.safetensors")
     for a, b in zip(teacher.module.parameters(), other.module.parameters()):
         assert torch.equal(a, b)
+
+
+def test_lora_frozen_teacher_head_is_the_base_of_an_adapted_head():
+    from selfdistill.losses import output_head
+
+    base = tiny_model(tiny_tokenizer())
+    student = apply_lora(base, rank=4, alpha=8, target_modules=["q_proj", "lm_head"])
+    _perturb(student, 0.5)
+    view_cm = Teacher(student, "frozen").scoring(student)
+    with view_cm as view, torch.no_grad():
+        hidden = torch.randn(3, student.config.hidden_size)
+        head = dict(student.named_modules())["base_model.model.lm_head"]
+        torch.testing.assert_close(view.head(hidden), head.base_layer(hidden))
+        assert not torch.allclose(view.head(hidden), output_head(student)(hidden))  # the student's head is adapted

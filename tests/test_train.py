@@ -229,3 +229,46 @@ def test_demonstration_logp_of_a_step_is_that_of_the_model_before_it(tmp_path, m
         assert ["demonstration_logp" in r for r in rows] == [True, False, True]
         assert rows[2]["demonstration_logp"] != pytest.approx(expected, abs=1e-4)  # the weights moved
     assert result.steps == 3
+
+
+def test_a_run_whose_every_step_has_a_zero_gradient_fails_naming_its_settings(tmp_path, monkeypatch, caplog):
+    """Loss tokens but no gradient at any step: counted in metrics.jsonl, warned once, and the run fails (status 1)."""
+    from selfdistill.errors import RunFailed
+    from selfdistill.methods.sft import SFT
+
+    real_loss = SFT.loss
+
+    def cut_off(self, items):  # a loss the trainable weights do not reach: the gradient is exactly 0
+        loss, stats = real_loss(self, items)
+        return loss * 0.0, stats
+
+    monkeypatch.setattr(SFT, "loss", cut_off)
+    model, tok = _tiny_setup()
+    cfg = toy_config(tmp_path, method="sft", train={"max_steps": 3})
+    with caplog.at_level("WARNING", logger="selfdistill.train"), pytest.raises(RunFailed) as failed:
+        train(cfg, records=toy_records(), model=model, tokenizer=tok)
+    assert "Nothing was trained" in str(failed.value) and "method=sft, model.lora.enabled=False" in str(failed.value)
+    assert sum("gradient of exactly 0" in r.getMessage() for r in caplog.records) == 1
+    rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["zero_grad_steps"] for r in rows] == [1, 2, 3]
+    assert all(r["loss_tokens"] > 0 and r["grad_norm"] == 0.0 for r in rows)
+    assert not (tmp_path / "run" / "final").exists()
+
+
+def test_one_zero_gradient_step_is_counted_but_the_run_goes_on(tmp_path, monkeypatch):
+    from selfdistill.methods.sft import SFT
+
+    real_loss = SFT.loss
+    calls = []
+
+    def first_step_cut_off(self, items):
+        calls.append(1)
+        loss, stats = real_loss(self, items)
+        return (loss * 0.0 if len(calls) <= 2 else loss), stats  # 2 micro-batches per step
+
+    monkeypatch.setattr(SFT, "loss", first_step_cut_off)
+    model, tok = _tiny_setup()
+    cfg = toy_config(tmp_path, method="sft", train={"max_steps": 3})
+    result = train(cfg, records=toy_records(), model=model, tokenizer=tok, save_final=False)
+    assert [m["zero_grad_steps"] for m in result.metrics] == [1, 1, 1]
+    assert [m["grad_norm"] > 0 for m in result.metrics] == [False, True, True]

@@ -12,13 +12,16 @@ On one H200 (about 3-4 minutes in all):
 
 runs, each for --steps optimizer steps through the library's own training loop:
   1.5b  full fine-tuning, SDFT (EMA teacher) and SFT
-  7b    LoRA (rank 16, bf16 base weights) SDFT, all 28 layers
+  7b    LoRA (rank 16, bf16 base weights) SDFT, all 28 layers, EMA and frozen teacher
   7b    full fine-tuning SDFT with --layers-7b layers (the whole 7B with an fp32 EMA teacher needs
         ~18 bytes per parameter, ~137 GB: more than one GPU holds; per-layer cost scales linearly)
 
 For each it prints the step-time split (rollout, teacher, student forward, backward, teacher
 update), tokens/s, MFU against the GPU's bf16 peak, peak GPU memory, and whether every loss and
-gradient norm was finite. The last line is `ALL FINITE` or `NOT FINITE`.
+gradient norm was finite and whether every step with loss tokens had a non-zero gradient (it
+learned). The last lines are `ALL FINITE` / `NOT FINITE` and `ALL LEARNED` / `NOT ALL LEARNED`.
+Gradients are summed with a forced SUM reduction on every backend and process count (NCCL here),
+and bf16 is autocast over fp32 weights, the same computation as one plain process.
 
 A CPU smoke run of the same code (a test runs it):
 
@@ -133,7 +136,9 @@ def flops_per_step(params: int, prompt: int, completion: int, sequences: int, me
     return 2 * params * (rollout_tokens + teacher_tokens) + (2 + backward) * params * student_tokens
 
 
-def run_case(name: str, args, shape: str, method: str, lora: bool = False, layers: int | None = None) -> dict:
+def run_case(
+    name: str, args, shape: str, method: str, lora: bool = False, layers: int | None = None, teacher: str = "ema"
+) -> dict:
     import torch
 
     from selfdistill.config import load_config
@@ -168,6 +173,7 @@ def run_case(name: str, args, shape: str, method: str, lora: bool = False, layer
                     "max_teacher_prompt_tokens": 8 * prompt_words,
                 },
                 "rollout": {"max_new_tokens": completion, "ignore_eos": True, "batch_size": args.prompts},
+                "teacher": {"kind": teacher},
                 "train": {
                     "output_dir": tmp,
                     "batch_size": args.prompts * procs.world,
@@ -202,6 +208,11 @@ def run_case(name: str, args, shape: str, method: str, lora: bool = False, layer
         )
     }
     finite = all(m["finite"] and math.isfinite(m["loss"]) and math.isfinite(m["grad_norm"]) for m in result.metrics)
+    # Learning, not only finite numbers: every step with loss tokens had a gradient (a LoRA student
+    # computed with its adapter off, for one, gives exactly 0 and would still look finite).
+    learned = all(m["grad_norm"] > 0 for m in result.metrics if m["loss_tokens"]) and not result.metrics[-1].get(
+        "zero_grad_steps"
+    )
     sequences = args.prompts * procs.world
     flops = flops_per_step(params, prompt_words, completion, sequences, method, lora)  # one token per word
     peak = next(
@@ -223,6 +234,8 @@ def run_case(name: str, args, shape: str, method: str, lora: bool = False, layer
         "mfu": (flops / mean["time_step"] / peak / procs.world) if peak else None,
         "peak_gib": torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None,
         "finite": finite,
+        "learned": learned,
+        "grad_norms": [round(m["grad_norm"], 4) for m in result.metrics],
         "losses": [round(m["loss"], 4) for m in result.metrics],
         "wall_s": time.perf_counter() - started,
     }
@@ -250,12 +263,14 @@ def main(argv=None) -> int:
             ("tiny sdft full", "tiny", "sdft", False, None),
             ("tiny sft full", "tiny", "sft", False, None),
             ("tiny sdft lora", "tiny", "sdft", True, None),
+            ("tiny sdft lora frozen", "tiny", "sdft", True, None, "frozen"),
         ]
     else:
         cases = [
             ("1.5b sdft full", "1.5b", "sdft", False, None),
             ("1.5b sft full", "1.5b", "sft", False, None),
             ("7b sdft lora", "7b", "sdft", True, None),
+            ("7b sdft lora frozen", "7b", "sdft", True, None, "frozen"),
             (f"7b sdft full {args.layers_7b} layers", "7b", "sdft", False, args.layers_7b),
         ]
     import torch.distributed as dist
@@ -273,7 +288,8 @@ def main(argv=None) -> int:
         if args.json:
             args.json.write_text(json.dumps(rows, indent=1))
         print("ALL FINITE" if all(r.get("finite") for r in rows) else "NOT FINITE", flush=True)
-    return 0 if all(r.get("finite") for r in rows) else 1
+        print("ALL LEARNED" if all(r.get("learned") for r in rows) else "NOT ALL LEARNED", flush=True)
+    return 0 if all(r.get("finite") and r.get("learned") for r in rows) else 1
 
 
 def _print_table(rows: list[dict]) -> None:
@@ -290,6 +306,7 @@ def _print_table(rows: list[dict]) -> None:
         "mfu",
         "peak_gib",
         "finite",
+        "learned",
     ]
     print(" | ".join(columns))
     for row in rows:
