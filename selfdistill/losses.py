@@ -163,7 +163,12 @@ class _GradientsInForward(torch.autograd.Function):
     @staticmethod
     def forward(ctx, chunk_loss, chunks: list[slice], num_stats: int, hidden: torch.Tensor, *params: torch.Tensor):
         grad_hidden = torch.zeros_like(hidden)
-        grad_params = [torch.zeros_like(p) for p in params]
+        # The head's gradient is summed over chunks in fp32 whatever the weights' dtype (a bf16 sum
+        # over hundreds of chunks would round away the small ones); cast back once, in backward.
+        grad_params = [
+            torch.zeros(p.shape, dtype=torch.promote_types(p.dtype, torch.float32), device=p.device) for p in params
+        ]
+        ctx.param_dtypes = [p.dtype for p in params]
         total = torch.zeros((), dtype=torch.float32, device=hidden.device)
         stats = torch.zeros(num_stats, dtype=torch.float32, device=hidden.device)
         for part in chunks:
@@ -193,7 +198,7 @@ class _GradientsInForward(torch.autograd.Function):
             None,
             None,
             grad_hidden * grad_total.to(grad_hidden.dtype),
-            *(g * grad_total.to(g.dtype) for g in grad_params),
+            *((g * grad_total.to(g.dtype)).to(dtype) for g, dtype in zip(grad_params, ctx.param_dtypes)),
         )
 
 

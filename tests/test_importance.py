@@ -4,6 +4,7 @@ import math
 
 import pytest
 import torch
+from test_closed_form_kl import _Model
 
 from selfdistill.config import ImportanceLevel, choices, load_config
 from selfdistill.errors import UserError
@@ -29,15 +30,6 @@ def _setup(seed=0):
     sequence = torch.cat([torch.full((k,), i) for i, k in enumerate(LENGTHS)])
     trainer_logp = torch.log_softmax(head(hidden).detach(), -1).gather(-1, tokens[:, None]).squeeze(-1)
     return head, teacher_head, hidden, teacher_hidden, tokens, sequence, trainer_logp
-
-
-class _Model(torch.nn.Module):
-    def __init__(self, head):
-        super().__init__()
-        self.head = head
-
-    def get_output_embeddings(self):
-        return self.head
 
 
 def _run(importance, seed=0, chunk=4, closed_form=False):

@@ -194,3 +194,23 @@ def test_chunked_losses_run_each_head_once_per_chunk(loss_fn):
     if loss_fn == "token":
         (2.0 * expected).backward()
         torch.testing.assert_close(hidden.grad, direct_hidden.grad, atol=1e-5, rtol=1e-5)
+
+
+def test_a_bf16_head_gradient_is_summed_over_chunks_in_fp32():
+    """512 one-position chunks each adding to a bf16 head's gradient: summed in fp32 and rounded once, the
+    result is within one bf16 rounding of the fp32 computation (a bf16 running sum was 5.6% of the scale off)."""
+    from selfdistill.losses import chunked_token_loss
+
+    torch.manual_seed(0)
+    head = torch.nn.Linear(8, 16, bias=False).to(torch.bfloat16)
+    hidden = torch.randn(512, 8, dtype=torch.bfloat16)
+    tokens = torch.randint(0, 16, (512,))
+    reference = torch.nn.Linear(8, 16, bias=False)
+    reference.weight.data = head.weight.data.float()
+    loss, _ = chunked_token_loss(hidden.float(), tokens, torch.ones(512), reference, torch.negative, chunk_size=512)
+    loss.backward()
+    loss, _ = chunked_token_loss(hidden, tokens, torch.ones(512), head, torch.negative, chunk_size=1)
+    loss.backward()
+    assert head.weight.grad.dtype == torch.bfloat16
+    scale = float(reference.weight.grad.abs().max())
+    assert float((head.weight.grad.float() - reference.weight.grad).abs().max()) <= scale * 2**-7
