@@ -14,13 +14,15 @@ of the student, of its gradients, of the AdamW state and of the teacher:
 - Gradients are summed, not averaged, across processes: the loop already divides every
   process's loss by the step's global number of loss tokens, so a sum gives exactly what one
   process computes on the same global batch.
-- The teacher is a copy made before sharding, sharded with the same plan, so its EMA update is
-  an elementwise operation on local shards.
+- A model given by name is built on the meta device, sharded while empty, and each process then
+  allocates and reads only its own shards (`selfdistill.models.sharded`); no process ever holds
+  the whole model. The teacher is a copy made before sharding (of the empty student, so free),
+  sharded with the same plan, so its EMA update is an elementwise operation on local shards.
 - Rollouts need the full weights for many small forwards whose number differs between ranks:
   `full_weights` gathers every unit once, decodes without further collectives, and frees them.
 - Checkpoints: `save_sharded` / `load_sharded` write and read this process's shards with
-  `torch.distributed.checkpoint`; `full_state_dict` gathers the whole model on rank 0 for
-  `final/`.
+  `torch.distributed.checkpoint`; `final/` is written one gathered parameter at a time
+  (`selfdistill.models.sharded.write_final`).
 """
 
 from __future__ import annotations
@@ -157,8 +159,12 @@ def mixed_precision():
     return MixedPrecisionPolicy(param_dtype=None, reduce_dtype=torch.float32)
 
 
-def shard_model(model, procs: Processes):
-    """Shard `model` in place with the plan above; returns it (now an FSDP module)."""
+def shard_model(model, procs: Processes, *, warm_up: bool = True):
+    """Shard `model` in place with the plan above; returns it (now an FSDP module).
+
+    `warm_up=False` for a model whose parameters are still on the meta device (nothing to compute
+    with yet): call `first_forward(model, procs)` once its shards hold their weights.
+    """
     import types
 
     from torch.distributed.fsdp import FSDPModule, fully_shard, register_fsdp_forward_method
@@ -176,12 +182,13 @@ def shard_model(model, procs: Processes):
             module.set_force_sum_reduction_for_comms(True)
     model.backbone_forward = types.MethodType(_backbone_forward, model)
     register_fsdp_forward_method(model, "backbone_forward")
-    _first_forward(model, procs)
+    if warm_up:
+        first_forward(model, procs)
     return model
 
 
 @torch.no_grad()
-def _first_forward(model, procs: Processes) -> None:
+def first_forward(model, procs: Processes) -> None:
     """FSDP sets up its root on the first forward through the root; do it now, with one token,
     so that gathering weights for a rollout (the first thing an SDFT step does) finds it ready."""
     was_training = model.training

@@ -38,6 +38,7 @@ from selfdistill.distributed import (
     Processes,
     barrier,
     extremes_across,
+    first_forward,
     max_across,
     reshard_all,
     setup_processes,
@@ -51,8 +52,8 @@ from selfdistill.importance import finish_ratio_stats
 from selfdistill.methods import get_method
 from selfdistill.model_card import write_model_card
 from selfdistill.models import apply_lora, load_model, save_model, stop_token_id
-from selfdistill.models.loading import weights_dtype
-from selfdistill.models.saving import save_full_model
+from selfdistill.models.loading import load_empty_model, weights_dtype
+from selfdistill.models.sharded import fill_from_files, init_lora, materialize, write_final
 from selfdistill.precision import resolve_precision
 from selfdistill.progress import progress_bar
 from selfdistill.rollout import rollout_seed
@@ -173,6 +174,7 @@ def setup(cfg: Config, records, model, tokenizer, resume: bool, overwrite: bool)
     """Read and check the inputs, build model, method, optimizer and schedule; restore on --resume."""
     from transformers import set_seed
 
+
     procs = setup_processes()
     set_seed(cfg.train.seed)  # Python, NumPy, torch and CUDA generators
     if records is None:  # read the data first: a bad file should not wait for a model load
@@ -188,7 +190,7 @@ def setup(cfg: Config, records, model, tokenizer, resume: bool, overwrite: bool)
         )
     require_backends(cfg.train.report_to)  # a missing tracking package is bad input: before any write
     out = check_output_dir(cfg, resume, overwrite)
-    model, tokenizer = _build_model(cfg, procs, model, tokenizer)
+    model, tokenizer, weights_dir = _build_model(cfg, procs, model, tokenizer)
     stop_id = stop_token_id(model, tokenizer)
     builder = PromptBuilder.from_config(tokenizer, cfg.data, stop_id)
     encoded = builder.encode_all(records)
@@ -197,11 +199,14 @@ def setup(cfg: Config, records, model, tokenizer, resume: bool, overwrite: bool)
         # Here, not at the rollout: a prompt too long for the engine would fail one process mid-run.
         check_prompts_fit(cfg, model, records, encoded)
     method = method_class(cfg, model, tokenizer, builder, stop_id, tokenizer.pad_token_id, records)
-    if procs.sharded:  # the teacher is copied from the whole student (in the method) before sharding
-        shard = functools.partial(shard_model, procs=procs)
+    if procs.sharded:  # the teacher is copied from the student (in the method) before sharding
+        empty = weights_dir is not None  # built on the meta device: filled shard by shard below
+        shard = functools.partial(shard_model, procs=procs, warm_up=not empty)
         model = shard(model)
         method.model = model
         method.shard(shard)
+        if empty:
+            _fill_shards(cfg, procs, model, method.checkpointed_module(), weights_dir)
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=cfg.train.lr, weight_decay=cfg.train.weight_decay)
     examples = method.training_examples(encoded)
@@ -223,15 +228,27 @@ def setup(cfg: Config, records, model, tokenizer, resume: bool, overwrite: bool)
 
 
 def _build_model(cfg: Config, procs: Processes, model, tokenizer):
-    """The student on this process's device, in the dtype the run needs, with LoRA and checkpointing set up."""
+    """The student, in the dtype the run needs, with LoRA and checkpointing set up; and where its weights are.
+
+    One process: loaded whole onto its device (weights directory None). Under torchrun, loaded by
+    name: built on the meta device (no process ever holds the whole model), its shards filled from
+    the returned weights directory once sharded (`_fill_shards`).
+    """
     precision = resolve_precision(cfg.model.precision, procs.device)
+    weights_dir = None
     if model is None:
         dtype = weights_dtype(cfg.model.load_dtype, precision, cfg.model.lora.enabled)
-        model, tokenizer = load_model(cfg.model.name, dtype, cfg.model.trust_remote_code, device=procs.device)
+        if procs.sharded:
+            model, tokenizer, weights_dir = load_empty_model(cfg.model.name, dtype, cfg.model.trust_remote_code)
+        else:
+            model, tokenizer = load_model(cfg.model.name, dtype, cfg.model.trust_remote_code, device=procs.device)
     if cfg.model.lora.enabled:
         lora = cfg.model.lora
         model = apply_lora(model, lora.rank, lora.alpha, lora.dropout, lora.target_modules)
-    model.to(procs.device)
+        if weights_dir is None:
+            init_lora(model, cfg.train.seed)  # the same adapter start in one process and in many
+    if weights_dir is None:
+        model.to(procs.device)
     model.train()
     model.config.use_cache = False  # training forwards need no cache; generation turns it on itself
     if cfg.train.activation_checkpointing:
@@ -249,7 +266,25 @@ def _build_model(cfg: Config, procs: Processes, model, tokenizer):
             f"model.name {cfg.model.name}: the tokenizer has no chat template, so prompts cannot be formatted as "
             "conversations. Use an instruction-tuned model, or add a chat_template to its tokenizer_config.json."
         )
-    return model, tokenizer
+    return model, tokenizer, weights_dir
+
+
+def _fill_shards(cfg: Config, procs: Processes, model, teacher, weights_dir: Path) -> None:
+    """Allocate and fill the shards of a student (and teacher) built on the meta device.
+
+    Each process reads only its own rows of every weight; the teacher's shards are read the same
+    way (at the start the teacher's weights are the student's, W0 under LoRA).
+    """
+    for module in (model, teacher):
+        if module is None:
+            continue
+        materialize(module, procs.device)
+        fill_from_files(module, weights_dir)
+    if cfg.model.lora.enabled:
+        init_lora(model, cfg.train.seed)
+    for module in (model, teacher):
+        if module is not None:
+            first_forward(module, procs)
 
 
 def _restore(run: TrainingRun, resume: bool) -> None:
@@ -553,22 +588,29 @@ def save_checkpoint_now(run: TrainingRun, done: int) -> None:
 
 
 def save_final_model(run: TrainingRun) -> Path | None:
-    """final/: one Hugging Face directory (merged weights for LoRA), written aside and renamed into place."""
+    """final/: one Hugging Face directory (merged weights for LoRA), written aside and renamed into place.
+
+    Under torchrun every process takes part in gathering one parameter at a time; only the main
+    process writes, and no process ever holds the whole model.
+    """
     import shutil
 
-    from selfdistill.distributed import full_state_dict
-
-    full = full_state_dict(run.model) if run.procs.sharded else None  # every process takes part
-    if not run.procs.is_main:
-        return None
     final_dir, tmp = run.out / "final", run.out / ".final.tmp"
+    if run.procs.sharded:
+        if run.procs.is_main:
+            shutil.rmtree(tmp, ignore_errors=True)
+            tmp.mkdir(parents=True)
+        barrier(run.procs)
+        if not run.procs.is_main:
+            write_final(run.model, run.tokenizer, tmp, is_main=False)
+            return None
     with writing(run.out, "the final model"):
         try:
-            shutil.rmtree(tmp, ignore_errors=True)
-            if full is None:
-                save_model(run.model, run.tokenizer, tmp)
+            if run.procs.sharded:
+                write_final(run.model, run.tokenizer, tmp, is_main=True)
             else:
-                save_full_model(run.model, full, run.tokenizer, tmp)
+                shutil.rmtree(tmp, ignore_errors=True)
+                save_model(run.model, run.tokenizer, tmp)
             # metrics.jsonl, not run.history: after a resume the history holds only the steps since.
             write_model_card(tmp, run.cfg, read_metrics(run.metrics_path), records=len(run.examples))
             fault("final", run.steps)

@@ -65,11 +65,14 @@ def train_mode(out: Path, settings: dict) -> None:
     engine = settings.get("engine", "decode")
     # vLLM's CPU attention takes a fixed set of head sizes (64 here; the default tiny model has 16)
     model = tiny_model(tok, hidden_size=128, layers=2, heads=2, seed=0) if engine == "vllm" else tiny_model(tok, seed=0)
+    if settings.get("model_dir"):  # loaded by name: under torchrun built empty and filled shard by shard
+        model, tok = None, None
     overrides = {
         "method": settings.get("method", "sdft"),
         "model": {
             "precision": settings.get("precision", "fp32"),
             "lora": {"enabled": settings.get("lora", False), "rank": 4, "alpha": 8.0},
+            **({"name": settings["model_dir"]} if settings.get("model_dir") else {}),
         },
         "rollout": {"max_new_tokens": 4, "engine": engine},
         "teacher": {"kind": settings.get("teacher", "ema"), "ema_rate": 0.1},

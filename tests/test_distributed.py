@@ -275,3 +275,52 @@ def test_bf16_two_processes_match_one_within_bf16_rounding(tmp_path, lora):
     one, two = trained_update(tmp_path / "one", lora), trained_update(tmp_path / "two", lora)
     assert min(float(v.abs().max()) for v in one.values()) > 1e-4  # every trained tensor moved
     assert relative_difference(one, two) < BF16_TOLERANCE
+
+
+# Sharded loading: under torchrun a model given by name is built on the meta device, sharded, and
+# each process reads only its rows of every weight; final/ is written one gathered parameter at a
+# time. One plain process loads the same directory whole.
+@pytest.fixture(scope="module")
+def saved_model(tmp_path_factory):
+    from toy import KEYS, VALUES
+
+    from selfdistill.models.tiny import tiny_model, tiny_tokenizer
+
+    directory = tmp_path_factory.mktemp("saved") / "tiny"
+    tok = tiny_tokenizer(KEYS + VALUES)
+    tiny_model(tok, seed=0).save_pretrained(directory, safe_serialization=True)
+    tok.save_pretrained(directory)
+    return directory
+
+
+@pytest.mark.parametrize(
+    "settings",
+    [{}, {"lora": True}, {"lora": True, "teacher": "frozen", "precision": "bf16"}],
+    ids=["full-ema", "lora-ema", "lora-frozen-bf16"],
+)
+def test_a_model_loaded_shard_by_shard_trains_what_one_process_trains(tmp_path, saved_model, settings):
+    settings = {**settings, "model_dir": str(saved_model), "max_steps": 3}
+    launch(tmp_path / "one", settings, 1)
+    launch(tmp_path / "two", settings, 2)
+    teacher = settings.get("teacher") != "frozen"
+    if settings.get("precision") == "bf16":  # bf16 numbers: the tolerance of the bf16 tests above
+        lora = trained_update(tmp_path / "one", True)
+        assert relative_difference(lora, trained_update(tmp_path / "two", True)) < BF16_TOLERANCE
+    else:
+        assert_same_run(tmp_path / "one", tmp_path / "two", teacher)
+    one = load_file(str(tmp_path / "one" / "final" / "model.safetensors"))
+    two = load_file(str(tmp_path / "two" / "final" / "model.safetensors"))
+    assert one.keys() == two.keys()
+    assert {k: v.dtype for k, v in two.items()} == {k: v.dtype for k, v in one.items()}  # the same dtypes
+    start = load_file(str(saved_model / "model.safetensors"))
+    moved = max(float((two[k].float() - start[k].float()).abs().max()) for k in start)
+    assert moved > 1e-4  # and training changed the weights
+    if settings.get("lora"):
+        adapter = tmp_path / "two" / "final" / "adapter"
+        assert (adapter / "adapter_model.safetensors").is_file() and (adapter / "adapter_config.json").is_file()
+        from transformers import AutoModelForCausalLM
+
+        from selfdistill.models.lora import is_lora
+
+        loaded = AutoModelForCausalLM.from_pretrained(tmp_path / "two" / "final")
+        assert not is_lora(loaded) and next(loaded.parameters()).dtype == next(iter(two.values())).dtype

@@ -77,8 +77,14 @@ class Method:
         self.builder = builder
         self.stop_token_id = stop_token_id
         self.pad_token_id = pad_token_id
-        # 'fp32' or 'bf16': model.precision with 'auto' decided for the model's device.
-        self.precision = resolve_precision(cfg.model.precision, next(model.parameters()).device)
+        # 'fp32' or 'bf16': model.precision with 'auto' decided for the model's device (a model still
+        # on the meta device, to be filled after sharding, will live on this process's device).
+        device = next(model.parameters()).device
+        if device.type == "meta":
+            from selfdistill.models.loading import default_device
+
+            device = default_device()
+        self.precision = resolve_precision(cfg.model.precision, device)
 
     def training_examples(self, records: list[EncodedRecord]) -> list:
         """What the data order runs over (records by default; cpt: document pieces)."""

@@ -190,6 +190,29 @@ def load_model(
     return model.to(device if device is not None else default_device()), tokenizer
 
 
+def load_empty_model(name: str, dtype: torch.dtype = torch.float32, trust_remote_code: bool = False):
+    """(model with its parameters on the meta device, tokenizer, weights directory), for sharded loading.
+
+    The same checks as `load_model` on the files; the weights themselves are read later, each
+    process only its shards (`selfdistill.models.sharded.fill_from_files`).
+    """
+    from selfdistill.models.sharded import empty_model, weights_directory
+
+    path = resolve_model_path(name)
+    tokenizer = load_tokenizer(name, trust_remote_code)
+    local = Path(path)
+    if local.is_dir() and not any(local.glob("*.safetensors")):
+        raise UserError(f"model.name {name}: no .safetensors weights in the directory {local}")
+    try:
+        model = empty_model(path, dtype, trust_remote_code)
+        directory = weights_directory(path)
+    except Exception as exc:  # noqa: BLE001 - a damaged config or an unreachable hub id is the user's input
+        raise UserError(f"model.name {name}: could not read the model ({type(exc).__name__}: {exc}).") from None
+    if model.generation_config.pad_token_id is None:
+        model.generation_config.pad_token_id = tokenizer.pad_token_id
+    return model, tokenizer, directory
+
+
 def _weight_files(directory: Path) -> str:
     files = sorted(directory.glob("*.safetensors")) if directory.is_dir() else []
     return f" from {', '.join(str(f) for f in files)}" if files else ""

@@ -1,0 +1,290 @@
+"""Loading and saving a model that FSDP2 shards, without any process ever holding the whole of it.
+
+Under torchrun the student is built with its parameters on the meta device (no memory; buffers
+such as rotary frequencies are computed for real, they are small), LoRA layers included, and so
+is the teacher copied from it. Both are sharded with the product's plan while still empty; then
+every process allocates only its own shards (`materialize`) and reads only its rows of each
+weight from the safetensors files (`fill_from_files`): FSDP2 shards every parameter along its
+first dimension in `world` nearly equal pieces, so a process's shard is one contiguous slice of
+rows, which safetensors reads without touching the rest of the file.
+
+`write_final` writes `final/` unit by unit: every process takes part in gathering one parameter
+at a time, the main process appends it to a safetensors part (at most `part_bytes`) and frees it.
+Tensors keep the dtype a one-process run writes (a LoRA run's merged weights: the base weights'
+dtype, W0 + scale·B·A added as PEFT's merge adds it).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import zlib
+from pathlib import Path
+
+import torch
+
+from selfdistill.errors import UserError
+
+
+@contextlib.contextmanager
+def parameters_on_meta():
+    """Modules built inside get their parameters on the meta device and their buffers for real."""
+    register = torch.nn.Module.register_parameter
+
+    def on_meta(module, name, param):
+        register(module, name, param)
+        if param is not None:
+            kwargs = {"requires_grad": param.requires_grad}
+            module._parameters[name] = type(param)(module._parameters[name].to("meta"), **kwargs)
+
+    torch.nn.Module.register_parameter = on_meta
+    try:
+        yield
+    finally:
+        torch.nn.Module.register_parameter = register
+
+
+def empty_model(path: str, dtype: torch.dtype, trust_remote_code: bool = False):
+    """The model saved at `path` (a directory), its parameters on the meta device, in `dtype`."""
+    from transformers import AutoConfig, AutoModelForCausalLM, GenerationConfig
+
+    config = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
+    with parameters_on_meta():
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype, trust_remote_code=trust_remote_code)
+    with contextlib.suppress(OSError):
+        model.generation_config = GenerationConfig.from_pretrained(path)
+    return model
+
+
+def is_empty(model) -> bool:
+    return any(p.is_meta for p in model.parameters())
+
+
+def weights_directory(path: str) -> Path:
+    """The local directory of a model's safetensors files (a hub id: its download, once per machine)."""
+    local = Path(path)
+    if local.is_dir():
+        return local
+    from huggingface_hub import snapshot_download
+
+    return Path(snapshot_download(path, allow_patterns=["*.json", "*.safetensors"]))
+
+
+def materialize(model, device: torch.device) -> None:
+    """Allocate this process's shards of an empty (meta) model on `device`; buffers keep their values."""
+    buffers = {name: b.detach().clone() for name, b in model.named_buffers()}
+    model.to_empty(device=device)
+    with torch.no_grad():
+        for name, value in buffers.items():
+            target = model.get_buffer(name)
+            if value.is_meta:
+                raise ValueError(f"buffer {name} was built on the meta device and has no value to restore")
+            target.copy_(value.to(target.device))
+
+
+def checkpoint_name(parameter_name: str) -> str:
+    """A (PEFT-wrapped) model's parameter name -> the name the base model's safetensors files use."""
+    name = parameter_name.removeprefix("base_model.model.")
+    return name.replace(".base_layer.", ".")
+
+
+def rows_of_this_process(param) -> tuple[int, int]:
+    """The [start, end) rows of the whole parameter that this process's shard holds (FSDP2's Shard(0))."""
+    from torch.distributed.tensor import DTensor
+
+    if not isinstance(param, DTensor):
+        return 0, param.shape[0] if param.dim() else 1
+    rows = param.shape[0]
+    world = param.device_mesh.size()
+    rank = param.device_mesh.get_local_rank()
+    per = -(-rows // world)
+    start = min(rank * per, rows)
+    return start, min(start + per, rows)
+
+
+def _local(param) -> torch.Tensor:
+    from selfdistill.distributed import local
+
+    return local(param)
+
+
+class _Files:
+    """Read access to a model directory's safetensors files, tensor by tensor and slice by slice."""
+
+    def __init__(self, directory: Path):
+        from safetensors import safe_open
+
+        index = directory / "model.safetensors.index.json"
+        if index.is_file():
+            weight_map = json.loads(index.read_text())["weight_map"]
+        else:
+            files = sorted(directory.glob("*.safetensors"))
+            if not files:
+                raise UserError(f"{directory}: no .safetensors weights to load")
+            weight_map = {}
+            for file in files:
+                with safe_open(str(file), framework="pt") as f:
+                    weight_map.update({k: file.name for k in f.keys()})
+        self.directory = directory
+        self.weight_map = weight_map
+        self._open = {}
+
+    def __contains__(self, name: str) -> bool:
+        return name in self.weight_map
+
+    def rows(self, name: str, start: int, end: int) -> torch.Tensor:
+        from safetensors import safe_open
+
+        file = self.weight_map[name]
+        if file not in self._open:
+            self._open[file] = safe_open(str(self.directory / file), framework="pt")
+        part = self._open[file].get_slice(name)
+        return part[start:end] if part.get_shape() else part[:]
+
+
+def fill_from_files(model, directory: Path) -> list[str]:
+    """Copy this process's rows of every weight in the files into `model`'s (local) parameters.
+
+    Returns the names of trainable parameters the files do not hold (LoRA factors, initialised by
+    `init_lora`); a base weight the files lack is an error naming it.
+    """
+    files = _Files(directory)
+    not_in_files = []
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            key = checkpoint_name(name)
+            if key not in files:
+                if "lora_" in name:
+                    not_in_files.append(name)
+                    continue
+                raise UserError(
+                    f"{directory}: the weights have no tensor {key!r} for the model's parameter {name} "
+                    "(the files do not match the model's config.json)."
+                )
+            start, end = rows_of_this_process(param)
+            target = _local(param)
+            if end > start:
+                target.copy_(files.rows(key, start, end).to(target.dtype).reshape(target.shape))
+    return not_in_files
+
+
+def init_lora(model, seed: int) -> None:
+    """LoRA's starting point, the same in every process count: B = 0, A as PEFT draws it (Kaiming
+    uniform, a = √5), from a generator seeded by the run's seed and the layer's name. Every process
+    draws the whole (small) A and keeps its rows."""
+    import math
+
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if "lora_B" in name:
+                _local(param).zero_()
+            elif "lora_A" in name:
+                generator = torch.Generator().manual_seed(seed * 1_000_003 + zlib.crc32(name.encode()))
+                whole = torch.empty(param.shape, dtype=torch.float32)
+                torch.nn.init.kaiming_uniform_(whole, a=math.sqrt(5), generator=generator)
+                start, end = rows_of_this_process(param)
+                target = _local(param)
+                target.copy_(whole[start:end].to(target.dtype).reshape(target.shape))
+
+
+def _whole(param) -> torch.Tensor:
+    from torch.distributed.tensor import DTensor
+
+    return param.full_tensor() if isinstance(param, DTensor) else param.detach()
+
+
+class _PartWriter:
+    """Tensors appended in order into safetensors files of at most `part_bytes` each (main process)."""
+
+    def __init__(self, directory: Path, part_bytes: int):
+        self.directory, self.part_bytes = directory, part_bytes
+        self.parts: list[list[str]] = []
+        self.pending: dict[str, torch.Tensor] = {}
+        self.pending_bytes = 0
+
+    def add(self, name: str, tensor: torch.Tensor) -> None:
+        size = tensor.numel() * tensor.element_size()
+        if self.pending and self.pending_bytes + size > self.part_bytes:
+            self._flush()
+        self.pending[name] = tensor.detach().to("cpu").contiguous()
+        self.pending_bytes += size
+
+    def _flush(self) -> None:
+        from safetensors.torch import save_file
+
+        save_file(self.pending, str(self.directory / f"part-{len(self.parts):05d}"), metadata={"format": "pt"})
+        self.parts.append(list(self.pending))
+        self.pending, self.pending_bytes = {}, 0
+
+    def close(self) -> None:
+        if self.pending or not self.parts:
+            self._flush()
+        count = len(self.parts)
+        if count == 1:
+            (self.directory / "part-00000").rename(self.directory / "model.safetensors")
+            return
+        weight_map, total = {}, 0
+        for k, names in enumerate(self.parts):
+            final = f"model-{k + 1:05d}-of-{count:05d}.safetensors"
+            (self.directory / f"part-{k:05d}").rename(self.directory / final)
+            weight_map.update({n: final for n in names})
+            total += (self.directory / final).stat().st_size
+        (self.directory / "model.safetensors.index.json").write_text(
+            json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2)
+        )
+
+
+def write_final(model, tokenizer, directory: Path, is_main: bool, part_bytes: int = 2 * 2**30) -> None:
+    """final/ of a sharded model, one gathered parameter at a time (every process must call it).
+
+    The same files a one-process run writes with `save_model`: merged weights in the base weights'
+    dtype (and, for LoRA, the adapter in `adapter/`), config, generation config and tokenizer.
+    """
+    from selfdistill.models.lora import is_lora
+
+    lora = is_lora(model)
+    layers = {}
+    if lora:
+        from peft.tuners.lora import LoraLayer
+
+        layers = {f"{n}.base_layer.weight": m for n, m in model.named_modules() if isinstance(m, LoraLayer)}
+    writer = _PartWriter(directory, part_bytes) if is_main else None
+    adapter_state = {}
+    base_dtype = None
+    for name, param in model.named_parameters():
+        if "lora_" in name:
+            continue  # written with the base weight it adapts, and into adapter/
+        whole = _whole(param)
+        layer = layers.get(name)
+        if layer is not None:
+            whole = _merged(name, layer, whole, adapter_state)
+        base_dtype = base_dtype or whole.dtype
+        if writer is not None:
+            writer.add(checkpoint_name(name), whole)
+        del whole
+    if writer is None:
+        return
+    writer.close()
+    config = (model.get_base_model() if lora else model).config
+    config.dtype = base_dtype
+    config.save_pretrained(directory)
+    model.generation_config.save_pretrained(directory)
+    if lora:
+        model.save_pretrained(directory / "adapter", state_dict=adapter_state, safe_serialization=True)
+    tokenizer.save_pretrained(directory)
+
+
+def _merged(name: str, layer, base: torch.Tensor, adapter_state: dict) -> torch.Tensor:
+    """W0 + scale·B·A for one LoRA layer from gathered factors, added into W0's dtype as PEFT's merge adds it."""
+    prefix = name.removesuffix("base_layer.weight")
+    merged = base.clone()
+    for adapter in layer.active_adapters:
+        a = _whole(layer.lora_A[adapter].weight)
+        b = _whole(layer.lora_B[adapter].weight)
+        adapter_state[f"{prefix}lora_A.{adapter}.weight"] = a.to("cpu")
+        adapter_state[f"{prefix}lora_B.{adapter}.weight"] = b.to("cpu")
+        delta = (b @ a) * layer.scaling[adapter]
+        if getattr(layer, "fan_in_fan_out", False):
+            delta = delta.T
+        merged += delta
+    return merged
