@@ -2,7 +2,8 @@
 
 `OUTPUT_DIR/run.json` records the run's settings; a directory holding a different run is never
 reused silently. A failed write (full disk, no permission) becomes one `RunFailed` message that
-names what could not be written and which checkpoint is intact.
+names what could not be written and which checkpoint is intact. Under several processes
+`check_shared_output_dir` first checks that they all see one and the same directory.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ from pathlib import Path
 
 from selfdistill.checkpoint import inside, latest_checkpoint
 from selfdistill.config import Config
+from selfdistill.distributed import Processes
 from selfdistill.errors import RunFailed, UserError
 from selfdistill.files import write_atomic
 
@@ -49,6 +51,101 @@ def check_output_dir(cfg: Config, resume: bool, overwrite: bool) -> Path:
                 f"{out} already holds checkpoints of this run. Pass --resume to continue it, or --overwrite to start again."
             )
     return out
+
+
+PROBE_PREFIX = ".selfdistill-probe-"
+
+
+def _probe_base(out: Path, up: int) -> Path:
+    """`out` without its last `up` parts (relative paths stay relative: each process resolves them itself)."""
+    return Path(*out.parts[: len(out.parts) - up])
+
+
+def check_shared_output_dir(cfg: Config, procs: Processes) -> None:
+    """Under several processes, refuse a train.output_dir that is not one directory seen by all of them.
+
+    Every process writes its shards of each checkpoint into one temporary directory there, which
+    process 0 renames into place: on a disk local to each machine the checkpoint would miss the
+    other machines' shards. The probe: process 0 makes `.selfdistill-probe-<random>` in the output
+    directory (or its nearest existing parent, so nothing else is created), every process that
+    sees it writes one empty file named by its rank, and every process looks up all of them by
+    name (a directory listing may be cached on NFS). Process 0 then removes the probe; processes
+    that did not see it wrote nothing. All processes learn every result and raise the same error.
+    Cost: three small collectives and one empty file per process. Collective: every process calls it.
+    """
+    if not procs.sharded or procs.world == 1:
+        return
+    import secrets
+    import shutil
+    import socket
+
+    import torch.distributed as dist
+
+    out = Path(cfg.train.output_dir)
+    plan: list = [None]
+    probe = None
+    if procs.is_main:
+        up = next((up for up in range(len(out.parts) + 1) if _probe_base(out, up).is_dir()), None)
+        nonce = secrets.token_hex(8)
+        try:
+            if up is not None:
+                probe = _probe_base(out, up) / f"{PROBE_PREFIX}{nonce}"
+                probe.mkdir()
+                plan = [(up, nonce)]
+        except OSError:
+            probe = None  # not writable: the run directory's own first write reports that, with its reason
+    try:
+        dist.broadcast_object_list(plan, src=0)
+        if plan[0] is None:
+            return
+        up, nonce = plan[0]
+        here = _probe_base(out, up) / f"{PROBE_PREFIX}{nonce}"
+        try:
+            if here.is_dir():
+                (here / f"rank-{procs.rank:05d}").open("x").close()
+        except OSError:
+            pass  # then this process sees at most the others' files, and the check below fails
+        dist.barrier()
+        seen = sum(_exists(here / f"rank-{r:05d}") for r in range(procs.world))
+        reports: list = [None] * procs.world
+        dist.all_gather_object(reports, (socket.gethostname(), seen))
+    finally:
+        if probe is not None:
+            shutil.rmtree(probe, ignore_errors=True)
+    if all(seen == procs.world for _, seen in reports):
+        return
+    raise UserError(_not_shared_message(out, reports, procs.world))
+
+
+def _exists(path: Path) -> bool:
+    try:
+        return path.exists()
+    except OSError:
+        return False
+
+
+def _not_shared_message(out: Path, reports: list, world: int) -> str:
+    groups: dict[tuple[str, int], list[int]] = {}
+    for rank, (host, seen) in enumerate(reports):
+        if seen != world:
+            groups.setdefault((host, seen), []).append(rank)
+    what = "; ".join(
+        f"process {ranks[0]} (on {host}) found {seen} of {world}"
+        if len(ranks) == 1
+        else f"processes {', '.join(map(str, ranks))} (on {host}) found {seen} of {world} each"
+        for (host, seen), ranks in groups.items()
+    )
+    relative = (
+        ""
+        if out.is_absolute()
+        else " (It is a relative path, which each process resolves from its own working directory.)"
+    )
+    return (
+        f"train.output_dir {out} is not one directory shared by all {world} processes: of the probe files "
+        f"each process wrote there, {what}. Every process writes its part of each checkpoint into "
+        "train.output_dir, so it must be a path on a shared filesystem (NFS, Lustre, ...) that every node "
+        f"mounts at the same place: set train.output_dir to such a path.{relative}"
+    )
 
 
 def prepare_output_dir(cfg: Config, resume: bool, overwrite: bool) -> Path:

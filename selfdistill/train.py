@@ -174,8 +174,10 @@ def setup(cfg: Config, records, model, tokenizer, resume: bool, overwrite: bool)
     """Read and check the inputs, build model, method, optimizer and schedule; restore on --resume."""
     from transformers import set_seed
 
+    from selfdistill.run_directory import check_shared_output_dir
 
     procs = setup_processes()
+    check_shared_output_dir(cfg, procs)  # several processes: one train.output_dir seen by all, before any write
     set_seed(cfg.train.seed)  # Python, NumPy, torch and CUDA generators
     if records is None:  # read the data first: a bad file should not wait for a model load
         if not cfg.data.train:

@@ -149,6 +149,57 @@ def write_first_load(model, directory: str, *, write: bool, shard_bytes: int = 2
             json.dump(index_file, f)
 
 
+FIRST_LOAD_MARK = ".selfdistill-first-load"
+
+
+def _node_key() -> str:
+    """Which machine this process is on: torchrun's node (its agent's GROUP_RANK), else the host name.
+
+    All processes of one torchrun agent are its children: one machine, one environment (TMPDIR),
+    one view of the disks. LOCAL_RANK is not used: `--virtual-local-rank` sets it to 0 everywhere.
+    """
+    group = os.environ.get("GROUP_RANK")
+    return f"node {group}" if group is not None else f"host {socket.gethostname()}"
+
+
+def _sees(directory: str, nonce: str) -> bool:
+    """Whether `directory` is, for this process, the very directory another process marked with `nonce`."""
+    try:
+        with open(os.path.join(directory, FIRST_LOAD_MARK)) as f:
+            return f.read() == nonce
+    except OSError:
+        return False
+
+
+def first_load_directory(own: str, processes: int) -> tuple[str, bool]:
+    """Where this process's engine reads its first weights, and whether this process writes them.
+
+    `own` is this process's empty temporary directory. One process, or several: the lowest rank of
+    each machine writes into its own directory; every other process of that machine reads that
+    directory if it can see it (the writer marks it with a random token, checked here), and
+    otherwise writes a copy into its own. So temporary directories may be local to each machine or
+    on a shared disk, and machines with the same host name or processes with their own TMPDIR still
+    get complete files (at worst one copy per process). Collective: every process calls it.
+    """
+    if processes <= 1:
+        return own, True
+    import secrets
+
+    import torch.distributed as dist
+
+    nonce = secrets.token_hex(8)
+    with open(os.path.join(own, FIRST_LOAD_MARK), "w") as f:
+        f.write(nonce)
+    places = [None] * processes
+    dist.all_gather_object(places, (_node_key(), own, nonce))
+    rank, key = dist.get_rank(), _node_key()
+    writer = min(r for r, place in enumerate(places) if place[0] == key)
+    if writer == rank:
+        return own, True
+    _, directory, mark = places[writer]
+    return (directory, False) if _sees(directory, mark) else (own, True)
+
+
 def _rebuild_output_head(worker) -> None:
     """Runs inside the engine after a sync: rebuild what its output head derived from the weights.
 
@@ -240,15 +291,10 @@ class VLLMRollout:
             options["distributed_executor_backend"] = "external_launcher"
         if device.type == "cuda":  # colocated with training: the engine may take only part of the GPU
             options["gpu_memory_utilization"] = gpu_memory
-        # One copy of the first weights per machine: each machine's local rank 0 writes it.
-        writer = int(os.environ.get("LOCAL_RANK", "0")) == 0
+        # One copy of the first weights per machine, whether temporary directories are local or shared.
         with tempfile.TemporaryDirectory(prefix="selfdistill-vllm-") as own:
-            directory = own
-            if processes > 1:
-                places = [None] * processes
-                dist.all_gather_object(places, (socket.gethostname(), own if writer else None))
-                directory = next(path for host, path in places if host == socket.gethostname() and path)
-            write_first_load(model, directory, write=writer)
+            directory, write = first_load_directory(own, processes)
+            write_first_load(model, directory, write=write)
             if processes > 1:
                 dist.barrier()  # the files are complete before any engine reads them
             self.llm = vllm.LLM(
