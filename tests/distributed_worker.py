@@ -121,7 +121,7 @@ def train_mode(out: Path, settings: dict) -> None:
         if method_teacher is not None:
             from safetensors.torch import save_file
 
-            save_file({k: v.contiguous() for k, v in state.items()}, str(out / "teacher_final.safetensors"))
+            save_file({k: v.clone() for k, v in state.items()}, str(out / "teacher_final.safetensors"))
         (out / "world.json").write_text(
             json.dumps(
                 {

@@ -286,19 +286,22 @@ def saved_model(tmp_path_factory):
 
     from selfdistill.models.tiny import tiny_model, tiny_tokenizer
 
-    directory = tmp_path_factory.mktemp("saved") / "tiny"
+    root = tmp_path_factory.mktemp("saved")
     tok = tiny_tokenizer(KEYS + VALUES)
-    tiny_model(tok, seed=0).save_pretrained(directory, safe_serialization=True)
-    tok.save_pretrained(directory)
-    return directory
+    for tied in (False, True):  # tied: the output head is the input embedding (SmolLM2, Qwen2.5-0.5B)
+        directory = root / ("tied" if tied else "untied")
+        tiny_model(tok, seed=0, tied=tied).save_pretrained(directory, safe_serialization=True)
+        tok.save_pretrained(directory)
+    return root
 
 
 @pytest.mark.parametrize(
     "settings",
-    [{}, {"lora": True}, {"lora": True, "teacher": "frozen", "precision": "bf16"}],
-    ids=["full-ema", "lora-ema", "lora-frozen-bf16"],
+    [{}, {"tied": True}, {"lora": True}, {"lora": True, "teacher": "frozen", "precision": "bf16"}],
+    ids=["full-ema", "full-ema-tied", "lora-ema", "lora-frozen-bf16"],
 )
 def test_a_model_loaded_shard_by_shard_trains_what_one_process_trains(tmp_path, saved_model, settings):
+    saved_model = saved_model / ("tied" if settings.pop("tied", False) else "untied")
     settings = {**settings, "model_dir": str(saved_model), "max_steps": 3}
     launch(tmp_path / "one", settings, 1)
     launch(tmp_path / "two", settings, 2)

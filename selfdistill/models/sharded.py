@@ -33,7 +33,7 @@ def parameters_on_meta():
 
     def on_meta(module, name, param):
         register(module, name, param)
-        if param is not None:
+        if param is not None and not param.is_meta:  # a meta one is kept as it is: tied weights stay one object
             kwargs = {"requires_grad": param.requires_grad}
             module._parameters[name] = type(param)(module._parameters[name].to("meta"), **kwargs)
 
