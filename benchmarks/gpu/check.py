@@ -11,12 +11,13 @@ On one H200 (about 3-4 minutes in all):
     torchrun --standalone --nproc_per_node 1 benchmarks/gpu/check.py
 
 runs, each for --steps optimizer steps through the library's own training loop:
-  1.5b  full fine-tuning, SDFT (EMA teacher) and SFT
+  1.5b  full fine-tuning, SDFT (EMA teacher) and SFT, saved to disk and loaded by name: under
+        torchrun built on the meta device and filled shard by shard (sharded loading)
   7b    LoRA (rank 16, bf16 base weights) SDFT, all 28 layers, EMA and frozen teacher
   7b    full fine-tuning SDFT with --layers-7b layers (the whole 7B with an fp32 EMA teacher needs
         ~18 bytes per parameter, ~137 GB: more than one GPU holds; per-layer cost scales linearly)
 
-For each it prints the step-time split (rollout, teacher, student forward, backward, teacher
+For each it prints the GPU memory when set-up is done (`setup_gib`) and at the peak, the step-time split (rollout, teacher, student forward, backward, teacher
 update), tokens/s, MFU against the GPU's bf16 peak, peak GPU memory, and whether every loss and
 gradient norm was finite and whether every step with loss tokens had a non-zero gradient (it
 learned). The last lines are `ALL FINITE` / `NOT FINITE` and `ALL LEARNED` / `NOT ALL LEARNED`.
@@ -158,11 +159,23 @@ def run_case(
     params = sum(p.numel() for p in model.parameters())
     tok = tokenizer_for()
     prompt_words, completion = args.prompt_tokens, args.completion_tokens
+    by_name = shape in args.load_by_name
     with tempfile.TemporaryDirectory() as tmp:
+        if by_name:  # saved, then loaded by name: under torchrun built empty and filled shard by shard
+            if lora and device.type == "cuda":
+                model = model.to(torch.bfloat16)
+            model.save_pretrained(Path(tmp) / "model", safe_serialization=True)
+            tok.save_pretrained(Path(tmp) / "model")
+            model = tok = None
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
+                torch.cuda.reset_peak_memory_stats(device)
+        memory = _memory_marks(device)
         cfg = load_config(
             overrides={
                 "method": method,
                 "model": {
+                    **({"name": str(Path(tmp) / "model")} if by_name else {}),
                     "precision": "bf16" if device.type == "cuda" else "fp32",
                     "load_dtype": "bf16" if (lora and device.type == "cuda") else "fp32",
                     "lora": {"enabled": lora, "rank": 16, "alpha": 32.0},
@@ -175,7 +188,7 @@ def run_case(
                 "rollout": {"max_new_tokens": completion, "ignore_eos": True, "batch_size": args.prompts},
                 "teacher": {"kind": teacher},
                 "train": {
-                    "output_dir": tmp,
+                    "output_dir": str(Path(tmp) / "run"),
                     "batch_size": args.prompts * procs.world,
                     "micro_batch_size": args.micro,
                     "max_steps": args.steps,
@@ -185,7 +198,7 @@ def run_case(
                 },
             }
         )
-        if lora and device.type == "cuda":
+        if lora and device.type == "cuda" and model is not None:
             model = model.to(torch.bfloat16)  # the frozen base in bf16, as model.load_dtype=auto loads it
         result = train(
             cfg,
@@ -232,6 +245,8 @@ def run_case(
         "s_teacher_update": mean["time_teacher_update"],
         "tokens_per_s": mean["loss_tokens"] / mean["time_step"],  # trained (loss) tokens per second
         "mfu": (flops / mean["time_step"] / peak / procs.world) if peak else None,
+        "loaded": "by name, sharded" if by_name else "in memory",
+        "setup_gib": memory.get("setup"),
         "peak_gib": torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None,
         "finite": finite,
         "learned": learned,
@@ -241,6 +256,26 @@ def run_case(
     }
     del result, model
     return row
+
+
+def _memory_marks(device) -> dict:
+    """Peak GPU memory when the run's set-up is done, recorded by wrapping the loop's set-up."""
+    import torch
+
+    import selfdistill.train as train_mod
+
+    marks: dict = {}
+    real = getattr(train_mod.setup, "__wrapped__", train_mod.setup)
+
+    def setup(*args, **kwargs):
+        run = real(*args, **kwargs)
+        if device.type == "cuda":
+            marks["setup"] = torch.cuda.max_memory_allocated(device) / 2**30
+        return run
+
+    setup.__wrapped__ = real
+    train_mod.setup = setup
+    return marks
 
 
 def main(argv=None) -> int:
@@ -256,6 +291,12 @@ def main(argv=None) -> int:
     parser.add_argument("--activation-checkpointing", action="store_true")
     parser.add_argument("--peak-tflops", type=float, default=None, help="bf16 peak when the GPU is not known")
     parser.add_argument("--json", type=Path, default=None, help="also write the rows here")
+    parser.add_argument(
+        "--load-by-name",
+        nargs="*",
+        default=["1.5b", "tiny"],
+        help="shapes saved to disk first and loaded by name (the sharded loading path); the others are passed in memory",
+    )
     args = parser.parse_args(argv)
     if args.tiny:
         args.prompt_tokens, args.completion_tokens, args.prompts, args.micro = 8, 4, 2, 1
@@ -307,6 +348,8 @@ def _print_table(rows: list[dict]) -> None:
         "peak_gib",
         "finite",
         "learned",
+        "loaded",
+        "setup_gib",
     ]
     print(" | ".join(columns))
     for row in rows:
