@@ -108,38 +108,72 @@ def _local(param) -> torch.Tensor:
     return local(param)
 
 
+_DTYPES = {
+    "F64": torch.float64,
+    "F32": torch.float32,
+    "F16": torch.float16,
+    "BF16": torch.bfloat16,
+    "I64": torch.int64,
+    "I32": torch.int32,
+    "I16": torch.int16,
+    "I8": torch.int8,
+    "U8": torch.uint8,
+    "BOOL": torch.bool,
+}
+
+
 class _Files:
-    """Read access to a model directory's safetensors files, tensor by tensor and slice by slice."""
+    """A model directory's safetensors files, read slice by slice with plain file reads.
+
+    A safetensors file is an 8-byte header length, a JSON header (each tensor's dtype, shape and
+    byte range) and the row-major data, so rows [start, end) of a tensor are one contiguous byte
+    range. Reading it straight into a buffer of that size (not through a memory map, whose touched
+    pages would count against the process) keeps the extra memory to one slice.
+    """
 
     def __init__(self, directory: Path):
-        from safetensors import safe_open
-
         index = directory / "model.safetensors.index.json"
         if index.is_file():
-            weight_map = json.loads(index.read_text())["weight_map"]
+            files = sorted(set(json.loads(index.read_text())["weight_map"].values()))
         else:
-            files = sorted(directory.glob("*.safetensors"))
-            if not files:
-                raise UserError(f"{directory}: no .safetensors weights to load")
-            weight_map = {}
-            for file in files:
-                with safe_open(str(file), framework="pt") as f:
-                    weight_map.update({k: file.name for k in f.keys()})
-        self.directory = directory
-        self.weight_map = weight_map
-        self._open = {}
+            files = sorted(f.name for f in directory.glob("*.safetensors"))
+        if not files:
+            raise UserError(f"{directory}: no .safetensors weights to load")
+        self.entries: dict[str, tuple[Path, int, dict]] = {}
+        for name in files:
+            path = directory / name
+            with path.open("rb") as f:
+                length = int.from_bytes(f.read(8), "little")
+                header = json.loads(f.read(length))
+            header.pop("__metadata__", None)
+            for key, entry in header.items():
+                self.entries[key] = (path, 8 + length, entry)
 
     def __contains__(self, name: str) -> bool:
-        return name in self.weight_map
+        return name in self.entries
 
-    def rows(self, name: str, start: int, end: int) -> torch.Tensor:
-        from safetensors import safe_open
-
-        file = self.weight_map[name]
-        if file not in self._open:
-            self._open[file] = safe_open(str(self.directory / file), framework="pt")
-        part = self._open[file].get_slice(name)
-        return part[start:end] if part.get_shape() else part[:]
+    def read_rows(self, name: str, start: int, end: int, target: torch.Tensor) -> None:
+        """Copy rows [start, end) of tensor `name` into `target` (any device and dtype, same element count)."""
+        path, data_start, entry = self.entries[name]
+        dtype = _DTYPES.get(entry["dtype"])
+        if dtype is None:
+            raise UserError(f"{path}: tensor {name!r} has dtype {entry['dtype']}, which sharded loading does not read")
+        shape = entry["shape"]
+        row_elements = 1
+        for size in shape[1:]:
+            row_elements *= size
+        if not shape:
+            start, end, row_elements = 0, 1, 1
+        item = torch.empty((), dtype=dtype).element_size()
+        direct = target.device.type == "cpu" and target.dtype == dtype and target.is_contiguous()
+        buffer = target if direct else torch.empty((end - start) * row_elements, dtype=dtype)
+        if buffer.numel() != (end - start) * row_elements:
+            raise UserError(f"{path}: tensor {name!r} has shape {shape}, which does not fit the model's parameter")
+        with path.open("rb") as f:
+            f.seek(data_start + entry["data_offsets"][0] + start * row_elements * item)
+            f.readinto(memoryview(buffer.view(-1).view(torch.uint8).numpy()))
+        if not direct:
+            target.copy_(buffer.reshape(target.shape))
 
 
 def fill_from_files(model, directory: Path) -> list[str]:
@@ -162,9 +196,8 @@ def fill_from_files(model, directory: Path) -> list[str]:
                     "(the files do not match the model's config.json)."
                 )
             start, end = rows_of_this_process(param)
-            target = _local(param)
             if end > start:
-                target.copy_(files.rows(key, start, end).to(target.dtype).reshape(target.shape))
+                files.read_rows(key, start, end, _local(param))
     return not_in_files
 
 
