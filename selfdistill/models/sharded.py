@@ -8,8 +8,9 @@ weight from the safetensors files (`fill_from_files`): FSDP2 shards every parame
 first dimension in `world` nearly equal pieces, so a process's shard is one contiguous slice of
 rows, which safetensors reads without touching the rest of the file.
 
-`write_final` writes `final/` unit by unit: every process takes part in gathering one parameter
-at a time, the main process appends it to a safetensors part (at most `part_bytes`) and frees it.
+`write_final` writes `final/` one parameter at a time: every process takes part in gathering it,
+the main process streams it into its place in the safetensors file (whose header is written first,
+from the shapes and dtypes) and frees it, so no process holds more than one whole parameter.
 Tensors keep the dtype a one-process run writes (a LoRA run's merged weights: the base weights'
 dtype, W0 + scale·B·A added as PEFT's merge adds it).
 """
@@ -73,7 +74,16 @@ def weights_directory(path: str) -> Path:
 def materialize(model, device: torch.device) -> None:
     """Allocate this process's shards of an empty (meta) model on `device`; buffers keep their values."""
     buffers = {name: b.detach().clone() for name, b in model.named_buffers()}
+    shared: dict[int, list] = {}  # tied weights: one parameter in several modules, kept one after allocation
+    for module in model.modules():
+        for key, param in module._parameters.items():
+            if param is not None:
+                shared.setdefault(id(param), []).append((module, key))
     model.to_empty(device=device)
+    for places in shared.values():
+        first = places[0][0]._parameters[places[0][1]]
+        for module, key in places[1:]:
+            module._parameters[key] = first
     with torch.no_grad():
         for name, value in buffers.items():
             target = model.get_buffer(name)
@@ -226,45 +236,56 @@ def _whole(param) -> torch.Tensor:
     return param.full_tensor() if isinstance(param, DTensor) else param.detach()
 
 
-class _PartWriter:
-    """Tensors appended in order into safetensors files of at most `part_bytes` each (main process)."""
+_NAMES = {dtype: name for name, dtype in _DTYPES.items()}
 
-    def __init__(self, directory: Path, part_bytes: int):
-        self.directory, self.part_bytes = directory, part_bytes
-        self.parts: list[list[str]] = []
-        self.pending: dict[str, torch.Tensor] = {}
-        self.pending_bytes = 0
+
+class _StreamWriter:
+    """Safetensors files written tensor by tensor: every header is known up front (names, shapes and
+    dtypes of all tensors, in order), so each gathered tensor goes straight to disk and is freed.
+    Tensors are grouped into files of at most `part_bytes` (one file: model.safetensors)."""
+
+    def __init__(self, directory: Path, layout: list[tuple[str, tuple, torch.dtype]], part_bytes: int):
+        parts, size = [[]], 0
+        for name, shape, dtype in layout:
+            nbytes = torch.Size(shape).numel() * torch.empty((), dtype=dtype).element_size()
+            if parts[-1] and size + nbytes > part_bytes:
+                parts.append([])
+                size = 0
+            parts[-1].append((name, shape, dtype, nbytes))
+            size += nbytes
+        count = len(parts)
+        names = (
+            ["model.safetensors"]
+            if count == 1
+            else [f"model-{k + 1:05d}-of-{count:05d}.safetensors" for k in range(count)]
+        )
+        self.file_of, self.files, weight_map, total = {}, [], {}, 0
+        for filename, part in zip(names, parts):
+            header, offset = {"__metadata__": {"format": "pt"}}, 0
+            for name, shape, dtype, nbytes in part:
+                header[name] = {"dtype": _NAMES[dtype], "shape": list(shape), "data_offsets": [offset, offset + nbytes]}
+                offset += nbytes
+                self.file_of[name] = len(self.files)
+                weight_map[name] = filename
+            encoded = json.dumps(header).encode()
+            encoded += b" " * (-len(encoded) % 8)  # the data starts 8-byte aligned
+            f = (directory / filename).open("wb")
+            f.write(len(encoded).to_bytes(8, "little") + encoded)
+            self.files.append(f)
+            total += offset
+        if count > 1:
+            (directory / "model.safetensors.index.json").write_text(
+                json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2)
+            )
 
     def add(self, name: str, tensor: torch.Tensor) -> None:
-        size = tensor.numel() * tensor.element_size()
-        if self.pending and self.pending_bytes + size > self.part_bytes:
-            self._flush()
-        self.pending[name] = tensor.detach().to("cpu").contiguous()
-        self.pending_bytes += size
-
-    def _flush(self) -> None:
-        from safetensors.torch import save_file
-
-        save_file(self.pending, str(self.directory / f"part-{len(self.parts):05d}"), metadata={"format": "pt"})
-        self.parts.append(list(self.pending))
-        self.pending, self.pending_bytes = {}, 0
+        """The next tensor, in the layout's order."""
+        data = tensor.detach().to("cpu").contiguous()
+        self.files[self.file_of[name]].write(memoryview(data.view(-1).view(torch.uint8).numpy()))
 
     def close(self) -> None:
-        if self.pending or not self.parts:
-            self._flush()
-        count = len(self.parts)
-        if count == 1:
-            (self.directory / "part-00000").rename(self.directory / "model.safetensors")
-            return
-        weight_map, total = {}, 0
-        for k, names in enumerate(self.parts):
-            final = f"model-{k + 1:05d}-of-{count:05d}.safetensors"
-            (self.directory / f"part-{k:05d}").rename(self.directory / final)
-            weight_map.update({n: final for n in names})
-            total += (self.directory / final).stat().st_size
-        (self.directory / "model.safetensors.index.json").write_text(
-            json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2)
-        )
+        for f in self.files:
+            f.close()
 
 
 def write_final(model, tokenizer, directory: Path, is_main: bool, part_bytes: int = 2 * 2**30) -> None:
@@ -281,12 +302,12 @@ def write_final(model, tokenizer, directory: Path, is_main: bool, part_bytes: in
         from peft.tuners.lora import LoraLayer
 
         layers = {f"{n}.base_layer.weight": m for n, m in model.named_modules() if isinstance(m, LoraLayer)}
-    writer = _PartWriter(directory, part_bytes) if is_main else None
+    kept = [(name, param) for name, param in model.named_parameters() if "lora_" not in name]
+    layout = [(checkpoint_name(name), tuple(param.shape), param.dtype) for name, param in kept]
+    writer = _StreamWriter(directory, layout, part_bytes) if is_main else None
     adapter_state = {}
     base_dtype = None
-    for name, param in model.named_parameters():
-        if "lora_" in name:
-            continue  # written with the base weight it adapts, and into adapter/
+    for name, param in kept:  # LoRA factors: written with the base weight they adapt, and into adapter/
         whole = _whole(param)
         layer = layers.get(name)
         if layer is not None:
