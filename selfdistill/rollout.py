@@ -77,10 +77,16 @@ def pad_batch(rows: list[list[int]], pad_id: int, side: str = "right") -> tuple[
     return ids, mask
 
 
-def autocast_context(device: torch.device | str, precision: str):
-    """bf16 autocast when the run's precision (resolved for this device, see `resolve_precision`) is bf16."""
+def autocast_context(device: torch.device | str, precision: str, cache: bool = True):
+    """bf16 autocast when the run's precision (resolved for this device, see `resolve_precision`) is bf16.
+
+    `cache=False` for training forwards: autocast otherwise keeps the bf16 copy of every weight it
+    cast until the region ends, so a sharded model's forward would hold a bf16 copy of all its
+    gathered layers at once (12 GiB at 7B) instead of one layer's. Decoding keeps the cache: it
+    uses every weight once per token.
+    """
     if resolve_precision(precision, device) == "bf16":
-        return torch.autocast(device_type=torch.device(device).type, dtype=torch.bfloat16)
+        return torch.autocast(device_type=torch.device(device).type, dtype=torch.bfloat16, cache_enabled=cache)
     return nullcontext()
 
 

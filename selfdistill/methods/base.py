@@ -49,7 +49,7 @@ def completion_hidden(
             tokens.append(item.completion[j])
     device = next(model.parameters()).device
     ids, mask = pad_batch(rows, pad_id)
-    with autocast_context(device, precision):
+    with autocast_context(device, precision, cache=False):
         hidden = backbone(model)(input_ids=ids.to(device), attention_mask=mask.to(device)).last_hidden_state
     index_rows = torch.tensor(rows_index, dtype=torch.long, device=device)
     index_pos = torch.tensor(positions, dtype=torch.long, device=device)
