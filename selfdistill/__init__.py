@@ -9,6 +9,7 @@ The Python API (each `sdft` command as one call, with the command's defaults):
     evaluate(model, task)          score a model on a task (`sdft eval --task`); returns the summary
     run_stream(config)             train and evaluate a stream of tasks (`sdft continual`)
     diagnose(task)                 teacher vs student on the student's own samples (`sdft diagnose`)
+    plan(config, processes=N)      memory per process of a torchrun launch, before renting GPUs (`sdft plan`)
     METHODS                        the training methods and what each does
     UserError, RunFailed, RunStopped   bad input / a run that could not go on / a deliberate stop
 
@@ -36,6 +37,7 @@ _EXPORTS = {
     "evaluate": "selfdistill.api",
     "run_stream": "selfdistill.api",
     "diagnose": "selfdistill.api",  # via the callable package selfdistill.diagnose
+    "plan": "selfdistill.api",
     "METHODS": "selfdistill.registry",
     "UserError": "selfdistill.errors",
     "RunFailed": "selfdistill.errors",
@@ -49,6 +51,7 @@ __all__ = [
     "evaluate",
     "run_stream",
     "diagnose",
+    "plan",
     "METHODS",
     "UserError",
     "RunFailed",
@@ -57,7 +60,7 @@ __all__ = [
 ]
 
 if TYPE_CHECKING:  # for editors and type checkers; at run time the names load lazily
-    from selfdistill.api import diagnose, evaluate, run_stream, train
+    from selfdistill.api import diagnose, evaluate, plan, run_stream, train
     from selfdistill.config import Config, load_config
     from selfdistill.errors import RunFailed, RunStopped, UserError
     from selfdistill.registry import METHODS

@@ -6,6 +6,7 @@
     scores = selfdistill.evaluate(result.final_dir, "eval.jsonl")       # as `sdft eval --task`
     results = selfdistill.run_stream("stream.yaml")                     # as `sdft continual`
     report = selfdistill.diagnose("tooluse", limit=4)                   # as `sdft diagnose`
+    memory = selfdistill.plan("qwen7b.yaml", processes=8)               # as `sdft plan`
 
 Bad input raises selfdistill.UserError with the same message the command prints.
 """
@@ -191,3 +192,13 @@ def diagnose(
     quiet_third_party_bars()
     diagnose_command(**settings)
     return read_json(Path(out) / "diagnose.json")
+
+
+def plan(config: Any = None, *, processes: int, **overrides):
+    """Memory per process for training `config` under torchrun with `processes` processes, as `sdft plan`:
+    `config` is a Config, a YAML path or a mapping; keyword sections override it (e.g. model={"name": ...}).
+    No GPU, weights or network needed. Returns a `selfdistill.memory_plan.MemoryPlan` (bytes per figure;
+    `.table()` is the command's text, `.to_dict()` its JSON)."""
+    from selfdistill.memory_plan import plan as memory_plan
+
+    return memory_plan(_config(config, overrides), processes)

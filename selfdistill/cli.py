@@ -28,6 +28,7 @@ def _root() -> None:
 from selfdistill.continual.cli import register as _register_continual  # noqa: E402
 from selfdistill.diagnose.cli import register as _register_diagnose  # noqa: E402
 from selfdistill.eval.cli import register as _register_eval  # noqa: E402
+from selfdistill.plan_cli import register as _register_plan  # noqa: E402
 from selfdistill.tasks.cli import register as _register_data  # noqa: E402
 from selfdistill.train_cli import register as _register_train  # noqa: E402
 
@@ -36,6 +37,7 @@ _register_eval(app)
 _register_data(app)
 _register_continual(app)
 _register_diagnose(app)
+_register_plan(app)
 
 
 def main() -> None:

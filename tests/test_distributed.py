@@ -204,6 +204,8 @@ def test_gpu_check_script_runs_its_cases_on_cpu(tmp_path):
     for row in rows:
         assert row["finite"] and row["steps"] == 3 and row["s_step"] > 0 and row["tokens_per_s"] > 0
         assert row["learned"] and all(g > 0 for g in row["grad_norms"]), row
+        assert row["plan_peak_gib"] >= row["plan_step_gib"] > 0, row  # sdft plan's prediction beside it
+    assert [r["loaded"] for r in rows] == ["by name, sharded"] * 4  # the tiny shape goes through sharded loading
     assert rows[0]["s_rollout"] > 0 and rows[0]["s_teacher"] > 0  # SDFT's split is measured
 
 

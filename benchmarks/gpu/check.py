@@ -200,6 +200,7 @@ def run_case(
         )
         if lora and device.type == "cuda" and model is not None:
             model = model.to(torch.bfloat16)  # the frozen base in bf16, as model.load_dtype=auto loads it
+        predicted = _planned_peak(args, cfg, model, Path(tmp), procs.world)
         result = train(
             cfg,
             records=records(args.prompts * procs.world * args.steps, prompt_words, completion),
@@ -247,6 +248,8 @@ def run_case(
         "mfu": (flops / mean["time_step"] / peak / procs.world) if peak else None,
         "loaded": "by name, sharded" if by_name else "in memory",
         "setup_gib": memory.get("setup"),
+        "plan_step_gib": predicted.get("step"),
+        "plan_peak_gib": predicted.get("peak"),
         "peak_gib": torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None,
         "finite": finite,
         "learned": learned,
@@ -256,6 +259,35 @@ def run_case(
     }
     del result, model
     return row
+
+
+def _planned_peak(args, cfg, model, tmp: Path, processes: int) -> dict:
+    """`sdft plan`'s prediction for this case (GiB): the training step's peak and the overall peak.
+
+    The planner sets up a fake process group of its own, so it runs in a child process outside
+    torchrun's group, on the main process only (the others wait at the run's first collective).
+    """
+    import dataclasses
+    import os
+    import subprocess
+
+    import torch.distributed as dist
+
+    if not args.plan or (dist.is_initialized() and dist.get_rank() != 0):
+        return {}
+    settings = dataclasses.asdict(cfg)
+    if model is not None:  # in memory: plan from its config
+        (model.get_base_model() if hasattr(model, "peft_config") else model).config.save_pretrained(tmp / "arch")
+        settings["model"]["name"] = str(tmp / "arch")
+    (tmp / "plan.json").write_text(json.dumps(settings))
+    launcher = ("WORLD_SIZE", "RANK", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "GROUP_RANK", "MASTER_ADDR", "MASTER_PORT")
+    env = {k: v for k, v in os.environ.items() if k not in launcher and not k.startswith("TORCHELASTIC")}
+    command = [sys.executable, "-m", "selfdistill.cli", "plan", str(tmp / "plan.json"), "--processes", str(processes)]
+    done = subprocess.run(command + ["--json", str(tmp / "planned.json")], env=env, capture_output=True, text=True)
+    if done.returncode != 0:
+        return {"error": done.stderr[-300:]}
+    planned = json.loads((tmp / "planned.json").read_text())
+    return {"step": planned["step_peak"] / 2**30, "peak": planned["peak"] / 2**30}
 
 
 def _memory_marks(device) -> dict:
@@ -296,6 +328,9 @@ def main(argv=None) -> int:
         nargs="*",
         default=["1.5b", "tiny"],
         help="shapes saved to disk first and loaded by name (the sharded loading path); the others are passed in memory",
+    )
+    parser.add_argument(
+        "--no-plan", dest="plan", action="store_false", help="skip sdft plan's prediction beside each case's memory"
     )
     args = parser.parse_args(argv)
     if args.tiny:
@@ -350,6 +385,8 @@ def _print_table(rows: list[dict]) -> None:
         "learned",
         "loaded",
         "setup_gib",
+        "plan_step_gib",
+        "plan_peak_gib",
     ]
     print(" | ".join(columns))
     for row in rows:

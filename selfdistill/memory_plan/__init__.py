@@ -1,0 +1,57 @@
+"""`sdft plan`: how much memory each process of a torchrun launch needs for one training config.
+
+Answered before renting GPUs, on a CPU, in seconds, without weights: the model is built from its
+architecture config alone (`config.json` of a local directory, or one shipped under
+`selfdistill/resources/architectures/`) on the meta device, with LoRA applied as the trainer
+applies it, the method (and its teacher copy) built from it as the trainer builds them, and both
+sharded with the product's own plan (`selfdistill.distributed.shard_model`) for N processes in this
+one process: a fake process group (`fake` backend, the process is rank 0 of N) and fake tensors
+(`FakeTensorMode`: every tensor has a shape, a dtype and a size, and no memory).
+
+Traced (the product's own code run on fake tensors, every tensor's storage counted as it is
+created, resized and freed, as torch's `FSDPMemTracker` counts them):
+- this process's shards of the weights, the teacher, the gradients and the AdamW state;
+- a training step in steady state (AdamW's moments exist, and for a step of several micro-batches
+  so do the step's gradients): the method's loss on one micro-batch of the longest sequences
+  (SDFT: the teacher's forward, the student's forward, the chunked loss) and its backward, with
+  activation checkpointing as configured and the other way; then gradient clipping, AdamW
+  (`foreach`, torch's choice on GPUs) and the teacher's EMA update. Every gathered FSDP unit,
+  all-gather buffer, autocast weight copy, activation and temporary is included;
+- the start of a rollout: the whole model gathered (`full_weights`), the prefill of one decode
+  batch and one decoded token.
+Computed (what fake tensors do not reach in reasonable time): the KV cache's growth over the rest
+of the completion (the decode loop would run `rollout.max_new_tokens` steps), and for
+`rollout.engine: vllm` the engine's own share of the GPU (`rollout.vllm_gpu_memory`), which is
+left out of the figures.
+
+Not included: the CUDA context and libraries (~0.5-1 GiB), the caching allocator's rounding and
+fragmentation, NCCL's buffers, and `train.demonstration_logp_every`'s forward without gradients.
+`model.precision: auto` is planned as bf16 (what it means on GPUs with bf16); lengths are the
+configured limits (`data.max_prompt_tokens`, `data.max_teacher_prompt_tokens`,
+`rollout.max_new_tokens`, which is also the length planned for SFT's demonstrations).
+"""
+
+from selfdistill.memory_plan.architectures import (
+    ARCHITECTURES_DIR,
+    architecture_config,
+    shipped_architectures,
+    type_name,
+)
+from selfdistill.memory_plan.figures import COMPUTED, GIB, SHARD_PLAN, TRACED, MemoryPlan
+from selfdistill.memory_plan.planner import PLANNED_METHODS, plan
+from selfdistill.memory_plan.trace import MemoryTrace
+
+__all__ = [
+    "ARCHITECTURES_DIR",
+    "COMPUTED",
+    "GIB",
+    "PLANNED_METHODS",
+    "SHARD_PLAN",
+    "TRACED",
+    "MemoryPlan",
+    "MemoryTrace",
+    "architecture_config",
+    "plan",
+    "shipped_architectures",
+    "type_name",
+]

@@ -1,0 +1,398 @@
+"""`plan()`: build the student, method and teacher as the trainer does, shard them, trace one step and a rollout."""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import functools
+import math
+import time
+from dataclasses import dataclass
+
+import torch
+
+from selfdistill.config import Config
+from selfdistill.errors import UserError
+from selfdistill.memory_plan.architectures import architecture_config, type_name
+from selfdistill.memory_plan.figures import MemoryPlan
+from selfdistill.memory_plan.trace import MemoryTrace, _labelled_forwards, _labelled_fsdp
+
+PLANNED_METHODS = ("sdft", "sft", "dft")
+
+
+@dataclass
+class _Shapes:
+    prompts_per_process: int
+    items: int  # sequences per process and step
+    micro: int  # sequences per micro-batch
+    micro_batches: int
+    prompt: int
+    teacher_prompt: int | None
+    completion: int
+    rollout_rows: int
+
+
+def _shapes(cfg: Config, processes: int) -> _Shapes:
+    prompts = math.ceil(cfg.train.batch_size / processes)  # dealt round-robin: the busiest process
+    samples = cfg.rollout.num_rollouts if cfg.method == "sdft" else 1
+    items = prompts * samples
+    micro = min(cfg.train.micro_batch_size, items)
+    return _Shapes(
+        prompts_per_process=prompts,
+        items=items,
+        micro=micro,
+        micro_batches=math.ceil(items / micro),
+        prompt=cfg.data.max_prompt_tokens,
+        teacher_prompt=cfg.data.max_teacher_prompt_tokens if cfg.method == "sdft" else None,
+        completion=cfg.rollout.max_new_tokens,
+        rollout_rows=min(cfg.rollout.batch_size, items) if cfg.method == "sdft" else 0,
+    )
+
+
+def _bytes(tensors) -> int:
+    from selfdistill.distributed import local
+
+    return sum(local(t).numel() * local(t).element_size() for t in tensors if t is not None)
+
+
+def _gathered_sizes(model) -> tuple[list[int], int]:
+    """(bytes of each FSDP unit gathered, root first; bytes of the largest single parameter gathered)."""
+    from selfdistill.distributed import fsdp_units
+
+    units, largest = [], 0
+    for unit in fsdp_units(model):
+        group = unit._get_fsdp_state()._fsdp_param_group
+        if group is None:
+            units.append(0)
+            continue
+        # a sharded parameter (DTensor) has the whole parameter's shape
+        sizes = [f.sharded_param.numel() * f.sharded_param.element_size() for f in group.fsdp_params]
+        units.append(sum(sizes))
+        largest = max([largest, *sizes])
+    return units, largest
+
+
+def plan(cfg: Config, processes: int) -> MemoryPlan:
+    """The memory per process of training `cfg` under torchrun with `processes` processes (see the package doc)."""
+    import torch.distributed as dist
+
+    if processes < 1:
+        raise UserError(f"--processes must be at least 1, got {processes}.")
+    if cfg.method not in PLANNED_METHODS:
+        raise UserError(
+            f"method {cfg.method}: `sdft plan` covers {', '.join(PLANNED_METHODS)}; plan an sdft or sft config "
+            "with the same model, lengths and micro-batch instead."
+        )
+    if cfg.train.batch_size < processes:
+        raise UserError(
+            f"train.batch_size {cfg.train.batch_size} is smaller than the number of processes ({processes}): "
+            "every process needs at least one prompt per step."
+        )
+    if dist.is_initialized():
+        raise UserError(
+            "sdft plan sets up a fake process group of its own: run it outside torchrun, in a process "
+            "that has not joined a process group."
+        )
+    started = time.perf_counter()
+    config, where = architecture_config(cfg.model.name, cfg.model.trust_remote_code)
+    precision = "bf16" if cfg.model.precision == "auto" else cfg.model.precision
+    shapes = _shapes(cfg, processes)
+    traced = _trace(_planning_config(cfg, precision), config, processes, shapes, cfg.rollout.engine)
+    configured = cfg.train.activation_checkpointing
+    main, other = traced["steps"][configured], traced["steps"][not configured]
+    update = traced["update_peak"]
+    step_peak = max(main["peak"], update)
+    result = MemoryPlan(
+        model=cfg.model.name,
+        architecture=where,
+        model_class=type_name(config),
+        parameters=traced["parameters"],
+        trainable_parameters=traced["trainable"],
+        processes=processes,
+        method=cfg.method,
+        lora=cfg.model.lora.enabled,
+        teacher=cfg.teacher.kind if cfg.method == "sdft" else None,
+        precision=precision,
+        weights_dtype=_dtype_name(traced["weights_dtype"]),
+        micro_batch=shapes.micro,
+        micro_batches=shapes.micro_batches,
+        prompt_tokens=shapes.prompt,
+        teacher_prompt_tokens=shapes.teacher_prompt,
+        completion_tokens=shapes.completion,
+        activation_checkpointing=configured,
+        rollout_engine=cfg.rollout.engine if cfg.method == "sdft" else None,
+        rollout_rows=shapes.rollout_rows,
+        weights=traced["weights"],
+        gradients=traced["gradients"],
+        optimizer=traced["optimizer"],
+        teacher_weights=traced["teacher"],
+        largest_unit=traced["largest_unit"],
+        largest_unit_name=traced["largest_unit_name"],
+        activations=main["activations"],
+        weight_copies=main["weight_copies"],
+        step_peak=step_peak,
+        activations_other=other["activations"],
+        step_peak_other=max(other["peak"], update),
+        rollout_gather=traced["rollout_gather"],
+        rollout_weight_copies=traced["rollout_weight_copies"],
+        rollout_kv_cache=traced["rollout_kv_cache"],
+        rollout_peak=traced["rollout_peak"],
+        peak=max(step_peak, traced["rollout_peak"]),
+        step_peak_parts=main["parts"] if main["peak"] >= update else traced["update_parts"],
+        rollout_peak_parts=traced["rollout_parts"],
+    )
+    result.seconds = time.perf_counter() - started
+    return result
+
+
+def _dtype_name(dtype: torch.dtype) -> str:
+    return {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}.get(dtype, str(dtype))
+
+
+def _planning_config(cfg: Config, precision: str) -> Config:
+    """The config the trace builds with: the precision decided, and the decode loop (a vLLM engine is not
+    part of the trace, and the method need not import it)."""
+    data = copy.deepcopy(cfg.to_dict())
+    data["model"]["precision"] = precision
+    data["rollout"]["engine"] = "decode"
+    return Config(**data)
+
+
+def _set_checkpointing(model, enabled: bool) -> None:
+    """Activation checkpointing on or off, as selfdistill.train._build_model turns it on."""
+    if enabled:
+        kwargs = {"use_reentrant": False}
+        if hasattr(model, "activation_checkpointing_enable"):
+            model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+        else:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+    elif hasattr(model, "activation_checkpointing_disable"):
+        model.activation_checkpointing_disable()
+    else:
+        model.gradient_checkpointing_disable()
+
+
+def _build(cfg: Config, config, processes: int):
+    """Student and method (with its teacher) as the trainer builds them, sharded while still on the meta device."""
+    import torch.distributed as dist
+    from transformers import AutoModelForCausalLM
+
+    from selfdistill.distributed import Processes, shard_model
+    from selfdistill.methods import get_method
+    from selfdistill.models import apply_lora
+    from selfdistill.models.loading import weights_dtype
+
+    dtype = weights_dtype(cfg.model.load_dtype, cfg.model.precision, cfg.model.lora.enabled)
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(
+            copy.deepcopy(config), dtype=dtype, trust_remote_code=cfg.model.trust_remote_code
+        )
+        if cfg.model.lora.enabled:
+            lora = cfg.model.lora
+            model = apply_lora(model, lora.rank, lora.alpha, lora.dropout, lora.target_modules)
+    model.train()  # as selfdistill.train._build_model sets the model up
+    model.config.use_cache = False
+    if cfg.train.activation_checkpointing:
+        _set_checkpointing(model, True)
+    method = get_method(cfg.method)(cfg, model, None, None, 0, 0, [])
+    dist.init_process_group("fake", store=_fake_store(), rank=0, world_size=processes)
+    procs = Processes(0, processes, torch.device("cpu"), sharded=True)
+    shard = functools.partial(shard_model, procs=procs, warm_up=False)
+    model = shard(model)
+    method.model = model
+    method.shard(shard)
+    return model, method, procs, dtype
+
+
+def _fake_store():
+    from torch.testing._internal.distributed.fake_pg import FakeStore
+
+    return FakeStore()
+
+
+def _trace(cfg: Config, config, processes: int, shapes: _Shapes, engine: str, fake: bool = True) -> dict:
+    """Build, shard and trace in this process. `fake=False` runs the same on real (uninitialised) tensors,
+    which the tests compare with (a fake process group still: collectives move no data)."""
+    import torch.distributed as dist
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    try:
+        with _quiet():
+            model, method, procs, dtype = _build(cfg, config, processes)
+            mode = FakeTensorMode(allow_non_fake_inputs=True) if fake else None
+            with mode if fake else contextlib.nullcontext():
+                return _trace_steps(cfg, engine, model, method, procs, dtype, shapes, mode)
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+@contextlib.contextmanager
+def _quiet():
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        yield
+
+
+def _teacher_module(method):
+    teacher = getattr(method, "teacher", None)
+    return None if teacher is None else teacher.module
+
+
+def _items(cfg: Config, shapes: _Shapes) -> list:
+    """One micro-batch of the longest sequences the config allows (token ids do not matter)."""
+    from selfdistill.methods.base import TrainItem
+
+    return [
+        TrainItem(
+            record_index=0,
+            prompt_ids=[0] * shapes.prompt,
+            completion=[0] * shapes.completion,
+            loss_start=min(cfg.loss.skip_first_tokens, shapes.completion) if cfg.method == "sdft" else 0,
+            teacher_prompt_ids=[0] * shapes.teacher_prompt if shapes.teacher_prompt else None,
+        )
+        for _ in range(shapes.micro)
+    ]
+
+
+def _trace_steps(cfg, engine: str, model, method, procs, dtype, shapes: _Shapes, fake) -> dict:
+    from selfdistill.distributed import first_forward, reshard_all
+
+    teacher = _teacher_module(method)
+    for module in (model, teacher):
+        if module is not None:
+            module.to_empty(device=procs.device)
+            first_forward(module, procs)
+    params = [p for p in model.parameters() if p.requires_grad]
+    # foreach: torch's default on GPUs (its step holds one temporary the size of the moments)
+    optimizer = torch.optim.AdamW(params, lr=cfg.train.lr, weight_decay=cfg.train.weight_decay, foreach=True)
+    trace = MemoryTrace(fake)
+    for p in list(model.parameters()) + list(model.buffers()):
+        trace.add(p, "weights")
+    if teacher is not None:
+        for p in list(teacher.parameters()) + list(teacher.buffers()):
+            trace.add(p, "teacher")
+    units, largest_parameter = _gathered_sizes(model)
+    out = {
+        "parameters": sum(p.numel() for p in model.parameters()),
+        "trainable": sum(p.numel() for p in params),
+        "weights_dtype": dtype,
+        "weights": _bytes(model.parameters()) + _bytes(model.buffers()),
+        "teacher": _bytes(teacher.parameters()) + _bytes(teacher.buffers()) if teacher is not None else 0,
+        "largest_unit": max(units, default=0),
+        "largest_unit_name": (
+            "root: embeddings, final norm, output head" if units and units[0] >= max(units) else "one decoder layer"
+        ),
+        "steps": {},
+    }
+    items = _items(cfg, shapes)
+    tokens = float(shapes.items * max(1, shapes.completion - items[0].loss_start))
+    with trace, _labelled_fsdp(trace, [model, teacher]):
+        # Steady state: the optimizer's moments exist from the first step on (AdamW's own state, as its
+        # first step creates it; the test compares with a real step).
+        for p in params:
+            optimizer.state[p] = {
+                "step": torch.tensor(1.0),
+                "exp_avg": torch.zeros_like(p, memory_format=torch.preserve_format),
+                "exp_avg_sq": torch.zeros_like(p, memory_format=torch.preserve_format),
+            }
+        for state in optimizer.state.values():
+            for value in state.values():
+                if isinstance(value, torch.Tensor):
+                    trace.add(value, "optimizer")
+        out["optimizer"] = sum(
+            _bytes(v for v in state.values() if isinstance(v, torch.Tensor)) for state in optimizer.state.values()
+        )
+        out.update(_trace_rollout(cfg, engine, model, method, trace, shapes, dtype, largest_parameter))
+        for checkpointing in (cfg.train.activation_checkpointing, not cfg.train.activation_checkpointing):
+            _set_checkpointing(model, checkpointing)
+            if shapes.micro_batches > 1:  # a later micro-batch: the step's gradients already exist
+                for p in params:
+                    p.grad = torch.zeros_like(p)
+                    trace.add(p.grad, "gradients")
+            trace.marks.clear()
+            with trace.measuring("micro-batch"), _labelled_forwards(trace, model, teacher):
+                with trace.labelled("loss and backward"):
+                    loss, _ = method.loss(items)
+                    (loss * (1.0 / tokens)).backward()
+                for p in params:
+                    if p.grad is not None:
+                        trace.add(p.grad, "gradients")
+            peak, parts = trace.peaks["micro-batch"]
+            after = trace.marks.get("after the student's forward", {})
+            out["steps"][checkpointing] = {
+                "peak": peak,
+                "parts": parts,
+                "activations": after.get("activations", 0),
+                "weight_copies": after.get("weight copies (autocast)", 0),
+            }
+            out.setdefault("gradients", _bytes(p.grad for p in params))
+            reshard_all(model)
+            if checkpointing == cfg.train.activation_checkpointing:
+                with trace.measuring("update"), trace.labelled("clipping, AdamW, teacher update"):
+                    torch.nn.utils.clip_grad_norm_(params, cfg.train.max_grad_norm or float("inf"), foreach=True)
+                    optimizer.step()
+                    method.after_step()
+                out["update_peak"], out["update_parts"] = trace.peaks["update"]
+            optimizer.zero_grad(set_to_none=True)
+    return out
+
+
+def _trace_rollout(
+    cfg, engine: str, model, method, trace: MemoryTrace, shapes: _Shapes, dtype, largest_parameter: int
+) -> dict:
+    """Rollout figures: traced up to the first decoded token, the KV cache's growth after it computed."""
+    from selfdistill.rollout import generate
+
+    if cfg.method != "sdft":
+        return {
+            "rollout_gather": 0,
+            "rollout_weight_copies": 0,
+            "rollout_kv_cache": 0,
+            "rollout_peak": 0,
+            "rollout_parts": {},
+        }
+    if engine == "vllm":  # the engine gets the weights one parameter at a time
+        return {
+            "rollout_gather": largest_parameter,
+            "rollout_weight_copies": 0,
+            "rollout_kv_cache": 0,
+            "rollout_peak": trace.total + largest_parameter,
+            "rollout_parts": trace.now(),
+        }
+    gathered = []  # what the gathered model holds while it decodes (its gathering briefly holds more)
+    hook = model.get_decoder().register_forward_pre_hook(
+        lambda *_: gathered.append(trace.now().get("gathered weights", 0)) if not gathered else None
+    )
+    with trace.measuring("rollout"), trace.labelled("rollout"), contextlib.ExitStack() as stack:
+        stack.callback(hook.remove)
+        generate(
+            model,
+            [[0] * shapes.prompt] * shapes.rollout_rows,
+            stop_token_ids=[],
+            pad_token_id=0,
+            max_new_tokens=2,
+            temperature=0.0,
+            batch_size=shapes.rollout_rows,
+            precision=method.precision,
+        )
+    peak, parts = trace.peaks["rollout"]
+    config = model.config
+    layers = config.num_hidden_layers
+    kv_heads = getattr(config, "num_key_value_heads", None) or config.num_attention_heads
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    element = 2 if method.precision == "bf16" else dtype.itemsize  # keys and values in the compute dtype
+    per_token = 2 * layers * kv_heads * head_dim * element
+    kv = shapes.rollout_rows * (shapes.prompt + shapes.completion) * per_token
+    # Traced: the prompt's cache and one token. The rest grows a token at a time, and each layer's
+    # concatenation briefly holds its old and its new cache.
+    growth = shapes.rollout_rows * (shapes.completion - 1) * per_token + kv // layers
+    return {
+        "rollout_gather": gathered[0] if gathered else 0,
+        "rollout_weight_copies": parts.get("weight copies (autocast)", 0),
+        "rollout_kv_cache": kv,
+        "rollout_peak": peak + growth,
+        "rollout_parts": parts,
+    }

@@ -1,0 +1,266 @@
+"""`sdft plan` / `selfdistill.plan`: memory per process from fake tensors, against what real runs allocate.
+
+The tiny Llama config below is planned with fake tensors and a fake process group; the same pieces
+(model, LoRA, method with its teacher, FSDP2 plan, one step) then run for real in a one-process gloo
+group, and this process's real shards must have the sizes the plan reports.
+"""
+
+import functools
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+import selfdistill
+from selfdistill.config import load_config
+from selfdistill.memory_plan import GIB, architecture_config, plan
+from selfdistill.memory_plan.planner import _planning_config, _shapes, _trace
+
+REPO = Path(__file__).resolve().parents[1]
+TINY = {
+    "architectures": ["LlamaForCausalLM"],
+    "model_type": "llama",
+    "hidden_size": 64,
+    "intermediate_size": 128,
+    "num_hidden_layers": 2,
+    "num_attention_heads": 4,
+    "num_key_value_heads": 2,
+    "vocab_size": 512,
+    "max_position_embeddings": 512,
+    "tie_word_embeddings": False,
+    "rms_norm_eps": 1e-5,
+}
+# (LoRA, teacher kind, precision): full and LoRA with each teacher kind, fp32 and bf16
+SETTINGS = [
+    (False, "ema", "fp32"),
+    (False, "ema", "bf16"),
+    (False, "frozen", "bf16"),
+    (False, "live", "fp32"),
+    (True, "ema", "bf16"),
+    (True, "frozen", "bf16"),
+    (True, "ema", "fp32"),
+]
+
+
+@pytest.fixture
+def tiny_dir(tmp_path) -> Path:
+    directory = tmp_path / "tiny"
+    directory.mkdir()
+    (directory / "config.json").write_text(json.dumps(TINY))
+    return directory
+
+
+def tiny_config(directory: Path, lora: bool = False, teacher: str = "ema", precision: str = "fp32", **train):
+    return load_config(
+        overrides={
+            "model": {"name": str(directory), "precision": precision, "lora": {"enabled": lora, "rank": 4}},
+            "teacher": {"kind": teacher},
+            "data": {"max_prompt_tokens": 16, "max_teacher_prompt_tokens": 24},
+            "rollout": {"max_new_tokens": 8, "batch_size": 2},
+            "train": {"batch_size": 8, "micro_batch_size": 2, "activation_checkpointing": True, **train},
+        }
+    )
+
+
+def _bytes(tensors) -> int:
+    from selfdistill.distributed import local
+
+    return sum(local(t).numel() * local(t).element_size() for t in tensors if t is not None)
+
+
+def real_run(cfg, directory: Path, store: Path) -> dict:
+    """The trainer's pieces for real in a one-process gloo group: one step; this process's shard sizes."""
+    import torch.distributed as dist
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from selfdistill.distributed import Processes, shard_model
+    from selfdistill.memory_plan.planner import _items
+    from selfdistill.methods import get_method
+    from selfdistill.models import apply_lora
+    from selfdistill.models.loading import weights_dtype
+
+    dist.init_process_group("gloo", store=dist.FileStore(str(store), 1), rank=0, world_size=1)
+    try:
+        torch.manual_seed(0)
+        dtype = weights_dtype(cfg.model.load_dtype, cfg.model.precision, cfg.model.lora.enabled)
+        model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(directory), dtype=dtype)
+        if cfg.model.lora.enabled:
+            model = apply_lora(model, cfg.model.lora.rank, cfg.model.lora.alpha)
+        model.train()
+        method = get_method(cfg.method)(cfg, model, None, None, 0, 0, [])
+        procs = Processes(0, 1, torch.device("cpu"), sharded=True)
+        shard = functools.partial(shard_model, procs=procs)
+        model = shard(model)
+        method.model = model
+        method.shard(shard)
+        params = [p for p in model.parameters() if p.requires_grad]
+        optimizer = torch.optim.AdamW(params, lr=1e-4)
+        loss, _ = method.loss(_items(cfg, _shapes(cfg, 1)))
+        loss.backward()
+        gradients = _bytes(p.grad for p in params)
+        optimizer.step()
+        method.after_step()
+        teacher = method.teacher.module
+        return {
+            "weights": _bytes(model.parameters()) + _bytes(model.buffers()),
+            "gradients": gradients,
+            "optimizer": sum(
+                _bytes(v for v in s.values() if isinstance(v, torch.Tensor)) for s in optimizer.state.values()
+            ),
+            "teacher_weights": 0 if teacher is None else _bytes(teacher.parameters()) + _bytes(teacher.buffers()),
+        }
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.parametrize("lora, teacher, precision", SETTINGS)
+def test_planned_shards_are_what_a_real_run_allocates(tiny_dir, tmp_path, lora, teacher, precision):
+    cfg = tiny_config(tiny_dir, lora, teacher, precision)
+    real = real_run(cfg, tiny_dir, tmp_path / "store")
+    planned = plan(cfg, processes=1)
+    for name, size in real.items():
+        assert getattr(planned, name) == size, name
+    assert planned.peak >= planned.step_peak > planned.weights + planned.gradients + planned.optimizer
+
+
+def test_two_processes_halve_the_sharded_parts(tiny_dir):
+    cfg = tiny_config(tiny_dir)
+    one, two = plan(cfg, processes=1), plan(cfg, processes=2)
+    # FSDP2 pads each parameter's first dimension to a multiple of the processes: at most one row each
+    config = architecture_config(str(tiny_dir))[0]
+    rows = 4 * (2 * config.hidden_size + config.num_hidden_layers * 7 * config.intermediate_size)
+    for name in ("weights", "gradients", "optimizer", "teacher_weights"):
+        whole, half = getattr(one, name), getattr(two, name)
+        assert whole / 2 <= half <= whole / 2 + 2 * rows, name
+    assert two.largest_unit == one.largest_unit  # a unit is gathered whole
+    assert two.rollout_gather == one.rollout_gather == 4 * one.parameters  # the whole fp32 model
+    assert two.step_peak < one.step_peak
+
+
+def test_fake_tensors_trace_what_real_tensors_allocate(tiny_dir):
+    cfg = _planning_config(tiny_config(tiny_dir, precision="bf16"), "bf16")
+    config = architecture_config(str(tiny_dir))[0]
+    shapes = _shapes(cfg, 2)
+    fake = _trace(cfg, config, 2, shapes, "decode", fake=True)
+    real = _trace(cfg, config, 2, shapes, "decode", fake=False)
+    for name in ("weights", "teacher", "optimizer", "gradients", "rollout_gather", "update_peak", "largest_unit"):
+        assert fake[name] == real[name], name
+    # Fake tensors have no values, so transformers cannot tell that the padding mask is all ones and
+    # builds the attention mask a real all-ones batch skips: a few bytes more, never less.
+    for checkpointing in (True, False):
+        assert (
+            0
+            <= fake["steps"][checkpointing]["peak"] - real["steps"][checkpointing]["peak"]
+            < 0.01 * real["steps"][checkpointing]["peak"]
+        )
+    assert 0 <= fake["rollout_peak"] - real["rollout_peak"] < 0.01 * real["rollout_peak"]
+
+
+def test_lora_and_teacher_kinds(tiny_dir):
+    full = plan(tiny_config(tiny_dir, precision="bf16"), processes=2)
+    lora = plan(tiny_config(tiny_dir, lora=True, precision="bf16"), processes=2)
+    assert lora.trainable_parameters < full.trainable_parameters / 10
+    assert lora.gradients == 4 * lora.trainable_parameters / 2  # the adapter's fp32 shards
+    assert lora.weights < full.weights  # a bf16 base (model.load_dtype auto) and an fp32 adapter
+    assert lora.teacher_weights == full.teacher_weights  # EMA: an fp32 copy of W0 + EMA(BA), the model's shape
+    frozen = plan(tiny_config(tiny_dir, teacher="frozen", precision="bf16"), processes=2)
+    assert 2 * frozen.teacher_weights == full.teacher_weights  # a bf16 copy
+    assert plan(tiny_config(tiny_dir, lora=True, teacher="frozen", precision="bf16"), processes=2).teacher_weights == 0
+    assert plan(tiny_config(tiny_dir, teacher="live"), processes=2).teacher_weights == 0
+
+
+def test_bf16_autocast_casts_are_not_kept_past_their_layer_with_checkpointing(tiny_dir):
+    """Training forwards autocast without its cast cache: with activation checkpointing no layer's bf16
+    copy outlives the layer (with the cache, every layer's was kept until the forward ended: 7B,
+    12 GiB); without checkpointing autograd keeps the copies its backward needs."""
+    fp32 = plan(tiny_config(tiny_dir, precision="fp32"), processes=2)
+    bf16 = plan(tiny_config(tiny_dir, precision="bf16"), processes=2)
+    assert fp32.weights == bf16.weights  # fp32 master weights either way
+    assert fp32.weight_copies == 0 and bf16.weight_copies == 0
+    saved = plan(tiny_config(tiny_dir, precision="bf16", activation_checkpointing=False), processes=2)
+    assert saved.weight_copies > 0
+
+
+def test_api_and_json(tiny_dir):
+    result = selfdistill.plan(None, processes=2, **_sections(tiny_dir))
+    data = result.to_dict()
+    assert data["peak"] == result.peak and data["processes"] == 2
+    assert {row["how"] for row in data["rows"]} >= {"traced", "computed", "shard plan"}
+    assert "peak per process" in result.table()
+
+
+def _sections(directory: Path) -> dict:
+    return {
+        "model": {"name": str(directory)},
+        "data": {"max_prompt_tokens": 16, "max_teacher_prompt_tokens": 24},
+        "rollout": {"max_new_tokens": 8},
+        "train": {"batch_size": 4, "micro_batch_size": 2},
+    }
+
+
+def _sdft(args, cwd: Path):
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+    return subprocess.run(
+        [sys.executable, "-m", "selfdistill.cli", *args], capture_output=True, text=True, cwd=cwd, env=env, timeout=600
+    )
+
+
+def test_cli_plans_the_shipped_qwen_7b_offline(tmp_path):
+    (tmp_path / "qwen7b.yaml").write_text(
+        "model: {name: Qwen/Qwen2.5-7B-Instruct, precision: bf16}\n"
+        "data: {max_prompt_tokens: 256}\n"
+        "rollout: {max_new_tokens: 256, batch_size: 4}\n"
+        "train: {batch_size: 32, micro_batch_size: 2, activation_checkpointing: true}\n"
+    )
+    proc = _sdft(["plan", "qwen7b.yaml", "--processes", "8", "--json", "plan.json"], tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "Qwen2ForCausalLM, 7.62 B parameters" in proc.stdout
+    assert "peak per process" in proc.stdout
+    data = json.loads((tmp_path / "plan.json").read_text())
+    assert data["processes"] == 8 and data["parameters"] == 7_615_616_512
+    assert 3.5 < data["weights"] / GIB < 3.6  # 7.6 B fp32 parameters over 8 processes
+    assert data["peak"] > data["weights"] + data["gradients"] + data["optimizer"] + data["teacher_weights"]
+
+
+def test_an_unknown_model_is_bad_input(tmp_path):
+    proc = _sdft(["plan", "--processes", "2", "--model", "nobody/no-such-model-xyz"], tmp_path)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert proc.stderr.startswith("error: model.name nobody/no-such-model-xyz: no architecture config")
+    assert "config.json" in proc.stderr and "Traceback" not in proc.stderr
+    (tmp_path / "weights-only").mkdir()
+    for name, words in [
+        (str(tmp_path / "weights-only"), "has no config.json"),
+        ("./no/such/dir", "no architecture config"),
+        ("no-such-alias", "no architecture config"),
+    ]:
+        with pytest.raises(selfdistill.UserError, match=words):
+            selfdistill.plan(None, processes=2, model={"name": name})
+    with pytest.raises(selfdistill.UserError, match="train.batch_size 4 is smaller"):
+        selfdistill.plan(None, processes=8, model={"name": "smollm2-135m"}, train={"batch_size": 4})
+
+
+def test_shipped_architectures_are_the_published_ones():
+    expected = {
+        "Qwen2.5-7B-Instruct": (3584, 18944, 28, 28, 4, 152064, False),
+        "Qwen2.5-14B-Instruct": (5120, 13824, 48, 40, 8, 152064, False),
+        "Llama-3.1-8B-Instruct": (4096, 14336, 32, 32, 8, 128256, False),
+        "SmolLM2-135M-Instruct": (576, 1536, 30, 9, 3, 49152, True),
+    }
+    for name, shape in expected.items():
+        config, where = architecture_config(name)
+        assert "shipped" in where
+        assert (
+            config.hidden_size,
+            config.intermediate_size,
+            config.num_hidden_layers,
+            config.num_attention_heads,
+            config.num_key_value_heads,
+            config.vocab_size,
+            config.tie_word_embeddings,
+        ) == shape
+    assert architecture_config("meta-llama/Llama-3.1-8B-Instruct")[0].vocab_size == 128256
+    assert architecture_config("smollm2-135m")[0].hidden_size == 576
