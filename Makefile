@@ -16,7 +16,8 @@ VLLM_VENV ?= .venv-vllm
 VLLM_STAMP := $(VLLM_VENV)/.installed
 # A third environment holds the declared torch floor (pyproject.toml: torch>=2.8), so that a use of
 # a newer torch API in selfdistill/ fails a test instead of a user's install. test-floor runs the
-# distributed subset there: the 2-process learning matrix and the 2-process SDFT equality test.
+# distributed subset there: the 2-process learning matrix, the 2-process SDFT equality test, sharded
+# loading, and that `sdft plan` (which needs 2.13's fake collectives) says so on the floor.
 # Cost: PyPI has no CPU-only torch 2.8.0 wheel, so this pulls the CUDA build (cu128, runs on CPU):
 # a 3.9 GB download, 7.1 GB on disk; building .venv-floor took 3 min 9 s and test-floor 1 min 12 s
 # on 2 CPU cores. Rebuilding over an existing .venv-floor reuses its torch (no download).
@@ -25,7 +26,9 @@ FLOOR_STAMP := $(FLOOR_VENV)/.installed
 TORCH_FLOOR_SPEC ?= torch==2.8.0
 TORCH_FLOOR_PREFIX ?= 2.8.
 FLOOR_TESTS := tests/test_learning.py::test_every_configuration_learns_in_two_processes_as_in_one \
-	tests/test_distributed.py::test_sdft_full_fine_tuning_two_processes_match_one
+	tests/test_distributed.py::test_sdft_full_fine_tuning_two_processes_match_one \
+	"tests/test_distributed.py::test_a_model_loaded_shard_by_shard_trains_what_one_process_trains[lora-ema]" \
+	tests/test_sharded_io.py tests/test_plan.py::test_planning_works_on_this_torch_or_says_which_it_needs
 
 .PHONY: demo test test-vllm test-floor lint env env-vllm env-floor clean
 

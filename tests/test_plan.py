@@ -264,3 +264,14 @@ def test_shipped_architectures_are_the_published_ones():
         ) == shape
     assert architecture_config("meta-llama/Llama-3.1-8B-Instruct")[0].vocab_size == 128256
     assert architecture_config("smollm2-135m")[0].hidden_size == 576
+
+
+def test_planning_works_on_this_torch_or_says_which_it_needs(tiny_dir):
+    """Fake kernels for the collectives came after the trainer's floor (torch 2.8 lacks them): there the
+    plan stops with a message saying which torch to plan with (make test-floor runs this)."""
+    version = tuple(int(part) for part in torch.__version__.split("+")[0].split(".")[:2])
+    if version >= (2, 13):
+        assert plan(tiny_config(tiny_dir), processes=2).peak > 0
+    else:
+        with pytest.raises(selfdistill.UserError, match="use torch 2.13 or later"):
+            plan(tiny_config(tiny_dir), processes=2)

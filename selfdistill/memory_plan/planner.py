@@ -97,7 +97,17 @@ def plan(cfg: Config, processes: int) -> MemoryPlan:
     config, where = architecture_config(cfg.model.name, cfg.model.trust_remote_code)
     precision = "bf16" if cfg.model.precision == "auto" else cfg.model.precision
     shapes = _shapes(cfg, processes)
-    traced = _trace(_planning_config(cfg, precision), config, processes, shapes, cfg.rollout.engine)
+    try:
+        traced = _trace(_planning_config(cfg, precision), config, processes, shapes, cfg.rollout.engine)
+    except (NotImplementedError, RuntimeError) as exc:  # fake collectives came after the trainer's torch floor
+        unsupported = type(exc).__name__ == "UnsupportedOperatorException" or "fake impl" in str(exc)
+        if not unsupported:
+            raise
+        raise UserError(
+            f"sdft plan traces the training step on fake tensors, which needs fake kernels for torch's collectives: "
+            f"torch {torch.__version__} lacks them ({str(exc).splitlines()[0][:120]}). Training runs on it; to plan, "
+            "use torch 2.13 or later (for example in a separate environment)."
+        ) from None
     configured = cfg.train.activation_checkpointing
     main, other = traced["steps"][configured], traced["steps"][not configured]
     update = traced["update_peak"]
