@@ -6,7 +6,8 @@ SETTINGS_JSON:
   {"mode": "train", "cwd": [DIR per rank], "output_dir": PATH}
       Each process works in its own directory, so a relative train.output_dir names a different
       directory on each (as the same path does on disks local to each machine), and trains one
-      step. A UserError is printed as "rank R: UserError: MESSAGE" and exits with status 2.
+      step. A UserError is printed as "rank R: UserError: MESSAGE", written to OUT_DIR/error-rankR.txt,
+      and exits with status 2.
       Rank 0 writes OUT_DIR/world.json: the seconds the shared-directory check took per process.
   {"mode": "first_load", "tmp": [DIR per rank], "nodes": bool, "unseen": bool}
       The vLLM engine's first load without vLLM: each process has its own TMPDIR; "nodes": every
@@ -67,6 +68,9 @@ def train_mode(out: Path, settings: dict) -> None:
     try:
         train(load_config(overrides=overrides), records=toy_records(), model=tiny_model(tok, seed=0), tokenizer=tok)
     except UserError as exc:
+        # Also in a file: torchrun stops the other processes as soon as one exits, so a rank's line
+        # on stderr can be lost, while the file is written before this process exits.
+        (out / f"error-rank{rank}.txt").write_text(str(exc))
         print(f"rank {rank}: UserError: {exc}", file=sys.stderr, flush=True)
         sys.exit(2)
     times = gathered(seconds)

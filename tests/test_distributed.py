@@ -22,7 +22,13 @@ pytestmark = pytest.mark.distributed
 
 
 def launch(
-    out: Path, settings: dict, processes: int, fault: str | None = None, check: bool = True, torchrun: bool = False
+    out: Path,
+    settings: dict,
+    processes: int,
+    fault: str | None = None,
+    check: bool = True,
+    torchrun: bool = False,
+    worker: Path = WORKER,
 ):
     env = {
         **os.environ,
@@ -37,7 +43,7 @@ def launch(
     if processes > 1 or torchrun:  # --standalone: a free port of its own, so parallel test runs do not collide
         prefix += ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(processes)]
     proc = subprocess.run(
-        prefix + [str(WORKER), str(out), json.dumps(settings)],
+        prefix + [str(worker), str(out), json.dumps(settings)],
         cwd=out.parent,
         env=env,
         capture_output=True,

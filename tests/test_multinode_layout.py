@@ -9,13 +9,12 @@
 """
 
 import json
-import os
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
+from test_distributed import launch as launch_worker
 
 from selfdistill.config import load_config
 from selfdistill.distributed import Processes
@@ -26,25 +25,7 @@ ROOT = Path(__file__).parent.parent
 
 
 def launch(out: Path, settings: dict, check: bool = True) -> subprocess.CompletedProcess:
-    env = {
-        **os.environ,
-        "OMP_NUM_THREADS": "1",
-        "SELFDISTILL_PROGRESS": "0",
-        "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]),
-    }
-    env.pop("SELFDISTILL_FAULT", None)
-    proc = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
-        + [str(WORKER), str(out), json.dumps(settings)],
-        cwd=out.parent,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
-    if check:
-        assert proc.returncode == 0, proc.stderr[-3000:]
-    return proc
+    return launch_worker(out, settings, 2, check=check, worker=WORKER)
 
 
 def tree(directory: Path) -> list[str]:
@@ -68,12 +49,9 @@ def test_an_output_dir_not_shared_by_the_nodes_is_refused_on_every_process(tmp_p
     before = [tree(node) for node in nodes]
     proc = launch(tmp_path / "out", {"mode": "train", "cwd": [str(n) for n in nodes], "output_dir": "run"}, False)
     assert proc.returncode != 0
-    errors = {
-        line.split(": UserError: ")[0]: line.split(": UserError: ")[1]
-        for line in proc.stderr.splitlines()
-        if ": UserError: " in line
-    }
-    assert set(errors) == {"rank 0", "rank 1"}, proc.stderr[-3000:]
+    errors = {f"rank {r}": (tmp_path / "out" / f"error-rank{r}.txt") for r in (0, 1)}
+    assert all(f.is_file() for f in errors.values()), proc.stderr[-3000:]
+    errors = {rank: f.read_text() for rank, f in errors.items()}
     assert errors["rank 0"] == errors["rank 1"]  # the same words on every process
     message = errors["rank 0"]
     assert message.startswith("train.output_dir run is not one directory shared by all 2 processes")
