@@ -25,15 +25,14 @@ import os
 import socket
 import tempfile
 import time
-from collections.abc import Iterator
 
 import torch
 from safetensors.torch import save_file
-from torch.distributed.tensor import DTensor
 
 from selfdistill.distributed import processes_sharing
 from selfdistill.errors import UserError
 from selfdistill.models.lora import is_lora
+from selfdistill.models.sharded import merged_weights
 from selfdistill.rollout import Completions
 
 INSTALL_HINT = (
@@ -69,47 +68,6 @@ def vllm_available() -> bool:
     return True
 
 
-def _whole(tensor: torch.Tensor) -> torch.Tensor:
-    """The whole tensor of a parameter; under FSDP2 one all-gather of this parameter alone.
-
-    Every process walks the parameters in the same order, so the all-gathers line up; at no
-    point is more than one parameter (or one merged LoRA layer) gathered.
-    """
-    tensor = tensor.detach()
-    return tensor.full_tensor() if isinstance(tensor, DTensor) else tensor
-
-
-def merged_weights(model) -> Iterator[tuple[str, torch.Tensor]]:
-    """(checkpoint name, tensor) for every weight the engine needs, one at a time.
-
-    Names are those `save_pretrained` writes for the plain model. A LoRA layer yields one merged
-    weight W0 + scale·B·A, computed on the fly and dropped after use, so at most one extra
-    layer-sized tensor exists at a time. Sharded (FSDP2) weights are gathered one by one.
-    """
-    if not is_lora(model):
-        for name, param in model.named_parameters():
-            yield name, _whole(param)
-        return
-    from peft.tuners.lora import LoraLayer
-
-    base = model.get_base_model()
-    lora_prefixes = []
-    for name, module in base.named_modules():
-        if isinstance(module, LoraLayer):
-            lora_prefixes.append(name + ".")
-            weight = _whole(module.base_layer.weight)
-            merged = weight.float()
-            for adapter in module.active_adapters:
-                delta = _whole(module.lora_B[adapter].weight).float() @ _whole(module.lora_A[adapter].weight).float()
-                merged = merged + (delta.T if module.fan_in_fan_out else delta) * module.scaling[adapter]
-            yield name + ".weight", merged.to(weight.dtype)
-            if getattr(module.base_layer, "bias", None) is not None:
-                yield name + ".bias", _whole(module.base_layer.bias)
-    for name, param in base.named_parameters():
-        if not any(name.startswith(p) for p in lora_prefixes):
-            yield name, _whole(param)
-
-
 def engine_dtype(precision: str) -> str:
     return {"fp32": "float32", "bf16": "bfloat16"}[precision]
 
@@ -122,7 +80,7 @@ def write_first_load(model, directory: str, *, write: bool, shard_bytes: int = 2
     holds the whole model. A real first load and not vLLM's placeholder ("dummy") weights: those
     also overwrite buffers such as the rotary tables, which a later weight sync does not restore.
     """
-    config = (model.get_base_model() if is_lora(model) else model).config
+    config = _model_config(model)
     shard, size, files, index = {}, 0, [], {}
 
     def flush():
@@ -395,7 +353,7 @@ def shared_engine(model, *, precision: str, max_model_len: int, seed: int = 0, g
     seconds and memory. Reuse is safe because a reused engine is always synced before use.
     """
     global _ENGINE
-    config = (model.get_base_model() if is_lora(model) else model).config
+    config = _model_config(model)
     key = (config.to_json_string(), precision, max_model_len, seed, gpu_memory)
     if _ENGINE is not None and _ENGINE[0] == key:
         return _ENGINE[1]

@@ -20,11 +20,13 @@ from __future__ import annotations
 import contextlib
 import json
 import zlib
+from collections.abc import Iterator
 from pathlib import Path
 
 import torch
 
 from selfdistill.errors import UserError
+from selfdistill.models.lora import is_lora
 
 
 @contextlib.contextmanager
@@ -230,10 +232,42 @@ def init_lora(model, seed: int) -> None:
                 target.copy_(whole[start:end].to(target.dtype).reshape(target.shape))
 
 
-def _whole(param) -> torch.Tensor:
+def whole(tensor: torch.Tensor) -> torch.Tensor:
+    """The whole tensor of a parameter; under FSDP2 one all-gather of this parameter alone.
+
+    Every process walks the parameters in the same order, so the all-gathers line up; at no
+    point is more than one parameter (or one merged LoRA layer) gathered.
+    """
     from torch.distributed.tensor import DTensor
 
-    return param.full_tensor() if isinstance(param, DTensor) else param.detach()
+    tensor = tensor.detach()
+    return tensor.full_tensor() if isinstance(tensor, DTensor) else tensor
+
+
+def merged_weights(model, factors: dict | None = None) -> Iterator[tuple[str, torch.Tensor]]:
+    """(checkpoint name, whole tensor) for every weight of the plain model, one at a time, in order.
+
+    Names are those `save_pretrained` writes for the plain model (`checkpoint_name`). A LoRA layer
+    yields its merged weight W0 + scale·B·A, added into W0's dtype as PEFT's merge adds it, so at
+    most one extra layer-sized tensor exists at a time; the gathered factors go into `factors`
+    (under the adapter's state-dict names) when it is given. Every process must walk it.
+    """
+    layers = {}
+    if is_lora(model):
+        from peft.tuners.lora import LoraLayer
+
+        layers = {f"{n}.base_layer.weight": m for n, m in model.named_modules() if isinstance(m, LoraLayer)}
+    for name, param in _plain_parameters(model):
+        tensor = whole(param)
+        layer = layers.get(name)
+        if layer is not None:
+            tensor = _merged(name, layer, tensor, factors)
+        yield checkpoint_name(name), tensor
+
+
+def _plain_parameters(model) -> list[tuple[str, torch.Tensor]]:
+    """The parameters a plain model has: all but the LoRA factors (merged into their base weights)."""
+    return [(name, param) for name, param in model.named_parameters() if "lora_" not in name]
 
 
 _NAMES = {dtype: name for name, dtype in _DTYPES.items()}
@@ -294,33 +328,19 @@ def write_final(model, tokenizer, directory: Path, is_main: bool, part_bytes: in
     The same files a one-process run writes with `save_model`: merged weights in the base weights'
     dtype (and, for LoRA, the adapter in `adapter/`), config, generation config and tokenizer.
     """
-    from selfdistill.models.lora import is_lora
-
-    lora = is_lora(model)
-    layers = {}
-    if lora:
-        from peft.tuners.lora import LoraLayer
-
-        layers = {f"{n}.base_layer.weight": m for n, m in model.named_modules() if isinstance(m, LoraLayer)}
-    kept = [(name, param) for name, param in model.named_parameters() if "lora_" not in name]
-    layout = [(checkpoint_name(name), tuple(param.shape), param.dtype) for name, param in kept]
+    layout = [(checkpoint_name(name), tuple(param.shape), param.dtype) for name, param in _plain_parameters(model)]
     writer = _StreamWriter(directory, layout, part_bytes) if is_main else None
     adapter_state = {}
-    base_dtype = None
-    for name, param in kept:  # LoRA factors: written with the base weight they adapt, and into adapter/
-        whole = _whole(param)
-        layer = layers.get(name)
-        if layer is not None:
-            whole = _merged(name, layer, whole, adapter_state)
-        base_dtype = base_dtype or whole.dtype
+    for name, tensor in merged_weights(model, adapter_state):
         if writer is not None:
-            writer.add(checkpoint_name(name), whole)
-        del whole
+            writer.add(name, tensor)
+        del tensor
     if writer is None:
         return
     writer.close()
+    lora = is_lora(model)
     config = (model.get_base_model() if lora else model).config
-    config.dtype = base_dtype
+    config.dtype = layout[0][2]  # the weights' own dtype (a LoRA run's: the base weights')
     config.save_pretrained(directory)
     model.generation_config.save_pretrained(directory)
     if lora:
@@ -328,15 +348,16 @@ def write_final(model, tokenizer, directory: Path, is_main: bool, part_bytes: in
     tokenizer.save_pretrained(directory)
 
 
-def _merged(name: str, layer, base: torch.Tensor, adapter_state: dict) -> torch.Tensor:
+def _merged(name: str, layer, base: torch.Tensor, factors: dict | None) -> torch.Tensor:
     """W0 + scale·B·A for one LoRA layer from gathered factors, added into W0's dtype as PEFT's merge adds it."""
     prefix = name.removesuffix("base_layer.weight")
     merged = base.clone()
     for adapter in layer.active_adapters:
-        a = _whole(layer.lora_A[adapter].weight)
-        b = _whole(layer.lora_B[adapter].weight)
-        adapter_state[f"{prefix}lora_A.{adapter}.weight"] = a.to("cpu")
-        adapter_state[f"{prefix}lora_B.{adapter}.weight"] = b.to("cpu")
+        a = whole(layer.lora_A[adapter].weight)
+        b = whole(layer.lora_B[adapter].weight)
+        if factors is not None:
+            factors[f"{prefix}lora_A.{adapter}.weight"] = a.to("cpu")
+            factors[f"{prefix}lora_B.{adapter}.weight"] = b.to("cpu")
         delta = (b @ a) * layer.scaling[adapter]
         if getattr(layer, "fan_in_fan_out", False):
             delta = delta.T
