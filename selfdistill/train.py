@@ -457,15 +457,17 @@ def _count_zero_gradient(run: TrainingRun, done: int, tokens: float, grad_norm: 
             "step %d: %d loss tokens but a gradient of exactly 0; the trainable weights do not reach the loss (%s)",
             done,
             int(tokens),
-            _training_settings(run.cfg),
+            _training_settings(run),
         )
 
 
-def _training_settings(cfg: Config) -> str:
+def _training_settings(run: TrainingRun) -> str:
     """The settings that decide which weights the loss reaches, for messages."""
+    cfg = run.cfg
     parts = [f"method={cfg.method}", f"model.lora.enabled={cfg.model.lora.enabled}"]
-    if cfg.method in ("sdft", "offline_distill", "sft_reinvoke"):
-        parts += [f"teacher.kind={cfg.teacher.kind}", f"loss.kind={cfg.loss.kind}"]
+    teacher = getattr(run.method, "teacher", None)  # methods that distil from a teacher
+    if teacher is not None:
+        parts += [f"teacher.kind={teacher.kind}", f"loss.kind={cfg.loss.kind}"]
     if cfg.method == "offline_distill":
         parts.append(f"offline.loss={cfg.offline.loss}")
     return ", ".join(parts)
@@ -477,7 +479,7 @@ def _fail_if_nothing_trained(run: TrainingRun) -> None:
     if counts["with_tokens"] and counts["total"] == counts["with_tokens"]:
         raise RunFailed(
             f"Nothing was trained: all {counts['total']} steps with loss tokens had a gradient of exactly 0, so the "
-            f"weights never moved. These settings train nothing: {_training_settings(run.cfg)}. "
+            f"weights never moved. These settings train nothing: {_training_settings(run)}. "
             "Please report this combination; change one of them to train."
         )
 
