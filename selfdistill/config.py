@@ -14,6 +14,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import difflib
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar, Literal, get_args, get_origin, get_type_hints
@@ -139,6 +140,11 @@ class LossConfig(_Section):
     add_tail: bool = _f(False, "With top_k: keep the rest of the mass as one extra 'tail' bucket.")
     skip_first_tokens: int = _f(3, "Completion tokens at the start left out of the loss.")
     chunk_size: int = _f(256, "Completion positions whose logits are computed at once.")
+    sft_weight: float = _f(
+        0.0,
+        "sdft: weight λ of an SFT term: loss = SDFT loss + λ · cross-entropy on the demonstration (each a "
+        "mean over its own tokens; metrics.jsonl logs both). 0: the paper's SDFT.",
+    )
 
 
 @dataclass
@@ -165,7 +171,33 @@ class ReinvokeConfig(_Section):
 
     steps: int = _f(10, "sft_reinvoke: optimizer steps of the second (recovery) phase.")
     prompts: str | None = _f(
-        None, "sft_reinvoke: general prompts (.jsonl with 'prompt'); default: the built-in probe prompts."
+        None,
+        "sft_reinvoke: general prompts (.jsonl with 'prompt'); default: the built-in general prompts (the replay set; "
+        "none of them is an evaluation probe or drift prompt).",
+    )
+
+
+@dataclass
+class ReplayConfig(_Section):
+    key: ClassVar[str] = "replay"
+
+    ratio: float = _f(0.25, "sft_replay: share of every step's examples drawn from the replay set.")
+    data: str | None = _f(
+        None,
+        "sft_replay: replay records (.jsonl / dataset, like data.train). Records without a demonstration are "
+        "answered by the starting model. Default: the built-in general prompts, answered by the starting model.",
+    )
+    max_new_tokens: int = _f(128, "sft_replay: longest answer the starting model writes for a replay prompt.")
+
+
+@dataclass
+class AnchorConfig(_Section):
+    key: ClassVar[str] = "anchor"
+
+    beta: float = _f(
+        0.1,
+        "sft_kl: weight β of the anchor: loss = cross-entropy + β · KL(starting model ‖ student) on the "
+        "demonstration's tokens, over the full vocabulary. 0: plain SFT.",
     )
 
 
@@ -214,6 +246,8 @@ class Config:
     teacher: TeacherConfig = field(default_factory=TeacherConfig)
     offline: OfflineConfig = field(default_factory=OfflineConfig)
     reinvoke: ReinvokeConfig = field(default_factory=ReinvokeConfig)
+    replay: ReplayConfig = field(default_factory=ReplayConfig)
+    anchor: AnchorConfig = field(default_factory=AnchorConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
 
     def __post_init__(self) -> None:
@@ -262,6 +296,27 @@ def validate(cfg: Config) -> Config:
     _check(cfg.rollout.num_rollouts >= 1, "rollout.num_rollouts", "must be >= 1.")
     _check(cfg.rollout.importance_cap > 0, "rollout.importance_cap", "must be > 0.")
     _check(cfg.reinvoke.steps >= 0, "reinvoke.steps", "must be >= 0.")
+    _check(0.0 <= cfg.replay.ratio < 1.0, "replay.ratio", "must lie in [0, 1): some of every step must be new data.")
+    _check(cfg.replay.max_new_tokens > 0, "replay.max_new_tokens", "must be > 0.")
+    if cfg.method == "sft_replay":
+        replayed = math.floor(cfg.replay.ratio * cfg.train.batch_size + 0.5)  # as sft_replay rounds it
+        _check(
+            0 < replayed < cfg.train.batch_size or cfg.replay.ratio == 0,
+            "replay.ratio",
+            f"{cfg.replay.ratio} of train.batch_size {cfg.train.batch_size} is {replayed} replay examples a step; "
+            "it must be at least 1 and leave at least one slot for the training records (change either).",
+        )
+    _check(cfg.anchor.beta >= 0 and math.isfinite(cfg.anchor.beta), "anchor.beta", "must be a finite number >= 0.")
+    _check(
+        cfg.loss.sft_weight >= 0 and math.isfinite(cfg.loss.sft_weight),
+        "loss.sft_weight",
+        "must be a finite number >= 0.",
+    )
+    _check(
+        cfg.loss.sft_weight == 0 or cfg.method == "sdft",
+        "loss.sft_weight",
+        f"adds an SFT term to SDFT's loss; method {cfg.method!r} has no such term (use method=sdft, or leave it 0).",
+    )
     template = cfg.data.teacher_template
     _check(
         template in ("paper", "plain") or ("{question}" in template and "{demonstration}" in template),

@@ -389,3 +389,41 @@ def chunked_token_loss(
 
     total, logp_sum = _chunked(chunk_loss, hidden, head, chunk_size, 1)
     return total, logp_sum.reshape(()).cpu()
+
+
+def _anchored_chunk(student_hidden, anchor_hidden, tokens, weights, student_head, anchor_head, beta: float):
+    student_logp = torch.log_softmax(student_head(student_hidden).float(), dim=-1)
+    with torch.no_grad():
+        anchor_logp = torch.log_softmax(anchor_head(anchor_hidden).float(), dim=-1)
+    token_logp = student_logp.gather(-1, tokens[:, None]).squeeze(-1)
+    kl = _kl(anchor_logp, student_logp)
+    with torch.no_grad():
+        stats = torch.stack([(token_logp * weights).sum(), (kl * weights).sum()])
+    return ((beta * kl - token_logp) * weights).sum(), stats
+
+
+def chunked_anchored_loss(
+    student_hidden: torch.Tensor,
+    anchor_hidden: torch.Tensor,
+    tokens: torch.Tensor,
+    weights: torch.Tensor,
+    student_head,
+    anchor_head,
+    beta: float,
+    chunk_size: int = 256,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Σ weight · (−log p_S(token) + β · KL(anchor ‖ student)) over positions, chunked like the other losses.
+
+    The cross-entropy of SFT on the given tokens plus a forward KL, over the full vocabulary, from
+    the anchor's (the starting model's) next-token distribution at the same positions. Returns
+    (weighted loss sum, [Σ weight · log p_S(token), Σ weight · KL]).
+    """
+    anchor_hidden = anchor_hidden.detach()
+
+    def chunk_loss(part_hidden: torch.Tensor, part: slice):
+        return _anchored_chunk(
+            part_hidden, anchor_hidden[part], tokens[part], weights[part], student_head, anchor_head, beta
+        )
+
+    total, stats = _chunked(chunk_loss, student_hidden, student_head, chunk_size, 2)
+    return total, stats.cpu()

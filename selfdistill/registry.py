@@ -46,6 +46,16 @@ _ENTRIES = (
         "selfdistill.methods.cpt:CPT",
     ),
     MethodInfo(
+        "sft_replay",
+        "SFT with replay: replay.ratio of every step's examples are the starting model's own answers to general prompts.",
+        "selfdistill.methods.sft_replay:SFTReplay",
+    ),
+    MethodInfo(
+        "sft_kl",
+        "SFT anchored to the starting model: cross-entropy + anchor.beta x KL(starting model || student) per token.",
+        "selfdistill.methods.sft_kl:SFTKL",
+    ),
+    MethodInfo(
         "sft_reinvoke",
         "SFT, then on-policy distillation from the initial model on general prompts to recover old skills.",
         "selfdistill.methods.sft_reinvoke:SFTReinvoke",

@@ -155,8 +155,9 @@ def prepare_output_dir(cfg: Config, resume: bool, overwrite: bool) -> Path:
         if overwrite and out.exists():
             import shutil
 
-            # Everything a run writes (offline_targets.jsonl: offline distillation's fixed teacher answers).
-            for child in ("checkpoints", "final", "metrics.jsonl", "run.json", "offline_targets.jsonl"):
+            # Everything a run writes (offline_targets.jsonl: offline distillation's fixed teacher answers;
+            # replay.jsonl: sft_replay's answers of the starting model).
+            for child in ("checkpoints", "final", "metrics.jsonl", "run.json", "offline_targets.jsonl", "replay.jsonl"):
                 target = inside(out, child)
                 if target.is_dir():
                     shutil.rmtree(target)

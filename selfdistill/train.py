@@ -33,7 +33,6 @@ import torch
 from selfdistill.checkpoint import latest_checkpoint, load_checkpoint, replace_dir, save_checkpoint
 from selfdistill.config import Config
 from selfdistill.data import PromptBuilder, Record, load_records
-from selfdistill.data.order import data_order
 from selfdistill.distributed import (
     Processes,
     barrier,
@@ -201,6 +200,7 @@ def setup(cfg: Config, records, model, tokenizer, resume: bool, overwrite: bool)
         # Here, not at the rollout: a prompt too long for the engine would fail one process mid-run.
         check_prompts_fit(cfg, model, records, encoded)
     method = method_class(cfg, model, tokenizer, builder, stop_id, tokenizer.pad_token_id, records)
+    method.procs = procs
     if procs.sharded:  # the teacher is copied from the student (in the method) before sharding
         empty = weights_dir is not None  # built on the meta device: filled shard by shard below
         shard = functools.partial(shard_model, procs=procs, warm_up=not empty)
@@ -329,7 +329,7 @@ def train_step(run: TrainingRun, step: int) -> dict:
     started = time.perf_counter()
     done = step + 1
     positions = list(range(step * cfg.train.batch_size, done * cfg.train.batch_size))[procs.rank :: procs.world]
-    mine = [run.examples[data_order(len(run.examples), cfg.train.seed, p)] for p in positions]
+    mine = run.method.step_examples(run.examples, positions, step)
     seeds = [rollout_seed(cfg.train.seed, p, r) for p in positions for r in range(cfg.rollout.num_rollouts)]
     items, build_stats = run.method.build_items(mine, seeds, step)
     fault("rollout", done)
@@ -470,6 +470,10 @@ def _training_settings(run: TrainingRun) -> str:
         parts += [f"teacher.kind={teacher.kind}", f"loss.kind={cfg.loss.kind}"]
     if cfg.method == "offline_distill":
         parts.append(f"offline.loss={cfg.offline.loss}")
+    if cfg.method == "sft_kl":
+        parts.append(f"anchor.beta={cfg.anchor.beta}")
+    if cfg.loss.sft_weight:
+        parts.append(f"loss.sft_weight={cfg.loss.sft_weight}")
     return ", ".join(parts)
 
 
@@ -513,17 +517,18 @@ def _step_metrics(step, loss_total, tokens, summed, scheduler, grad_norm, elapse
         "time_student_backward": backward_time,
         "tokens_per_s": tokens / elapsed if elapsed > 0 else 0.0,
     }
-    for name in ("divergence", "teacher_minus_student_logp", "teacher_entropy", "demonstration_logp"):
+    for name in ("divergence", "teacher_minus_student_logp", "teacher_entropy", "demonstration_logp", "anchor_kl"):
         if name in summed:
             record[name] = summed.pop(name) / per_token
-    if "demonstration_tokens" in summed:  # measured on the demonstrations, not on the loss tokens
-        record["demonstration_logp"] = summed.pop("demonstration_logp_sum") / max(
-            summed.pop("demonstration_tokens"), 1.0
-        )
     if "completion_tokens" in summed:
         record["completion_length"] = summed.pop("completion_tokens") / sequences
         record["clipped_ratio"] = summed.pop("clipped", 0.0) / sequences
     finish_ratio_stats(summed)
+    # Means over tokens of their own (not the loss tokens): a part logged as `X_sum` and `X_count`
+    # becomes X, e.g. demonstration_logp measured on the demonstrations, sft_loss, replay_logp.
+    for key in [k for k in summed if k.endswith("_sum") and k.removesuffix("_sum") + "_count" in summed]:
+        name = key.removesuffix("_sum")
+        record[name] = summed.pop(key) / max(summed.pop(name + "_count"), 1.0)
     for name, value in summed.items():  # the parts' timings (time_rollout, ...): the slowest process's
         record[name] = value
     return record

@@ -37,6 +37,8 @@ def teacher_kinds(method: str) -> list[str | None]:
 def variants(method: str) -> list[dict]:
     if method == "offline_distill":
         return [{"offline": {"loss": "ce"}}, {"offline": {"loss": "divergence"}}]
+    if method == "sdft":  # the paper's SDFT, and SDFT + SFT
+        return [{}, {"loss": {"sft_weight": 1.0}}]
     return [{}]
 
 
@@ -49,7 +51,11 @@ def cases() -> list[dict]:
                     name = "-".join(
                         [method, "lora" if lora else "full"]
                         + ([teacher] if teacher else [])
-                        + [v for section in extra.values() for v in section.values()]
+                        + [
+                            f"{k}{v}" if isinstance(v, float) else str(v)
+                            for sec in extra.values()
+                            for k, v in sec.items()
+                        ]
                     )
                     out.append({"name": name, "method": method, "lora": lora, "teacher": teacher, "extra": extra})
     return out
@@ -78,6 +84,9 @@ def overrides(case: dict, inputs: Path, out: Path, precision: str = "fp32") -> d
         "rollout": {"max_new_tokens": 3, "temperature": 1.0},
         "loss": {"skip_first_tokens": 0, "chunk_size": 4},
         "reinvoke": {"steps": STEPS, "prompts": str(inputs / "general.jsonl")},
+        # sft_replay: 2 of the step's 8 examples are the starting model's answers to the general prompts.
+        "replay": {"data": str(inputs / "general.jsonl"), "ratio": 0.25, "max_new_tokens": 3},
+        "anchor": {"beta": 0.5},
         "train": {
             "output_dir": str(out),
             "batch_size": 8,

@@ -39,7 +39,20 @@ def method_config(tmp_path, method, **sections):
 
 
 def test_every_method_is_registered_and_documented():
-    assert set(REGISTRY) == set(METHODS) == {"sdft", "sft", "dft", "offline_distill", "cpt", "sft_reinvoke"}
+    assert (
+        set(REGISTRY)
+        == set(METHODS)
+        == {
+            "sdft",
+            "sft",
+            "dft",
+            "offline_distill",
+            "cpt",
+            "sft_replay",
+            "sft_kl",
+            "sft_reinvoke",
+        }
+    )
 
 
 @pytest.mark.parametrize("method", ["sft", "dft", "offline_distill", "cpt", "sdft"])

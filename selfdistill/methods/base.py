@@ -7,8 +7,9 @@ from dataclasses import dataclass, field
 
 import torch
 
+from selfdistill.data.order import data_order
 from selfdistill.data.prompts import EncodedRecord
-from selfdistill.distributed import backbone, processes_sharing, reshard_all
+from selfdistill.distributed import Processes, backbone, processes_sharing, reshard_all, sum_across
 from selfdistill.losses import chunked_token_loss, output_head
 from selfdistill.precision import resolve_precision
 from selfdistill.rollout import autocast_context, pad_batch
@@ -68,6 +69,8 @@ class Method:
     name = "base"
     # The rollout engine (rollout.engine) completes the training records' student prompts (SDFT).
     samples_student_prompts = False
+    # The processes training together; the loop sets it (a plain process: one).
+    procs = Processes(0, 1, torch.device("cpu"))
 
     def __init__(self, cfg, model, tokenizer, builder, stop_token_id: int, pad_token_id: int, records=None):
         self.cfg = cfg
@@ -89,6 +92,15 @@ class Method:
     def training_examples(self, records: list[EncodedRecord]) -> list:
         """What the data order runs over (records by default; cpt: document pieces)."""
         return records
+
+    def step_examples(self, examples: list, positions: list[int], step: int) -> list:
+        """This process's examples of optimizer step `step`, at global stream positions `positions`
+        (sft_replay: some of them come from the replay set instead)."""
+        return [examples[data_order(len(examples), self.cfg.train.seed, p)] for p in positions]
+
+    def sum_across(self, values: list[float]) -> list[float]:
+        """Element-wise sums over the processes training together (for losses normalised by global counts)."""
+        return sum_across(self.procs, values)
 
     def total_steps(self, steps: int) -> int:
         """Optimizer steps of the whole run, given those the data and epochs call for."""
@@ -143,7 +155,7 @@ class Method:
         reshard_all(self.model)
         return {
             "demonstration_logp_sum": logp_sum,
-            "demonstration_tokens": float(tokens),
+            "demonstration_logp_count": float(tokens),
             "time_demonstration_logp": time.perf_counter() - start,
         }
 

@@ -6,6 +6,12 @@ the student is trained to match the teacher's next-token distribution at every c
 position (the first `skip_first_tokens` left out, so the student does not learn the teacher's
 template phrasing such as "Based on the example…"); then the teacher's weights follow the
 student (EMA).
+
+`loss.sft_weight` λ > 0 adds an SFT term: the loss is the SDFT loss (per rollout token) plus λ
+times the cross-entropy of the demonstrations (per demonstration token), in the same step, with
+one more student forward over the demonstrations; metrics.jsonl logs `divergence` and
+`sft_loss` apart. A 1:1 mix of the two is what public reports used to keep self-distillation of
+1.7-3B models from drifting.
 """
 
 from __future__ import annotations
@@ -17,7 +23,7 @@ import torch
 
 from selfdistill.distributed import is_sharded
 from selfdistill.importance import ImportanceSampling, ratio_sums
-from selfdistill.losses import STAT_NAMES, LossSettings, chunked_completion_loss, output_head
+from selfdistill.losses import STAT_NAMES, LossSettings, chunked_completion_loss, chunked_token_loss, output_head
 from selfdistill.methods.base import Method, TrainItem, completion_hidden
 from selfdistill.rollout import generate
 from selfdistill.teacher import Teacher
@@ -112,7 +118,50 @@ class SDFT(Method):
             seeds,
             self.cfg.loss.skip_first_tokens,
         )
+        if self.cfg.loss.sft_weight:  # the SFT term logs the demonstrations' log-likelihood itself
+            self._attach_demonstrations(items, records)
+            return items, stats
         return items, {**stats, **self.demonstration_logp(records, step)}
+
+    def _attach_demonstrations(self, items: list[TrainItem], records) -> None:
+        """SDFT + λ·SFT: each rollout carries its record's demonstration, and the SFT term's scale is set.
+
+        The loop divides the step's loss by its rollout tokens R (across processes); the SFT term
+        is to be λ times the cross-entropy per demonstration token, over the D demonstration tokens
+        of the step's records. With n rollouts per record each demonstration rides on n items, so
+        every item's cross-entropy sum is scaled by λ · R / (D · n).
+        """
+        n = self.cfg.rollout.num_rollouts
+        for k, item in enumerate(items):
+            item.extra["demonstration"] = records[k // n].demonstration_ids
+        rollout_tokens, demonstration_tokens = self.sum_across(
+            [float(sum(i.loss_tokens for i in items)), float(sum(len(r.demonstration_ids) for r in records))]
+        )
+        self._sft_scale = self.cfg.loss.sft_weight * rollout_tokens / max(demonstration_tokens, 1.0) / n
+
+    def _sft_term(self, items: list[TrainItem]) -> tuple[torch.Tensor, dict]:
+        """λ-scaled cross-entropy on the items' demonstrations: one more student forward, on those tokens."""
+        start = time.perf_counter()
+        n = self.cfg.rollout.num_rollouts
+        demonstrations = [TrainItem(i.record_index, i.prompt_ids, i.extra["demonstration"]) for i in items]
+        hidden, tokens = completion_hidden(self.model, demonstrations, False, self.pad_token_id, self.precision)
+        ce, logp_sum = chunked_token_loss(
+            hidden,
+            tokens,
+            torch.ones(tokens.shape[0], device=hidden.device),
+            output_head(self.model),
+            torch.negative,
+            self.cfg.loss.chunk_size,
+        )
+        count = tokens.shape[0] / n
+        stats = {
+            "sft_loss_sum": -float(logp_sum) / n,
+            "sft_loss_count": count,
+            "demonstration_logp_sum": float(logp_sum) / n,
+            "demonstration_logp_count": count,
+            "time_sft_forward": time.perf_counter() - start,
+        }
+        return ce * self._sft_scale, stats
 
     def loss(self, items: list[TrainItem]):
         # Items without loss tokens are not dropped: under FSDP2 every process runs the same forwards.
@@ -144,6 +193,10 @@ class SDFT(Method):
             stats.update(ratio_sums(importance.ratios, importance.cap))
         stats["time_teacher"] = teacher_time
         stats["time_student_forward"] = time.perf_counter() - start
+        if items and "demonstration" in items[0].extra:  # SDFT + λ·SFT
+            sft, sft_stats = self._sft_term(items)
+            loss = loss + sft
+            stats.update(sft_stats)
         return loss, stats
 
     def _importance_sampling(self, items: list[TrainItem]) -> ImportanceSampling | None:

@@ -7,8 +7,10 @@ demonstration, same prompt) scores those tokens, and the student matches its dis
 (the divergence settings of `loss.*`). This is the recipe of Lu & Thinking Machines (2025) for
 undoing the forgetting SFT causes; both phases run in one loop, one optimizer and one schedule.
 
-General prompts are `reinvoke.prompts` (JSONL with `prompt`) or, by default, the prompts of the
-built-in general probe suite; each phase-2 position picks one by its seed (with replacement).
+General prompts are `reinvoke.prompts` (JSONL with `prompt`) or, by default, the built-in
+general prompts (none of which is an evaluation probe or drift prompt, so the probes measure
+what phase 2 recovered rather than what it trained on); each phase-2 position picks one by its
+seed (with replacement).
 """
 
 from __future__ import annotations
@@ -21,9 +23,9 @@ from selfdistill.methods.sft import SFT
 def general_prompts(path: str | None) -> list[str | list]:
     if path:
         return [r.prompt for r in load_records(path, require_demonstration=False)]
-    from selfdistill.eval.probes import load_suite
+    from selfdistill.data.general import general_prompts as builtin
 
-    return [item["prompt"] for item in load_suite("general")]
+    return builtin()
 
 
 class SFTReinvoke(SDFT):

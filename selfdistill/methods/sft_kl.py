@@ -1,0 +1,76 @@
+"""SFT anchored to the starting model: cross-entropy on the demonstration plus β · KL(start ‖ student).
+
+At every demonstration token the student pays, besides SFT's cross-entropy, `anchor.beta` times
+the KL divergence from the starting model's next-token distribution (shown the same prompt) to
+its own, over the full vocabulary, chunked like the other losses. The starting model is the
+frozen teacher of the other methods: a frozen copy for full fine-tuning, the adapter switched
+off for LoRA (no second copy).
+
+Why this direction, KL(start ‖ student) = Σ_v p_start (log p_start − log p_student): it is the
+loss of distilling the starting model into the student, and together with the cross-entropy it
+is the cross-entropy against the mixture of the demonstrated token and the starting model's
+distribution (weights 1 and β): the student is asked to keep all of the mass the starting model
+spreads over other tokens while it learns the demonstrated one (as in Learning without
+Forgetting). Its gradient in the logits, β (p_student − p_start), is bounded. The reverse
+direction, KL(student ‖ start), is mode-seeking: it only penalises mass the starting model
+lacks, and at a demonstrated token the starting model finds unlikely it pushes straight against
+the cross-entropy, with a gradient that grows as p_start → 0.
+"""
+
+from __future__ import annotations
+
+import time
+
+import torch
+
+from selfdistill.losses import chunked_anchored_loss, output_head
+from selfdistill.methods.base import TrainItem, completion_hidden
+from selfdistill.methods.sdft import SDFT
+from selfdistill.methods.sft import SFT
+
+
+class SFTKL(SDFT):
+    name = "sft_kl"
+    teacher_kind = "frozen"  # the starting model
+    samples_student_prompts = False  # no rollouts: it trains on the demonstrations
+    per_token_loss = SFT.per_token_loss
+
+    def build_items(self, records, seeds, step):
+        # The starting model is shown what the student is shown: the prompt, no demonstration.
+        items = [
+            TrainItem(r.index, r.student_ids, r.demonstration_ids, teacher_prompt_ids=r.student_ids) for r in records
+        ]
+        return items, {}
+
+    def loss(self, items: list[TrainItem]):
+        beta = self.cfg.anchor.beta
+        if beta == 0:
+            return SFT.loss(self, items)
+        start = time.perf_counter()
+        with self.teacher.scoring(self.model) as anchor:
+            with anchor.weights() as anchor_model:
+                anchor_hidden = self._teacher_hidden(anchor_model, items)
+            anchor_time = time.perf_counter() - start
+            start = time.perf_counter()
+            hidden, tokens = completion_hidden(self.model, items, False, self.pad_token_id, self.precision)
+            loss, sums = chunked_anchored_loss(
+                hidden,
+                anchor_hidden,
+                tokens,
+                torch.ones(tokens.shape[0], device=hidden.device),
+                output_head(self.model),
+                anchor.head,
+                beta,
+                self.cfg.loss.chunk_size,
+            )
+        logp_sum, kl_sum = sums.tolist()
+        stats = {
+            "demonstration_logp": logp_sum,
+            "anchor_kl": kl_sum,
+            "time_teacher": anchor_time,
+            "time_student_forward": time.perf_counter() - start,
+        }
+        return loss, stats
+
+    def after_step(self) -> None:
+        """The starting model stays as it is."""

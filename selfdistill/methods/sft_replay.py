@@ -1,0 +1,220 @@
+"""SFT with replay: every step mixes a fixed share of examples of the model's old behaviour into the new data.
+
+Of every optimizer step's `train.batch_size` examples, round(`replay.ratio` × batch size) come from
+the replay set and the rest from the training records; the replay slots are spread evenly over
+the step. Replay examples are trained on exactly like the demonstrations (cross-entropy).
+
+The replay set is `replay.data` (records; any record without a demonstration is answered by the
+starting model) or, by default, the built-in general prompts answered by the starting model
+itself, greedily. Self-generated replay needs no outside data: the targets are what the model
+already says, so rehearsing them pulls the weights back toward the starting model's behaviour on
+general requests while the demonstrations pull toward the new task. A run uses as many replay
+prompts as it will draw (the first of a seeded shuffle), so a short run answers few of them.
+
+The answers are generated once, before the first step, and stored in the run directory
+(`replay.jsonl`, one line per prompt, written as each batch finishes): a run stopped while they
+were being generated continues from the last batch written, and a resumed run reuses them.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import random
+from pathlib import Path
+
+import torch
+
+from selfdistill.checkpoint import latest_checkpoint
+from selfdistill.data.order import data_order
+from selfdistill.data.prompts import EncodedRecord
+from selfdistill.data.records import Record, load_records
+from selfdistill.distributed import barrier
+from selfdistill.errors import UserError
+from selfdistill.files import write_atomic
+from selfdistill.losses import chunked_token_loss, output_head
+from selfdistill.methods.base import TrainItem, completion_hidden
+from selfdistill.methods.sft import SFT
+from selfdistill.progress import progress_bar
+from selfdistill.rollout import generate
+
+REPLAY_FILE = "replay.jsonl"
+
+
+def replay_slots(batch_size: int, ratio: float) -> list[bool]:
+    """Which of a step's `batch_size` slots are replay: round(ratio × batch_size) of them, spread evenly."""
+    count = math.floor(ratio * batch_size + 0.5)
+    return [(j + 1) * count // batch_size > j * count // batch_size for j in range(batch_size)]
+
+
+def replay_records(source: str | None) -> list[Record]:
+    """The replay records: a user's file, or the built-in general prompts (to be answered by the model)."""
+    if source:
+        return load_records(source, require_demonstration=False)
+    from selfdistill.data.general import general_prompts
+
+    return [
+        Record(prompt=p, demonstration="", source=f"built-in general prompt {k}")
+        for k, p in enumerate(general_prompts())
+    ]
+
+
+class SFTReplay(SFT):
+    name = "sft_replay"
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.slots = replay_slots(self.cfg.train.batch_size, self.cfg.replay.ratio)
+        self.replay: list[EncodedRecord] = []
+        self.num_records = 0
+        self.steps = 0
+
+    # -- which examples a step trains on --------------------------------------------------------
+
+    def training_examples(self, records):
+        self.num_records = len(records)
+        return records
+
+    def total_steps(self, steps: int) -> int:
+        """train.epochs counts passes over the training records, of which a step now holds fewer."""
+        train = self.cfg.train
+        if not train.max_steps:
+            new_per_step = len(self.slots) - sum(self.slots)
+            steps = max(1, math.ceil(train.epochs * self.num_records / new_per_step))
+        self.steps = steps
+        return steps
+
+    def step_examples(self, examples, positions, step):
+        batch, replayed = len(self.slots), sum(self.slots)
+        out = []
+        for p in positions:
+            slot = p - step * batch
+            before = sum(self.slots[:slot])  # replay slots ahead of this one in the step
+            if self.slots[slot]:
+                position = step * replayed + before
+                out.append(self.replay[data_order(len(self.replay), self.cfg.train.seed + 1, position)])
+            else:
+                position = step * (batch - replayed) + slot - before
+                out.append(examples[data_order(len(examples), self.cfg.train.seed, position)])
+        return out
+
+    # -- the replay set -------------------------------------------------------------------------
+
+    def setup(self, examples) -> None:
+        if sum(self.slots):
+            self.replay = self._replay_set()
+
+    def _replay_set(self) -> list[EncodedRecord]:
+        records = replay_records(self.cfg.replay.data)
+        if not records:
+            raise UserError(f"Config value replay.data: {self.cfg.replay.data} holds no records.")
+        # As many as the run draws, the first of a seeded shuffle: a short run answers only those.
+        order = list(range(len(records)))
+        random.Random(self.cfg.train.seed).shuffle(order)
+        order = order[: min(len(records), self.steps * sum(self.slots))]
+        prompts = {k: self.builder.encode_messages(self.builder.student_messages(records[k])) for k in order}
+        answers = self._stored_answers(prompts)
+        missing = [k for k in order if not records[k].demonstration and k not in answers]
+        if missing:
+            self._generate(missing, prompts, answers, records)
+        encoded = []
+        for position, k in enumerate(order):
+            if records[k].demonstration:
+                ids = self.builder.tokenizer.encode(records[k].demonstration, add_special_tokens=False)
+                ids = ids + [self.stop_token_id]
+            else:
+                ids = answers[k]
+            # Negative indices mark replay examples (the training records count from 0).
+            encoded.append(EncodedRecord(-1 - position, prompts[k], [], ids))
+        return encoded
+
+    def _path(self) -> Path:
+        return Path(self.cfg.train.output_dir) / REPLAY_FILE
+
+    def _stored_answers(self, prompts: dict[int, list[int]]) -> dict[int, list[int]]:
+        """Answers an earlier start of this run wrote, for the prompts that are still the same."""
+        path = self._path()
+        answers, kept = {}, []
+        if path.is_file():
+            text = path.read_text(encoding="utf-8")
+            for line in text.splitlines():
+                try:
+                    row = json.loads(line)
+                except json.JSONDecodeError:  # a line cut short by a kill: answered again
+                    continue
+                if prompts.get(row.get("index")) == row.get("prompt_ids"):
+                    answers[row["index"]] = row["answer_ids"]
+                    kept.append(line)
+            if self.procs.is_main and text != "".join(line + "\n" for line in kept):
+                write_atomic(path, "".join(line + "\n" for line in kept))  # appends start on a clean line
+        barrier(self.procs)  # every process has read the file before any appends to it
+        return answers
+
+    def _generate(self, missing: list[int], prompts, answers: dict, records: list[Record]) -> None:
+        if latest_checkpoint(Path(self.cfg.train.output_dir)) is not None:
+            raise UserError(
+                f"{self._path()}: the replay answers are incomplete but the run already has checkpoints, so the "
+                "starting model that must write them is gone. Start the run again (--overwrite)."
+            )
+        path, batch = self._path(), self.cfg.rollout.batch_size
+        bar = progress_bar(total=len(missing), desc="replay answers (starting model)") if self.procs.is_main else None
+        for start in range(0, len(missing), batch):
+            part = missing[start : start + batch]
+            completions = generate(
+                self.model,
+                [prompts[k] for k in part],
+                stop_token_ids=self.stop_token_id,
+                pad_token_id=self.pad_token_id,
+                max_new_tokens=self.cfg.replay.max_new_tokens,
+                temperature=0.0,
+                batch_size=batch,
+                precision=self.precision,
+            )
+            rows = []
+            for k, ids in zip(part, completions.ids):
+                answers[k] = ids
+                text = self.tokenizer.decode(ids, skip_special_tokens=True)
+                rows.append(
+                    {
+                        "index": k,
+                        "prompt": records[k].prompt,
+                        "answer": text,
+                        "prompt_ids": prompts[k],
+                        "answer_ids": ids,
+                    }
+                )
+            if self.procs.is_main:
+                with path.open("a", encoding="utf-8") as f:
+                    f.write("".join(json.dumps(row) + "\n" for row in rows))
+            if bar is not None:
+                bar.update(len(part))
+        if bar is not None:
+            bar.close()
+
+    # -- the loss -------------------------------------------------------------------------------
+
+    def build_items(self, records, seeds, step):
+        items, stats = super().build_items(records, seeds, step)
+        stats["replay_examples"] = float(sum(r.index < 0 for r in records))
+        return items, stats
+
+    def loss(self, items: list[TrainItem]):
+        """SFT's loss over all the step's examples; the demonstrations' and the replay's log-likelihood logged apart."""
+        hidden, tokens = completion_hidden(self.model, items, False, self.pad_token_id, self.precision)
+        replayed = torch.tensor(
+            [i.record_index < 0 for i in items for _ in range(i.loss_tokens)], dtype=torch.bool, device=hidden.device
+        )
+        total = torch.zeros((), device=hidden.device)
+        stats = {}
+        for name, rows in (("demonstration_logp", ~replayed), ("replay_logp", replayed)):
+            loss, logp_sum = chunked_token_loss(
+                hidden[rows],
+                tokens[rows],
+                torch.ones(int(rows.sum()), device=hidden.device),
+                output_head(self.model),
+                self.per_token_loss,
+                self.cfg.loss.chunk_size,
+            )
+            total = total + loss
+            stats[f"{name}_sum"], stats[f"{name}_count"] = float(logp_sum), float(rows.sum())
+        return total, stats
