@@ -31,9 +31,25 @@ _SETTINGS = (
     ("teacher.kind", "teacher"),
     ("teacher.ema_rate", "EMA rate"),
     ("data.teacher_template", "teacher template"),
+    ("loss.sft_weight", "SFT term weight"),
+    ("replay.ratio", "replay share of each step"),
+    ("replay.data", "replay data"),
+    ("anchor.beta", "KL anchor weight"),
 )
+# Settings that only one method reads: shown for that method alone.
+_METHOD_SETTINGS = {"replay": "sft_replay", "anchor": "sft_kl"}
 _ON_POLICY = {"sdft", "sft_reinvoke"}  # methods whose rollout / loss / teacher settings matter
-_METRICS = ("loss", "divergence", "teacher_minus_student_logp", "demonstration_logp", "completion_length", "grad_norm")
+_METRICS = (
+    "loss",
+    "divergence",
+    "sft_loss",
+    "anchor_kl",
+    "replay_logp",
+    "teacher_minus_student_logp",
+    "demonstration_logp",
+    "completion_length",
+    "grad_norm",
+)
 
 
 def _get(data: dict, dotted: str):
@@ -77,6 +93,13 @@ def render_model_card(cfg, metrics: list[dict] | dict | None = None, records: in
     for key, label in _SETTINGS:
         section = key.split(".")[0]
         if section in ("rollout", "loss", "teacher") and method not in _ON_POLICY:
+            continue
+        if section in _METHOD_SETTINGS and method != _METHOD_SETTINGS[section]:
+            continue
+        if key == "loss.sft_weight" and method != "sdft":
+            continue
+        if key == "replay.data" and method == "sft_replay" and _get(config, key) is None:
+            lines.append(f"| {label} (`{key}`) | the starting model's answers to the built-in general prompts |")
             continue
         if key.startswith("model.lora.rank") and not config["model"]["lora"]["enabled"]:
             continue

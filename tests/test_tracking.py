@@ -142,6 +142,12 @@ def test_model_card_names_method_data_settings_and_final_metrics(tmp_path):
     assert "adapter/" in text
     sft = write_model_card(tmp_path / "sft", load_config(overrides={"method": "sft"}), []).read_text()
     assert "loss.kind" not in sft and "No training steps were logged." in sft and "base_model" not in sft
+    assert "replay.ratio" not in sft and "anchor.beta" not in sft and "loss.sft_weight" not in sft
+    replay = write_model_card(tmp_path / "r", load_config(overrides={"method": "sft_replay"}), []).read_text()
+    assert "| replay share of each step (`replay.ratio`) | 0.25 |" in replay and "built-in general prompts" in replay
+    kl = write_model_card(tmp_path / "k", load_config(overrides={"method": "sft_kl"}), []).read_text()
+    assert "| KL anchor weight (`anchor.beta`) | 0.1 |" in kl and "replay.ratio" not in kl
+    assert "| SFT term weight (`loss.sft_weight`) | 0 |" in text
 
 
 def _train_is_wired() -> bool:
