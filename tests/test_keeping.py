@@ -277,3 +277,37 @@ def test_a_replay_share_that_rounds_to_nothing_is_refused_when_the_config_is_bui
     with pytest.raises(UserError, match=r"replay.ratio: 0.05 of train.batch_size 4 is 0 replay examples"):
         config(tmp_path, "sft_replay", replay={"ratio": 0.05}, train={"max_steps": 2, "batch_size": 4})
     config(tmp_path, "sft", replay={"ratio": 0.05}, train={"max_steps": 2, "batch_size": 4})  # other methods: unused
+
+
+def test_the_keeping_methods_run_in_the_continual_runner_and_its_report(tmp_path):
+    """Each keeping method over a grid, in a stream of two tasks: results, frontier and report name them."""
+    from test_continual_pipeline import write_stream
+
+    from selfdistill.continual.config import load_continual_config
+    from selfdistill.continual.runner import Runner
+    from selfdistill.report import write_report
+
+    methods = [
+        {"name": "replay", "method": "sft_replay", "overrides": {"replay": {"ratio": 0.25, "max_new_tokens": 3}}},
+        {"name": "kl", "method": "sft_kl", "overrides": {"anchor": {"beta": 1.0}}},
+        {
+            "name": "sdft+sft",
+            "method": "sdft",
+            "overrides": {"loss": {"sft_weight": 1.0}, "teacher": {"kind": "frozen"}},
+        },
+    ]
+    path, _ = write_stream(tmp_path, methods=methods, grid={"train.lr": [1e-3, 3e-3]})
+    Runner(load_continual_config(path)).run()
+    out = tmp_path / "run"
+    paths = write_report(out)
+    results = json.loads((out / "results.json").read_text())
+    assert results["complete"] and set(results["frontier"]["groups"]) == {"replay", "kl", "sdft+sft"}
+    assert results["frontier"]["same_grid"]
+    for name, entry in results["methods"].items():
+        assert entry["seeds"]["0"]["drift_kl"][2] > 0, name  # every sequence moved the weights
+    replay_run = out / "methods" / "replay@lr=1e-3" / "seed-0" / "stage-1" / "train"
+    assert len((replay_run / "replay.jsonl").read_text().splitlines()) == 2  # 2 steps x 1 replay example
+    metrics = [json.loads(line) for line in (replay_run / "metrics.jsonl").read_text().splitlines()]
+    assert [m["replay_examples"] for m in metrics] == [1, 1]
+    html = paths["html"].read_text()
+    assert all(name in html for name in ("replay@lr=1e-3", "kl@lr=3e-3", "sdft+sft@lr=1e-3"))
