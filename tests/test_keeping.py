@@ -11,6 +11,7 @@ import shutil
 
 import pytest
 import torch
+from test_methods import method_config
 from toy import VALUES, copy_model, greedy_accuracy, toy_records
 
 from selfdistill.config import load_config
@@ -19,22 +20,10 @@ from selfdistill.train import train
 
 
 def config(tmp_path, method, **sections):
-    base = {
-        "method": method,
-        "model": {"precision": "fp32"},
-        "data": {"teacher_template": "plain"},
-        "rollout": {"max_new_tokens": 3},
-        "loss": {"skip_first_tokens": 0},
-        "replay": {"data": str(general_file(tmp_path)), "max_new_tokens": 3},
-        "train": {"output_dir": str(tmp_path / "run"), "batch_size": 8, "micro_batch_size": 4, "lr": 3e-3},
-    }
-    base["train"]["warmup_ratio"] = 0.0
-    for name, values in sections.items():
-        if isinstance(values, dict):
-            base.setdefault(name, {}).update(values)
-        else:
-            base[name] = values
-    return load_config(overrides=base)
+    """test_methods' toy settings, writing to tmp_path/run, replaying the toy's general prompts."""
+    train = {"output_dir": str(tmp_path / "run"), **sections.pop("train", {})}
+    replay = {"data": str(general_file(tmp_path)), "max_new_tokens": 3, **sections.pop("replay", {})}
+    return method_config(tmp_path, method, train=train, replay=replay, **sections)
 
 
 def general_file(tmp_path):

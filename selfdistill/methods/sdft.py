@@ -16,6 +16,7 @@ one more student forward over the demonstrations; metrics.jsonl logs `divergence
 
 from __future__ import annotations
 
+import contextlib
 import time
 from pathlib import Path
 
@@ -163,19 +164,29 @@ class SDFT(Method):
         }
         return ce * self._sft_scale, stats
 
-    def loss(self, items: list[TrainItem]):
-        # Items without loss tokens are not dropped: under FSDP2 every process runs the same forwards.
+    @contextlib.contextmanager
+    def scored(self, items: list[TrainItem]):
+        """(teacher hidden, student hidden, tokens, teacher head, timings) at the items' loss positions.
+
+        The loss must run inside this block: the teacher's head is applied chunk by chunk inside
+        it, while the teacher's weights are in use (under FSDP2 they are freed when scoring ends).
+        The student's forward runs outside `teacher.weights()`: for a LoRA-frozen teacher that is
+        where the adapter is switched off, and a student computed there would have nothing to
+        train. `timings` gains the student's seconds when the block ends.
+        """
         start = time.perf_counter()
-        # The teacher's head is applied chunk by chunk inside the loss, so the loss runs while the
-        # teacher's weights are in use (under FSDP2 they are freed when scoring ends). The student's
-        # forward runs outside `teacher.weights()`: for a LoRA-frozen teacher that is where the
-        # adapter is switched off, and a student computed there would have nothing to train.
         with self.teacher.scoring(self.model) as teacher:
             with teacher.weights() as teacher_model:
                 teacher_hidden = self._teacher_hidden(teacher_model, items)
-            teacher_time = time.perf_counter() - start
+            timings = {"time_teacher": time.perf_counter() - start}
             start = time.perf_counter()
             student_hidden, tokens = completion_hidden(self.model, items, False, self.pad_token_id, self.precision)
+            yield teacher_hidden, student_hidden, tokens, teacher.head, timings
+        timings["time_student_forward"] = time.perf_counter() - start
+
+    def loss(self, items: list[TrainItem]):
+        # Items without loss tokens are not dropped: under FSDP2 every process runs the same forwards.
+        with self.scored(items) as (teacher_hidden, student_hidden, tokens, teacher_head, timings):
             weights = torch.ones(tokens.shape[0], device=student_hidden.device)
             importance = self._importance_sampling(items)
             loss, sums = chunked_completion_loss(
@@ -184,15 +195,13 @@ class SDFT(Method):
                 tokens,
                 weights,
                 output_head(self.model),
-                teacher.head,
+                teacher_head,
                 self.loss_settings,
                 importance,
             )
-        stats = dict(zip(STAT_NAMES, sums.tolist()))
+        stats = {**dict(zip(STAT_NAMES, sums.tolist())), **timings}
         if importance is not None:
             stats.update(ratio_sums(importance.ratios, importance.cap))
-        stats["time_teacher"] = teacher_time
-        stats["time_student_forward"] = time.perf_counter() - start
         if items and "demonstration" in items[0].extra:  # SDFT + λ·SFT
             sft, sft_stats = self._sft_term(items)
             loss = loss + sft

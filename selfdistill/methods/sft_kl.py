@@ -19,12 +19,10 @@ the cross-entropy, with a gradient that grows as p_start → 0.
 
 from __future__ import annotations
 
-import time
-
 import torch
 
 from selfdistill.losses import chunked_anchored_loss, output_head
-from selfdistill.methods.base import TrainItem, completion_hidden
+from selfdistill.methods.base import TrainItem
 from selfdistill.methods.sdft import SDFT
 from selfdistill.methods.sft import SFT
 
@@ -46,31 +44,19 @@ class SFTKL(SDFT):
         beta = self.cfg.anchor.beta
         if beta == 0:
             return SFT.loss(self, items)
-        start = time.perf_counter()
-        with self.teacher.scoring(self.model) as anchor:
-            with anchor.weights() as anchor_model:
-                anchor_hidden = self._teacher_hidden(anchor_model, items)
-            anchor_time = time.perf_counter() - start
-            start = time.perf_counter()
-            hidden, tokens = completion_hidden(self.model, items, False, self.pad_token_id, self.precision)
+        with self.scored(items) as (anchor_hidden, hidden, tokens, anchor_head, timings):
             loss, sums = chunked_anchored_loss(
                 hidden,
                 anchor_hidden,
                 tokens,
                 torch.ones(tokens.shape[0], device=hidden.device),
                 output_head(self.model),
-                anchor.head,
+                anchor_head,
                 beta,
                 self.cfg.loss.chunk_size,
             )
         logp_sum, kl_sum = sums.tolist()
-        stats = {
-            "demonstration_logp": logp_sum,
-            "anchor_kl": kl_sum,
-            "time_teacher": anchor_time,
-            "time_student_forward": time.perf_counter() - start,
-        }
-        return loss, stats
+        return loss, {"demonstration_logp": logp_sum, "anchor_kl": kl_sum, **timings}
 
     def after_step(self) -> None:
         """The starting model stays as it is."""
