@@ -300,3 +300,21 @@ def test_the_keeping_methods_run_in_the_continual_runner_and_its_report(tmp_path
     assert [m["replay_examples"] for m in metrics] == [1, 1]
     html = paths["html"].read_text()
     assert all(name in html for name in ("replay@lr=1e-3", "kl@lr=3e-3", "sdft+sft@lr=1e-3"))
+
+
+@pytest.mark.parametrize(
+    "method,sections",
+    [("sft_kl", {"anchor": {"beta": 0.5}}), ("sdft", {"loss": {"sft_weight": 0.5}})],
+    ids=["sft_kl", "sdft+sft"],
+)
+def test_a_stopped_keeping_run_resumes_exactly(tmp_path, method, sections):
+    straight, _ = run(config(tmp_path / "a", method, train={"max_steps": 4}, **sections))
+    stopped = config(tmp_path / "b", method, train={"max_steps": 4, "save_every": 2}, **sections)
+    run(stopped)
+    shutil.rmtree(tmp_path / "b" / "run" / "checkpoints" / "step-000004")  # as if killed after step 2
+    resumed, _ = run(stopped, resume=True)
+    assert [m["step"] for m in resumed.metrics] == [3, 4]
+    assert straight.metrics[-1]["loss"] < straight.metrics[0]["loss"]  # the run learned
+    assert [m["loss"] for m in resumed.metrics] == pytest.approx([m["loss"] for m in straight.metrics[2:]], rel=1e-6)
+    for name, value in straight.model.state_dict().items():
+        torch.testing.assert_close(resumed.model.state_dict()[name], value, atol=1e-6, rtol=1e-6)
