@@ -275,3 +275,31 @@ def test_planning_works_on_this_torch_or_says_which_it_needs(tiny_dir):
     else:
         with pytest.raises(selfdistill.UserError, match="use torch 2.13 or later"):
             plan(tiny_config(tiny_dir), processes=2)
+
+
+def _with(cfg, **changes):
+    from selfdistill.config import merge
+
+    return load_config(overrides=merge(cfg.to_dict(), changes))
+
+
+def test_the_keeping_methods_are_planned(tiny_dir, tmp_path):
+    base = tiny_config(tiny_dir, precision="bf16")
+    sft = plan(_with(base, method="sft"), processes=2)
+    replay = plan(_with(base, method="sft_replay"), processes=2)
+    for name in ("weights", "gradients", "optimizer", "teacher_weights", "step_peak"):
+        assert getattr(replay, name) == getattr(sft, name), name  # it trains exactly as SFT does
+    kl = plan(_with(base, method="sft_kl"), processes=2)
+    frozen = plan(_with(base, teacher={"kind": "frozen"}), processes=2)
+    assert kl.teacher == "frozen" and kl.teacher_weights == frozen.teacher_weights > 0  # the starting model
+    assert kl.step_peak > sft.step_peak and kl.teacher_prompt_tokens == base.data.max_prompt_tokens
+    assert plan(_with(base, method="sft_kl", model={"lora": {"enabled": True}}), processes=2).teacher_weights == 0
+    sdft = plan(base, processes=2)
+    hybrid = plan(_with(base, loss={"sft_weight": 1.0}), processes=2)
+    assert hybrid.step_peak > sdft.step_peak  # the demonstrations' forward is held until the backward
+    # What the plan says sft_kl holds is what a real run allocates.
+    cfg = _with(tiny_config(tiny_dir, precision="bf16"), method="sft_kl")
+    real = real_run(cfg, tiny_dir, tmp_path / "store")
+    planned = plan(cfg, processes=1)
+    for name, size in real.items():
+        assert getattr(planned, name) == size, name

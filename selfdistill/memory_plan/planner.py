@@ -17,7 +17,10 @@ from selfdistill.memory_plan.architectures import architecture_config, type_name
 from selfdistill.memory_plan.figures import MemoryPlan
 from selfdistill.memory_plan.trace import MemoryTrace, _labelled_forwards, _labelled_fsdp
 
-PLANNED_METHODS = ("sdft", "sft", "dft")
+# sft_replay trains exactly as SFT does (its replay answers are written before training, with less
+# memory than a step); sft_kl adds the frozen starting model, shown the student prompt; SDFT with
+# loss.sft_weight adds a second student forward over the demonstrations (planned at the completion length).
+PLANNED_METHODS = ("sdft", "sft", "dft", "sft_replay", "sft_kl")
 
 
 @dataclass
@@ -43,7 +46,9 @@ def _shapes(cfg: Config, processes: int) -> _Shapes:
         micro=micro,
         micro_batches=math.ceil(items / micro),
         prompt=cfg.data.max_prompt_tokens,
-        teacher_prompt=cfg.data.max_teacher_prompt_tokens if cfg.method == "sdft" else None,
+        teacher_prompt={"sdft": cfg.data.max_teacher_prompt_tokens, "sft_kl": cfg.data.max_prompt_tokens}.get(
+            cfg.method
+        ),
         completion=cfg.rollout.max_new_tokens,
         rollout_rows=min(cfg.rollout.batch_size, items) if cfg.method == "sdft" else 0,
     )
@@ -121,7 +126,7 @@ def plan(cfg: Config, processes: int) -> MemoryPlan:
         processes=processes,
         method=cfg.method,
         lora=cfg.model.lora.enabled,
-        teacher=cfg.teacher.kind if cfg.method == "sdft" else None,
+        teacher={"sdft": cfg.teacher.kind, "sft_kl": "frozen"}.get(cfg.method),
         precision=precision,
         weights_dtype=_dtype_name(traced["weights_dtype"]),
         micro_batch=shapes.micro,
@@ -262,6 +267,7 @@ def _items(cfg: Config, shapes: _Shapes) -> list:
             completion=[0] * shapes.completion,
             loss_start=min(cfg.loss.skip_first_tokens, shapes.completion) if cfg.method == "sdft" else 0,
             teacher_prompt_ids=[0] * shapes.teacher_prompt if shapes.teacher_prompt else None,
+            extra={"demonstration": [0] * shapes.completion} if cfg.method == "sdft" and cfg.loss.sft_weight else {},
         )
         for _ in range(shapes.micro)
     ]

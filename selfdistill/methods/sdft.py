@@ -38,6 +38,8 @@ class SDFT(Method):
     # Reuse a frozen teacher's hidden states for completions it already scored (offline_distill:
     # the same fixed targets come back every epoch). Off for on-policy SDFT: samples rarely repeat.
     cache_teacher_scores = False
+    # loss.sft_weight > 0: the SFT term's factor, set for every step by `_attach_demonstrations`.
+    _sft_scale = 1.0
 
     def __init__(self, cfg, model, tokenizer, builder, stop_token_id, pad_token_id, records=None):
         super().__init__(cfg, model, tokenizer, builder, stop_token_id, pad_token_id, records)

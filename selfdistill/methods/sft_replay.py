@@ -201,20 +201,22 @@ class SFTReplay(SFT):
     def loss(self, items: list[TrainItem]):
         """SFT's loss over all the step's examples; the demonstrations' and the replay's log-likelihood logged apart."""
         hidden, tokens = completion_hidden(self.model, items, False, self.pad_token_id, self.precision)
-        replayed = torch.tensor(
-            [i.record_index < 0 for i in items for _ in range(i.loss_tokens)], dtype=torch.bool, device=hidden.device
-        )
+        replayed = [i.record_index < 0 for i in items for _ in range(i.loss_tokens)]
         total = torch.zeros((), device=hidden.device)
         stats = {}
-        for name, rows in (("demonstration_logp", ~replayed), ("replay_logp", replayed)):
+        for name, wanted in (("demonstration_logp", False), ("replay_logp", True)):
+            # Row indices from Python, not a boolean mask: the same rows, and no data-dependent shape.
+            rows = torch.tensor(
+                [k for k, r in enumerate(replayed) if r == wanted], dtype=torch.long, device=hidden.device
+            )
             loss, logp_sum = chunked_token_loss(
-                hidden[rows],
-                tokens[rows],
-                torch.ones(int(rows.sum()), device=hidden.device),
+                hidden.index_select(0, rows),
+                tokens.index_select(0, rows),
+                torch.ones(rows.shape[0], device=hidden.device),
                 output_head(self.model),
                 self.per_token_loss,
                 self.cfg.loss.chunk_size,
             )
             total = total + loss
-            stats[f"{name}_sum"], stats[f"{name}_count"] = float(logp_sum), float(rows.sum())
+            stats[f"{name}_sum"], stats[f"{name}_count"] = float(logp_sum), float(rows.shape[0])
         return total, stats
