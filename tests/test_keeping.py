@@ -318,3 +318,11 @@ def test_a_stopped_keeping_run_resumes_exactly(tmp_path, method, sections):
     assert [m["loss"] for m in resumed.metrics] == pytest.approx([m["loss"] for m in straight.metrics[2:]], rel=1e-6)
     for name, value in straight.model.state_dict().items():
         torch.testing.assert_close(resumed.model.state_dict()[name], value, atol=1e-6, rtol=1e-6)
+
+
+def test_the_frontier_tells_up_to_36_methods_apart():
+    """The keeping experiment draws 9 method lines: no two may share both colour and marker."""
+    from selfdistill.report.frontier_plots import MARKERS
+    from selfdistill.report.plots import COLORS
+
+    assert len({(COLORS[g % len(COLORS)], MARKERS[g % len(MARKERS)]) for g in range(36)}) == 36

@@ -13,7 +13,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 
 from selfdistill.report.plots import COLORS, Figure, _png, _stage_labels  # noqa: E402
 
-MARKERS = ["o", "s", "^", "D", "v", "P", "X", "*"]
+MARKERS = ["o", "s", "^", "D", "v", "P", "X", "h", "p"]  # not "*": the starting model's
 
 
 def _err(cell: dict) -> tuple[list[list[float]], bool]:

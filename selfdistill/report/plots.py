@@ -20,7 +20,22 @@ import matplotlib.pyplot as plt  # noqa: E402
 
 from selfdistill.continual.runner import stage_dir  # noqa: E402
 
-COLORS = ["#1f77b4", "#d62728", "#2ca02c", "#ff7f0e", "#9467bd", "#8c564b", "#e377c2", "#7f7f7f"]
+# 12 colours and (frontier_plots) 9 markers: cycles of different lengths, so that up to 36 lines
+# differ in colour or marker (a comparison of 9 methods is common).
+COLORS = [
+    "#1f77b4",
+    "#d62728",
+    "#2ca02c",
+    "#ff7f0e",
+    "#9467bd",
+    "#8c564b",
+    "#e377c2",
+    "#7f7f7f",
+    "#bcbd22",
+    "#17becf",
+    "#000080",
+    "#808000",
+]
 
 
 @dataclass
