@@ -284,13 +284,14 @@ def test_the_keeping_methods_run_in_the_continual_runner_and_its_report(tmp_path
             "method": "sdft",
             "overrides": {"loss": {"sft_weight": 1.0}, "teacher": {"kind": "frozen"}},
         },
+        {"name": "sft", "method": "sft"},
     ]
     path, _ = write_stream(tmp_path, methods=methods, grid={"train.lr": [1e-3, 3e-3]})
     Runner(load_continual_config(path)).run()
     out = tmp_path / "run"
     paths = write_report(out)
     results = json.loads((out / "results.json").read_text())
-    assert results["complete"] and set(results["frontier"]["groups"]) == {"replay", "kl", "sdft+sft"}
+    assert results["complete"] and set(results["frontier"]["groups"]) == {"replay", "kl", "sdft+sft", "sft"}
     assert results["frontier"]["same_grid"]
     for name, entry in results["methods"].items():
         assert entry["seeds"]["0"]["drift_kl"][2] > 0, name  # every sequence moved the weights
@@ -300,6 +301,14 @@ def test_the_keeping_methods_run_in_the_continual_runner_and_its_report(tmp_path
     assert [m["replay_examples"] for m in metrics] == [1, 1]
     html = paths["html"].read_text()
     assert all(name in html for name in ("replay@lr=1e-3", "kl@lr=3e-3", "sdft+sft@lr=1e-3"))
+
+    # The experiment's tables: a row per method and rate; each keeping method against SFT at its rate.
+    from experiments.keeping.tables import tables
+
+    scores, against = tables(results).split("Against SFT")
+    assert scores.count("| replay | 1e-3 |") == 1 and scores.count("| sft | 3e-3 |") == 1
+    assert "| sft |" not in against and against.count("| kl |") == 2
+    assert all(row.count(" vs ") == 3 for row in against.splitlines() if row.startswith("| kl |"))
 
 
 @pytest.mark.parametrize(

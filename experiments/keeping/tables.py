@@ -35,6 +35,11 @@ def _minutes(result: dict) -> float:
     return (sum(seed.get("train_time_s") or []) + sum((seed.get("eval_time_s") or [])[1:])) / 60
 
 
+def _num(value, spec: str) -> str:
+    """A number in `spec`, or "–" where the task has no such score (e.g. no lenient grader)."""
+    return "–" if value is None else format(value, spec)
+
+
 def _lr(value: float) -> str:
     return f"{value:.0e}".replace("e-0", "e-")
 
@@ -61,9 +66,9 @@ def tables(results: dict) -> str:
             facts = tasks.index("knowledge") if "knowledge" in tasks else 1
             lr = frontier[name]["setting"].get("train.lr")
             lines.append(
-                f"| {group} | {_lr(lr)} | {seed['R'][1][tool]:.3f} / {seed['R'][2][tool]:.3f} "
-                f"| {seed['R'][2][facts]:.2f} / {seed['lenient'][2][facts]:.2f} "
-                f"| {methods[name]['summary']['bwt']['mean']:+.3f} "
+                f"| {group} | {_lr(lr)} | {_num(seed['R'][1][tool], '.3f')} / {_num(seed['R'][2][tool], '.3f')} "
+                f"| {_num(seed['R'][2][facts], '.2f')} / {_num(seed['lenient'][2][facts], '.2f')} "
+                f"| {_num(methods[name]['summary']['bwt']['mean'], '+.3f')} "
                 f"| {_interval(final['prior'])} | {_interval(final['drift'])} "
                 f"| {_interval(final['loglik_gain'])} | {_minutes(methods[name]):.1f} |"
             )
