@@ -335,3 +335,21 @@ def test_the_frontier_tells_up_to_36_methods_apart():
     from selfdistill.report.plots import COLORS
 
     assert len({(COLORS[g % len(COLORS)], MARKERS[g % len(MARKERS)]) for g in range(36)}) == 36
+
+
+def test_the_keeping_experiment_is_the_demo_plus_the_keeping_methods():
+    """Its sft and sdft runs are the demo's own: same stream, base settings, grid and evaluation."""
+    from pathlib import Path
+
+    from selfdistill.continual.cli import demo_config_path
+    from selfdistill.continual.config import load_continual_config
+
+    demo = load_continual_config(demo_config_path(False))
+    keeping = load_continual_config(Path(__file__).parents[1] / "experiments" / "keeping" / "config.yaml")
+    assert keeping.stream == demo.stream and keeping.base == demo.base and keeping.eval == demo.eval
+    by_name = {m.name: m for m in keeping.methods}
+    for method in demo.methods:
+        assert by_name[method.name].method == method.method and by_name[method.name].overrides == method.overrides
+    families = {m.group: m for m in keeping.methods}
+    assert {m.method for m in families.values()} == {"sdft", "sft", "sft_replay", "sft_kl"}
+    assert all(sorted(m.setting["train.lr"] for m in keeping.methods if m.group == g) == [1e-4, 3e-4] for g in families)
