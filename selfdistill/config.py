@@ -190,6 +190,11 @@ class ReplayConfig(_Section):
     max_new_tokens: int = _f(128, "sft_replay: longest answer the starting model writes for a replay prompt.")
 
 
+def replay_per_step(ratio: float, batch_size: int) -> int:
+    """Replay examples in a step of `batch_size` examples: round(ratio × batch_size), halves up."""
+    return math.floor(ratio * batch_size + 0.5)
+
+
 @dataclass
 class AnchorConfig(_Section):
     key: ClassVar[str] = "anchor"
@@ -299,7 +304,7 @@ def validate(cfg: Config) -> Config:
     _check(0.0 <= cfg.replay.ratio < 1.0, "replay.ratio", "must lie in [0, 1): some of every step must be new data.")
     _check(cfg.replay.max_new_tokens > 0, "replay.max_new_tokens", "must be > 0.")
     if cfg.method == "sft_replay":
-        replayed = math.floor(cfg.replay.ratio * cfg.train.batch_size + 0.5)  # as sft_replay rounds it
+        replayed = replay_per_step(cfg.replay.ratio, cfg.train.batch_size)
         _check(
             0 < replayed < cfg.train.batch_size or cfg.replay.ratio == 0,
             "replay.ratio",

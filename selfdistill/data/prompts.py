@@ -122,10 +122,22 @@ class PromptBuilder:
             out = out["input_ids"]
         return list(out)
 
+    def student_ids(self, record: Record) -> list[int]:
+        """The student prompt's token ids (no length check)."""
+        return self.encode_messages(self.student_messages(record))
+
+    def teacher_ids(self, record: Record) -> list[int]:
+        """The teacher prompt's token ids (no length check)."""
+        return self.encode_messages(self.teacher_messages(record))
+
+    def demonstration_ids(self, text: str) -> list[int]:
+        """A demonstration's token ids and the end-of-turn token: the SFT target."""
+        return self.tokenizer.encode(text, add_special_tokens=False) + [self.stop_token_id]
+
     def encode(self, record: Record, index: int = 0) -> EncodedRecord | None:
         """Token ids for one record; None when it is over a limit and overlong='skip'."""
-        student = self.encode_messages(self.student_messages(record))
-        teacher = self.encode_messages(self.teacher_messages(record))
+        student = self.student_ids(record)
+        teacher = self.teacher_ids(record)
         for ids, limit, what, option in (
             (student, self.max_prompt_tokens, "student prompt", "data.max_prompt_tokens"),
             (
@@ -142,8 +154,12 @@ class PromptBuilder:
                     log.warning("skipped: %s", message)
                     return None
                 raise UserError(message + " Raise the limit or set data.overlong=skip to leave such records out.")
-        demo = self.tokenizer.encode(record.demonstration, add_special_tokens=False) + [self.stop_token_id]
-        return EncodedRecord(index=index, student_ids=student, teacher_ids=teacher, demonstration_ids=demo)
+        return EncodedRecord(
+            index=index,
+            student_ids=student,
+            teacher_ids=teacher,
+            demonstration_ids=self.demonstration_ids(record.demonstration),
+        )
 
     def encode_all(self, records: list[Record]) -> list[EncodedRecord]:
         encoded = [self.encode(r, i) for i, r in enumerate(records)]

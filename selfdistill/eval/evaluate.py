@@ -87,7 +87,7 @@ def evaluate(
     if n_samples > 1 and temperature <= 0:
         raise UserError("n_samples > 1 with greedy decoding gives n identical outputs; set a temperature > 0.")
     builder = PromptBuilder(tokenizer, system_prompt=system_prompt)
-    prompts = [builder.encode_messages(builder.student_messages(r)) for r in records]
+    prompts = [builder.student_ids(r) for r in records]
     # Sample j of record i is row i * n + j, seeded by (seed, i, j) only.
     rows = [p for p in prompts for _ in range(n_samples)]
     seeds = [seed * 1_000_003 + i for i in range(len(rows))] if temperature > 0 else None

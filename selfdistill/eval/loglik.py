@@ -82,8 +82,8 @@ def heldout_loglik(
         ids, offsets = _demonstration_tokens(tokenizer, record.demonstration, stop)
         demos.append(ids)
         answers.append(answer_token_positions(record.demonstration, record.answer, offsets) if offsets else [])
-    students = [builder.encode_messages(builder.student_messages(r)) for r in kept]
-    teachers = [builder.encode_messages(builder.teacher_messages(r)) for r in kept]
+    students = [builder.student_ids(r) for r in kept]
+    teachers = [builder.teacher_ids(r) for r in kept]
     student_lp = demonstration_token_logps(model, students, demos, precision)
     teacher_lp = demonstration_token_logps(model, teachers, demos, precision)
     per_item = [mean(lp) for lp in student_lp]

@@ -98,6 +98,12 @@ class Method:
         (sft_replay: some of them come from the replay set instead)."""
         return [examples[data_order(len(examples), self.cfg.train.seed, p)] for p in positions]
 
+    def token_loss(self, hidden: torch.Tensor, tokens: torch.Tensor, per_token_fn=torch.negative):
+        """(Σ per_token_fn(log p(token)), Σ log p(token)) over the rows of `hidden`, through the
+        student's head, chunked; per_token_fn −lp (the default) is SFT's cross-entropy."""
+        ones = torch.ones(tokens.shape[0], device=hidden.device)
+        return chunked_token_loss(hidden, tokens, ones, output_head(self.model), per_token_fn, self.cfg.loss.chunk_size)
+
     def sum_across(self, values: list[float]) -> list[float]:
         """Element-wise sums over the processes training together (for losses normalised by global counts)."""
         return sum_across(self.procs, values)
@@ -145,10 +151,7 @@ class Method:
             for k in range(rounds):
                 batch = batches[min(k, len(batches) - 1)]
                 hidden, targets = completion_hidden(self.model, batch, False, self.pad_token_id, self.precision)
-                ones = torch.ones(targets.shape[0], device=hidden.device)
-                _, part = chunked_token_loss(
-                    hidden, targets, ones, output_head(self.model), torch.negative, self.cfg.loss.chunk_size
-                )
+                _, part = self.token_loss(hidden, targets)
                 if k < len(batches):
                     logp_sum += float(part)
                     tokens += int(targets.shape[0])

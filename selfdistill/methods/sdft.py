@@ -24,7 +24,7 @@ import torch
 
 from selfdistill.distributed import is_sharded
 from selfdistill.importance import ImportanceSampling, ratio_sums
-from selfdistill.losses import STAT_NAMES, LossSettings, chunked_completion_loss, chunked_token_loss, output_head
+from selfdistill.losses import STAT_NAMES, LossSettings, chunked_completion_loss, output_head
 from selfdistill.methods.base import Method, TrainItem, completion_hidden
 from selfdistill.rollout import generate
 from selfdistill.teacher import Teacher
@@ -148,14 +148,7 @@ class SDFT(Method):
         n = self.cfg.rollout.num_rollouts
         demonstrations = [TrainItem(i.record_index, i.prompt_ids, i.extra["demonstration"]) for i in items]
         hidden, tokens = completion_hidden(self.model, demonstrations, False, self.pad_token_id, self.precision)
-        ce, logp_sum = chunked_token_loss(
-            hidden,
-            tokens,
-            torch.ones(tokens.shape[0], device=hidden.device),
-            output_head(self.model),
-            torch.negative,
-            self.cfg.loss.chunk_size,
-        )
+        ce, logp_sum = self.token_loss(hidden, tokens)
         count = tokens.shape[0] / n
         stats = {
             "sft_loss_sum": -float(logp_sum) / n,

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import torch
 
-from selfdistill.losses import chunked_token_loss, output_head
 from selfdistill.methods.base import Method, TrainItem, completion_hidden
 
 
@@ -22,8 +21,5 @@ class SFT(Method):
 
     def loss(self, items: list[TrainItem]):
         hidden, tokens = completion_hidden(self.model, items, False, self.pad_token_id, self.precision)
-        weights = torch.ones(tokens.shape[0], device=hidden.device)
-        loss, logp_sum = chunked_token_loss(
-            hidden, tokens, weights, output_head(self.model), self.per_token_loss, self.cfg.loss.chunk_size
-        )
+        loss, logp_sum = self.token_loss(hidden, tokens, self.per_token_loss)
         return loss, {"demonstration_logp": float(logp_sum)}

@@ -46,7 +46,7 @@ class SFTReinvoke(SDFT):
     def setup(self, records) -> None:
         if self.cfg.reinvoke.steps:
             self.general = [
-                self.builder.encode_messages(self.builder.student_messages(Record(prompt=p, demonstration="")))
+                self.builder.student_ids(Record(prompt=p, demonstration=""))
                 for p in general_prompts(self.cfg.reinvoke.prompts)
             ]
 

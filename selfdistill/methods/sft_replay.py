@@ -26,13 +26,13 @@ from pathlib import Path
 import torch
 
 from selfdistill.checkpoint import latest_checkpoint
+from selfdistill.config import replay_per_step
 from selfdistill.data.order import data_order
 from selfdistill.data.prompts import EncodedRecord
 from selfdistill.data.records import Record, load_records
 from selfdistill.distributed import barrier
 from selfdistill.errors import UserError
 from selfdistill.files import write_atomic
-from selfdistill.losses import chunked_token_loss, output_head
 from selfdistill.methods.base import TrainItem, completion_hidden
 from selfdistill.methods.sft import SFT
 from selfdistill.progress import progress_bar
@@ -43,7 +43,7 @@ REPLAY_FILE = "replay.jsonl"
 
 def replay_slots(batch_size: int, ratio: float) -> list[bool]:
     """Which of a step's `batch_size` slots are replay: round(ratio × batch_size) of them, spread evenly."""
-    count = math.floor(ratio * batch_size + 0.5)
+    count = replay_per_step(ratio, batch_size)
     return [(j + 1) * count // batch_size > j * count // batch_size for j in range(batch_size)]
 
 
@@ -112,18 +112,14 @@ class SFTReplay(SFT):
         order = list(range(len(records)))
         random.Random(self.cfg.train.seed).shuffle(order)
         order = order[: min(len(records), self.steps * sum(self.slots))]
-        prompts = {k: self.builder.encode_messages(self.builder.student_messages(records[k])) for k in order}
+        prompts = {k: self.builder.student_ids(records[k]) for k in order}
         answers = self._stored_answers(prompts)
         missing = [k for k in order if not records[k].demonstration and k not in answers]
         if missing:
             self._generate(missing, prompts, answers, records)
         encoded = []
         for position, k in enumerate(order):
-            if records[k].demonstration:
-                ids = self.builder.tokenizer.encode(records[k].demonstration, add_special_tokens=False)
-                ids = ids + [self.stop_token_id]
-            else:
-                ids = answers[k]
+            ids = self.builder.demonstration_ids(records[k].demonstration) if records[k].demonstration else answers[k]
             # Negative indices mark replay examples (the training records count from 0).
             encoded.append(EncodedRecord(-1 - position, prompts[k], [], ids))
         return encoded
@@ -209,13 +205,8 @@ class SFTReplay(SFT):
             rows = torch.tensor(
                 [k for k, r in enumerate(replayed) if r == wanted], dtype=torch.long, device=hidden.device
             )
-            loss, logp_sum = chunked_token_loss(
-                hidden.index_select(0, rows),
-                tokens.index_select(0, rows),
-                torch.ones(rows.shape[0], device=hidden.device),
-                output_head(self.model),
-                self.per_token_loss,
-                self.cfg.loss.chunk_size,
+            loss, logp_sum = self.token_loss(
+                hidden.index_select(0, rows), tokens.index_select(0, rows), self.per_token_loss
             )
             total = total + loss
             stats[f"{name}_sum"], stats[f"{name}_count"] = float(logp_sum), float(rows.shape[0])

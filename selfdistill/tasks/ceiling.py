@@ -115,13 +115,11 @@ def measure(
     }
     first = builders[templates[0]]
     demos = [first.encode(r).demonstration_ids for r in records]
-    prompt_sets = [("student", [first.encode_messages(first.student_messages(r)) for r in records])]
+    prompt_sets = [("student", [first.student_ids(r) for r in records])]
     for i, t in enumerate(templates):
         # A custom template's text would break the table; name it by its position instead.
         name = t if t in TEACHER_TEMPLATES else f"custom{i + 1}"
-        prompt_sets.append(
-            (f"teacher:{name}", [builders[t].encode_messages(builders[t].teacher_messages(r)) for r in records])
-        )
+        prompt_sets.append((f"teacher:{name}", [builders[t].teacher_ids(r) for r in records]))
     results = []
     for label, prompts in prompt_sets:
         done = generate(
