@@ -160,6 +160,9 @@ def test_replay_set_is_generated_once_cached_and_resumed(tmp_path, monkeypatch):
 
     cfg = config(tmp_path, "sft_replay", replay={"ratio": 0.25}, train={"max_steps": 4, "save_every": 2})
     first, _ = run(cfg)
+    start = copy_model(steps=150)[0].state_dict()
+    moved = max(float((value - start[name]).abs().max()) for name, value in first.model.state_dict().items())
+    assert moved > 1e-3  # the straight run trained
     rows = [json.loads(line) for line in (tmp_path / "run" / "replay.jsonl").read_text().splitlines()]
     # As many prompts as the run draws (4 steps x 2), capped at the 8 prompts of the file.
     assert len(rows) == 8 and {r["prompt"] for r in rows} == set(VALUES)
