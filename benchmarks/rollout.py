@@ -18,8 +18,9 @@ from benchmarks.common import fixed_student_prompts, median
 def rollout_suite(args) -> dict:
     import torch
 
-    from selfdistill import rollout
     from selfdistill.models import load_model
+    from selfdistill.sampling import decode as rollout
+    from selfdistill.sampling.base import rollout_seed
 
     torch.set_num_threads(2)
     model, tokenizer = load_model("smollm2-135m", torch.float32)
@@ -27,7 +28,7 @@ def rollout_suite(args) -> dict:
     times_all = {}
     for size in args.rollout_rows:
         prompts, stop = fixed_student_prompts(size, model, tokenizer)
-        seeds = [rollout.rollout_seed(0, i, 0) for i in range(size)]
+        seeds = [rollout_seed(0, i, 0) for i in range(size)]
         default_rows = rollout.SMALL_DECODE_ROWS
 
         def run(side: str):

@@ -23,9 +23,10 @@ SIDES = ["decode_loop_fp32", "decode_loop_bf16", "vllm_fp32", "vllm_bf16"]
 def vllm_rollout_suite(args) -> dict:
     import torch
 
-    from selfdistill import rollout
     from selfdistill.models import load_model
-    from selfdistill.vllm_rollout import VLLMRollout
+    from selfdistill.sampling import decode as rollout
+    from selfdistill.sampling.base import rollout_seed
+    from selfdistill.sampling.vllm_engine import VLLMEngine as VLLMRollout
 
     torch.set_num_threads(2)
     model, tokenizer = load_model("smollm2-135m", torch.float32)
@@ -36,7 +37,7 @@ def vllm_rollout_suite(args) -> dict:
     rows, times_all, sync_times = [], {}, {name: [] for name in engines}
     for size in args.rollout_rows:
         prompts, _ = fixed_student_prompts(size, model, tokenizer)  # no stop token here
-        seeds = [rollout.rollout_seed(0, i, 0) for i in range(size)]
+        seeds = [rollout_seed(0, i, 0) for i in range(size)]
 
         def run(side: str) -> tuple[float, list[list[int]]]:
             if side in engines:

@@ -17,6 +17,7 @@
 from __future__ import annotations
 
 import functools
+from contextlib import nullcontext
 from typing import Literal
 
 import torch
@@ -50,3 +51,16 @@ def resolve_precision(precision: str, device: torch.device | str) -> Literal["fp
     if device_type == "cuda":
         return "bf16" if torch.cuda.is_bf16_supported() else "fp32"
     return "fp32"  # CPUs (see above) and other devices
+
+
+def autocast_context(device: torch.device | str, precision: str, cache: bool = True):
+    """bf16 autocast when the run's precision (resolved for this device, see `resolve_precision`) is bf16.
+
+    `cache=False` for training forwards: autocast otherwise keeps the bf16 copy of every weight it
+    cast until the region ends, so a sharded model's forward would hold a bf16 copy of all its
+    gathered layers at once (12 GiB at 7B) instead of one layer's. Decoding keeps the cache: it
+    uses every weight once per token.
+    """
+    if resolve_precision(precision, device) == "bf16":
+        return torch.autocast(device_type=torch.device(device).type, dtype=torch.bfloat16, cache_enabled=cache)
+    return nullcontext()

@@ -32,7 +32,7 @@ import torch
 
 from selfdistill.distributed import is_sharded, local, reshard_all
 from selfdistill.losses import output_head
-from selfdistill.models.lora import is_lora
+from selfdistill.models.lora import is_lora, lora_factors, merged_weight
 
 
 def _lora_layers(student):
@@ -100,10 +100,8 @@ class Teacher:
         sharded = is_sharded(student)
         for name, layer in _lora_layers(student):
             target = teacher_modules[_plain_name(name)]
-            effective = local(layer.base_layer.weight).detach().float()
-            for adapter in layer.active_adapters:
-                delta = _local_delta(layer, adapter) if sharded else layer.get_delta_weight(adapter)
-                effective = effective + delta.float()
+            base = local(layer.base_layer.weight).detach()
+            effective = merged_weight(layer, base, torch.float32, _local_factors if sharded else lora_factors)
             local(target.weight).lerp_(effective.to(target.weight.dtype), a)
 
     def shard(self, shard_fn) -> None:
@@ -148,8 +146,9 @@ class TeacherView:
         return output_head(self.model, without_adapter=self.adapter_off)
 
 
-def _local_delta(layer, adapter: str) -> torch.Tensor:
-    """This process's rows of scale · B·A for a sharded LoRA linear layer.
+def _local_factors(layer, adapter: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """(the whole A, this process's rows of B) of a sharded LoRA linear layer: their product is this
+    process's rows of B·A.
 
     B [out, r] is sharded along its rows exactly as the base weight [out, in] is (both split dim 0
     into the same pieces), so the local rows of B times the whole A give the local rows of the delta.
@@ -158,7 +157,5 @@ def _local_delta(layer, adapter: str) -> torch.Tensor:
 
     if getattr(layer, "fan_in_fan_out", False):
         raise NotImplementedError("EMA of a LoRA delta under FSDP2 supports plain linear layers only")
-    a = layer.lora_A[adapter].weight
-    b = layer.lora_B[adapter].weight
-    a_full = a.full_tensor() if isinstance(a, DTensor) else a
-    return (local(b).detach().float() @ a_full.detach().float()) * layer.scaling[adapter]
+    a, b = lora_factors(layer, adapter)
+    return (a.full_tensor() if isinstance(a, DTensor) else a), local(b)

@@ -96,7 +96,7 @@ def train_mode(out: Path, settings: dict) -> None:
     if settings.get("slow_rollout"):  # a known time inside every process's rollouts, for the timing metrics
         import time
 
-        import selfdistill.methods.sdft as sdft_module
+        import selfdistill.sampling.decode as sdft_module  # the decode loop the rollouts run
 
         real_generate = sdft_module.generate
 
@@ -155,7 +155,7 @@ def keep_teacher() -> None:
 def rollout_mode(out: Path, settings: dict) -> None:
     """Each process samples its own share of the prompts from the (sharded) tiny model."""
     from selfdistill.distributed import setup_processes, shard_model
-    from selfdistill.rollout import generate
+    from selfdistill.sampling.decode import generate
 
     procs = setup_processes()
     tok = tiny_tokenizer(KEYS + VALUES)

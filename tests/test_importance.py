@@ -6,10 +6,10 @@ import pytest
 import torch
 from test_closed_form_kl import _Model
 
-from selfdistill.config import ImportanceLevel, choices, load_config
+from selfdistill.config import ImportanceLevel, LossConfig, choices, load_config
 from selfdistill.errors import UserError
-from selfdistill.importance import LEVELS, PER_SEQUENCE, ImportanceSampling
-from selfdistill.losses import LossSettings, chunked_completion_loss, divergence, output_head
+from selfdistill.losses import chunked_completion_loss, divergence, output_head
+from selfdistill.sampling.importance import LEVELS, PER_SEQUENCE, ImportanceSampling
 
 VOCAB, DIM = 11, 6
 LENGTHS = [3, 7, 2, 5]  # one sequence (7) longer than the chunk of 4 used below
@@ -45,7 +45,7 @@ def _run(importance, seed=0, chunk=4, closed_form=False):
         torch.ones(tokens.shape[0]),
         head,
         teacher_head,
-        LossSettings(chunk_size=chunk),
+        LossConfig(chunk_size=chunk),
         importance,
     )
     loss.backward()

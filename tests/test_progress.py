@@ -53,7 +53,7 @@ def test_lines_mode_prints_whole_labelled_lines_at_each_quarter(monkeypatch, cap
 def test_generation_reports_progress_in_a_worker(monkeypatch, capsys, tmp_path):
     from selfdistill.models import load_model
     from selfdistill.models.tiny import save_tiny
-    from selfdistill.rollout import generate
+    from selfdistill.sampling.decode import generate
 
     monkeypatch.setenv(progress.ENV, "lines")
     monkeypatch.setenv(progress.LABEL_ENV, "[sft seed 1]")

@@ -1,4 +1,5 @@
-"""The decode loop: the same tokens as transformers' `generate`, and no work after every row stopped."""
+"""The decode loop: the same tokens as transformers' `generate`, and no work after every row stopped; the
+`Sampler` choice (`make_sampler`) and the callers that sample through it (SDFT, offline_distill, diagnose)."""
 
 from __future__ import annotations
 
@@ -7,8 +8,12 @@ import random
 import pytest
 import torch
 
+from selfdistill import sampling
+from selfdistill.config import load_config
+from selfdistill.data import PromptBuilder, Record
 from selfdistill.models.tiny import tiny_model, tiny_tokenizer
-from selfdistill.rollout import generate
+from selfdistill.sampling import Completions, Sampler, make_sampler
+from selfdistill.sampling.decode import DecodeSampler, generate
 
 WORDS = [f"w{i}" for i in range(40)]
 
@@ -118,3 +123,131 @@ def test_decode_loop_stops_once_every_row_has_stopped():
     handle.remove()
     assert len(calls) == 1
     assert all(len(ids) == 1 for ids in out.ids) and all(out.finished)
+
+
+def _config(tmp_path="unused", **rollout):
+    return load_config(
+        overrides={
+            "model": {"precision": "fp32"},
+            "data": {"teacher_template": "plain", "max_teacher_prompt_tokens": 512},
+            "rollout": {"max_new_tokens": 5, "temperature": 0.8, "top_p": 0.9, "batch_size": 3, **rollout},
+            "loss": {"skip_first_tokens": 0},
+            "train": {"seed": 7, "output_dir": str(tmp_path)},
+        }
+    )
+
+
+def test_make_sampler_picks_the_decode_loop_for_engine_decode():
+    model, tokenizer, prompts, word_ids = _setup()
+    cfg = _config()
+    assert cfg.rollout.engine == "decode"
+    sampler = make_sampler(
+        cfg, model, stop_token_ids=word_ids[:6], pad_token_id=tokenizer.pad_token_id, precision="fp32"
+    )
+    assert type(sampler) is DecodeSampler and not sampler.copies_weights
+    assert sampler.sync(model) == 0.0
+    seeds = list(range(100, 110))
+    out = sampler.generate(prompts, seeds)
+    direct = generate(
+        model,
+        prompts,
+        stop_token_ids=word_ids[:6],
+        pad_token_id=tokenizer.pad_token_id,
+        max_new_tokens=5,
+        temperature=0.8,
+        top_p=0.9,
+        seeds=seeds,
+        batch_size=3,
+    )
+    assert out.ids == direct.ids and out.finished == direct.finished and out.logprobs is None
+    sampler.close()
+
+
+class FakeSampler(Sampler):
+    """An engine that answers every prompt with the same tokens and records how it was used."""
+
+    copies_weights = True
+    built: list[FakeSampler] = []
+
+    def __init__(self, model, settings):
+        self.model, self.settings, self.calls, self.closed = model, settings, [], False
+        FakeSampler.built.append(self)
+
+    @classmethod
+    def from_config(cls, cfg, model, *, stop_token_ids, pad_token_id, precision, max_prompt_tokens):
+        settings = {"stop": stop_token_ids, "pad": pad_token_id, "max_prompt_tokens": max_prompt_tokens}
+        return cls(model, settings)
+
+    def generate(self, prompts, seeds, *, desc=None):
+        self.calls.append(("generate", len(prompts), list(seeds)))
+        ids = [[7 + k % 3, 8] for k in range(len(prompts))]
+        return Completions(ids=ids, finished=[True] * len(ids), logprobs=[[-0.5, -0.25] for _ in ids])
+
+    def sync(self, model):
+        self.calls.append(("sync", model))
+        return 0.125
+
+    def close(self):
+        self.closed = True
+
+
+@pytest.fixture
+def fake_engine(monkeypatch):
+    """`rollout.engine: decode` builds the fake sampler: every caller's samples come from it."""
+    FakeSampler.built = []
+    monkeypatch.setitem(sampling.ENGINES, "decode", FakeSampler)
+    return FakeSampler.built
+
+
+def _records():
+    return [Record(prompt=f"{w} ?", demonstration=f"{w} .", answer=w) for w in WORDS[:3]]
+
+
+def _method(name, tmp_path):
+    from selfdistill.methods import get_method
+
+    tokenizer = tiny_tokenizer(WORDS)
+    model = tiny_model(tokenizer, hidden_size=64, layers=2, heads=4, seed=0)
+    cfg = _config(tmp_path, num_rollouts=2)
+    builder = PromptBuilder.from_config(tokenizer, cfg.data, tokenizer.eos_token_id)
+    method = get_method(name)(cfg, model, tokenizer, builder, tokenizer.eos_token_id, tokenizer.pad_token_id)
+    return method, builder.encode_all(_records())
+
+
+def test_sdft_samples_through_its_sampler_built_once_and_synced_before_every_rollout(tmp_path, fake_engine):
+    method, records = _method("sdft", tmp_path)
+    assert fake_engine == []  # nothing is built before the first rollout
+    seeds = list(range(6))
+    for _ in range(2):
+        items, stats = method.build_items(records, seeds, step=1)
+    (sampler,) = fake_engine
+    assert sampler.model is method.model and sampler.settings["stop"] == [method.stop_token_id]
+    assert [c[0] for c in sampler.calls] == ["sync", "generate"] * 2
+    assert sampler.calls[1] == ("generate", 6, seeds)  # num_rollouts completions per record
+    assert [i.completion for i in items] == [[7 + k % 3, 8] for k in range(6)]
+    assert all(i.extra["sampler_logp"] == [-0.5, -0.25] for i in items)  # for importance sampling
+    assert stats["time_weight_sync"] == 0.125 and not sampler.closed
+
+
+def test_offline_distill_asks_its_sampler_for_the_teacher_answers_then_closes_it(tmp_path, fake_engine):
+    method, records = _method("offline_distill", tmp_path)
+    method.setup(records)
+    (sampler,) = fake_engine
+    assert sampler.model is method.teacher.module  # the frozen teacher's copy answers
+    assert sampler.settings["max_prompt_tokens"] == 512  # sized for teacher prompts
+    assert [c[0] for c in sampler.calls] == ["sync", "generate"] and sampler.closed
+    assert method.targets == {r.index: [7 + k % 3, 8] for k, r in enumerate(records)}
+
+
+def test_diagnose_samples_through_the_sampler(fake_engine):
+    from selfdistill.diagnose import core
+
+    tokenizer = tiny_tokenizer(WORDS)
+    model = tiny_model(tokenizer, hidden_size=64, layers=2, heads=4, seed=0)
+    cfg = _config(num_rollouts=2)
+    traces = core.trace(model, tokenizer, _records(), cfg, tokenizer.eos_token_id)
+    (sampler,) = fake_engine
+    assert [c[0] for c in sampler.calls] == ["sync", "generate"] and sampler.closed
+    ids = [c.token_ids for r in traces for c in r.completions]
+    assert ids == [[7 + k % 3, 8] for k in range(6)]
+    assert all(len(c.student_logp) == 2 and len(c.divergence) == 2 for r in traces for c in r.completions)

@@ -1,4 +1,5 @@
-"""rollout.engine=vllm: the in-process vLLM engine against our decode loop and the trainer.
+"""rollout.engine=vllm: the in-process vLLM engine against our decode loop and the trainer, and every
+caller that samples through it (SDFT, offline_distill's teacher answers, `sdft diagnose`).
 
 These run in the vLLM environment (`make test-vllm`, built by scripts/setup_vllm_env.sh) and are
 skipped where vLLM is not installed; the last test checks the error a user gets there instead.
@@ -53,15 +54,15 @@ def _trainer_logprobs(model, prompt, completion):
 
 @pytest.fixture(scope="module")
 def engine():
-    from selfdistill.vllm_rollout import VLLMRollout
+    from selfdistill.sampling.vllm_engine import VLLMEngine
 
     model, _ = _model()
-    return VLLMRollout(model, precision="fp32", max_model_len=512)
+    return VLLMEngine(model, precision="fp32", max_model_len=512)
 
 
 @needs_vllm
 def test_greedy_tokens_equal_our_decode_loop(engine):
-    from selfdistill.rollout import generate
+    from selfdistill.sampling.decode import generate
 
     model, tok = _model()
     engine.sync(model)
@@ -184,11 +185,12 @@ def test_resume_with_vllm_rollouts_repeats_the_straight_run(tmp_path):
     assert resumed_losses == pytest.approx([m["loss"] for m in straight.metrics], rel=1e-5)
 
 
-def _learning_config(out, *, lora: bool, teacher: str, steps: int, lr: float):
-    """SDFT with vLLM rollouts on a tiny memorisation set (the prompt/context lengths of `_toy_config`:
-    the same engine serves every run of the module)."""
+def _learning_config(out, *, lora: bool, teacher: str, steps: int, lr: float, **sections):
+    """SDFT (or the method in `sections`) with vLLM rollouts on a tiny memorisation set (the prompt/context
+    lengths of `_toy_config`: the same engine serves every SDFT run of the module)."""
     return load_config(
         overrides={
+            **sections,
             "model": {"precision": "fp32", "lora": {"enabled": lora, "rank": 4, "alpha": 8.0}},
             "data": {"teacher_template": "plain", "max_prompt_tokens": 256},
             "rollout": {"engine": "vllm", "max_new_tokens": 4, "num_rollouts": 4},
@@ -216,8 +218,8 @@ def test_sdft_with_vllm_rollouts_learns(tmp_path, lora, teacher):
     (each step's loss is measured on that step's own samples, so the last steps are averaged)."""
     from toy import KEYS, VALUES, toy_records
 
+    from selfdistill.models.sharded import merged_weights
     from selfdistill.train import train
-    from selfdistill.vllm_rollout import merged_weights
 
     records = toy_records()[:2]
     lr = 1e-2
@@ -249,6 +251,127 @@ def test_sdft_with_vllm_rollouts_learns(tmp_path, lora, teacher):
     assert len(losses) == 8 and all(math.isfinite(x) for x in losses), losses
     # Measured (fp32, CPU): 9.1 nats at the first step, 2.9-4.3 over the last three.
     assert sum(losses[-3:]) / 3 < 0.6 * losses[0], losses
+
+
+@pytest.fixture
+def engine_calls(monkeypatch):
+    """Every `VLLMSampler.generate` call: (the prompts, the completions it returned)."""
+    from selfdistill.sampling.vllm_engine import VLLMSampler
+
+    calls, real = [], VLLMSampler.generate
+
+    def recorded(self, prompts, seeds, **kwargs):
+        out = real(self, prompts, seeds, **kwargs)
+        calls.append((prompts, out))
+        return out
+
+    monkeypatch.setattr(VLLMSampler, "generate", recorded)
+    return calls
+
+
+@needs_vllm
+@pytest.mark.parametrize("lora", [False, True], ids=["full", "lora"])
+def test_offline_distill_with_vllm_teacher_answers(tmp_path, engine_calls, lora):
+    """The frozen teacher's answers come from the engine (LoRA: the adapter switched off, W0); the student
+    then trains on them: its weights move and every loss is finite."""
+    from toy import KEYS, VALUES, toy_records
+
+    from selfdistill.train import train
+
+    records = toy_records()[:4]
+    model, tok = _model(extra_words=KEYS + VALUES)
+    before = {name: p.detach().clone() for name, p in model.named_parameters()}
+    cfg = _learning_config(
+        tmp_path / "run",
+        lora=lora,
+        teacher="frozen",
+        steps=3,
+        lr=1e-2,
+        method="offline_distill",
+        offline={"loss": "divergence"},
+    )
+    result = train(cfg, records=records, model=model, tokenizer=tok, save_final=False)
+
+    assert len(engine_calls) == 1  # once, before training: one answer per record
+    prompts, answers = engine_calls[0]
+    assert len(prompts) == len(records) and answers.logprobs is not None
+    stored = [json.loads(line) for line in (tmp_path / "run" / "offline_targets.jsonl").read_text().splitlines()]
+    assert [row["ids"] for row in sorted(stored, key=lambda row: row["index"])] == answers.ids
+    assert all(m["finite"] and math.isfinite(m["loss"]) for m in result.metrics)
+    trained = {n: p.detach() for n, p in result.model.named_parameters() if p.requires_grad}
+    if lora:  # the B factors start at 0
+        moved = [float(p.abs().max()) for n, p in trained.items() if "lora_B" in n]
+    else:
+        moved = [float((p - before[n]).abs().max()) for n, p in trained.items()]
+    assert moved and max(moved) > 1e-3, moved
+
+
+@needs_vllm
+def test_diagnose_with_vllm_rollouts_gives_the_per_token_report(tmp_path, engine_calls):
+    """`sdft diagnose --set rollout.engine=vllm`: the student's samples come from the engine, scored per token."""
+    from test_diagnose import tiny_records, vocabulary
+    from typer.testing import CliRunner
+
+    from selfdistill.cli import app
+    from selfdistill.models.tiny import save_tiny
+
+    records = tiny_records()
+    model_dir = save_tiny(tmp_path / "model", vocabulary(records), hidden_size=128, heads=2, tied=True)
+    data = tmp_path / "data.jsonl"
+    data.write_text("".join(json.dumps(r.to_dict()) + "\n" for r in records))
+    out = tmp_path / "out"
+    args = ["diagnose", "--model", str(model_dir), str(data), "--limit", "2", "--max-new-tokens", "4"]
+    args += ["--rollouts-per-record", "2", "--precision", "fp32", "--template", "plain", "--no-ceiling"]
+    result = CliRunner().invoke(app, [*args, "--set", "rollout.engine=vllm", "--out", str(out)])
+    assert result.exit_code == 0, result.output
+
+    ((prompts, sampled),) = engine_calls
+    assert len(prompts) == 4  # 2 records x 2 rollouts
+    report = json.loads((out / "diagnose.json").read_text())
+    completions = [c for r in report["records"] for c in r["completions"]]
+    assert [c["token_ids"] for c in completions] == sampled.ids
+    for c, logprobs in zip(completions, sampled.logprobs):
+        assert len(c["student_logp"]) == len(c["teacher_logp"]) == len(c["divergence"]) == len(c["token_ids"])
+        # fp32: the trainer's log-probabilities of the engine's tokens are the engine's own
+        assert c["student_logp"] == pytest.approx(logprobs, abs=1e-4)
+
+
+@needs_vllm
+def test_building_an_engine_leaves_the_process_settings_as_they_were(monkeypatch):
+    """vLLM's CPU worker changes process-wide settings the trainer shares (torch.set_num_threads made a
+    no-op, fp32 matmul precision reset to 'highest', this thread's memory bound to one NUMA node,
+    LD_PRELOAD): they are back as they were once the engine is built, synced and sampling."""
+    from contextlib import contextmanager
+
+    from selfdistill.sampling import vllm_engine
+
+    inside = []
+    real = vllm_engine.process_settings_kept
+
+    @contextmanager
+    def observed():
+        with real():
+            yield
+            inside.append(vllm_engine.process_settings())  # the engine is built; not yet restored
+
+    monkeypatch.setattr(vllm_engine, "process_settings_kept", observed)
+    precision = torch.get_float32_matmul_precision()
+    torch.set_float32_matmul_precision("medium")  # a trainer's choice the engine must not undo
+    try:
+        before = vllm_engine.process_settings()
+        model, tok = _model(seed=1)
+        built = vllm_engine.VLLMEngine(model, precision="fp32", max_model_len=256)
+        built.sync(model)
+        built.generate(_prompts(tok, lengths=(5,)), stop_token_ids=[], max_new_tokens=3, seeds=[1])
+        after = vllm_engine.process_settings()
+        built.close()
+    finally:
+        torch.set_float32_matmul_precision(precision)
+    changed = {k for k in before if inside[0][k] != before[k]}
+    # What vLLM changed here (this test's reason to exist); the memory binding only where libnuma is.
+    assert {"set_num_threads", "float32_matmul_precision", "fp32_precision"} <= changed, changed
+    assert after == before
+    torch.set_num_threads(torch.get_num_threads())  # the real function again, not vLLM's no-op
 
 
 @pytest.mark.skipif(HAS_VLLM, reason="checks the message shown where vLLM is missing")

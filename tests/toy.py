@@ -17,8 +17,8 @@ import random
 import torch
 
 from selfdistill.data import PromptBuilder, Record
+from selfdistill.models.batching import pad_batch
 from selfdistill.models.tiny import tiny_model, tiny_tokenizer
-from selfdistill.rollout import pad_batch
 
 NUM_KEYS = 8
 KEYS = [f"k{i}" for i in range(NUM_KEYS)]
@@ -75,7 +75,7 @@ def copy_model(template: str = "plain", steps: int = 300, seed: int = 0):
 
 
 def greedy_accuracy(model, tokenizer, records: list[Record], teacher: bool = False, template: str = "plain") -> float:
-    from selfdistill.rollout import generate
+    from selfdistill.sampling.decode import generate
 
     builder = PromptBuilder(tokenizer, template=template)
     prompts = [

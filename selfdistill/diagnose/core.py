@@ -18,8 +18,9 @@ from selfdistill.data.prompts import PromptBuilder
 from selfdistill.data.records import Record
 from selfdistill.losses import divergence, output_head
 from selfdistill.methods.base import TrainItem, completion_hidden
+from selfdistill.precision import autocast_context
 from selfdistill.progress import progress_bar
-from selfdistill.rollout import autocast_context, generate, rollout_seed
+from selfdistill.sampling import make_sampler, rollout_seed
 
 TOP_N = 5  # top tokens shown per position, for the teacher and the student
 
@@ -139,69 +140,77 @@ def trace(model, tokenizer, records: list[Record], cfg: Config, stop_token_id: i
     seeds = [rollout_seed(cfg.train.seed, e.index, r) for e in encoded for r in range(n)]
     was_training = model.training
     model.eval()
-    done = generate(
-        model,
-        [e.student_ids for e in encoded for _ in range(n)],
-        stop_token_ids=[] if cfg.rollout.ignore_eos else stop_token_id,
-        pad_token_id=pad,
-        max_new_tokens=cfg.rollout.max_new_tokens,
-        temperature=cfg.rollout.temperature,
-        top_p=cfg.rollout.top_p,
-        seeds=seeds,
-        batch_size=cfg.rollout.batch_size,
-        precision=cfg.model.precision,
-        desc="diagnose: student rollouts",
-    )
+    done = _sample(model, [e.student_ids for e in encoded for _ in range(n)], seeds, cfg, stop_token_id, pad)
     special = set(tokenizer.all_special_ids) | {stop_token_id}
     results: list[RecordTrace] = []
     bar = progress_bar(total=len(done.ids), desc="diagnose: scoring")
     for position, e in enumerate(encoded):
-        demo_first = e.demonstration_ids[0]
         record = RecordTrace(
             index=e.index,
             student_prompt=tokenizer.decode(e.student_ids),
             teacher_prompt=tokenizer.decode(e.teacher_ids),
             demonstration=records[e.index].demonstration,
-            demo_first_token=tokenizer.decode([demo_first]),
+            demo_first_token=tokenizer.decode([e.demonstration_ids[0]]),
             demo_first_student_p=float("nan"),
             demo_first_teacher_p=float("nan"),
         )
         for r in range(n):
             k = position * n + r  # generation order: each record's rollouts in a row
-            ids = done.ids[k]
-            if not ids:  # max_new_tokens >= 1 makes this impossible; guard the indexing below anyway
+            if not done.ids[k]:  # max_new_tokens >= 1 makes this impossible; guard the indexing below anyway
                 continue
-            item = TrainItem(
-                record_index=e.index,
-                prompt_ids=e.student_ids,
-                completion=ids,
-                loss_start=0,
-                teacher_prompt_ids=e.teacher_ids,
-                finished=done.finished[k],
+            completion, first_p = _completion_trace(
+                model, tokenizer, cfg, e, r, seeds[k], done.ids[k], done.finished[k], pad, special
             )
-            scored = score_completion(model, item, cfg, pad, tokenizer)
-            record.demo_first_student_p = scored["first_student_logp"][demo_first].exp().item()
-            record.demo_first_teacher_p = scored["first_teacher_logp"][demo_first].exp().item()
-            texts = token_texts(tokenizer, ids)
-            record.completions.append(
-                CompletionTrace(
-                    record=e.index,
-                    rollout=r,
-                    seed=seeds[k],
-                    finished=done.finished[k],
-                    token_ids=list(ids),
-                    token_texts=texts,
-                    student_logp=scored["student_logp"],
-                    teacher_logp=scored["teacher_logp"],
-                    divergence=scored["divergence"],
-                    is_format=[is_format_token(t, i in special) for t, i in zip(texts, ids)],
-                    in_loss=[j >= cfg.loss.skip_first_tokens for j in range(len(ids))],
-                    teacher_top=scored["teacher_top"],
-                    student_top=scored["student_top"],
-                )
-            )
+            record.demo_first_student_p, record.demo_first_teacher_p = first_p
+            record.completions.append(completion)
             bar.update(1)
         results.append(record)
     bar.close()
     model.train(was_training)
     return results
+
+
+def _sample(model, prompts: list[list[int]], seeds: list[int], cfg: Config, stop_token_id: int, pad: int):
+    """The student's completions through the rollout engine (rollout.engine), as training samples them."""
+    stop = [] if cfg.rollout.ignore_eos else [stop_token_id]
+    sampler = make_sampler(cfg, model, stop_token_ids=stop, pad_token_id=pad, precision=cfg.model.precision)
+    try:
+        sampler.sync(model)  # a shared engine may hold other weights
+        return sampler.generate(prompts, seeds, desc="diagnose: student rollouts")
+    finally:
+        sampler.close()
+
+
+def _completion_trace(model, tokenizer, cfg: Config, e, rollout: int, seed: int, ids, finished, pad, special):
+    """(one completion's per-position numbers, (p_student, p_teacher) of the demonstration's first token)."""
+    item = TrainItem(
+        record_index=e.index,
+        prompt_ids=e.student_ids,
+        completion=ids,
+        loss_start=0,
+        teacher_prompt_ids=e.teacher_ids,
+        finished=finished,
+    )
+    scored = score_completion(model, item, cfg, pad, tokenizer)
+    demo_first = e.demonstration_ids[0]
+    first_p = (
+        scored["first_student_logp"][demo_first].exp().item(),
+        scored["first_teacher_logp"][demo_first].exp().item(),
+    )
+    texts = token_texts(tokenizer, ids)
+    completion = CompletionTrace(
+        record=e.index,
+        rollout=rollout,
+        seed=seed,
+        finished=finished,
+        token_ids=list(ids),
+        token_texts=texts,
+        student_logp=scored["student_logp"],
+        teacher_logp=scored["teacher_logp"],
+        divergence=scored["divergence"],
+        is_format=[is_format_token(t, i in special) for t, i in zip(texts, ids)],
+        in_loss=[j >= cfg.loss.skip_first_tokens for j in range(len(ids))],
+        teacher_top=scored["teacher_top"],
+        student_top=scored["student_top"],
+    )
+    return completion, first_p

@@ -17,21 +17,17 @@ from pathlib import Path
 from selfdistill.files import write_jsonl
 from selfdistill.methods.base import TrainItem
 from selfdistill.methods.sdft import SDFT
-from selfdistill.methods.sft import SFT
-from selfdistill.rollout import generate, rollout_seed
+from selfdistill.sampling import Completions, make_sampler, rollout_seed
 
 
 class OfflineDistill(SDFT):
-    name = "offline_distill"
     teacher_kind = "frozen"
-    per_token_loss = SFT.per_token_loss  # for offline.loss = ce
     cache_teacher_scores = True  # fixed targets, frozen teacher: each record is scored once
-    samples_student_prompts = False  # the teacher answers its own prompts, with our decode loop
+    samples_student_prompts = False  # the teacher answers its own prompts (once, before training)
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
         self.targets: dict[int, list[int]] = {}
-        self.teacher_generations = 0  # how many responses the teacher was asked for (once per record)
 
     def setup(self, records) -> None:
         path = Path(self.cfg.train.output_dir) / "offline_targets.jsonl"
@@ -41,24 +37,31 @@ class OfflineDistill(SDFT):
             if wanted <= stored.keys():
                 self.targets = stored
                 return
-        rollouts = self.cfg.rollout
+        seeds = [rollout_seed(self.cfg.train.seed, -1 - r.index, 0) for r in records]
         with self.teacher.scoring(self.model) as teacher, teacher.weights() as teacher_model:
-            completions = generate(
-                teacher_model,
-                [r.teacher_ids for r in records],
-                stop_token_ids=self.stop_token_id,
-                pad_token_id=self.pad_token_id,
-                max_new_tokens=rollouts.max_new_tokens,
-                temperature=rollouts.temperature,
-                top_p=rollouts.top_p,
-                seeds=[rollout_seed(self.cfg.train.seed, -1 - r.index, 0) for r in records],
-                batch_size=rollouts.batch_size,
-                precision=self.precision,
-                desc="teacher answers (offline)",
-            )
-        self.teacher_generations += len(records)
+            completions = self._teacher_answers(teacher_model, [r.teacher_ids for r in records], seeds)
         self.targets = {r.index: ids for r, ids in zip(records, completions.ids)}
         write_jsonl(path, [{"index": i, "ids": ids} for i, ids in self.targets.items()])
+
+    def _teacher_answers(self, teacher_model, prompts: list[list[int]], seeds: list[int]) -> Completions:
+        """The teacher's answers through the rollout engine (rollout.engine), from the teacher's weights.
+
+        The sampler serves these answers only (training samples nothing), so it is closed after them:
+        a vLLM engine's copy of the weights and its KV cache are freed before training starts.
+        """
+        sampler = make_sampler(
+            self.cfg,
+            teacher_model,
+            stop_token_ids=[self.stop_token_id],
+            pad_token_id=self.pad_token_id,
+            precision=self.precision,
+            max_prompt_tokens=self.cfg.data.max_teacher_prompt_tokens,
+        )
+        try:
+            sampler.sync(teacher_model)  # a shared engine may hold other weights
+            return sampler.generate(prompts, seeds, desc="teacher answers (offline)")
+        finally:
+            sampler.close()
 
     def build_items(self, records, seeds, step):
         divergence = self.cfg.offline.loss == "divergence"
@@ -77,7 +80,6 @@ class OfflineDistill(SDFT):
 
     def loss(self, items):
         if self.cfg.offline.loss == "ce":
-            loss, stats = SFT.loss(self, items)
-            stats.pop("demonstration_logp")  # the teacher answers' likelihood here, not the demonstrations'
-            return loss, stats
+            loss, _ = self.supervised_loss(items)  # its log-likelihood is the teacher answers', not the demonstrations'
+            return loss, {}
         return super().loss(items)

@@ -23,15 +23,14 @@ from pathlib import Path
 import torch
 
 from selfdistill.distributed import is_sharded
-from selfdistill.importance import ImportanceSampling, ratio_sums
-from selfdistill.losses import STAT_NAMES, LossSettings, chunked_completion_loss, output_head
+from selfdistill.losses import STAT_NAMES, chunked_completion_loss, output_head
 from selfdistill.methods.base import Method, TrainItem, completion_hidden
-from selfdistill.rollout import generate
+from selfdistill.sampling import Sampler, check_engine, make_sampler
+from selfdistill.sampling.importance import ImportanceSampling, ratio_sums
 from selfdistill.teacher import Teacher
 
 
 class SDFT(Method):
-    name = "sdft"
     samples_student_prompts = True
 
     teacher_kind: str | None = None  # subclasses may fix the teacher (e.g. frozen)
@@ -47,17 +46,8 @@ class SDFT(Method):
         # A frozen copy never changes, so it may be stored in the compute precision.
         frozen_dtype = torch.bfloat16 if self.precision == "bf16" else None
         self.teacher = Teacher(model, self.teacher_kind or cfg.teacher.kind, cfg.teacher.ema_rate, frozen_dtype)
-        self.loss_settings = LossSettings(
-            kind=cfg.loss.kind,
-            beta=cfg.loss.beta,
-            top_k=cfg.loss.top_k,
-            add_tail=cfg.loss.add_tail,
-            chunk_size=cfg.loss.chunk_size,
-        )
-        if cfg.rollout.engine == "vllm":  # fail before training starts, with how to install it
-            from selfdistill.vllm_rollout import import_vllm
-
-            import_vllm()
+        check_engine(cfg)  # fail before training starts, with how to install the rollout engine
+        self._sampler: Sampler | None = None  # built at the first rollout (see `rollout_sampler`)
 
     def rollouts(
         self,
@@ -68,30 +58,15 @@ class SDFT(Method):
         skip_first: int,
     ) -> tuple[list[TrainItem], dict]:
         """Sample the student's completions (num_rollouts per prompt) and pair them with the teacher prompts."""
-        rollouts = self.cfg.rollout
-        n = rollouts.num_rollouts
+        n = self.cfg.rollout.num_rollouts
         prompts = [p for p in student_prompts for _ in range(n)]
-        stop = [] if rollouts.ignore_eos else [self.stop_token_id]
-        extra_stats = {}
-        if rollouts.engine == "vllm":
-            from selfdistill.vllm_rollout import vllm_rollouts
-
-            start = time.perf_counter()
-            completions, extra_stats["time_weight_sync"] = vllm_rollouts(self, prompts, stop, seeds)
-        else:
-            start = time.perf_counter()
-            completions = generate(
-                self.model,
-                prompts,
-                stop_token_ids=stop,
-                pad_token_id=self.pad_token_id,
-                max_new_tokens=rollouts.max_new_tokens,
-                temperature=rollouts.temperature,
-                top_p=rollouts.top_p,
-                seeds=seeds,
-                batch_size=rollouts.batch_size,
-                precision=self.precision,
-            )
+        start = time.perf_counter()
+        sampler = self.rollout_sampler()
+        # Before every rollout: the weights moved since the last one (an optimizer step), and an engine
+        # reused from an earlier task or a resumed run has never seen them.
+        sync_time = sampler.sync(self.model)
+        completions = sampler.generate(prompts, seeds)
+        extra_stats = {"time_weight_sync": sync_time} if sampler.copies_weights else {}
         items = [
             TrainItem(
                 record_index=indices[k // n],
@@ -106,12 +81,22 @@ class SDFT(Method):
         ]
         stats = {
             **extra_stats,
-            "time_rollout": time.perf_counter() - start - extra_stats.get("time_weight_sync", 0.0),
+            "time_rollout": time.perf_counter() - start - sync_time,
             "completion_tokens": sum(len(i.completion) for i in items),
             "clipped": sum(not i.finished for i in items),
             "sequences": len(items),
         }
         return items, stats
+
+    def rollout_sampler(self) -> Sampler:
+        """The student's sampler (rollout.engine), built once, at the first rollout: a run that never
+        samples (offline_distill's training, sft_reinvoke's SFT phase) builds no engine."""
+        if self._sampler is None:
+            stop = [] if self.cfg.rollout.ignore_eos else [self.stop_token_id]
+            self._sampler = make_sampler(
+                self.cfg, self.model, stop_token_ids=stop, pad_token_id=self.pad_token_id, precision=self.precision
+            )
+        return self._sampler
 
     def build_items(self, records, seeds, step):
         items, stats = self.rollouts(
@@ -191,7 +176,7 @@ class SDFT(Method):
                 weights,
                 output_head(self.model),
                 teacher_head,
-                self.loss_settings,
+                self.cfg.loss,
                 importance,
             )
         stats = {**dict(zip(STAT_NAMES, sums.tolist())), **timings}

@@ -26,7 +26,7 @@ from pathlib import Path
 import torch
 
 from selfdistill.errors import UserError
-from selfdistill.models.lora import is_lora
+from selfdistill.models.lora import is_lora, merged_weight
 
 
 @contextlib.contextmanager
@@ -351,15 +351,13 @@ def write_final(model, tokenizer, directory: Path, is_main: bool, part_bytes: in
 def _merged(name: str, layer, base: torch.Tensor, factors: dict | None) -> torch.Tensor:
     """W0 + scale·B·A for one LoRA layer from gathered factors, added into W0's dtype as PEFT's merge adds it."""
     prefix = name.removesuffix("base_layer.weight")
-    merged = base.clone()
-    for adapter in layer.active_adapters:
+
+    def gathered(layer, adapter):
         a = whole(layer.lora_A[adapter].weight)
         b = whole(layer.lora_B[adapter].weight)
         if factors is not None:
             factors[f"{prefix}lora_A.{adapter}.weight"] = a.to("cpu")
             factors[f"{prefix}lora_B.{adapter}.weight"] = b.to("cpu")
-        delta = (b @ a) * layer.scaling[adapter]
-        if getattr(layer, "fan_in_fan_out", False):
-            delta = delta.T
-        merged += delta
-    return merged
+        return a, b
+
+    return merged_weight(layer, base, base.dtype, gathered)

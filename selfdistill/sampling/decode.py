@@ -1,4 +1,4 @@
-"""On-policy generation: the student's own completions, batched, with a KV cache.
+"""Our decode loop: the student's own completions, batched, with a KV cache (`rollout.engine: decode`).
 
 `generate` runs its own decode loop (`_decode`) for decoder-only transformers models: the same
 tokens as `model.generate` (tests/test_rollout.py compares them), without its per-step
@@ -10,38 +10,25 @@ generator (the Gumbel-max trick over the processed logits), so a completion depe
 its prompt, its seed and the weights — not on which other prompts shared its batch, on batch
 size, on how records are split across processes, or on a resume. That is what makes two
 processes reproduce one, and a resumed run reproduce an uninterrupted one.
+
+`DecodeSampler` is this loop as a `Sampler`; `generate` stays usable on its own (evaluation).
 """
 
 from __future__ import annotations
 
 import inspect
-from contextlib import nullcontext
-from dataclasses import dataclass
 
 import torch
 from transformers import GenerationConfig, LogitsProcessor, LogitsProcessorList
 
 from selfdistill.distributed import backbone, full_weights
-from selfdistill.precision import resolve_precision
+from selfdistill.models.batching import pad_batch
+from selfdistill.precision import autocast_context
 from selfdistill.progress import progress_bar
-
-
-def rollout_seed(seed: int, position: int, rollout: int) -> int:
-    """The sampling seed of one completion: a function of the run seed and its place in the data stream."""
-    return (seed * 1_000_003 + position * 1_009 + rollout) % (2**63 - 1)
-
+from selfdistill.sampling.base import Completions, Sampler
 
 # Up to this many rows, the CPU decode step applies the output head as `W @ h.T` (see _logits_fn).
 SMALL_DECODE_ROWS = 16
-
-
-@dataclass
-class Completions:
-    ids: list[list[int]]  # generated tokens, up to and including the stop token
-    finished: list[bool]  # False when the completion hit max_new_tokens (clipped)
-    # Each sampled token's log-probability under the sampler, when the backend reports it (vLLM);
-    # None from our decode loop, whose numbers are the trainer's own.
-    logprobs: list[list[float]] | None = None
 
 
 class SeededSampling(LogitsProcessor):
@@ -63,31 +50,6 @@ class SeededSampling(LogitsProcessor):
         uniform = torch.stack([torch.rand(scores.shape[-1], generator=g) for g in self.generators]).to(scores.device)
         gumbel = -torch.log(-torch.log(uniform.clamp(1e-20, 1.0 - 1e-7)))
         return scores + gumbel
-
-
-def pad_batch(rows: list[list[int]], pad_id: int, side: str = "right") -> tuple[torch.Tensor, torch.Tensor]:
-    """(ids, attention mask) for token rows of different lengths; generation pads on the left."""
-    width = max(len(r) for r in rows)
-    ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(rows), width), dtype=torch.long)
-    for i, row in enumerate(rows):
-        span = slice(width - len(row), width) if side == "left" else slice(0, len(row))
-        ids[i, span] = torch.tensor(row, dtype=torch.long)
-        mask[i, span] = 1
-    return ids, mask
-
-
-def autocast_context(device: torch.device | str, precision: str, cache: bool = True):
-    """bf16 autocast when the run's precision (resolved for this device, see `resolve_precision`) is bf16.
-
-    `cache=False` for training forwards: autocast otherwise keeps the bf16 copy of every weight it
-    cast until the region ends, so a sharded model's forward would hold a bf16 copy of all its
-    gathered layers at once (12 GiB at 7B) instead of one layer's. Decoding keeps the cache: it
-    uses every weight once per token.
-    """
-    if resolve_precision(precision, device) == "bf16":
-        return torch.autocast(device_type=torch.device(device).type, dtype=torch.bfloat16, cache_enabled=cache)
-    return nullcontext()
 
 
 def _logits_fn(model):
@@ -199,13 +161,6 @@ def generate(
     was_training = model.training
     model.eval()
     own_loop = not use_hf_generate and _uses_own_loop(model)
-    config = GenerationConfig(
-        do_sample=False,
-        max_new_tokens=max_new_tokens,
-        eos_token_id=stop_token_ids or None,
-        pad_token_id=pad_token_id,
-        use_cache=True,
-    )
     # Longest prompts first, so each batch holds prompts of similar length (less padding).
     order = sorted(range(len(prompts)), key=lambda i: -len(prompts[i]))
     out_ids: list[list[int]] = [[] for _ in prompts]
@@ -221,7 +176,6 @@ def generate(
                 finished,
                 device=device,
                 own_loop=own_loop,
-                config=config,
                 seeds=seeds,
                 temperature=temperature,
                 top_p=top_p,
@@ -247,7 +201,6 @@ def _generate_batch(
     *,
     device,
     own_loop,
-    config,
     seeds,
     temperature,
     top_p,
@@ -273,6 +226,13 @@ def _generate_batch(
                 pick=pick,
             )
         else:
+            config = GenerationConfig(
+                do_sample=False,
+                max_new_tokens=max_new_tokens,
+                eos_token_id=stop_token_ids or None,
+                pad_token_id=pad_token_id,
+                use_cache=True,
+            )
             generated = model.generate(
                 input_ids=ids,
                 attention_mask=mask,
@@ -284,3 +244,62 @@ def _generate_batch(
         cut = next((j for j, tok in enumerate(row) if tok in stop_token_ids), None)
         out_ids[i] = row if cut is None else row[: cut + 1]
         finished[i] = cut is not None
+
+
+class DecodeSampler(Sampler):
+    """Our decode loop as a `Sampler`: it samples from the model itself, so `sync` has nothing to copy."""
+
+    def __init__(
+        self,
+        model,
+        *,
+        stop_token_ids: list[int],
+        pad_token_id: int,
+        max_new_tokens: int,
+        temperature: float,
+        top_p: float,
+        batch_size: int,
+        precision: str,
+    ):
+        self.model = model
+        self.stop_token_ids = list(stop_token_ids)
+        self.pad_token_id = pad_token_id
+        self.max_new_tokens = max_new_tokens
+        self.temperature = temperature
+        self.top_p = top_p
+        self.batch_size = batch_size
+        self.precision = precision
+
+    @classmethod
+    def from_config(cls, cfg, model, *, stop_token_ids, pad_token_id, precision, max_prompt_tokens) -> DecodeSampler:
+        rollout = cfg.rollout
+        return cls(
+            model,
+            stop_token_ids=stop_token_ids,
+            pad_token_id=pad_token_id,
+            max_new_tokens=rollout.max_new_tokens,
+            temperature=rollout.temperature,
+            top_p=rollout.top_p,
+            batch_size=rollout.batch_size,
+            precision=precision,
+        )
+
+    def generate(self, prompts: list[list[int]], seeds: list[int], *, desc: str | None = None) -> Completions:
+        return generate(
+            self.model,
+            prompts,
+            stop_token_ids=self.stop_token_ids,
+            pad_token_id=self.pad_token_id,
+            max_new_tokens=self.max_new_tokens,
+            temperature=self.temperature,
+            top_p=self.top_p,
+            seeds=seeds,
+            batch_size=self.batch_size,
+            precision=self.precision,
+            desc=desc,
+        )
+
+    def sync(self, model) -> float:
+        """Nothing to copy: the loop runs the live model. Only which model that is is noted (no time spent)."""
+        self.model = model
+        return 0.0

