@@ -9,15 +9,30 @@
     memory = selfdistill.plan("qwen7b.yaml", processes=8)               # as `sdft plan`
 
 Bad input raises selfdistill.UserError with the same message the command prints.
+
+The options of each command beyond a training config are a settings dataclass, every field documented
+and checked when built, next to the code that runs it (TrainSettings here;
+selfdistill.eval.settings, selfdistill.diagnose.settings, selfdistill.tasks.settings,
+selfdistill.continual.settings, selfdistill.memory_plan.settings). These functions and the `sdft`
+commands (a thin layer over them) take their defaults, help and checks from those settings.
 """
 
 from __future__ import annotations
 
-import inspect
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from selfdistill.errors import UserError
+from selfdistill.options import given_options, setting
+
+
+@dataclass(frozen=True, kw_only=True)
+class TrainSettings:
+    """How `selfdistill.train` and `sdft train` run a config (the Config holds every training setting)."""
+
+    resume: bool = setting(False, "Continue from the newest checkpoint in the run directory.")
+    overwrite: bool = setting(False, "Replace a different run already in the run directory.")
 
 
 def _config(config: Any, overrides: dict) -> Any:
@@ -44,23 +59,14 @@ def _records(records: Any, require_demonstration: bool = True):
     return records_from_rows(list(records), "records", require_demonstration=require_demonstration)
 
 
-def command_defaults(command) -> dict:
-    """A typer command's option defaults by parameter name: the API reads its defaults from the CLI."""
-    defaults = {}
-    for name, parameter in inspect.signature(command).parameters.items():
-        value = parameter.default
-        defaults[name] = getattr(value, "default", value)  # typer's OptionInfo/ArgumentInfo carry .default
-    return defaults
-
-
 def train(
     config: Any = None,
     *,
     records: Any = None,
     model=None,
     tokenizer=None,
-    resume: bool = False,
-    overwrite: bool = False,
+    resume: bool = TrainSettings.resume,
+    overwrite: bool = TrainSettings.overwrite,
     **overrides,
 ):
     """Train as `sdft train`: `config` is a Config, a YAML path or a mapping; keyword sections override it,
@@ -89,49 +95,19 @@ def evaluate(
 ) -> dict:
     """Score a model on a task as `sdft eval --task`: `model` is a name/directory/.gguf file or a loaded
     model (with `tokenizer`); `task` a .jsonl file, a built-in task name or a list of records (with
-    `answer`). Options (defaults as the command's): max_new_tokens, batch_size, precision, temperature,
-    n_samples, seed. With `out`, examples.jsonl and summary.json are written there. Returns the summary."""
-    import torch
-
-    from selfdistill.eval import graders
-    from selfdistill.eval.cli import eval_command
-    from selfdistill.eval.evaluate import evaluate as run_evaluation
-    from selfdistill.eval.tasks import guess_grader, resolve_task
-    from selfdistill.precision import PRECISIONS, resolve_precision
-
-    names = ("max_new_tokens", "batch_size", "precision", "temperature", "n_samples", "seed")
-    defaults = command_defaults(eval_command)
-    settings = {name: defaults[name] for name in names}
-    unknown = sorted(set(options) - set(names))
-    if unknown:
-        raise UserError(f"evaluate(): unknown option(s) {', '.join(unknown)}; valid: {', '.join(names)}.")
-    settings.update(options)
-    if settings["precision"] not in PRECISIONS:
-        raise UserError(f"evaluate(): precision must be one of {', '.join(PRECISIONS)}, got {settings['precision']!r}.")
-    if isinstance(task, (str, Path)):
-        records, grader_name = resolve_task(str(task), grader, limit, settings["seed"])
-        label = Path(str(task)).stem
-    else:
-        records = _records(task, require_demonstration=False)[:limit]
-        grader_name, label = grader or guess_grader(records), "records"
-    grade = graders.get(grader_name)
-    if isinstance(model, (str, Path)):
-        from selfdistill.models import load_model
-
-        model, tokenizer = load_model(str(model), torch.float32)
-    elif tokenizer is None:
-        raise UserError("evaluate(): a loaded model needs its tokenizer (tokenizer=...).")
-    settings["precision"] = resolve_precision(settings["precision"], next(model.parameters()).device)
+    `answer`). Options: those of selfdistill.eval.settings.EvaluateSettings (n_samples, temperature,
+    max_new_tokens, batch_size, precision, seed), with their defaults (the command's). With `out`,
+    examples.jsonl and summary.json are written there. Returns the summary."""
+    from selfdistill.eval.run import evaluate_task
+    from selfdistill.eval.settings import EvaluateSettings
     from selfdistill.progress import quiet_third_party_bars
 
+    given_options(EvaluateSettings, "evaluate()", options, exclude={"grader", "limit"})
+    settings = EvaluateSettings(grader=grader, limit=limit, **options)
+    if not isinstance(task, (str, Path)):
+        task = _records(task, require_demonstration=False)
     quiet_third_party_bars()
-    summary = run_evaluation(model, tokenizer, records, grade, out_dir=out, desc=f"eval {label}", **settings)
-    summary.update({"task": str(task) if isinstance(task, (str, Path)) else label, "grader": grader_name})
-    if out is not None:
-        from selfdistill.files import write_json
-
-        write_json(Path(out) / "summary.json", summary)
-    return summary
+    return evaluate_task(model, task, settings, tokenizer=tokenizer, out=out)
 
 
 def run_stream(config: Any, *, overwrite: bool = False, echo=print, **overrides) -> dict:
@@ -169,29 +145,20 @@ def diagnose(
 ) -> dict:
     """Per-token teacher vs student numbers, the teacher ceiling and advice, as `sdft diagnose`: `task` is a
     built-in task or a data source; `config` a training YAML; `overrides` `section.key=value` strings; other
-    options are the command's (model, template, limit, rollouts_per_record, temperature, max_new_tokens,
-    divergence, beta, top_k, skip_first_tokens, precision, seed, task_seed, ceiling, batch_size, split,
-    format, grader). Writes diagnose.json and diagnose.html under `out`; returns diagnose.json's content."""
-    from selfdistill.diagnose.cli import diagnose_command
-    from selfdistill.files import read_json
-
-    settings = command_defaults(diagnose_command)
-    hidden = {"task_arg", "task", "config", "set_", "out"}
-    unknown = sorted(set(options) - (set(settings) - hidden))
-    if unknown:
-        raise UserError(
-            f"diagnose(): unknown option(s) {', '.join(unknown)}; valid: {', '.join(sorted(set(settings) - hidden))}."
-        )
-    settings.update(
-        options, task_arg=task, task=None, config=Path(config) if config else None, set_=list(overrides), out=Path(out)
-    )
-    if isinstance(settings["grader"], str):
-        settings["grader"] = [settings["grader"]]
+    options are those of selfdistill.diagnose.settings.DiagnoseSettings, with their defaults (the command's):
+    model, template, split, format, grader, limit, rollouts_per_record, temperature, max_new_tokens,
+    divergence, beta, top_k, skip_first_tokens, precision, seed, task_seed, ceiling, batch_size.
+    Writes diagnose.json and diagnose.html under `out`; returns diagnose.json's content."""
+    from selfdistill.diagnose.run import diagnose as run_diagnosis
+    from selfdistill.diagnose.settings import DiagnoseSettings
     from selfdistill.progress import quiet_third_party_bars
 
+    given_options(DiagnoseSettings, "diagnose()", options, exclude={"task", "config", "overrides", "out"})
+    settings = DiagnoseSettings(
+        task=task, config=Path(config) if config else None, overrides=tuple(overrides), out=Path(out), **options
+    )
     quiet_third_party_bars()
-    diagnose_command(**settings)
-    return read_json(Path(out) / "diagnose.json")
+    return run_diagnosis(settings).data
 
 
 def plan(config: Any = None, *, processes: int, **overrides):
@@ -200,5 +167,7 @@ def plan(config: Any = None, *, processes: int, **overrides):
     No GPU, weights or network needed. Returns a `selfdistill.memory_plan.MemoryPlan` (bytes per figure;
     `.table()` is the command's text, `.to_dict()` its JSON)."""
     from selfdistill.memory_plan import plan as memory_plan
+    from selfdistill.memory_plan.settings import PlanSettings
 
-    return memory_plan(_config(config, overrides), processes)
+    settings = PlanSettings(processes=processes)
+    return memory_plan(_config(config, overrides), settings.processes)

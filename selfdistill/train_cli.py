@@ -2,13 +2,29 @@
 
 from __future__ import annotations
 
+import functools
 import os
 from pathlib import Path
 from typing import Optional
 
 import typer
 
+from selfdistill.api import TrainSettings
 from selfdistill.config import METHODS, describe_options, load_config
+from selfdistill.options import cli_option
+
+_option = functools.partial(cli_option, TrainSettings)
+
+# The options that set one training setting: option -> its config key.
+SHORTCUTS = {
+    "method": "method",
+    "model": "model.name",
+    "data": "data.train",
+    "output_dir": "train.output_dir",
+    "max_steps": "train.max_steps",
+    "lr": "train.lr",
+    "batch_size": "train.batch_size",
+}
 
 
 def _epilog() -> str:
@@ -21,6 +37,7 @@ def _epilog() -> str:
 def register(app: typer.Typer) -> None:
     @app.command("train", epilog=_epilog(), context_settings={"max_content_width": 120})
     def train_command(
+        ctx: typer.Context,
         config: Optional[Path] = typer.Argument(None, help="YAML config file (sections as listed below)."),
         set_: list[str] = typer.Option([], "--set", "-s", help="Override a setting: section.key=value (repeatable)."),
         method: Optional[str] = typer.Option(None, help="Training method (see the list below)."),
@@ -32,37 +49,26 @@ def register(app: typer.Typer) -> None:
         max_steps: Optional[int] = typer.Option(None, help="Stop after this many optimizer steps."),
         lr: Optional[float] = typer.Option(None, help="Peak learning rate."),
         batch_size: Optional[int] = typer.Option(None, help="Prompts per optimizer step."),
-        resume: bool = typer.Option(
-            False, "--resume", help="Continue from the newest checkpoint in the run directory."
-        ),
-        overwrite: bool = typer.Option(
-            False, "--overwrite", help="Replace a different run already in the run directory."
-        ),
+        resume: bool = _option("resume", "--resume"),
+        overwrite: bool = _option("overwrite", "--overwrite"),
     ) -> None:
         """Train a model on demonstrations (SDFT by default) and save an HF-compatible checkpoint.
 
         Under `torchrun --nproc_per_node N` the N processes train one model sharded with FSDP2.
         """
-        overrides = list(set_)
-        for key, value in (
-            ("method", method),
-            ("model.name", model),
-            ("data.train", data),
-            ("train.output_dir", output_dir),
-            ("train.max_steps", max_steps),
-            ("train.lr", lr),
-            ("train.batch_size", batch_size),
-        ):
-            if value is not None:
-                overrides.append(f"{key}={value}")
-        cfg = load_config(config, overrides)
+        settings = TrainSettings(resume=resume, overwrite=overwrite)
+        shortcuts = [f"{key}={ctx.params[name]}" for name, key in SHORTCUTS.items() if ctx.params[name] is not None]
+        cfg = load_config(config, list(set_) + shortcuts)
         from selfdistill.train import train  # heavy imports only when training
 
-        result = train(cfg, resume=resume, overwrite=overwrite)
-        if os.environ.get("RANK", "0") != "0":  # under torchrun the first process reports for all
-            return
-        if result.metrics:
-            last = result.metrics[-1]
-            typer.echo(f"trained {result.steps} steps; last loss {last['loss']:.4f}")
-        typer.echo(f"model: {result.final_dir}")
-        typer.echo(f"metrics: {result.output_dir / 'metrics.jsonl'}")
+        _report(train(cfg, resume=settings.resume, overwrite=settings.overwrite))
+
+
+def _report(result) -> None:
+    if os.environ.get("RANK", "0") != "0":  # under torchrun the first process reports for all
+        return
+    if result.metrics:
+        last = result.metrics[-1]
+        typer.echo(f"trained {result.steps} steps; last loss {last['loss']:.4f}")
+    typer.echo(f"model: {result.final_dir}")
+    typer.echo(f"metrics: {result.output_dir / 'metrics.jsonl'}")

@@ -1,4 +1,5 @@
-"""The Python API: the README's notebook example runs, imports stay lazy, defaults are the CLI's."""
+"""The Python API: the README's notebook example runs, imports stay lazy, the commands' defaults and checks
+are the API's settings', and the API imports no command-line module."""
 
 import json
 import re
@@ -59,18 +60,127 @@ def test_train_and_diagnose_are_both_the_api_call_and_the_module():
         selfdistill.train(method="sftt")
     with pytest.raises(selfdistill.UserError, match="unknown option"):
         selfdistill.diagnose("tooluse", limt=3)
-    assert callable(selfdistill.diagnose) and hasattr(selfdistill.diagnose, "cli")
+    assert callable(selfdistill.diagnose) and hasattr(selfdistill.diagnose, "trace")
     assert api.train.__doc__ and selfdistill.Config().method == "sdft"
 
 
-def test_api_defaults_are_the_commands():
-    from selfdistill.api import command_defaults
-    from selfdistill.diagnose.cli import diagnose_command
-    from selfdistill.eval.cli import eval_command
+def _option_defaults(*command: str) -> dict:
+    """{parameter name: default} of an `sdft` command, e.g. _option_defaults("data", "ceiling")."""
+    from typer.main import get_command
 
-    assert command_defaults(eval_command)["precision"] == "auto"
-    assert command_defaults(eval_command)["max_new_tokens"] == 512
-    assert command_defaults(diagnose_command)["limit"] == 8
+    from selfdistill.cli import app
+
+    node = get_command(app)
+    for name in command:
+        node = node.commands[name]
+    return {p.name: p.default for p in node.params}
+
+
+def test_the_commands_and_the_api_take_their_defaults_from_the_settings():
+    import dataclasses
+    import inspect
+
+    from selfdistill.api import TrainSettings
+    from selfdistill.continual.settings import CompareSettings, DemoSettings, StreamSettings
+    from selfdistill.diagnose.settings import DiagnoseSettings
+    from selfdistill.eval.settings import EvalSettings, EvaluateSettings
+    from selfdistill.memory_plan.settings import PlanSettings
+    from selfdistill.tasks.settings import CeilingSettings, MakeSettings, ShowSettings
+
+    assert EvaluateSettings().precision == "auto" and EvaluateSettings().max_new_tokens == 512
+    assert DiagnoseSettings().limit == 8 and CeilingSettings(task="x").limit == 40
+    for command, cls in [
+        (["eval"], EvalSettings),
+        (["diagnose"], DiagnoseSettings),
+        (["data", "ceiling"], CeilingSettings),
+        (["train"], TrainSettings),
+        (["plan"], PlanSettings),
+        (["continual"], StreamSettings),
+        (["compare"], CompareSettings),
+        (["demo"], DemoSettings),
+        (["data", "show"], ShowSettings),
+        (["data", "make"], MakeSettings),
+    ]:
+        options = _option_defaults(*command)
+        for f in dataclasses.fields(cls):
+            if f.name in options and f.default is not dataclasses.MISSING:
+                expected = list(f.default) if isinstance(f.default, tuple) else f.default
+                assert options[f.name] == expected, (command, f.name)
+            assert f.metadata["help"], (cls.__name__, f.name)  # every field is documented
+    from selfdistill import api
+
+    assert Path(inspect.signature(api.diagnose).parameters["out"].default) == DiagnoseSettings.out
+    assert inspect.signature(api.train).parameters["resume"].default is TrainSettings.resume is False
+
+
+def _cli_error(args: list[str]) -> str:
+    from typer.testing import CliRunner
+
+    from selfdistill.cli import app
+
+    result = CliRunner().invoke(app, args)
+    assert isinstance(result.exception, selfdistill.UserError), result.output
+    return str(result.exception)
+
+
+def _api_error(call, *args, **kwargs) -> str:
+    with pytest.raises(selfdistill.UserError) as info:
+        call(*args, **kwargs)
+    return str(info.value)
+
+
+def test_the_api_and_the_cli_reject_a_bad_option_with_the_same_message(tmp_path):
+    from test_diagnose import write_task
+
+    model_dir, data = write_task(tmp_path)
+    out = tmp_path / "out"
+    same = [
+        (
+            _api_error(selfdistill.evaluate, str(model_dir), str(data), precision="fp16", out=out),
+            _cli_error(["eval", "--model", str(model_dir), "--task", str(data), "--precision", "fp16"]),
+            "--precision must be one of auto, fp32, bf16, got 'fp16'.",
+        ),
+        (
+            _api_error(selfdistill.diagnose, str(data), limit=0, out=out),
+            _cli_error(["diagnose", str(data), "--limit", "0", "--out", str(out)]),
+            "--limit must be at least 1, got 0.",
+        ),
+        (
+            _api_error(selfdistill.diagnose, str(data), temperature=-1, out=out),
+            _cli_error(["diagnose", str(data), "--temperature", "-1", "--out", str(out)]),
+            "rollout.temperature",  # a training setting: the Config's own check
+        ),
+        (
+            _api_error(selfdistill.plan, None, processes=0),
+            _cli_error(["plan", "--processes", "0"]),
+            "--processes must be at least 1, got 0.",
+        ),
+    ]
+    for from_api, from_cli, expected in same:
+        assert from_api == from_cli and expected in from_api
+    assert not out.exists()
+
+
+def test_the_api_imports_no_command_line_module():
+    api_source = (REPO / "selfdistill" / "api.py").read_text(encoding="utf-8")
+    imported = sorted(set(re.findall(r"^\s*from (selfdistill[\w.]*) import", api_source, re.M)))
+    assert "selfdistill.diagnose.run" in imported and "selfdistill.eval.run" in imported
+    code = (
+        "import importlib, sys\n"
+        f"for name in ['selfdistill.api', *{imported!r}]: importlib.import_module(name)\n"
+        "print(sorted(m for m in sys.modules if m.startswith('selfdistill') and "
+        "(m.endswith('.cli') or m.endswith('_cli'))))"
+    )
+    proc = subprocess.run(
+        [sys.executable, "-c", code],
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+        timeout=300,
+        env={"PYTHONPATH": str(REPO), "PATH": "/usr/bin:/bin"},
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip() == "[]"
 
 
 def test_run_stream_from_a_mapping(tmp_path):

@@ -11,7 +11,8 @@ import yaml
 from toy import KEYS, VALUES
 
 from selfdistill.continual.config import load_continual_config
-from selfdistill.continual.runner import Runner, stage_dir
+from selfdistill.continual.layout import stage_dir
+from selfdistill.continual.runner import Runner
 from selfdistill.errors import UserError
 from selfdistill.models.tiny import save_tiny
 from selfdistill.report import write_report
@@ -288,7 +289,7 @@ def test_compare_is_the_one_stage_case_with_the_same_outputs(tmp_path):
 
 
 def test_shipped_demo_configs_load():
-    from selfdistill.continual.cli import demo_config_path
+    from selfdistill.continual.settings import demo_config_path
 
     full = load_continual_config(demo_config_path(False))
     for quick in (False, True):

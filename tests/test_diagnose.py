@@ -15,7 +15,7 @@ from selfdistill.diagnose import core, summarize
 from selfdistill.diagnose.core import CompletionTrace, RecordTrace, is_format_token
 from selfdistill.losses import divergence
 from selfdistill.models.tiny import save_tiny, tiny_model, tiny_tokenizer, words_of
-from selfdistill.rollout import generate, rollout_seed
+from selfdistill.sampling import generate, rollout_seed
 
 COLOURS = ["red", "blue", "green"]
 
@@ -276,8 +276,8 @@ def test_bad_options_exit_with_code_2(tmp_path, monkeypatch, capsys):
 
     _, data = write_task(tmp_path)
     for args, message in (
-        (["--precision", "fp16"], "--precision"),
-        (["--divergence", "kl"], "--divergence"),
+        (["--precision", "fp16"], "model.precision"),  # a training setting: the config's check names its key
+        (["--divergence", "kl"], "loss.kind"),
         (["--limit", "0"], "--limit"),
         (["--template", "task"], "built-in tasks"),
     ):
