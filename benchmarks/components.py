@@ -30,7 +30,8 @@ def _alternate(sides: dict, reps: int) -> dict:
 def loss_suite(args) -> dict:
     import torch
 
-    from selfdistill.losses import LossSettings, chunked_completion_loss, output_head
+    from selfdistill.config import LossConfig
+    from selfdistill.losses import chunked_completion_loss, output_head
     from selfdistill.models import load_model
 
     torch.set_num_threads(2)
@@ -56,7 +57,8 @@ def loss_suite(args) -> dict:
                 weights,
                 output_head(model),
                 teacher_head,
-                LossSettings(chunk_size=chunk, top_k=top_k, closed_form_gradient=closed_form),
+                LossConfig(chunk_size=chunk, top_k=top_k),
+                closed_form_gradient=closed_form,
             )
             loss.backward()
             student.grad = None
@@ -90,7 +92,7 @@ def precision_suite(args) -> dict:
     from selfdistill.losses import chunked_token_loss, output_head
     from selfdistill.methods.base import TrainItem, completion_hidden
     from selfdistill.models import load_model, stop_token_id
-    from selfdistill.rollout import generate
+    from selfdistill.sampling.decode import generate
 
     torch.set_num_threads(2)
     model, tokenizer = load_model("smollm2-135m", torch.float32)

@@ -14,7 +14,8 @@ import sys
 def measure(n: int, vocab: int, hidden: int, chunk: int, seed: int = 0) -> dict:
     import torch
 
-    from selfdistill.losses import LossSettings, chunked_completion_loss
+    from selfdistill.config import LossConfig
+    from selfdistill.losses import chunked_completion_loss
 
     torch.manual_seed(seed)
     torch.set_num_threads(2)
@@ -26,14 +27,14 @@ def measure(n: int, vocab: int, hidden: int, chunk: int, seed: int = 0) -> dict:
     weights = torch.ones(n)
     # Warm-up on two positions, so allocator and library start-up costs land in the baseline.
     warm, _ = chunked_completion_loss(
-        student[:2], teacher[:2], tokens[:2], weights[:2], head, teacher_head, LossSettings(chunk_size=chunk)
+        student[:2], teacher[:2], tokens[:2], weights[:2], head, teacher_head, LossConfig(chunk_size=chunk)
     )
     warm.backward()
     head.weight.grad = None
     student.grad = None
     before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     loss, _ = chunked_completion_loss(
-        student, teacher, tokens, weights, head, teacher_head, LossSettings(chunk_size=chunk)
+        student, teacher, tokens, weights, head, teacher_head, LossConfig(chunk_size=chunk)
     )
     loss.backward()
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024

@@ -19,7 +19,8 @@ import time
 def main(positions: int, kind: str) -> dict:
     import torch
 
-    from selfdistill.losses import LossSettings, chunked_completion_loss, chunked_token_loss, output_head
+    from selfdistill.config import LossConfig
+    from selfdistill.losses import chunked_completion_loss, chunked_token_loss, cross_entropy, output_head
     from selfdistill.models import load_model
 
     torch.set_num_threads(2)
@@ -36,10 +37,10 @@ def main(positions: int, kind: str) -> dict:
         start = time.perf_counter()
         if kind == "kl":
             loss, _ = chunked_completion_loss(
-                hidden, teacher_hidden, tokens, weights, head, head, LossSettings(chunk_size=256)
+                hidden, teacher_hidden, tokens, weights, head, head, LossConfig(chunk_size=256)
             )
         else:
-            loss, _ = chunked_token_loss(hidden, tokens, weights, head, lambda lp: -lp, 256)
+            loss, _ = chunked_token_loss(hidden, tokens, weights, head, cross_entropy, 256)
         loss.backward()
         times.append(time.perf_counter() - start)
         model.zero_grad(set_to_none=True)

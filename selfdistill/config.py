@@ -23,7 +23,7 @@ import yaml
 
 from selfdistill.errors import UserError
 from selfdistill.precision import Precision
-from selfdistill.registry import METHODS, MethodName  # noqa: F401  (METHODS: re-exported for callers)
+from selfdistill.registry import METHOD_INFO, METHODS, MethodName  # noqa: F401  (METHODS: re-exported for callers)
 
 # The choices of every multiple-choice setting: validation and `--help` read them from these types.
 LossKind = Literal["forward_kl", "reverse_kl", "jsd", "sampled_kl"]
@@ -36,8 +36,14 @@ ImportanceLevel = Literal["capped_token_mean", "sequence", "token", "off"]
 
 
 def choices(kind: Any) -> tuple[str, ...]:
-    """The allowed values of a Literal setting type, e.g. choices(LossKind)."""
-    return tuple(get_args(kind))
+    """The allowed values of a multiple-choice setting type, e.g. choices(LossKind): a Literal's
+    values, or those of a type that reads them when asked (MethodName: the registered methods)."""
+    dynamic = getattr(kind, "choices", None)
+    return tuple(dynamic()) if callable(dynamic) else tuple(get_args(kind))
+
+
+def _is_choice(kind: Any) -> bool:
+    return get_origin(kind) is Literal or callable(getattr(kind, "choices", None))
 
 
 def _f(default: Any, help: str, **kwargs: Any) -> Any:
@@ -47,17 +53,33 @@ def _f(default: Any, help: str, **kwargs: Any) -> Any:
     return field(default=default, metadata={"help": help}, **kwargs)
 
 
-class _Section:
-    """Checks a section's types and choices as soon as it is built, e.g. LossConfig(kind="kl") raises."""
+_FINITE_NONNEGATIVE = "must be a finite number >= 0"
+
+
+class Section:
+    """Checks a section's types, choices and ranges as soon as it is built: LossConfig(kind="kl") and
+    LossConfig(beta=5) raise a UserError naming the key. Checks that involve other sections are the
+    Config's (`Config.__post_init__`)."""
 
     key: ClassVar[str] = ""  # the section's path in the config, for messages
 
     def __post_init__(self) -> None:
+        self.validate()
+
+    def validate(self) -> None:
         check_fields(self, f"{self.key}.")
+        self.check()
+
+    def check(self) -> None:
+        """The section's own ranges (values already have their types)."""
+
+    def _require(self, ok: bool, name: str, rule: str) -> None:
+        if not ok:
+            raise UserError(f"Config value {self.key}.{name}: {rule}, got {getattr(self, name)!r}.")
 
 
 @dataclass
-class LoraConfig(_Section):
+class LoraConfig(Section):
     key: ClassVar[str] = "model.lora"
 
     enabled: bool = _f(False, "Train a LoRA adapter instead of all weights.")
@@ -68,7 +90,7 @@ class LoraConfig(_Section):
 
 
 @dataclass
-class ModelConfig(_Section):
+class ModelConfig(Section):
     key: ClassVar[str] = "model"
 
     name: str = _f("smollm2-135m", "Hub id, local directory, .gguf file, or 'smollm2-135m' (embedded).")
@@ -85,7 +107,7 @@ class ModelConfig(_Section):
 
 
 @dataclass
-class DataConfig(_Section):
+class DataConfig(Section):
     key: ClassVar[str] = "data"
 
     train: str | None = _f(
@@ -102,9 +124,19 @@ class DataConfig(_Section):
     overlong: Overlong = _f("error", "What to do with a prompt over its limit: 'error' or 'skip' (counted and logged).")
     documents: str | None = _f(None, "Raw documents for cpt: .jsonl with a 'text' field, or .txt split on blank lines.")
 
+    def check(self) -> None:
+        template = self.teacher_template
+        self._require(
+            template in ("paper", "plain") or ("{question}" in template and "{demonstration}" in template),
+            "teacher_template",
+            "must be 'paper', 'plain', or a template of your own containing both {question} and {demonstration}",
+        )
+        self._require(self.max_prompt_tokens > 0, "max_prompt_tokens", "must be > 0")
+        self._require(self.max_teacher_prompt_tokens > 0, "max_teacher_prompt_tokens", "must be > 0")
+
 
 @dataclass
-class RolloutConfig(_Section):
+class RolloutConfig(Section):
     key: ClassVar[str] = "rollout"
 
     temperature: float = _f(1.0, "Sampling temperature of the student's rollouts.")
@@ -129,9 +161,18 @@ class RolloutConfig(_Section):
     )
     importance_cap: float = _f(2.0, "vllm: the importance weights' cap C, applied to r_t (or to the sequence's ratio).")
 
+    def check(self) -> None:
+        self._require(self.temperature >= 0, "temperature", "must be >= 0 (0 means greedy)")
+        self._require(0.0 < self.top_p <= 1.0, "top_p", "must lie in (0, 1]")
+        self._require(self.max_new_tokens > 0, "max_new_tokens", "must be > 0")
+        self._require(self.num_rollouts >= 1, "num_rollouts", "must be >= 1")
+        self._require(self.batch_size > 0, "batch_size", "must be > 0")
+        self._require(0 < self.vllm_gpu_memory < 1, "vllm_gpu_memory", "must be between 0 and 1")
+        self._require(self.importance_cap > 0, "importance_cap", "must be > 0")
+
 
 @dataclass
-class LossConfig(_Section):
+class LossConfig(Section):
     key: ClassVar[str] = "loss"
 
     kind: LossKind = _f("forward_kl", "forward_kl (paper's runs), reverse_kl (paper's derivation), jsd, or sampled_kl.")
@@ -146,17 +187,27 @@ class LossConfig(_Section):
         "mean over its own tokens; metrics.jsonl logs both). 0: the paper's SDFT.",
     )
 
+    def check(self) -> None:
+        self._require(0.0 <= self.beta <= 1.0, "beta", "must lie in [0, 1]")
+        self._require(self.top_k is None or self.top_k > 0, "top_k", "must be a positive integer or null")
+        self._require(self.skip_first_tokens >= 0, "skip_first_tokens", "must be >= 0")
+        self._require(self.chunk_size > 0, "chunk_size", "must be > 0")
+        self._require(self.sft_weight >= 0 and math.isfinite(self.sft_weight), "sft_weight", _FINITE_NONNEGATIVE)
+
 
 @dataclass
-class TeacherConfig(_Section):
+class TeacherConfig(Section):
     key: ClassVar[str] = "teacher"
 
     kind: TeacherKind = _f("ema", "ema (weights follow the student), frozen (initial weights), or live (the student).")
     ema_rate: float = _f(0.01, "EMA rate a: teacher <- (1 - a) teacher + a student, after every optimizer step.")
 
+    def check(self) -> None:
+        self._require(0.0 <= self.ema_rate <= 1.0, "ema_rate", "must lie in [0, 1]")
+
 
 @dataclass
-class OfflineConfig(_Section):
+class OfflineConfig(Section):
     key: ClassVar[str] = "offline"
 
     loss: OfflineLoss = _f(
@@ -166,7 +217,7 @@ class OfflineConfig(_Section):
 
 
 @dataclass
-class ReinvokeConfig(_Section):
+class ReinvokeConfig(Section):
     key: ClassVar[str] = "reinvoke"
 
     steps: int = _f(10, "sft_reinvoke: optimizer steps of the second (recovery) phase.")
@@ -176,9 +227,12 @@ class ReinvokeConfig(_Section):
         "none of them is an evaluation probe or drift prompt).",
     )
 
+    def check(self) -> None:
+        self._require(self.steps >= 0, "steps", "must be >= 0")
+
 
 @dataclass
-class ReplayConfig(_Section):
+class ReplayConfig(Section):
     key: ClassVar[str] = "replay"
 
     ratio: float = _f(0.25, "sft_replay: share of every step's examples drawn from the replay set.")
@@ -189,6 +243,10 @@ class ReplayConfig(_Section):
     )
     max_new_tokens: int = _f(128, "sft_replay: longest answer the starting model writes for a replay prompt.")
 
+    def check(self) -> None:
+        self._require(0.0 <= self.ratio < 1.0, "ratio", "must lie in [0, 1) (some of every step must be new data)")
+        self._require(self.max_new_tokens > 0, "max_new_tokens", "must be > 0")
+
 
 def replay_per_step(ratio: float, batch_size: int) -> int:
     """Replay examples in a step of `batch_size` examples: round(ratio × batch_size), halves up."""
@@ -196,7 +254,7 @@ def replay_per_step(ratio: float, batch_size: int) -> int:
 
 
 @dataclass
-class AnchorConfig(_Section):
+class AnchorConfig(Section):
     key: ClassVar[str] = "anchor"
 
     beta: float = _f(
@@ -205,9 +263,12 @@ class AnchorConfig(_Section):
         "demonstration's tokens, over the full vocabulary. 0: plain SFT.",
     )
 
+    def check(self) -> None:
+        self._require(self.beta >= 0 and math.isfinite(self.beta), "beta", _FINITE_NONNEGATIVE)
+
 
 @dataclass
-class TrainConfig(_Section):
+class TrainConfig(Section):
     key: ClassVar[str] = "train"
 
     lr: float = _f(2e-5, "Peak learning rate (AdamW).")
@@ -240,6 +301,21 @@ class TrainConfig(_Section):
         "memory (the activations of one layer instead of all), one more student forward of compute.",
     )
 
+    def check(self) -> None:
+        self._require(self.lr > 0 and self.lr != float("inf"), "lr", "must be a finite number > 0")
+        self._require(self.batch_size > 0, "batch_size", "must be > 0")
+        self._require(self.micro_batch_size > 0, "micro_batch_size", "must be > 0")
+        self._require(self.epochs > 0, "epochs", "must be > 0")
+        self._require(self.max_steps is None or self.max_steps > 0, "max_steps", "must be > 0 or null")
+        self._require(0.0 <= self.warmup_ratio < 1.0, "warmup_ratio", "must lie in [0, 1)")
+        self._require(self.weight_decay >= 0, "weight_decay", "must be >= 0")
+        self._require(self.max_grad_norm >= 0, "max_grad_norm", "must be >= 0 (0 disables clipping)")
+        self._require(bool(str(self.output_dir).strip()), "output_dir", "may not be empty")
+        self._require(self.save_every >= 0, "save_every", "must be >= 0 (0: only at the end)")
+        self._require(self.keep_last >= 1, "keep_last", "must be >= 1")
+        self._require(self.demonstration_logp_every >= 0, "demonstration_logp_every", "must be >= 0 (0: never)")
+        self._require(self.max_nonfinite_steps >= 0, "max_nonfinite_steps", "must be >= 0")
+
 
 @dataclass
 class Config:
@@ -262,79 +338,34 @@ class Config:
             value = getattr(self, f.name)
             if isinstance(value, dict) and dataclasses.is_dataclass(hints[f.name]):
                 setattr(self, f.name, build(hints[f.name], value, f"{f.name}."))
-        validate(self)
+        check_fields(self)  # the method, and every section again (one may have been changed since it was built)
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            if isinstance(value, Section):
+                value.check()
+        _check_method_settings(self)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
 
 
-def _check(cond: bool, key: str, message: str) -> None:
-    if not cond:
-        raise UserError(f"Config value {key}: {message}")
-
-
-def validate(cfg: Config) -> Config:
-    """Reject values that cannot work, naming the key."""
-    check_fields(cfg)
-    _check(0.0 <= cfg.loss.beta <= 1.0, "loss.beta", "must lie in [0, 1].")
-    _check(cfg.loss.top_k is None or cfg.loss.top_k > 0, "loss.top_k", "must be a positive integer or null.")
-    _check(cfg.loss.skip_first_tokens >= 0, "loss.skip_first_tokens", "must be >= 0.")
-    _check(cfg.loss.chunk_size > 0, "loss.chunk_size", "must be > 0.")
-    _check(0.0 <= cfg.teacher.ema_rate <= 1.0, "teacher.ema_rate", "must lie in [0, 1].")
-    _check(cfg.train.lr > 0 and cfg.train.lr != float("inf"), "train.lr", "must be a finite number > 0.")
-    _check(cfg.train.batch_size > 0 and cfg.train.micro_batch_size > 0, "train.batch_size", "batch sizes must be > 0.")
-    _check(0 < cfg.rollout.vllm_gpu_memory < 1, "rollout.vllm_gpu_memory", "must be between 0 and 1.")
-    _check(cfg.train.demonstration_logp_every >= 0, "train.demonstration_logp_every", "must be >= 0 (0: never).")
-    _check(cfg.train.epochs > 0, "train.epochs", "must be > 0.")
-    _check(cfg.train.max_steps is None or cfg.train.max_steps > 0, "train.max_steps", "must be > 0 or null.")
-    _check(0.0 <= cfg.train.warmup_ratio < 1.0, "train.warmup_ratio", "must lie in [0, 1).")
-    _check(cfg.train.keep_last >= 1, "train.keep_last", "must be >= 1.")
-    _check(cfg.train.save_every >= 0, "train.save_every", "must be >= 0 (0: only at the end).")
-    _check(cfg.train.max_nonfinite_steps >= 0, "train.max_nonfinite_steps", "must be >= 0.")
-    _check(cfg.train.max_grad_norm >= 0, "train.max_grad_norm", "must be >= 0 (0 disables clipping).")
-    _check(cfg.train.weight_decay >= 0, "train.weight_decay", "must be >= 0.")
-    _check(bool(str(cfg.train.output_dir).strip()), "train.output_dir", "may not be empty.")
-    _check(cfg.rollout.batch_size > 0, "rollout.batch_size", "must be > 0.")
-    _check(cfg.rollout.temperature >= 0, "rollout.temperature", "must be >= 0 (0 means greedy).")
-    _check(0.0 < cfg.rollout.top_p <= 1.0, "rollout.top_p", "must lie in (0, 1].")
-    _check(cfg.rollout.max_new_tokens > 0, "rollout.max_new_tokens", "must be > 0.")
-    _check(cfg.rollout.num_rollouts >= 1, "rollout.num_rollouts", "must be >= 1.")
-    _check(cfg.rollout.importance_cap > 0, "rollout.importance_cap", "must be > 0.")
-    _check(cfg.reinvoke.steps >= 0, "reinvoke.steps", "must be >= 0.")
-    _check(0.0 <= cfg.replay.ratio < 1.0, "replay.ratio", "must lie in [0, 1): some of every step must be new data.")
-    _check(cfg.replay.max_new_tokens > 0, "replay.max_new_tokens", "must be > 0.")
-    if cfg.method == "sft_replay":
+def _check_method_settings(cfg: Config) -> None:
+    """The checks that involve the method and another section: what the registry says the method reads."""
+    info = METHOD_INFO[cfg.method]
+    if info.reads("replay"):
         replayed = replay_per_step(cfg.replay.ratio, cfg.train.batch_size)
-        _check(
-            0 < replayed < cfg.train.batch_size or cfg.replay.ratio == 0,
-            "replay.ratio",
-            f"{cfg.replay.ratio} of train.batch_size {cfg.train.batch_size} is {replayed} replay examples a step; "
-            "it must be at least 1 and leave at least one slot for the training records (change either).",
+        if not (0 < replayed < cfg.train.batch_size or cfg.replay.ratio == 0):
+            raise UserError(
+                f"Config value replay.ratio: {cfg.replay.ratio} of train.batch_size {cfg.train.batch_size} is "
+                f"{replayed} replay examples a step; it must be at least 1 and leave at least one slot for the "
+                "training records (change either)."
+            )
+    if cfg.loss.sft_weight and not info.reads("loss.sft_weight"):
+        owners = " or ".join(f"method={m.name}" for m in METHOD_INFO.values() if m.reads("loss.sft_weight"))
+        raise UserError(
+            f"Config value loss.sft_weight: adds an SFT term to SDFT's loss; method {cfg.method!r} has no such term "
+            f"(use {owners}, or leave it 0)."
         )
-    _check(cfg.anchor.beta >= 0 and math.isfinite(cfg.anchor.beta), "anchor.beta", "must be a finite number >= 0.")
-    _check(
-        cfg.loss.sft_weight >= 0 and math.isfinite(cfg.loss.sft_weight),
-        "loss.sft_weight",
-        "must be a finite number >= 0.",
-    )
-    _check(
-        cfg.loss.sft_weight == 0 or cfg.method == "sdft",
-        "loss.sft_weight",
-        f"adds an SFT term to SDFT's loss; method {cfg.method!r} has no such term (use method=sdft, or leave it 0).",
-    )
-    template = cfg.data.teacher_template
-    _check(
-        template in ("paper", "plain") or ("{question}" in template and "{demonstration}" in template),
-        "data.teacher_template",
-        f"{template!r} is neither 'paper' nor 'plain', and a template of your own must "
-        "contain both {question} and {demonstration}.",
-    )
-    _check(
-        cfg.data.max_prompt_tokens > 0 and cfg.data.max_teacher_prompt_tokens > 0,
-        "data.max_prompt_tokens",
-        "limits must be > 0.",
-    )
-    return cfg
 
 
 _TRUE, _FALSE = ("true", "1", "yes", "on"), ("false", "0", "no", "off")
@@ -343,8 +374,8 @@ _TRUE, _FALSE = ("true", "1", "yes", "on"), ("false", "0", "no", "off")
 def _coerce(value: Any, annotation: Any, key: str) -> Any:
     """Turn a YAML/CLI value into the field's type, or say which key is wrong."""
     origin = get_origin(annotation)
-    if origin is Literal:
-        allowed = get_args(annotation)
+    if _is_choice(annotation):
+        allowed = choices(annotation)
         if isinstance(value, bool):  # YAML reads unquoted off/on/no/yes as booleans
             spelled = [a for a in allowed if str(a).lower() in (_TRUE if value else _FALSE)]
             value = spelled[0] if len(spelled) == 1 else value
@@ -415,7 +446,7 @@ def settings_of(obj: Any, prefix: str = ""):
 
 def check_fields(obj: Any, prefix: str = "") -> None:
     """Coerce every setting of `obj` (and its sections) to its declared type; a wrong type or an
-    unknown choice is a UserError naming the key. Run when a section is built and again by validate()."""
+    unknown choice is a UserError naming the key. Run when a section is built and again by the Config."""
     for owner, f, hint, key in settings_of(obj, prefix):
         setattr(owner, f.name, _coerce(getattr(owner, f.name), hint, key))
 
@@ -519,7 +550,7 @@ def describe_options() -> list[tuple[str, str, str]]:
     rows: list[tuple[str, str, str]] = []
     for owner, f, hint, key in settings_of(Config()):
         text = f.metadata.get("help", "")
-        if get_origin(hint) is Literal:
-            text += f" One of: {', '.join(map(str, get_args(hint)))}."
+        if _is_choice(hint):
+            text += f" One of: {', '.join(choices(hint))}."
         rows.append((key, repr(getattr(owner, f.name)), text))
     return rows

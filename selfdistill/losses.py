@@ -1,11 +1,17 @@
-"""Token-level divergences between the teacher's and the student's next-token distributions.
+"""Token-level losses, as plain functions the training methods call.
 
-`divergence` works on logits of any shape `[..., vocab]` and returns one value per position,
-summed over the vocabulary. `chunked_completion_loss` is what training uses: it starts from the
-two models' final hidden states at completion positions and projects them to logits a chunk of
-positions at a time, working out each chunk's gradient right away (see `_GradientsInForward`),
-so no more than `chunk × vocab` logits per model are alive at once, with the same value and
-gradient as the unchunked computation.
+- Per-token losses from a token's log-probability: `cross_entropy` (SFT), DFT's
+  `probability_weighted_cross_entropy`, the `sampled_token_kl` estimator. `chunked_token_loss`
+  sums one of them over completion positions.
+- Divergences between the teacher's and the student's next-token distributions: `divergence`
+  works on logits of any shape `[..., vocab]` and returns one value per position, summed over the
+  vocabulary; `chunked_completion_loss` (SDFT, offline distillation) and `chunked_anchored_loss`
+  (cross-entropy + KL to the starting model) are what training uses.
+
+The chunked losses start from the final hidden states at completion positions and project them to
+logits a chunk of positions at a time, working out each chunk's gradient right away (see
+`_GradientsInForward`), so no more than `chunk × vocab` logits per model are alive at once, with
+the same value and gradient as the unchunked computation.
 
 Direction matters and is easy to get wrong (`F.kl_div(input, target)` is KL(target ‖ input)):
   forward_kl = KL(teacher ‖ student) = Σ p_T (log p_T − log p_S)   (what the paper's runs used)
@@ -16,9 +22,12 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
+
+if TYPE_CHECKING:
+    from selfdistill.config import LossConfig
 
 
 def _kl(logp: torch.Tensor, logq: torch.Tensor) -> torch.Tensor:
@@ -107,16 +116,17 @@ def sampled_token_kl(student_token_logp: torch.Tensor, teacher_token_logp: torch
     return (student_token_logp - teacher_token_logp).detach() * student_token_logp
 
 
-@dataclass
-class LossSettings:
-    kind: str = "forward_kl"
-    beta: float = 0.5
-    top_k: int | None = None
-    add_tail: bool = False
-    chunk_size: int = 256
-    # Forward KL over the full vocabulary with a plain linear head: each chunk's gradient in closed
-    # form (softmax(s) − p_T) instead of through autograd (see _forward_kl_chunk_closed_form).
-    closed_form_gradient: bool = True
+def cross_entropy(token_logp: torch.Tensor) -> torch.Tensor:
+    """SFT's loss of each token from its log-probability: −log p(y_t)."""
+    return -token_logp
+
+
+def probability_weighted_cross_entropy(token_logp: torch.Tensor) -> torch.Tensor:
+    """DFT's loss of each token (Wu et al. 2025): −sg(p(y_t)) · log p(y_t), the probability held constant.
+
+    It rescales the cross-entropy's gradient so that tokens the model finds very unlikely do not dominate.
+    """
+    return -token_logp.detach().exp() * token_logp
 
 
 def output_head(model, without_adapter: bool = False) -> Callable[[torch.Tensor], torch.Tensor]:
@@ -233,7 +243,7 @@ def _chunk_loss(
     weights,
     student_head,
     teacher_head,
-    settings: LossSettings,
+    settings: LossConfig,
     importance=None,
     part: slice | None = None,
 ):
@@ -298,11 +308,11 @@ def _forward_kl_chunk_closed_form(
     return (per_token * weights).sum(), stats, grads
 
 
-def _closed_form_applies(settings: LossSettings, student_head) -> bool:
+def _closed_form_applies(settings: LossConfig, student_head, closed_form_gradient: bool = True) -> bool:
     params = _trainable_parameters(student_head)
     module = getattr(student_head, "module", None)
     return (
-        settings.closed_form_gradient
+        closed_form_gradient
         and settings.kind == "forward_kl"
         and settings.top_k is None
         and getattr(student_head, "plain_linear", False)
@@ -317,16 +327,21 @@ def chunked_completion_loss(
     weights: torch.Tensor,
     student_head,
     teacher_head,
-    settings: LossSettings,
+    settings: LossConfig,
     importance=None,
+    closed_form_gradient: bool = True,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Σ_positions weight · divergence, from hidden states `[N, hidden]` at N completion positions.
 
+    `settings` is the config's `loss` section (kind, beta, top_k, add_tail, chunk_size).
     `tokens[n]` is the sampled token predicted at position n (used by the sampled estimator and
     the logged teacher−student log-prob gap). Returns (weighted sum, stats) where stats holds
     the weighted sums of STAT_NAMES (no gradient). `importance` (a
-    `selfdistill.importance.ImportanceSampling`) multiplies each position's weight by its
+    `selfdistill.sampling.importance.ImportanceSampling`) multiplies each position's weight by its
     truncated importance weight, from the student log-probs computed here, and records the ratios.
+    `closed_form_gradient`: forward KL over the full vocabulary with a plain linear head works out
+    each chunk's gradient in closed form (softmax(s) − p_T) instead of through autograd (see
+    `_forward_kl_chunk_closed_form`); False always takes the autograd path.
     """
     teacher_hidden = teacher_hidden.detach()
     chunks = None
@@ -334,7 +349,7 @@ def chunked_completion_loss(
         chunks = importance.chunks(settings.chunk_size)
         importance.prepare(student_hidden.detach(), tokens, student_head, settings.chunk_size)
 
-    closed_form = _closed_form_applies(settings, student_head)
+    closed_form = _closed_form_applies(settings, student_head, closed_form_gradient)
 
     def chunk_loss(student_part: torch.Tensor, part: slice):
         if closed_form and torch.is_grad_enabled():  # without gradients the plain path does less
@@ -381,7 +396,7 @@ def chunked_token_loss(
     """Σ weight · per_token_fn(log p(token)) over positions, chunked like `chunked_completion_loss`.
 
     Returns (weighted loss sum, weighted sum of the tokens' log-probabilities). With
-    `per_token_fn = lambda lp: -lp` this is the cross-entropy of supervised fine-tuning.
+    `per_token_fn = cross_entropy` this is the loss of supervised fine-tuning.
     """
 
     def chunk_loss(part_hidden: torch.Tensor, part: slice):

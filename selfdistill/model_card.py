@@ -10,9 +10,11 @@ from __future__ import annotations
 from pathlib import Path
 
 from selfdistill.files import write_atomic
-from selfdistill.registry import METHODS
+from selfdistill.registry import METHOD_INFO, MethodInfo
 
-# The settings shown in the card's table (the full configuration is in the run's run.json).
+# The settings shown in the card's table (the full configuration is in the run's run.json). A
+# setting that the registry names as some methods' own (MethodInfo.settings) is shown for those
+# methods only; rollout, loss and teacher settings only for methods that sample from the student.
 _SETTINGS = (
     ("train.lr", "learning rate"),
     ("train.batch_size", "prompts per optimizer step"),
@@ -22,6 +24,7 @@ _SETTINGS = (
     ("model.precision", "precision"),
     ("model.lora.enabled", "LoRA"),
     ("model.lora.rank", "LoRA rank"),
+    ("data.documents", "documents"),
     ("rollout.temperature", "rollout temperature"),
     ("rollout.max_new_tokens", "max completion tokens"),
     ("rollout.num_rollouts", "rollouts per prompt"),
@@ -32,13 +35,18 @@ _SETTINGS = (
     ("teacher.ema_rate", "EMA rate"),
     ("data.teacher_template", "teacher template"),
     ("loss.sft_weight", "SFT term weight"),
+    ("offline.loss", "loss on the teacher's answers"),
+    ("reinvoke.steps", "recovery steps"),
     ("replay.ratio", "replay share of each step"),
     ("replay.data", "replay data"),
     ("anchor.beta", "KL anchor weight"),
 )
-# Settings that only one method reads: shown for that method alone.
-_METHOD_SETTINGS = {"replay": "sft_replay", "anchor": "sft_kl"}
-_ON_POLICY = {"sdft", "sft_reinvoke"}  # methods whose rollout / loss / teacher settings matter
+_ON_POLICY_SECTIONS = ("rollout", "loss", "teacher")
+# What an unset (null) setting means, where "—" would not say.
+_WHEN_UNSET = {
+    "replay.data": "the starting model's answers to the built-in general prompts",
+    "data.documents": "the records' `context` fields",
+}
 _METRICS = (
     "loss",
     "divergence",
@@ -64,12 +72,47 @@ def _fmt(value) -> str:
     return "—" if value is None else str(value)
 
 
-def render_model_card(cfg, metrics: list[dict] | dict | None = None, records: int | None = None) -> str:
-    """The card's Markdown: front matter, summary, settings table, final metrics, loading snippet."""
+def _shown(key: str, info: MethodInfo, config: dict) -> bool:
+    """Whether the card's table has a row for `key` when training with the method `info`."""
+    if key.split(".")[0] in _ON_POLICY_SECTIONS and not info.on_policy and not info.reads(key):
+        return False
+    if any(other.reads(key) for other in METHOD_INFO.values()) and not info.reads(key):
+        return False  # another method's own setting
+    return key != "model.lora.rank" or config["model"]["lora"]["enabled"]
+
+
+def _settings_rows(config: dict, info: MethodInfo, precision: str | None) -> list[str]:
+    """The settings table: `precision` (what the run computed in) replaces model.precision's 'auto'."""
+    used = {"model.precision": precision} if precision else {}
+    rows = ["| setting | value |", "|---|---|"]
+    for key, label in _SETTINGS:
+        if not _shown(key, info, config):
+            continue
+        value = used.get(key, _get(config, key))
+        text = _WHEN_UNSET[key] if value is None and key in _WHEN_UNSET else _fmt(value)
+        rows.append(f"| {label} (`{key}`) | {text} |")
+    return rows
+
+
+def _metrics_rows(metrics: list[dict] | dict | None) -> list[str]:
+    last = metrics[-1] if isinstance(metrics, list) and metrics else (metrics if isinstance(metrics, dict) else {})
+    if not last:
+        return ["No training steps were logged."]
+    rows = [f"After optimizer step {last.get('step', '?')}:", "", "| metric | value |", "|---|---|"]
+    return rows + [f"| {name} | {_fmt(last[name])} |" for name in _METRICS if name in last]
+
+
+def render_model_card(
+    cfg, metrics: list[dict] | dict | None = None, records: int | None = None, precision: str | None = None
+) -> str:
+    """The card's Markdown: front matter, summary, settings table, final metrics, loading snippet.
+
+    `precision`: the precision the run computed in ('fp32' or 'bf16'); unset, the config's value is shown.
+    """
     config = cfg.to_dict()
     method = config["method"]
+    info = METHOD_INFO[method]
     base = config["model"]["name"]
-    last = metrics[-1] if isinstance(metrics, list) and metrics else (metrics if isinstance(metrics, dict) else {})
     data = config["data"].get("train") or "records passed in memory"
     front = ["---", "library_name: transformers", "pipeline_tag: text-generation", f"tags: [selfdistill, {method}]"]
     if "/" in base and not Path(base).exists():  # a Hub id, not a local path or the embedded alias
@@ -79,7 +122,7 @@ def render_model_card(cfg, metrics: list[dict] | dict | None = None, records: in
         "",
         f"# {base}, trained with {method} (selfdistill)",
         "",
-        f"**Method**: `{method}` — {METHODS.get(method, '')}",
+        f"**Method**: `{method}` — {info.card}",
         "",
         f"**Starting model**: `{base}`",
         "",
@@ -87,30 +130,11 @@ def render_model_card(cfg, metrics: list[dict] | dict | None = None, records: in
         "",
         "## Settings",
         "",
-        "| setting | value |",
-        "|---|---|",
-    ]
-    for key, label in _SETTINGS:
-        section = key.split(".")[0]
-        if section in ("rollout", "loss", "teacher") and method not in _ON_POLICY:
-            continue
-        if section in _METHOD_SETTINGS and method != _METHOD_SETTINGS[section]:
-            continue
-        if key == "loss.sft_weight" and method != "sdft":
-            continue
-        if key == "replay.data" and method == "sft_replay" and _get(config, key) is None:
-            lines.append(f"| {label} (`{key}`) | the starting model's answers to the built-in general prompts |")
-            continue
-        if key.startswith("model.lora.rank") and not config["model"]["lora"]["enabled"]:
-            continue
-        lines.append(f"| {label} (`{key}`) | {_fmt(_get(config, key))} |")
-    lines += ["", "## Final training metrics", ""]
-    if last:
-        lines += [f"After optimizer step {last.get('step', '?')}:", "", "| metric | value |", "|---|---|"]
-        lines += [f"| {name} | {_fmt(last[name])} |" for name in _METRICS if name in last]
-    else:
-        lines.append("No training steps were logged.")
-    lines += [
+        *_settings_rows(config, info, precision),
+        "",
+        "## Final training metrics",
+        "",
+        *_metrics_rows(metrics),
         "",
         "## Loading",
         "",
@@ -128,7 +152,11 @@ def render_model_card(cfg, metrics: list[dict] | dict | None = None, records: in
 
 
 def write_model_card(
-    final_dir: str | Path, cfg, metrics: list[dict] | dict | None = None, records: int | None = None
+    final_dir: str | Path,
+    cfg,
+    metrics: list[dict] | dict | None = None,
+    records: int | None = None,
+    precision: str | None = None,
 ) -> Path:
     """Write `README.md` into `final_dir` (atomically) and return its path."""
-    return write_atomic(Path(final_dir) / "README.md", render_model_card(cfg, metrics, records))
+    return write_atomic(Path(final_dir) / "README.md", render_model_card(cfg, metrics, records, precision))

@@ -47,7 +47,6 @@ from selfdistill.distributed import (
 from selfdistill.errors import RunFailed, RunStopped, UserError
 from selfdistill.faults import fault
 from selfdistill.files import write_jsonl
-from selfdistill.importance import finish_ratio_stats
 from selfdistill.methods import get_method
 from selfdistill.model_card import write_model_card
 from selfdistill.models import apply_lora, load_model, save_model, stop_token_id
@@ -55,11 +54,12 @@ from selfdistill.models.loading import load_empty_model, weights_dtype
 from selfdistill.models.sharded import fill_from_files, init_lora, materialize, write_final
 from selfdistill.precision import resolve_precision
 from selfdistill.progress import progress_bar
-from selfdistill.rollout import rollout_seed
 from selfdistill.run_directory import check_output_dir, prepare_output_dir, read_metrics, writing
+from selfdistill.sampling.base import rollout_seed
+from selfdistill.sampling.importance import finish_ratio_stats
+from selfdistill.sampling.vllm_engine import check_prompts_fit
 from selfdistill.stop_signals import StopFlag
 from selfdistill.tracking import Tracker, open_tracker, require_backends
-from selfdistill.vllm_rollout import check_prompts_fit
 
 log = logging.getLogger(__name__)
 
@@ -621,7 +621,9 @@ def save_final_model(run: TrainingRun) -> Path | None:
                 shutil.rmtree(tmp, ignore_errors=True)
                 save_model(run.model, run.tokenizer, tmp)
             # metrics.jsonl, not run.history: after a resume the history holds only the steps since.
-            write_model_card(tmp, run.cfg, read_metrics(run.metrics_path), records=len(run.examples))
+            write_model_card(
+                tmp, run.cfg, read_metrics(run.metrics_path), records=len(run.examples), precision=run.method.precision
+            )
             fault("final", run.steps)
             replace_dir(tmp, final_dir)
         except BaseException:

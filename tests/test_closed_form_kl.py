@@ -3,8 +3,9 @@
 import pytest
 import torch
 
-from selfdistill.importance import ImportanceSampling
-from selfdistill.losses import LossSettings, _closed_form_applies, chunked_completion_loss, output_head
+from selfdistill.config import LossConfig
+from selfdistill.losses import _closed_form_applies, chunked_completion_loss, output_head
+from selfdistill.sampling.importance import ImportanceSampling
 
 
 class _Model(torch.nn.Module):
@@ -33,8 +34,8 @@ def _run(closed_form: bool, importance_level=None, frozen_head=False):
     if importance_level:
         sequence = torch.tensor([i // 5 for i in range(n)])
         importance = ImportanceSampling(torch.randn(n, generator=g) - 3.0, sequence, level=importance_level)
-    settings = LossSettings(chunk_size=4, closed_form_gradient=closed_form)
-    assert _closed_form_applies(settings, output_head(_Model(head))) == closed_form
+    settings = LossConfig(chunk_size=4)
+    assert _closed_form_applies(settings, output_head(_Model(head)), closed_form) == closed_form
     loss, stats = chunked_completion_loss(
         hidden,
         teacher_hidden,
@@ -44,6 +45,7 @@ def _run(closed_form: bool, importance_level=None, frozen_head=False):
         output_head(_Model(teacher)),
         settings,
         importance,
+        closed_form_gradient=closed_form,
     )
     loss.backward()
     return loss.detach(), stats, hidden.grad, head.weight.grad

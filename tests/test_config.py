@@ -1,5 +1,8 @@
 """The one typed config: choices validated at construction, one builder and merge, one method list."""
 
+import re
+import subprocess
+import sys
 import typing
 
 import pytest
@@ -30,6 +33,45 @@ def test_a_bad_choice_fails_when_the_config_is_built():
         Config(train={"lr": -1.0})
     with pytest.raises(UserError, match="train.batch_size: expected int, got 'many'"):
         TrainConfig(batch_size="many")
+
+
+def test_each_section_checks_its_own_ranges_when_built():
+    with pytest.raises(UserError, match=re.escape("Config value loss.beta: must lie in [0, 1], got 5.0.")):
+        LossConfig(beta=5)
+    with pytest.raises(UserError, match=re.escape("Config value train.micro_batch_size: must be > 0, got 0.")):
+        TrainConfig(micro_batch_size=0)
+    section = LossConfig()
+    section.beta = 2.0  # changed after it was built: the Config checks its sections again
+    with pytest.raises(UserError, match="loss.beta: must lie in"):
+        Config(loss=section)
+
+
+def test_a_bad_value_gives_the_same_message_from_the_api_a_yaml_file_and_the_cli(tmp_path):
+    with pytest.raises(UserError) as direct:
+        Config(loss={"beta": 5})
+    path = tmp_path / "c.yaml"
+    path.write_text("loss:\n  beta: 5\n")
+    with pytest.raises(UserError) as from_yaml:
+        load_config(path)
+    assert str(from_yaml.value) == f"Config file {path}: {direct.value}"
+    with pytest.raises(UserError) as from_overrides:
+        load_config(overrides=["loss.beta=5"])
+    assert str(from_overrides.value) == str(direct.value)
+    cli = subprocess.run(
+        [sys.executable, "-m", "selfdistill.cli", "train", str(path), "-o", str(tmp_path / "run")],
+        capture_output=True,
+        text=True,
+    )
+    shown = " ".join(cli.stderr.split())  # as printed, lines joined (a long path may be wrapped)
+    assert cli.returncode == 2 and "Config file" in shown and "c.yaml" in shown and str(direct.value) in shown
+
+
+def test_method_checks_read_the_registry():
+    with pytest.raises(UserError, match=r"loss.sft_weight: adds an SFT term.*\(use method=sdft, or leave it 0\)"):
+        Config(method="sft", loss={"sft_weight": 0.5})
+    with pytest.raises(UserError, match="replay.ratio: 0.05 of train.batch_size 4 is 0 replay examples"):
+        Config(method="sft_replay", replay={"ratio": 0.05}, train={"batch_size": 4})
+    Config(method="sft", replay={"ratio": 0.05}, train={"batch_size": 4})  # a setting of another method: unused
 
 
 def test_sections_can_be_given_as_mappings_and_values_are_coerced():
@@ -74,7 +116,7 @@ def test_one_method_list_feeds_the_type_the_classes_and_the_help():
 
 def test_every_command_shares_the_choices():
     from selfdistill.continual.config import EvalSettings
-    from selfdistill.diagnose.cli import DIVERGENCES
+    from selfdistill.diagnose.settings import DIVERGENCES
     from selfdistill.precision import PRECISIONS
 
     assert DIVERGENCES == choices(LossKind)

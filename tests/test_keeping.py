@@ -344,8 +344,8 @@ def test_the_keeping_experiment_is_the_demo_plus_the_keeping_methods():
     """Its sft and sdft runs are the demo's own: same stream, base settings, grid and evaluation."""
     from pathlib import Path
 
-    from selfdistill.continual.cli import demo_config_path
     from selfdistill.continual.config import load_continual_config
+    from selfdistill.continual.settings import demo_config_path
 
     demo = load_continual_config(demo_config_path(False))
     keeping = load_continual_config(Path(__file__).parents[1] / "experiments" / "keeping" / "config.yaml")

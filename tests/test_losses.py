@@ -3,8 +3,8 @@ import math
 import pytest
 import torch
 
+from selfdistill.config import LossConfig
 from selfdistill.losses import (
-    LossSettings,
     _chunk_loss,
     chunked_completion_loss,
     chunked_token_loss,
@@ -126,7 +126,7 @@ def test_chunked_equals_unchunked_value_and_gradient(kind, top_k):
     for chunk in (None, n, 4, 1):  # None: plain autograd through the whole [n, vocab] computation
         student_head.zero_grad()
         hidden.grad = None
-        settings = LossSettings(kind=kind, top_k=top_k, add_tail=top_k is not None, chunk_size=chunk or n)
+        settings = LossConfig(kind=kind, top_k=top_k, add_tail=top_k is not None, chunk_size=chunk or n)
         if chunk is None:
             loss, stats = _chunk_loss(hidden, t_hidden, tokens, weights, student_head, teacher_head, settings)
         else:
@@ -154,7 +154,7 @@ def test_chunked_loss_equals_direct_divergence():
         weights,
         student_head,
         teacher_head,
-        LossSettings(chunk_size=4),
+        LossConfig(chunk_size=4),
     )
     direct = (divergence(student_head(hidden), teacher_head(t_hidden), "forward_kl") * weights).sum()
     assert loss.item() == pytest.approx(direct.item(), abs=1e-5)
@@ -181,7 +181,7 @@ def test_chunked_losses_run_each_head_once_per_chunk(loss_fn):
     tokens = torch.randint(0, 50, (13,))
     if loss_fn == "completion":
         loss, _ = chunked_completion_loss(
-            hidden, torch.randn(13, 8), tokens, torch.ones(13), student_head, teacher_head, LossSettings(chunk_size=4)
+            hidden, torch.randn(13, 8), tokens, torch.ones(13), student_head, teacher_head, LossConfig(chunk_size=4)
         )
     else:
         loss, _ = chunked_token_loss(hidden, tokens, torch.ones(13), student_head, lambda lp: -lp, chunk_size=4)

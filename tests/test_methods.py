@@ -7,11 +7,14 @@ import pytest
 import torch
 from toy import KEYS, VALUES, copy_model, greedy_accuracy, toy_records
 
-from selfdistill.config import METHODS, load_config
+from selfdistill import registry
+from selfdistill.config import METHODS, Config, load_config, settings_of
 from selfdistill.data import PromptBuilder, Record
-from selfdistill.methods import REGISTRY
-from selfdistill.methods.base import completion_hidden
+from selfdistill.methods import Method, get_method
+from selfdistill.methods.base import completion_hidden, demonstration_items
+from selfdistill.model_card import render_model_card
 from selfdistill.models.tiny import save_tiny, tiny_model, tiny_tokenizer
+from selfdistill.registry import METHOD_INFO, method_class
 from selfdistill.train import train
 
 DOCS = ["k1 v1 k2 v2 k3 v3 .", "k4 v4 k5 v5 k6 v6 .", "k7 v7 k0 v0 ."]
@@ -38,21 +41,56 @@ def method_config(tmp_path, method, **sections):
     return load_config(overrides=base)
 
 
-def test_every_method_is_registered_and_documented():
-    assert (
-        set(REGISTRY)
-        == set(METHODS)
-        == {
-            "sdft",
-            "sft",
-            "dft",
-            "offline_distill",
-            "cpt",
-            "sft_replay",
-            "sft_kl",
-            "sft_reinvoke",
-        }
+@pytest.mark.parametrize("name", sorted(METHODS))
+def test_every_registered_method_declares_what_the_config_and_the_card_read(name):
+    info = METHOD_INFO[name]
+    assert info.name == name and get_method(name) is method_class(name) and issubclass(get_method(name), Method)
+    assert info.summary and info.card.endswith(".")
+    keys = [key for _, _, _, key in settings_of(Config())]
+    for own in info.settings:  # each one a section or a key of the config
+        assert any(key == own or key.startswith(own + ".") for key in keys), own
+
+
+@pytest.mark.parametrize("name", sorted(METHODS))
+def test_the_model_card_shows_a_methods_own_settings_for_it_alone(name):
+    card = render_model_card(Config(method=name))
+    assert f"**Method**: `{name}` — {METHOD_INFO[name].card}" in card
+    for other in METHOD_INFO.values():
+        for own in other.settings:
+            assert (f"(`{own}" in card) == (other.name == name or METHOD_INFO[name].reads(own)), (own, card)
+    assert ("(`rollout.temperature`)" in card) == METHOD_INFO[name].on_policy
+
+
+class Echo(Method):
+    """A method that lives only in this test module: SFT's loss, from the shared pieces."""
+
+    def build_items(self, records, seeds, step):
+        return demonstration_items(records), {}
+
+    def loss(self, items):
+        return self.supervised_loss(items)
+
+
+def test_a_new_method_is_its_module_and_one_registry_entry(tmp_path, monkeypatch):
+    card_line = "Trained by a method the tests define."
+    monkeypatch.setitem(
+        registry.METHOD_INFO, "echo", registry.MethodInfo("echo", "A test method.", f"{__name__}:Echo", card_line)
     )
+    assert METHODS["echo"] == "A test method."
+    model, tok = copy_model(steps=150)
+    # model.precision auto: the card says what the run computed in (fp32, for a model on the CPU).
+    cfg = method_config(tmp_path, "echo", model={"precision": "auto"}, train={"max_steps": 1})
+    result = train(cfg, records=toy_records(), model=model, tokenizer=tok)
+    assert [m["step"] for m in result.metrics] == [1] and result.metrics[0]["loss"] > 0
+    card = (tmp_path / "echo" / "final" / "README.md").read_text()
+    assert f"**Method**: `echo` — {card_line}" in card and "tags: [selfdistill, echo]" in card
+    assert "| precision (`model.precision`) | fp32 |" in card
+
+
+def test_the_model_card_shows_the_precision_the_run_used():
+    cfg = Config(method="sft")
+    assert "| precision (`model.precision`) | bf16 |" in render_model_card(cfg, precision="bf16")
+    assert "| precision (`model.precision`) | auto |" in render_model_card(cfg)  # not known: the config's value
 
 
 @pytest.mark.parametrize("method", ["sft", "dft", "offline_distill", "cpt", "sdft"])
@@ -92,7 +130,7 @@ def test_sft_puts_loss_on_exactly_the_demonstration_and_end_of_turn(tmp_path):
     cfg = method_config(tmp_path, "sft")
     builder = PromptBuilder(tok)
     encoded = builder.encode_all([Record(prompt="k1 k2", demonstration="v3 v4")])
-    method = REGISTRY["sft"](cfg, model, tok, builder, tok.eos_token_id, tok.pad_token_id)
+    method = get_method("sft")(cfg, model, tok, builder, tok.eos_token_id, tok.pad_token_id)
     (item,), _ = method.build_items(encoded, [0], 0)
     assert item.prompt_ids == encoded[0].student_ids
     assert tok.convert_ids_to_tokens(item.completion) == ["v3", "v4", "<|end|>"]
@@ -115,7 +153,7 @@ def test_dft_weights_tokens_by_their_constant_probability(tmp_path):
 
 
 def test_offline_distill_asks_the_teacher_once_per_record_and_reuses_it(tmp_path, monkeypatch):
-    import selfdistill.methods.offline_distill as offline
+    import selfdistill.sampling.decode as offline  # the decode loop the teacher's answers run
 
     calls = []
     real = offline.generate

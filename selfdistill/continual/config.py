@@ -20,7 +20,7 @@ A YAML file with these top-level keys (every key but `stream` and `methods` is o
         lenient: {grader: contains, answer_field: answers}   # optional second, lenient score
     methods:
       - name: sdft-lr1e-4       # label in results and plots
-        method: sdft            # one of selfdistill.config.METHODS
+        method: sdft            # one of selfdistill.registry.METHODS
         overrides: {train: {lr: 1e-4}}
       - name: sft
         method: sft
@@ -45,12 +45,12 @@ import copy
 import dataclasses
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
-from selfdistill.config import Config, build, check_keys, load_config, merge, read_yaml
+from selfdistill.config import Config, Section, build, check_fields, check_keys, load_config, merge, read_yaml
 from selfdistill.errors import UserError
 from selfdistill.precision import Precision
-from selfdistill.registry import METHODS
+from selfdistill.registry import MethodName
 
 
 @dataclass
@@ -73,10 +73,13 @@ class StageSpec:
 @dataclass
 class MethodSpec:
     name: str
-    method: str
+    method: MethodName  # a registered method; checked when built
     overrides: dict = field(default_factory=dict)
     group: str | None = None  # the method entry a grid point came from (its name); None: not from a grid
     setting: dict = field(default_factory=dict)  # the grid point, {"train.lr": 1e-4}
+
+    def __post_init__(self) -> None:
+        check_fields(self)
 
     @property
     def family(self) -> str:
@@ -85,21 +88,27 @@ class MethodSpec:
 
 
 @dataclass
-class ProbeSettings:
+class ProbeSettings(Section):
+    key: ClassVar[str] = "eval.probes"
+
     enabled: bool = True
     limit: int | None = None
     max_new_tokens: int = 128
 
 
 @dataclass
-class DriftSettings:
+class DriftSettings(Section):
+    key: ClassVar[str] = "eval.drift"
+
     enabled: bool = True
     limit: int | None = None  # number of drift prompts (None: all)
     max_new_tokens: int = 64
 
 
 @dataclass
-class EvalSettings:
+class EvalSettings(Section):
+    key: ClassVar[str] = "eval"
+
     max_new_tokens: int = 128
     batch_size: int = 16
     precision: Precision = "auto"  # resolved per device at run time, as for training
@@ -120,6 +129,18 @@ class ContinualConfig:
     workers: int = 1  # method x seed sequences run at once, each in its own process
     eval: EvalSettings = field(default_factory=EvalSettings)
     grid: dict = field(default_factory=dict)  # the grid of every method entry without its own (before expansion)
+
+    def __post_init__(self) -> None:
+        if isinstance(self.seeds, int):  # `seeds: 3` means one seed
+            self.seeds = [self.seeds]
+        if not isinstance(self.seeds, list) or not self.seeds or not all(isinstance(s, int) for s in self.seeds):
+            raise UserError(f"'seeds' must be a list of integers, got {self.seeds!r}.")
+        if not isinstance(self.base, dict):
+            raise UserError("'base' must be a mapping of config sections (model, train, ...).")
+        if not isinstance(self.workers, int) or isinstance(self.workers, bool) or self.workers < 1:
+            raise UserError(
+                f"'workers' must be an integer >= 1 (processes running sequences at once), got {self.workers!r}."
+            )
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -208,12 +229,7 @@ def _method(data: Any, where: str) -> MethodSpec:
     data = dict(data)
     data.setdefault("method", data.get("name"))
     data.pop("grid", None)  # expanded by _methods
-    spec = _build(MethodSpec, data, where)
-    if spec.method not in METHODS:
-        raise UserError(f"{where}.method: unknown method {spec.method!r}; choose one of {', '.join(METHODS)}.")
-    if not isinstance(spec.overrides, dict):
-        raise UserError(f"{where}.overrides: expected a mapping of config sections, e.g. {{train: {{lr: 1e-4}}}}.")
-    return spec
+    return _build(MethodSpec, data, where)  # the method is one of the registered ones, the overrides a mapping
 
 
 def _flatten(data: dict, prefix: str = "") -> dict:
@@ -332,35 +348,27 @@ def parse_config(data: Any, where: str = "config") -> ContinualConfig:
         dupes = sorted({n for n in items if items.count(n) > 1})
         if dupes:
             raise UserError(f"{where}: {label} names must be unique; repeated: {', '.join(map(str, dupes))}.")
-    seeds = data.get("seeds", [0])
-    if isinstance(seeds, int):
-        seeds = [seeds]
-    if not isinstance(seeds, list) or not seeds or not all(isinstance(s, int) for s in seeds):
-        raise UserError(f"{where}: 'seeds' must be a list of integers, got {seeds!r}.")
-    base = data.get("base") or {}
-    if not isinstance(base, dict):
-        raise UserError(f"{where}: 'base' must be a mapping of config sections (model, train, ...).")
-    cfg = ContinualConfig(
-        stream=stream,
-        methods=methods,
-        base=base,
-        seeds=seeds,
-        data_seed=int(data.get("data_seed", 0)),
-        output_dir=str(data.get("output_dir", "runs/continual")),
-        keep_stage_models=bool(data.get("keep_stage_models", True)),
-        workers=data.get("workers", 1),
-        eval=_build(EvalSettings, data.get("eval") or {}, f"{where}: eval"),
-        grid={k: list(v) for k, v in shared_grid.items()},
-    )
-    if not isinstance(cfg.workers, int) or isinstance(cfg.workers, bool) or cfg.workers < 1:
-        raise UserError(
-            f"{where}: 'workers' must be an integer >= 1 (processes running sequences at once), got {cfg.workers!r}."
+    evaluation = _build(EvalSettings, data.get("eval") or {}, f"{where}: eval")
+    try:
+        cfg = ContinualConfig(
+            stream=stream,
+            methods=methods,
+            base=data.get("base") or {},
+            seeds=data.get("seeds", [0]),
+            data_seed=int(data.get("data_seed", 0)),
+            output_dir=str(data.get("output_dir", "runs/continual")),
+            keep_stage_models=bool(data.get("keep_stage_models", True)),
+            workers=data.get("workers", 1),
+            eval=evaluation,
+            grid={k: list(v) for k, v in shared_grid.items()},
         )
+    except UserError as exc:
+        raise UserError(f"{where}: {exc}") from None
     # Every method's stage config must load: report a bad override now, not after hours of training.
     for m in methods:
         try:
             for stage in stream:
-                cfg.stage_config(m, stage, seeds[0], Path(cfg.output_dir))
+                cfg.stage_config(m, stage, cfg.seeds[0], Path(cfg.output_dir))
         except UserError as exc:
             raise UserError(f"{where}: method {m.name!r}: {exc}") from None
     return cfg

@@ -10,9 +10,9 @@ import torch
 from selfdistill.data.order import data_order
 from selfdistill.data.prompts import EncodedRecord
 from selfdistill.distributed import Processes, backbone, processes_sharing, reshard_all, sum_across
-from selfdistill.losses import chunked_token_loss, output_head
-from selfdistill.precision import resolve_precision
-from selfdistill.rollout import autocast_context, pad_batch
+from selfdistill.losses import chunked_token_loss, cross_entropy, output_head
+from selfdistill.models.batching import pad_batch
+from selfdistill.precision import autocast_context, resolve_precision
 
 
 @dataclass
@@ -30,6 +30,11 @@ class TrainItem:
     @property
     def loss_tokens(self) -> int:
         return max(0, len(self.completion) - self.loss_start)
+
+
+def demonstration_items(records: list[EncodedRecord]) -> list[TrainItem]:
+    """One item per record: its demonstration as the completion, after the student prompt (what SFT trains on)."""
+    return [TrainItem(r.index, r.student_ids, r.demonstration_ids) for r in records]
 
 
 def completion_hidden(
@@ -64,9 +69,10 @@ class Method:
     `loss(items)` -> (Σ per-token loss, stats), and `after_step()` once the weights moved.
     The loop divides by the step's total number of loss tokens (across processes), so every
     counted token of the step weighs the same, whatever the micro-batching.
+
+    A method is registered in `selfdistill.registry` (docs/adding-a-method.md walks through one).
     """
 
-    name = "base"
     # The rollout engine (rollout.engine) completes the training records' student prompts (SDFT).
     samples_student_prompts = False
     # The processes training together; the loop sets it (a plain process: one).
@@ -98,11 +104,18 @@ class Method:
         (sft_replay: some of them come from the replay set instead)."""
         return [examples[data_order(len(examples), self.cfg.train.seed, p)] for p in positions]
 
-    def token_loss(self, hidden: torch.Tensor, tokens: torch.Tensor, per_token_fn=torch.negative):
+    def token_loss(self, hidden: torch.Tensor, tokens: torch.Tensor, per_token_fn=cross_entropy):
         """(Σ per_token_fn(log p(token)), Σ log p(token)) over the rows of `hidden`, through the
-        student's head, chunked; per_token_fn −lp (the default) is SFT's cross-entropy."""
+        student's head, chunked; the default is SFT's cross-entropy."""
         ones = torch.ones(tokens.shape[0], device=hidden.device)
         return chunked_token_loss(hidden, tokens, ones, output_head(self.model), per_token_fn, self.cfg.loss.chunk_size)
+
+    def supervised_loss(self, items: list[TrainItem], per_token_fn=cross_entropy) -> tuple[torch.Tensor, dict]:
+        """SFT's loss on the items' completions given the student prompts: (Σ per_token_fn(log p),
+        {"demonstration_logp": Σ log p}) over the counted tokens."""
+        hidden, tokens = completion_hidden(self.model, items, False, self.pad_token_id, self.precision)
+        loss, logp_sum = self.token_loss(hidden, tokens, per_token_fn)
+        return loss, {"demonstration_logp": float(logp_sum)}
 
     def sum_across(self, values: list[float]) -> list[float]:
         """Element-wise sums over the processes training together (for losses normalised by global counts)."""
@@ -137,7 +150,7 @@ class Method:
         if not every or step % every or not records:
             return {}
         start = time.perf_counter()
-        items = [TrainItem(r.index, r.student_ids, r.demonstration_ids) for r in records]
+        items = demonstration_items(records)
         micro = self.cfg.train.micro_batch_size
         # Under FSDP2 every process runs the same number of forwards: as many as the process with
         # the most records of the step needs (a process with fewer repeats its last batch, unused).

@@ -40,7 +40,7 @@ def load_documents(path: str | Path) -> list[str]:
 
 
 class CPT(SFT):
-    name = "cpt"
+    """SFT's loss on pieces of raw documents instead of demonstrations."""
 
     def training_examples(self, records):
         if self.cfg.data.documents:

@@ -9,11 +9,10 @@ from __future__ import annotations
 
 import torch
 
+from selfdistill.losses import probability_weighted_cross_entropy
 from selfdistill.methods.sft import SFT
 
 
 class DFT(SFT):
-    name = "dft"
-
     def per_token_loss(self, token_logp: torch.Tensor) -> torch.Tensor:
-        return -token_logp.detach().exp() * token_logp
+        return probability_weighted_cross_entropy(token_logp)

@@ -4,22 +4,17 @@ from __future__ import annotations
 
 import torch
 
-from selfdistill.methods.base import Method, TrainItem, completion_hidden
+from selfdistill.losses import cross_entropy
+from selfdistill.methods.base import Method, TrainItem, demonstration_items
 
 
 class SFT(Method):
-    name = "sft"
-
     def build_items(self, records, seeds, step):
-        items = [
-            TrainItem(record_index=r.index, prompt_ids=r.student_ids, completion=r.demonstration_ids) for r in records
-        ]
-        return items, {}
+        return demonstration_items(records), {}
 
     def per_token_loss(self, token_logp: torch.Tensor) -> torch.Tensor:
-        return -token_logp
+        """The loss of one demonstration token from its log-probability (DFT weights it)."""
+        return cross_entropy(token_logp)
 
     def loss(self, items: list[TrainItem]):
-        hidden, tokens = completion_hidden(self.model, items, False, self.pad_token_id, self.precision)
-        loss, logp_sum = self.token_loss(hidden, tokens, self.per_token_loss)
-        return loss, {"demonstration_logp": float(logp_sum)}
+        return self.supervised_loss(items, self.per_token_loss)

@@ -24,14 +24,13 @@ import torch
 from selfdistill.losses import chunked_anchored_loss, output_head
 from selfdistill.methods.base import TrainItem
 from selfdistill.methods.sdft import SDFT
-from selfdistill.methods.sft import SFT
 
 
 class SFTKL(SDFT):
-    name = "sft_kl"
+    """SDFT's teacher machinery (a frozen starting model, scored alongside the student) with its own loss."""
+
     teacher_kind = "frozen"  # the starting model
     samples_student_prompts = False  # no rollouts: it trains on the demonstrations
-    per_token_loss = SFT.per_token_loss
 
     def build_items(self, records, seeds, step):
         # The starting model is shown what the student is shown: the prompt, no demonstration.
@@ -42,8 +41,8 @@ class SFTKL(SDFT):
 
     def loss(self, items: list[TrainItem]):
         beta = self.cfg.anchor.beta
-        if beta == 0:
-            return SFT.loss(self, items)
+        if beta == 0:  # plain SFT: the starting model is not run
+            return self.supervised_loss(items)
         with self.scored(items) as (anchor_hidden, hidden, tokens, anchor_head, timings):
             loss, sums = chunked_anchored_loss(
                 hidden,

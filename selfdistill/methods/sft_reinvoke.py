@@ -16,8 +16,8 @@ seed (with replacement).
 from __future__ import annotations
 
 from selfdistill.data.records import Record, load_records
+from selfdistill.methods.base import demonstration_items
 from selfdistill.methods.sdft import SDFT
-from selfdistill.methods.sft import SFT
 
 
 def general_prompts(path: str | None) -> list[str | list]:
@@ -29,9 +29,9 @@ def general_prompts(path: str | None) -> list[str | list]:
 
 
 class SFTReinvoke(SDFT):
-    name = "sft_reinvoke"
+    """Phase 2 is SDFT's on-policy distillation with the initial model as the teacher; phase 1 is SFT."""
+
     teacher_kind = "frozen"  # the initial model
-    per_token_loss = SFT.per_token_loss
     samples_student_prompts = False  # rollouts complete the general prompts, not the records'
 
     def __init__(self, *args, **kwargs):
@@ -52,15 +52,15 @@ class SFTReinvoke(SDFT):
 
     def build_items(self, records, seeds, step):
         if step < self.sft_steps:
-            return SFT.build_items(self, records, seeds, step)
+            return demonstration_items(records), {}
         n = self.cfg.rollout.num_rollouts
         prompts = [self.general[seeds[k * n] % len(self.general)] for k in range(len(records))]
         # The initial model is shown the same prompt as the student: no demonstration.
         return self.rollouts(prompts, prompts, [-1] * len(prompts), seeds, 0)
 
     def loss(self, items):
-        if items and items[0].teacher_prompt_ids is None:
-            return SFT.loss(self, items)
+        if items and items[0].teacher_prompt_ids is None:  # phase 1
+            return self.supervised_loss(items)
         return super().loss(items)
 
     def after_step(self) -> None:

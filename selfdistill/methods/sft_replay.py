@@ -36,7 +36,7 @@ from selfdistill.files import write_atomic
 from selfdistill.methods.base import TrainItem, completion_hidden
 from selfdistill.methods.sft import SFT
 from selfdistill.progress import progress_bar
-from selfdistill.rollout import generate
+from selfdistill.sampling.decode import generate
 
 REPLAY_FILE = "replay.jsonl"
 
@@ -60,7 +60,7 @@ def replay_records(source: str | None) -> list[Record]:
 
 
 class SFTReplay(SFT):
-    name = "sft_replay"
+    """SFT whose steps also hold replay examples, trained on the same way."""
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
