@@ -8,8 +8,9 @@ import yaml
 from test_continual_pipeline import CountingTrain, write_stream
 
 from selfdistill.continual.config import format_value, load_continual_config, parse_config
+from selfdistill.continual.layout import stage_dir
 from selfdistill.continual.results import summary_table
-from selfdistill.continual.runner import Runner, stage_dir
+from selfdistill.continual.runner import Runner
 from selfdistill.errors import UserError
 from selfdistill.report import write_report
 
@@ -228,10 +229,10 @@ def test_the_finding_marks_differences_within_the_noise():
 
 
 def test_the_grid_option_of_compare_and_continual():
-    from selfdistill.continual.cli import _overrides
+    from selfdistill.continual.settings import stream_overrides
 
-    data = _overrides(None, [], None, ["train.lr=1e-4,3e-4"])
+    data = stream_overrides(None, [], None, ["train.lr=1e-4,3e-4"])
     cfg = parse_config({**MINIMAL, **data, "methods": ["sdft", "sft"]})
     assert [m.name for m in cfg.methods] == ["sdft@lr=1e-4", "sdft@lr=3e-4", "sft@lr=1e-4", "sft@lr=3e-4"]
     with pytest.raises(UserError, match="section.key=value1,value2"):
-        _overrides(None, [], None, ["train.lr"])
+        stream_overrides(None, [], None, ["train.lr"])

@@ -8,7 +8,8 @@ from safetensors.torch import load_file
 from test_continual_pipeline import CountingTrain, write_stream
 
 from selfdistill.continual.config import load_continual_config
-from selfdistill.continual.runner import Runner, stage_dir
+from selfdistill.continual.layout import stage_dir
+from selfdistill.continual.runner import Runner
 
 
 def lora_stream(tmp_path):

@@ -11,7 +11,7 @@ import pytest
 from test_continual_pipeline import write_stream
 
 from selfdistill.checkpoint import latest_checkpoint
-from selfdistill.continual.runner import stage_dir
+from selfdistill.continual.layout import stage_dir
 
 
 def _children(pid: int) -> list[int]:

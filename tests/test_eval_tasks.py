@@ -1,6 +1,5 @@
 """Resolving --task: files, the paper's eval files (grader guessed), and the built-in task hook."""
 
-import importlib.util
 import json
 from pathlib import Path
 
@@ -22,12 +21,6 @@ def test_file_without_demonstrations_and_limit(tmp_path):
         resolve_task(str(path), limit=0)
 
 
-@pytest.mark.skipif(importlib.util.find_spec("selfdistill.tasks") is not None, reason="built-in tasks exist")
-def test_unknown_name_without_builtin_tasks():
-    with pytest.raises(UserError, match="no built-in tasks"):
-        resolve_task("some_task")
-
-
 @pytest.mark.skipif(not PAPER.is_dir(), reason="../shared/data/paper-eval is not present")
 def test_paper_eval_files_get_the_papers_graders():
     science, grader = resolve_task(str(PAPER / "science_eval.jsonl"))
@@ -36,7 +29,6 @@ def test_paper_eval_files_get_the_papers_graders():
     assert len(tools) == 97 and grader == "toolalpaca" and tools[0].meta["golden_answer"]
 
 
-@pytest.mark.skipif(importlib.util.find_spec("selfdistill.tasks") is None, reason="no built-in tasks in this version")
 def test_builtin_task_name_gives_its_eval_split_and_grader():
     from selfdistill.tasks import get_task, make_task
 

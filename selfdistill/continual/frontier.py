@@ -266,30 +266,8 @@ def finding(groups: dict, points: dict, comparisons: list[dict], same_grid: bool
             rows_m = [r for r in rows if r["measure"] == measure]
             if not rows_m:
                 continue
-            for r in rows_m:
-                label, _, unit = MEASURES[measure]
-                details.append(
-                    f"{r['setting']}, {label}: {a} {_interval_text(measure, r['values'][a], r['ci95'][a])} vs "
-                    f"{b} {_interval_text(measure, r['values'][b], r['ci95'][b])}{unit}"
-                    + (
-                        ""
-                        if r["outside_noise"]
-                        else " (within the noise)"
-                        if r["outside_noise"] is False
-                        else " (no interval to judge the noise)"
-                    )
-                )
-            real = [r for r in rows_m if r["outside_noise"]]
-            wins = {g: sum(1 for r in real if r["better"] == g) for g in (a, b)}
-            count = f"{len(rows_m)} setting" + ("s" if len(rows_m) > 1 else "")
-            if not real:
-                clauses.append(tie)
-            elif wins[a] and wins[b]:
-                clauses.append(f"{MEASURES[measure][0]}: {a} ahead at {wins[a]}, {b} at {wins[b]} of {count}")
-            else:
-                winner = a if wins[a] else b
-                extra = "" if len(real) == len(rows_m) else f", within the noise at the other {len(rows_m) - len(real)}"
-                clauses.append(win.format(w=winner) + f" (at {len(real)} of {count}{extra})")
+            details += [_detail(a, b, measure, r) for r in rows_m]
+            clauses.append(_verdict(a, b, measure, rows_m, win, tie))
         where = (
             "At the same setting" if len(settings) == 1 else f"At equal settings ({len(settings)} shared grid points)"
         )
@@ -297,3 +275,33 @@ def finding(groups: dict, points: dict, comparisons: list[dict], same_grid: bool
     if not pairs:
         sentences.append("No setting was run by more than one method, so no point-by-point comparison is possible.")
     return {"headline": " ".join(sentences), "details": details}
+
+
+def _detail(a: str, b: str, measure: str, r: dict) -> str:
+    """One comparison of methods a and b at one setting, on one measure, with both intervals."""
+    label, _, unit = MEASURES[measure]
+    return (
+        f"{r['setting']}, {label}: {a} {_interval_text(measure, r['values'][a], r['ci95'][a])} vs "
+        f"{b} {_interval_text(measure, r['values'][b], r['ci95'][b])}{unit}"
+        + (
+            ""
+            if r["outside_noise"]
+            else " (within the noise)"
+            if r["outside_noise"] is False
+            else " (no interval to judge the noise)"
+        )
+    )
+
+
+def _verdict(a: str, b: str, measure: str, rows_m: list[dict], win: str, tie: str) -> str:
+    """What the settings' comparisons on one measure say together: a winner, a split, or no difference."""
+    real = [r for r in rows_m if r["outside_noise"]]
+    wins = {g: sum(1 for r in real if r["better"] == g) for g in (a, b)}
+    count = f"{len(rows_m)} setting" + ("s" if len(rows_m) > 1 else "")
+    if not real:
+        return tie
+    if wins[a] and wins[b]:
+        return f"{MEASURES[measure][0]}: {a} ahead at {wins[a]}, {b} at {wins[b]} of {count}"
+    winner = a if wins[a] else b
+    extra = "" if len(real) == len(rows_m) else f", within the noise at the other {len(rows_m) - len(real)}"
+    return win.format(w=winner) + f" (at {len(real)} of {count}{extra})"

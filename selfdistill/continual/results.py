@@ -9,9 +9,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from selfdistill.continual import frontier
+from selfdistill.continual import frontier, layout
 from selfdistill.continual.metrics import CI_METHOD, mean_ci, stream_metrics
-from selfdistill.continual.runner import stage_dir
 from selfdistill.errors import UserError
 from selfdistill.files import read_json, write_json
 
@@ -37,12 +36,12 @@ MATRICES = ("lenient", "loglik", "loglik_teacher", "loglik_answer")
 
 def _stage_values(where: Path, tasks: list[str]) -> dict | None:
     """Scores, probes, drift and the continuous measures of one finished stage; None while it is not finished."""
-    if not (where / "done.json").is_file():
+    if not layout.done_file(where).is_file():
         return None
-    done = read_json(where / "done.json")
-    summaries = [read_json(where / "eval" / t / "summary.json") for t in tasks]
-    probes = read_json(where / "probes.json") if (where / "probes.json").is_file() else {}
-    drift = read_json(where / "drift.json") if (where / "drift.json").is_file() else {}
+    done = read_json(layout.done_file(where))
+    summaries = [read_json(layout.task_summary(where, t)) for t in tasks]
+    probes = _read_if_present(layout.probes_file(where))
+    drift = _read_if_present(layout.drift_file(where))
     logliks = [s.get("loglik") or {} for s in summaries]
     return {
         "scores": [s["score"] for s in summaries],
@@ -60,6 +59,10 @@ def _stage_values(where: Path, tasks: list[str]) -> dict | None:
     }
 
 
+def _read_if_present(path: Path) -> dict:
+    return read_json(path) if path.is_file() else {}
+
+
 def _item_change(items: list | None, start_items: list | None) -> dict | None:
     """Mean change per item from the starting model, with a t interval across items (paired: same items)."""
     if not items or not start_items or len(items) != len(start_items):
@@ -70,7 +73,7 @@ def _item_change(items: list | None, start_items: list | None) -> dict | None:
 def _sequence(out: Path, method: str, seed: int, tasks: list[str], start: dict) -> dict:
     stages = [start]
     for k in range(1, len(tasks) + 1):
-        values = _stage_values(stage_dir(out, method, seed, k), tasks)
+        values = _stage_values(layout.stage_dir(out, method, seed, k), tasks)
         if values is None:
             break
         stages.append(values)
@@ -126,31 +129,24 @@ def _per_stage_ci(rows: list[list]) -> list:
 
 def collect(out_dir: str | Path) -> dict:
     out = Path(out_dir)
-    if not (out / "config.json").is_file():
+    if not layout.config_file(out).is_file():
         raise UserError(f"{out} is not a continual run directory (no config.json); run `sdft continual` first.")
-    config = read_json(out / "config.json")
+    config = read_json(layout.config_file(out))
     tasks = [s["name"] for s in config["stream"]]
-    start = _stage_values(out / "start", tasks)
+    start_dir = layout.start_dir(out)
+    start = _stage_values(start_dir, tasks)
     results = {
         "format": FORMAT,
         "run_dir": str(out),
         "config": config,
         "ci_method": CI_METHOD,
-        "tasks": [],
+        "tasks": [
+            _task_entry(stage, _read_if_present(layout.task_summary(start_dir, stage["name"])))
+            for stage in config["stream"]
+        ],
         "methods": {},
         "complete": False,
     }
-    for stage, name in zip(config["stream"], tasks):
-        summary = out / "start" / "eval" / name / "summary.json"
-        info = read_json(summary) if summary.is_file() else {}
-        results["tasks"].append(
-            {
-                "name": name,
-                "builtin": stage.get("task"),
-                "grader": info.get("grader", stage.get("grader")),
-                "eval_count": info.get("count"),
-            }
-        )
     if start is None:
         return results
     results["start"] = {
@@ -159,41 +155,53 @@ def collect(out_dir: str | Path) -> dict:
         "eval_time_s": start["eval_time_s"],
         **{key: start[key] for key in MATRICES},
     }
-    probes = out / "start" / "probes.json"
+    probes = layout.probes_file(start_dir)
     results["prior_count"] = read_json(probes)["count"] if probes.is_file() else None
     complete = True
     for method in config["methods"]:
-        seeds = {}
-        for seed in config["seeds"]:
-            seqs = _sequence(out, method["name"], seed, tasks, start)
-            seeds[str(seed)] = seqs
-            complete &= seqs["complete"]
-        finished = [s for s in seeds.values() if s["complete"]]
-        summary = None
-        if finished:
-            summary = {name: mean_ci([s["metrics"][name] for s in finished]) for name in METRIC_NAMES}
-            summary["R"] = [_per_stage_ci([s["R"][k] for s in finished]) for k in range(len(tasks) + 1)]
-            for key in MATRICES:
-                summary[key] = [_per_stage_ci([s[key][k] for s in finished]) for k in range(len(tasks) + 1)]
-            for key in ("prior", "prior_delta", "drift_kl", "drift_nll"):
-                summary[key] = _per_stage_ci([s[key] for s in finished])
-            summary["seeds"] = len(finished)
+        seeds = {str(seed): _sequence(out, method["name"], seed, tasks, start) for seed in config["seeds"]}
+        complete &= all(s["complete"] for s in seeds.values())
         results["methods"][method["name"]] = {
             "method": method["method"],
             "overrides": method["overrides"],
             "group": method.get("group") or method["name"],
             "setting": method.get("setting") or {},
             "seeds": seeds,
-            "summary": summary,
+            "summary": _method_summary(seeds, len(tasks)),
         }
     results["complete"] = complete
     results["frontier"] = frontier.analyse(results)
     return results
 
 
+def _task_entry(stage: dict, info: dict) -> dict:
+    """A task of the stream as results.json lists it; `info` is the starting model's summary of it ({} before)."""
+    return {
+        "name": stage["name"],
+        "builtin": stage.get("task"),
+        "grader": info.get("grader", stage.get("grader")),
+        "eval_count": info.get("count"),
+    }
+
+
+def _method_summary(seeds: dict, stages: int) -> dict | None:
+    """Mean and interval across the method's finished seeds of every metric and matrix; None before any finished."""
+    finished = [s for s in seeds.values() if s["complete"]]
+    if not finished:
+        return None
+    summary = {name: mean_ci([s["metrics"][name] for s in finished]) for name in METRIC_NAMES}
+    summary["R"] = [_per_stage_ci([s["R"][k] for s in finished]) for k in range(stages + 1)]
+    for key in MATRICES:
+        summary[key] = [_per_stage_ci([s[key][k] for s in finished]) for k in range(stages + 1)]
+    for key in ("prior", "prior_delta", "drift_kl", "drift_nll"):
+        summary[key] = _per_stage_ci([s[key] for s in finished])
+    summary["seeds"] = len(finished)
+    return summary
+
+
 def write_results(out_dir: str | Path) -> dict:
     results = collect(out_dir)
-    write_json(Path(out_dir) / "results.json", results)
+    write_json(Path(out_dir) / layout.RESULTS, results)
     return results
 
 

@@ -1,20 +1,9 @@
 """The continual-learning loop: for every method and seed, train the stream's tasks one after another.
 
-Layout of a run directory (everything a finished step wrote stays; a rerun skips it):
-
-    RUN/config.json                      the resolved stream config (what `sdft report` reads)
-    RUN/start/                           stage 0, the starting model, shared by every method and seed
-        eval/<task>/{examples.jsonl, summary.json}, probes/..., probes.json, drift.json,
-        drift_answers.json (the starting model's answers that drift is measured against), done.json
-    RUN/methods/<method>/method.json     the method entry, so a changed entry is not mixed with old results
-    RUN/methods/<method>/seed-<s>/stage-<k>/
-        train/{metrics.jsonl, run.json, checkpoints/, final/}   train()'s output_dir; final/ is the model
-        trained.json                     written once training of the stage finished
-        eval/..., probes/..., probes.json, drift.json, done.json (as for start)
-
-Every file is written to a temporary name and renamed, so a kill leaves either the old state or
-the new one. Greedy evaluation is deterministic, so the starting model is evaluated once and its
-scores are row 0 of every method's and seed's matrix.
+Everything a finished step wrote stays in the run directory (laid out as `selfdistill.continual.layout`
+describes); a rerun skips it. Every file is written to a temporary name and renamed, so a kill leaves
+either the old state or the new one. Greedy evaluation is deterministic, so the starting model is
+evaluated once and its scores are row 0 of every method's and seed's matrix.
 """
 
 from __future__ import annotations
@@ -32,10 +21,11 @@ from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from selfdistill.continual import layout
 from selfdistill.continual.config import ContinualConfig, MethodSpec
 from selfdistill.data.records import Record, load_records
 from selfdistill.errors import RunStopped, UserError
-from selfdistill.files import read_json, write_json, write_jsonl  # results.py and plots read the first two from here
+from selfdistill.files import read_json, write_json, write_jsonl
 from selfdistill.stop_signals import StopSignalsForwarded
 
 log = logging.getLogger(__name__)
@@ -68,12 +58,6 @@ def _template(cfg: ContinualConfig, stage) -> str:
     from selfdistill.config import load_config
 
     return load_config(overrides=copy.deepcopy(cfg.base)).data.teacher_template
-
-
-def stage_dir(out: Path, method: str, seed: int, stage: int) -> Path:
-    if stage == 0:
-        return out / "start"
-    return out / "methods" / method / f"seed-{seed}" / f"stage-{stage}"
 
 
 def build_tasks(cfg: ContinualConfig) -> list[StreamTask]:
@@ -118,7 +102,7 @@ def _fingerprint(cfg: ContinualConfig) -> dict:
 
 def prepare_run_dir(cfg: ContinualConfig, overwrite: bool) -> Path:
     out = Path(cfg.output_dir)
-    saved = out / "config.json"
+    saved = layout.config_file(out)
     if saved.is_file() and not overwrite:
         previous = read_json(saved)
         if _fingerprint_of(previous) != _fingerprint(cfg):
@@ -127,7 +111,7 @@ def prepare_run_dir(cfg: ContinualConfig, overwrite: bool) -> Path:
                 "Choose another output_dir, or pass --overwrite to start again."
             )
     if overwrite and out.exists():
-        for child in ("start", "methods", "config.json", "results.json", "report.html", "report.md"):
+        for child in layout.OVERWRITTEN:
             target = out / child
             if target.is_dir():
                 shutil.rmtree(target)
@@ -146,7 +130,7 @@ def prepare_run_dir(cfg: ContinualConfig, overwrite: bool) -> Path:
     write_json(saved, data)
     for method in cfg.methods:
         entry = {"name": method.name, "method": method.method, "overrides": method.overrides}
-        path = out / "methods" / method.name / "method.json"
+        path = layout.method_file(out, method.name)
         if path.is_file() and read_json(path) != entry:
             raise UserError(
                 f"{out}: method {method.name!r} was run before with other settings; give the changed "
@@ -215,7 +199,7 @@ class Runner:
         from selfdistill.precision import resolve_precision
 
         if self._drift_answers is None:
-            path = self.out / "start" / "drift_answers.json"
+            path = layout.drift_answers_file(self.out)
             answers = drift_mod.load_base_answers(path)
             if answers is None:
                 model, tokenizer = self.start_model()
@@ -237,8 +221,6 @@ class Runner:
 
     def evaluate_stage(self, model, tokenizer, where: Path, label: str) -> float:
         """Every task, the probes and drift, each skipped when its files already exist; returns seconds spent."""
-        from selfdistill.eval import graders
-        from selfdistill.eval.evaluate import evaluate
         from selfdistill.precision import resolve_precision
 
         model.eval()
@@ -246,58 +228,68 @@ class Runner:
         precision = resolve_precision(settings.precision, next(model.parameters()).device)
         start = time.perf_counter()
         for task in self.tasks:
-            target = where / "eval" / task.name
-            if (target / "summary.json").is_file():
-                continue
-            tmp = target.with_name(task.name + ".tmp")
-            shutil.rmtree(tmp, ignore_errors=True)
-            examples: list[dict] = []
-            summary = evaluate(
-                model,
-                tokenizer,
-                task.eval,
-                graders.get(task.grader),
-                max_new_tokens=task.max_new_tokens,
-                batch_size=settings.batch_size,
-                precision=precision,
-                out_dir=tmp,
-                desc=f"{label} eval {task.name}",
-                examples=examples,
-            )
-            summary.update({"task": task.name, "grader": task.grader})
-            if task.lenient is not None:
-                summary["lenient"] = self.lenient_score(task, examples)
-            loglik = self.demonstration_loglik(model, tokenizer, task, precision)
-            if loglik is not None:
-                summary["loglik"] = loglik
-            write_json(tmp / "summary.json", summary)
-            shutil.rmtree(target, ignore_errors=True)
-            tmp.replace(target)
-            extra = f", {task.lenient.name} {summary['lenient']['score']:.3f}" if task.lenient is not None else ""
-            if loglik is not None:
-                extra += f", demonstration log-likelihood {loglik['student']:.3f} nats/token"
-            self.echo(f"  {label}: {task.name} = {summary['score']:.3f} ({summary['count']} items{extra})")
-        if settings.probes.enabled and not (where / "probes.json").is_file():
-            from selfdistill.eval.probes import run_probes
-
-            result = run_probes(
-                model,
-                tokenizer,
-                limit=settings.probes.limit,
-                max_new_tokens=settings.probes.max_new_tokens,
-                batch_size=settings.batch_size,
-                precision=precision,
-                out_dir=where / "probes",
-            )
-            write_json(where / "probes.json", result)
-            self.echo(f"  {label}: prior-capability probes = {result['score']:.3f} ({result['count']} items)")
-        if settings.drift.enabled and not (where / "drift.json").is_file():
+            if not layout.task_summary(where, task.name).is_file():
+                self.evaluate_task(model, tokenizer, task, where, label, precision)
+        if settings.probes.enabled and not layout.probes_file(where).is_file():
+            self.evaluate_probes(model, tokenizer, where, label, precision)
+        if settings.drift.enabled and not layout.drift_file(where).is_file():
             from selfdistill.eval import drift as drift_mod
 
             result = drift_mod.drift(self.drift_answers(), model, precision=precision)
-            write_json(where / "drift.json", result)
+            write_json(layout.drift_file(where), result)
             self.echo(f"  {label}: drift from the starting model = {result['kl_nats']:.4f} nats/token (KL)")
         return time.perf_counter() - start
+
+    def evaluate_task(self, model, tokenizer, task: StreamTask, where: Path, label: str, precision: str) -> None:
+        """One task's scores, lenient score and demonstration log-likelihood, written into the stage at once."""
+        from selfdistill.eval import graders
+        from selfdistill.eval.evaluate import evaluate
+
+        target = layout.task_eval_dir(where, task.name)
+        tmp = target.with_name(task.name + ".tmp")
+        shutil.rmtree(tmp, ignore_errors=True)
+        examples: list[dict] = []
+        summary = evaluate(
+            model,
+            tokenizer,
+            task.eval,
+            graders.get(task.grader),
+            max_new_tokens=task.max_new_tokens,
+            batch_size=self.cfg.eval.batch_size,
+            precision=precision,
+            out_dir=tmp,
+            desc=f"{label} eval {task.name}",
+            examples=examples,
+        )
+        summary.update({"task": task.name, "grader": task.grader})
+        if task.lenient is not None:
+            summary["lenient"] = self.lenient_score(task, examples)
+        loglik = self.demonstration_loglik(model, tokenizer, task, precision)
+        if loglik is not None:
+            summary["loglik"] = loglik
+        write_json(tmp / layout.SUMMARY, summary)
+        shutil.rmtree(target, ignore_errors=True)
+        tmp.replace(target)
+        extra = f", {task.lenient.name} {summary['lenient']['score']:.3f}" if task.lenient is not None else ""
+        if loglik is not None:
+            extra += f", demonstration log-likelihood {loglik['student']:.3f} nats/token"
+        self.echo(f"  {label}: {task.name} = {summary['score']:.3f} ({summary['count']} items{extra})")
+
+    def evaluate_probes(self, model, tokenizer, where: Path, label: str, precision: str) -> None:
+        from selfdistill.eval.probes import run_probes
+
+        settings = self.cfg.eval
+        result = run_probes(
+            model,
+            tokenizer,
+            limit=settings.probes.limit,
+            max_new_tokens=settings.probes.max_new_tokens,
+            batch_size=settings.batch_size,
+            precision=precision,
+            out_dir=layout.probes_dir(where),
+        )
+        write_json(layout.probes_file(where), result)
+        self.echo(f"  {label}: prior-capability probes = {result['score']:.3f} ({result['count']} items)")
 
     def lenient_score(self, task: StreamTask, examples: list[dict]) -> dict:
         """The task's lenient or partial score of the outputs already generated (no new generation)."""
@@ -335,14 +327,14 @@ class Runner:
 
     def evaluate_start(self) -> None:
         """Stage 0: the starting model on every task, the probes and the drift reference answers."""
-        start = self.out / "start"
-        if not (start / "done.json").is_file():
+        start = layout.start_dir(self.out)
+        if not layout.done_file(start).is_file():
             self.echo("stage 0: evaluating the starting model")
             if self.cfg.eval.drift.enabled:
                 self.drift_answers()
             model, tokenizer = self.start_model()
             seconds = self.evaluate_stage(model, tokenizer, start, "start")
-            write_json(start / "done.json", {"stage": 0, "eval_time_s": seconds, "finished": time.time()})
+            write_json(layout.done_file(start), {"stage": 0, "eval_time_s": seconds, "finished": time.time()})
 
     def run(self) -> None:
         self.evaluate_start()
@@ -382,27 +374,29 @@ class Runner:
 
     def run_sequence(self, method: MethodSpec, seed: int) -> None:
         n = len(self.tasks)
-        done = [k for k in range(1, n + 1) if (stage_dir(self.out, method.name, seed, k) / "done.json").is_file()]
+        done = [
+            k for k in range(1, n + 1) if layout.done_file(layout.stage_dir(self.out, method.name, seed, k)).is_file()
+        ]
         first = max(done, default=0) + 1  # stages finish in order, so the newest done one is where to go on
         if first > n:
             self.echo(f"[{method.name} seed {seed}] all {n} stages already done")
             return
         model = tokenizer = None
         for k in range(first, n + 1):
-            task, where = self.tasks[k - 1], stage_dir(self.out, method.name, seed, k)
+            task, where = self.tasks[k - 1], layout.stage_dir(self.out, method.name, seed, k)
             label = f"[{method.name} seed {seed}] stage {k}/{n} {task.name}"
-            trained = where / "trained.json"
+            trained = layout.trained_file(where)
             if not trained.is_file() and model is None:  # the model this stage starts from: the previous stage's
-                previous = stage_dir(self.out, method.name, seed, k - 1)
-                model, tokenizer = self.start_model() if k == 1 else self.load_stage_model(previous / "train" / "final")
+                previous = layout.stage_dir(self.out, method.name, seed, k - 1)
+                model, tokenizer = self.start_model() if k == 1 else self.load_stage_model(layout.final_model(previous))
             if trained.is_file():
-                model, tokenizer = self.load_stage_model(where / "train" / "final")
+                model, tokenizer = self.load_stage_model(layout.final_model(where))
                 train_time = read_json(trained)["train_time_s"]
             else:
                 self.echo(f"{label}: training ({method.method})")
-                cfg = self.cfg.stage_config(method, self.cfg.stream[k - 1], seed, where / "train")
+                cfg = self.cfg.stage_config(method, self.cfg.stream[k - 1], seed, layout.train_dir(where))
                 if task.documents and not cfg.data.documents:  # cpt reads raw documents of knowledge tasks
-                    docs = write_jsonl(where / "documents.jsonl", [{"text": d} for d in task.documents])
+                    docs = write_jsonl(layout.documents_file(where), [{"text": d} for d in task.documents])
                     cfg.data.documents = str(docs)
                 t0 = time.perf_counter()
                 # A fresh method per stage: the SDFT teacher starts from the model this stage starts with.
@@ -414,7 +408,7 @@ class Runner:
                 write_json(trained, {"stage": k, "task": task.name, "steps": result.steps, "train_time_s": train_time})
             eval_time = self.evaluate_stage(model, tokenizer, where, label)
             write_json(
-                where / "done.json",
+                layout.done_file(where),
                 {
                     "stage": k,
                     "task": task.name,
@@ -424,9 +418,10 @@ class Runner:
                 },
             )
             # Checkpoints (optimizer, teacher) only serve resuming inside a stage; the model is in final/.
-            shutil.rmtree(where / "train" / "checkpoints", ignore_errors=True)
+            shutil.rmtree(layout.checkpoints_dir(where), ignore_errors=True)
             if not self.cfg.keep_stage_models and k > 1:
-                shutil.rmtree(stage_dir(self.out, method.name, seed, k - 1) / "train" / "final", ignore_errors=True)
+                previous = layout.stage_dir(self.out, method.name, seed, k - 1)
+                shutil.rmtree(layout.final_model(previous), ignore_errors=True)
 
 
 def _merged(model):

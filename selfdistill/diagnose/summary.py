@@ -88,61 +88,8 @@ def _pct(x: float) -> str:
 
 def advice(summary: dict, ceiling: list[dict] | None, temperature: float) -> list[str]:
     """Plain-language advice, each item derived from a number above (and quoting it)."""
-    out: list[str] = []
-    if ceiling:
-        student, teacher = ceiling[0], ceiling[-1]
-        metrics = list(student["scores"])
-        gain_points = 100 * (teacher["scores"][metrics[0]] - student["scores"][metrics[0]]) if metrics else None
-        gain_nats = teacher.get("demo_loglik_gain")
-        if gain_nats is not None and gain_nats < NO_GAIN_NATS and (gain_points is None or gain_points <= 0):
-            out.append(
-                f"No teacher ceiling: with the demonstration the model is not better (demonstration log-likelihood "
-                f"gain {gain_nats:+.2f} nats/token"
-                + (f", accuracy {gain_points:+.0f} points" if gain_points is not None else "")
-                + "). SDFT distils exactly that difference, so it cannot help here: try another teacher template "
-                "(--template plain, or the task's own) or use SFT."
-            )
-        elif gain_points is not None and gain_points <= 0:
-            out.append(
-                f"Greedy accuracy does not rise with the demonstration ({gain_points:+.0f} points on {metrics[0]}), but the "
-                f"demonstration becomes more likely ({gain_nats:+.2f} nats/token): the teacher's signal exists but does not "
-                "produce correct greedy answers. Expect slow progress in accuracy; during training watch the "
-                "demonstration log-likelihood under the student prompt, and try other templates first."
-            )
-        elif gain_points is not None:
-            out.append(
-                f"The teacher is better than the student by {gain_points:+.0f} points ({metrics[0]}): there is something to "
-                "distil."
-            )
-    first4 = summary["first_k_share"]["4"]
-    if first4 is not None and first4 >= EARLY_SHARE:
-        text = (
-            f"{_pct(first4)} of the divergence sits in the first 4 tokens: the teacher mostly disagrees with how the "
-            "student starts its answer. More rollouts per prompt (more chances to sample a start the teacher likes), a "
-            "larger learning rate, or a format hint in the prompt (so the student's own samples start closer to the "
-            "demonstration) target that."
-        )
-        masked = 1 - summary["in_loss_share"] if summary["in_loss_share"] is not None else 0.0
-        if summary["skip_first_tokens"] > 0 and masked >= 0.25:
-            text += (
-                f" Note that loss.skip_first_tokens={summary['skip_first_tokens']} leaves {_pct(masked)} of the divergence "
-                "out of the loss; consider 0 when the start is what must change."
-            )
-        out.append(text)
-    first_p, student_p = summary["demo_first_token_teacher_p"], summary["demo_first_token_student_p"]
-    if first_p is not None and first_p < LOW_FIRST_P:
-        relation = (
-            "more likely than the student does"
-            if student_p is not None and first_p > 2 * student_p
-            else "no more likely than the student does"
-        )
-        out.append(
-            f"The teacher gives the demonstration's first token p={first_p:.4f} (student {student_p:.4f}): shown the "
-            f"demonstration, it finds that start {relation}, but still rarely starts that way, so the student's own "
-            "samples start elsewhere and the signal toward the demonstrated format has to come later in the "
-            "completion. Another template wording may raise it: `sdft data ceiling TASK --template ...` compares "
-            "templates."
-        )
+    out = _ceiling_advice(ceiling) if ceiling else []
+    out += _start_advice(summary)
     if summary["divergence_per_token"] < WEAK_DIVERGENCE:
         out.append(
             f"Teacher and student nearly agree on the student's own samples ({summary['divergence_per_token']:.3f} nats "
@@ -172,5 +119,71 @@ def advice(summary: dict, ceiling: list[dict] | None, temperature: float) -> lis
         out.append(
             f"{_pct(summary['clipped_fraction'])} of completions hit --max-new-tokens: the numbers miss their ends; "
             "raise it (rollout.max_new_tokens) if training will allow longer completions."
+        )
+    return out
+
+
+def _ceiling_advice(ceiling: list[dict]) -> list[str]:
+    """Whether the teacher (the last prompt of the ceiling) is better than the student (the first)."""
+    out: list[str] = []
+    student, teacher = ceiling[0], ceiling[-1]
+    metrics = list(student["scores"])
+    gain_points = 100 * (teacher["scores"][metrics[0]] - student["scores"][metrics[0]]) if metrics else None
+    gain_nats = teacher.get("demo_loglik_gain")
+    if gain_nats is not None and gain_nats < NO_GAIN_NATS and (gain_points is None or gain_points <= 0):
+        out.append(
+            f"No teacher ceiling: with the demonstration the model is not better (demonstration log-likelihood "
+            f"gain {gain_nats:+.2f} nats/token"
+            + (f", accuracy {gain_points:+.0f} points" if gain_points is not None else "")
+            + "). SDFT distils exactly that difference, so it cannot help here: try another teacher template "
+            "(--template plain, or the task's own) or use SFT."
+        )
+    elif gain_points is not None and gain_points <= 0:
+        out.append(
+            f"Greedy accuracy does not rise with the demonstration ({gain_points:+.0f} points on {metrics[0]}), but the "
+            f"demonstration becomes more likely ({gain_nats:+.2f} nats/token): the teacher's signal exists but does not "
+            "produce correct greedy answers. Expect slow progress in accuracy; during training watch the "
+            "demonstration log-likelihood under the student prompt, and try other templates first."
+        )
+    elif gain_points is not None:
+        out.append(
+            f"The teacher is better than the student by {gain_points:+.0f} points ({metrics[0]}): there is something to "
+            "distil."
+        )
+    return out
+
+
+def _start_advice(summary: dict) -> list[str]:
+    """How much of the divergence is at the start of the answer, and how likely the teacher finds the
+    demonstration's start."""
+    out: list[str] = []
+    first4 = summary["first_k_share"]["4"]
+    if first4 is not None and first4 >= EARLY_SHARE:
+        text = (
+            f"{_pct(first4)} of the divergence sits in the first 4 tokens: the teacher mostly disagrees with how the "
+            "student starts its answer. More rollouts per prompt (more chances to sample a start the teacher likes), a "
+            "larger learning rate, or a format hint in the prompt (so the student's own samples start closer to the "
+            "demonstration) target that."
+        )
+        masked = 1 - summary["in_loss_share"] if summary["in_loss_share"] is not None else 0.0
+        if summary["skip_first_tokens"] > 0 and masked >= 0.25:
+            text += (
+                f" Note that loss.skip_first_tokens={summary['skip_first_tokens']} leaves {_pct(masked)} of the divergence "
+                "out of the loss; consider 0 when the start is what must change."
+            )
+        out.append(text)
+    first_p, student_p = summary["demo_first_token_teacher_p"], summary["demo_first_token_student_p"]
+    if first_p is not None and first_p < LOW_FIRST_P:
+        relation = (
+            "more likely than the student does"
+            if student_p is not None and first_p > 2 * student_p
+            else "no more likely than the student does"
+        )
+        out.append(
+            f"The teacher gives the demonstration's first token p={first_p:.4f} (student {student_p:.4f}): shown the "
+            f"demonstration, it finds that start {relation}, but still rarely starts that way, so the student's own "
+            "samples start elsewhere and the signal toward the demonstrated format has to come later in the "
+            "completion. Another template wording may raise it: `sdft data ceiling TASK --template ...` compares "
+            "templates."
         )
     return out

@@ -27,7 +27,8 @@ import torch
 from selfdistill.data.prompts import PromptBuilder
 from selfdistill.files import write_atomic
 from selfdistill.models import stop_token_id
-from selfdistill.rollout import autocast_context, generate
+from selfdistill.precision import autocast_context
+from selfdistill.sampling.decode import generate
 
 FORMAT = "selfdistill-drift-v1"
 

@@ -21,7 +21,7 @@ from selfdistill.data.records import Record
 from selfdistill.errors import UserError
 from selfdistill.files import write_json, write_jsonl
 from selfdistill.models import stop_token_id
-from selfdistill.rollout import generate
+from selfdistill.sampling.decode import generate
 
 CORRECT = 1.0 - 1e-9  # a sample counts as correct for pass@k when its score is 1
 
@@ -57,6 +57,15 @@ def grading_record(record: Record) -> dict:
     return row
 
 
+def _check(records: list[Record], n_samples: int, temperature: float) -> None:
+    if not records:
+        raise UserError("Nothing to evaluate: the task has no records.")
+    if n_samples < 1:
+        raise UserError(f"n_samples must be at least 1, got {n_samples}.")
+    if n_samples > 1 and temperature <= 0:
+        raise UserError("n_samples > 1 with greedy decoding gives n identical outputs; set a temperature > 0.")
+
+
 def evaluate(
     model,
     tokenizer,
@@ -80,12 +89,7 @@ def evaluate(
 
     Pass a list as `examples` to receive the per-record results in memory.
     """
-    if not records:
-        raise UserError("Nothing to evaluate: the task has no records.")
-    if n_samples < 1:
-        raise UserError(f"n_samples must be at least 1, got {n_samples}.")
-    if n_samples > 1 and temperature <= 0:
-        raise UserError("n_samples > 1 with greedy decoding gives n identical outputs; set a temperature > 0.")
+    _check(records, n_samples, temperature)
     builder = PromptBuilder(tokenizer, system_prompt=system_prompt)
     prompts = [builder.student_ids(r) for r in records]
     # Sample j of record i is row i * n + j, seeded by (seed, i, j) only.
@@ -107,31 +111,7 @@ def evaluate(
     )
     examples = [] if examples is None else examples
     for i, record in enumerate(records):
-        gold = grading_record(record)
-        outputs, scores, clipped = [], [], 0
-        for j in range(n_samples):
-            row = i * n_samples + j
-            text = tokenizer.decode(done.ids[row], skip_special_tokens=True)
-            score = float(grader(text, gold))
-            if not 0.0 <= score <= 1.0:
-                raise ValueError(f"grader returned {score}, outside [0, 1]")
-            outputs.append(text)
-            scores.append(score)
-            clipped += not done.finished[row]
-        # Tool-use records keep their gold calls in `golden_answer`; show them as the answer.
-        answer = record.answer if record.answer is not None else record.meta.get("golden_answer")
-        example = {
-            "index": i,
-            "source": record.source,
-            "prompt": record.prompt,
-            "answer": answer,
-            "output": outputs[0] if n_samples == 1 else outputs,
-            "score": sum(scores) / n_samples,
-            "clipped": clipped,
-        }
-        if n_samples > 1:
-            example["scores"] = scores
-        examples.append(example)
+        examples.append(_example(i, record, done, tokenizer, grader, n_samples))
     summary = summarize(examples, n_samples, ks)
     summary.update(
         {
@@ -145,6 +125,35 @@ def evaluate(
     if out_dir is not None:
         write_results(out_dir, examples, summary)
     return summary
+
+
+def _example(i: int, record: Record, done, tokenizer, grader: Callable[[str, dict], float], n_samples: int) -> dict:
+    """Record i's outputs (rows i * n_samples ... of the generation), graded, as examples.jsonl holds them."""
+    gold = grading_record(record)
+    outputs, scores, clipped = [], [], 0
+    for j in range(n_samples):
+        row = i * n_samples + j
+        text = tokenizer.decode(done.ids[row], skip_special_tokens=True)
+        score = float(grader(text, gold))
+        if not 0.0 <= score <= 1.0:
+            raise ValueError(f"grader returned {score}, outside [0, 1]")
+        outputs.append(text)
+        scores.append(score)
+        clipped += not done.finished[row]
+    # Tool-use records keep their gold calls in `golden_answer`; show them as the answer.
+    answer = record.answer if record.answer is not None else record.meta.get("golden_answer")
+    example = {
+        "index": i,
+        "source": record.source,
+        "prompt": record.prompt,
+        "answer": answer,
+        "output": outputs[0] if n_samples == 1 else outputs,
+        "score": sum(scores) / n_samples,
+        "clipped": clipped,
+    }
+    if n_samples > 1:
+        example["scores"] = scores
+    return example
 
 
 def summarize(examples: list[dict], n_samples: int = 1, ks: list[int] | None = None) -> dict:

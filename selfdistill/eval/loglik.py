@@ -23,9 +23,27 @@ from __future__ import annotations
 
 from statistics import mean
 
+import torch
+
 from selfdistill.data.prompts import PromptBuilder
 from selfdistill.data.records import Record
-from selfdistill.tasks.ceiling import demonstration_token_logps
+from selfdistill.precision import autocast_context
+
+
+@torch.no_grad()
+def demonstration_token_logps(
+    model, prompts: list[list[int]], demos: list[list[int]], precision: str
+) -> list[list[float]]:
+    """Per record, log p(token | prompt, earlier demonstration tokens) of every demonstration token, nats."""
+    device = next(model.parameters()).device
+    out = []
+    for prompt, demo in zip(prompts, demos):
+        ids = torch.tensor([prompt + demo], device=device)
+        with autocast_context(device, precision):
+            logits = model(input_ids=ids).logits[0, len(prompt) - 1 : -1].float()
+        logp = logits.log_softmax(-1).gather(-1, torch.tensor(demo, device=device)[:, None])[:, 0]
+        out.append(logp.tolist())
+    return out
 
 
 def answer_token_positions(text: str, answer, offsets: list[tuple[int, int]]) -> list[int]:

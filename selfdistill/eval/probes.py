@@ -15,6 +15,7 @@ from __future__ import annotations
 import json
 import re
 from collections.abc import Callable
+from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
 
@@ -226,55 +227,19 @@ def probe_report(
 
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-
-    def scores_of(net, tok, where: Path) -> dict:
-        result = {}
-        if suite:
-            result["general"] = run_probes(
-                net,
-                tok,
-                limit=limit,
-                batch_size=batch_size,
-                precision=precision,
-                max_new_tokens=max_new_tokens,
-                out_dir=where / "general",
-            )
-        if humaneval:
-            from selfdistill.eval.humaneval import run_humaneval
-
-            result["humaneval"] = run_humaneval(
-                net, tok, limit=limit, batch_size=batch_size, precision=precision, out_dir=where / "humaneval"
-            )
-        return result
-
+    settings = _ProbeSettings(suite, humaneval, limit, batch_size, precision, max_new_tokens)
     net, tok = load(model_name)
-    report: dict = {"model": model_name, "absolute": scores_of(net, tok, out_dir / "model")}
+    report: dict = {"model": model_name, "absolute": settings.scores(net, tok, out_dir / "model")}
     if base_name is None:
         report["relative"] = None
         report["note"] = "pass --base to get scores relative to the base model and drift"
     else:
         base_dir = out_dir / "base"
-        cache = base_dir / "scores.json"
-        key = {
-            "base": base_name,
-            "limit": limit,
-            "suite": suite,
-            "humaneval": humaneval,
-            "max_new_tokens": max_new_tokens,
-        }
-        base_net = None
-        if cache.is_file() and json.loads(cache.read_text()).get("key") == key:
-            base_scores = json.loads(cache.read_text())["scores"]
-        else:
-            base_net, base_tok = load(base_name)
-            base_scores = scores_of(base_net, base_tok, base_dir)
-            base_dir.mkdir(parents=True, exist_ok=True)
-            cache.write_text(json.dumps({"key": key, "scores": base_scores}, indent=2) + "\n")
+        base_scores, base = _base_scores(base_name, base_dir, load, settings)
         answers_path = base_dir / "drift_answers.json"
         answers = drift_mod.load_base_answers(answers_path, base_name)
         if answers is None or answers.get("max_new_tokens") != drift_tokens:
-            if base_net is None:
-                base_net, base_tok = load(base_name)
+            base_net, base_tok = base if base is not None else load(base_name)
             answers = drift_mod.base_answers(
                 base_net, base_tok, base_name=base_name, precision=precision, max_new_tokens=drift_tokens
             )
@@ -284,3 +249,60 @@ def probe_report(
         report["drift"] = drift_mod.drift(answers, net, tok)
     (out_dir / "report.json").write_text(json.dumps(report, indent=2) + "\n")
     return report
+
+
+@dataclass(frozen=True)
+class _ProbeSettings:
+    """What probe_report measures, and how: the same for the model and its base."""
+
+    suite: bool
+    humaneval: bool
+    limit: int | None
+    batch_size: int
+    precision: str
+    max_new_tokens: int
+
+    def scores(self, net, tok, where: Path) -> dict:
+        result = {}
+        if self.suite:
+            result["general"] = run_probes(
+                net,
+                tok,
+                limit=self.limit,
+                batch_size=self.batch_size,
+                precision=self.precision,
+                max_new_tokens=self.max_new_tokens,
+                out_dir=where / "general",
+            )
+        if self.humaneval:
+            from selfdistill.eval.humaneval import run_humaneval
+
+            result["humaneval"] = run_humaneval(
+                net,
+                tok,
+                limit=self.limit,
+                batch_size=self.batch_size,
+                precision=self.precision,
+                out_dir=where / "humaneval",
+            )
+        return result
+
+
+def _base_scores(base_name: str, base_dir: Path, load, settings: _ProbeSettings) -> tuple[dict, tuple | None]:
+    """The base model's scores, from base_dir/scores.json when they were measured the same way; and the
+    (model, tokenizer) loaded to measure them, None when they came from the file."""
+    cache = base_dir / "scores.json"
+    key = {
+        "base": base_name,
+        "limit": settings.limit,
+        "suite": settings.suite,
+        "humaneval": settings.humaneval,
+        "max_new_tokens": settings.max_new_tokens,
+    }
+    if cache.is_file() and json.loads(cache.read_text()).get("key") == key:
+        return json.loads(cache.read_text())["scores"], None
+    base = load(base_name)
+    scores = settings.scores(*base, base_dir)
+    base_dir.mkdir(parents=True, exist_ok=True)
+    cache.write_text(json.dumps({"key": key, "scores": scores}, indent=2) + "\n")
+    return scores, base

@@ -79,6 +79,28 @@ def _gathered_sizes(model) -> tuple[list[int], int]:
 
 def plan(cfg: Config, processes: int) -> MemoryPlan:
     """The memory per process of training `cfg` under torchrun with `processes` processes (see the package doc)."""
+    _check(cfg, processes)
+    started = time.perf_counter()
+    config, where = architecture_config(cfg.model.name, cfg.model.trust_remote_code)
+    precision = "bf16" if cfg.model.precision == "auto" else cfg.model.precision
+    shapes = _shapes(cfg, processes)
+    try:
+        traced = _trace(_planning_config(cfg, precision), config, processes, shapes, cfg.rollout.engine)
+    except (NotImplementedError, RuntimeError) as exc:  # fake collectives came after the trainer's torch floor
+        unsupported = type(exc).__name__ == "UnsupportedOperatorException" or "fake impl" in str(exc)
+        if not unsupported:
+            raise
+        raise UserError(
+            f"sdft plan traces the training step on fake tensors, which needs fake kernels for torch's collectives: "
+            f"torch {torch.__version__} lacks them ({str(exc).splitlines()[0][:120]}). Training runs on it; to plan, "
+            "use torch 2.13 or later (for example in a separate environment)."
+        ) from None
+    result = _memory_plan(cfg, processes, where, type_name(config), precision, shapes, traced)
+    result.seconds = time.perf_counter() - started
+    return result
+
+
+def _check(cfg: Config, processes: int) -> None:
     import torch.distributed as dist
 
     if processes < 1:
@@ -98,29 +120,20 @@ def plan(cfg: Config, processes: int) -> MemoryPlan:
             "sdft plan sets up a fake process group of its own: run it outside torchrun, in a process "
             "that has not joined a process group."
         )
-    started = time.perf_counter()
-    config, where = architecture_config(cfg.model.name, cfg.model.trust_remote_code)
-    precision = "bf16" if cfg.model.precision == "auto" else cfg.model.precision
-    shapes = _shapes(cfg, processes)
-    try:
-        traced = _trace(_planning_config(cfg, precision), config, processes, shapes, cfg.rollout.engine)
-    except (NotImplementedError, RuntimeError) as exc:  # fake collectives came after the trainer's torch floor
-        unsupported = type(exc).__name__ == "UnsupportedOperatorException" or "fake impl" in str(exc)
-        if not unsupported:
-            raise
-        raise UserError(
-            f"sdft plan traces the training step on fake tensors, which needs fake kernels for torch's collectives: "
-            f"torch {torch.__version__} lacks them ({str(exc).splitlines()[0][:120]}). Training runs on it; to plan, "
-            "use torch 2.13 or later (for example in a separate environment)."
-        ) from None
+
+
+def _memory_plan(
+    cfg: Config, processes: int, where: str, model_class: str, precision: str, shapes: _Shapes, traced: dict
+) -> MemoryPlan:
+    """The plan from what the trace measured: the configured activation checkpointing's step, the other's beside it."""
     configured = cfg.train.activation_checkpointing
     main, other = traced["steps"][configured], traced["steps"][not configured]
     update = traced["update_peak"]
     step_peak = max(main["peak"], update)
-    result = MemoryPlan(
+    return MemoryPlan(
         model=cfg.model.name,
         architecture=where,
-        model_class=type_name(config),
+        model_class=model_class,
         parameters=traced["parameters"],
         trainable_parameters=traced["trainable"],
         processes=processes,
@@ -156,8 +169,6 @@ def plan(cfg: Config, processes: int) -> MemoryPlan:
         step_peak_parts=main["parts"] if main["peak"] >= update else traced["update_parts"],
         rollout_peak_parts=traced["rollout_parts"],
     )
-    result.seconds = time.perf_counter() - started
-    return result
 
 
 def _dtype_name(dtype: torch.dtype) -> str:
@@ -274,53 +285,19 @@ def _items(cfg: Config, shapes: _Shapes) -> list:
 
 
 def _trace_steps(cfg, engine: str, model, method, procs, dtype, shapes: _Shapes, fake) -> dict:
-    from selfdistill.distributed import first_forward, reshard_all
+    from selfdistill.distributed import reshard_all
 
     teacher = _teacher_module(method)
-    for module in (model, teacher):
-        if module is not None:
-            module.to_empty(device=procs.device)
-            first_forward(module, procs)
+    _materialise(model, teacher, procs)
     params = [p for p in model.parameters() if p.requires_grad]
     # foreach: torch's default on GPUs (its step holds one temporary the size of the moments)
     optimizer = torch.optim.AdamW(params, lr=cfg.train.lr, weight_decay=cfg.train.weight_decay, foreach=True)
-    trace = MemoryTrace(fake)
-    for p in list(model.parameters()) + list(model.buffers()):
-        trace.add(p, "weights")
-    if teacher is not None:
-        for p in list(teacher.parameters()) + list(teacher.buffers()):
-            trace.add(p, "teacher")
-    units, largest_parameter = _gathered_sizes(model)
-    out = {
-        "parameters": sum(p.numel() for p in model.parameters()),
-        "trainable": sum(p.numel() for p in params),
-        "weights_dtype": dtype,
-        "weights": _bytes(model.parameters()) + _bytes(model.buffers()),
-        "teacher": _bytes(teacher.parameters()) + _bytes(teacher.buffers()) if teacher is not None else 0,
-        "largest_unit": max(units, default=0),
-        "largest_unit_name": (
-            "root: embeddings, final norm, output head" if units and units[0] >= max(units) else "one decoder layer"
-        ),
-        "steps": {},
-    }
+    trace = _weights_trace(fake, model, teacher)
+    out, largest_parameter = _static_sizes(model, teacher, params, dtype)
     items = _items(cfg, shapes)
     tokens = float(shapes.items * max(1, shapes.completion - items[0].loss_start))
     with trace, _labelled_fsdp(trace, [model, teacher]):
-        # Steady state: the optimizer's moments exist from the first step on (AdamW's own state, as its
-        # first step creates it; the test compares with a real step).
-        for p in params:
-            optimizer.state[p] = {
-                "step": torch.tensor(1.0),
-                "exp_avg": torch.zeros_like(p, memory_format=torch.preserve_format),
-                "exp_avg_sq": torch.zeros_like(p, memory_format=torch.preserve_format),
-            }
-        for state in optimizer.state.values():
-            for value in state.values():
-                if isinstance(value, torch.Tensor):
-                    trace.add(value, "optimizer")
-        out["optimizer"] = sum(
-            _bytes(v for v in state.values() if isinstance(v, torch.Tensor)) for state in optimizer.state.values()
-        )
+        out["optimizer"] = _steady_state_moments(optimizer, params, trace)
         out.update(_trace_rollout(cfg, engine, model, method, trace, shapes, dtype, largest_parameter))
         for checkpointing in (cfg.train.activation_checkpointing, not cfg.train.activation_checkpointing):
             _set_checkpointing(model, checkpointing)
@@ -356,11 +333,67 @@ def _trace_steps(cfg, engine: str, model, method, procs, dtype, shapes: _Shapes,
     return out
 
 
+def _materialise(model, teacher, procs) -> None:
+    """Student and teacher (uninitialised) on the device, as the trainer's first forward leaves them."""
+    from selfdistill.distributed import first_forward
+
+    for module in (model, teacher):
+        if module is not None:
+            module.to_empty(device=procs.device)
+            first_forward(module, procs)
+
+
+def _weights_trace(fake, model, teacher) -> MemoryTrace:
+    """A trace that already holds the student's and the teacher's weights."""
+    trace = MemoryTrace(fake)
+    for p in list(model.parameters()) + list(model.buffers()):
+        trace.add(p, "weights")
+    if teacher is not None:
+        for p in list(teacher.parameters()) + list(teacher.buffers()):
+            trace.add(p, "teacher")
+    return trace
+
+
+def _static_sizes(model, teacher, params: list, dtype) -> tuple[dict, int]:
+    """Parameter counts and the sizes of the weights, the teacher and the largest gathered unit (the trace's
+    result so far, `steps` still empty); and the bytes of the largest single parameter gathered."""
+    units, largest_parameter = _gathered_sizes(model)
+    out = {
+        "parameters": sum(p.numel() for p in model.parameters()),
+        "trainable": sum(p.numel() for p in params),
+        "weights_dtype": dtype,
+        "weights": _bytes(model.parameters()) + _bytes(model.buffers()),
+        "teacher": _bytes(teacher.parameters()) + _bytes(teacher.buffers()) if teacher is not None else 0,
+        "largest_unit": max(units, default=0),
+        "largest_unit_name": (
+            "root: embeddings, final norm, output head" if units and units[0] >= max(units) else "one decoder layer"
+        ),
+        "steps": {},
+    }
+    return out, largest_parameter
+
+
+def _steady_state_moments(optimizer, params: list, trace: MemoryTrace) -> int:
+    """Steady state: the optimizer's moments exist from the first step on (AdamW's own state, as its
+    first step creates it; the test compares with a real step). Returns their bytes."""
+    for p in params:
+        optimizer.state[p] = {
+            "step": torch.tensor(1.0),
+            "exp_avg": torch.zeros_like(p, memory_format=torch.preserve_format),
+            "exp_avg_sq": torch.zeros_like(p, memory_format=torch.preserve_format),
+        }
+    for state in optimizer.state.values():
+        for value in state.values():
+            if isinstance(value, torch.Tensor):
+                trace.add(value, "optimizer")
+    return sum(_bytes(v for v in state.values() if isinstance(v, torch.Tensor)) for state in optimizer.state.values())
+
+
 def _trace_rollout(
     cfg, engine: str, model, method, trace: MemoryTrace, shapes: _Shapes, dtype, largest_parameter: int
 ) -> dict:
     """Rollout figures: traced up to the first decoded token, the KV cache's growth after it computed."""
-    from selfdistill.rollout import generate
+    from selfdistill.sampling.decode import generate
 
     if cfg.method != "sdft":
         return {

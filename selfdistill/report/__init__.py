@@ -10,6 +10,7 @@ from selfdistill.files import write_atomic
 
 def write_report(run_dir: str | Path) -> dict:
     """(Re)build results.json from the run's files, draw the figures, write both reports; returns paths."""
+    from selfdistill.continual import layout
     from selfdistill.continual.results import write_results
     from selfdistill.report import html, markdown, plots, tables
 
@@ -25,8 +26,8 @@ def write_report(run_dir: str | Path) -> dict:
         f"methods: {', '.join(results['methods'])}; seeds: {', '.join(map(str, config['seeds']))}. "
         f"Written {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}."
     )
-    write_atomic(out / "report.html", html.render(results, figures, samples, intro))
-    files_dir = out / "report_files"
+    write_atomic(out / layout.REPORT_HTML, html.render(results, figures, samples, intro))
+    files_dir = out / layout.REPORT_FILES
     files_dir.mkdir(exist_ok=True)
     for old in files_dir.glob("*.png"):  # figures of an older version of the report
         if old.stem not in {f.key for f in figures}:
@@ -35,12 +36,12 @@ def write_report(run_dir: str | Path) -> dict:
     for figure in figures:
         name = f"{figure.key}.png"
         write_atomic(files_dir / name, figure.png)
-        figure_files.append((figure, f"report_files/{name}"))
-    write_atomic(out / "report.md", markdown.render(results, figure_files, samples, intro))
+        figure_files.append((figure, f"{layout.REPORT_FILES}/{name}"))
+    write_atomic(out / layout.REPORT_MD, markdown.render(results, figure_files, samples, intro))
     return {
-        "results": out / "results.json",
-        "html": out / "report.html",
-        "markdown": out / "report.md",
+        "results": out / layout.RESULTS,
+        "html": out / layout.REPORT_HTML,
+        "markdown": out / layout.REPORT_MD,
         "figures": len(figures),
         "data": results,
     }

@@ -6,14 +6,7 @@ so two methods are compared over their settings rather than at one arbitrary set
 
 from __future__ import annotations
 
-import matplotlib
-
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-
-from selfdistill.report.plots import COLORS, Figure, _png, _stage_labels  # noqa: E402
-
-MARKERS = ["o", "s", "^", "D", "v", "P", "X", "h", "p"]  # not "*": the starting model's
+from selfdistill.report.figures import COLORS, MARKERS, Figure, finished_methods, plt, png, stage_labels
 
 
 def _err(cell: dict) -> tuple[list[list[float]], bool]:
@@ -52,7 +45,7 @@ def frontier(results: dict) -> Figure | None:
         "One line per method, through the grid points it was run at (labelled by the setting). x: new-task "
         "score; top: prior-capability probe score, bottom: drift from the starting model. Where lines cross "
         "or their bars overlap, the grid does not separate the methods. The black star is the starting model.",
-        _png(fig),
+        png(fig),
     )
 
 
@@ -85,39 +78,9 @@ def frontier_figure(results: dict):
     for c, (where, title, xlabel) in enumerate(columns):
         for r, (measure, ylabel) in enumerate(rows):
             ax = axes[r][c]
-            labels = []  # (x, y, text, color), placed once the axis limits are known
-            for g, (group, info) in enumerate(groups.items()):
-                names = [p for p in info["points"] if p in points]
-                if not names:
-                    continue
-                cells = [points[p]["final"] if where == "final" else points[p]["stages"][where - 1] for p in names]
-                xs = [cell["new_task"]["value"] for cell in cells]
-                ys = [cell[measure]["value"] for cell in cells]
-                if any(v is None for v in xs + ys):
-                    continue
-                color, marker = COLORS[g % len(COLORS)], MARKERS[g % len(MARKERS)]
-                ax.plot(
-                    xs, ys, color=color, marker=marker, markersize=7, linewidth=1.8, label=f"{group} ({info['method']})"
-                )
-                for cell, x, y, name in zip(cells, xs, ys, names):
-                    xerr, has_x = _err(cell["new_task"])
-                    yerr, has_y = _err(cell[measure])
-                    if has_x or has_y:
-                        ax.errorbar([x], [y], xerr=xerr, yerr=yerr, color=color, alpha=0.35, linewidth=1, capsize=2)
-                    labels.append((x, y, points[name]["label"], color))
+            labels = _frontier_lines(ax, groups, points, where, measure)
             if start:
-                start_x = (sum(start["scores"]) / n) if where == "final" else start["scores"][where - 1]
-                start_y = start.get("prior") if measure == "prior" else 0.0
-                if start_y is not None:
-                    ax.plot(
-                        [start_x],
-                        [start_y],
-                        marker="*",
-                        markersize=13,
-                        color="black",
-                        linestyle="none",
-                        label="starting model",
-                    )
+                _starting_model(ax, start, n, where, measure)
             ax.set_xlim(-0.04, 1.04)
             if measure == "prior":
                 ax.set_ylim(-0.04, 1.04)
@@ -137,11 +100,58 @@ def frontier_figure(results: dict):
     return fig
 
 
+def _frontier_lines(ax, groups: dict, points: dict, where, measure: str) -> list[tuple[float, float, str, str]]:
+    """One line per method through its grid points, at the end (`where` "final") or after stage `where`;
+    returns the points' labels (x, y, text, color), to be placed once the axis limits are known."""
+    labels = []
+    for g, (group, info) in enumerate(groups.items()):
+        names = [p for p in info["points"] if p in points]
+        if not names:
+            continue
+        cells = [points[p]["final"] if where == "final" else points[p]["stages"][where - 1] for p in names]
+        xs = [cell["new_task"]["value"] for cell in cells]
+        ys = [cell[measure]["value"] for cell in cells]
+        if any(v is None for v in xs + ys):
+            continue
+        color, marker = COLORS[g % len(COLORS)], MARKERS[g % len(MARKERS)]
+        ax.plot(xs, ys, color=color, marker=marker, markersize=7, linewidth=1.8, label=f"{group} ({info['method']})")
+        for cell, x, y, name in zip(cells, xs, ys, names):
+            xerr, has_x = _err(cell["new_task"])
+            yerr, has_y = _err(cell[measure])
+            if has_x or has_y:
+                ax.errorbar([x], [y], xerr=xerr, yerr=yerr, color=color, alpha=0.35, linewidth=1, capsize=2)
+            labels.append((x, y, points[name]["label"], color))
+    return labels
+
+
+def _starting_model(ax, start: dict, n: int, where, measure: str) -> None:
+    """The starting model as a black star (its drift is 0 by definition)."""
+    start_x = (sum(start["scores"]) / n) if where == "final" else start["scores"][where - 1]
+    start_y = start.get("prior") if measure == "prior" else 0.0
+    if start_y is not None:
+        ax.plot(
+            [start_x], [start_y], marker="*", markersize=13, color="black", linestyle="none", label="starting model"
+        )
+
+
+def _annotated_matrix(ax, matrix: list[list], cmap: str, vmin: float, vmax: float, fmt: str, span: float | None):
+    """A [stage][task] matrix as an image with each known value written in its cell; returns the image.
+    Values: dark cells (white text) below the middle of the scale. Changes (`span` given): dark beyond 0.6 span."""
+    grid = [[v if v is not None else float("nan") for v in r] for r in matrix]
+    image = ax.imshow(grid, cmap=cmap, vmin=vmin, vmax=vmax, aspect="auto")
+    for k, r in enumerate(matrix):
+        for i, v in enumerate(r):
+            if v is not None:
+                dark = (v - vmin) / ((vmax - vmin) or 1) < 0.5 if span is None else abs(v) > 0.6 * span
+                ax.text(i, k, fmt.format(v), ha="center", va="center", fontsize=9, color="white" if dark else "black")
+    return image
+
+
 def loglik_matrices(results: dict) -> Figure | None:
     """Held-out demonstration log-likelihood after each stage (top) and its change from the start (bottom)."""
     start = results.get("start") or {}
     shown = [i for i, v in enumerate(start.get("loglik") or []) if v is not None]
-    methods = [(name, e["summary"]) for name, e in results["methods"].items() if e["summary"]]
+    methods = finished_methods(results)
     if not shown or not methods:
         return None
     tasks = [results["tasks"][i]["name"] for i in shown]
@@ -160,30 +170,15 @@ def loglik_matrices(results: dict) -> Figure | None:
     flat = [v for m in values for row in m for v in row if v is not None]
     low, high = min(flat), max(flat)
     span = max(abs(v) for m in changes for row in m for v in row if v is not None) or 1.0
+    labels = stage_labels([t["name"] for t in results["tasks"]])
     for col, (name, _) in enumerate(methods):
         for row, (matrix, cmap, vmin, vmax, fmt) in enumerate(
             ((values[col], "magma", low, high, "{:.2f}"), (changes[col], "RdBu", -span, span, "{:+.2f}"))
         ):
             ax = axes[row][col]
-            grid = [[v if v is not None else float("nan") for v in r] for r in matrix]
-            image = ax.imshow(grid, cmap=cmap, vmin=vmin, vmax=vmax, aspect="auto")
-            for k, r in enumerate(matrix):
-                for i, v in enumerate(r):
-                    if v is not None:
-                        dark = (v - vmin) / ((vmax - vmin) or 1) < 0.5 if row == 0 else abs(v) > 0.6 * span
-                        ax.text(
-                            i,
-                            k,
-                            fmt.format(v),
-                            ha="center",
-                            va="center",
-                            fontsize=9,
-                            color="white" if dark else "black",
-                        )
+            image = _annotated_matrix(ax, matrix, cmap, vmin, vmax, fmt, span if row == 1 else None)
             ax.set_xticks(range(len(tasks)), tasks, rotation=20)
-            ax.set_yticks(
-                range(stages), _stage_labels([t["name"] for t in results["tasks"]]) if col == 0 else [""] * stages
-            )
+            ax.set_yticks(range(stages), labels if col == 0 else [""] * stages)
             ax.set_title(f"{name}" if row == 0 else f"{name}: change from the start", fontsize=10)
             if col == len(methods) - 1:
                 fig.colorbar(image, ax=ax, label="nats/token" if row == 0 else "change, nats/token", shrink=0.9)
@@ -201,5 +196,5 @@ def loglik_matrices(results: dict) -> Figure | None:
         "student prompt (no demonstration shown), in nats/token; the continuous measure of learning that "
         "greedy accuracy can hide. For reference, the starting model with the demonstration in its prompt "
         f"(teacher prompt): {teacher}.",
-        _png(fig),
+        png(fig),
     )

@@ -40,6 +40,22 @@ def render(results: dict, figures: list, samples: list[dict], intro: str) -> str
     ]
     if not results.get("complete"):
         parts.append("<p class='bad'>This run is not finished: numbers cover the stages done so far.</p>")
+    parts += _finding(results)
+    parts += _tables(results)
+    for figure in figures:
+        data = base64.b64encode(figure.png).decode("ascii")
+        parts.append(
+            f"<h2>{escape(figure.title)}</h2><figure><img alt='{escape(figure.title)}' "
+            f"src='data:image/png;base64,{data}'><figcaption>{escape(figure.caption)}</figcaption></figure>"
+        )
+    parts += _samples(samples)
+    parts.append("</body></html>")
+    return "\n".join(parts)
+
+
+def _finding(results: dict) -> list[str]:
+    """The finding, the grids and the point-by-point comparison (what there is of them)."""
+    parts = []
     found = tables.finding(results)
     if found["headline"]:
         parts.append(f"<h2>Finding</h2><p class='finding'>{escape(found['headline'])}</p>")
@@ -51,6 +67,12 @@ def render(results: dict, figures: list, samples: list[dict], intro: str) -> str
             "<details><summary>Point by point, with 95% intervals ('within the noise': the intervals overlap)"
             f"</summary><ul class='legend'>{items}</ul></details>"
         )
+    return parts
+
+
+def _tables(results: dict) -> list[str]:
+    """The frontier, summary metrics, scores, log-likelihood and lenient tables, each with its legend."""
+    parts = []
     if tables.frontier_rows(results):
         parts.append("<h2>Frontier: every grid point at the end of the stream</h2>")
         parts.append(_table(tables.frontier_header(), tables.frontier_rows(results), "frontier"))
@@ -72,14 +94,12 @@ def render(results: dict, figures: list, samples: list[dict], intro: str) -> str
             parts.append(
                 f"<h2>{escape(title)}</h2>" + _table(header, rows, "scores") + f"<p class='legend'>{escape(legend)}</p>"
             )
-    for figure in figures:
-        data = base64.b64encode(figure.png).decode("ascii")
-        parts.append(
-            f"<h2>{escape(figure.title)}</h2><figure><img alt='{escape(figure.title)}' "
-            f"src='data:image/png;base64,{data}'><figcaption>{escape(figure.caption)}</figcaption></figure>"
-        )
-    if samples:
-        parts.append("<h2>Sample outputs</h2>")
+    return parts
+
+
+def _samples(samples: list[dict]) -> list[str]:
+    """Per task, each sample item's prompt, expected answer and every model's output with its score."""
+    parts = ["<h2>Sample outputs</h2>"] if samples else []
     for block in samples:
         parts.append(f"<h3>Task: {escape(block['task'])}</h3>")
         for item in block["items"]:
@@ -93,5 +113,4 @@ def render(results: dict, figures: list, samples: list[dict], intro: str) -> str
                 f"<p><b>Expected answer:</b> {escape(tables.clip(item['answer'], 200))}</p>"
                 f"<table><thead><tr><th>Model</th><th>Score</th><th>Output</th></tr></thead><tbody>{rows}</tbody></table></div>"
             )
-    parts.append("</body></html>")
-    return "\n".join(parts)
+    return parts

@@ -8,62 +8,17 @@ unit, and captions say how to read the figure.
 
 from __future__ import annotations
 
-import io
 import json
-from dataclasses import dataclass
 from pathlib import Path
 
-import matplotlib
-
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-
-from selfdistill.continual.runner import stage_dir  # noqa: E402
-
-# 12 colours and (frontier_plots) 9 markers: cycles of different lengths, so that up to 36 lines
-# differ in colour or marker (a comparison of 9 methods is common).
-COLORS = [
-    "#1f77b4",
-    "#d62728",
-    "#2ca02c",
-    "#ff7f0e",
-    "#9467bd",
-    "#8c564b",
-    "#e377c2",
-    "#7f7f7f",
-    "#bcbd22",
-    "#17becf",
-    "#000080",
-    "#808000",
-]
-
-
-@dataclass
-class Figure:
-    key: str
-    title: str
-    caption: str
-    png: bytes
-
-
-def _png(fig) -> bytes:
-    buffer = io.BytesIO()
-    fig.savefig(buffer, format="png", dpi=90, bbox_inches="tight")
-    plt.close(fig)
-    return buffer.getvalue()
-
-
-def _methods(results: dict) -> list[tuple[str, dict]]:
-    return [(name, entry["summary"]) for name, entry in results["methods"].items() if entry["summary"]]
-
-
-def _stage_labels(tasks: list[str]) -> list[str]:
-    return ["start"] + [f"after {k}: {t}" for k, t in enumerate(tasks, 1)]
+from selfdistill.continual import layout
+from selfdistill.report.figures import COLORS, Figure, finished_methods, plt, png, stage_labels
+from selfdistill.report.frontier_plots import frontier, loglik_matrices
 
 
 def accuracy_matrices(results: dict) -> Figure:
     tasks = [t["name"] for t in results["tasks"]]
-    methods = _methods(results)
+    methods = finished_methods(results)
     fig, axes = plt.subplots(
         1,
         len(methods),
@@ -87,7 +42,7 @@ def accuracy_matrices(results: dict) -> Figure:
                     color="white" if value < 0.6 else "black",
                 )
         ax.set_xticks(range(len(tasks)), tasks, rotation=20)
-        ax.set_yticks(range(len(tasks) + 1), _stage_labels(tasks) if ax is axes[0][0] else [""] * (len(tasks) + 1))
+        ax.set_yticks(range(len(tasks) + 1), stage_labels(tasks) if ax is axes[0][0] else [""] * (len(tasks) + 1))
         ax.set_xlabel("evaluated on task")
         ax.set_title(f"method: {name}")
     axes[0][0].set_ylabel("model after stage")
@@ -99,7 +54,7 @@ def accuracy_matrices(results: dict) -> Figure:
         "Accuracy matrix per method",
         "Row k is the model after training on the first k tasks; the diagonal below 'start' is each task "
         "right after it was learned. Colour and number: mean score over seeds (0 = none correct, 1 = all).",
-        _png(fig),
+        png(fig),
     )
 
 
@@ -110,7 +65,7 @@ def task_curves(results: dict) -> Figure:
     )
     stages = list(range(len(tasks) + 1))
     for i, (ax, task) in enumerate(zip(axes[0], tasks)):
-        for c, (name, summary) in enumerate(_methods(results)):
+        for c, (name, summary) in enumerate(finished_methods(results)):
             means = [summary["R"][k][i]["mean"] for k in stages]
             ax.plot(stages, means, marker="o", color=COLORS[c % len(COLORS)], label=name)
             cis = [summary["R"][k][i]["ci95"] for k in stages]
@@ -133,14 +88,14 @@ def task_curves(results: dict) -> Figure:
         "Per-task score across stages",
         "One panel per task, one line per method. The dotted line marks the stage that trained on the task: "
         "a line that drops after it shows forgetting. Shaded: 95% interval across seeds (when more than one).",
-        _png(fig),
+        png(fig),
     )
 
 
 def _curves(out: Path, method: str, seed: int, stages: int) -> tuple[list[dict], list[int]]:
     rows, boundaries, offset = [], [], 0
     for k in range(1, stages + 1):
-        path = stage_dir(out, method, seed, k) / "train" / "metrics.jsonl"
+        path = layout.train_metrics(layout.stage_dir(out, method, seed, k))
         if not path.is_file():
             break
         lines = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
@@ -151,50 +106,33 @@ def _curves(out: Path, method: str, seed: int, stages: int) -> tuple[list[dict],
     return rows, boundaries
 
 
+# The training-curve panels: (metrics.jsonl key, y axis label, title).
+CURVE_PANELS = [
+    ("loss", "loss (nats/token)", "training loss (each method's own)"),
+    ("divergence", "divergence (nats/token)", "SDFT: teacher-student divergence"),
+    ("completion_length", "length (tokens)", "SDFT: student completion length"),
+    (
+        "demonstration_logp",
+        "log-likelihood (nats/token)",
+        "demonstration log-likelihood\n(lines: training batches; markers: held-out)",
+    ),
+]
+
+
 def training_curves(results: dict, out_dir: str | Path) -> Figure:
     out = Path(out_dir)
     tasks = [t["name"] for t in results["tasks"]]
     seed = results["config"]["seeds"][0]
-    panels = [
-        ("loss", "loss (nats/token)"),
-        ("divergence", "divergence (nats/token)"),
-        ("completion_length", "length (tokens)"),
-        ("demonstration_logp", "log-likelihood (nats/token)"),
-    ]
-    titles = {
-        "loss": "training loss (each method's own)",
-        "divergence": "SDFT: teacher-student divergence",
-        "completion_length": "SDFT: student completion length",
-        "demonstration_logp": "demonstration log-likelihood\n(lines: training batches; markers: held-out)",
-    }
-    fig, axes = plt.subplots(1, len(panels), figsize=(4.6 * len(panels), 3.6), squeeze=False, layout="constrained")
+    n = len(CURVE_PANELS)
+    fig, axes = plt.subplots(1, n, figsize=(4.6 * n, 3.6), squeeze=False, layout="constrained")
     for c, (name, entry) in enumerate(results["methods"].items()):
         rows, boundaries = _curves(out, name, seed, len(tasks))
-        for ax, (key, _label) in zip(axes[0], panels):
-            points = [(r["global_step"], r[key]) for r in rows if r.get(key) is not None]
-            if points:
-                ax.plot(*zip(*points), color=COLORS[c % len(COLORS)], label=name, linewidth=1.3)
-            for b in boundaries[:-1]:
-                ax.axvline(b + 0.5, color="grey", linestyle=":", linewidth=1)
-        # Beside the training batches' likelihood (before each logged step), the held-out one after each
-        # stage: the mean over the tasks that have demonstrations, on items no method trained on.
-        seq = entry["seeds"].get(str(seed)) or {}
-        held = [(0, _mean(seq["loglik"][0]))] if seq.get("loglik") else []
-        held += [(b, _mean(seq["loglik"][k])) for k, b in enumerate(boundaries, 1) if k < len(seq.get("loglik", []))]
-        held = [(x, y) for x, y in held if y is not None]
-        if held:
-            axes[0][3].plot(
-                *zip(*held),
-                color=COLORS[c % len(COLORS)],
-                marker="o",
-                linestyle="--",
-                linewidth=1,
-                label=f"{name} (held-out)",
-            )
-    for ax, (key, label) in zip(axes[0], panels):
+        _method_curves(axes[0], COLORS[c % len(COLORS)], name, rows, boundaries)
+        _heldout_loglik(axes[0][3], COLORS[c % len(COLORS)], name, entry["seeds"].get(str(seed)) or {}, boundaries)
+    for ax, (_key, label, title) in zip(axes[0], CURVE_PANELS):
         ax.set_xlabel("optimizer step (dotted: next task)")
         ax.set_ylabel(label)
-        ax.set_title(titles[key], fontsize=10)
+        ax.set_title(title, fontsize=10)
         ax.grid(alpha=0.3)
         if not ax.lines or all(line.get_linestyle() == ":" for line in ax.lines):
             ax.text(
@@ -213,8 +151,28 @@ def training_curves(results: dict, out_dir: str | Path) -> Figure:
         "batch's, before the step (SFT at every step; SDFT every train.demonstration_logp_every steps, "
         "with a forward of its own); markers: the held-out items' (mean over tasks with demonstrations) "
         "at the start and after each stage.",
-        _png(fig),
+        png(fig),
     )
+
+
+def _method_curves(axes, color: str, name: str, rows: list[dict], boundaries: list[int]) -> None:
+    """One method's logged values in every panel, with a dotted line where the next task begins."""
+    for ax, (key, _label, _title) in zip(axes, CURVE_PANELS):
+        points = [(r["global_step"], r[key]) for r in rows if r.get(key) is not None]
+        if points:
+            ax.plot(*zip(*points), color=color, label=name, linewidth=1.3)
+        for b in boundaries[:-1]:
+            ax.axvline(b + 0.5, color="grey", linestyle=":", linewidth=1)
+
+
+def _heldout_loglik(ax, color: str, name: str, seq: dict, boundaries: list[int]) -> None:
+    """Beside the training batches' likelihood (before each logged step), the held-out one after each
+    stage: the mean over the tasks that have demonstrations, on items no method trained on."""
+    held = [(0, _mean(seq["loglik"][0]))] if seq.get("loglik") else []
+    held += [(b, _mean(seq["loglik"][k])) for k, b in enumerate(boundaries, 1) if k < len(seq.get("loglik", []))]
+    held = [(x, y) for x, y in held if y is not None]
+    if held:
+        ax.plot(*zip(*held), color=color, marker="o", linestyle="--", linewidth=1, label=f"{name} (held-out)")
 
 
 def _mean(values: list) -> float | None:
@@ -223,10 +181,8 @@ def _mean(values: list) -> float | None:
 
 
 def all_figures(results: dict, out_dir: str | Path) -> list[Figure]:
-    if not _methods(results):
+    if not finished_methods(results):
         return []
-    from selfdistill.report.frontier_plots import frontier, loglik_matrices
-
     figures = [
         frontier(results),
         accuracy_matrices(results),

@@ -5,8 +5,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from selfdistill.continual import layout
 from selfdistill.continual.results import matrix_rows
-from selfdistill.continual.runner import stage_dir
 
 COLUMNS = [
     ("acc", "ACC", "mean final score over all tasks"),
@@ -97,7 +97,7 @@ def samples(results: dict, out_dir: str | Path, per_task: int) -> list[dict]:
     n = len(tasks)
     shown = []
     for i, task in enumerate(tasks):
-        start = _examples(out / "start" / "eval" / task / "examples.jsonl")[:per_task]
+        start = _examples(layout.task_examples(layout.start_dir(out), task))[:per_task]
         items = []
         for j, example in enumerate(start):
             outputs = [("starting model", example["output"], example["score"])]
@@ -105,7 +105,7 @@ def samples(results: dict, out_dir: str | Path, per_task: int) -> list[dict]:
                 for k, when in ((i + 1, f"after learning {task}"), (n, "at the end")):
                     if k == i + 1 and k == n and when == "at the end":
                         continue
-                    rows = _examples(stage_dir(out, name, seed, k) / "eval" / task / "examples.jsonl")
+                    rows = _examples(layout.task_examples(layout.stage_dir(out, name, seed, k), task))
                     if j < len(rows):
                         outputs.append((f"{name}, {when} (stage {k})", rows[j]["output"], rows[j]["score"]))
             items.append(

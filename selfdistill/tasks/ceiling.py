@@ -15,20 +15,18 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-import torch
-
 from selfdistill.data.prompts import TEACHER_TEMPLATES, PromptBuilder
 from selfdistill.data.records import Record
-from selfdistill.rollout import autocast_context, generate
-from selfdistill.tasks import Metric
+from selfdistill.eval import graders as eval_graders
+from selfdistill.eval.loglik import demonstration_token_logps
+from selfdistill.sampling.decode import generate
+from selfdistill.tasks.base import Metric
 
 Grader = Callable[[str, dict], float]
 
 
 def default_grader(name: str) -> Grader:
-    from selfdistill.eval.graders import get  # the evaluation layer owns the graders
-
-    return get(name)
+    return eval_graders.get(name)  # the evaluation layer owns the graders
 
 
 def score(output: str, record: Record, metric: Metric, grader: Grader) -> float:
@@ -49,22 +47,6 @@ class CeilingResult:
     outputs: list[str] = field(default_factory=list)
     loglik: float | None = None  # mean log p(demo token | prompt), nats
     first_token_loglik: float | None = None
-
-
-@torch.no_grad()
-def demonstration_token_logps(
-    model, prompts: list[list[int]], demos: list[list[int]], precision: str
-) -> list[list[float]]:
-    """Per record, log p(token | prompt, earlier demonstration tokens) of every demonstration token, nats."""
-    device = next(model.parameters()).device
-    out = []
-    for prompt, demo in zip(prompts, demos):
-        ids = torch.tensor([prompt + demo], device=device)
-        with autocast_context(device, precision):
-            logits = model(input_ids=ids).logits[0, len(prompt) - 1 : -1].float()
-        logp = logits.log_softmax(-1).gather(-1, torch.tensor(demo, device=device)[:, None])[:, 0]
-        out.append(logp.tolist())
-    return out
 
 
 def demonstration_loglik(
@@ -101,25 +83,7 @@ def measure(
     graders = {m.name: grader_lookup(m.grader) for m in metrics}
     stops = stop_token_ids or [tokenizer.eos_token_id]
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else stops[0]
-    # No prompt limits here: the ceiling is a diagnostic, and long prompts are part of what it shows.
-    builders = {
-        t: PromptBuilder(
-            tokenizer,
-            template=t,
-            system_prompt=system_prompt,
-            max_prompt_tokens=10**9,
-            max_teacher_prompt_tokens=10**9,
-            stop_token_id=stops[0],
-        )
-        for t in templates
-    }
-    first = builders[templates[0]]
-    demos = [first.encode(r).demonstration_ids for r in records]
-    prompt_sets = [("student", [first.student_ids(r) for r in records])]
-    for i, t in enumerate(templates):
-        # A custom template's text would break the table; name it by its position instead.
-        name = t if t in TEACHER_TEMPLATES else f"custom{i + 1}"
-        prompt_sets.append((f"teacher:{name}", [builders[t].teacher_ids(r) for r in records]))
+    demos, prompt_sets = _prompt_sets(tokenizer, records, templates, system_prompt, stops[0])
     results = []
     for label, prompts in prompt_sets:
         done = generate(
@@ -144,6 +108,33 @@ def measure(
             result.loglik, result.first_token_loglik = demonstration_loglik(model, prompts, demos, precision)
         results.append(result)
     return results
+
+
+def _prompt_sets(
+    tokenizer, records: list[Record], templates: tuple[str, ...], system_prompt: str | None, stop: int
+) -> tuple[list[list[int]], list[tuple[str, list[list[int]]]]]:
+    """The demonstrations' ids, and the prompts to measure: ("student", ids) then ("teacher:<template>", ids)
+    for each template."""
+    # No prompt limits here: the ceiling is a diagnostic, and long prompts are part of what it shows.
+    builders = {
+        t: PromptBuilder(
+            tokenizer,
+            template=t,
+            system_prompt=system_prompt,
+            max_prompt_tokens=10**9,
+            max_teacher_prompt_tokens=10**9,
+            stop_token_id=stop,
+        )
+        for t in templates
+    }
+    first = builders[templates[0]]
+    demos = [first.encode(r).demonstration_ids for r in records]
+    prompt_sets = [("student", [first.student_ids(r) for r in records])]
+    for i, t in enumerate(templates):
+        # A custom template's text would break the table; name it by its position instead.
+        name = t if t in TEACHER_TEMPLATES else f"custom{i + 1}"
+        prompt_sets.append((f"teacher:{name}", [builders[t].teacher_ids(r) for r in records]))
+    return demos, prompt_sets
 
 
 def table(results: list[CeilingResult]) -> str:

@@ -18,7 +18,7 @@ import random
 from dataclasses import dataclass
 
 from selfdistill.data.records import Record, record_from_row
-from selfdistill.tasks import Metric, TaskData, TaskSpec, eval_size
+from selfdistill.tasks.base import Metric, TaskData, TaskSpec, eval_size
 
 FIRST = [
     "Tariq",

@@ -12,7 +12,7 @@ from __future__ import annotations
 import random
 
 from selfdistill.data.records import Record, record_from_row
-from selfdistill.tasks import Metric, TaskData, TaskSpec, eval_size
+from selfdistill.tasks.base import Metric, TaskData, TaskSpec, eval_size
 
 SYSTEM_PROMPT = (
     "Given a question and four options, please select the right answer. Respond in the following format:\n"

@@ -16,7 +16,7 @@ import random
 from dataclasses import dataclass
 
 from selfdistill.data.records import Record, record_from_row
-from selfdistill.tasks import Metric, TaskData, TaskSpec, eval_size
+from selfdistill.tasks.base import Metric, TaskData, TaskSpec, eval_size
 
 # Values a request can carry; each argument draws from one pool.
 POOLS = {
