@@ -31,7 +31,7 @@ def loss_suite(args) -> dict:
     import torch
 
     from selfdistill.config import LossConfig
-    from selfdistill.losses import chunked_completion_loss, output_head
+    from selfdistill.distillation.losses import chunked_completion_loss, output_head
     from selfdistill.models import load_model
 
     torch.set_num_threads(2)
@@ -89,7 +89,7 @@ def precision_suite(args) -> dict:
 
     from selfdistill.data import PromptBuilder
     from selfdistill.data.records import Record
-    from selfdistill.losses import chunked_token_loss, output_head
+    from selfdistill.distillation.losses import chunked_token_loss, output_head
     from selfdistill.methods.base import TrainItem, completion_hidden
     from selfdistill.models import load_model, stop_token_id
     from selfdistill.sampling.decode import generate
@@ -165,7 +165,7 @@ def toy_learning(steps: int = 30) -> list[dict]:
     from toy import copy_model, greedy_accuracy, toy_records
 
     from selfdistill.config import load_config
-    from selfdistill.train import train
+    from selfdistill.training.loop import train
 
     out = []
     records = toy_records()

@@ -43,7 +43,7 @@ SMOLLM2_135M = dict(
 
 
 def _local_bytes(tensors) -> int:
-    from selfdistill.distributed import local
+    from selfdistill.models.distributed import local
 
     return sum(local(t).numel() * local(t).element_size() for t in tensors)
 
@@ -53,7 +53,7 @@ def worker(out: Path, steps: int, prompts: int, length: int) -> None:
     from transformers import LlamaConfig, LlamaForCausalLM
 
     sys.path.insert(0, str(ROOT))
-    import selfdistill.train as train_mod
+    import selfdistill.training.loop as train_mod
     from selfdistill.config import load_config
     from selfdistill.data.records import Record
     from selfdistill.models.tiny import tiny_tokenizer

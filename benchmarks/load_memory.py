@@ -95,10 +95,10 @@ def planned(model_dir: Path, out: Path, world: int, env: dict) -> dict:
 def worker(out: Path, model_dir: Path, whole: bool) -> None:
     import torch
 
-    import selfdistill.train as train_mod
+    import selfdistill.training.loop as train_mod
     from selfdistill.config import load_config
     from selfdistill.data.records import Record
-    from selfdistill.distributed import local
+    from selfdistill.models.distributed import local
 
     torch.set_num_threads(1)
     report = {}

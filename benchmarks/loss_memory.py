@@ -15,7 +15,7 @@ def measure(n: int, vocab: int, hidden: int, chunk: int, seed: int = 0) -> dict:
     import torch
 
     from selfdistill.config import LossConfig
-    from selfdistill.losses import chunked_completion_loss
+    from selfdistill.distillation.losses import chunked_completion_loss
 
     torch.manual_seed(seed)
     torch.set_num_threads(2)

@@ -20,7 +20,7 @@ def main(positions: int, kind: str) -> dict:
     import torch
 
     from selfdistill.config import LossConfig
-    from selfdistill.losses import chunked_completion_loss, chunked_token_loss, cross_entropy, output_head
+    from selfdistill.distillation.losses import chunked_completion_loss, chunked_token_loss, cross_entropy, output_head
     from selfdistill.models import load_model
 
     torch.set_num_threads(2)

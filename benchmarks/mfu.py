@@ -50,7 +50,7 @@ def mfu_suite(args) -> dict:
     from benchmarks.common import fixed_records
     from selfdistill.data import PromptBuilder
     from selfdistill.data.records import Record
-    from selfdistill.losses import chunked_token_loss, output_head
+    from selfdistill.distillation.losses import chunked_token_loss, output_head
     from selfdistill.methods.base import TrainItem, completion_hidden
     from selfdistill.models import load_model, stop_token_id
 

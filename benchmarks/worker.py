@@ -22,7 +22,7 @@ def main(spec: dict) -> dict:
     from selfdistill.config import load_config
     from selfdistill.data.records import Record
     from selfdistill.models import load_model
-    from selfdistill.train import train
+    from selfdistill.training.loop import train
 
     model, tokenizer = load_model("smollm2-135m", torch.float32)
     length, prompts = spec.get("length", 64), spec.get("prompts", 8)

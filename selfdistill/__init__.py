@@ -15,9 +15,9 @@ The Python API (each `sdft` command as one call, with the command's defaults):
 
 Importing the package is quick: each name loads its module on first use.
 
-`selfdistill.train` and `selfdistill.diagnose` are also the names of the modules that implement
-them; those two modules are made callable (calling one runs the API function above), so both
-`selfdistill.train(cfg)` and `import selfdistill.train` keep working.
+`selfdistill.diagnose` is also the name of the package that implements it; that package is made
+callable (calling it runs the API function above), so both `selfdistill.diagnose("tooluse")` and
+`import selfdistill.diagnose` work.
 """
 
 from __future__ import annotations
@@ -33,7 +33,7 @@ __version__ = "0.1.0"
 _EXPORTS = {
     "Config": "selfdistill.config",
     "load_config": "selfdistill.config",
-    "train": "selfdistill.api",  # via the callable module selfdistill.train
+    "train": "selfdistill.api",
     "evaluate": "selfdistill.api",
     "run_stream": "selfdistill.api",
     "diagnose": "selfdistill.api",  # via the callable package selfdistill.diagnose
@@ -66,7 +66,7 @@ if TYPE_CHECKING:  # for editors and type checkers; at run time the names load l
     from selfdistill.registry import METHODS
 
 
-_CALLABLE_MODULES = ("train", "diagnose")  # submodules that share their name with an API function
+_CALLABLE_MODULES = ("diagnose",)  # subpackages that share their name with an API function
 
 
 def _make_callable(module: types.ModuleType, name: str) -> None:
@@ -83,7 +83,7 @@ def _make_callable(module: types.ModuleType, name: str) -> None:
 
 class _Package(types.ModuleType):
     def __setattr__(self, name: str, value: Any) -> None:
-        # The import system sets `selfdistill.train` to the submodule once it is imported, whoever imports it.
+        # The import system sets `selfdistill.diagnose` to the subpackage once it is imported, whoever imports it.
         if name in _CALLABLE_MODULES and isinstance(value, types.ModuleType) and not callable(value):
             _make_callable(value, name)
         super().__setattr__(name, value)

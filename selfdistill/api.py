@@ -29,7 +29,7 @@ from selfdistill.options import given_options, setting
 
 @dataclass(frozen=True, kw_only=True)
 class TrainSettings:
-    """How `selfdistill.train` and `sdft train` run a config (the Config holds every training setting)."""
+    """How `selfdistill.training.loop` and `sdft train` run a config (the Config holds every training setting)."""
 
     resume: bool = setting(False, "Continue from the newest checkpoint in the run directory.")
     overwrite: bool = setting(False, "Replace a different run already in the run directory.")
@@ -74,7 +74,7 @@ def train(
     data source) replaces data.train; `model`/`tokenizer` train an in-memory model. Returns a TrainResult
     (output_dir, steps, final_dir, metrics, model, tokenizer)."""
     from selfdistill.progress import quiet_third_party_bars
-    from selfdistill.train import train as run_training
+    from selfdistill.training.loop import train as run_training
 
     cfg = _config(config, overrides)
     quiet_third_party_bars()

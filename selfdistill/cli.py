@@ -29,8 +29,8 @@ from selfdistill.continual.cli import register as _register_continual  # noqa: E
 from selfdistill.data.cli import register as _register_data  # noqa: E402
 from selfdistill.diagnose.cli import register as _register_diagnose  # noqa: E402
 from selfdistill.eval.cli import register as _register_eval  # noqa: E402
-from selfdistill.plan_cli import register as _register_plan  # noqa: E402
-from selfdistill.train_cli import register as _register_train  # noqa: E402
+from selfdistill.memory_plan.cli import register as _register_plan  # noqa: E402
+from selfdistill.training.cli import register as _register_train  # noqa: E402
 
 _register_train(app)
 _register_eval(app)

@@ -58,8 +58,8 @@ def world_and_rank() -> tuple[int, int]:
 
 
 def train_mode(out: Path, settings: dict) -> None:
-    from selfdistill.distributed import full_state_dict, is_sharded
-    from selfdistill.train import train
+    from selfdistill.models.distributed import full_state_dict, is_sharded
+    from selfdistill.training.loop import train
 
     tok = tiny_tokenizer(KEYS + VALUES)
     engine = settings.get("engine", "decode")
@@ -140,7 +140,7 @@ LAST_RUN: dict = {}  # the teacher module of the run just finished, kept by the 
 
 
 def keep_teacher() -> None:
-    import selfdistill.train as train_mod
+    import selfdistill.training.loop as train_mod
 
     real = train_mod.on_train_end
 
@@ -154,7 +154,7 @@ def keep_teacher() -> None:
 
 def rollout_mode(out: Path, settings: dict) -> None:
     """Each process samples its own share of the prompts from the (sharded) tiny model."""
-    from selfdistill.distributed import setup_processes, shard_model
+    from selfdistill.models.distributed import setup_processes, shard_model
     from selfdistill.sampling.decode import generate
 
     procs = setup_processes()

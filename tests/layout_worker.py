@@ -43,8 +43,8 @@ def gathered(value) -> list:
 
 
 def train_mode(out: Path, settings: dict) -> None:
-    import selfdistill.run_directory as run_directory
-    from selfdistill.train import train
+    import selfdistill.training.run_directory as run_directory
+    from selfdistill.training.loop import train
 
     rank = int(os.environ["RANK"])
     os.chdir(settings["cwd"][rank])
@@ -84,7 +84,7 @@ def first_load_mode(out: Path, settings: dict) -> None:
     from safetensors.torch import load_file
 
     import selfdistill.sampling.vllm_engine as vllm_rollout
-    from selfdistill.distributed import setup_processes, shard_model
+    from selfdistill.models.distributed import setup_processes, shard_model
 
     rank = int(os.environ["RANK"])
     if settings.get("nodes"):

@@ -111,9 +111,9 @@ def run_case(case: dict, inputs: Path, out: Path, precision: str = "fp32") -> di
     from toy import KEYS, VALUES, toy_records
 
     from selfdistill.config import load_config
-    from selfdistill.distributed import full_state_dict, is_sharded
+    from selfdistill.models.distributed import full_state_dict, is_sharded
     from selfdistill.models.tiny import tiny_model, tiny_tokenizer
-    from selfdistill.train import train
+    from selfdistill.training.loop import train
 
     tokenizer = tiny_tokenizer(KEYS + VALUES)
     model = tiny_model(tokenizer, hidden_size=64, layers=2, heads=4, seed=0)

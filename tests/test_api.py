@@ -51,11 +51,10 @@ def test_import_is_lazy_and_help_lists_the_api():
         assert name in proc.stdout, name
 
 
-def test_train_and_diagnose_are_both_the_api_call_and_the_module():
-    import selfdistill.train as train_module
+def test_train_is_the_api_call_and_diagnose_both_the_call_and_the_package():
     from selfdistill import api, train
 
-    assert train is train_module and callable(train) and hasattr(train_module, "TrainResult")
+    assert train is api.train
     with pytest.raises(selfdistill.UserError, match="unknown method 'sftt'"):
         selfdistill.train(method="sftt")
     with pytest.raises(selfdistill.UserError, match="unknown option"):

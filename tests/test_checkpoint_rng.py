@@ -4,7 +4,7 @@ import random
 
 import torch
 
-from selfdistill import checkpoint
+from selfdistill.training import checkpoint
 
 
 class FakeCuda:

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from selfdistill.config import LossConfig
-from selfdistill.losses import _closed_form_applies, chunked_completion_loss, output_head
+from selfdistill.distillation.losses import _closed_form_applies, chunked_completion_loss, output_head
 from selfdistill.sampling.importance import ImportanceSampling
 
 

@@ -71,7 +71,7 @@ class CountingTrain:
     """train() that records each (method, stage dir) it trains, and can fail on one of them."""
 
     def __init__(self, fail_on: str | None = None):
-        from selfdistill.train import train
+        from selfdistill.training.loop import train
 
         self.train, self.calls, self.fail_on = train, [], fail_on
 
@@ -157,7 +157,7 @@ def test_pipeline_writes_results_and_report_and_resumes_after_a_kill(tmp_path):
 
 
 def test_a_kill_inside_a_stage_resumes_from_its_checkpoint(tmp_path, monkeypatch):
-    import selfdistill.train as train_mod
+    import selfdistill.training.loop as train_mod
 
     path, config = write_stream(tmp_path)
     config["methods"] = [{"name": "sft", "method": "sft", "overrides": {"train": {"max_steps": 4, "save_every": 1}}}]

@@ -10,8 +10,8 @@ from pathlib import Path
 import pytest
 from test_continual_pipeline import write_stream
 
-from selfdistill.checkpoint import latest_checkpoint
 from selfdistill.continual.layout import stage_dir
+from selfdistill.training.checkpoint import latest_checkpoint
 
 
 def _children(pid: int) -> list[int]:

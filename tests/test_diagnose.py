@@ -13,7 +13,7 @@ from selfdistill.data.prompts import PromptBuilder
 from selfdistill.data.records import Record
 from selfdistill.diagnose import core, summarize
 from selfdistill.diagnose.core import CompletionTrace, RecordTrace, is_format_token
-from selfdistill.losses import divergence
+from selfdistill.distillation.losses import divergence
 from selfdistill.models.tiny import save_tiny, tiny_model, tiny_tokenizer, words_of
 from selfdistill.sampling import generate, rollout_seed
 

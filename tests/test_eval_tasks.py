@@ -6,7 +6,7 @@ from pathlib import Path
 import pytest
 
 from selfdistill.errors import UserError
-from selfdistill.eval.tasks import resolve_task
+from selfdistill.tasks.resolve import resolve_task
 
 PAPER = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "paper-eval"
 

@@ -7,8 +7,8 @@ import torch
 from test_closed_form_kl import _Model
 
 from selfdistill.config import ImportanceLevel, LossConfig, choices, load_config
+from selfdistill.distillation.losses import chunked_completion_loss, divergence, output_head
 from selfdistill.errors import UserError
-from selfdistill.losses import chunked_completion_loss, divergence, output_head
 from selfdistill.sampling.importance import LEVELS, PER_SEQUENCE, ImportanceSampling
 
 VOCAB, DIM = 11, 6

@@ -16,7 +16,7 @@ from toy import VALUES, copy_model, greedy_accuracy, toy_records
 
 from selfdistill.config import load_config
 from selfdistill.errors import UserError
-from selfdistill.train import train
+from selfdistill.training.loop import train
 
 
 def config(tmp_path, method, **sections):
@@ -79,7 +79,7 @@ def test_sft_kl_with_beta_zero_is_sft(tmp_path):
 def test_sft_kl_keeps_the_model_closer_to_where_it_started(tmp_path):
     """The anchor does what it is for: after the same steps, the KL from the starting model is smaller."""
     from selfdistill.data import PromptBuilder
-    from selfdistill.losses import divergence
+    from selfdistill.distillation.losses import divergence
 
     def kl_from_start(model, start, tok):
         builder = PromptBuilder(tok, template="plain")

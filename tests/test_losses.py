@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from selfdistill.config import LossConfig
-from selfdistill.losses import (
+from selfdistill.distillation.losses import (
     _chunk_loss,
     chunked_completion_loss,
     chunked_token_loss,
@@ -199,7 +199,7 @@ def test_chunked_losses_run_each_head_once_per_chunk(loss_fn):
 def test_a_bf16_head_gradient_is_summed_over_chunks_in_fp32():
     """512 one-position chunks each adding to a bf16 head's gradient: summed in fp32 and rounded once, the
     result is within one bf16 rounding of the fp32 computation (a bf16 running sum was 5.6% of the scale off)."""
-    from selfdistill.losses import chunked_token_loss
+    from selfdistill.distillation.losses import chunked_token_loss
 
     torch.manual_seed(0)
     head = torch.nn.Linear(8, 16, bias=False).to(torch.bfloat16)

@@ -12,10 +12,10 @@ from selfdistill.config import METHODS, Config, load_config, settings_of
 from selfdistill.data import PromptBuilder, Record
 from selfdistill.methods import Method, get_method
 from selfdistill.methods.base import completion_hidden, demonstration_items
-from selfdistill.model_card import render_model_card
+from selfdistill.models.card import render_model_card
 from selfdistill.models.tiny import save_tiny, tiny_model, tiny_tokenizer
 from selfdistill.registry import METHOD_INFO, method_class
-from selfdistill.train import train
+from selfdistill.training.loop import train
 
 DOCS = ["k1 v1 k2 v2 k3 v3 .", "k4 v4 k5 v5 k6 v6 .", "k7 v7 k0 v0 ."]
 

@@ -17,8 +17,8 @@ import torch
 from test_distributed import launch as launch_worker
 
 from selfdistill.config import load_config
-from selfdistill.distributed import Processes
-from selfdistill.run_directory import check_shared_output_dir
+from selfdistill.models.distributed import Processes
+from selfdistill.training.run_directory import check_shared_output_dir
 
 WORKER = Path(__file__).parent / "layout_worker.py"
 ROOT = Path(__file__).parent.parent

@@ -67,7 +67,7 @@ def tiny_config(directory: Path, lora: bool = False, teacher: str = "ema", preci
 
 
 def _bytes(tensors) -> int:
-    from selfdistill.distributed import local
+    from selfdistill.models.distributed import local
 
     return sum(local(t).numel() * local(t).element_size() for t in tensors if t is not None)
 
@@ -77,10 +77,10 @@ def real_run(cfg, directory: Path, store: Path) -> dict:
     import torch.distributed as dist
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    from selfdistill.distributed import Processes, shard_model
     from selfdistill.memory_plan.planner import _items
     from selfdistill.methods import get_method
     from selfdistill.models import apply_lora
+    from selfdistill.models.distributed import Processes, shard_model
     from selfdistill.models.loading import weights_dtype
 
     dist.init_process_group("gloo", store=dist.FileStore(str(store), 1), rank=0, world_size=1)

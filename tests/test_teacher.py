@@ -2,9 +2,9 @@ import copy
 
 import torch
 
+from selfdistill.distillation.teacher import Teacher
 from selfdistill.models import apply_lora
 from selfdistill.models.tiny import tiny_model, tiny_tokenizer
-from selfdistill.teacher import Teacher
 
 
 def _perturb(model, scale=0.1):
@@ -115,7 +115,7 @@ def test_teacher_state_round_trips(tmp_path):
 
 
 def test_lora_frozen_teacher_head_is_the_base_of_an_adapted_head():
-    from selfdistill.losses import output_head
+    from selfdistill.distillation.losses import output_head
 
     base = tiny_model(tiny_tokenizer())
     student = apply_lora(base, rank=4, alpha=8, target_modules=["q_proj", "lm_head"])

@@ -10,8 +10,8 @@ import pytest
 
 from selfdistill.config import load_config
 from selfdistill.errors import UserError
-from selfdistill.model_card import write_model_card
-from selfdistill.tracking import open_tracker
+from selfdistill.models.card import write_model_card
+from selfdistill.training.tracking import open_tracker
 
 STEPS = [{"step": s, "loss": 1.0 / s, "finite": True, "lr": 1e-4 * s, "note": "text is not logged"} for s in (1, 2, 3)]
 needs = {
@@ -151,7 +151,7 @@ def test_model_card_names_method_data_settings_and_final_metrics(tmp_path):
 
 
 def _train_is_wired() -> bool:
-    import selfdistill.train as train_module
+    import selfdistill.training.loop as train_module
 
     source = inspect.getsource(train_module)
     return "open_tracker" in source and "write_model_card" in source
@@ -160,12 +160,12 @@ def _train_is_wired() -> bool:
 @needs["tensorboard"]
 @pytest.mark.skipif(
     not _train_is_wired(),
-    reason="enable at merge: train.py calls open_tracker / write_model_card once the lead wires them in (issue 19)",
+    reason="enable at merge: training/loop.py calls open_tracker / write_model_card once the lead wires them in (issue 19)",
 )
 def test_a_short_training_run_writes_tensorboard_events_and_a_model_card(tmp_path):
     from selfdistill.data import Record
     from selfdistill.models.tiny import save_tiny
-    from selfdistill.train import train
+    from selfdistill.training.loop import train
 
     model_dir = save_tiny(tmp_path / "tiny", extra_words=["a", "b"])
     cfg = load_config(

@@ -7,7 +7,7 @@ from toy import KEYS, VALUES, copy_model, greedy_accuracy, toy_records
 from selfdistill.config import load_config
 from selfdistill.errors import UserError
 from selfdistill.models.tiny import tiny_model, tiny_tokenizer
-from selfdistill.train import train
+from selfdistill.training.loop import train
 
 
 def toy_config(tmp_path, **sections):
@@ -245,7 +245,7 @@ def test_a_run_whose_every_step_has_a_zero_gradient_fails_naming_its_settings(tm
     monkeypatch.setattr(SFT, "loss", cut_off)
     model, tok = _tiny_setup()
     cfg = toy_config(tmp_path, method="sft", train={"max_steps": 3})
-    with caplog.at_level("WARNING", logger="selfdistill.train"), pytest.raises(RunFailed) as failed:
+    with caplog.at_level("WARNING", logger="selfdistill.training.loop"), pytest.raises(RunFailed) as failed:
         train(cfg, records=toy_records(), model=model, tokenizer=tok)
     assert "Nothing was trained" in str(failed.value) and "method=sft, model.lora.enabled=False" in str(failed.value)
     assert sum("gradient of exactly 0" in r.getMessage() for r in caplog.records) == 1

@@ -159,7 +159,7 @@ def _toy_config(tmp_path, **train):
 def test_resume_with_vllm_rollouts_repeats_the_straight_run(tmp_path):
     from toy import KEYS, VALUES, toy_records
 
-    from selfdistill.train import train
+    from selfdistill.training.loop import train
 
     records = toy_records()
     model, tok = _model(extra_words=KEYS + VALUES)
@@ -219,7 +219,7 @@ def test_sdft_with_vllm_rollouts_learns(tmp_path, lora, teacher):
     from toy import KEYS, VALUES, toy_records
 
     from selfdistill.models.sharded import merged_weights
-    from selfdistill.train import train
+    from selfdistill.training.loop import train
 
     records = toy_records()[:2]
     lr = 1e-2
@@ -276,7 +276,7 @@ def test_offline_distill_with_vllm_teacher_answers(tmp_path, engine_calls, lora)
     then trains on them: its weights move and every loss is finite."""
     from toy import KEYS, VALUES, toy_records
 
-    from selfdistill.train import train
+    from selfdistill.training.loop import train
 
     records = toy_records()[:4]
     model, tok = _model(extra_words=KEYS + VALUES)

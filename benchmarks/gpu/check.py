@@ -143,8 +143,8 @@ def run_case(
     import torch
 
     from selfdistill.config import load_config
-    from selfdistill.distributed import setup_processes
-    from selfdistill.train import train
+    from selfdistill.models.distributed import setup_processes
+    from selfdistill.training.loop import train
 
     procs = setup_processes()
     device = procs.device if args.device == "cuda" else torch.device("cpu")
@@ -294,7 +294,7 @@ def _memory_marks(device) -> dict:
     """Peak GPU memory when the run's set-up is done, recorded by wrapping the loop's set-up."""
     import torch
 
-    import selfdistill.train as train_mod
+    import selfdistill.training.loop as train_mod
 
     marks: dict = {}
     real = getattr(train_mod.setup, "__wrapped__", train_mod.setup)

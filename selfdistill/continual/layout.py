@@ -16,7 +16,7 @@ draws from them, so all three take their paths from here:
         eval/..., probes/..., probes.json, drift.json, done.json (as for start)
 
 Inside a stage directory, eval/<task>/ and probes/ hold what `selfdistill.eval.evaluate` writes
-into the directory it is given, and train/ what `selfdistill.train.train` writes into its output_dir.
+into the directory it is given, and train/ what `selfdistill.training.loop.train` writes into its output_dir.
 """
 
 from __future__ import annotations

@@ -26,7 +26,7 @@ from selfdistill.continual.config import ContinualConfig, MethodSpec
 from selfdistill.data.records import Record, load_records
 from selfdistill.errors import RunStopped, UserError
 from selfdistill.files import read_json, write_json, write_jsonl
-from selfdistill.stop_signals import StopSignalsForwarded
+from selfdistill.training.stop_signals import StopSignalsForwarded
 
 log = logging.getLogger(__name__)
 
@@ -163,7 +163,7 @@ class Runner:
         self.tasks = build_tasks(cfg)
         self._start_model = None
         self._drift_answers = None
-        from selfdistill.train import train
+        from selfdistill.training.loop import train
 
         self.train_fn = train_fn or train  # a test can count calls or interrupt here
 

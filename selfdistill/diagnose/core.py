@@ -16,7 +16,7 @@ import torch
 from selfdistill.config import Config
 from selfdistill.data.prompts import PromptBuilder
 from selfdistill.data.records import Record
-from selfdistill.losses import divergence, output_head
+from selfdistill.distillation.losses import divergence, output_head
 from selfdistill.methods.base import TrainItem, completion_hidden
 from selfdistill.precision import autocast_context
 from selfdistill.progress import progress_bar

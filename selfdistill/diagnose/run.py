@@ -64,7 +64,7 @@ def task_records(name: str | None, cfg, split: str | None, format: str, graders:
     if graders:
         metrics = tuple(Metric(g, g) for g in graders)
     elif any(r.answer is not None for r in records):
-        from selfdistill.eval.tasks import guess_grader
+        from selfdistill.tasks.resolve import guess_grader
 
         grader = guess_grader(records)
         metrics = (Metric(grader, grader),)

@@ -30,7 +30,7 @@ def evaluate_task(
     loaded. With `out`, examples.jsonl and summary.json are written there. Returns the summary."""
     from selfdistill.eval import graders
     from selfdistill.eval.evaluate import evaluate
-    from selfdistill.eval.tasks import guess_grader, resolve_task
+    from selfdistill.tasks.resolve import guess_grader, resolve_task
 
     if isinstance(task, (str, Path)):
         records, grader_name = resolve_task(str(task), settings.grader, settings.limit, settings.seed)

@@ -4,7 +4,7 @@ Answered before renting GPUs, on a CPU, in seconds, without weights: the model i
 architecture config alone (`config.json` of a local directory, or one shipped under
 `selfdistill/resources/architectures/`) on the meta device, with LoRA applied as the trainer
 applies it, the method (and its teacher copy) built from it as the trainer builds them, and both
-sharded with the product's own plan (`selfdistill.distributed.shard_model`) for N processes in this
+sharded with the product's own plan (`selfdistill.models.distributed.shard_model`) for N processes in this
 one process: a fake process group (`fake` backend, the process is rank 0 of N) and fake tensors
 (`FakeTensorMode`: every tensor has a shape, a dtype and a size, and no memory).
 

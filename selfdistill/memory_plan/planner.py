@@ -55,14 +55,14 @@ def _shapes(cfg: Config, processes: int) -> _Shapes:
 
 
 def _bytes(tensors) -> int:
-    from selfdistill.distributed import local
+    from selfdistill.models.distributed import local
 
     return sum(local(t).numel() * local(t).element_size() for t in tensors if t is not None)
 
 
 def _gathered_sizes(model) -> tuple[list[int], int]:
     """(bytes of each FSDP unit gathered, root first; bytes of the largest single parameter gathered)."""
-    from selfdistill.distributed import fsdp_units
+    from selfdistill.models.distributed import fsdp_units
 
     units, largest = [], 0
     for unit in fsdp_units(model):
@@ -185,7 +185,7 @@ def _planning_config(cfg: Config, precision: str) -> Config:
 
 
 def _set_checkpointing(model, enabled: bool) -> None:
-    """Activation checkpointing on or off, as selfdistill.train._build_model turns it on."""
+    """Activation checkpointing on or off, as selfdistill.training.loop._build_model turns it on."""
     if enabled:
         kwargs = {"use_reentrant": False}
         if hasattr(model, "activation_checkpointing_enable"):
@@ -203,9 +203,9 @@ def _build(cfg: Config, config, processes: int):
     import torch.distributed as dist
     from transformers import AutoModelForCausalLM
 
-    from selfdistill.distributed import Processes, shard_model
     from selfdistill.methods import get_method
     from selfdistill.models import apply_lora
+    from selfdistill.models.distributed import Processes, shard_model
     from selfdistill.models.loading import weights_dtype
 
     dtype = weights_dtype(cfg.model.load_dtype, cfg.model.precision, cfg.model.lora.enabled)
@@ -216,7 +216,7 @@ def _build(cfg: Config, config, processes: int):
         if cfg.model.lora.enabled:
             lora = cfg.model.lora
             model = apply_lora(model, lora.rank, lora.alpha, lora.dropout, lora.target_modules)
-    model.train()  # as selfdistill.train._build_model sets the model up
+    model.train()  # as selfdistill.training.loop._build_model sets the model up
     model.config.use_cache = False
     if cfg.train.activation_checkpointing:
         _set_checkpointing(model, True)
@@ -285,7 +285,7 @@ def _items(cfg: Config, shapes: _Shapes) -> list:
 
 
 def _trace_steps(cfg, engine: str, model, method, procs, dtype, shapes: _Shapes, fake) -> dict:
-    from selfdistill.distributed import reshard_all
+    from selfdistill.models.distributed import reshard_all
 
     teacher = _teacher_module(method)
     _materialise(model, teacher, procs)
@@ -335,7 +335,7 @@ def _trace_steps(cfg, engine: str, model, method, procs, dtype, shapes: _Shapes,
 
 def _materialise(model, teacher, procs) -> None:
     """Student and teacher (uninitialised) on the device, as the trainer's first forward leaves them."""
-    from selfdistill.distributed import first_forward
+    from selfdistill.models.distributed import first_forward
 
     for module in (model, teacher):
         if module is not None:

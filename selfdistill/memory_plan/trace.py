@@ -202,7 +202,7 @@ def _outside_count(trace: MemoryTrace):
 @contextlib.contextmanager
 def _labelled_fsdp(trace: MemoryTrace, modules):
     """Gathering weights (and reducing gradients) of these models' FSDP units counts under its own label."""
-    from selfdistill.distributed import fsdp_units, is_sharded
+    from selfdistill.models.distributed import fsdp_units, is_sharded
 
     patched = []
     for model in modules:

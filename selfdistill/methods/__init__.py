@@ -1,4 +1,4 @@
-"""Training methods: each turns a batch of records into a loss; the loop in train.py is shared.
+"""Training methods: each turns a batch of records into a loss; the loop in training/loop.py is shared.
 
 The list of methods lives in `selfdistill.registry` (names, descriptions, classes, what each
 reads); a method's module is imported only when a run asks for it.

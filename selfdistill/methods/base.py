@@ -9,9 +9,9 @@ import torch
 
 from selfdistill.data.order import data_order
 from selfdistill.data.prompts import EncodedRecord
-from selfdistill.distributed import Processes, backbone, processes_sharing, reshard_all, sum_across
-from selfdistill.losses import chunked_token_loss, cross_entropy, output_head
+from selfdistill.distillation.losses import chunked_token_loss, cross_entropy, output_head
 from selfdistill.models.batching import pad_batch
+from selfdistill.models.distributed import Processes, backbone, processes_sharing, reshard_all, sum_across
 from selfdistill.precision import autocast_context, resolve_precision
 
 
@@ -77,6 +77,8 @@ class Method:
     samples_student_prompts = False
     # The processes training together; the loop sets it (a plain process: one).
     procs = Processes(0, 1, torch.device("cpu"))
+    # Whether the run directory already holds checkpoints when `setup` runs; the loop sets it.
+    checkpoints_exist = False
 
     def __init__(self, cfg, model, tokenizer, builder, stop_token_id: int, pad_token_id: int, records=None):
         self.cfg = cfg
@@ -90,7 +92,7 @@ class Method:
         # on the meta device, to be filled after sharding, will live on this process's device).
         device = next(model.parameters()).device
         if device.type == "meta":
-            from selfdistill.models.loading import default_device
+            from selfdistill.models.distributed import default_device
 
             device = default_device()
         self.precision = resolve_precision(cfg.model.precision, device)

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import torch
 
-from selfdistill.losses import probability_weighted_cross_entropy
+from selfdistill.distillation.losses import probability_weighted_cross_entropy
 from selfdistill.methods.sft import SFT
 
 

@@ -22,12 +22,12 @@ from pathlib import Path
 
 import torch
 
-from selfdistill.distributed import is_sharded
-from selfdistill.losses import STAT_NAMES, chunked_completion_loss, output_head
+from selfdistill.distillation.losses import STAT_NAMES, chunked_completion_loss, output_head
+from selfdistill.distillation.teacher import Teacher
 from selfdistill.methods.base import Method, TrainItem, completion_hidden
+from selfdistill.models.distributed import is_sharded
 from selfdistill.sampling import Sampler, check_engine, make_sampler
 from selfdistill.sampling.importance import ImportanceSampling, ratio_sums
-from selfdistill.teacher import Teacher
 
 
 class SDFT(Method):

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from selfdistill.losses import cross_entropy
+from selfdistill.distillation.losses import cross_entropy
 from selfdistill.methods.base import Method, TrainItem, demonstration_items
 
 

@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import torch
 
-from selfdistill.losses import chunked_anchored_loss, output_head
+from selfdistill.distillation.losses import chunked_anchored_loss, output_head
 from selfdistill.methods.base import TrainItem
 from selfdistill.methods.sdft import SDFT
 

@@ -25,16 +25,15 @@ from pathlib import Path
 
 import torch
 
-from selfdistill.checkpoint import latest_checkpoint
 from selfdistill.config import replay_per_step
 from selfdistill.data.order import data_order
 from selfdistill.data.prompts import EncodedRecord
 from selfdistill.data.records import Record, load_records
-from selfdistill.distributed import barrier
 from selfdistill.errors import UserError
 from selfdistill.files import write_atomic
 from selfdistill.methods.base import TrainItem, completion_hidden
 from selfdistill.methods.sft import SFT
+from selfdistill.models.distributed import barrier
 from selfdistill.progress import progress_bar
 from selfdistill.sampling.decode import generate
 
@@ -147,7 +146,7 @@ class SFTReplay(SFT):
         return answers
 
     def _generate(self, missing: list[int], prompts, answers: dict, records: list[Record]) -> None:
-        if latest_checkpoint(Path(self.cfg.train.output_dir)) is not None:
+        if self.checkpoints_exist:
             raise UserError(
                 f"{self._path()}: the replay answers are incomplete but the run already has checkpoints, so the "
                 "starting model that must write them is gone. Start the run again (--overwrite)."

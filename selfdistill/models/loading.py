@@ -19,6 +19,7 @@ from pathlib import Path
 import torch
 
 from selfdistill.errors import UserError
+from selfdistill.models.distributed import default_device
 
 log = logging.getLogger(__name__)
 
@@ -132,13 +133,6 @@ def load_tokenizer(name: str, trust_remote_code: bool = False):
         tokenizer.pad_token = tokenizer.eos_token
     tokenizer.padding_side = "left"  # generation appends on the right
     return tokenizer
-
-
-def default_device() -> torch.device:
-    """This process's GPU when there is one (torchrun's LOCAL_RANK picks it), else the CPU."""
-    if torch.cuda.is_available():
-        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
-    return torch.device("cpu")
 
 
 def weights_dtype(load_dtype: str, precision: str, lora: bool) -> torch.dtype:

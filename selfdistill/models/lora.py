@@ -34,7 +34,7 @@ def merged_weight(
     """W0 + scale·B·A of one LoRA layer (summed over its active adapters), as a new tensor in `dtype`.
 
     The one merge of the package: the vLLM engine's weights (`selfdistill.models.sharded.merged_weights`,
-    in W0's dtype, as PEFT's merge adds it) and the EMA teacher's target (`selfdistill.teacher`, in fp32).
+    in W0's dtype, as PEFT's merge adds it) and the EMA teacher's target (`selfdistill.distillation.teacher`, in fp32).
     `base` is W0, or this process's rows of it; `factors(layer, adapter)` gives (A, B) with B's rows
     matching `base`'s (under FSDP2: the whole A and this process's rows of B, or both gathered whole).
     Each product is computed in the factors' dtype, widened to `dtype` where that is wider (PEFT keeps

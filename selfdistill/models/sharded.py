@@ -115,7 +115,7 @@ def rows_of_this_process(param) -> tuple[int, int]:
 
 
 def _local(param) -> torch.Tensor:
-    from selfdistill.distributed import local
+    from selfdistill.models.distributed import local
 
     return local(param)
 

@@ -21,8 +21,8 @@ import inspect
 import torch
 from transformers import GenerationConfig, LogitsProcessor, LogitsProcessorList
 
-from selfdistill.distributed import backbone, full_weights
 from selfdistill.models.batching import pad_batch
+from selfdistill.models.distributed import backbone, full_weights
 from selfdistill.precision import autocast_context
 from selfdistill.progress import progress_bar
 from selfdistill.sampling.base import Completions, Sampler
@@ -60,7 +60,7 @@ def _logits_fn(model):
     product (8 rows: 3% and 12% off the whole decode step in two runs; at 32 rows `F.linear` is
     as fast or faster — `python -m benchmarks.run rollout`).
     """
-    from selfdistill.losses import output_head
+    from selfdistill.distillation.losses import output_head
 
     project = output_head(model)
     if not project.plain_linear:

@@ -34,8 +34,8 @@ from contextlib import contextmanager
 import torch
 from safetensors.torch import save_file
 
-from selfdistill.distributed import processes_sharing
 from selfdistill.errors import UserError
+from selfdistill.models.distributed import processes_sharing
 from selfdistill.models.lora import is_lora
 from selfdistill.models.sharded import merged_weights
 from selfdistill.precision import resolve_precision

@@ -20,8 +20,8 @@ from toy import KEYS, VALUES, toy_records
 
 from selfdistill.config import load_config
 from selfdistill.errors import RunFailed, RunStopped, UserError
-from selfdistill.faults import ENV
 from selfdistill.models.tiny import tiny_model, tiny_tokenizer
+from selfdistill.training.faults import ENV
 
 
 def run_config(out: Path, method: str = "sdft", lora: bool = False, **train):
@@ -59,7 +59,7 @@ def tiny_setup():
 
 def train_tiny(out: Path, resume: bool = False, overwrite: bool = False, **settings):
     """What a user's process does: build the model, then train (resuming from the run directory)."""
-    from selfdistill.train import train
+    from selfdistill.training.loop import train
 
     model, tok = tiny_setup()
     return train(

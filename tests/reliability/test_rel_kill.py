@@ -12,7 +12,7 @@ import torch
 from reltools import Outcome, run_child, train_tiny, tree_hashes
 from safetensors.torch import load_file
 
-from selfdistill.checkpoint import checkpoint_dirs, latest_checkpoint
+from selfdistill.training.checkpoint import checkpoint_dirs, latest_checkpoint
 
 COMPLETE = ("model.safetensors", "teacher.safetensors", "trainer_state.pt", "state.json", "config.json")
 

@@ -8,9 +8,9 @@ import torch
 from reltools import train_tiny, tree_hashes
 from safetensors.torch import load_file
 
+from selfdistill.distillation.teacher import Teacher
 from selfdistill.methods.sdft import SDFT
-from selfdistill.teacher import Teacher
-from selfdistill.train import TrainingStopped
+from selfdistill.training.loop import TrainingStopped
 
 
 @pytest.fixture

@@ -9,11 +9,11 @@ from pathlib import Path
 import pytest
 from reltools import train_tiny, tree_hashes
 
-from selfdistill.checkpoint import inside, latest_checkpoint, save_checkpoint
 from selfdistill.config import load_config
 from selfdistill.errors import UserError
 from selfdistill.models.loading import load_model
 from selfdistill.models.tiny import save_tiny
+from selfdistill.training.checkpoint import inside, latest_checkpoint, save_checkpoint
 
 
 class _Planted:

@@ -8,10 +8,10 @@ import signal
 import pytest
 from reltools import train_tiny
 
-from selfdistill.checkpoint import checkpoint_dirs
-from selfdistill.faults import ENV
-from selfdistill.stop_signals import StopFlag
-from selfdistill.train import TrainingStopped
+from selfdistill.training.checkpoint import checkpoint_dirs
+from selfdistill.training.faults import ENV
+from selfdistill.training.loop import TrainingStopped
+from selfdistill.training.stop_signals import StopFlag
 
 
 @pytest.mark.parametrize(
@@ -34,7 +34,7 @@ def test_a_full_disk_keeps_the_last_checkpoint_and_says_so(tmp_path, monkeypatch
     assert not [p for p in (out / "checkpoints").iterdir() if p.name.startswith(".")]  # no half-written leftovers
     assert not (out / "final").exists() and not (out / ".final.tmp").exists()
     monkeypatch.delenv(ENV)
-    with caplog.at_level("INFO", logger="selfdistill.train"):
+    with caplog.at_level("INFO", logger="selfdistill.training.loop"):
         result = train_tiny(out, resume=True)
     assert f"resumed from {out / 'checkpoints' / kept}" in caplog.text  # the kept checkpoint loads
     assert result.final_dir == out / "final" and (out / "final" / "model.safetensors").is_file()

@@ -30,8 +30,8 @@ from pathlib import Path
 
 import torch
 
-from selfdistill.distributed import is_sharded, local, reshard_all
-from selfdistill.losses import output_head
+from selfdistill.distillation.losses import output_head
+from selfdistill.models.distributed import is_sharded, local, reshard_all
 from selfdistill.models.lora import is_lora, lora_factors, merged_weight
 
 

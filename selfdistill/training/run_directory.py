@@ -11,11 +11,11 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from selfdistill.checkpoint import inside, latest_checkpoint
 from selfdistill.config import Config
-from selfdistill.distributed import Processes
 from selfdistill.errors import RunFailed, UserError
 from selfdistill.files import write_atomic
+from selfdistill.models.distributed import Processes
+from selfdistill.training.checkpoint import inside, latest_checkpoint
 
 
 def _fingerprint(cfg: Config) -> dict:

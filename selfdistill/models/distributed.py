@@ -51,10 +51,15 @@ class Processes:
         return self.rank == 0
 
 
+def default_device() -> torch.device:
+    """This process's GPU when there is one (torchrun's LOCAL_RANK picks it), else the CPU."""
+    if torch.cuda.is_available():
+        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+    return torch.device("cpu")
+
+
 def setup_processes() -> Processes:
     """Join torchrun's process group (gloo on CPUs, nccl on GPUs); a plain process needs none."""
-    from selfdistill.models.loading import default_device
-
     device = default_device()
     # Only a launcher (torchrun and those built on it) makes a run multi-process. A process group
     # that something else in this process set up, such as the in-process vLLM engine of an earlier

@@ -13,7 +13,7 @@ Per optimizer step every process takes its share of the step's prompts, the meth
 step's items (SDFT: rollouts), and the loss is Σ per-token loss / (the step's loss tokens across
 all processes), accumulated over micro-batches, so every counted token weighs the same whatever
 the micro-batching or the number of processes. Under torchrun the model is sharded with FSDP2
-(see `selfdistill.distributed`), which sums the gradients across processes: N processes compute
+(see `selfdistill.models.distributed`), which sums the gradients across processes: N processes compute
 what one process computes on the same global batch.
 """
 
@@ -30,10 +30,14 @@ from pathlib import Path
 
 import torch
 
-from selfdistill.checkpoint import latest_checkpoint, load_checkpoint, replace_dir, save_checkpoint
 from selfdistill.config import Config
 from selfdistill.data import PromptBuilder, Record, load_records
-from selfdistill.distributed import (
+from selfdistill.errors import RunFailed, RunStopped, UserError
+from selfdistill.files import write_jsonl
+from selfdistill.methods import get_method
+from selfdistill.models import apply_lora, load_model, save_model, stop_token_id
+from selfdistill.models.card import write_model_card
+from selfdistill.models.distributed import (
     Processes,
     barrier,
     extremes_across,
@@ -44,22 +48,18 @@ from selfdistill.distributed import (
     shard_model,
     sum_across,
 )
-from selfdistill.errors import RunFailed, RunStopped, UserError
-from selfdistill.faults import fault
-from selfdistill.files import write_jsonl
-from selfdistill.methods import get_method
-from selfdistill.model_card import write_model_card
-from selfdistill.models import apply_lora, load_model, save_model, stop_token_id
 from selfdistill.models.loading import load_empty_model, weights_dtype
 from selfdistill.models.sharded import fill_from_files, init_lora, materialize, write_final
 from selfdistill.precision import resolve_precision
 from selfdistill.progress import progress_bar
-from selfdistill.run_directory import check_output_dir, prepare_output_dir, read_metrics, writing
 from selfdistill.sampling.base import rollout_seed
 from selfdistill.sampling.importance import finish_ratio_stats
 from selfdistill.sampling.vllm_engine import check_prompts_fit
-from selfdistill.stop_signals import StopFlag
-from selfdistill.tracking import Tracker, open_tracker, require_backends
+from selfdistill.training.checkpoint import latest_checkpoint, load_checkpoint, replace_dir, save_checkpoint
+from selfdistill.training.faults import fault
+from selfdistill.training.run_directory import check_output_dir, prepare_output_dir, read_metrics, writing
+from selfdistill.training.stop_signals import StopFlag
+from selfdistill.training.tracking import Tracker, open_tracker, require_backends
 
 log = logging.getLogger(__name__)
 
@@ -173,7 +173,7 @@ def setup(cfg: Config, records, model, tokenizer, resume: bool, overwrite: bool)
     """Read and check the inputs, build model, method, optimizer and schedule; restore on --resume."""
     from transformers import set_seed
 
-    from selfdistill.run_directory import check_shared_output_dir
+    from selfdistill.training.run_directory import check_shared_output_dir
 
     procs = setup_processes()
     check_shared_output_dir(cfg, procs)  # several processes: one train.output_dir seen by all, before any write
@@ -219,6 +219,7 @@ def setup(cfg: Config, records, model, tokenizer, resume: bool, overwrite: bool)
     run = TrainingRun(cfg, procs, out, model, tokenizer, method, optimizer, scheduler, params, examples, steps)
     _restore(run, resume and not overwrite)
     _prepare_outputs(run, resume, overwrite)
+    method.checkpoints_exist = latest_checkpoint(out) is not None
     method.setup(examples)
     if builder.skipped:
         log.warning("%d records skipped for being over the prompt limits", len(builder.skipped))

@@ -35,11 +35,11 @@ from pathlib import Path
 
 import torch
 
-from selfdistill.distributed import Processes, barrier, load_sharded, save_sharded
 from selfdistill.errors import UserError
-from selfdistill.faults import fault
 from selfdistill.files import fsync_dir, write_atomic, write_json
+from selfdistill.models.distributed import Processes, barrier, load_sharded, save_sharded
 from selfdistill.models.lora import is_lora
+from selfdistill.training.faults import fault
 
 PREFIX = "step-"
 _NAME = re.compile(r"step-(\d+)")

@@ -59,7 +59,7 @@ def register(app: typer.Typer) -> None:
         settings = TrainSettings(resume=resume, overwrite=overwrite)
         shortcuts = [f"{key}={ctx.params[name]}" for name, key in SHORTCUTS.items() if ctx.params[name] is not None]
         cfg = load_config(config, list(set_) + shortcuts)
-        from selfdistill.train import train  # heavy imports only when training
+        from selfdistill.training.loop import train  # heavy imports only when training
 
         _report(train(cfg, resume=settings.resume, overwrite=settings.overwrite))
 
