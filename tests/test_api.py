@@ -35,9 +35,9 @@ def test_readme_python_example_runs(tmp_path, monkeypatch, capsys):
     assert len((tmp_path / "runs" / "notebook" / "metrics.jsonl").read_text().splitlines()) == 2
 
 
-def test_import_is_lazy_and_help_lists_the_api():
-    code = "import sys, selfdistill; print('torch' in sys.modules); help(selfdistill)"
-    proc = subprocess.run(
+def _fresh_python(code: str) -> subprocess.CompletedProcess:
+    """Run `code` in a new interpreter that has only the repository on its path (nothing imported yet)."""
+    return subprocess.run(
         [sys.executable, "-c", code],
         capture_output=True,
         text=True,
@@ -45,6 +45,11 @@ def test_import_is_lazy_and_help_lists_the_api():
         timeout=300,
         env={"PYTHONPATH": str(REPO), "PATH": "/usr/bin:/bin"},
     )
+
+
+def test_import_is_lazy_and_help_lists_the_api():
+    code = "import sys, selfdistill; print('torch' in sys.modules); help(selfdistill)"
+    proc = _fresh_python(code)
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.startswith("False")
     for name in ("Config", "load_config", "train(", "evaluate(", "run_stream(", "diagnose(", "UserError"):
@@ -170,14 +175,7 @@ def test_the_api_imports_no_command_line_module():
         "print(sorted(m for m in sys.modules if m.startswith('selfdistill') and "
         "(m.endswith('.cli') or m.endswith('_cli'))))"
     )
-    proc = subprocess.run(
-        [sys.executable, "-c", code],
-        capture_output=True,
-        text=True,
-        cwd=REPO,
-        timeout=300,
-        env={"PYTHONPATH": str(REPO), "PATH": "/usr/bin:/bin"},
-    )
+    proc = _fresh_python(code)
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.strip() == "[]"
 

@@ -21,6 +21,7 @@ into the directory it is given, and train/ what `selfdistill.training.loop.train
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 
 CONFIG = "config.json"
@@ -30,6 +31,7 @@ REPORT_MD = "report.md"
 REPORT_FILES = "report_files"
 START = "start"
 METHODS = "methods"
+TRAIN = "train"  # in a stage directory: train()'s output_dir
 SUMMARY = "summary.json"  # in eval/<task>/: the task's scores, as selfdistill.eval.evaluate writes them
 EXAMPLES = "examples.jsonl"  # beside it: each evaluation item's output and score
 
@@ -37,12 +39,13 @@ EXAMPLES = "examples.jsonl"  # beside it: each evaluation item's output and scor
 OVERWRITTEN = (START, METHODS, CONFIG, RESULTS, REPORT_HTML, REPORT_MD)
 
 
-def config_file(out: Path) -> Path:
-    return out / CONFIG
+def _at(*parts: str) -> Callable[[Path], Path]:
+    """The layout entry `parts` below a directory, as a function of that directory."""
+    return lambda directory: directory.joinpath(*parts)
 
 
-def start_dir(out: Path) -> Path:
-    return out / START
+config_file = _at(CONFIG)
+start_dir = _at(START)
 
 
 def method_file(out: Path, method: str) -> Path:
@@ -59,34 +62,17 @@ def stage_dir(out: Path, method: str, seed: int, stage: int) -> Path:
 # --- inside a stage directory ---------------------------------------------------------------------
 
 
-def done_file(stage: Path) -> Path:
-    """Written last: the stage is trained and evaluated."""
-    return stage / "done.json"
-
-
-def trained_file(stage: Path) -> Path:
-    """Written once the stage's training finished (its model is in final_model)."""
-    return stage / "trained.json"
-
-
-def train_dir(stage: Path) -> Path:
-    return stage / "train"
-
-
-def final_model(stage: Path) -> Path:
-    return train_dir(stage) / "final"
-
-
-def checkpoints_dir(stage: Path) -> Path:
-    return train_dir(stage) / "checkpoints"
-
-
-def train_metrics(stage: Path) -> Path:
-    return train_dir(stage) / "metrics.jsonl"
-
-
-def documents_file(stage: Path) -> Path:
-    return stage / "documents.jsonl"
+# Each of these takes the stage directory.
+done_file = _at("done.json")  # written last: the stage is trained and evaluated
+trained_file = _at("trained.json")  # written once the stage's training finished (its model is in final_model)
+train_dir = _at(TRAIN)
+final_model = _at(TRAIN, "final")
+checkpoints_dir = _at(TRAIN, "checkpoints")
+train_metrics = _at(TRAIN, "metrics.jsonl")
+documents_file = _at("documents.jsonl")
+probes_dir = _at("probes")
+probes_file = _at("probes.json")
+drift_file = _at("drift.json")
 
 
 def task_eval_dir(stage: Path, task: str) -> Path:
@@ -99,18 +85,6 @@ def task_summary(stage: Path, task: str) -> Path:
 
 def task_examples(stage: Path, task: str) -> Path:
     return task_eval_dir(stage, task) / EXAMPLES
-
-
-def probes_dir(stage: Path) -> Path:
-    return stage / "probes"
-
-
-def probes_file(stage: Path) -> Path:
-    return stage / "probes.json"
-
-
-def drift_file(stage: Path) -> Path:
-    return stage / "drift.json"
 
 
 def drift_answers_file(out: Path) -> Path:

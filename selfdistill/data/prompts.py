@@ -11,7 +11,8 @@ Each prompt is tokenized once, here; the loop only concatenates ids.
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Any
 
 from selfdistill.data.records import Record
 from selfdistill.errors import UserError
@@ -64,31 +65,32 @@ class EncodedRecord:
     demonstration_ids: list[int]  # demonstration + end-of-turn token: the SFT target
 
 
+@dataclass(eq=False)
 class PromptBuilder:
-    def __init__(
-        self,
-        tokenizer,
-        template: str = "paper",
-        system_prompt: str | None = None,
-        max_prompt_tokens: int = 1024,
-        max_teacher_prompt_tokens: int = 2048,
-        overlong: str = "error",
-        stop_token_id: int | None = None,
-    ):
-        if not getattr(tokenizer, "chat_template", None):
+    """Turns records into student and teacher prompts (token ids) with one teacher template.
+
+    A prompt over its limit raises a UserError, or with `overlong="skip"` leaves its record out (the
+    reason is kept in `skipped`). `stop_token_id` ends a demonstration (default: the tokenizer's EOS).
+    """
+
+    tokenizer: Any = field(repr=False)
+    template: str = "paper"
+    system_prompt: str | None = None
+    max_prompt_tokens: int = 1024
+    max_teacher_prompt_tokens: int = 2048
+    overlong: str = "error"
+    stop_token_id: int | None = None
+    skipped: list[str] = field(default_factory=list, init=False)
+
+    def __post_init__(self) -> None:
+        if not getattr(self.tokenizer, "chat_template", None):
             raise UserError(
                 "The tokenizer has no chat template, so prompts cannot be formatted as conversations. "
                 "Use an instruction-tuned model or set tokenizer.chat_template and save the tokenizer."
             )
-        resolve_template(template)
-        self.tokenizer = tokenizer
-        self.template = template
-        self.system_prompt = system_prompt
-        self.max_prompt_tokens = max_prompt_tokens
-        self.max_teacher_prompt_tokens = max_teacher_prompt_tokens
-        self.overlong = overlong
-        self.stop_token_id = stop_token_id if stop_token_id is not None else tokenizer.eos_token_id
-        self.skipped: list[str] = []
+        resolve_template(self.template)
+        if self.stop_token_id is None:
+            self.stop_token_id = self.tokenizer.eos_token_id
 
     @classmethod
     def from_config(cls, tokenizer, data, stop_token_id: int | None = None) -> PromptBuilder:
@@ -102,6 +104,11 @@ class PromptBuilder:
             data.overlong,
             stop_token_id,
         )
+
+    @classmethod
+    def unlimited(cls, tokenizer, template: str, system_prompt: str | None, stop_token_id: int) -> PromptBuilder:
+        """A builder without prompt limits, for measurements, which take every item whole."""
+        return cls(tokenizer, template, system_prompt, 10**9, 10**9, stop_token_id=stop_token_id)
 
     def student_messages(self, record: Record) -> list[dict]:
         if isinstance(record.prompt, str):

@@ -236,6 +236,22 @@ def _chunked(
 STAT_NAMES = ("divergence", "teacher_minus_student_logp", "teacher_entropy")
 
 
+def _token_logp(logp: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
+    """Each position's log-probability of its token, from log-probs `[N, vocab]` and tokens `[N]`."""
+    return logp.gather(-1, tokens[:, None]).squeeze(-1)
+
+
+def _stats_and_weights(div, s_tok, t_tok, teacher_p, teacher_logp, weights, importance, part):
+    """A chunk's weighted sums of STAT_NAMES (no gradient), and the weights of its loss: `weights`,
+    times the truncated importance weights when another engine sampled."""
+    with torch.no_grad():
+        entropy = -(teacher_p * teacher_logp).sum(-1)
+        stats = torch.stack([(div * weights).sum(), ((t_tok - s_tok) * weights).sum(), (entropy * weights).sum()])
+    if importance is not None:
+        weights = weights * importance.weights(s_tok, part)
+    return stats, weights
+
+
 def _chunk_loss(
     student_hidden,
     teacher_hidden,
@@ -252,8 +268,7 @@ def _chunk_loss(
         teacher_logits = teacher_head(teacher_hidden).float()
     student_logp = torch.log_softmax(student_logits.float(), dim=-1)
     teacher_logp = torch.log_softmax(teacher_logits, dim=-1)
-    s_tok = student_logp.gather(-1, tokens[:, None]).squeeze(-1)
-    t_tok = teacher_logp.gather(-1, tokens[:, None]).squeeze(-1)
+    s_tok, t_tok = _token_logp(student_logp, tokens), _token_logp(teacher_logp, tokens)
     if settings.kind == "sampled_kl":
         per_token = sampled_token_kl(s_tok, t_tok)
         div = (s_tok - t_tok).detach()  # the single-sample reverse-KL estimate, for logging
@@ -263,11 +278,7 @@ def _chunk_loss(
             s_lp, t_lp = _top_k_logprobs(student_logp, teacher_logp, settings.top_k, settings.add_tail)
         per_token = divergence_from_logprobs(s_lp, t_lp, settings.kind, settings.beta)
         div = per_token.detach()
-    with torch.no_grad():
-        entropy = -(teacher_logp.exp() * teacher_logp).sum(-1)
-        stats = torch.stack([(div * weights).sum(), ((t_tok - s_tok) * weights).sum(), (entropy * weights).sum()])
-    if importance is not None:  # another engine sampled: weight by the capped trainer/sampler ratio
-        weights = weights * importance.weights(s_tok, part)
+    stats, weights = _stats_and_weights(div, s_tok, t_tok, teacher_logp.exp(), teacher_logp, weights, importance, part)
     return (per_token * weights).sum(), stats
 
 
@@ -295,12 +306,8 @@ def _forward_kl_chunk_closed_form(
         teacher_logp = torch.log_softmax(teacher_head(teacher_hidden).float(), dim=-1)
         teacher_p = teacher_logp.exp()
         per_token = torch.where(teacher_p > 0, teacher_p * (teacher_logp - student_logp), 0.0).sum(-1)
-        s_tok = student_logp.gather(-1, tokens[:, None]).squeeze(-1)
-        t_tok = teacher_logp.gather(-1, tokens[:, None]).squeeze(-1)
-        entropy = -(teacher_p * teacher_logp).sum(-1)
-        stats = torch.stack([(per_token * weights).sum(), ((t_tok - s_tok) * weights).sum(), (entropy * weights).sum()])
-        if importance is not None:
-            weights = weights * importance.weights(s_tok, part)
+        s_tok, t_tok = _token_logp(student_logp, tokens), _token_logp(teacher_logp, tokens)
+        stats, weights = _stats_and_weights(per_token, s_tok, t_tok, teacher_p, teacher_logp, weights, importance, part)
         grad_logits = (student_logp.exp_() - teacher_p).mul_(weights[:, None].float()).to(weight.dtype)
         grads = [(grad_logits @ weight).to(hidden.dtype)]
         if weight.requires_grad:
@@ -352,28 +359,10 @@ def chunked_completion_loss(
     closed_form = _closed_form_applies(settings, student_head, closed_form_gradient)
 
     def chunk_loss(student_part: torch.Tensor, part: slice):
+        inputs = (student_part, teacher_hidden[part], tokens[part], weights[part], student_head, teacher_head)
         if closed_form and torch.is_grad_enabled():  # without gradients the plain path does less
-            return _forward_kl_chunk_closed_form(
-                student_part,
-                teacher_hidden[part],
-                tokens[part],
-                weights[part],
-                student_head,
-                teacher_head,
-                importance,
-                part,
-            )
-        return _chunk_loss(
-            student_part,
-            teacher_hidden[part],
-            tokens[part],
-            weights[part],
-            student_head,
-            teacher_head,
-            settings,
-            importance,
-            part,
-        )
+            return _forward_kl_chunk_closed_form(*inputs, importance, part)
+        return _chunk_loss(*inputs, settings, importance, part)
 
     total, stats = _chunked(chunk_loss, student_hidden, student_head, settings.chunk_size, len(STAT_NAMES), chunks)
     return total, stats.cpu()
@@ -381,7 +370,7 @@ def chunked_completion_loss(
 
 def _chunk_token_loss(hidden, tokens, weights, head, per_token_fn):
     logp = torch.log_softmax(head(hidden).float(), dim=-1)
-    token_logp = logp.gather(-1, tokens[:, None]).squeeze(-1)
+    token_logp = _token_logp(logp, tokens)
     return (per_token_fn(token_logp) * weights).sum(), (token_logp.detach() * weights).sum()
 
 
@@ -410,7 +399,7 @@ def _anchored_chunk(student_hidden, anchor_hidden, tokens, weights, student_head
     student_logp = torch.log_softmax(student_head(student_hidden).float(), dim=-1)
     with torch.no_grad():
         anchor_logp = torch.log_softmax(anchor_head(anchor_hidden).float(), dim=-1)
-    token_logp = student_logp.gather(-1, tokens[:, None]).squeeze(-1)
+    token_logp = _token_logp(student_logp, tokens)
     kl = _kl(anchor_logp, student_logp)
     with torch.no_grad():
         stats = torch.stack([(token_logp * weights).sum(), (kl * weights).sum()])

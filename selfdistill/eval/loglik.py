@@ -87,14 +87,7 @@ def heldout_loglik(
         return None
     stop = stop_token_id if stop_token_id is not None else tokenizer.eos_token_id
     # No prompt limits: this is a measurement, and evaluation items are scored whole.
-    builder = PromptBuilder(
-        tokenizer,
-        template=template,
-        system_prompt=system_prompt,
-        max_prompt_tokens=10**9,
-        max_teacher_prompt_tokens=10**9,
-        stop_token_id=stop,
-    )
+    builder = PromptBuilder.unlimited(tokenizer, template, system_prompt, stop)
     demos, answers = [], []
     for record in kept:
         ids, offsets = _demonstration_tokens(tokenizer, record.demonstration, stop)

@@ -264,27 +264,15 @@ class _ProbeSettings:
 
     def scores(self, net, tok, where: Path) -> dict:
         result = {}
+        common = {"limit": self.limit, "batch_size": self.batch_size, "precision": self.precision}
         if self.suite:
             result["general"] = run_probes(
-                net,
-                tok,
-                limit=self.limit,
-                batch_size=self.batch_size,
-                precision=self.precision,
-                max_new_tokens=self.max_new_tokens,
-                out_dir=where / "general",
+                net, tok, max_new_tokens=self.max_new_tokens, out_dir=where / "general", **common
             )
         if self.humaneval:
             from selfdistill.eval.humaneval import run_humaneval
 
-            result["humaneval"] = run_humaneval(
-                net,
-                tok,
-                limit=self.limit,
-                batch_size=self.batch_size,
-                precision=self.precision,
-                out_dir=where / "humaneval",
-            )
+            result["humaneval"] = run_humaneval(net, tok, out_dir=where / "humaneval", **common)
         return result
 
 

@@ -42,9 +42,12 @@ class SDFT(Method):
 
     def __init__(self, cfg, model, tokenizer, builder, stop_token_id, pad_token_id, records=None):
         super().__init__(cfg, model, tokenizer, builder, stop_token_id, pad_token_id, records)
-        # The teacher starts from the in-memory student (for `frozen`, its weights now).
-        # A frozen copy never changes, so it may be stored in the compute precision.
-        frozen_dtype = torch.bfloat16 if self.precision == "bf16" else None
+        # The teacher's forward runs without gradient, so it may compute in another precision than
+        # the student's (teacher.precision). The teacher starts from the in-memory student (for
+        # `frozen`, its weights now); a frozen copy never changes, so it may be stored in that precision.
+        choice = cfg.teacher.precision
+        self.teacher_precision = self.precision if choice == "auto" else choice
+        frozen_dtype = torch.bfloat16 if self.teacher_precision == "bf16" else None
         self.teacher = Teacher(model, self.teacher_kind or cfg.teacher.kind, cfg.teacher.ema_rate, frozen_dtype)
         check_engine(cfg)  # fail before training starts, with how to install the rollout engine
         self._sampler: Sampler | None = None  # built at the first rollout (see `rollout_sampler`)
@@ -215,7 +218,7 @@ class SDFT(Method):
             keys, missing = None, items
         if missing:
             with torch.no_grad():
-                hidden, _ = completion_hidden(teacher_model, missing, True, self.pad_token_id, self.precision)
+                hidden, _ = completion_hidden(teacher_model, missing, True, self.pad_token_id, self.teacher_precision)
             if keys is None:
                 return hidden
             for item, part in zip(missing, hidden.split([i.loss_tokens for i in missing])):

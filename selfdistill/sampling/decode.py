@@ -262,42 +262,26 @@ class DecodeSampler(Sampler):
         precision: str,
     ):
         self.model = model
-        self.stop_token_ids = list(stop_token_ids)
-        self.pad_token_id = pad_token_id
-        self.max_new_tokens = max_new_tokens
-        self.temperature = temperature
-        self.top_p = top_p
-        self.batch_size = batch_size
-        self.precision = precision
+        # `generate`'s settings, the same for every call.
+        self.settings = {
+            "stop_token_ids": list(stop_token_ids),
+            "pad_token_id": pad_token_id,
+            "max_new_tokens": max_new_tokens,
+            "temperature": temperature,
+            "top_p": top_p,
+            "batch_size": batch_size,
+            "precision": precision,
+        }
 
     @classmethod
     def from_config(cls, cfg, model, *, stop_token_ids, pad_token_id, precision, max_prompt_tokens) -> DecodeSampler:
-        rollout = cfg.rollout
-        return cls(
-            model,
-            stop_token_ids=stop_token_ids,
-            pad_token_id=pad_token_id,
-            max_new_tokens=rollout.max_new_tokens,
-            temperature=rollout.temperature,
-            top_p=rollout.top_p,
-            batch_size=rollout.batch_size,
-            precision=precision,
-        )
+        rollout = {
+            name: getattr(cfg.rollout, name) for name in ("max_new_tokens", "temperature", "top_p", "batch_size")
+        }
+        return cls(model, stop_token_ids=stop_token_ids, pad_token_id=pad_token_id, precision=precision, **rollout)
 
     def generate(self, prompts: list[list[int]], seeds: list[int], *, desc: str | None = None) -> Completions:
-        return generate(
-            self.model,
-            prompts,
-            stop_token_ids=self.stop_token_ids,
-            pad_token_id=self.pad_token_id,
-            max_new_tokens=self.max_new_tokens,
-            temperature=self.temperature,
-            top_p=self.top_p,
-            seeds=seeds,
-            batch_size=self.batch_size,
-            precision=self.precision,
-            desc=desc,
-        )
+        return generate(self.model, prompts, seeds=seeds, desc=desc, **self.settings)
 
     def sync(self, model) -> float:
         """Nothing to copy: the loop runs the live model. Only which model that is is noted (no time spent)."""

@@ -116,17 +116,7 @@ def _prompt_sets(
     """The demonstrations' ids, and the prompts to measure: ("student", ids) then ("teacher:<template>", ids)
     for each template."""
     # No prompt limits here: the ceiling is a diagnostic, and long prompts are part of what it shows.
-    builders = {
-        t: PromptBuilder(
-            tokenizer,
-            template=t,
-            system_prompt=system_prompt,
-            max_prompt_tokens=10**9,
-            max_teacher_prompt_tokens=10**9,
-            stop_token_id=stop,
-        )
-        for t in templates
-    }
+    builders = {t: PromptBuilder.unlimited(tokenizer, t, system_prompt, stop) for t in templates}
     first = builders[templates[0]]
     demos = [first.encode(r).demonstration_ids for r in records]
     prompt_sets = [("student", [first.student_ids(r) for r in records])]

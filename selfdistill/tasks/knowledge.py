@@ -300,6 +300,12 @@ def _ood(rng: random.Random, orgs: list[dict], events: list[dict], count: int) -
     return out
 
 
+def _fact_row(fact: Fact, phrasing: str, demonstration: str, split: str) -> Record:
+    """The record asking `fact` in `phrasing`, its passage as the context."""
+    question = phrasing.format(s=fact.subject)
+    return _row(question, demonstration, fact.answer, fact.answers, fact.passage, split, fact.relation)
+
+
 def make(seed: int, size: int) -> TaskData:
     rng = random.Random(seed)
     n_eval = eval_size(size)
@@ -312,29 +318,9 @@ def make(seed: int, size: int) -> TaskData:
         demonstration = demo.format(s=fact.subject, o=fact.answer)
         demonstration = demonstration[0].upper() + demonstration[1:]
         if i < size:
-            train.append(
-                _row(
-                    first.format(s=fact.subject),
-                    demonstration,
-                    fact.answer,
-                    fact.answers,
-                    fact.passage,
-                    "train",
-                    fact.relation,
-                )
-            )
+            train.append(_fact_row(fact, first, demonstration, "train"))
         if i < n_eval:
-            evaluation.append(
-                _row(
-                    second.format(s=fact.subject),
-                    demonstration,
-                    fact.answer,
-                    fact.answers,
-                    fact.passage,
-                    "eval",
-                    fact.relation,
-                )
-            )
+            evaluation.append(_fact_row(fact, second, demonstration, "eval"))
     return TaskData(train=train, eval=evaluation, documents=documents, extra={"ood": _ood(rng, orgs, events, n_eval)})
 
 
