@@ -254,6 +254,9 @@ def main(argv=None) -> None:
                 "sdft_decode": (_ours_vllm_env, sdft),
                 "sdft_vllm_fp32": (_ours_vllm_env, dict(sdft, extra=vllm)),
                 "sdft_vllm_bf16": (_ours_vllm_env, dict(sdft, extra=vllm_bf16)),
+                # The defaults a user gets: model.precision auto (fp32 on a CPU), so teacher.precision
+                # auto computes the teacher's forward in bf16 where the CPU has bf16 instructions.
+                "sdft_vllm_bf16_auto": (_ours_vllm_env, dict(sdft, precision="auto", extra=vllm_bf16)),
             },
             args.reps,
             "sft",

@@ -35,3 +35,36 @@ def test_a_bad_load_dtype_is_refused_naming_the_field():
 
     with pytest.raises(UserError, match="model.load_dtype"):
         load_config(overrides={"model": {"load_dtype": "fp8"}})
+
+
+def test_the_teachers_auto_precision_is_bf16_only_on_a_bf16_cpu_left_to_auto(monkeypatch):
+    monkeypatch.setattr(precision, "cpu_has_bf16_instructions", lambda: True)
+    assert precision.teacher_precision("auto", "auto", "fp32", "cpu") == "bf16"
+    assert precision.teacher_precision("auto", "fp32", "fp32", "cpu") == "fp32"  # a pinned fp32 run stays fp32
+    assert precision.teacher_precision("fp32", "auto", "fp32", "cpu") == "fp32"
+    assert precision.teacher_precision("auto", "auto", "bf16", "cuda") == "bf16"  # as the run on a GPU
+    assert precision.teacher_precision("auto", "auto", "fp32", "cuda") == "fp32"
+    monkeypatch.setattr(precision, "cpu_has_bf16_instructions", lambda: False)  # AVX2 only: bf16 is slow there
+    assert precision.teacher_precision("auto", "auto", "fp32", "cpu") == "fp32"
+    assert precision.teacher_precision("bf16", "fp32", "fp32", "cpu") == "bf16"  # an explicit choice is kept
+
+
+def test_sdft_with_a_bf16_teacher_under_an_fp32_student_learns_as_the_fp32_teacher_does(tmp_path):
+    from learning_matrix import check_learned, run_case, write_inputs
+
+    inputs = write_inputs(tmp_path / "inputs")
+    outcomes = {}
+    for teacher_precision in ("fp32", "bf16"):
+        case = {
+            "name": f"sdft-full-ema-teacher-{teacher_precision}",
+            "method": "sdft",
+            "lora": False,
+            "teacher": "ema",
+            "extra": {"teacher": {"precision": teacher_precision}},
+        }
+        outcomes[teacher_precision] = run_case(case, inputs, tmp_path / teacher_precision)
+        check_learned(case, outcomes[teacher_precision])  # the loss fell and every tensor moved
+    first = {p: o["metrics"][0]["loss"] for p, o in outcomes.items()}
+    # The same rollouts at step 1 (same weights, same seeds): only the teacher's precision differs.
+    assert first["bf16"] != first["fp32"]
+    assert abs(first["bf16"] - first["fp32"]) <= 0.05 * abs(first["fp32"]), first

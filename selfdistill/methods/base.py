@@ -95,6 +95,7 @@ class Method:
             from selfdistill.models.distributed import default_device
 
             device = default_device()
+        self.compute_device = device
         self.precision = resolve_precision(cfg.model.precision, device)
 
     def training_examples(self, records: list[EncodedRecord]) -> list:

@@ -26,6 +26,7 @@ from selfdistill.distillation.losses import STAT_NAMES, chunked_completion_loss,
 from selfdistill.distillation.teacher import Teacher
 from selfdistill.methods.base import Method, TrainItem, completion_hidden
 from selfdistill.models.distributed import is_sharded
+from selfdistill.precision import teacher_precision
 from selfdistill.sampling import Sampler, check_engine, make_sampler
 from selfdistill.sampling.importance import ImportanceSampling, ratio_sums
 
@@ -45,8 +46,9 @@ class SDFT(Method):
         # The teacher's forward runs without gradient, so it may compute in another precision than
         # the student's (teacher.precision). The teacher starts from the in-memory student (for
         # `frozen`, its weights now); a frozen copy never changes, so it may be stored in that precision.
-        choice = cfg.teacher.precision
-        self.teacher_precision = self.precision if choice == "auto" else choice
+        self.teacher_precision = teacher_precision(
+            cfg.teacher.precision, cfg.model.precision, self.precision, self.compute_device
+        )
         frozen_dtype = torch.bfloat16 if self.teacher_precision == "bf16" else None
         self.teacher = Teacher(model, self.teacher_kind or cfg.teacher.kind, cfg.teacher.ema_rate, frozen_dtype)
         check_engine(cfg)  # fail before training starts, with how to install the rollout engine
