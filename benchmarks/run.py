@@ -73,8 +73,13 @@ def summarize(run: dict) -> dict:
     return out
 
 
+ONLY_SIDES: list[str] = []  # --sides
+
+
 def compare(name: str, sides: dict[str, tuple], reps: int, baseline: str) -> dict:
     """Run every side `reps` times, alternating (A B A B …, order rotated each repetition)."""
+    if ONLY_SIDES:  # --sides: the baseline and the sides named
+        sides = {label: side for label, side in sides.items() if label in ONLY_SIDES or label == baseline}
     runs: dict[str, list[dict]] = {label: [] for label in sides}
     labels = list(sides)
     for rep in range(reps):
@@ -176,6 +181,7 @@ def main(argv=None) -> None:
         help="rollout suite: batch sizes to time (all prompts in one batch)",
     )
     parser.add_argument("--tag", default="", help="suffix of the results file name")
+    parser.add_argument("--sides", nargs="+", default=[], help="run only these sides (and the baseline)")
     parser.add_argument(
         "--ours-vllm",
         action="store_true",
@@ -193,6 +199,7 @@ def main(argv=None) -> None:
         help="trl suite: also TRL with its vLLM sampler (colocate; benchmarks/setup_trl_vllm.sh)",
     )
     args = parser.parse_args(argv)
+    ONLY_SIDES[:] = args.sides
     base = {"steps": args.steps, "prompts": args.prompts, "length": args.length}
     if args.micro:
         base["micro"] = args.micro

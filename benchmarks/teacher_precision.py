@@ -7,7 +7,8 @@ rollout (its demonstration stands in for the student's completion): the teacher'
 query + demonstration-in-context + completion, without gradient. Sides alternate within one process:
 fp32, bf16 autocast over the fp32 weights (what an EMA teacher does), and a bf16 copy of the weights
 (what a frozen teacher stores). Then the SDFT loss (the config's default divergence) and its
-gradient with respect to the student's hidden states, with the fp32 and the bf16 teacher: the
+gradient with respect to the student's hidden states, with the fp32 and the bf16 teacher (its
+forward and its output head in bf16, as SDFT runs it): the
 relative change of the loss and the cosine between the two gradients. Writes
 benchmarks/results/teacher_precision.json.
 """
@@ -50,14 +51,21 @@ def _loss_effect(model, items, pad, teacher_hidden: dict) -> dict:
     from selfdistill.config import LossConfig
     from selfdistill.distillation.losses import chunked_completion_loss, output_head
     from selfdistill.methods.base import completion_hidden
+    from selfdistill.precision import autocast_context
 
     head = output_head(model)
+
+    def bf16_head(hidden):  # the teacher's head in bf16 too, as SDFT runs a bf16 teacher
+        with autocast_context(hidden.device, "bf16"):
+            return head(hidden)
+
     result = {}
     for name, hidden in teacher_hidden.items():
         student, tokens = completion_hidden(model, items, False, pad, "fp32")
         student = student.detach().requires_grad_(True)
+        teacher_head = head if name == "fp32" else bf16_head
         loss, _ = chunked_completion_loss(
-            student, hidden, tokens, torch.ones(tokens.shape[0]), head, head, LossConfig()
+            student, hidden, tokens, torch.ones(tokens.shape[0]), head, teacher_head, LossConfig()
         )
         loss.backward()
         result[name] = (loss.item() / tokens.shape[0], student.grad.flatten().clone())

@@ -204,7 +204,7 @@ class TeacherConfig(Section):
     precision: Precision = _f(
         "auto",
         "The teacher's forward (no gradient): fp32 or bf16; auto: as model.precision, but bf16 on a CPU with "
-        "bf16 instructions when model.precision is auto (2.4x faster there, the loss moved by 0.2%).",
+        "bf16 instructions when model.precision is auto (2.5x faster there, the loss moved by 0.2%).",
     )
 
     def check(self) -> None:

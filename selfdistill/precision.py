@@ -72,11 +72,11 @@ def teacher_precision(choice: str, model_choice: str, run_precision: str, device
 
     'auto' follows the run's precision, except on a CPU with bf16 instructions when the run's
     precision was left to 'auto' (so it computes in fp32): there the teacher's forward, which
-    needs no gradient, runs in bf16. On a 2-core AMD EPYC with AVX512-BF16 (SmolLM2-135M, 32
-    prompts whose teacher sequences hold 6,616 tokens; `python -m benchmarks.teacher_precision`)
-    it took 4.3 s in bf16 autocast against 10.6 s in fp32 (2.4x; 3.0x with bf16 weights, which a
-    frozen teacher stores), and it moved the SDFT loss by 0.18% and its gradient by 0.67% of its
-    norm. A precision set explicitly in model.precision is kept for the teacher too, so an fp32
+    needs no gradient, runs in bf16 (its output head too). On a 2-core AMD EPYC with AVX512-BF16
+    (SmolLM2-135M, 32 prompts whose teacher sequences hold 6,616 tokens;
+    `python -m benchmarks.teacher_precision`) its forward took 4.1 s in bf16 autocast against
+    10.1 s in fp32 (2.5x; 2.8x with bf16 weights, which a frozen teacher stores), and it moved the
+    SDFT loss by 0.17% and its gradient by 0.8% of its norm. A precision set explicitly in model.precision is kept for the teacher too, so an fp32
     run stays fp32 throughout unless teacher.precision says otherwise.
     """
     if choice != "auto":

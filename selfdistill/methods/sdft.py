@@ -26,7 +26,7 @@ from selfdistill.distillation.losses import STAT_NAMES, chunked_completion_loss,
 from selfdistill.distillation.teacher import Teacher
 from selfdistill.methods.base import Method, TrainItem, completion_hidden
 from selfdistill.models.distributed import is_sharded
-from selfdistill.precision import teacher_precision
+from selfdistill.precision import autocast_context, teacher_precision
 from selfdistill.sampling import Sampler, check_engine, make_sampler
 from selfdistill.sampling.importance import ImportanceSampling, ratio_sums
 
@@ -166,8 +166,24 @@ class SDFT(Method):
             timings = {"time_teacher": time.perf_counter() - start}
             start = time.perf_counter()
             student_hidden, tokens = completion_hidden(self.model, items, False, self.pad_token_id, self.precision)
-            yield teacher_hidden, student_hidden, tokens, teacher.head, timings
+            yield teacher_hidden, student_hidden, tokens, self._teacher_head(teacher), timings
         timings["time_student_forward"] = time.perf_counter() - start
+
+    def _teacher_head(self, teacher):
+        """The teacher's output head, run in the teacher's precision where that differs from the student's.
+
+        A bf16 teacher under an fp32 student projects its hidden states to the vocabulary in bf16 too:
+        at every completion position that product is as large as the student's own head.
+        """
+        head = teacher.head
+        if self.teacher_precision == self.precision:
+            return head
+
+        def project(hidden: torch.Tensor) -> torch.Tensor:
+            with autocast_context(hidden.device, self.teacher_precision):
+                return head(hidden)
+
+        return project
 
     def loss(self, items: list[TrainItem]):
         # Items without loss tokens are not dropped: under FSDP2 every process runs the same forwards.

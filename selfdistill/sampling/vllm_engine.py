@@ -241,7 +241,9 @@ def check_prompts_fit(cfg, model, records, encoded) -> None:
 # - LD_PRELOAD gains torch's libgomp (and tcmalloc, where bundled) for processes started later
 #   (vllm/platforms/cpu.py, CpuPlatform.check_and_update_config).
 # All are restored once the engine is built; what it changed is not needed afterwards (the engine
-# runs in-process with threads unbound, VLLM_CPU_OMP_THREADS_BIND=nobind).
+# runs in-process with threads unbound, VLLM_CPU_OMP_THREADS_BIND=nobind). The NUMA call is not
+# made at all (`_pages_left_where_they_are`): a restored policy would not move the trainer's
+# pages back, and an engine that shares the trainer's process shares its memory placement too.
 
 _NODE_MASK_WORDS = 16  # a NUMA node mask of 1024 bits
 
@@ -313,11 +315,27 @@ def _restore(saved: dict) -> None:
 
 
 @contextmanager
+def _pages_left_where_they_are():
+    """While inside, vLLM's `init_cpu_memory_env` (moving the process's pages to one NUMA node) does nothing."""
+    ops = torch.ops._C
+    original = getattr(ops, "init_cpu_memory_env", None)  # None until vLLM's kernels are loaded
+    ops.init_cpu_memory_env = lambda nodes: None
+    try:
+        yield
+    finally:
+        if original is None:
+            delattr(ops, "init_cpu_memory_env")
+        else:
+            ops.init_cpu_memory_env = original
+
+
+@contextmanager
 def process_settings_kept():
     """Build an engine inside this: the process-wide settings it changes are restored afterwards."""
     saved = process_settings()
     try:
-        yield
+        with _pages_left_where_they_are():
+            yield
     finally:
         _restore(saved)
 
