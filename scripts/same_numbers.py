@@ -5,7 +5,7 @@
 Compares every JSON and JSONL file the two directories share (results, summaries, metrics,
 examples, probes, drift; model weights and the report's files are left out) value by value, to
 the last digit, ignoring what is measured rather than computed: wall-clock times, throughput,
-dates and absolute paths. Prints each difference and the number of values compared; exits 1 if any
+dates; a path inside the run directory counts as the same path in the other. Prints each difference and the number of values compared; exits 1 if any
 value differs or a file is missing on one side.
 """
 
@@ -19,7 +19,7 @@ from pathlib import Path
 
 # Keys whose values are measurements of the machine or the moment, not results.
 IGNORED_KEY = re.compile(
-    r"^(time_.*|.*_seconds|seconds|tokens_per_s|.*minutes.*|written|created|date|run_dir|output_dir|.*_dir|path|started|finished_at|elapsed.*)$"
+    r"^(time_.*|.*_time_s|.*_seconds|seconds|tokens_per_s|.*minutes.*|written|created|date|started|finished)$"
 )
 SKIPPED_PARTS = {"final", "report_files", "checkpoints"}
 
@@ -41,7 +41,7 @@ def load(path: Path) -> list:
     )
 
 
-def compare(a, b, where: str, out: list[str]) -> int:
+def compare(a, b, where: str, out: list[str], roots: tuple[str, str] = ("", "")) -> int:
     """Number of leaf values compared; differences are appended to `out`."""
     if isinstance(a, dict) and isinstance(b, dict):
         count = 0
@@ -51,13 +51,15 @@ def compare(a, b, where: str, out: list[str]) -> int:
             if key not in a or key not in b:
                 out.append(f"{where}.{key}: only in {'B' if key not in a else 'A'}")
                 continue
-            count += compare(a[key], b[key], f"{where}.{key}", out)
+            count += compare(a[key], b[key], f"{where}.{key}", out, roots)
         return count
     if isinstance(a, list) and isinstance(b, list):
         if len(a) != len(b):
             out.append(f"{where}: {len(a)} vs {len(b)} entries")
             return 0
-        return sum(compare(x, y, f"{where}[{i}]", out) for i, (x, y) in enumerate(zip(a, b)))
+        return sum(compare(x, y, f"{where}[{i}]", out, roots) for i, (x, y) in enumerate(zip(a, b)))
+    if isinstance(a, str) and isinstance(b, str) and all(roots):  # the run directories' own paths
+        a, b = a.replace(roots[0], "RUN"), b.replace(roots[1], "RUN")
     same = a == b or (isinstance(a, float) and isinstance(b, float) and math.isnan(a) and math.isnan(b))
     if not same:
         out.append(f"{where}: {a!r} vs {b!r}")
@@ -73,7 +75,7 @@ def main(argv: list[str]) -> int:
     differences = [f"{name}: only in {a if name in names_a else b}" for name in sorted(names_a ^ names_b)]
     values = 0
     for name in sorted(names_a & names_b):
-        values += compare(load(a / name), load(b / name), name, differences)
+        values += compare(load(a / name), load(b / name), name, differences, (str(a.resolve()), str(b.resolve())))
     for line in differences:
         print(line)
     print(f"{len(names_a & names_b)} files, {values} values compared, {len(differences)} differences")
