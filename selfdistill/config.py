@@ -22,6 +22,7 @@ from typing import Any, ClassVar, Literal, get_args, get_origin, get_type_hints
 import yaml
 
 from selfdistill.errors import UserError
+from selfdistill.options import setting
 from selfdistill.precision import Precision
 from selfdistill.registry import METHOD_INFO, METHODS, MethodName  # noqa: F401  (METHODS: re-exported for callers)
 
@@ -44,13 +45,6 @@ def choices(kind: Any) -> tuple[str, ...]:
 
 def _is_choice(kind: Any) -> bool:
     return get_origin(kind) is Literal or callable(getattr(kind, "choices", None))
-
-
-def _f(default: Any, help: str, **kwargs: Any) -> Any:
-    """A dataclass field carrying its help text (shown by `sdft train --help`)."""
-    if isinstance(default, (list, dict)):
-        return field(default_factory=lambda: type(default)(default), metadata={"help": help}, **kwargs)
-    return field(default=default, metadata={"help": help}, **kwargs)
 
 
 _FINITE_NONNEGATIVE = "must be a finite number >= 0"
@@ -82,27 +76,27 @@ class Section:
 class LoraConfig(Section):
     key: ClassVar[str] = "model.lora"
 
-    enabled: bool = _f(False, "Train a LoRA adapter instead of all weights.")
-    rank: int = _f(16, "LoRA rank r.")
-    alpha: float = _f(32.0, "LoRA scaling numerator (scale = alpha / rank).")
-    dropout: float = _f(0.0, "Dropout on the LoRA input.")
-    target_modules: Any = _f("all-linear", "Module names to adapt, or 'all-linear'.")
+    enabled: bool = setting(False, "Train a LoRA adapter instead of all weights.")
+    rank: int = setting(16, "LoRA rank r.")
+    alpha: float = setting(32.0, "LoRA scaling numerator (scale = alpha / rank).")
+    dropout: float = setting(0.0, "Dropout on the LoRA input.")
+    target_modules: Any = setting("all-linear", "Module names to adapt, or 'all-linear'.")
 
 
 @dataclass
 class ModelConfig(Section):
     key: ClassVar[str] = "model"
 
-    name: str = _f("smollm2-135m", "Hub id, local directory, .gguf file, or 'smollm2-135m' (embedded).")
-    precision: Precision = _f(
+    name: str = setting("smollm2-135m", "Hub id, local directory, .gguf file, or 'smollm2-135m' (embedded).")
+    precision: Precision = setting(
         "auto", "auto (bf16 on GPUs, fp32 on CPUs), fp32, or bf16 (bf16 autocast over fp32 master weights)."
     )
-    load_dtype: Precision = _f(
+    load_dtype: Precision = setting(
         "auto",
         "Dtype the weights are loaded in: auto (fp32 for full fine-tuning, whose master "
         "weights stay fp32; bf16 for LoRA when computing in bf16), fp32, or bf16.",
     )
-    trust_remote_code: bool = _f(False, "Allow the model repository's own Python code to run.")
+    trust_remote_code: bool = setting(False, "Allow the model repository's own Python code to run.")
     lora: LoraConfig = field(default_factory=LoraConfig)
 
 
@@ -110,19 +104,23 @@ class ModelConfig(Section):
 class DataConfig(Section):
     key: ClassVar[str] = "data"
 
-    train: str | None = _f(
+    train: str | None = setting(
         None, "Training records: a .jsonl file, a saved HF dataset dir, 'hf:NAME', or 'builtin:demo'."
     )
-    split: str = _f("train", "Split to read from a Hugging Face dataset.")
-    columns: dict = _f({}, "Column mapping, e.g. {prompt: instruction, demonstration: golden_response}.")
-    system_prompt: str | None = _f(None, "System message prepended to prompts given as plain strings.")
-    teacher_template: str = _f(
+    split: str = setting("train", "Split to read from a Hugging Face dataset.")
+    columns: dict = setting({}, "Column mapping, e.g. {prompt: instruction, demonstration: golden_response}.")
+    system_prompt: str | None = setting(None, "System message prepended to prompts given as plain strings.")
+    teacher_template: str = setting(
         "paper", "Teacher prompt: 'paper', 'plain', or a template with {question} and {demonstration}."
     )
-    max_prompt_tokens: int = _f(1024, "Longest student prompt, in tokens.")
-    max_teacher_prompt_tokens: int = _f(2048, "Longest teacher prompt (question + demonstration), in tokens.")
-    overlong: Overlong = _f("error", "What to do with a prompt over its limit: 'error' or 'skip' (counted and logged).")
-    documents: str | None = _f(None, "Raw documents for cpt: .jsonl with a 'text' field, or .txt split on blank lines.")
+    max_prompt_tokens: int = setting(1024, "Longest student prompt, in tokens.")
+    max_teacher_prompt_tokens: int = setting(2048, "Longest teacher prompt (question + demonstration), in tokens.")
+    overlong: Overlong = setting(
+        "error", "What to do with a prompt over its limit: 'error' or 'skip' (counted and logged)."
+    )
+    documents: str | None = setting(
+        None, "Raw documents for cpt: .jsonl with a 'text' field, or .txt split on blank lines."
+    )
 
     def check(self) -> None:
         template = self.teacher_template
@@ -139,27 +137,33 @@ class DataConfig(Section):
 class RolloutConfig(Section):
     key: ClassVar[str] = "rollout"
 
-    temperature: float = _f(1.0, "Sampling temperature of the student's rollouts.")
-    top_p: float = _f(1.0, "Nucleus sampling mass.")
-    max_new_tokens: int = _f(1024, "Longest completion, in tokens.")
-    num_rollouts: int = _f(1, "Completions sampled per prompt.")
-    batch_size: int = _f(16, "Prompts generated together in one batch.")
-    ignore_eos: bool = _f(False, "Keep sampling past the end-of-turn token (fixed-length rollouts, for benchmarks).")
-    engine: RolloutEngine = _f(
+    temperature: float = setting(1.0, "Sampling temperature of the student's rollouts.")
+    top_p: float = setting(1.0, "Nucleus sampling mass.")
+    max_new_tokens: int = setting(1024, "Longest completion, in tokens.")
+    num_rollouts: int = setting(1, "Completions sampled per prompt.")
+    batch_size: int = setting(16, "Prompts generated together in one batch.")
+    ignore_eos: bool = setting(
+        False, "Keep sampling past the end-of-turn token (fixed-length rollouts, for benchmarks)."
+    )
+    engine: RolloutEngine = setting(
         "decode", "decode (our KV-cache loop, any device) or vllm (in-process vLLM engine; optional extra)."
     )
-    vllm_precision: Precision = _f("auto", "vllm: the engine's precision: auto (as model.precision), fp32 or bf16.")
-    vllm_gpu_memory: float = _f(
+    vllm_precision: Precision = setting(
+        "auto", "vllm: the engine's precision: auto (as model.precision), fp32 or bf16."
+    )
+    vllm_gpu_memory: float = setting(
         0.3,
         "vllm on a GPU: the fraction of its memory the engine may take (weights + KV cache); training has the rest.",
     )
-    importance_sampling: ImportanceLevel = _f(
+    importance_sampling: ImportanceLevel = setting(
         "capped_token_mean",
         "vllm: truncated importance weights, with r_t = p_trainer(y_t) / p_sampler(y_t): capped_token_mean "
         "(the SDFT authors'): each sequence weighted by mean_t min(C, r_t); sequence: by "
         "min(C, exp(mean_t log r_t)); token: each token by min(C, r_t); off: none.",
     )
-    importance_cap: float = _f(2.0, "vllm: the importance weights' cap C, applied to r_t (or to the sequence's ratio).")
+    importance_cap: float = setting(
+        2.0, "vllm: the importance weights' cap C, applied to r_t (or to the sequence's ratio)."
+    )
 
     def check(self) -> None:
         self._require(self.temperature >= 0, "temperature", "must be >= 0 (0 means greedy)")
@@ -175,13 +179,17 @@ class RolloutConfig(Section):
 class LossConfig(Section):
     key: ClassVar[str] = "loss"
 
-    kind: LossKind = _f("forward_kl", "forward_kl (paper's runs), reverse_kl (paper's derivation), jsd, or sampled_kl.")
-    beta: float = _f(0.5, "Teacher weight of the JSD mixture.")
-    top_k: int | None = _f(None, "Sum the divergence over the teacher's top-k tokens only (None: full vocabulary).")
-    add_tail: bool = _f(False, "With top_k: keep the rest of the mass as one extra 'tail' bucket.")
-    skip_first_tokens: int = _f(3, "Completion tokens at the start left out of the loss.")
-    chunk_size: int = _f(256, "Completion positions whose logits are computed at once.")
-    sft_weight: float = _f(
+    kind: LossKind = setting(
+        "forward_kl", "forward_kl (paper's runs), reverse_kl (paper's derivation), jsd, or sampled_kl."
+    )
+    beta: float = setting(0.5, "Teacher weight of the JSD mixture.")
+    top_k: int | None = setting(
+        None, "Sum the divergence over the teacher's top-k tokens only (None: full vocabulary)."
+    )
+    add_tail: bool = setting(False, "With top_k: keep the rest of the mass as one extra 'tail' bucket.")
+    skip_first_tokens: int = setting(3, "Completion tokens at the start left out of the loss.")
+    chunk_size: int = setting(256, "Completion positions whose logits are computed at once.")
+    sft_weight: float = setting(
         0.0,
         "sdft: weight λ of an SFT term: loss = SDFT loss + λ · cross-entropy on the demonstration (each a "
         "mean over its own tokens; metrics.jsonl logs both). 0: the paper's SDFT.",
@@ -199,9 +207,11 @@ class LossConfig(Section):
 class TeacherConfig(Section):
     key: ClassVar[str] = "teacher"
 
-    kind: TeacherKind = _f("ema", "ema (weights follow the student), frozen (initial weights), or live (the student).")
-    ema_rate: float = _f(0.01, "EMA rate a: teacher <- (1 - a) teacher + a student, after every optimizer step.")
-    precision: Precision = _f(
+    kind: TeacherKind = setting(
+        "ema", "ema (weights follow the student), frozen (initial weights), or live (the student)."
+    )
+    ema_rate: float = setting(0.01, "EMA rate a: teacher <- (1 - a) teacher + a student, after every optimizer step.")
+    precision: Precision = setting(
         "auto",
         "The teacher's forward (no gradient): fp32 or bf16; auto: as model.precision, but bf16 on a CPU with "
         "bf16 instructions when model.precision is auto (2.5x faster there, the loss moved by 0.2%).",
@@ -215,7 +225,7 @@ class TeacherConfig(Section):
 class OfflineConfig(Section):
     key: ClassVar[str] = "offline"
 
-    loss: OfflineLoss = _f(
+    loss: OfflineLoss = setting(
         "ce",
         "offline_distill: 'ce' (cross-entropy on the teacher's answers) or 'divergence' (match its distributions).",
     )
@@ -225,8 +235,8 @@ class OfflineConfig(Section):
 class ReinvokeConfig(Section):
     key: ClassVar[str] = "reinvoke"
 
-    steps: int = _f(10, "sft_reinvoke: optimizer steps of the second (recovery) phase.")
-    prompts: str | None = _f(
+    steps: int = setting(10, "sft_reinvoke: optimizer steps of the second (recovery) phase.")
+    prompts: str | None = setting(
         None,
         "sft_reinvoke: general prompts (.jsonl with 'prompt'); default: the built-in general prompts (the replay set; "
         "none of them is an evaluation probe or drift prompt).",
@@ -240,13 +250,13 @@ class ReinvokeConfig(Section):
 class ReplayConfig(Section):
     key: ClassVar[str] = "replay"
 
-    ratio: float = _f(0.25, "sft_replay: share of every step's examples drawn from the replay set.")
-    data: str | None = _f(
+    ratio: float = setting(0.25, "sft_replay: share of every step's examples drawn from the replay set.")
+    data: str | None = setting(
         None,
         "sft_replay: replay records (.jsonl / dataset, like data.train). Records without a demonstration are "
         "answered by the starting model. Default: the built-in general prompts, answered by the starting model.",
     )
-    max_new_tokens: int = _f(128, "sft_replay: longest answer the starting model writes for a replay prompt.")
+    max_new_tokens: int = setting(128, "sft_replay: longest answer the starting model writes for a replay prompt.")
 
     def check(self) -> None:
         self._require(0.0 <= self.ratio < 1.0, "ratio", "must lie in [0, 1) (some of every step must be new data)")
@@ -262,7 +272,7 @@ def replay_per_step(ratio: float, batch_size: int) -> int:
 class AnchorConfig(Section):
     key: ClassVar[str] = "anchor"
 
-    beta: float = _f(
+    beta: float = setting(
         0.1,
         "sft_kl: weight β of the anchor: loss = cross-entropy + β · KL(starting model ‖ student) on the "
         "demonstration's tokens, over the full vocabulary. 0: plain SFT.",
@@ -276,31 +286,31 @@ class AnchorConfig(Section):
 class TrainConfig(Section):
     key: ClassVar[str] = "train"
 
-    lr: float = _f(2e-5, "Peak learning rate (AdamW).")
-    batch_size: int = _f(32, "Prompts per optimizer step (global, across processes).")
-    micro_batch_size: int = _f(4, "Sequences per forward/backward; the step accumulates over them.")
-    epochs: float = _f(1.0, "Passes over the training records.")
-    max_steps: int | None = _f(None, "Stop after this many optimizer steps (overrides epochs).")
-    warmup_ratio: float = _f(0.1, "Fraction of steps of linear warm-up before the cosine decay.")
-    weight_decay: float = _f(0.0, "AdamW weight decay.")
-    max_grad_norm: float = _f(1.0, "Gradient clipping norm (0 disables).")
-    seed: int = _f(42, "Seed for data order, sampling and initialisation.")
-    output_dir: str = _f("runs/sdft", "Where checkpoints, metrics.jsonl and the final model go.")
-    save_every: int = _f(0, "Save a checkpoint every N optimizer steps (0: only at the end).")
-    keep_last: int = _f(2, "Checkpoints kept on disk.")
-    report_to: list[Reporter] = _f(
+    lr: float = setting(2e-5, "Peak learning rate (AdamW).")
+    batch_size: int = setting(32, "Prompts per optimizer step (global, across processes).")
+    micro_batch_size: int = setting(4, "Sequences per forward/backward; the step accumulates over them.")
+    epochs: float = setting(1.0, "Passes over the training records.")
+    max_steps: int | None = setting(None, "Stop after this many optimizer steps (overrides epochs).")
+    warmup_ratio: float = setting(0.1, "Fraction of steps of linear warm-up before the cosine decay.")
+    weight_decay: float = setting(0.0, "AdamW weight decay.")
+    max_grad_norm: float = setting(1.0, "Gradient clipping norm (0 disables).")
+    seed: int = setting(42, "Seed for data order, sampling and initialisation.")
+    output_dir: str = setting("runs/sdft", "Where checkpoints, metrics.jsonl and the final model go.")
+    save_every: int = setting(0, "Save a checkpoint every N optimizer steps (0: only at the end).")
+    keep_last: int = setting(2, "Checkpoints kept on disk.")
+    report_to: list[Reporter] = setting(
         [],
         "Also log every step's metrics to: tensorboard (RUN/tensorboard/), wandb (RUN/wandb/; "
         "WANDB_MODE=offline works without a network). metrics.jsonl is always written.",
     )
-    demonstration_logp_every: int = _f(
+    demonstration_logp_every: int = setting(
         10,
         "Methods that do not train on the demonstrations (SDFT) log their log-likelihood under the "
         "student prompt (metrics.jsonl: demonstration_logp) every N steps, at the cost of one forward "
         "without gradients of the step's prompts and demonstrations; 0: never. SFT always logs it.",
     )
-    max_nonfinite_steps: int = _f(3, "Consecutive non-finite steps tolerated before the run stops.")
-    activation_checkpointing: bool = _f(
+    max_nonfinite_steps: int = setting(3, "Consecutive non-finite steps tolerated before the run stops.")
+    activation_checkpointing: bool = setting(
         False,
         "Recompute each layer's activations in the backward pass (gradient checkpointing): less "
         "memory (the activations of one layer instead of all), one more student forward of compute.",
@@ -324,7 +334,7 @@ class TrainConfig(Section):
 
 @dataclass
 class Config:
-    method: MethodName = _f("sdft", "Training method.")
+    method: MethodName = setting("sdft", "Training method.")
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
     rollout: RolloutConfig = field(default_factory=RolloutConfig)

@@ -18,7 +18,10 @@ from selfdistill.errors import UserError
 
 
 def setting(default: Any = dataclasses.MISSING, help: str = "") -> Any:
-    """A settings field with its help text; no default makes it required. Sequences are tuples (frozen)."""
+    """A dataclass field with its help text (its documentation and its `--help`); no default makes it
+    required. A list or dict default is copied for every instance; frozen settings use tuples."""
+    if isinstance(default, (list, dict)):
+        return dataclasses.field(default_factory=lambda: type(default)(default), metadata={"help": help})
     return dataclasses.field(default=default, metadata={"help": help})
 
 
