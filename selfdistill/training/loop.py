@@ -48,7 +48,8 @@ from selfdistill.models.distributed import (
     shard_model,
     sum_across,
 )
-from selfdistill.models.loading import load_empty_model, weights_dtype
+from selfdistill.models.loading import load_empty_model, portable_model_name, weights_dtype
+from selfdistill.models.saving import record_base_model
 from selfdistill.models.sharded import fill_from_files, init_lora, materialize, write_final
 from selfdistill.precision import resolve_precision
 from selfdistill.progress import progress_bar
@@ -621,6 +622,7 @@ def save_final_model(run: TrainingRun) -> Path | None:
             else:
                 shutil.rmtree(tmp, ignore_errors=True)
                 save_model(run.model, run.tokenizer, tmp)
+            record_base_model(tmp, portable_model_name(run.cfg.model.name))
             # metrics.jsonl, not run.history: after a resume the history holds only the steps since.
             write_model_card(
                 tmp, run.cfg, read_metrics(run.metrics_path), records=len(run.examples), precision=run.method.precision
