@@ -59,6 +59,7 @@ from selfdistill.sampling.vllm_engine import check_prompts_fit
 from selfdistill.training.checkpoint import latest_checkpoint, load_checkpoint, replace_dir, save_checkpoint
 from selfdistill.training.faults import fault
 from selfdistill.training.run_directory import check_output_dir, prepare_output_dir, read_metrics, writing
+from selfdistill.training.schedule import cosine_schedule
 from selfdistill.training.stop_signals import StopFlag
 from selfdistill.training.tracking import Tracker, open_tracker, require_backends
 
@@ -174,7 +175,7 @@ def setup(cfg: Config, records, model, tokenizer, resume: bool, overwrite: bool)
     """Read and check the inputs, build model, method, optimizer and schedule; restore on --resume."""
     from transformers import set_seed
 
-    from selfdistill.training.run_directory import check_shared_output_dir
+    from selfdistill.training.run_directory import check_method_inputs, check_shared_output_dir
 
     procs = setup_processes()
     check_shared_output_dir(cfg, procs)  # several processes: one train.output_dir seen by all, before any write
@@ -184,13 +185,14 @@ def setup(cfg: Config, records, model, tokenizer, resume: bool, overwrite: bool)
             raise UserError(
                 "No training data: set data.train (a .jsonl file, a dataset directory, hf:NAME or builtin:NAME)."
             )
-        records = load_records(cfg.data.train, cfg.data.columns, cfg.data.split)
+        records = load_records(cfg.data.train, cfg.data.columns, cfg.data.split, origin="data.train (or --data)")
     if cfg.train.batch_size < procs.world:
         raise UserError(
             f"train.batch_size {cfg.train.batch_size} is smaller than the number of processes "
             f"({procs.world}): every process needs at least one prompt per step."
         )
     require_backends(cfg.train.report_to)  # a missing tracking package is bad input: before any write
+    check_method_inputs(cfg)  # files read in the method's set-up, which comes after the first write
     out = check_output_dir(cfg, resume, overwrite)
     model, tokenizer, weights_dir = _build_model(cfg, procs, model, tokenizer)
     stop_id = stop_token_id(model, tokenizer)
@@ -214,9 +216,7 @@ def setup(cfg: Config, records, model, tokenizer, resume: bool, overwrite: bool)
     optimizer = torch.optim.AdamW(params, lr=cfg.train.lr, weight_decay=cfg.train.weight_decay)
     examples = method.training_examples(encoded)
     steps = method.total_steps(total_steps(cfg, len(examples)))
-    from transformers import get_cosine_schedule_with_warmup
-
-    scheduler = get_cosine_schedule_with_warmup(optimizer, math.ceil(cfg.train.warmup_ratio * steps), steps)
+    scheduler = cosine_schedule(optimizer, cfg.train.warmup_ratio, steps)
     run = TrainingRun(cfg, procs, out, model, tokenizer, method, optimizer, scheduler, params, examples, steps)
     _restore(run, resume and not overwrite)
     _prepare_outputs(run, resume, overwrite)
@@ -347,13 +347,14 @@ def train_step(run: TrainingRun, step: int) -> dict:
     summed.update(extremes_across(procs, stats))
     summed.update({k.removesuffix("_max"): v for k, v in extremes_across(procs, timings).items()})
     finite = math.isfinite(loss_total) and math.isfinite(grad_norm)
+    lr = run.optimizer.param_groups[0]["lr"]  # this step's rate: after the update the scheduler holds the next
     update_time = _apply_update(run, finite, done)
     record = _step_metrics(
         done,
         loss_total,
         global_tokens,
         summed,
-        run.scheduler,
+        lr,
         grad_norm,
         time.perf_counter() - started,
         backward_time,
@@ -504,14 +505,14 @@ def _stop_if_nonfinite(run: TrainingRun, done: int) -> None:
     )
 
 
-def _step_metrics(step, loss_total, tokens, summed, scheduler, grad_norm, elapsed, backward_time, update_time, finite):
+def _step_metrics(step, loss_total, tokens, summed, lr, grad_norm, elapsed, backward_time, update_time, finite):
     per_token = max(tokens, 1.0)
     sequences = max(summed.pop("sequences", 0.0), 1.0)
     record = {
         "step": step,
         "loss": loss_total / per_token,
         "loss_tokens": int(tokens),
-        "lr": scheduler.get_last_lr()[0],
+        "lr": lr,
         "grad_norm": float(grad_norm),
         "finite": finite,
         "time_step": elapsed,
