@@ -17,12 +17,12 @@ import difflib
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, ClassVar, Literal, get_args, get_origin, get_type_hints
+from typing import Any, ClassVar, Literal, get_type_hints
 
 import yaml
 
 from selfdistill.errors import UserError
-from selfdistill.options import setting
+from selfdistill.options import choices, coerce, is_choice, is_text, setting
 from selfdistill.precision import Precision
 from selfdistill.registry import METHOD_INFO, METHODS, MethodName  # noqa: F401  (METHODS: re-exported for callers)
 
@@ -34,17 +34,6 @@ OfflineLoss = Literal["ce", "divergence"]
 Reporter = Literal["tensorboard", "wandb"]
 RolloutEngine = Literal["decode", "vllm"]
 ImportanceLevel = Literal["capped_token_mean", "sequence", "token", "off"]
-
-
-def choices(kind: Any) -> tuple[str, ...]:
-    """The allowed values of a multiple-choice setting type, e.g. choices(LossKind): a Literal's
-    values, or those of a type that reads them when asked (MethodName: the registered methods)."""
-    dynamic = getattr(kind, "choices", None)
-    return tuple(dynamic()) if callable(dynamic) else tuple(get_args(kind))
-
-
-def _is_choice(kind: Any) -> bool:
-    return get_origin(kind) is Literal or callable(getattr(kind, "choices", None))
 
 
 _FINITE_NONNEGATIVE = "must be a finite number >= 0"
@@ -291,7 +280,11 @@ class TrainConfig(Section):
     micro_batch_size: int = setting(4, "Sequences per forward/backward; the step accumulates over them.")
     epochs: float = setting(1.0, "Passes over the training records.")
     max_steps: int | None = setting(None, "Stop after this many optimizer steps (overrides epochs).")
-    warmup_ratio: float = setting(0.1, "Fraction of steps of linear warm-up before the cosine decay.")
+    warmup_ratio: float = setting(
+        0.1,
+        "Fraction of steps of linear warm-up before the cosine decay: warm-up step k of W (from 0) uses "
+        "lr·(k+1)/(W+1), step W the full lr; no step runs at rate 0.",
+    )
     weight_decay: float = setting(0.0, "AdamW weight decay.")
     max_grad_norm: float = setting(1.0, "Gradient clipping norm (0 disables).")
     seed: int = setting(42, "Seed for data order, sampling and initialisation.")
@@ -347,13 +340,9 @@ class Config:
     train: TrainConfig = field(default_factory=TrainConfig)
 
     def __post_init__(self) -> None:
-        # Sections may be given as mappings, e.g. Config(method="sft", train={"lr": 1e-4}).
-        hints = get_type_hints(type(self))
-        for f in dataclasses.fields(self):
-            value = getattr(self, f.name)
-            if isinstance(value, dict) and dataclasses.is_dataclass(hints[f.name]):
-                setattr(self, f.name, build(hints[f.name], value, f"{f.name}."))
-        check_fields(self)  # the method, and every section again (one may have been changed since it was built)
+        # The method, and every section: built from a mapping, e.g. Config(method="sft", train={"lr": 1e-4}),
+        # or checked again (a section may have been changed since it was built).
+        check_fields(self)
         for f in dataclasses.fields(self):
             value = getattr(self, f.name)
             if isinstance(value, Section):
@@ -383,71 +372,6 @@ def _check_method_settings(cfg: Config) -> None:
         )
 
 
-_TRUE, _FALSE = ("true", "1", "yes", "on"), ("false", "0", "no", "off")
-
-
-def _coerce(value: Any, annotation: Any, key: str) -> Any:
-    """Turn a YAML/CLI value into the field's type, or say which key is wrong."""
-    origin = get_origin(annotation)
-    if _is_choice(annotation):
-        allowed = choices(annotation)
-        if isinstance(value, bool):  # YAML reads unquoted off/on/no/yes as booleans
-            spelled = [a for a in allowed if str(a).lower() in (_TRUE if value else _FALSE)]
-            value = spelled[0] if len(spelled) == 1 else value
-        if value not in allowed:
-            close = difflib.get_close_matches(str(value), [str(a) for a in allowed], n=1)
-            hint = f" (did you mean {close[0]!r}?)" if close else ""
-            name = key.replace(".", " ")  # "unknown loss kind", "unknown method"
-            raise UserError(
-                f"Config value {key}: unknown {name} {value!r}; choose one of {', '.join(map(str, allowed))}.{hint}"
-            )
-        return value
-    args = [a for a in get_args(annotation) if a is not type(None)]
-    if value is None:
-        if type(None) in get_args(annotation) or annotation is Any:
-            return None
-        raise UserError(f"Config value {key}: may not be null.")
-    if origin is list:  # list[X]: a YAML list, or comma-separated on the command line
-        items = [v.strip() for v in value.split(",") if v.strip()] if isinstance(value, str) else value
-        if not isinstance(items, list):
-            raise UserError(f"Config value {key}: expected a list, got {value!r}.")
-        return [_coerce(item, args[0], key) for item in items] if args else items
-    if origin is not None and args and origin is not dict and origin is not list:  # Optional[X] / X | None
-        return _coerce(value, args[0], key)
-    if annotation is Any:
-        return value
-    try:
-        if annotation is bool:
-            if isinstance(value, str):
-                if value.lower() in _TRUE:
-                    return True
-                if value.lower() in _FALSE:
-                    return False
-                raise ValueError(value)
-            return bool(value)
-        if annotation is int:
-            if isinstance(value, bool) or (isinstance(value, float) and not value.is_integer()):
-                raise ValueError(value)
-            return int(value)
-        if annotation is float:
-            if isinstance(value, bool):
-                raise ValueError(value)
-            return float(value)
-        if annotation is str:
-            return str(value)
-        if annotation is dict:
-            if isinstance(value, str):
-                value = yaml.safe_load(value)
-            if not isinstance(value, dict):
-                raise ValueError(value)
-            return value
-    except (TypeError, ValueError):
-        raise UserError(
-            f"Config value {key}: expected {getattr(annotation, '__name__', annotation)}, got {value!r}."
-        ) from None
-    return value
-
-
 def settings_of(obj: Any, prefix: str = ""):
     """(owning section, field, declared type, dotted key) of every setting of `obj`, sections walked in order."""
     hints = get_type_hints(type(obj))
@@ -459,11 +383,24 @@ def settings_of(obj: Any, prefix: str = ""):
             yield obj, f, hints[f.name], f"{prefix}{f.name}"
 
 
+def _coerce(value: Any, kind: Any, key: str) -> Any:
+    """A config value as its declared type (selfdistill.options.coerce), or a UserError naming its key."""
+    return coerce(value, kind, f"Config value {key}", key.replace(".", " "))  # "unknown loss kind 'kl'"
+
+
 def check_fields(obj: Any, prefix: str = "") -> None:
-    """Coerce every setting of `obj` (and its sections) to its declared type; a wrong type or an
-    unknown choice is a UserError naming the key. Run when a section is built and again by the Config."""
-    for owner, f, hint, key in settings_of(obj, prefix):
-        setattr(owner, f.name, _coerce(getattr(owner, f.name), hint, key))
+    """Check every setting of `obj` (and of its sections) against its declared type, storing what is
+    converted (e.g. '1e-4' to 1e-4); a wrong type or an unknown choice is a UserError naming the key.
+    A section given as a mapping is built. Run when a section is built and again by the Config."""
+    hints = get_type_hints(type(obj))
+    for f in dataclasses.fields(obj):
+        key, kind, value = f"{prefix}{f.name}", hints[f.name], getattr(obj, f.name)
+        if dataclasses.is_dataclass(kind):
+            if isinstance(value, dict):
+                value = build(kind, value, f"{key}.")
+            elif isinstance(value, kind):
+                check_fields(value, f"{key}.")
+        setattr(obj, f.name, _coerce(value, kind, key))
 
 
 def check_keys(data: dict, names: list[str], prefix: str = "", unknown: str = "Unknown config key") -> None:
@@ -509,20 +446,66 @@ def merge(base: dict, update: dict) -> dict:
     return merged
 
 
+_NULL_TEXT = ("", "~", "null", "Null", "NULL")  # YAML's spellings of null
+
+
 def parse_overrides(overrides: list[str]) -> dict:
-    """`a.b=value` strings to a nested dict; values are parsed as YAML scalars."""
+    """`a.b=value` strings to a nested dict.
+
+    A value is read as YAML (1e-4, true, null, [a, b], {key: value}), except where the key is a text
+    setting of the Config (a str, a path or a choice): there the text is taken as typed, since YAML
+    would read `You are: helpful` as a mapping, cut `Answer #1 first` at the '#' and refuse
+    `{question} Example answer: {demonstration}`, all of them reasonable text. A quoted value ('...' or
+    "...") is still unquoted there, and empty, ~ or null is null. Elsewhere (numbers, lists, mappings,
+    keys that are not Config settings), a value YAML cannot read has no sensible reading: a UserError
+    naming the override and how to write lists, mappings and text.
+    """
     nested: dict = {}
     for item in overrides:
         if "=" not in item:
             raise UserError(f"Override {item!r}: write it as section.key=value, e.g. train.lr=1e-4.")
         key, raw = item.split("=", 1)
-        value = yaml.safe_load(raw) if raw.strip() else None
+        value = _override_value(key.strip(), raw.strip())
         node = nested
         parts = key.strip().split(".")
         for part in parts[:-1]:
             node = node.setdefault(part, {})
         node[parts[-1]] = value
     return nested
+
+
+def _override_value(key: str, text: str) -> Any:
+    if is_text(_declared_type(key)):
+        if text in _NULL_TEXT:
+            return None
+        if text[:1] in ("'", '"'):
+            try:
+                quoted = yaml.safe_load(text)
+            except yaml.YAMLError:
+                quoted = None  # e.g. "it's" unbalanced: the text as typed
+            if isinstance(quoted, str):
+                return quoted
+        return text
+    if not text:
+        return None
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+        raise UserError(
+            f"Override {key + '=' + text!r}: YAML cannot read the value ({problem}). Write a list as [a, b], a "
+            f"mapping as {{key: value}}, and text in quotes, e.g. --set '{key}=\"...\"'."
+        ) from None
+
+
+def _declared_type(key: str) -> Any:
+    """The declared type of the Config setting `key` (e.g. 'data.system_prompt'); None if there is none."""
+    kind: Any = Config
+    for part in key.split("."):
+        if not dataclasses.is_dataclass(kind) or part not in {f.name for f in dataclasses.fields(kind)}:
+            return None
+        kind = get_type_hints(kind)[part]
+    return kind
 
 
 def read_yaml(path: Path) -> Any:
@@ -565,7 +548,7 @@ def describe_options() -> list[tuple[str, str, str]]:
     rows: list[tuple[str, str, str]] = []
     for owner, f, hint, key in settings_of(Config()):
         text = f.metadata.get("help", "")
-        if _is_choice(hint):
+        if is_choice(hint):
             text += f" One of: {', '.join(choices(hint))}."
         rows.append((key, repr(getattr(owner, f.name)), text))
     return rows

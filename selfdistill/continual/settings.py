@@ -12,7 +12,7 @@ import yaml
 from selfdistill.config import parse_overrides
 from selfdistill.continual.config import ContinualConfig, load_continual_config, parse_config
 from selfdistill.errors import UserError
-from selfdistill.options import as_tuples, setting
+from selfdistill.options import as_tuples, check_types, setting
 
 WORKERS_HELP = "Method x seed sequences run at once, each in its own process (overrides the config's workers)."
 GRID_HELP = (
@@ -50,6 +50,7 @@ class StreamSettings:
     grid: tuple[str, ...] = setting((), GRID_HELP)
 
     def __post_init__(self) -> None:
+        check_types(self)
         as_tuples(self, "overrides", "grid")
         self.config_overrides()  # checks --set and --grid
 
@@ -104,6 +105,9 @@ class DemoSettings:
     fresh: bool = setting(False, "Start again instead of continuing an earlier demo run.")
     show_config: bool = setting(False, "Print the demo's config file (to copy and edit) and exit.")
     workers: int | None = setting(None, WORKERS_HELP)
+
+    def __post_init__(self) -> None:
+        check_types(self)
 
     def config_path(self) -> Path:
         return demo_config_path(self.quick)

@@ -10,7 +10,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from selfdistill.config import Config, LossKind, choices, load_config, merge, parse_overrides
-from selfdistill.options import as_tuples, check_at_least, check_output_dir, setting
+from selfdistill.options import as_tuples, check_at_least, check_output_dir, check_types, setting
 
 # Diagnose-only default: training's 1024-token completions would make a quick look slow on a CPU,
 # and the first tokens are where small models differ most (on SmolLM2-135M the teacher's first-token
@@ -95,6 +95,7 @@ class DiagnoseSettings:
     out: Path = setting(Path("runs/diagnose"), "Directory for diagnose.json and diagnose.html.")
 
     def __post_init__(self) -> None:
+        check_types(self)
         as_tuples(self, "overrides", "grader")
         # Rejected by name before the (slow) model load; the training settings by the Config they build.
         check_at_least("--limit", self.limit, 1)

@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from selfdistill.options import check_at_least, setting
+from selfdistill.options import check_at_least, check_types, setting
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -16,4 +16,5 @@ class PlanSettings:
     json_file: Path | None = setting(None, "Also write the figures (bytes) to this JSON file.")
 
     def __post_init__(self) -> None:
+        check_types(self)
         check_at_least("--processes", self.processes, 1)
