@@ -1,11 +1,13 @@
 """The teacher-ceiling diagnostic on a tiny model, and its scoring rules."""
 
+import json
 import math
 
 import pytest
 import torch
 
 from selfdistill.data.records import Record
+from selfdistill.errors import UserError
 from selfdistill.models.tiny import tiny_model, tiny_tokenizer, words_of
 from selfdistill.tasks import Metric
 from selfdistill.tasks.ceiling import demonstration_loglik, measure, score, table
@@ -81,3 +83,60 @@ def test_custom_templates_are_named_by_position():
     )
     assert [r.prompt for r in results] == ["student", "teacher:plain", "teacher:custom2"]
     assert results[2].loglik is None and "| teacher:custom2 |" in table(results)
+
+
+def _ceiling_cli(*args):
+    from typer.testing import CliRunner
+
+    from selfdistill.cli import app
+
+    return CliRunner().invoke(app, ["data", "ceiling", *args, "--max-new-tokens", "2", "--precision", "fp32"])
+
+
+def _write(path, rows):
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+def test_ceiling_on_a_file_guesses_the_grader_as_eval_does(tmp_path):
+    from selfdistill.models.tiny import save_tiny
+
+    rows = [{"prompt": f"what is {w} ?", "demonstration": w, "answer": w} for w in ["red", "blue"]]
+    data = _write(tmp_path / "colors.jsonl", rows)
+    model_dir = save_tiny(tmp_path / "model", ["what", "is", "red", "blue", "?"])
+    result = _ceiling_cli(str(data), "--model", str(model_dir), "--template", "plain")
+    assert result.exit_code == 0, result.output
+    head = next(line for line in result.output.splitlines() if line.startswith("| prompt |"))
+    assert head.startswith("| prompt | contains |")  # `sdft eval` guesses `contains` for plain answers
+    assert "| student |" in result.output and "| teacher:plain |" in result.output
+    # Without answers there is nothing to grade: the log-likelihood gain is measured alone.
+    bare = _write(tmp_path / "bare.jsonl", [{k: v for k, v in r.items() if k != "answer"} for r in rows])
+    result = _ceiling_cli(str(bare), "--model", str(model_dir), "--template", "plain")
+    assert result.exit_code == 0, result.output
+    assert "| prompt | demo loglik (nats/token) |" in result.output
+
+
+def test_ceiling_checks_the_guessed_graders_field_before_loading_the_model(tmp_path):
+    rows = [
+        {"prompt": "what is red ?", "demonstration": "red", "answer": "red"},
+        {"prompt": "what is blue ?", "demonstration": "blue"},
+    ]
+    data = _write(tmp_path / "colors.jsonl", rows)
+    result = _ceiling_cli(str(data), "--model", str(tmp_path / "no-such-model"))
+    assert isinstance(result.exception, UserError), result.output
+    assert str(result.exception).startswith(f"{data} line 2: no 'answer' field")
+    assert "grader 'contains' (guessed from the file, as no --grader was given)" in str(result.exception)
+
+
+def test_ceiling_guesses_toolalpaca_from_golden_answer_and_needs_something_to_measure():
+    from selfdistill.tasks.run import _file_metrics
+    from selfdistill.tasks.settings import CeilingSettings
+
+    calls = [{"Action": "getWeather", "Action_Input": "{}"}]
+    tool_records = [Record(prompt="q", demonstration="d", meta={"golden_answer": calls}, source="t.jsonl line 1")]
+    metrics = _file_metrics("t.jsonl", tool_records, CeilingSettings(task="t.jsonl"))
+    assert [m.grader for m in metrics] == ["toolalpaca"]
+    bare = [Record(prompt="q", demonstration="d", source="b.jsonl line 1")]
+    assert _file_metrics("b.jsonl", bare, CeilingSettings(task="b.jsonl")) == ()
+    with pytest.raises(UserError, match="nothing to measure"):
+        _file_metrics("b.jsonl", bare, CeilingSettings(task="b.jsonl", loglik=False))

@@ -44,5 +44,5 @@ def test_make_and_ceiling_errors(tmp_path):
     assert result.exit_code != 0 and "not a directory" in str(result.exception)
     result = runner.invoke(app, ["data", "show", "nope"])
     assert "Unknown task 'nope'" in str(result.exception)
-    result = runner.invoke(app, ["data", "ceiling", str(tmp_path / "file")])
-    assert "give --grader" in str(result.exception)
+    result = runner.invoke(app, ["data", "ceiling", str(tmp_path / "file")])  # read (its grader guessed), not refused
+    assert f"{tmp_path / 'file'} line 1, column 1: malformed JSON" in str(result.exception)

@@ -25,10 +25,10 @@ from pathlib import Path
 import torch
 
 from selfdistill.data.prompts import PromptBuilder
+from selfdistill.eval.evaluate import answer_budgets, generate_within
 from selfdistill.files import write_atomic
 from selfdistill.models import stop_token_id
 from selfdistill.precision import autocast_context
-from selfdistill.sampling.decode import generate
 
 FORMAT = "selfdistill-drift-v1"
 
@@ -63,12 +63,15 @@ def base_answers(
     builder = PromptBuilder(tokenizer)
     prompts = prompts if prompts is not None else drift_prompts()
     prompt_ids = [builder.encode_messages([{"role": "user", "content": p}]) for p in prompts]
-    done = generate(
+    # Prompt and answer are scored together later, so both must fit the model's context.
+    budgets = answer_budgets(model, prompt_ids, [f"drift prompt {i}" for i in range(len(prompts))], max_new_tokens)
+    done = generate_within(
         model,
         prompt_ids,
+        budgets,
+        seeds=None,
         stop_token_ids=stop_token_id(model, tokenizer),
         pad_token_id=tokenizer.pad_token_id,
-        max_new_tokens=max_new_tokens,
         temperature=0,
         batch_size=batch_size,
         precision=precision,
@@ -89,7 +92,14 @@ def base_answers(
                 "top_logprobs": top.values.tolist(),
             }
         )
-    return {"format": FORMAT, "base": base_name, "top_k": top_k, "max_new_tokens": max_new_tokens, "items": items}
+    return {
+        "format": FORMAT,
+        "base": base_name,
+        "top_k": top_k,
+        "max_new_tokens": max_new_tokens,
+        "prompts": list(prompts),  # the answers are reused only for the same prompts (--limit)
+        "items": items,
+    }
 
 
 def save_base_answers(answers: dict, path: str | Path) -> None:

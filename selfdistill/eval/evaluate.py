@@ -8,10 +8,16 @@ not depend on batch size) and pass@k is reported with the unbiased estimator of 
 The headline `score` is the mean over records of each record's mean sample score; the 95%
 interval around it is the Wilson score interval with the number of records as n (exact
 coverage theory holds for 0/1 scores; for fractional scores it is the usual approximation).
+
+Prompts are checked against the model's context before anything is generated: a prompt that
+fills the context is refused (as training refuses a prompt over its limit; cutting the prompt
+would grade the model on a question it was not asked), and a prompt that leaves less than
+`max_new_tokens` has its answer budget cut to what fits, with one warning and a count.
 """
 
 from __future__ import annotations
 
+import logging
 import math
 from collections.abc import Callable
 from pathlib import Path
@@ -21,9 +27,16 @@ from selfdistill.data.records import Record
 from selfdistill.errors import UserError
 from selfdistill.files import write_json, write_jsonl
 from selfdistill.models import stop_token_id
+from selfdistill.sampling.base import Completions
 from selfdistill.sampling.decode import generate
 
+log = logging.getLogger(__name__)
+
 CORRECT = 1.0 - 1e-9  # a sample counts as correct for pass@k when its score is 1
+
+# Config fields that hold the number of positions a model was built for, as transformers' model
+# families name it (Llama/Qwen/Mistral, GPT-2, some remote-code models).
+CONTEXT_FIELDS = ("max_position_embeddings", "n_positions", "max_sequence_length", "seq_length")
 
 
 def pass_at_k(n: int, c: int, k: int) -> float:
@@ -55,6 +68,69 @@ def grading_record(record: Record) -> dict:
     row["answer"] = record.answer
     row["source"] = record.source
     return row
+
+
+def context_length(model) -> tuple[int, str] | None:
+    """(positions, the config field that says so) of the model's context; None when its config names
+    none, and then prompts are not checked (the model itself may still fail on a long one)."""
+    config = getattr(model, "config", None)
+    for name in CONTEXT_FIELDS:
+        value = getattr(config, name, None)
+        if isinstance(value, int) and value > 0:
+            return value, name
+    return None
+
+
+def answer_budgets(model, prompts: list[list[int]], sources: list[str], max_new_tokens: int) -> list[int]:
+    """Each prompt's budget of new tokens: `max_new_tokens`, or what the model's context leaves after
+    the prompt. A prompt that leaves no room is a UserError naming it (and how many more there are)."""
+    found = context_length(model)
+    if found is None:
+        return [max_new_tokens] * len(prompts)
+    context, field = found
+    over = [i for i, p in enumerate(prompts) if len(p) >= context]
+    if over:
+        first = over[0]
+        more = f" {len(over) - 1} more prompts are too long as well." if len(over) > 1 else ""
+        raise UserError(
+            f"{sources[first]}, field 'prompt': the prompt has {len(prompts[first])} tokens, but the model's "
+            f"context is {context} positions ({field}), which leaves no room for an answer. Shorten the prompt "
+            f"or leave the record out.{more}"
+        )
+    budgets = [min(max_new_tokens, context - len(p)) for p in prompts]
+    cut = [b for b in budgets if b < max_new_tokens]
+    if cut:
+        log.warning(
+            "%d of %d prompts leave fewer than the %d new tokens asked for within the model's context of %d "
+            "positions (%s): their answers stop at the context's end (after as few as %d tokens).",
+            len(cut),
+            len(prompts),
+            max_new_tokens,
+            context,
+            field,
+            min(cut),
+        )
+    return budgets
+
+
+def generate_within(model, rows: list[list[int]], budgets: list[int], *, seeds: list[int] | None, **options):
+    """`generate` with a budget of new tokens per row: one call per distinct budget, so rows whose
+    budget the context cut share no batch with the others (usually there is one budget, one call).
+    Each row is seeded on its own, so the grouping changes no output."""
+    ids: list[list[int]] = [[] for _ in rows]
+    finished = [False] * len(rows)
+    for budget in sorted(set(budgets), reverse=True):
+        chosen = [i for i, b in enumerate(budgets) if b == budget]
+        done = generate(
+            model,
+            [rows[i] for i in chosen],
+            max_new_tokens=budget,
+            seeds=[seeds[i] for i in chosen] if seeds is not None else None,
+            **options,
+        )
+        for i, out, end in zip(chosen, done.ids, done.finished):
+            ids[i], finished[i] = out, end
+    return Completions(ids=ids, finished=finished)
 
 
 def _check(records: list[Record], n_samples: int, temperature: float) -> None:
@@ -92,16 +168,18 @@ def evaluate(
     _check(records, n_samples, temperature)
     builder = PromptBuilder(tokenizer, system_prompt=system_prompt)
     prompts = [builder.student_ids(r) for r in records]
+    sources = [r.source or f"record {i}" for i, r in enumerate(records)]
+    budgets = answer_budgets(model, prompts, sources, max_new_tokens)  # before any generating
     # Sample j of record i is row i * n + j, seeded by (seed, i, j) only.
     rows = [p for p in prompts for _ in range(n_samples)]
     seeds = [seed * 1_000_003 + i for i in range(len(rows))] if temperature > 0 else None
     stop = stop_token_id(model, tokenizer)
-    done = generate(
+    done = generate_within(
         model,
         rows,
+        [b for b in budgets for _ in range(n_samples)],
         stop_token_ids=stop,
         pad_token_id=tokenizer.pad_token_id,
-        max_new_tokens=max_new_tokens,
         temperature=temperature,
         top_p=top_p,
         seeds=seeds,
@@ -112,12 +190,15 @@ def evaluate(
     examples = [] if examples is None else examples
     for i, record in enumerate(records):
         examples.append(_example(i, record, done, tokenizer, grader, n_samples))
+        if budgets[i] < max_new_tokens:
+            examples[-1]["context_budget"] = budgets[i]  # the new tokens the model's context left it
     summary = summarize(examples, n_samples, ks)
     summary.update(
         {
             "n_samples": n_samples,
             "temperature": temperature,
             "max_new_tokens": max_new_tokens,
+            "context_cut": sum(b < max_new_tokens for b in budgets),  # records whose budget the context cut
             "precision": precision,
             "seed": seed,
         }

@@ -295,6 +295,37 @@ GRADERS: dict[str, Grader] = {
 }
 
 
+# Where each grader reads the gold answer of a record: one of these fields, not null. Checked on every
+# record before the model generates, so a file without them fails in a second, not after the run.
+GOLD_FIELDS: dict[str, tuple[str, ...]] = {
+    "exact": ("answer",),
+    "contains": ("answer",),
+    "regex": ("pattern", "answer"),
+    "numeric": ("answer",),
+    "choice_tag": ("answer",),
+    "toolalpaca": ("golden_answer", "answer"),
+    "toolalpaca_robust": ("golden_answer", "answer"),
+    "toolalpaca_partial": ("golden_answer", "answer"),
+    "judge": ("answer",),
+}
+
+
+def check_gold_fields(name: str, rows: list[tuple[str, dict]], how: str) -> None:
+    """A UserError naming the grader, `how` it was chosen, its field and the first record without it.
+
+    `rows` are (where, record as the grader sees it) pairs, e.g. ("data.jsonl line 3", {...})."""
+    fields = GOLD_FIELDS.get(name, ())
+    lacking = [where for where, row in rows if fields and all(row.get(f) is None for f in fields)]
+    if not lacking:
+        return
+    wanted = " or ".join(repr(f) for f in fields)
+    count = f" ({len(lacking)} of {len(rows)} records have none)" if len(lacking) > 1 else ""
+    raise UserError(
+        f"{lacking[0]}: no {wanted} field, which the grader {name!r} ({how}) reads the gold answer from{count}. "
+        "Add it, or choose another grader with --grader."
+    )
+
+
 def names() -> list[str]:
     return sorted([*GRADERS, "judge"])
 

@@ -217,7 +217,8 @@ def probe_report(
     max_new_tokens: int = 128,
     drift_tokens: int = 64,
 ) -> dict:
-    """Probe scores of `model_name`, and with a base model: the base's scores, deltas and drift.
+    """Probe scores of `model_name`, and with a base model: the base's scores, deltas and drift; written
+    to `out_dir/report.json`. `limit` N takes N items of each suite and the first N drift prompts.
 
     The base model's scores and greedy answers are stored in `out_dir/base/` and reused when
     they were computed for the same base model and limit, so comparing many checkpoints with
@@ -237,11 +238,17 @@ def probe_report(
         base_dir = out_dir / "base"
         base_scores, base = _base_scores(base_name, base_dir, load, settings)
         answers_path = base_dir / "drift_answers.json"
+        prompts = drift_mod.drift_prompts()[:limit]  # --limit N: the first N drift prompts, as for every suite
         answers = drift_mod.load_base_answers(answers_path, base_name)
-        if answers is None or answers.get("max_new_tokens") != drift_tokens:
+        if answers is None or answers.get("max_new_tokens") != drift_tokens or answers.get("prompts") != prompts:
             base_net, base_tok = base if base is not None else load(base_name)
             answers = drift_mod.base_answers(
-                base_net, base_tok, base_name=base_name, precision=precision, max_new_tokens=drift_tokens
+                base_net,
+                base_tok,
+                prompts=prompts,
+                base_name=base_name,
+                precision=precision,
+                max_new_tokens=drift_tokens,
             )
             drift_mod.save_base_answers(answers, answers_path)
         report["base"] = {"model": base_name, "absolute": base_scores}

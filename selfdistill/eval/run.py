@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 from collections.abc import Callable
 from pathlib import Path
 
@@ -26,10 +25,11 @@ def evaluate_task(
     model, task: str | Path | list[Record], settings: EvaluateSettings, *, tokenizer=None, out: str | Path | None = None
 ) -> dict:
     """Score `model` (a name/directory/.gguf file, or a loaded model with its `tokenizer`) on `task` (a .jsonl
-    file, a built-in task name or records); the task and grader are read and checked before the model is
-    loaded. With `out`, examples.jsonl and summary.json are written there. Returns the summary."""
+    file, a built-in task name or records); the task, the grader and the field the grader reads are checked
+    before the model is loaded. With `out`, examples.jsonl and summary.json are written there. Returns the
+    summary."""
     from selfdistill.eval import graders
-    from selfdistill.eval.evaluate import evaluate
+    from selfdistill.eval.evaluate import evaluate, grading_record
     from selfdistill.tasks.resolve import guess_grader, resolve_task
 
     if isinstance(task, (str, Path)):
@@ -37,8 +37,13 @@ def evaluate_task(
         label = Path(str(task)).stem
     else:
         records = task[: settings.limit]
+        if not records:
+            raise UserError("Nothing to evaluate: the task has no records.")
         grader_name, label = settings.grader or guess_grader(records), "records"
     grade = graders.get(grader_name)
+    how = "chosen with --grader" if settings.grader else "guessed from the task, as no --grader was given"
+    rows = [(r.source or f"record {i}", grading_record(r)) for i, r in enumerate(records)]
+    graders.check_gold_fields(grader_name, rows, how)
     if isinstance(model, (str, Path)):
         model, tokenizer = load_fp32(str(model))
     elif tokenizer is None:
@@ -77,12 +82,40 @@ def run_evaluations(settings: EvalSettings, echo: Callable[[str], None] = print)
         )
     if settings.probes or settings.humaneval:
         results["probes"] = _probes(settings, out / "probes")
-        echo(json.dumps(results["probes"], indent=2))
+        echo(probes_line(results["probes"], out / "probes" / "report.json"))
     if settings.lm_eval_tasks:
         results["lm_eval"] = _lm_eval(settings)
-        echo(json.dumps(results["lm_eval"], indent=2))
+        write_json(out / "lm_eval.json", results["lm_eval"])
+        echo(lm_eval_line(results["lm_eval"], out / "lm_eval.json"))
     write_json(out / "results.json", results)
     return results
+
+
+def probes_line(report: dict, path: Path) -> str:
+    """One line for the terminal: each suite's score (and its change from the base), drift, and where the
+    whole report is (it runs to hundreds of lines: categories, intervals, per-prompt drift)."""
+    parts = []
+    relative = report.get("relative") or {}
+    for suite, scores in report["absolute"].items():
+        key = "pass_at_1" if "pass_at_1" in scores else "score"
+        name = f"{suite} pass@1" if key == "pass_at_1" else suite
+        part = f"{name} {scores[key]:.4f} over {scores['count']}"
+        if key in relative.get(suite, {}):
+            part += f" ({relative[suite][key]:+.4f} vs base)"
+        parts.append(part)
+    if "drift" in report:
+        drift = report["drift"]
+        parts.append(f"drift KL {drift['kl_nats']:.4f} nats/token over {drift['prompts']} prompts")
+    return f"probes: {'; '.join(parts)}; report in {path}"
+
+
+def lm_eval_line(scores: dict, path: Path) -> str:
+    """One line for the terminal: each lm-eval task's first metric, and the file with all of them."""
+    parts = []
+    for task, metrics in scores.items():
+        shown = [(k, v) for k, v in metrics.items() if k != "documents" and "stderr" not in k][:1]
+        parts.append(task + "".join(f" {k} {v:.4f}" for k, v in shown))
+    return f"lm-eval: {'; '.join(parts)}; all metrics in {path}"
 
 
 def _probes(settings: EvalSettings, out_dir: Path) -> dict:

@@ -6,7 +6,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from selfdistill.errors import UserError
-from selfdistill.options import check_choice, check_output_dir, setting
+from selfdistill.options import check_choice, check_output_dir, check_types, setting
 from selfdistill.precision import PRECISIONS
 
 
@@ -19,7 +19,11 @@ class EvaluateSettings:
         "exact, contains, regex, numeric, choice_tag, toolalpaca, toolalpaca_robust or judge "
         "(guessed from the file when omitted).",
     )
-    limit: int | None = setting(None, "Evaluate only the first N records (and N problems per suite).")
+    limit: int | None = setting(
+        None,
+        "Evaluate only the first N records of the task, and N items of every other suite: probes (spread over "
+        "their categories), drift prompts, HumanEval problems, documents per lm-eval task.",
+    )
     n_samples: int = setting(1, "Samples per record (needs --temperature > 0); reports pass@k.")
     temperature: float = setting(0.0, "0 is greedy decoding.")
     max_new_tokens: int = setting(512, "Token limit for task outputs.")
@@ -28,7 +32,10 @@ class EvaluateSettings:
     seed: int = setting(0, "Sampling seed (and the generator seed of a built-in task).")
 
     def __post_init__(self) -> None:
+        check_types(self)
         check_choice("--precision", self.precision, PRECISIONS)
+        if self.limit is not None and self.limit < 1:
+            raise UserError(f"--limit must be at least 1, got {self.limit}.")
 
 
 @dataclass(frozen=True, kw_only=True)

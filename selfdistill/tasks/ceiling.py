@@ -129,9 +129,9 @@ def _prompt_sets(
 
 def table(results: list[CeilingResult]) -> str:
     """A Markdown table: one row per prompt, scores in percent, log-likelihood gain over the student."""
-    metric_names = list(results[0].scores)
-    head = "| prompt | " + " | ".join(metric_names) + " | demo loglik (nats/token) | gain | first-token gain |"
-    lines = [head, "|" + "---|" * (len(metric_names) + 4)]
+    metric_names = list(results[0].scores)  # none for records without answers: log-likelihoods only
+    columns = ["prompt", *metric_names, "demo loglik (nats/token)", "gain", "first-token gain"]
+    lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
     student = results[0]
     for r in results:
         cells = [f"{100 * r.scores[m]:.1f}" for m in metric_names]

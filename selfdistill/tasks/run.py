@@ -67,7 +67,7 @@ def measure_ceiling(settings: CeilingSettings) -> Ceiling:
 
 def _records(settings: CeilingSettings) -> tuple[list, tuple, str]:
     """(records of the split, metrics, the recommended template) of a built-in task or a data source."""
-    from selfdistill.tasks import Metric, get_task, list_tasks, make_task
+    from selfdistill.tasks import get_task, list_tasks, make_task
     from selfdistill.tasks.loaders import load_dataset_records
 
     task, split = settings.task, settings.split
@@ -77,9 +77,35 @@ def _records(settings: CeilingSettings) -> tuple[list, tuple, str]:
         if split not in splits:
             raise UserError(f"Task {task!r} has no split {split!r}; it has {', '.join(splits)}.")
         return splits[split], spec.metrics, spec.teacher_template
-    if not settings.grader:
-        raise UserError(
-            f"{task}: not a built-in task; to measure a data file give --grader (e.g. toolalpaca, choice_tag)."
-        )
     records = load_dataset_records(task, format=settings.format, split="train" if split == "eval" else split)
-    return records, tuple(Metric(g, g) for g in settings.grader), "plain"
+    if not records:
+        raise UserError(f"{task}: no records.")
+    return records, _file_metrics(task, records[: settings.limit], settings), "plain"
+
+
+def _file_metrics(task: str, records: list, settings: CeilingSettings) -> tuple:
+    """The metrics of a data file: --grader, or the grader `sdft eval` and `sdft diagnose` guess from the
+    records; none when no record has the field the guessed grader reads (the demonstration log-likelihood
+    is then measured alone). Every measured record is checked for its grader's field before the model is
+    loaded, so a file with gaps fails at once rather than after generating."""
+    from selfdistill.eval.evaluate import grading_record
+    from selfdistill.eval.graders import GOLD_FIELDS, check_gold_fields
+    from selfdistill.tasks import Metric
+    from selfdistill.tasks.resolve import guess_grader
+
+    rows = [(r.source or f"record {i}", grading_record(r)) for i, r in enumerate(records)]
+    if settings.grader:
+        names, how = list(settings.grader), "chosen with --grader"
+    else:
+        names, how = [guess_grader(records)], "guessed from the file, as no --grader was given"
+        fields = GOLD_FIELDS.get(names[0], ())
+        if not any(row.get(f) is not None for _, row in rows for f in fields):
+            if settings.loglik:
+                return ()
+            raise UserError(
+                f"{task}: no record has {' or '.join(map(repr, fields))} to grade, and --no-loglik turns off the "
+                "log-likelihood gain: nothing to measure. Drop --no-loglik, or give --grader."
+            )
+    for name in names:
+        check_gold_fields(name, rows, how)
+    return tuple(Metric(g, g) for g in names)

@@ -6,7 +6,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from selfdistill.options import as_tuples, check_choice, check_output_dir, setting
+from selfdistill.options import as_tuples, check_choice, check_output_dir, check_types, setting
 from selfdistill.precision import PRECISIONS
 
 TASK_HELP = "A built-in task (`sdft data list`)."
@@ -23,6 +23,9 @@ class ShowSettings:
     size: int | None = setting(None, SIZE_HELP)
     count: int = setting(2, "Records to print from each split.")
 
+    def __post_init__(self) -> None:
+        check_types(self)
+
 
 @dataclass(frozen=True, kw_only=True)
 class MakeSettings:
@@ -34,6 +37,7 @@ class MakeSettings:
     size: int | None = setting(None, SIZE_HELP)
 
     def __post_init__(self) -> None:
+        check_types(self)
         check_output_dir("--out", Path(self.out))
 
 
@@ -42,7 +46,7 @@ class CeilingSettings:
     """What `sdft data ceiling` measures: a model's greedy accuracy without the demonstration (student) and
     with it (teacher, per template), and the demonstration log-likelihood gain."""
 
-    task: str = setting(help="A built-in task, or a data file/directory/hf:NAME (then give --grader).")
+    task: str = setting(help="A built-in task, or a data file/directory/hf:NAME.")
     model: str = setting("smollm2-135m", "Model: alias, hub id, directory or .gguf file.")
     template: tuple[str, ...] = setting(
         (),
@@ -56,7 +60,11 @@ class CeilingSettings:
     format: str = setting(
         "auto", "Row format of a data file: auto, records, paper-tooluse, paper-science, huatuo, messages."
     )
-    grader: tuple[str, ...] = setting((), "Grader(s) for a data file (e.g. toolalpaca, choice_tag).")
+    grader: tuple[str, ...] = setting(
+        (),
+        "Grader(s) for a data file (e.g. toolalpaca, choice_tag); default: guessed from the records as "
+        "`sdft eval` guesses it (none when no record has an answer: log-likelihood only).",
+    )
     max_new_tokens: int = setting(96, "Greedy generation budget per answer.")
     # auto, as for every command: bf16 only where the device computes it fast. Greedy teacher outputs
     # of a small model can flip between precisions (SmolLM2-135M's first-token distribution is flat).
@@ -66,5 +74,6 @@ class CeilingSettings:
     outputs: Path | None = setting(None, "Write every prompt's outputs and scores to this JSONL file.")
 
     def __post_init__(self) -> None:
+        check_types(self)
         as_tuples(self, "template", "grader")
         check_choice("--precision", self.precision, PRECISIONS)
