@@ -24,15 +24,21 @@ from pathlib import Path
 from typing import Any
 
 from selfdistill.errors import UserError
-from selfdistill.options import given_options, setting
+from selfdistill.options import check_types, given_options, setting
 
 
 @dataclass(frozen=True, kw_only=True)
 class TrainSettings:
     """How `selfdistill.training.loop` and `sdft train` run a config (the Config holds every training setting)."""
 
-    resume: bool = setting(False, "Continue from the newest checkpoint in the run directory.")
+    resume: bool = setting(
+        False,
+        "Continue from the newest checkpoint in the run directory (none yet: start from step 0, with a warning).",
+    )
     overwrite: bool = setting(False, "Replace a different run already in the run directory.")
+
+    def __post_init__(self) -> None:
+        check_types(self)
 
 
 def _config(config: Any, overrides: dict) -> Any:
@@ -48,15 +54,21 @@ def _config(config: Any, overrides: dict) -> Any:
     raise UserError(f"config: expected a Config, a YAML file path or a mapping, got {type(config).__name__}.")
 
 
-def _records(records: Any, require_demonstration: bool = True):
-    """Records from a file/dataset source, a list of mappings, or Records (None stays None)."""
+def _records(records: Any, argument: str, require_demonstration: bool = True):
+    """Records from a file/dataset source, a list of mappings, or Records (None stays None); `argument`
+    ("train(records=...)") is named by the messages."""
     from selfdistill.data.records import Record, load_records, records_from_rows
 
-    if records is None or (isinstance(records, list) and all(isinstance(r, Record) for r in records)):
-        return records
+    if records is None:
+        return None
     if isinstance(records, (str, Path)):
-        return load_records(records, require_demonstration=require_demonstration)
-    return records_from_rows(list(records), "records", require_demonstration=require_demonstration)
+        return load_records(records, require_demonstration=require_demonstration, origin=argument)
+    rows = list(records)
+    if not rows:
+        raise UserError(f"{argument}: no records (an empty list). Give at least one record.")
+    if all(isinstance(r, Record) for r in rows):
+        return rows
+    return records_from_rows(rows, argument, require_demonstration=require_demonstration)
 
 
 def train(
@@ -75,12 +87,13 @@ def train(
     (output_dir, steps, final_dir, metrics, model, tokenizer)."""
     from selfdistill.progress import quiet_third_party_bars
     from selfdistill.training.loop import train as run_training
+    from selfdistill.training.run_directory import check_resume
 
     cfg = _config(config, overrides)
+    records = _records(records, "train(records=...)")
+    check_resume(cfg, resume, overwrite)
     quiet_third_party_bars()
-    return run_training(
-        cfg, records=_records(records), model=model, tokenizer=tokenizer, resume=resume, overwrite=overwrite
-    )
+    return run_training(cfg, records=records, model=model, tokenizer=tokenizer, resume=resume, overwrite=overwrite)
 
 
 def evaluate(
@@ -105,7 +118,7 @@ def evaluate(
     given_options(EvaluateSettings, "evaluate()", options, exclude={"grader", "limit"})
     settings = EvaluateSettings(grader=grader, limit=limit, **options)
     if not isinstance(task, (str, Path)):
-        task = _records(task, require_demonstration=False)
+        task = _records(task, "evaluate(task=...)", require_demonstration=False)
     quiet_third_party_bars()
     return evaluate_task(model, task, settings, tokenizer=tokenizer, out=out)
 

@@ -44,7 +44,7 @@ def main() -> None:
     """Run the `sdft` command. Exit statuses: 0 done; 2 bad input (UserError, nothing written);
     1 the run could not go on (RunFailed, last checkpoint intact); 128 + signal a deliberate stop
     (RunStopped or Ctrl-C: 130 for SIGINT, 143 for SIGTERM), so a scheduler can tell a pre-emption
-    from a mistake."""
+    from a mistake. The first two print "error: ..."; a stop prints its own "Stopped by ..." line."""
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     for noisy in ("httpx", "urllib3", "filelock"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
@@ -53,14 +53,17 @@ def main() -> None:
     quiet_third_party_bars()
     try:
         app()
-    except (UserError, RunFailed, RunStopped) as exc:
+    except (UserError, RunFailed) as exc:
         typer.secho(f"error: {exc}", fg=typer.colors.RED, err=True)
+        sys.exit(exc.exit_code)
+    except RunStopped as exc:  # asked for, so not an error: its message ("Stopped by ...") says what was kept
+        typer.secho(str(exc), fg=typer.colors.YELLOW, err=True)
         sys.exit(exc.exit_code)
     except KeyboardInterrupt:  # Ctrl-C outside the training loop (inside it, the loop checkpoints and stops)
         typer.secho(
-            "error: interrupted. Checkpoints and results already complete on disk are kept; "
+            "Stopped by Ctrl-C (SIGINT). Checkpoints and results already complete on disk are kept; "
             "a training run continues from its newest checkpoint with --resume.",
-            fg=typer.colors.RED,
+            fg=typer.colors.YELLOW,
             err=True,
         )
         sys.exit(128 + signal.SIGINT)

@@ -6,7 +6,8 @@
 | `RunFailed` | 1 | the run could not go on (non-finite steps, full disk); the last checkpoint is intact |
 | `RunStopped` | 128 + signal (130 Ctrl-C, 143 SIGTERM) | stopped on purpose after writing a checkpoint; `--resume` continues |
 
-The CLI prints the message and exits with the status, without a traceback.
+The CLI prints `error: MESSAGE` (a stop: its own "Stopped by ..." line, since a stop asked for is not an
+error) and exits with the status, without a traceback.
 """
 
 from __future__ import annotations
@@ -27,7 +28,8 @@ class RunFailed(Exception):
 
 
 class RunStopped(Exception):
-    """The run stopped on purpose (a signal), after writing a checkpoint it can resume from."""
+    """The run stopped on purpose (a signal), after writing a checkpoint it can resume from; the message
+    starts with "Stopped" (e.g. "Stopped by SIGTERM after step 3; ...")."""
 
     def __init__(self, message: str, signum: int = signal.SIGTERM):
         super().__init__(message)

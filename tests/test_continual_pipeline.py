@@ -235,7 +235,7 @@ def test_cli_report_command_and_bad_config_exit_code(tmp_path):
         text=True,
         env=env,
     )
-    assert proc.returncode == 2 and "not a continual run directory" in proc.stderr
+    assert proc.returncode == 2 and "nothing: no such directory" in proc.stderr
 
 
 def test_parallel_sequences_give_the_same_results_as_one_process(tmp_path):

@@ -33,7 +33,7 @@ def run_and_report(cfg, overwrite: bool) -> dict:
     except RunFailed as exc:
         raise RunFailed(f"{exc} {again}") from None
     except KeyboardInterrupt:
-        typer.secho(f"\ninterrupted. {again}", fg=typer.colors.YELLOW, err=True)
+        typer.secho(f"\nStopped by Ctrl-C (SIGINT). {again}", fg=typer.colors.YELLOW, err=True)
         raise typer.Exit(128 + signal.SIGINT) from None
     paths = write_report(cfg.output_dir)
     typer.echo("")

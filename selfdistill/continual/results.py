@@ -129,6 +129,10 @@ def _per_stage_ci(rows: list[list]) -> list:
 
 def collect(out_dir: str | Path) -> dict:
     out = Path(out_dir)
+    if not out.exists():
+        raise UserError(f"{out}: no such directory. Give a run directory written by `sdft continual`, compare or demo.")
+    if not out.is_dir():
+        raise UserError(f"{out} is a file, not a run directory written by `sdft continual`, compare or demo.")
     if not layout.config_file(out).is_file():
         raise UserError(f"{out} is not a continual run directory (no config.json); run `sdft continual` first.")
     config = read_json(layout.config_file(out))

@@ -64,7 +64,7 @@ def build_tasks(cfg: ContinualConfig) -> list[StreamTask]:
     from selfdistill.tasks import Metric, get_task, make_task
 
     tasks = []
-    for stage in cfg.stream:
+    for i, stage in enumerate(cfg.stream):
         budget = stage.max_new_tokens or cfg.eval.max_new_tokens
         template = _template(cfg, stage)
         if stage.task:
@@ -78,8 +78,9 @@ def build_tasks(cfg: ContinualConfig) -> list[StreamTask]:
                 )
             )
         else:
-            train = load_records(stage.train)
-            evals = load_records(stage.eval, require_demonstration=False)
+            where = f"stream[{i}].{{}} of the stream config (task {stage.name!r})"
+            train = load_records(stage.train, origin=where.format("train"))
+            evals = load_records(stage.eval, require_demonstration=False, origin=where.format("eval"))
             if stage.size:
                 train = train[: stage.size]
             if stage.eval_size:
@@ -100,16 +101,46 @@ def _fingerprint(cfg: ContinualConfig) -> dict:
     return {k: data[k] for k in ("stream", "base", "data_seed", "eval")}
 
 
+def check_inputs(cfg: ContinualConfig) -> None:
+    """Read now what the run reads later (the starting model's tokenizer, each method's own files), so
+    a mistake is refused before the run directory is written. (The stream's records are read by
+    build_tasks, the config's fields and every method's stage configs checked when it was parsed.)"""
+    from selfdistill.models import load_tokenizer
+    from selfdistill.training.run_directory import check_method_inputs
+
+    for method in cfg.methods:
+        for stage in cfg.stream:
+            stage_cfg = cfg.stage_config(method, stage, cfg.seeds[0], Path(cfg.output_dir))
+            try:
+                check_method_inputs(stage_cfg)
+            except UserError as exc:
+                raise UserError(f"method {method.name!r}, stage {stage.name!r}: {exc}") from None
+    start = cfg.stage_config(cfg.methods[0], cfg.stream[0], cfg.seeds[0], Path(cfg.output_dir)).model
+    load_tokenizer(start.name, start.trust_remote_code)  # a wrong model.name fails here, not after config.json
+
+
 def prepare_run_dir(cfg: ContinualConfig, overwrite: bool) -> Path:
+    """Check the run directory against this config (reading only), then clear it (--overwrite) and record
+    the config and the methods. Every refusal comes before the first change to the directory."""
     out = Path(cfg.output_dir)
+    if out.exists() and not out.is_dir():
+        raise UserError(f"output_dir {out} is a file, not a directory. Choose another output_dir (-o).")
     saved = layout.config_file(out)
-    if saved.is_file() and not overwrite:
-        previous = read_json(saved)
-        if _fingerprint_of(previous) != _fingerprint(cfg):
-            raise UserError(
-                f"{out} holds a run with another stream, base config or evaluation settings. "
-                "Choose another output_dir, or pass --overwrite to start again."
-            )
+    previous = _read_saved(saved) if saved.is_file() and not overwrite else None
+    if previous is not None and _fingerprint_of(previous) != _fingerprint(cfg):
+        raise UserError(
+            f"{out} holds a run with another stream, base config or evaluation settings. "
+            "Choose another output_dir, or pass --overwrite to start again."
+        )
+    entries = {m.name: {"name": m.name, "method": m.method, "overrides": m.overrides} for m in cfg.methods}
+    if not overwrite:
+        for name, entry in entries.items():
+            path = layout.method_file(out, name)
+            if path.is_file() and _read_saved(path) != entry:
+                raise UserError(
+                    f"{out}: method {name!r} was run before with other settings; give the changed "
+                    "entry a new name, or pass --overwrite to start again."
+                )
     if overwrite and out.exists():
         for child in layout.OVERWRITTEN:
             target = out / child
@@ -118,26 +149,25 @@ def prepare_run_dir(cfg: ContinualConfig, overwrite: bool) -> Path:
             elif target.exists():
                 target.unlink()
     out.mkdir(parents=True, exist_ok=True)
-    if saved.is_file():  # keep the methods of earlier invocations, so the report shows them all
-        previous = read_json(saved)
-        known = {m["name"] for m in cfg.to_dict()["methods"]}
-        extra = [m for m in previous.get("methods", []) if m["name"] not in known]
-        data = cfg.to_dict()
-        data["methods"] = extra + data["methods"]
+    data = cfg.to_dict()
+    if previous is not None:  # keep the methods of earlier invocations, so the report shows them all
+        data["methods"] = [m for m in previous.get("methods", []) if m["name"] not in entries] + data["methods"]
         data["seeds"] = sorted(set(previous.get("seeds", [])) | set(cfg.seeds))
-    else:
-        data = cfg.to_dict()
     write_json(saved, data)
-    for method in cfg.methods:
-        entry = {"name": method.name, "method": method.method, "overrides": method.overrides}
-        path = layout.method_file(out, method.name)
-        if path.is_file() and read_json(path) != entry:
-            raise UserError(
-                f"{out}: method {method.name!r} was run before with other settings; give the changed "
-                "entry a new name, or pass --overwrite to start again."
-            )
-        write_json(path, entry)
+    for name, entry in entries.items():
+        write_json(layout.method_file(out, name), entry)
     return out
+
+
+def _read_saved(path: Path):
+    """A JSON file an earlier invocation wrote; a damaged one is the user's to resolve, not a traceback."""
+    try:
+        return read_json(path)
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise UserError(
+            f"{path} is damaged ({exc}), so the run it belongs to cannot be identified. "
+            "Choose another output_dir, or pass --overwrite to start again."
+        ) from None
 
 
 def _fingerprint_of(saved: dict) -> dict:
@@ -157,10 +187,15 @@ class Runner:
         prepared: bool = False,
     ):
         self.cfg = cfg
-        # A worker process of a parallel run finds the directory already prepared by its parent.
-        self.out = Path(cfg.output_dir) if prepared else prepare_run_dir(cfg, overwrite)
         self.echo = echo
+        # Every input is read before the run directory is written: a mistake must not leave a config.json
+        # behind that the corrected rerun is then refused as "another stream".
         self.tasks = build_tasks(cfg)
+        if prepared:  # a worker process of a parallel run, whose parent checked and prepared everything
+            self.out = Path(cfg.output_dir)
+        else:
+            check_inputs(cfg)
+            self.out = prepare_run_dir(cfg, overwrite)
         self._start_model = None
         self._drift_answers = None
         from selfdistill.training.loop import train

@@ -69,7 +69,8 @@ def make_command(
     seed: int = _make("seed"),
     size: Optional[int] = _make("size"),
 ) -> None:
-    """Write TRAIN/EVAL (and other) splits as JSONL: train.jsonl, eval.jsonl, [ood.jsonl, documents.jsonl]."""
+    """Write the task's splits as JSONL files under --out: train.jsonl, eval.jsonl and, for tasks that have
+    them, ood.jsonl and documents.jsonl."""
     from selfdistill.tasks.run import write_task_files
 
     for path, count, what in write_task_files(MakeSettings(task=task, out=out, seed=seed, size=size)):

@@ -169,6 +169,8 @@ class PromptBuilder:
         )
 
     def encode_all(self, records: list[Record]) -> list[EncodedRecord]:
+        if not records:
+            raise UserError("No records to train on: the list of records given is empty.")
         encoded = [self.encode(r, i) for i, r in enumerate(records)]
         kept = [e for e in encoded if e is not None]
         if not kept:

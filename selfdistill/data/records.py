@@ -3,7 +3,9 @@
 A record is one example: the `prompt` the student sees (a string, or chat messages ending with
 a user turn), the expert `demonstration`, optional teacher-only `context` (e.g. a source
 document), an optional gold `answer` for grading, and any other columns kept as `meta`.
-Every problem names the file, the line (1-based) and the field.
+Every problem names the file, the line (1-based) and the field; a file that cannot be read also
+names where its path was given (`origin`, e.g. "data.train (or --data)" or "--task"), so the
+message points at the option or key the user actually wrote.
 """
 
 from __future__ import annotations
@@ -129,25 +131,36 @@ def record_from_row(row: Any, source: str, columns: dict | None = None, require_
     )
 
 
+def _check(origin: str | None, what: str = "path") -> str:
+    """The end of a message about a source: where to fix it, when we know where it was given."""
+    return f" Check the {what} given as {origin}." if origin else f" Check the {what}."
+
+
 def records_from_rows(
-    rows: Iterable[Any], name: str, columns: dict | None = None, require_demonstration: bool = True
+    rows: Iterable[Any],
+    name: str,
+    columns: dict | None = None,
+    require_demonstration: bool = True,
+    origin: str | None = None,
 ) -> list[Record]:
     records = [
         record_from_row(row, f"{name} row {i + 1}", columns, require_demonstration) for i, row in enumerate(rows)
     ]
     if not records:
-        raise UserError(f"{name}: no records (the dataset is empty). Point data.train at a dataset with records.")
+        point = f" Point {origin} at a dataset with records." if origin else ""
+        raise UserError(f"{name}: no records (the dataset is empty).{point}")
     return records
 
 
-def read_jsonl(path: Path) -> list[tuple[int, Any]]:
-    """(line number, parsed object) for every non-blank line, with clear errors."""
+def read_jsonl(path: Path, origin: str | None = None) -> list[tuple[int, Any]]:
+    """(line number, parsed object) for every non-blank line, with clear errors; `origin` names where the
+    path was given (an option or config key), for the message when the file cannot be read."""
     try:
         raw = path.read_bytes()
     except FileNotFoundError:
-        raise UserError(f"{path}: file not found. Check the path given as data.train (or --data).") from None
+        raise UserError(f"{path}: file not found.{_check(origin)}") from None
     except IsADirectoryError:
-        raise UserError(f"{path}: is a directory, expected a .jsonl file. Point data.train at the file.") from None
+        raise UserError(f"{path}: is a directory, expected a .jsonl file.{_check(origin)}") from None
     rows = []
     for number, line in enumerate(raw.split(b"\n"), start=1):
         if not line.strip():
@@ -179,9 +192,16 @@ def builtin_path(name: str) -> Path:
 
 
 def load_records(
-    source: str | Path, columns: dict | None = None, split: str = "train", require_demonstration: bool = True
+    source: str | Path,
+    columns: dict | None = None,
+    split: str = "train",
+    require_demonstration: bool = True,
+    origin: str | None = None,
 ) -> list[Record]:
-    """Records from a .jsonl file, a `save_to_disk` directory, `hf:NAME` (load_dataset) or `builtin:NAME`."""
+    """Records from a .jsonl file, a `save_to_disk` directory, `hf:NAME` (load_dataset) or `builtin:NAME`.
+
+    `origin` says where `source` was given (e.g. "data.train (or --data)", "--task", "stream[1].train"):
+    the caller knows, and a message about a missing or empty source names it."""
     text = str(source)
     if text.startswith("builtin:"):
         path = builtin_path(text.split(":", 1)[1])
@@ -191,8 +211,8 @@ def load_records(
         try:
             ds = datasets.load_dataset(text[3:], split=split)
         except Exception as exc:  # noqa: BLE001 - any loader failure is the user's source
-            raise UserError(f"{text}: could not load the dataset ({exc}).") from None
-        return records_from_rows(ds, text, columns, require_demonstration)
+            raise UserError(f"{text}: could not load the dataset ({exc}).{_check(origin, 'name')}") from None
+        return records_from_rows(ds, text, columns, require_demonstration, origin)
     else:
         path = Path(text)
         if path.is_dir():
@@ -201,16 +221,17 @@ def load_records(
             try:
                 ds = datasets.load_from_disk(str(path))
             except Exception as exc:  # noqa: BLE001
+                point = f"Point {origin} at" if origin else "Give"
                 raise UserError(
-                    f"{path}: not a saved Hugging Face dataset ({exc}). Point data.train at a .jsonl "
-                    "file or a directory written by Dataset.save_to_disk."
+                    f"{path}: not a saved Hugging Face dataset ({exc}). {point} a .jsonl file or a directory "
+                    "written by Dataset.save_to_disk."
                 ) from None
             if isinstance(ds, datasets.DatasetDict):
                 if split not in ds:
                     raise UserError(f"{path}: no split {split!r}; it has {', '.join(ds)}.")
                 ds = ds[split]
-            return records_from_rows(ds, str(path), columns, require_demonstration)
-    rows = read_jsonl(path)
+            return records_from_rows(ds, str(path), columns, require_demonstration, origin)
+    rows = read_jsonl(path, origin)
     if not rows:
         raise UserError(f"{path}: no records (the file is empty). Add records, one JSON object per line.")
     return [record_from_row(row, f"{path} line {number}", columns, require_demonstration) for number, row in rows]

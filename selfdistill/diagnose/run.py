@@ -55,7 +55,7 @@ def task_records(name: str | None, cfg, split: str | None, format: str, graders:
         label = name
     elif cfg.data.train:
         # Exactly how `sdft train` reads its data.
-        records = load_records(cfg.data.train, cfg.data.columns, cfg.data.split)
+        records = load_records(cfg.data.train, cfg.data.columns, cfg.data.split, origin="data.train")
         label = cfg.data.train
     else:
         raise UserError("No task: give a built-in task (e.g. tooluse), a data file, or --config with data.train set.")

@@ -56,7 +56,7 @@ def resolve_task(
     """(records, grader name) for a file path or a built-in task name."""
     path = Path(task)
     if path.suffix in (".jsonl", ".json") or path.exists() or "/" in task:
-        records = load_records(path, require_demonstration=False)
+        records = load_records(path, require_demonstration=False, origin="--task")
         default = guess_grader(records)
     else:
         records, default = named_task(task, seed)

@@ -60,6 +60,9 @@ def register(app: typer.Typer) -> None:
         shortcuts = [f"{key}={ctx.params[name]}" for name, key in SHORTCUTS.items() if ctx.params[name] is not None]
         cfg = load_config(config, list(set_) + shortcuts)
         from selfdistill.training.loop import train  # heavy imports only when training
+        from selfdistill.training.run_directory import check_resume
+
+        check_resume(cfg, settings.resume, settings.overwrite)
 
         _report(train(cfg, resume=settings.resume, overwrite=settings.overwrite))
 

@@ -1,5 +1,8 @@
 """The run directory: what identifies a run, refusing one that would be misused, clear write errors.
 
+Everything here that checks reads only: a run's inputs and its directory are checked before its
+first write, so a refusal leaves the directory as it was.
+
 `OUTPUT_DIR/run.json` records the run's settings; a directory holding a different run is never
 reused silently. A failed write (full disk, no permission) becomes one `RunFailed` message that
 names what could not be written and which checkpoint is intact. Under several processes
@@ -9,6 +12,8 @@ names what could not be written and which checkpoint is intact. Under several pr
 from __future__ import annotations
 
 import json
+import logging
+import os
 from pathlib import Path
 
 from selfdistill.config import Config
@@ -16,6 +21,8 @@ from selfdistill.errors import RunFailed, UserError
 from selfdistill.files import write_atomic
 from selfdistill.models.distributed import Processes
 from selfdistill.training.checkpoint import inside, latest_checkpoint
+
+log = logging.getLogger(__name__)
 
 
 def _fingerprint(cfg: Config) -> dict:
@@ -51,6 +58,41 @@ def check_output_dir(cfg: Config, resume: bool, overwrite: bool) -> Path:
                 f"{out} already holds checkpoints of this run. Pass --resume to continue it, or --overwrite to start again."
             )
     return out
+
+
+def check_resume(cfg: Config, resume: bool, overwrite: bool) -> None:
+    """--resume with nothing to resume: a new or empty directory, or a run stopped before its first
+    checkpoint, starts from step 0 with a warning (so a job script may always pass --resume); a
+    directory holding files but no run of `sdft train` is refused, as a mistaken train.output_dir."""
+    if not resume or overwrite:  # --overwrite starts again whatever is there
+        return
+    out = Path(cfg.train.output_dir)
+    if latest_checkpoint(out) is not None or (out.exists() and not out.is_dir()):  # (a file: refused later)
+        return
+    if out.is_dir() and not (out / "run.json").is_file() and any(out.iterdir()):
+        raise UserError(
+            f"--resume: {out} holds no run to continue (no run.json; it was not written by `sdft train`). "
+            "Check train.output_dir (-o), or leave out --resume to start a new run there."
+        )
+    if os.environ.get("RANK", "0") == "0":  # under torchrun the first process speaks for all
+        log.warning("--resume: no checkpoint in %s; starting from step 0.", out / "checkpoints")
+
+
+def check_method_inputs(cfg: Config) -> None:
+    """Read now the files a method reads only once the run directory is written (its set-up), so a bad
+    one is refused before anything is written; the messages name the setting that gave the path."""
+    from selfdistill.data.records import load_records
+
+    if cfg.method == "cpt" and cfg.data.documents:
+        from selfdistill.methods.cpt import load_documents
+
+        if not Path(cfg.data.documents).is_file():
+            raise UserError(f"{cfg.data.documents}: file not found. Check the path given as data.documents.")
+        load_documents(cfg.data.documents)
+    if cfg.method == "sft_replay" and cfg.replay.data:
+        load_records(cfg.replay.data, require_demonstration=False, origin="replay.data")
+    if cfg.method == "sft_reinvoke" and cfg.reinvoke.prompts:
+        load_records(cfg.reinvoke.prompts, require_demonstration=False, origin="reinvoke.prompts")
 
 
 PROBE_PREFIX = ".selfdistill-probe-"
