@@ -80,13 +80,13 @@ def table(rows: list[dict], columns: list[str]) -> str:
     return "\n".join([line(columns), line(["-" * w for w in widths])] + [line(r) for r in cells])
 
 
-def fixed_student_prompts(num: int, model, tokenizer) -> tuple[list[list[int]], int]:
-    """(student prompt ids of `num` fixed records, end-of-turn token id): what the rollout suites sample from."""
+def fixed_student_prompts(num: int, model, tokenizer) -> tuple[list[list[int]], list[int]]:
+    """(student prompt ids of `num` fixed records, the ids that end a turn): what the rollout suites sample from."""
     from selfdistill.data import PromptBuilder
     from selfdistill.data.records import Record
-    from selfdistill.models import stop_token_id
+    from selfdistill.models import stop_token_ids
 
-    stop = stop_token_id(model, tokenizer)
-    builder = PromptBuilder(tokenizer, "plain", None, 1024, 2048, "error", stop)
+    stop = stop_token_ids(model, tokenizer)
+    builder = PromptBuilder(tokenizer, "plain", None, 1024, 2048, "error")
     records = [Record(prompt=r["prompt"], demonstration=r["demonstration"]) for r in fixed_records(num, 16, tokenizer)]
     return [e.student_ids for e in builder.encode_all(records)], stop

@@ -52,13 +52,13 @@ def mfu_suite(args) -> dict:
     from selfdistill.data.records import Record
     from selfdistill.distillation.losses import chunked_token_loss, output_head
     from selfdistill.methods.base import TrainItem, completion_hidden
-    from selfdistill.models import load_model, stop_token_id
+    from selfdistill.models import load_model
 
     torch.set_num_threads(2)
     model, tokenizer = load_model("smollm2-135m", torch.float32)
     model.train()
     model.config.use_cache = False
-    builder = PromptBuilder(tokenizer, "paper", None, 1024, 2048, "error", stop_token_id(model, tokenizer))
+    builder = PromptBuilder(tokenizer, "paper", None, 1024, 2048, "error")
     records = [
         Record(prompt=r["prompt"], demonstration=r["demonstration"])
         for r in fixed_records(args.prompts, args.length, tokenizer)

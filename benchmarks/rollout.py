@@ -37,7 +37,7 @@ def rollout_suite(args) -> dict:
             out = rollout.generate(
                 model,
                 prompts,
-                stop_token_ids=[stop],
+                stop_token_ids=stop,
                 pad_token_id=tokenizer.pad_token_id,
                 max_new_tokens=args.length,
                 temperature=1.0,

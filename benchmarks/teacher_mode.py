@@ -18,12 +18,12 @@ def teacher_mode_suite(args) -> dict:
     from selfdistill.data import PromptBuilder
     from selfdistill.data.records import Record
     from selfdistill.methods.base import TrainItem, completion_hidden
-    from selfdistill.models import load_model, stop_token_id
+    from selfdistill.models import load_model
 
     torch.set_num_threads(2)
     model, tokenizer = load_model("smollm2-135m", torch.float32)
     model.eval()
-    builder = PromptBuilder(tokenizer, "paper", None, 1024, 2048, "error", stop_token_id(model, tokenizer))
+    builder = PromptBuilder(tokenizer, "paper", None, 1024, 2048, "error")
     encoded = builder.encode_all(
         [
             Record(prompt=r["prompt"], demonstration=r["demonstration"])

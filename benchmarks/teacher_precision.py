@@ -24,12 +24,12 @@ import time
 from benchmarks.common import RESULTS, fixed_records, median
 
 
-def _items(args, tokenizer, stop_id):
+def _items(args, tokenizer):
     from selfdistill.data import PromptBuilder
     from selfdistill.data.records import Record
     from selfdistill.methods.base import TrainItem
 
-    builder = PromptBuilder(tokenizer, "paper", None, 1024, 2048, "error", stop_id)
+    builder = PromptBuilder(tokenizer, "paper", None, 1024, 2048, "error")
     records = [
         Record(prompt=r["prompt"], demonstration=r["demonstration"])
         for r in fixed_records(args.prompts, args.length, tokenizer)
@@ -83,7 +83,7 @@ def main(argv=None) -> dict:
     import torch
 
     from selfdistill.methods.base import completion_hidden
-    from selfdistill.models import load_model, stop_token_id
+    from selfdistill.models import load_model
     from selfdistill.precision import cpu_has_bf16_instructions
 
     parser = argparse.ArgumentParser()
@@ -95,7 +95,7 @@ def main(argv=None) -> dict:
     model, tokenizer = load_model("smollm2-135m", torch.float32)
     model.eval().requires_grad_(False)
     bf16_copy = copy.deepcopy(model).to(torch.bfloat16)
-    items = _items(args, tokenizer, stop_token_id(model, tokenizer))
+    items = _items(args, tokenizer)
     pad = tokenizer.pad_token_id
     sides = {"fp32": (model, "fp32"), "bf16_autocast": (model, "bf16"), "bf16_weights": (bf16_copy, "bf16")}
     hidden, times = {}, {name: [] for name in sides}

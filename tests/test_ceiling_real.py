@@ -10,7 +10,7 @@ from selfdistill.tasks.ceiling import measure
 def test_embedded_model_copies_facts_from_the_demonstration():
     import torch
 
-    from selfdistill.models import load_model, stop_token_id
+    from selfdistill.models import load_model, stop_token_ids
 
     torch.manual_seed(0)
     model, tok = load_model("smollm2-135m")
@@ -23,7 +23,7 @@ def test_embedded_model_copies_facts_from_the_demonstration():
         get_task("knowledge").metrics,
         templates=("plain",),
         max_new_tokens=24,
-        stop_token_ids=[stop_token_id(model, tok)],
+        stop_token_ids=stop_token_ids(model, tok),
         grader_lookup=lambda name: contains,
     )
     # fictional facts: unknown without the demonstration, copied with it

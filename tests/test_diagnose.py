@@ -51,7 +51,7 @@ def settings(**loss):
 def test_per_token_numbers_equal_two_direct_forward_passes(tiny, loss):
     model, tok, records = tiny
     cfg = settings(**loss)
-    stop = tok.eos_token_id
+    stop = [tok.eos_token_id]
     traces = core.trace(model, tok, records, cfg, stop)
     builder = PromptBuilder(tok, template="plain")
     assert [len(r.completions) for r in traces] == [2, 2, 2]
@@ -159,7 +159,7 @@ def test_summary_shares_by_hand():
 
 def test_summary_shares_add_up_on_a_real_trace(tiny):
     model, tok, records = tiny
-    s = summarize(core.trace(model, tok, records, settings(), tok.eos_token_id), skip_first_tokens=3)
+    s = summarize(core.trace(model, tok, records, settings(), [tok.eos_token_id]), skip_first_tokens=3)
     shares = [s["first_k_share"][k] for k in ("1", "4", "16")]
     assert all(0.0 <= x <= 1.0 for x in shares) and shares == sorted(shares)
     assert s["format_share"] + s["answer_share"] == pytest.approx(1.0)

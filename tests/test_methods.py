@@ -130,7 +130,7 @@ def test_sft_puts_loss_on_exactly_the_demonstration_and_end_of_turn(tmp_path):
     cfg = method_config(tmp_path, "sft")
     builder = PromptBuilder(tok)
     encoded = builder.encode_all([Record(prompt="k1 k2", demonstration="v3 v4")])
-    method = get_method("sft")(cfg, model, tok, builder, tok.eos_token_id, tok.pad_token_id)
+    method = get_method("sft")(cfg, model, tok, builder, [tok.eos_token_id], tok.pad_token_id)
     (item,), _ = method.build_items(encoded, [0], 0)
     assert item.prompt_ids == encoded[0].student_ids
     assert tok.convert_ids_to_tokens(item.completion) == ["v3", "v4", "<|end|>"]

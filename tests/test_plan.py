@@ -91,7 +91,7 @@ def real_run(cfg, directory: Path, store: Path) -> dict:
         if cfg.model.lora.enabled:
             model = apply_lora(model, cfg.model.lora.rank, cfg.model.lora.alpha)
         model.train()
-        method = get_method(cfg.method)(cfg, model, None, None, 0, 0, [])
+        method = get_method(cfg.method)(cfg, model, None, None, [], 0, [])
         procs = Processes(0, 1, torch.device("cpu"), sharded=True)
         shard = functools.partial(shard_model, procs=procs)
         model = shard(model)
@@ -168,7 +168,11 @@ def test_lora_and_teacher_kinds(tiny_dir):
     assert lora.weights < full.weights  # a bf16 base (model.load_dtype auto) and an fp32 adapter
     assert lora.teacher_weights == full.teacher_weights  # EMA: an fp32 copy of W0 + EMA(BA), the model's shape
     frozen = plan(tiny_config(tiny_dir, teacher="frozen", precision="bf16"), processes=2)
-    assert 2 * frozen.teacher_weights == full.teacher_weights  # a bf16 copy
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    student = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(tiny_dir))
+    buffers = sum(b.numel() * b.element_size() for b in student.buffers())  # the rotary tables, kept in fp32
+    assert 2 * frozen.teacher_weights == full.teacher_weights + buffers  # bf16 parameters, the student's fp32 buffers
     assert plan(tiny_config(tiny_dir, lora=True, teacher="frozen", precision="bf16"), processes=2).teacher_weights == 0
     assert plan(tiny_config(tiny_dir, teacher="live"), processes=2).teacher_weights == 0
 

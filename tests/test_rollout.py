@@ -210,7 +210,7 @@ def _method(name, tmp_path):
     model = tiny_model(tokenizer, hidden_size=64, layers=2, heads=4, seed=0)
     cfg = _config(tmp_path, num_rollouts=2)
     builder = PromptBuilder.from_config(tokenizer, cfg.data, tokenizer.eos_token_id)
-    method = get_method(name)(cfg, model, tokenizer, builder, tokenizer.eos_token_id, tokenizer.pad_token_id)
+    method = get_method(name)(cfg, model, tokenizer, builder, [tokenizer.eos_token_id], tokenizer.pad_token_id)
     return method, builder.encode_all(_records())
 
 
@@ -221,7 +221,7 @@ def test_sdft_samples_through_its_sampler_built_once_and_synced_before_every_rol
     for _ in range(2):
         items, stats = method.build_items(records, seeds, step=1)
     (sampler,) = fake_engine
-    assert sampler.model is method.model and sampler.settings["stop"] == [method.stop_token_id]
+    assert sampler.model is method.model and sampler.settings["stop"] == method.stop_token_ids
     assert [c[0] for c in sampler.calls] == ["sync", "generate"] * 2
     assert sampler.calls[1] == ("generate", 6, seeds)  # num_rollouts completions per record
     assert [i.completion for i in items] == [[7 + k % 3, 8] for k in range(6)]
@@ -245,7 +245,7 @@ def test_diagnose_samples_through_the_sampler(fake_engine):
     tokenizer = tiny_tokenizer(WORDS)
     model = tiny_model(tokenizer, hidden_size=64, layers=2, heads=4, seed=0)
     cfg = _config(num_rollouts=2)
-    traces = core.trace(model, tokenizer, _records(), cfg, tokenizer.eos_token_id)
+    traces = core.trace(model, tokenizer, _records(), cfg, [tokenizer.eos_token_id])
     (sampler,) = fake_engine
     assert [c[0] for c in sampler.calls] == ["sync", "generate"] and sampler.closed
     ids = [c.token_ids for r in traces for c in r.completions]

@@ -196,7 +196,7 @@ def _direct_demonstration_logp(model, tok, records) -> float:
     """Mean log p(demonstration token | student prompt) over all the records' tokens, computed plainly."""
     from selfdistill.data.prompts import PromptBuilder
 
-    builder = PromptBuilder(tok, template="plain", stop_token_id=tok.eos_token_id)
+    builder = PromptBuilder(tok, template="plain", end_of_turn_id=tok.eos_token_id)
     total, count = 0.0, 0
     with torch.no_grad():
         for record in records:

@@ -383,7 +383,7 @@ def test_asking_for_vllm_without_it_says_how_to_install(tmp_path):
     model, tok = _model()
     cfg = _toy_config(tmp_path)
     with pytest.raises(UserError, match="setup_vllm_env.sh"):
-        SDFT(cfg, model, tok, None, tok.eos_token_id, tok.pad_token_id)
+        SDFT(cfg, model, tok, None, [tok.eos_token_id], tok.pad_token_id)
 
 
 @needs_vllm

@@ -55,6 +55,37 @@ def teacher_turn(record: Record, template: str) -> str:
     return body
 
 
+# The assistant text `end_of_turn_token_id` has the chat template render, to find what follows it.
+_TURN_PROBE = "selfdistill end-of-turn probe"
+
+
+def end_of_turn_token_id(tokenizer) -> int:
+    """The token the chat template ends an assistant turn with: what a demonstration ends with.
+
+    Not always the tokenizer's EOS (Gemma-3's is <eos>, its turns end with <end_of_turn>), nor the first
+    id of the generation config's EOS list (Llama-3.1's is <|end_of_text|>, its turns end with <|eot_id|>).
+    Found by rendering a one-answer conversation and reading the token right after the answer's text;
+    the tokenizer's EOS when the template cannot render one, or puts no special token there.
+    """
+    eos = tokenizer.eos_token_id
+    if not getattr(tokenizer, "chat_template", None):
+        return eos
+    messages = [{"role": "user", "content": "Hello"}, {"role": "assistant", "content": _TURN_PROBE}]
+    try:
+        text = tokenizer.apply_chat_template(messages, tokenize=False)
+    except Exception:  # noqa: BLE001 - a template raises whatever its own checks or Jinja raise
+        return eos
+    at = text.rfind(_TURN_PROBE) if isinstance(text, str) else -1
+    if at < 0:
+        return eos
+    after = tokenizer.encode(text[at + len(_TURN_PROBE) :].lstrip(" "), add_special_tokens=False)
+    # A control token (special or added), not a word, nor the unknown-word token a word may become.
+    control = (set(tokenizer.all_special_ids) | set(getattr(tokenizer, "added_tokens_decoder", {}))) - {
+        tokenizer.unk_token_id
+    }
+    return after[0] if after and after[0] in control else eos
+
+
 @dataclass
 class EncodedRecord:
     """One record's token ids: what the student and the teacher are shown, and the demonstration."""
@@ -70,7 +101,8 @@ class PromptBuilder:
     """Turns records into student and teacher prompts (token ids) with one teacher template.
 
     A prompt over its limit raises a UserError, or with `overlong="skip"` leaves its record out (the
-    reason is kept in `skipped`). `stop_token_id` ends a demonstration (default: the tokenizer's EOS).
+    reason is kept in `skipped`). `end_of_turn_id` ends a demonstration (default: the token the chat
+    template ends an assistant turn with, `end_of_turn_token_id`).
     """
 
     tokenizer: Any = field(repr=False)
@@ -79,7 +111,7 @@ class PromptBuilder:
     max_prompt_tokens: int = 1024
     max_teacher_prompt_tokens: int = 2048
     overlong: str = "error"
-    stop_token_id: int | None = None
+    end_of_turn_id: int | None = None
     skipped: list[str] = field(default_factory=list, init=False)
 
     def __post_init__(self) -> None:
@@ -89,11 +121,11 @@ class PromptBuilder:
                 "Use an instruction-tuned model or set tokenizer.chat_template and save the tokenizer."
             )
         resolve_template(self.template)
-        if self.stop_token_id is None:
-            self.stop_token_id = self.tokenizer.eos_token_id
+        if self.end_of_turn_id is None:
+            self.end_of_turn_id = end_of_turn_token_id(self.tokenizer)
 
     @classmethod
-    def from_config(cls, tokenizer, data, stop_token_id: int | None = None) -> PromptBuilder:
+    def from_config(cls, tokenizer, data, end_of_turn_id: int | None = None) -> PromptBuilder:
         """The builder a run's `data` settings describe (template, system prompt, limits, overlong policy)."""
         return cls(
             tokenizer,
@@ -102,13 +134,15 @@ class PromptBuilder:
             data.max_prompt_tokens,
             data.max_teacher_prompt_tokens,
             data.overlong,
-            stop_token_id,
+            end_of_turn_id,
         )
 
     @classmethod
-    def unlimited(cls, tokenizer, template: str, system_prompt: str | None, stop_token_id: int) -> PromptBuilder:
+    def unlimited(
+        cls, tokenizer, template: str, system_prompt: str | None, end_of_turn_id: int | None = None
+    ) -> PromptBuilder:
         """A builder without prompt limits, for measurements, which take every item whole."""
-        return cls(tokenizer, template, system_prompt, 10**9, 10**9, stop_token_id=stop_token_id)
+        return cls(tokenizer, template, system_prompt, 10**9, 10**9, end_of_turn_id=end_of_turn_id)
 
     def student_messages(self, record: Record) -> list[dict]:
         if isinstance(record.prompt, str):
@@ -139,7 +173,7 @@ class PromptBuilder:
 
     def demonstration_ids(self, text: str) -> list[int]:
         """A demonstration's token ids and the end-of-turn token: the SFT target."""
-        return self.tokenizer.encode(text, add_special_tokens=False) + [self.stop_token_id]
+        return self.tokenizer.encode(text, add_special_tokens=False) + [self.end_of_turn_id]
 
     def encode(self, record: Record, index: int = 0) -> EncodedRecord | None:
         """Token ids for one record; None when it is over a limit and overlong='skip'."""

@@ -129,19 +129,19 @@ def score_completion(model, item: TrainItem, cfg: Config, pad_token_id: int, tok
     return out
 
 
-def trace(model, tokenizer, records: list[Record], cfg: Config, stop_token_id: int) -> list[RecordTrace]:
+def trace(model, tokenizer, records: list[Record], cfg: Config, stop_token_ids: list[int]) -> list[RecordTrace]:
     """Sample cfg.rollout.num_rollouts completions per record and score every position."""
-    builder = PromptBuilder.from_config(tokenizer, cfg.data, stop_token_id)
+    builder = PromptBuilder.from_config(tokenizer, cfg.data)
     encoded = builder.encode_all(records)
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else stop_token_id
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else stop_token_ids[0]
     n = cfg.rollout.num_rollouts
     # The seed of a completion depends on its record's place in the sample, as on its place in
     # the data stream during training: the same --seed gives the same completions.
     seeds = [rollout_seed(cfg.train.seed, e.index, r) for e in encoded for r in range(n)]
     was_training = model.training
     model.eval()
-    done = _sample(model, [e.student_ids for e in encoded for _ in range(n)], seeds, cfg, stop_token_id, pad)
-    special = set(tokenizer.all_special_ids) | {stop_token_id}
+    done = _sample(model, [e.student_ids for e in encoded for _ in range(n)], seeds, cfg, stop_token_ids, pad)
+    special = set(tokenizer.all_special_ids) | set(stop_token_ids)
     results: list[RecordTrace] = []
     bar = progress_bar(total=len(done.ids), desc="diagnose: scoring")
     for position, e in enumerate(encoded):
@@ -170,9 +170,9 @@ def trace(model, tokenizer, records: list[Record], cfg: Config, stop_token_id: i
     return results
 
 
-def _sample(model, prompts: list[list[int]], seeds: list[int], cfg: Config, stop_token_id: int, pad: int):
+def _sample(model, prompts: list[list[int]], seeds: list[int], cfg: Config, stop_token_ids: list[int], pad: int):
     """The student's completions through the rollout engine (rollout.engine), as training samples them."""
-    stop = [] if cfg.rollout.ignore_eos else [stop_token_id]
+    stop = [] if cfg.rollout.ignore_eos else list(stop_token_ids)
     sampler = make_sampler(cfg, model, stop_token_ids=stop, pad_token_id=pad, precision=cfg.model.precision)
     try:
         sampler.sync(model)  # a shared engine may hold other weights

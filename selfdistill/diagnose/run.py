@@ -100,10 +100,10 @@ def run(cfg, records, metrics, *, label: str, template_source: str, ceiling: boo
     """Load the model, measure, write diagnose.json and diagnose.html."""
     from selfdistill.diagnose import core, report
     from selfdistill.diagnose import summary as summary_module
-    from selfdistill.models import load_model, stop_token_id
+    from selfdistill.models import load_model, stop_token_ids
 
     model, tokenizer = load_model(cfg.model.name, trust_remote_code=cfg.model.trust_remote_code)
-    stop = stop_token_id(model, tokenizer)
+    stop = stop_token_ids(model, tokenizer)
     ceiling_rows, greedy = _ceiling(model, tokenizer, records, metrics, cfg, stop) if ceiling else (None, {})
     traces = core.trace(model, tokenizer, records, cfg, stop)
     summary = summary_module.summarize(traces, cfg.loss.skip_first_tokens)
@@ -114,7 +114,7 @@ def run(cfg, records, metrics, *, label: str, template_source: str, ceiling: boo
     return Diagnosis(data, json_path, html_path)
 
 
-def _ceiling(model, tokenizer, records, metrics, cfg, stop: int) -> tuple[list, dict]:
+def _ceiling(model, tokenizer, records, metrics, cfg, stop: list[int]) -> tuple[list, dict]:
     """(the ceiling's rows, greedy outputs {record index: {prompt: output}}) with the config's template."""
     from selfdistill.diagnose import summary as summary_module
     from selfdistill.tasks import ceiling as ceiling_module
@@ -128,7 +128,7 @@ def _ceiling(model, tokenizer, records, metrics, cfg, stop: int) -> tuple[list, 
         max_new_tokens=cfg.rollout.max_new_tokens,
         precision=cfg.model.precision,
         batch_size=cfg.rollout.batch_size,
-        stop_token_ids=[stop],
+        stop_token_ids=stop,
         loglik=True,
         system_prompt=cfg.data.system_prompt,
     )

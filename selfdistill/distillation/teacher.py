@@ -14,7 +14,8 @@ which is the same thing because W0 is constant. It costs one copy of the adapted
 
 Precision: an EMA teacher is kept in fp32 whatever the student's weights were loaded in (at
 a = 0.01 a bf16 copy would round most updates away); a frozen full-weight teacher may be kept
-in bf16 (`frozen_dtype`) when the run computes in bf16, since it never changes.
+in bf16 (`frozen_dtype`) when the run computes in bf16, since it never changes. Only parameters
+are cast: buffers (rotary tables and any other non-parameter state) stay as the student's.
 
 Under FSDP2 the teacher module is sharded with the student's plan (`shard`), so the update is an
 elementwise operation on this process's shards; with LoRA each layer's weight delta needs the
@@ -43,6 +44,18 @@ def _lora_layers(student):
             yield name, module
 
 
+def _cast_parameters(module, dtype: torch.dtype) -> None:
+    """Cast the parameters only; buffers keep the student's dtype.
+
+    `module.to(dtype)` / `module.float()` cast floating buffers too: rotary frequencies (`inv_freq`)
+    rounded to bf16 move positions by over 1 rad at 1,000 tokens (θ = 1e6), so the teacher would
+    encode positions differently from the student it is compared with. Assigning `.data` keeps each
+    Parameter object, so tied weights stay tied (and a meta parameter stays on meta).
+    """
+    for param in module.parameters():
+        param.data = param.data.to(dtype)
+
+
 def _plain_name(peft_name: str) -> str:
     """PEFT module name -> the same module's name in the unwrapped model."""
     prefix = "base_model.model."
@@ -63,9 +76,9 @@ class Teacher:
             else:
                 self.module = copy.deepcopy(student)
             if kind == "ema":
-                self.module.float()
+                _cast_parameters(self.module, torch.float32)
             elif frozen_dtype is not None:
-                self.module.to(frozen_dtype)
+                _cast_parameters(self.module, frozen_dtype)
             self.module.eval()
             self.module.requires_grad_(False)
 

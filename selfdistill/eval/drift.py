@@ -27,7 +27,7 @@ import torch
 from selfdistill.data.prompts import PromptBuilder
 from selfdistill.eval.evaluate import answer_budgets, generate_within
 from selfdistill.files import write_atomic
-from selfdistill.models import stop_token_id
+from selfdistill.models import stop_token_ids
 from selfdistill.precision import autocast_context
 
 FORMAT = "selfdistill-drift-v1"
@@ -70,7 +70,7 @@ def base_answers(
         prompt_ids,
         budgets,
         seeds=None,
-        stop_token_ids=stop_token_id(model, tokenizer),
+        stop_token_ids=stop_token_ids(model, tokenizer),
         pad_token_id=tokenizer.pad_token_id,
         temperature=0,
         batch_size=batch_size,

@@ -26,7 +26,7 @@ from selfdistill.data.prompts import PromptBuilder
 from selfdistill.data.records import Record
 from selfdistill.errors import UserError
 from selfdistill.files import write_json, write_jsonl
-from selfdistill.models import stop_token_id
+from selfdistill.models import stop_token_ids
 from selfdistill.sampling.base import Completions
 from selfdistill.sampling.decode import generate
 
@@ -173,7 +173,7 @@ def evaluate(
     # Sample j of record i is row i * n + j, seeded by (seed, i, j) only.
     rows = [p for p in prompts for _ in range(n_samples)]
     seeds = [seed * 1_000_003 + i for i in range(len(rows))] if temperature > 0 else None
-    stop = stop_token_id(model, tokenizer)
+    stop = stop_token_ids(model, tokenizer)
     done = generate_within(
         model,
         rows,

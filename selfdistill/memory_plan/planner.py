@@ -220,7 +220,7 @@ def _build(cfg: Config, config, processes: int):
     model.config.use_cache = False
     if cfg.train.activation_checkpointing:
         _set_checkpointing(model, True)
-    method = get_method(cfg.method)(cfg, model, None, None, 0, 0, [])
+    method = get_method(cfg.method)(cfg, model, None, None, [], 0, [])
     dist.init_process_group("fake", store=_fake_store(), rank=0, world_size=processes)
     procs = Processes(0, processes, torch.device("cpu"), sharded=True)
     shard = functools.partial(shard_model, procs=procs, warm_up=False)

@@ -80,13 +80,13 @@ class Method:
     # Whether the run directory already holds checkpoints when `setup` runs; the loop sets it.
     checkpoints_exist = False
 
-    def __init__(self, cfg, model, tokenizer, builder, stop_token_id: int, pad_token_id: int, records=None):
+    def __init__(self, cfg, model, tokenizer, builder, stop_token_ids: list[int], pad_token_id: int, records=None):
         self.cfg = cfg
         self.records = records  # the raw records, for methods that need more than the encoded prompts
         self.model = model
         self.tokenizer = tokenizer
         self.builder = builder
-        self.stop_token_id = stop_token_id
+        self.stop_token_ids = list(stop_token_ids)  # every id that ends a sampled turn (models.stop_token_ids)
         self.pad_token_id = pad_token_id
         # 'fp32' or 'bf16': model.precision with 'auto' decided for the model's device (a model still
         # on the meta device, to be filled after sharding, will live on this process's device).

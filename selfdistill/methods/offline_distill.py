@@ -52,7 +52,7 @@ class OfflineDistill(SDFT):
         sampler = make_sampler(
             self.cfg,
             teacher_model,
-            stop_token_ids=[self.stop_token_id],
+            stop_token_ids=self.stop_token_ids,
             pad_token_id=self.pad_token_id,
             precision=self.precision,
             max_prompt_tokens=self.cfg.data.max_teacher_prompt_tokens,

@@ -41,8 +41,8 @@ class SDFT(Method):
     # loss.sft_weight > 0: the SFT term's factor, set for every step by `_attach_demonstrations`.
     _sft_scale = 1.0
 
-    def __init__(self, cfg, model, tokenizer, builder, stop_token_id, pad_token_id, records=None):
-        super().__init__(cfg, model, tokenizer, builder, stop_token_id, pad_token_id, records)
+    def __init__(self, cfg, model, tokenizer, builder, stop_token_ids, pad_token_id, records=None):
+        super().__init__(cfg, model, tokenizer, builder, stop_token_ids, pad_token_id, records)
         # The teacher's forward runs without gradient, so it may compute in another precision than
         # the student's (teacher.precision). The teacher starts from the in-memory student (for
         # `frozen`, its weights now); a frozen copy never changes, so it may be stored in that precision.
@@ -97,7 +97,7 @@ class SDFT(Method):
         """The student's sampler (rollout.engine), built once, at the first rollout: a run that never
         samples (offline_distill's training, sft_reinvoke's SFT phase) builds no engine."""
         if self._sampler is None:
-            stop = [] if self.cfg.rollout.ignore_eos else [self.stop_token_id]
+            stop = [] if self.cfg.rollout.ignore_eos else self.stop_token_ids
             self._sampler = make_sampler(
                 self.cfg, self.model, stop_token_ids=stop, pad_token_id=self.pad_token_id, precision=self.precision
             )

@@ -158,7 +158,7 @@ class SFTReplay(SFT):
             completions = generate(
                 self.model,
                 [prompts[k] for k in part],
-                stop_token_ids=self.stop_token_id,
+                stop_token_ids=self.stop_token_ids,
                 pad_token_id=self.pad_token_id,
                 max_new_tokens=self.cfg.replay.max_new_tokens,
                 temperature=0.0,

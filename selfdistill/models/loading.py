@@ -18,6 +18,7 @@ from pathlib import Path
 
 import torch
 
+from selfdistill.data.prompts import end_of_turn_token_id
 from selfdistill.errors import UserError
 from selfdistill.models.distributed import default_device
 
@@ -221,9 +222,19 @@ def _weight_files(directory: Path) -> str:
     return f" from {', '.join(str(f) for f in files)}" if files else ""
 
 
-def stop_token_id(model, tokenizer) -> int:
-    """The token that ends an assistant turn: the first generation EOS, else the tokenizer's."""
-    eos = getattr(model.generation_config, "eos_token_id", None)
-    if isinstance(eos, (list, tuple)):
-        eos = eos[0] if eos else None
-    return int(eos if eos is not None else tokenizer.eos_token_id)
+def stop_token_ids(model, tokenizer) -> list[int]:
+    """Every token that ends a generated turn: all of the generation config's EOS ids, the tokenizer's
+    EOS and the chat template's end of turn (`end_of_turn_token_id`), in that order, each once.
+
+    All of them, not the first: Llama-3.1 lists [<|end_of_text|>, <|eom_id|>, <|eot_id|>] and ends its
+    turns with the last; Gemma-3 lists [<eos>, <end_of_turn>]. Stopping on the first only runs every
+    rollout past its turn to the token budget.
+    """
+    config = getattr(model, "generation_config", None)
+    listed = getattr(config, "eos_token_id", None)
+    if listed is None:
+        listed = []
+    elif isinstance(listed, int):
+        listed = [listed]
+    ids = [*listed, tokenizer.eos_token_id, end_of_turn_token_id(tokenizer)]
+    return list(dict.fromkeys(int(i) for i in ids if i is not None))

@@ -436,7 +436,9 @@ class VLLMEngine:
                 seed=int(seeds[i]) if temperature > 0 else None,
                 logprobs=0,
                 detokenize=False,
-                # Only our stop tokens end a completion (not the model's own eos), as in our decode loop.
+                # Only our stop tokens end a completion, as in our decode loop: ignore_eos drops vLLM's
+                # single eos id, while stop_token_ids (every end-of-turn id, `models.stop_token_ids`)
+                # are checked whatever ignore_eos says.
                 ignore_eos=True,
                 stop_token_ids=list(stop_token_ids),
             )

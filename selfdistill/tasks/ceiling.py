@@ -19,6 +19,7 @@ from selfdistill.data.prompts import TEACHER_TEMPLATES, PromptBuilder
 from selfdistill.data.records import Record
 from selfdistill.eval import graders as eval_graders
 from selfdistill.eval.loglik import demonstration_token_logps
+from selfdistill.models import loading
 from selfdistill.sampling.decode import generate
 from selfdistill.tasks.base import Metric
 
@@ -81,9 +82,9 @@ def measure(
     so the ceiling is measured on the prompts training would use.
     """
     graders = {m.name: grader_lookup(m.grader) for m in metrics}
-    stops = stop_token_ids or [tokenizer.eos_token_id]
+    stops = stop_token_ids or loading.stop_token_ids(model, tokenizer)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else stops[0]
-    demos, prompt_sets = _prompt_sets(tokenizer, records, templates, system_prompt, stops[0])
+    demos, prompt_sets = _prompt_sets(tokenizer, records, templates, system_prompt)
     results = []
     for label, prompts in prompt_sets:
         done = generate(
@@ -111,12 +112,12 @@ def measure(
 
 
 def _prompt_sets(
-    tokenizer, records: list[Record], templates: tuple[str, ...], system_prompt: str | None, stop: int
+    tokenizer, records: list[Record], templates: tuple[str, ...], system_prompt: str | None
 ) -> tuple[list[list[int]], list[tuple[str, list[list[int]]]]]:
-    """The demonstrations' ids, and the prompts to measure: ("student", ids) then ("teacher:<template>", ids)
-    for each template."""
+    """The demonstrations' ids (ended with the chat template's end of turn), and the prompts to measure:
+    ("student", ids) then ("teacher:<template>", ids) for each template."""
     # No prompt limits here: the ceiling is a diagnostic, and long prompts are part of what it shows.
-    builders = {t: PromptBuilder.unlimited(tokenizer, t, system_prompt, stop) for t in templates}
+    builders = {t: PromptBuilder.unlimited(tokenizer, t, system_prompt) for t in templates}
     first = builders[templates[0]]
     demos = [first.encode(r).demonstration_ids for r in records]
     prompt_sets = [("student", [first.student_ids(r) for r in records])]

@@ -36,7 +36,7 @@ class Ceiling(NamedTuple):
 def measure_ceiling(settings: CeilingSettings) -> Ceiling:
     """Greedy accuracy without the demonstration (student) and with it (teacher), and the log-likelihood
     gain; with settings.outputs, every prompt's outputs are written there."""
-    from selfdistill.models import load_model, stop_token_id
+    from selfdistill.models import load_model, stop_token_ids
     from selfdistill.precision import resolve_precision
     from selfdistill.tasks import ceiling
 
@@ -56,7 +56,7 @@ def measure_ceiling(settings: CeilingSettings) -> Ceiling:
         max_new_tokens=settings.max_new_tokens,
         precision=precision,
         batch_size=settings.batch_size,
-        stop_token_ids=[stop_token_id(lm, tokenizer)],
+        stop_token_ids=stop_token_ids(lm, tokenizer),
         loglik=settings.loglik,
     )
     if settings.outputs:

@@ -35,7 +35,7 @@ from selfdistill.data import PromptBuilder, Record, load_records
 from selfdistill.errors import RunFailed, RunStopped, UserError
 from selfdistill.files import write_jsonl
 from selfdistill.methods import get_method
-from selfdistill.models import apply_lora, load_model, save_model, stop_token_id
+from selfdistill.models import apply_lora, load_model, save_model, stop_token_ids
 from selfdistill.models.card import write_model_card
 from selfdistill.models.distributed import (
     Processes,
@@ -195,14 +195,14 @@ def setup(cfg: Config, records, model, tokenizer, resume: bool, overwrite: bool)
     check_method_inputs(cfg)  # files read in the method's set-up, which comes after the first write
     out = check_output_dir(cfg, resume, overwrite)
     model, tokenizer, weights_dir = _build_model(cfg, procs, model, tokenizer)
-    stop_id = stop_token_id(model, tokenizer)
-    builder = PromptBuilder.from_config(tokenizer, cfg.data, stop_id)
+    stop_ids = stop_token_ids(model, tokenizer)
+    builder = PromptBuilder.from_config(tokenizer, cfg.data)  # demonstrations end with the template's end of turn
     encoded = builder.encode_all(records)
     method_class = get_method(cfg.method)
     if cfg.rollout.engine == "vllm" and method_class.samples_student_prompts:
         # Here, not at the rollout: a prompt too long for the engine would fail one process mid-run.
         check_prompts_fit(cfg, model, records, encoded)
-    method = method_class(cfg, model, tokenizer, builder, stop_id, tokenizer.pad_token_id, records)
+    method = method_class(cfg, model, tokenizer, builder, stop_ids, tokenizer.pad_token_id, records)
     method.procs = procs
     if procs.sharded:  # the teacher is copied from the student (in the method) before sharding
         empty = weights_dir is not None  # built on the meta device: filled shard by shard below
