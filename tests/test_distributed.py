@@ -242,6 +242,11 @@ def test_lora_sharded_checkpoint_resumes_exactly(tmp_path):
 # 0.31% (full) with this path; FSDP2's own bf16 parameters gave 2.2% between plain and torchrun-1.
 BF16 = {"precision": "bf16", "max_steps": 3}
 BF16_TOLERANCE = 2**-7
+# The weights' update in bf16, full fine-tuning: AdamW's first step moves every weight by +-lr whatever the
+# size of its gradient (m / sqrt(v) = sign(g)), so a gradient element within bf16 rounding of zero can step
+# the other way in 2 processes than in 1. Measured 1.35% over 3 steps (1.15% over 6); 0.3% when the first
+# step ran at learning rate 0 and so moved nothing.
+BF16_UPDATE_TOLERANCE = 2**-6
 
 
 def trained_update(run: Path, lora: bool) -> dict[str, torch.Tensor]:
@@ -282,7 +287,7 @@ def test_bf16_two_processes_match_one_within_bf16_rounding(tmp_path, lora):
     assert result(tmp_path / "two")["losses"] == pytest.approx(result(tmp_path / "one")["losses"], rel=BF16_TOLERANCE)
     one, two = trained_update(tmp_path / "one", lora), trained_update(tmp_path / "two", lora)
     assert min(float(v.abs().max()) for v in one.values()) > 1e-4  # every trained tensor moved
-    assert relative_difference(one, two) < BF16_TOLERANCE
+    assert relative_difference(one, two) < (BF16_TOLERANCE if lora else BF16_UPDATE_TOLERANCE)
 
 
 # Sharded loading: under torchrun a model given by name is built on the meta device, sharded, and
