@@ -449,8 +449,9 @@ def merge(base: dict, update: dict) -> dict:
 _NULL_TEXT = ("", "~", "null", "Null", "NULL")  # YAML's spellings of null
 
 
-def parse_overrides(overrides: list[str]) -> dict:
-    """`a.b=value` strings to a nested dict.
+def parse_overrides(overrides: list[str], config_prefix: str = "") -> dict:
+    """`a.b=value` strings to a nested dict. `config_prefix`: where the training Config's keys sit in a
+    larger config (a stream config's `base.`), so that `base.data.system_prompt` is known as text too.
 
     A value is read as YAML (1e-4, true, null, [a, b], {key: value}), except where the key is a text
     setting of the Config (a str, a path or a choice): there the text is taken as typed, since YAML
@@ -465,7 +466,10 @@ def parse_overrides(overrides: list[str]) -> dict:
         if "=" not in item:
             raise UserError(f"Override {item!r}: write it as section.key=value, e.g. train.lr=1e-4.")
         key, raw = item.split("=", 1)
-        value = _override_value(key.strip(), raw.strip())
+        setting = key.strip()
+        if config_prefix and setting.startswith(config_prefix):
+            setting = setting[len(config_prefix) :]
+        value = _override_value(setting, raw.strip(), item)
         node = nested
         parts = key.strip().split(".")
         for part in parts[:-1]:
@@ -474,7 +478,8 @@ def parse_overrides(overrides: list[str]) -> dict:
     return nested
 
 
-def _override_value(key: str, text: str) -> Any:
+def _override_value(key: str, text: str, given: str) -> Any:
+    """The value of one override; `key` is the Config setting it sets, `given` the override as typed."""
     if is_text(_declared_type(key)):
         if text in _NULL_TEXT:
             return None
@@ -493,8 +498,8 @@ def _override_value(key: str, text: str) -> Any:
     except yaml.YAMLError as exc:
         problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
         raise UserError(
-            f"Override {key + '=' + text!r}: YAML cannot read the value ({problem}). Write a list as [a, b], a "
-            f"mapping as {{key: value}}, and text in quotes, e.g. --set '{key}=\"...\"'."
+            f"Override {given!r}: YAML cannot read the value ({problem}). Write a list as [a, b], a "
+            f"mapping as {{key: value}}, and text in quotes, e.g. --set '{given.split('=', 1)[0].strip()}=\"...\"'."
         ) from None
 
 

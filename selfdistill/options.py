@@ -24,6 +24,11 @@ import yaml
 
 from selfdistill.errors import UserError
 
+SET_HELP = (
+    "Override a setting: section.key=value (repeatable). Text settings take the value as typed; others read "
+    "it as YAML: 1e-4, true, null, [a, b], {key: value}."
+)
+
 
 def setting(default: Any = dataclasses.MISSING, help: str = "") -> Any:
     """A dataclass field with its help text (its documentation and its `--help`); no default makes it

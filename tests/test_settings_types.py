@@ -194,3 +194,13 @@ def test_a_commands_settings_check_their_types_naming_the_option(tmp_path):
     settings = EvalSettings(model=tmp_path / "m", task="t.jsonl", out=str(tmp_path / "out"), limit=3.0)
     assert settings.model == str(tmp_path / "m") and settings.out == tmp_path / "out" and settings.limit == 3
     assert DiagnoseSettings(grader="exact", out=tmp_path / "d").grader == ("exact",)
+
+
+def test_a_stream_configs_base_settings_take_text_as_typed_too():
+    from selfdistill.continual.settings import stream_overrides
+
+    data = stream_overrides(None, ["base.data.system_prompt=You are: helpful", "base.train.batch_size=4"])
+    assert data["base"]["data"]["system_prompt"] == "You are: helpful"
+    assert data["base"]["train"]["batch_size"] == 4
+    with pytest.raises(UserError, match=r"Override 'base\.train\.lr=\[1e-4'.*--set 'base\.train\.lr="):
+        stream_overrides(None, ["base.train.lr=[1e-4"])

@@ -25,7 +25,7 @@ def stream_overrides(
     output_dir: str | None, overrides: tuple[str, ...] | list[str], workers: int | None = None, grid=()
 ) -> dict:
     """The stream config's keys the options set, as a nested mapping to merge over the config."""
-    data = parse_overrides(list(overrides)) if overrides else {}
+    data = parse_overrides(list(overrides), config_prefix="base.") if overrides else {}
     for item in grid:
         key, sep, values = item.partition("=")
         if not sep or not key.strip() or not values.strip():

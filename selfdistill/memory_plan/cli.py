@@ -9,7 +9,7 @@ from typing import Optional
 import typer
 
 from selfdistill.memory_plan.settings import PlanSettings
-from selfdistill.options import cli_option
+from selfdistill.options import SET_HELP, cli_option
 
 _option = functools.partial(cli_option, PlanSettings)
 
@@ -17,7 +17,7 @@ _option = functools.partial(cli_option, PlanSettings)
 def plan_command(
     config: Optional[Path] = typer.Argument(None, help="The training YAML config (as for `sdft train`)."),
     processes: int = _option("processes", "--processes", "-n"),
-    set_: list[str] = typer.Option([], "--set", "-s", help="Override a setting: section.key=value (repeatable)."),
+    set_: list[str] = typer.Option([], "--set", "-s", help=SET_HELP),
     model: Optional[str] = typer.Option(
         None,
         "--model",

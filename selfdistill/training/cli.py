@@ -11,7 +11,7 @@ import typer
 
 from selfdistill.api import TrainSettings
 from selfdistill.config import METHODS, describe_options, load_config
-from selfdistill.options import cli_option
+from selfdistill.options import SET_HELP, cli_option
 
 _option = functools.partial(cli_option, TrainSettings)
 
@@ -39,7 +39,7 @@ def register(app: typer.Typer) -> None:
     def train_command(
         ctx: typer.Context,
         config: Optional[Path] = typer.Argument(None, help="YAML config file (sections as listed below)."),
-        set_: list[str] = typer.Option([], "--set", "-s", help="Override a setting: section.key=value (repeatable)."),
+        set_: list[str] = typer.Option([], "--set", "-s", help=SET_HELP),
         method: Optional[str] = typer.Option(None, help="Training method (see the list below)."),
         model: Optional[str] = typer.Option(None, help="Model: hub id, directory, .gguf file or 'smollm2-135m'."),
         data: Optional[str] = typer.Option(
