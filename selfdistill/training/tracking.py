@@ -25,7 +25,9 @@ from selfdistill.errors import UserError
 
 # Which package each backend needs, and how to get it.
 REQUIREMENTS = {"tensorboard": "tensorboard", "wandb": "wandb"}
-INSTALL_HINT = "pip install {package} (or, in a selfdistill checkout, pip install -e '.[tracking]'; make installs it)"
+INSTALL_HINT = (
+    "pip install {package} (or, in a selfdistill checkout, pip install -e '.[tracking]'; make env installs it)"
+)
 
 
 def require_backends(report_to: list[str]) -> None:
