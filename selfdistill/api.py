@@ -174,13 +174,14 @@ def diagnose(
     return run_diagnosis(settings).data
 
 
-def plan(config: Any = None, *, processes: int, **overrides):
+def plan(config: Any = None, *, processes: int, gpu_memory: float | None = None, **overrides):
     """Memory per process for training `config` under torchrun with `processes` processes, as `sdft plan`:
     `config` is a Config, a YAML path or a mapping; keyword sections override it (e.g. model={"name": ...}).
-    No GPU, weights or network needed. Returns a `selfdistill.memory_plan.MemoryPlan` (bytes per figure;
-    `.table()` is the command's text, `.to_dict()` its JSON)."""
+    `gpu_memory` (GiB per process) adds the verdict (`.fits`, `.verdict()`). No GPU, weights or network needed.
+    Returns a `selfdistill.memory_plan.MemoryPlan` (bytes per figure; `.table()` is the command's text,
+    `.to_dict()` its JSON)."""
     from selfdistill.memory_plan import plan as memory_plan
     from selfdistill.memory_plan.settings import PlanSettings
 
-    settings = PlanSettings(processes=processes)
-    return memory_plan(_config(config, overrides), settings.processes)
+    settings = PlanSettings(processes=processes, gpu_memory=gpu_memory)
+    return memory_plan(_config(config, overrides), settings.processes, settings.gpu_memory)

@@ -16,7 +16,7 @@ import pytest
 import torch
 
 import selfdistill
-from selfdistill.config import load_config
+from selfdistill.config import load_config, merge
 from selfdistill.memory_plan import GIB, architecture_config, plan
 from selfdistill.memory_plan.planner import _planning_config, _shapes, _trace
 
@@ -282,7 +282,6 @@ def test_planning_works_on_this_torch_or_says_which_it_needs(tiny_dir):
 
 
 def _with(cfg, **changes):
-    from selfdistill.config import merge
 
     return load_config(overrides=merge(cfg.to_dict(), changes))
 
@@ -307,3 +306,52 @@ def test_the_keeping_methods_are_planned(tiny_dir, tmp_path):
     planned = plan(cfg, processes=1)
     for name, size in real.items():
         assert getattr(planned, name) == size, name
+
+
+def test_a_verdict_with_gpu_memory(tiny_dir, tmp_path):
+    cfg = tiny_config(tiny_dir, precision="bf16")
+    full = plan(cfg, processes=1)
+    lora = plan(_with(cfg, model={"lora": {"enabled": True}}), processes=1)
+    assert full.needed == full.peak + full.reserve and full.reserve_parts["NCCL buffers"] == 0  # one process
+    assert lora.needed < full.needed
+    gpu = (lora.needed + full.needed) / 2 / GIB  # room for the LoRA run, not for full fine-tuning
+    verdict = plan(cfg, processes=1, gpu_memory=gpu)
+    line = verdict.table().splitlines()[-1]
+    assert verdict.fits is False and line.startswith(f"does not fit: {full.needed / GIB:.1f} GiB per process needed")
+    # Every suggestion is a plan of its own with the change: LoRA's figure is the LoRA plan's, exactly.
+    by_change = {s["change"]: s for s in verdict.suggestions}
+    assert by_change["model.lora.enabled=true"] == {
+        "change": "model.lora.enabled=true",
+        "needed": lora.needed,
+        "fits": True,
+    }
+    assert "Would fit: model.lora.enabled=true" in line
+    assert set(by_change) == {"model.lora.enabled=true", "--processes 2", "train.micro_batch_size=1"}
+    fitting = plan(_with(cfg, model={"lora": {"enabled": True}}), processes=1, gpu_memory=gpu)
+    assert fitting.fits is True and fitting.table().splitlines()[-1].startswith(f"fits: {lora.needed / GIB:.1f} of")
+    # Without --gpu-memory: no verdict, and the line says how to get one; the JSON has the verdict's fields.
+    proc = _sdft(["plan", "--processes", "2", "--model", str(tiny_dir)], tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.splitlines()[-1].startswith("no verdict:") and "--gpu-memory" in proc.stdout
+    proc = _sdft(
+        ["plan", "--processes", "2", "--model", str(tiny_dir), "--gpu-memory", "2", "--json", "p.json"], tmp_path
+    )
+    data = json.loads((tmp_path / "p.json").read_text())
+    assert data["fits"] is True and data["gpu_memory"] == 2 * GIB and data["engine_share"] == 0
+    assert (
+        data["reserve"]
+        == GIB + GIB // 2 + data["reserve_parts"][next(k for k in data["reserve_parts"] if "fragm" in k)]
+    )
+    assert data["verdict"].startswith("fits:") and data["needed"] == data["peak"] + data["reserve"]
+
+
+def test_the_vllm_engine_share_holds_its_weights_or_is_refused(tiny_dir):
+    cfg = _with(tiny_config(tiny_dir), rollout={"engine": "vllm", "vllm_gpu_memory": 0.3})
+    result = plan(cfg, processes=2, gpu_memory=1.0)
+    assert result.engine_dtype == "fp32" and result.engine_weights == result.parameters * 4  # the whole model
+    assert result.engine_share == int(0.3 * GIB)
+    assert result.needed == result.peak + result.engine_share + result.reserve
+    assert "engine's share (rollout.vllm_gpu_memory" in result.table()
+    # 0.3 x 0.0005 GiB = 161 kB is less than the engine's 0.28 MB of fp32 weights
+    with pytest.raises(selfdistill.UserError, match=r"^rollout.vllm_gpu_memory 0.3 gives the vLLM engine .* at least"):
+        plan(cfg, processes=2, gpu_memory=0.0005)

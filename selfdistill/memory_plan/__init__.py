@@ -21,11 +21,14 @@ created, resized and freed, as torch's `FSDPMemTracker` counts them):
   batch and one decoded token.
 Computed (what fake tensors do not reach in reasonable time): the KV cache's growth over the rest
 of the completion (the decode loop would run `rollout.max_new_tokens` steps), and for
-`rollout.engine: vllm` the engine's own share of the GPU (`rollout.vllm_gpu_memory`), which is
-left out of the figures.
+`rollout.engine: vllm` the engine's weights (the whole model in its dtype) and one longest
+sequence's KV cache, and with a GPU size its share (`rollout.vllm_gpu_memory` of it; refused when
+smaller than those).
 
-Not included: the CUDA context and libraries (~0.5-1 GiB), the caching allocator's rounding and
-fragmentation, NCCL's buffers, and `train.demonstration_logp_every`'s forward without gradients.
+A stated reserve (planner.CUDA_CONTEXT, NCCL_BUFFERS, FRAGMENTATION) stands for the CUDA context,
+NCCL's buffers and the allocator's rounding and fragmentation; with a GPU size the plan ends with
+a verdict, `fits` or `does not fit` and the changes estimated to make it fit. Not included:
+`train.demonstration_logp_every`'s forward without gradients.
 `model.precision: auto` is planned as bf16 (what it means on GPUs with bf16); lengths are the
 configured limits (`data.max_prompt_tokens`, `data.max_teacher_prompt_tokens`,
 `rollout.max_new_tokens`, which is also the length planned for SFT's demonstrations).

@@ -23,10 +23,12 @@ def plan_command(
         "--model",
         help="Model: a directory with config.json, or a shipped architecture (e.g. Qwen/Qwen2.5-7B-Instruct).",
     ),
+    gpu_memory: Optional[float] = _option("gpu_memory", "--gpu-memory"),
     json_file: Optional[Path] = _option("json_file", "--json"),
 ) -> None:
     """Memory per process (GiB) for this config with N processes: weights, gradients, optimizer, teacher,
-    gathered units, activations with and without activation checkpointing, rollouts and the peak.
+    gathered units, activations with and without activation checkpointing, rollouts, the vLLM engine's share,
+    a reserve for what no trace sees, and with --gpu-memory a verdict: fits or does not fit (and what would).
 
     No GPU, no weights, no network: the model is built from its architecture config on fake tensors
     and the training step traced in this process (seconds to a minute). `model.precision: auto` is
@@ -35,9 +37,9 @@ def plan_command(
     from selfdistill.config import load_config
     from selfdistill.memory_plan import plan
 
-    settings = PlanSettings(processes=processes, json_file=json_file)
+    settings = PlanSettings(processes=processes, gpu_memory=gpu_memory, json_file=json_file)
     overrides = list(set_) + ([f"model.name={model}"] if model is not None else [])
-    result = plan(load_config(config, overrides), settings.processes)
+    result = plan(load_config(config, overrides), settings.processes, settings.gpu_memory)
     typer.echo(result.table())
     if settings.json_file is not None:
         from selfdistill.files import write_json

@@ -55,6 +55,17 @@ class MemoryPlan:
     peak: int
     step_peak_parts: dict[str, int] = field(default_factory=dict)  # what was alive at the step's peak, by kind
     rollout_peak_parts: dict[str, int] = field(default_factory=dict)  # at the traced part of a rollout's peak
+    # What no trace sees, and the verdict (planner._reserve, planner._engine, planner._verdict)
+    reserve: int = 0  # the sum of reserve_parts
+    reserve_parts: dict[str, int] = field(default_factory=dict)  # CUDA context, NCCL, fragmentation
+    engine_dtype: str | None = None  # vLLM: the engine's dtype (rollout.vllm_precision)
+    engine_weights: int = 0  # vLLM: the whole model in the engine's dtype (every process's engine holds it all)
+    engine_kv_minimum: int = 0  # vLLM: the KV cache of one sequence of the longest length
+    engine_share: int = 0  # vLLM: rollout.vllm_gpu_memory x gpu_memory (0 without --gpu-memory)
+    needed: int = 0  # peak + engine share + reserve
+    gpu_memory: int | None = None  # bytes per process the verdict is for; None: no verdict
+    fits: bool | None = None
+    suggestions: list[dict] = field(default_factory=list)  # for a plan that does not fit: {"change", "needed", "fits"}
     seconds: float = 0.0
 
     def rows(self) -> list[tuple[str, int | None, str]]:
@@ -97,13 +108,42 @@ class MemoryPlan:
             ]
         elif self.rollout_engine == "vllm":
             rows += [
-                ("rollout: vLLM engine (its share, rollout.vllm_gpu_memory, not included)", None, ""),
+                ("rollout: vLLM engine in this process", None, ""),
                 ("  weight sync: the largest parameter gathered", self.rollout_gather, SHARD_PLAN),
-                ("  peak", self.rollout_peak, f"{TRACED} + {SHARD_PLAN}"),
+                ("  peak (training's side)", self.rollout_peak, f"{TRACED} + {SHARD_PLAN}"),
+                (f"  engine's weights (whole model, {self.engine_dtype})", self.engine_weights, COMPUTED),
+                ("  engine's KV cache for one longest sequence (its minimum)", self.engine_kv_minimum, COMPUTED),
             ]
-        engine = " (+ the vLLM engine's share of the GPU)" if self.rollout_engine == "vllm" else ""
-        rows.append((f"peak per process{engine}", self.peak, "the largest peak"))
+            if self.gpu_memory is not None:
+                # The engine does not use vLLM's sleep mode: its share stays taken through the training step.
+                rows.append(
+                    ("  engine's share (rollout.vllm_gpu_memory, held throughout)", self.engine_share, COMPUTED)
+                )
+        rows.append(("peak per process (training and rollouts)", self.peak, "the largest peak"))
+        rows.append(("reserve: what no trace sees", None, ""))
+        rows += [(f"  {what}", size, COMPUTED) for what, size in self.reserve_parts.items()]
+        engine = " + engine's share" if self.rollout_engine == "vllm" and self.gpu_memory is not None else ""
+        rows.append((f"needed per process (peak{engine} + reserve)", self.needed, COMPUTED))
         return rows
+
+    def verdict(self) -> str:
+        """One line: `fits: ...`, `does not fit: ...`, or how to get a verdict."""
+        if self.gpu_memory is None:
+            return f"no verdict: {self.needed / GIB:.1f} GiB per process needed; give --gpu-memory GIB for one."
+        if self.fits:
+            return (
+                f"fits: {self.needed / GIB:.1f} of {self.gpu_memory / GIB:.1f} GiB per process "
+                f"({(self.gpu_memory - self.needed) / GIB:.1f} GiB to spare)"
+            )
+        line = f"does not fit: {self.needed / GIB:.1f} GiB per process needed, {self.gpu_memory / GIB:.1f} available."
+        fitting = [s for s in self.suggestions if s["fits"]]
+        if fitting:
+            line += " Would fit: " + "; ".join(_suggestion(s) for s in fitting) + "."
+        others = [s for s in self.suggestions if not s["fits"]]
+        if others:
+            line += (" Not enough alone" if fitting else " No single change fits; each helps") + ": "
+            line += "; ".join(_suggestion(s) for s in others) + "."
+        return line
 
     def _weights_kind(self, whole: bool = False) -> str:
         kind = f"{self.weights_dtype} base + fp32 adapter" if self.lora else self.weights_dtype
@@ -124,8 +164,9 @@ class MemoryPlan:
         return "bf16" if self.precision == "bf16" else self.weights_dtype
 
     def to_dict(self) -> dict:
-        """Every field (bytes), plus `rows`: the table's lines with GiB and how each was obtained."""
+        """Every field (bytes), plus `rows`: the table's lines with GiB and how each was obtained, and `verdict`."""
         data = dataclasses.asdict(self)
+        data["verdict"] = self.verdict()
         data["rows"], heading = [], ""
         for what, size, how in self.rows():
             if size is None:
@@ -164,10 +205,16 @@ class MemoryPlan:
         lines += [
             "",
             f"  traced: this config's own code run on fake tensors with a fake process group of {self.processes};",
-            "  shard plan: from the FSDP units' sizes; computed: arithmetic. Not included: the CUDA context",
-            f"  (~0.5-1 GiB), the allocator's rounding and fragmentation, NCCL's buffers. ({self.seconds:.0f} s)",
+            "  shard plan: from the FSDP units' sizes; computed: arithmetic. The reserve stands for the CUDA context,",
+            f"  NCCL's buffers and the allocator's rounding and fragmentation, which no trace sees. ({self.seconds:.0f} s)",
+            "",
+            self.verdict(),
         ]
         return "\n".join(lines)
+
+
+def _suggestion(suggestion: dict) -> str:
+    return f"{suggestion['change']} ({suggestion['needed'] / GIB:.1f} GiB)"
 
 
 def _count(n: int) -> str:

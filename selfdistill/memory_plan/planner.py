@@ -11,10 +11,10 @@ from dataclasses import dataclass
 
 import torch
 
-from selfdistill.config import Config
+from selfdistill.config import Config, load_config, merge
 from selfdistill.errors import UserError
 from selfdistill.memory_plan.architectures import architecture_config, type_name
-from selfdistill.memory_plan.figures import MemoryPlan
+from selfdistill.memory_plan.figures import GIB, MemoryPlan
 from selfdistill.memory_plan.trace import MemoryTrace, _labelled_forwards, _labelled_fsdp
 
 # sft_replay trains exactly as SFT does (its replay answers are written before training, with less
@@ -77,9 +77,25 @@ def _gathered_sizes(model) -> tuple[list[int], int]:
     return units, largest
 
 
-def plan(cfg: Config, processes: int) -> MemoryPlan:
-    """The memory per process of training `cfg` under torchrun with `processes` processes (see the package doc)."""
+# The reserve: what a process needs beyond what the trace sees. Estimates, not measured here (no GPU):
+# - the CUDA context with the kernels and cuBLAS/cuDNN workspaces torch loads: 0.5-1 GiB per process on
+#   recent GPUs and CUDA 12; the upper end is taken;
+# - NCCL's buffers (4 MiB per channel and peer by default, up to 32 channels, plus its work queues): a few
+#   hundred MiB per process on one 8-GPU node; none with one process;
+# - the caching allocator's rounding (blocks of 2 MiB and up) and fragmentation: reserved memory is
+#   commonly 5-15% above what is allocated in LLM training; 10% of the peak is taken.
+CUDA_CONTEXT = 2**30
+NCCL_BUFFERS = 2**29
+FRAGMENTATION = 0.10
+
+
+def plan(cfg: Config, processes: int, gpu_memory: float | None = None, suggest: bool = True) -> MemoryPlan:
+    """The memory per process of training `cfg` under torchrun with `processes` processes (see the package doc);
+    with `gpu_memory` (GiB per process) a verdict: whether it fits, and if not which changes would make it fit
+    (`suggest`)."""
     _check(cfg, processes)
+    if gpu_memory is not None and not gpu_memory > 0:
+        raise UserError(f"--gpu-memory must be more than 0 GiB, got {gpu_memory}.")
     started = time.perf_counter()
     config, where = architecture_config(cfg.model.name, cfg.model.trust_remote_code)
     precision = "bf16" if cfg.model.precision == "auto" else cfg.model.precision
@@ -96,8 +112,98 @@ def plan(cfg: Config, processes: int) -> MemoryPlan:
             "use torch 2.13 or later (for example in a separate environment)."
         ) from None
     result = _memory_plan(cfg, processes, where, type_name(config), precision, shapes, traced)
+    _engine(result, cfg, config, precision, gpu_memory)
+    _reserve(result)
+    _verdict(result, cfg, gpu_memory, suggest)
     result.seconds = time.perf_counter() - started
     return result
+
+
+def _engine(result: MemoryPlan, cfg: Config, config, precision: str, gpu_memory: float | None) -> None:
+    """vLLM's share of the GPU: it holds the whole model (every process's engine has all of it, LoRA merged)
+    in its own dtype and at least one longest sequence's KV cache, or it does not start. The engine does not
+    use vLLM's sleep mode, so its share stays taken through the training step."""
+    if result.rollout_engine != "vllm":
+        return
+    wanted = precision if cfg.rollout.vllm_precision == "auto" else cfg.rollout.vllm_precision
+    element = 2 if wanted == "bf16" else 4
+    result.engine_dtype = "bf16" if element == 2 else "fp32"
+    parameters = result.parameters - (result.trainable_parameters if result.lora else 0)
+    result.engine_weights = parameters * element
+    result.engine_kv_minimum = (result.prompt_tokens + result.completion_tokens) * _kv_per_token(config, element)
+    if gpu_memory is None:
+        return
+    result.engine_share = int(cfg.rollout.vllm_gpu_memory * gpu_memory * GIB)
+    minimum = result.engine_weights + result.engine_kv_minimum
+    if result.engine_share < minimum:
+        raise UserError(
+            f"rollout.vllm_gpu_memory {cfg.rollout.vllm_gpu_memory} gives the vLLM engine "
+            f"{result.engine_share / GIB:.1f} of {gpu_memory:.1f} GiB, less than its {result.engine_dtype} weights "
+            f"and one sequence's KV cache need ({minimum / GIB:.1f} GiB): set it to at least "
+            f"{math.ceil(minimum / (gpu_memory * GIB) * 100) / 100:.2f}."
+        )
+
+
+def _kv_per_token(config, element: int) -> int:
+    """Bytes of keys and values per token, all layers, `element` bytes per value."""
+    kv_heads = getattr(config, "num_key_value_heads", None) or config.num_attention_heads
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    return 2 * config.num_hidden_layers * kv_heads * head_dim * element
+
+
+def _reserve(result: MemoryPlan) -> None:
+    result.reserve_parts = {
+        "CUDA context and libraries": CUDA_CONTEXT,
+        "NCCL buffers": NCCL_BUFFERS if result.processes > 1 else 0,
+        f"allocator rounding and fragmentation ({FRAGMENTATION:.0%} of the peak)": int(FRAGMENTATION * result.peak),
+    }
+    result.reserve = sum(result.reserve_parts.values())
+    result.needed = result.peak + result.engine_share + result.reserve
+
+
+def _verdict(result: MemoryPlan, cfg: Config, gpu_memory: float | None, suggest: bool) -> None:
+    """Fits or not; for a plan that does not fit, each change that could make it fit, planned again with the
+    change (a change's figure is a plan of its own, not an estimate: under LoRA, say, the rollout gathers a bf16
+    base instead of fp32 weights, which no arithmetic on this plan's rows would know)."""
+    if gpu_memory is None:
+        return
+    result.gpu_memory = int(gpu_memory * GIB)
+    result.fits = result.needed <= result.gpu_memory
+    if result.fits or not suggest:
+        return
+    for change, overrides, processes in _changes(result, cfg):
+        try:
+            changed = plan(load_config(overrides=merge(cfg.to_dict(), overrides)), processes, gpu_memory, suggest=False)
+        except UserError:  # e.g. an engine share the change leaves too small: not a way to fit
+            continue
+        result.suggestions.append({"change": change, "needed": changed.needed, "fits": bool(changed.fits)})
+
+
+def _changes(result: MemoryPlan, cfg: Config) -> list[tuple[str, dict, int]]:
+    """(change as the user would write it, config overrides, processes): the levers, in the order to try them."""
+    out = []
+    if not result.lora:  # no gradients, moments or full teacher copy; a bf16 base where precision is bf16
+        out.append(("model.lora.enabled=true", {"model": {"lora": {"enabled": True}}}, result.processes))
+    if cfg.train.batch_size >= 2 * result.processes:  # every sharded part halves
+        out.append((f"--processes {2 * result.processes}", {}, 2 * result.processes))
+    if not result.activation_checkpointing:
+        out.append(
+            ("train.activation_checkpointing=true", {"train": {"activation_checkpointing": True}}, result.processes)
+        )
+    if result.micro_batch > 1:
+        out.append(("train.micro_batch_size=1", {"train": {"micro_batch_size": 1}}, result.processes))
+    if result.rollout_engine == "vllm" and result.gpu_memory:
+        minimum = result.engine_weights + result.engine_kv_minimum
+        fraction = math.ceil(minimum / result.gpu_memory * 100) / 100
+        if fraction < cfg.rollout.vllm_gpu_memory:  # the smallest share that starts: less KV cache
+            out.append(
+                (
+                    f"rollout.vllm_gpu_memory={fraction:.2f}",
+                    {"rollout": {"vllm_gpu_memory": fraction}},
+                    result.processes,
+                )
+            )
+    return out
 
 
 def _check(cfg: Config, processes: int) -> None:
