@@ -8,9 +8,9 @@ import re
 from types import SimpleNamespace
 
 import pytest
-import typer
 from typer.testing import CliRunner
 
+from selfdistill.cli import app
 from selfdistill.data.prompts import PromptBuilder
 from selfdistill.data.records import Record
 from selfdistill.errors import UserError
@@ -112,21 +112,8 @@ def test_the_context_comes_from_the_config_and_a_config_without_one_is_not_check
         answer_budgets(known, [[1] * 10, [1] * 40], ["x", "y"], 8)
 
 
-def _app():
-    from selfdistill.eval.cli import register
-
-    app = typer.Typer()
-
-    @app.callback()
-    def _root():  # a callback keeps `eval` a sub-command, as in the full `sdft` app
-        pass
-
-    register(app)
-    return app
-
-
 def _eval(*args):
-    return CliRunner().invoke(_app(), ["eval", "--precision", "fp32", *args])
+    return CliRunner().invoke(app, ["eval", "--precision", "fp32", *args])
 
 
 def _short_context_model(tmp_path):
