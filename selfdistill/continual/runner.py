@@ -105,14 +105,14 @@ def check_inputs(cfg: ContinualConfig) -> None:
     """Read now what the run reads later (the starting model's tokenizer, each method's own files), so
     a mistake is refused before the run directory is written. (The stream's records are read by
     build_tasks, the config's fields and every method's stage configs checked when it was parsed.)"""
+    from selfdistill.methods import get_method
     from selfdistill.models import load_tokenizer
-    from selfdistill.training.run_directory import check_method_inputs
 
     for method in cfg.methods:
         for stage in cfg.stream:
             stage_cfg = cfg.stage_config(method, stage, cfg.seeds[0], Path(cfg.output_dir))
             try:
-                check_method_inputs(stage_cfg)
+                get_method(stage_cfg.method).check_inputs(stage_cfg)
             except UserError as exc:
                 raise UserError(f"method {method.name!r}, stage {stage.name!r}: {exc}") from None
     start = cfg.stage_config(cfg.methods[0], cfg.stream[0], cfg.seeds[0], Path(cfg.output_dir)).model

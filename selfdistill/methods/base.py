@@ -98,6 +98,11 @@ class Method:
         self.compute_device = device
         self.precision = resolve_precision(cfg.model.precision, device)
 
+    @classmethod
+    def check_inputs(cls, cfg) -> None:
+        """Read the files of its own that the method reads in its set-up, which runs after the run directory
+        is written, so that a bad one is refused before anything is written (default: none)."""
+
     def training_examples(self, records: list[EncodedRecord]) -> list:
         """What the data order runs over (records by default; cpt: document pieces)."""
         return records

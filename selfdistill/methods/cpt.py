@@ -20,7 +20,7 @@ def load_documents(path: str | Path) -> list[str]:
     path = Path(path)
     if path.suffix == ".jsonl":
         docs = []
-        for number, row in read_jsonl(path):
+        for number, row in read_jsonl(path, origin="data.documents"):
             text = row.get("text") if isinstance(row, dict) else None
             if not isinstance(text, str) or not text.strip():
                 raise UserError(
@@ -41,6 +41,11 @@ def load_documents(path: str | Path) -> list[str]:
 
 class CPT(SFT):
     """SFT's loss on pieces of raw documents instead of demonstrations."""
+
+    @classmethod
+    def check_inputs(cls, cfg) -> None:
+        if cfg.data.documents:
+            load_documents(cfg.data.documents)
 
     def training_examples(self, records):
         if self.cfg.data.documents:

@@ -22,7 +22,7 @@ from selfdistill.methods.sdft import SDFT
 
 def general_prompts(path: str | None) -> list[str | list]:
     if path:
-        return [r.prompt for r in load_records(path, require_demonstration=False)]
+        return [r.prompt for r in load_records(path, require_demonstration=False, origin="reinvoke.prompts")]
     from selfdistill.data.general import general_prompts as builtin
 
     return builtin()
@@ -38,6 +38,11 @@ class SFTReinvoke(SDFT):
         super().__init__(*args, **kwargs)
         self.sft_steps = 0
         self.general: list[list[int]] = []
+
+    @classmethod
+    def check_inputs(cls, cfg) -> None:
+        if cfg.reinvoke.prompts:
+            general_prompts(cfg.reinvoke.prompts)
 
     def total_steps(self, steps: int) -> int:
         self.sft_steps = steps

@@ -49,7 +49,7 @@ def replay_slots(batch_size: int, ratio: float) -> list[bool]:
 def replay_records(source: str | None) -> list[Record]:
     """The replay records: a user's file, or the built-in general prompts (to be answered by the model)."""
     if source:
-        return load_records(source, require_demonstration=False)
+        return load_records(source, require_demonstration=False, origin="replay.data")
     from selfdistill.data.general import general_prompts
 
     return [
@@ -69,6 +69,11 @@ class SFTReplay(SFT):
         self.steps = 0
 
     # -- which examples a step trains on --------------------------------------------------------
+
+    @classmethod
+    def check_inputs(cls, cfg) -> None:
+        if cfg.replay.data:
+            replay_records(cfg.replay.data)
 
     def training_examples(self, records):
         self.num_records = len(records)

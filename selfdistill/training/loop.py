@@ -175,7 +175,7 @@ def setup(cfg: Config, records, model, tokenizer, resume: bool, overwrite: bool)
     """Read and check the inputs, build model, method, optimizer and schedule; restore on --resume."""
     from transformers import set_seed
 
-    from selfdistill.training.run_directory import check_method_inputs, check_shared_output_dir
+    from selfdistill.training.run_directory import check_shared_output_dir
 
     procs = setup_processes()
     check_shared_output_dir(cfg, procs)  # several processes: one train.output_dir seen by all, before any write
@@ -192,13 +192,13 @@ def setup(cfg: Config, records, model, tokenizer, resume: bool, overwrite: bool)
             f"({procs.world}): every process needs at least one prompt per step."
         )
     require_backends(cfg.train.report_to)  # a missing tracking package is bad input: before any write
-    check_method_inputs(cfg)  # files read in the method's set-up, which comes after the first write
+    method_class = get_method(cfg.method)
+    method_class.check_inputs(cfg)  # files read in the method's set-up, which comes after the first write
     out = check_output_dir(cfg, resume, overwrite)
     model, tokenizer, weights_dir = _build_model(cfg, procs, model, tokenizer)
     stop_ids = stop_token_ids(model, tokenizer)
     builder = PromptBuilder.from_config(tokenizer, cfg.data)  # demonstrations end with the template's end of turn
     encoded = builder.encode_all(records)
-    method_class = get_method(cfg.method)
     if cfg.rollout.engine == "vllm" and method_class.samples_student_prompts:
         # Here, not at the rollout: a prompt too long for the engine would fail one process mid-run.
         check_prompts_fit(cfg, model, records, encoded)

@@ -78,23 +78,6 @@ def check_resume(cfg: Config, resume: bool, overwrite: bool) -> None:
         log.warning("--resume: no checkpoint in %s; starting from step 0.", out / "checkpoints")
 
 
-def check_method_inputs(cfg: Config) -> None:
-    """Read now the files a method reads only once the run directory is written (its set-up), so a bad
-    one is refused before anything is written; the messages name the setting that gave the path."""
-    from selfdistill.data.records import load_records
-
-    if cfg.method == "cpt" and cfg.data.documents:
-        from selfdistill.methods.cpt import load_documents
-
-        if not Path(cfg.data.documents).is_file():
-            raise UserError(f"{cfg.data.documents}: file not found. Check the path given as data.documents.")
-        load_documents(cfg.data.documents)
-    if cfg.method == "sft_replay" and cfg.replay.data:
-        load_records(cfg.replay.data, require_demonstration=False, origin="replay.data")
-    if cfg.method == "sft_reinvoke" and cfg.reinvoke.prompts:
-        load_records(cfg.reinvoke.prompts, require_demonstration=False, origin="reinvoke.prompts")
-
-
 PROBE_PREFIX = ".selfdistill-probe-"
 
 
