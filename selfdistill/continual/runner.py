@@ -344,7 +344,6 @@ class Runner:
 
     def demonstration_loglik(self, model, tokenizer, task: StreamTask, precision: str) -> dict | None:
         """Held-out demonstration log-likelihood of the task's evaluation items (None without demonstrations)."""
-        from selfdistill.data.prompts import end_of_turn_token_id
         from selfdistill.eval.loglik import heldout_loglik
 
         system_prompt = (self.cfg.base.get("data") or {}).get("system_prompt")
@@ -354,7 +353,6 @@ class Runner:
             task.eval,
             template=task.teacher_template,
             system_prompt=system_prompt,
-            stop_token_id=end_of_turn_token_id(tokenizer),  # what ends a demonstration
             precision=precision,
         )
 

@@ -70,6 +70,16 @@ def grading_record(record: Record) -> dict:
     return row
 
 
+def record_sources(records: list[Record]) -> list[str]:
+    """Where each record came from, for messages: its file and line, else its index."""
+    return [r.source or f"record {i}" for i, r in enumerate(records)]
+
+
+def gold_rows(records: list[Record]) -> list[tuple[str, dict]]:
+    """(where, what the grader sees) of each record: what graders.check_gold_fields checks."""
+    return list(zip(record_sources(records), map(grading_record, records)))
+
+
 def context_length(model) -> tuple[int, str] | None:
     """(positions, the config field that says so) of the model's context; None when its config names
     none, and then prompts are not checked (the model itself may still fail on a long one)."""
@@ -168,8 +178,7 @@ def evaluate(
     _check(records, n_samples, temperature)
     builder = PromptBuilder(tokenizer, system_prompt=system_prompt)
     prompts = [builder.student_ids(r) for r in records]
-    sources = [r.source or f"record {i}" for i, r in enumerate(records)]
-    budgets = answer_budgets(model, prompts, sources, max_new_tokens)  # before any generating
+    budgets = answer_budgets(model, prompts, record_sources(records), max_new_tokens)  # before any generating
     # Sample j of record i is row i * n + j, seeded by (seed, i, j) only.
     rows = [p for p in prompts for _ in range(n_samples)]
     seeds = [seed * 1_000_003 + i for i in range(len(rows))] if temperature > 0 else None

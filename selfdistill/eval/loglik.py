@@ -25,7 +25,7 @@ from statistics import mean
 
 import torch
 
-from selfdistill.data.prompts import PromptBuilder, end_of_turn_token_id
+from selfdistill.data.prompts import PromptBuilder
 from selfdistill.data.records import Record
 from selfdistill.precision import autocast_context
 
@@ -85,9 +85,9 @@ def heldout_loglik(
     kept = [r for r in records if isinstance(r.demonstration, str) and r.demonstration.strip()]
     if not kept:
         return None
-    stop = stop_token_id if stop_token_id is not None else end_of_turn_token_id(tokenizer)
     # No prompt limits: this is a measurement, and evaluation items are scored whole.
-    builder = PromptBuilder.unlimited(tokenizer, template, system_prompt, stop)
+    builder = PromptBuilder.unlimited(tokenizer, template, system_prompt, stop_token_id)
+    stop = builder.end_of_turn_id  # stop_token_id, else the chat template's end of turn
     demos, answers = [], []
     for record in kept:
         ids, offsets = _demonstration_tokens(tokenizer, record.demonstration, stop)

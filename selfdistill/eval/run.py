@@ -29,7 +29,7 @@ def evaluate_task(
     before the model is loaded. With `out`, examples.jsonl and summary.json are written there. Returns the
     summary."""
     from selfdistill.eval import graders
-    from selfdistill.eval.evaluate import evaluate, grading_record
+    from selfdistill.eval.evaluate import evaluate, gold_rows
     from selfdistill.tasks.resolve import guess_grader, resolve_task
 
     if isinstance(task, (str, Path)):
@@ -42,8 +42,7 @@ def evaluate_task(
         grader_name, label = settings.grader or guess_grader(records), "records"
     grade = graders.get(grader_name)
     how = "chosen with --grader" if settings.grader else "guessed from the task, as no --grader was given"
-    rows = [(r.source or f"record {i}", grading_record(r)) for i, r in enumerate(records)]
-    graders.check_gold_fields(grader_name, rows, how)
+    graders.check_gold_fields(grader_name, gold_rows(records), how)
     if isinstance(model, (str, Path)):
         model, tokenizer = load_fp32(str(model))
     elif tokenizer is None:

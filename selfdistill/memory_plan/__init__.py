@@ -27,7 +27,7 @@ smaller than those).
 
 A stated reserve (planner.CUDA_CONTEXT, NCCL_BUFFERS, FRAGMENTATION) stands for the CUDA context,
 NCCL's buffers and the allocator's rounding and fragmentation; with a GPU size the plan ends with
-a verdict, `fits` or `does not fit` and the changes estimated to make it fit. Not included:
+a verdict, `fits` or `does not fit` and the changes that make it fit, each planned again. Not included:
 `train.demonstration_logp_every`'s forward without gradients.
 `model.precision: auto` is planned as bf16 (what it means on GPUs with bf16); lengths are the
 configured limits (`data.max_prompt_tokens`, `data.max_teacher_prompt_tokens`,

@@ -88,12 +88,12 @@ def _file_metrics(task: str, records: list, settings: CeilingSettings) -> tuple:
     records; none when no record has the field the guessed grader reads (the demonstration log-likelihood
     is then measured alone). Every measured record is checked for its grader's field before the model is
     loaded, so a file with gaps fails at once rather than after generating."""
-    from selfdistill.eval.evaluate import grading_record
+    from selfdistill.eval.evaluate import gold_rows
     from selfdistill.eval.graders import GOLD_FIELDS, check_gold_fields
     from selfdistill.tasks import Metric
     from selfdistill.tasks.resolve import guess_grader
 
-    rows = [(r.source or f"record {i}", grading_record(r)) for i, r in enumerate(records)]
+    rows = gold_rows(records)
     if settings.grader:
         names, how = list(settings.grader), "chosen with --grader"
     else:
