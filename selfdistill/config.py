@@ -34,6 +34,8 @@ OfflineLoss = Literal["ce", "divergence"]
 Reporter = Literal["tensorboard", "wandb"]
 RolloutEngine = Literal["decode", "vllm"]
 ImportanceLevel = Literal["capped_token_mean", "sequence", "token", "off"]
+SaveDtype = Literal["auto", "fp32", "bf16"]
+GatherPrecision = Literal["auto", "fp32"]
 
 
 _FINITE_NONNEGATIVE = "must be a finite number >= 0"
@@ -86,6 +88,17 @@ class ModelConfig(Section):
         "weights stay fp32; bf16 for LoRA when computing in bf16), fp32, or bf16.",
     )
     trust_remote_code: bool = setting(False, "Allow the model repository's own Python code to run.")
+    save_dtype: SaveDtype = setting(
+        "auto",
+        "Dtype of the weights in final/: auto (a run computing in bf16 saves in the dtype the loaded checkpoint "
+        "was published in, usually bf16, the size vLLM and transformers serve; a run computing in fp32 saves "
+        "fp32), fp32, or bf16.",
+    )
+    tf32: bool = setting(
+        True,
+        "CUDA: fp32 matrix products (the output head, an fp32 run) on TF32 tensor cores (inputs rounded to a "
+        "10-bit mantissa, fp32 sums); false: full fp32 products. No effect on CPUs.",
+    )
     lora: LoraConfig = field(default_factory=LoraConfig)
 
 
@@ -152,6 +165,19 @@ class RolloutConfig(Section):
     )
     importance_cap: float = setting(
         2.0, "vllm: the importance weights' cap C, applied to r_t (or to the sequence's ratio)."
+    )
+    vllm_eager: bool = setting(
+        False, "vllm on a GPU: run the engine without CUDA graphs (slower decoding, no graph capture at start)."
+    )
+    vllm_load_dir: str | None = setting(
+        None,
+        "vllm: directory for the engine's first load (the whole model in the engine's dtype, checked for free "
+        "space first); default: the system's temporary directory (TMPDIR).",
+    )
+    vllm_sleep: bool = setting(
+        True,
+        "vllm on a GPU: between rollouts the engine sleeps (its weights copied to host memory, its KV cache "
+        "freed), so the training step has that memory; it wakes for the next weight sync.",
     )
 
     def check(self) -> None:
@@ -326,6 +352,35 @@ class TrainConfig(Section):
 
 
 @dataclass
+class DistributedConfig(Section):
+    key: ClassVar[str] = "distributed"
+
+    gather: GatherPrecision = setting(
+        "auto",
+        "Weights all-gathered in: auto (the compute dtype: bf16 in a bf16 run, half the bytes of fp32; gradients "
+        "are still reduced in fp32), or fp32 (the master weights: a run's numbers then do not depend on its "
+        "number of processes, at twice the communication).",
+    )
+    shard_size: int = setting(
+        0,
+        "Processes that shard the model among themselves; groups of them hold replicas (hybrid sharding: "
+        "shard within a node, replicate across nodes). 0: the processes of one node (torchrun's "
+        "LOCAL_WORLD_SIZE); must divide the number of processes.",
+    )
+    timeout_minutes: float = setting(
+        60.0,
+        "How long a process waits for the others at a collective before the run fails (rank 0 alone writes "
+        "final/, about 28 GB at 14B in bf16).",
+    )
+
+    def check(self) -> None:
+        self._require(self.shard_size >= 0, "shard_size", "must be >= 0 (0: the processes of one node)")
+        self._require(
+            self.timeout_minutes > 0 and math.isfinite(self.timeout_minutes), "timeout_minutes", "must be > 0"
+        )
+
+
+@dataclass
 class Config:
     method: MethodName = setting("sdft", "Training method.")
     model: ModelConfig = field(default_factory=ModelConfig)
@@ -338,6 +393,7 @@ class Config:
     replay: ReplayConfig = field(default_factory=ReplayConfig)
     anchor: AnchorConfig = field(default_factory=AnchorConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    distributed: DistributedConfig = field(default_factory=DistributedConfig)
 
     def __post_init__(self) -> None:
         # The method, and every section: built from a mapping, e.g. Config(method="sft", train={"lr": 1e-4}),
