@@ -329,8 +329,8 @@ def _build(cfg: Config, config, processes: int):
     method = get_method(cfg.method)(cfg, model, None, None, [], 0, [])
     dist.init_process_group("fake", store=_fake_store(), rank=0, world_size=processes)
     procs = Processes(0, processes, torch.device("cpu"), sharded=True)
-    shard = functools.partial(shard_model, procs=procs, warm_up=False)
-    model = shard(model)
+    shard = functools.partial(shard_model, procs=procs, gather=cfg.distributed.gather, warm_up=False)
+    model = shard(model, precision=cfg.model.precision)  # the planning config's precision: fp32 or bf16
     method.model = model
     method.shard(shard)
     return model, method, procs, dtype

@@ -184,7 +184,8 @@ class Method:
         }
 
     def shard(self, shard_fn) -> None:
-        """Shard the method's own models (the SDFT teacher) with `shard_fn`; the student is the loop's."""
+        """Shard the method's own models (the SDFT teacher) with `shard_fn(module, precision=...)`, each
+        given the precision it computes in; the student is the loop's."""
 
     def checkpointed_module(self):
         """A module of the method's own whose weights a sharded checkpoint holds (the SDFT teacher), or None."""

@@ -16,6 +16,8 @@ one more student forward over the demonstrations; metrics.jsonl logs `divergence
 
 from __future__ import annotations
 
+import functools
+
 import contextlib
 import time
 from pathlib import Path
@@ -249,7 +251,7 @@ class SDFT(Method):
         self.teacher.update(self.model)
 
     def shard(self, shard_fn) -> None:
-        self.teacher.shard(shard_fn)
+        self.teacher.shard(functools.partial(shard_fn, precision=self.teacher_precision))
 
     def checkpointed_module(self):
         return self.teacher.module

@@ -27,9 +27,11 @@ of the student, of its gradients, of the AdamW state and of the teacher:
 
 from __future__ import annotations
 
+import atexit
 import os
 from contextlib import contextmanager
 from dataclasses import dataclass
+from datetime import timedelta
 from pathlib import Path
 
 import torch
@@ -39,16 +41,28 @@ import torch.distributed as dist
 @dataclass(frozen=True)
 class Processes:
     """Where this process stands: its rank among `world` processes, its device, and whether the
-    model is sharded (every run launched by torchrun, even with one process; never a plain one)."""
+    model is sharded (every run launched by torchrun, even with one process; never a plain one).
+
+    `mesh` is the device mesh the model is sharded over: one dimension ("shard") when every process
+    holds a shard of one copy, two ("replicate", "shard") for hybrid sharding (a copy per group of
+    `shard_size` processes, usually one node). None for a plain process and for one built by hand,
+    where `shard_model` uses all processes as one shard group.
+    """
 
     rank: int
     world: int
     device: torch.device
     sharded: bool = False
+    mesh: object = None
 
     @property
     def is_main(self) -> bool:
         return self.rank == 0
+
+    @property
+    def local_rank(self) -> int:
+        """This process's place on its machine (torchrun's LOCAL_RANK; 0 for a plain process)."""
+        return int(os.environ.get("LOCAL_RANK", "0")) if self.sharded else 0
 
 
 def default_device() -> torch.device:
@@ -58,8 +72,13 @@ def default_device() -> torch.device:
     return torch.device("cpu")
 
 
-def setup_processes() -> Processes:
-    """Join torchrun's process group (gloo on CPUs, nccl on GPUs); a plain process needs none."""
+def setup_processes(settings=None) -> Processes:
+    """Join torchrun's process group (gloo on CPUs, nccl on GPUs) and build the device mesh the model
+    is sharded over; a plain process needs neither. `settings`: the config's `distributed` section
+    (defaults when None)."""
+    from selfdistill.config import DistributedConfig
+
+    settings = settings or DistributedConfig()
     device = default_device()
     # Only a launcher (torchrun and those built on it) makes a run multi-process. A process group
     # that something else in this process set up, such as the in-process vLLM engine of an earlier
@@ -69,8 +88,48 @@ def setup_processes() -> Processes:
     if not dist.is_initialized():
         if device.type == "cuda":
             torch.cuda.set_device(device)
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
-    return Processes(dist.get_rank(), dist.get_world_size(), device, sharded=True)
+        dist.init_process_group(
+            "nccl" if device.type == "cuda" else "gloo", timeout=timedelta(minutes=settings.timeout_minutes)
+        )
+        # Leave the group before the interpreter tears down: a process that exits with the group (and
+        # its background threads) still alive can abort in their destructors ("terminate called
+        # without an active exception"), failing a run that had finished.
+        atexit.register(_leave_process_group)
+    world = dist.get_world_size()
+    mesh = device_mesh(device, world, shard_group_size(settings.shard_size, world))
+    return Processes(dist.get_rank(), world, device, sharded=True, mesh=mesh)
+
+
+def _leave_process_group() -> None:
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def shard_group_size(setting: int, world: int) -> int:
+    """How many processes shard one copy of the model: `distributed.shard_size`, or for 0 the processes
+    of one node (torchrun's LOCAL_WORLD_SIZE), never more than all of them."""
+    from selfdistill.errors import UserError
+
+    size = setting or min(int(os.environ.get("LOCAL_WORLD_SIZE", world)), world)
+    if size > world or world % size:
+        raise UserError(
+            f"distributed.shard_size {size}"
+            + (" (the processes of one node)" if not setting else "")
+            + f" must divide the number of processes, {world}: each group of shard_size processes holds one "
+            "copy of the model. Set distributed.shard_size to a divisor of it."
+        )
+    return size
+
+
+def device_mesh(device: torch.device, world: int, shard_size: int):
+    """The mesh of `world` processes on `device`'s type: ("shard",) when one group shards the model,
+    ("replicate", "shard") for world / shard_size groups of `shard_size` (ranks 0..shard_size-1 the first;
+    torchrun numbers a node's processes consecutively, so a group is a node)."""
+    from torch.distributed.device_mesh import init_device_mesh
+
+    if shard_size == world:
+        return init_device_mesh(device.type, (world,), mesh_dim_names=("shard",))
+    return init_device_mesh(device.type, (world // shard_size, shard_size), mesh_dim_names=("replicate", "shard"))
 
 
 def barrier(procs: Processes) -> None:  # (the helpers below are no-ops for a plain process)
@@ -148,36 +207,60 @@ def decoder_layers(model) -> list[torch.nn.Module]:
     return list(layers)
 
 
-def mixed_precision():
-    """FSDP2 keeps the weights in their own dtype and reduces gradients in fp32, whatever the run's precision.
+def gather_dtype(setting: str, precision: str) -> torch.dtype | None:
+    """The dtype a module's weights are all-gathered in (`distributed.gather`): bf16 for a module that
+    computes in bf16 unless the setting is 'fp32'; None (their own dtype) otherwise."""
+    return torch.bfloat16 if setting == "auto" and precision == "bf16" else None
+
+
+def mixed_precision(gather: torch.dtype | None, root: bool = False):
+    """FSDP2's policy for one unit: weights gathered in `gather` (None: their own dtype), gradients
+    reduced in fp32 whatever the run's precision, inputs never cast.
 
     bf16 runs compute in bf16 through autocast (`selfdistill.precision.autocast_context`), in one
     process and in many alike: the backbone's matrix products in bf16; its residual stream, norms,
-    the student's output head, the loss and every gradient buffer in fp32 (a frozen full-weight
-    teacher is stored, and so computed, in bf16). FSDP2's own `param_dtype=bf16`
-    would be a different computation (a bf16 residual stream, bf16 logits and a head gradient summed
-    over loss chunks in bf16), so a run's numbers would depend on how many processes it had. The
-    cost: all-gathers move fp32 weights (twice bf16's bytes) and a gathered unit takes fp32 memory.
+    the student's output head, the loss and every gradient buffer in fp32.
+
+    - gather=bf16 (`distributed.gather: auto`, the default of a bf16 run): each decoder layer's
+      weights travel and are held in bf16, half the bytes of fp32. The layer's matrix products
+      compute exactly what autocast computes on the fp32 weights (autocast rounds them to bf16 the
+      same way), and their gradients, computed in bf16 either way, are reduced in fp32. What
+      differs from one process: the layer's norm weights (and any other non-matmul weight) are used
+      rounded to bf16. The root unit (embeddings, final norm, output head) is always gathered in
+      its own dtype: the head computes the logits in fp32 and sums its gradient over the loss's
+      chunks in fp32. Inputs are not cast (`cast_forward_inputs=False`), so the residual stream
+      between layers stays fp32, as in one process.
+    - gather=None (`distributed.gather: fp32`): every unit gathers the fp32 master weights, and N
+      processes compute what one does up to the order of the gradient sums; at twice the bytes.
     """
     from torch.distributed.fsdp import MixedPrecisionPolicy
 
-    return MixedPrecisionPolicy(param_dtype=None, reduce_dtype=torch.float32)
+    return MixedPrecisionPolicy(
+        param_dtype=None if root else gather, reduce_dtype=torch.float32, cast_forward_inputs=False
+    )
 
 
-def shard_model(model, procs: Processes, *, warm_up: bool = True):
-    """Shard `model` in place with the plan above; returns it (now an FSDP module).
+def shard_model(model, procs: Processes, *, precision: str = "fp32", gather: str = "auto", warm_up: bool = True):
+    """Shard `model` in place with the plan above over `procs.mesh`; returns it (now an FSDP module).
 
-    `warm_up=False` for a model whose parameters are still on the meta device (nothing to compute
-    with yet): call `first_forward(model, procs)` once its shards hold their weights.
+    `precision` is what the module computes in ('fp32' or 'bf16'; a teacher's may differ from the
+    student's) and `gather` the `distributed.gather` setting: together they choose the dtype its
+    weights are all-gathered in (`gather_dtype`). `warm_up=False` for a model whose parameters are
+    still on the meta device (nothing to compute with yet): call `first_forward(model, procs)` once
+    its shards hold their weights.
     """
     import types
 
     from torch.distributed.fsdp import FSDPModule, fully_shard, register_fsdp_forward_method
 
-    policy = mixed_precision()
+    # Always an explicit mesh on this process's device: left to itself torch builds its default mesh on
+    # the accelerator it was compiled for (cuda on every CUDA wheel), even for gloo processes on CPUs.
+    mesh = procs.mesh if procs.mesh is not None else device_mesh(procs.device, procs.world, procs.world)
+    dtype = gather_dtype(gather, precision)
+    model.gathered_precision = "bf16" if dtype == torch.bfloat16 else "fp32"  # what its forwards must run under
     for layer in decoder_layers(model):
-        fully_shard(layer, mp_policy=policy)
-    fully_shard(model, mp_policy=policy)
+        fully_shard(layer, mesh=mesh, mp_policy=mixed_precision(dtype))
+    fully_shard(model, mesh=mesh, mp_policy=mixed_precision(dtype, root=True))
     for module in model.modules():
         if isinstance(module, FSDPModule):
             # A plain sum on every backend and process count: each process's loss already carries
@@ -196,9 +279,13 @@ def shard_model(model, procs: Processes, *, warm_up: bool = True):
 def first_forward(model, procs: Processes) -> None:
     """FSDP sets up its root on the first forward through the root; do it now, with one token,
     so that gathering weights for a rollout (the first thing an SDFT step does) finds it ready."""
+    from selfdistill.precision import autocast_context
+
     was_training = model.training
     model.eval()
-    model.backbone_forward(input_ids=torch.zeros((1, 1), dtype=torch.long, device=procs.device))
+    # Layers gathered in bf16 compute only under autocast, as every forward of the run does.
+    with autocast_context(procs.device, getattr(model, "gathered_precision", "fp32")):
+        model.backbone_forward(input_ids=torch.zeros((1, 1), dtype=torch.long, device=procs.device))
     model.train(was_training)
     reshard_all(model)
 

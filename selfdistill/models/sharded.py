@@ -107,8 +107,11 @@ def rows_of_this_process(param) -> tuple[int, int]:
     if not isinstance(param, DTensor):
         return 0, param.shape[0] if param.dim() else 1
     rows = param.shape[0]
-    world = param.device_mesh.size()
-    rank = param.device_mesh.get_local_rank()
+    # The mesh dimension that shards rows: the only one of a plain mesh; "shard" of a hybrid
+    # (replicate, shard) mesh, whose replicas hold the same rows.
+    dim = next(i for i, placement in enumerate(param.placements) if placement.is_shard(0))
+    world = param.device_mesh.size(dim)
+    rank = param.device_mesh.get_local_rank(dim)
     per = -(-rows // world)
     start = min(rank * per, rows)
     return start, min(start + per, rows)

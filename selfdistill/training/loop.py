@@ -177,7 +177,7 @@ def setup(cfg: Config, records, model, tokenizer, resume: bool, overwrite: bool)
 
     from selfdistill.training.run_directory import check_shared_output_dir
 
-    procs = setup_processes()
+    procs = setup_processes(cfg.distributed)
     check_shared_output_dir(cfg, procs)  # several processes: one train.output_dir seen by all, before any write
     set_seed(cfg.train.seed)  # Python, NumPy, torch and CUDA generators
     if records is None:  # read the data first: a bad file should not wait for a model load
@@ -206,10 +206,10 @@ def setup(cfg: Config, records, model, tokenizer, resume: bool, overwrite: bool)
     method.procs = procs
     if procs.sharded:  # the teacher is copied from the student (in the method) before sharding
         empty = weights_dir is not None  # built on the meta device: filled shard by shard below
-        shard = functools.partial(shard_model, procs=procs, warm_up=not empty)
-        model = shard(model)
+        shard = functools.partial(shard_model, procs=procs, gather=cfg.distributed.gather, warm_up=not empty)
+        model = shard(model, precision=method.precision)
         method.model = model
-        method.shard(shard)
+        method.shard(shard)  # the method's own models, each with the precision it computes in
         if empty:
             _fill_shards(cfg, procs, model, method.checkpointed_module(), weights_dir)
     params = [p for p in model.parameters() if p.requires_grad]
