@@ -10,6 +10,7 @@ torch.set_num_threads(1)
 os.environ.setdefault("SELFDISTILL_PROGRESS", "0")
 os.environ.setdefault("WANDB_MODE", "offline")  # no test may reach the network
 sys.path.insert(0, str(Path(__file__).parent))
+sys.path.insert(1, str(Path(__file__).resolve().parents[1]))  # benchmarks.gpu.fidelity, shared with the GPU check
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED = REPO.parent / "shared"

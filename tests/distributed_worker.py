@@ -3,7 +3,8 @@
     python distributed_worker.py OUT_DIR SETTINGS_JSON
 
 SETTINGS_JSON: {"mode": "train" | "rollout", "method": ..., "lora": bool, "teacher": ..., "chunk_size": ...,
-"max_steps": ..., "save_every": ..., "resume": bool, "count_collectives": bool, "activation_checkpointing": bool}.
+"max_steps": ..., "save_every": ..., "resume": bool, "count_collectives": bool, "activation_checkpointing": bool,
+"gather": "auto" | "fp32", "shard_size": int, "save_dtype": ...}.
 Rank 0 writes OUT_DIR/world.json (world size, per-step losses, collective counts per rank) and
 OUT_DIR/teacher_final.safetensors (the whole teacher after the last step).
 """
@@ -71,10 +72,12 @@ def train_mode(out: Path, settings: dict) -> None:
         "method": settings.get("method", "sdft"),
         "model": {
             "precision": settings.get("precision", "fp32"),
+            "save_dtype": settings.get("save_dtype", "fp32"),  # the tests compare trained updates: keep them whole
             "lora": {"enabled": settings.get("lora", False), "rank": 4, "alpha": 8.0},
             **({"name": settings["model_dir"]} if settings.get("model_dir") else {}),
         },
         "rollout": {"max_new_tokens": 4, "engine": engine},
+        "distributed": {"gather": settings.get("gather", "auto"), "shard_size": settings.get("shard_size", 0)},
         "teacher": {"kind": settings.get("teacher", "ema"), "ema_rate": 0.1},
         "loss": {
             "skip_first_tokens": settings.get("skip_first_tokens", 1),
@@ -131,6 +134,7 @@ def train_mode(out: Path, settings: dict) -> None:
                     "importance": [{k: v for k, v in m.items() if k.startswith("importance_")} for m in result.metrics],
                     "steps": [m["step"] for m in result.metrics],
                     "collectives": counts,
+                    "mesh": LAST_RUN.get("mesh"),
                 }
             )
         )
@@ -147,6 +151,8 @@ def keep_teacher() -> None:
     def hook(run, final_dir):
         teacher = getattr(run.method, "teacher", None)
         LAST_RUN["teacher"] = getattr(teacher, "module", None)
+        mesh = run.procs.mesh
+        LAST_RUN["mesh"] = dict(zip(mesh.mesh_dim_names, mesh.shape)) if mesh is not None else None
         return real(run, final_dir)
 
     train_mod.on_train_end = hook

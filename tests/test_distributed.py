@@ -173,15 +173,16 @@ def test_kill_during_a_sharded_checkpoint_then_resume_gives_the_uninterrupted_ru
     assert steps == [1, 2, 3, 4]
 
 
-def test_gpu_check_script_runs_its_cases_on_cpu(tmp_path):
-    """benchmarks/gpu/check.py (FSDP2 through torchrun with one process) in its CPU smoke mode."""
+def test_gpu_check_runs_every_part_on_cpu(tmp_path):
+    """benchmarks/gpu/check.py, the GPU check, in its CPU mode under torchrun with two processes (the same
+    code as on a GPU, tiny models): one JSON summary with every part passed, or skipped with its reason."""
     env = {
         **os.environ,
         "OMP_NUM_THREADS": "1",
         "SELFDISTILL_PROGRESS": "0",
         "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]),
     }
-    rows_file = tmp_path / "rows.json"
+    summary_file = tmp_path / "gpu-check.json"
     proc = subprocess.run(
         [
             sys.executable,
@@ -189,13 +190,13 @@ def test_gpu_check_script_runs_its_cases_on_cpu(tmp_path):
             "torch.distributed.run",
             "--standalone",
             "--nproc_per_node",
-            "1",
+            "2",
             str(ROOT / "benchmarks" / "gpu" / "check.py"),
             "--device",
             "cpu",
             "--tiny",
-            "--json",
-            str(rows_file),
+            "--out",
+            str(summary_file),
         ],
         cwd=tmp_path,
         env=env,
@@ -203,16 +204,51 @@ def test_gpu_check_script_runs_its_cases_on_cpu(tmp_path):
         text=True,
         timeout=600,
     )
-    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
-    assert proc.stdout.strip().splitlines()[-2:] == ["ALL FINITE", "ALL LEARNED"]
-    rows = json.loads(rows_file.read_text())
-    assert [r["case"] for r in rows] == ["tiny sdft full", "tiny sft full", "tiny sdft lora", "tiny sdft lora frozen"]
-    for row in rows:
-        assert row["finite"] and row["steps"] == 3 and row["s_step"] > 0 and row["tokens_per_s"] > 0
-        assert row["learned"] and all(g > 0 for g in row["grad_norms"]), row
-        assert row["plan_peak_gib"] >= row["plan_step_gib"] > 0, row  # sdft plan's prediction beside it
-    assert [r["loaded"] for r in rows] == ["by name, sharded"] * 4  # the tiny shape goes through sharded loading
-    assert rows[0]["s_rollout"] > 0 and rows[0]["s_teacher"] > 0  # SDFT's split is measured
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert proc.stdout.strip().splitlines()[-1] == "ALL PASSED"
+    summary = json.loads(summary_file.read_text())
+    assert summary.keys() == {"environment", "parts", "failures", "seconds", "result"}
+    assert summary["result"] == "ALL PASSED" and summary["failures"] == []
+    environment = summary["environment"]
+    assert environment["processes"] == 2 and environment["torchrun"] and environment["torch"]
+    assert {"cuda", "gpu", "device", "precision"} <= environment.keys()
+    assert {"gather", "shard_size"} <= environment["settings"]["distributed"].keys()  # read from the config
+    parts = summary["parts"]
+    assert list(parts) == [
+        "families",
+        "teacher_buffers",
+        "dcp_resume",
+        "lora_reload",
+        "speed",
+        "vllm",
+        "plan_vs_measured",
+    ]
+    for name, part in parts.items():
+        assert part["passed"] and "error" not in part, (name, part)
+        assert part["seconds"] >= 0
+    skipped = {name: part["skipped"] for name, part in parts.items() if part.get("skipped")}
+    assert set(skipped) <= {"vllm"} and all(skipped.values())  # only vLLM may be absent, with the reason
+    assert set(parts["families"]["families"]) == {"qwen2.5", "qwen3", "llama-3.1", "gemma-3", "olmo-3"}
+    assert all(f["rollout_lengths"][1] > 1 for f in parts["families"]["families"].values())
+    assert parts["teacher_buffers"]["cases"] > 0 and parts["teacher_buffers"]["bf16_frozen_cases"] > 0
+    dcp = parts["dcp_resume"]
+    assert dcp["dcp_checkpoint"] and dcp["processes"] == 2
+    assert dcp["losses_resumed"] == pytest.approx(dcp["losses_uninterrupted"][2:], rel=1e-5)
+    assert {"gather", "shard_size"} <= dcp["settings"]["distributed"].keys()
+    lora = parts["lora_reload"]
+    assert "adapter_model.safetensors" in lora["adapter_files"]
+    assert lora["adapter_max_abs_difference"] <= 1e-4 * lora["max_abs_logit"] < lora["adapter_effect"]
+    cases = parts["speed"]["cases"]
+    assert [c["case"] for c in cases] == ["tiny sdft full", "tiny sft full", "tiny sdft lora"]
+    for case in cases:
+        assert case["finite"] and case["learned"] and case["steps"] == 3, case
+        assert case["s_step"] > 0 and case["tokens_per_s"] > 0 and case["loaded"] == "by name, sharded"
+    assert cases[0]["s_rollout"] > 0 and cases[0]["s_teacher"] > 0  # SDFT's split is measured
+    plans = parts["plan_vs_measured"]["runs"]
+    assert [r["run"] for r in plans] == ["dcp_resume", "lora_reload", *(c["case"] for c in cases)]
+    for row in plans:  # sdft plan's figures beside each trained config (nothing is measured on a CPU)
+        assert row["plan_error"] is None and row["plan_peak_gib"] >= row["plan_step_peak_gib"] > 0, row
+        assert row["ratio_measured_to_planned"] is None
 
 
 def test_lora_sharded_checkpoint_resumes_exactly(tmp_path):
@@ -263,6 +299,25 @@ def trained_update(run: Path, lora: bool) -> dict[str, torch.Tensor]:
     return {k: final[k].float() - start[k].float() for k in final}
 
 
+def test_hybrid_sharding_on_a_2x2_mesh_trains_what_one_process_trains(tmp_path):
+    """4 processes as 2 groups of 2 (distributed.shard_size 2: shard within a group, replicate across
+    groups, as within and across nodes): the same losses, weights and EMA teacher as one process, to the
+    fp32 tolerances of the 2-process tests, with a sharded checkpoint written on the way."""
+    settings = {"max_steps": 3, "save_every": 2, "shard_size": 2}
+    launch(tmp_path / "one", settings, 1)
+    launch(tmp_path / "four", settings, 4)
+    four = result(tmp_path / "four")
+    assert four["world_size"] == 4 and four["mesh"] == {"replicate": 2, "shard": 2}
+    r1 = result(tmp_path / "one")
+    assert four["losses"] == pytest.approx(r1["losses"], rel=1e-4, abs=1e-6)
+    assert_same_weights(
+        tmp_path / "one" / "final" / "model.safetensors", tmp_path / "four" / "final" / "model.safetensors"
+    )
+    assert_same_weights(tmp_path / "one" / "teacher_final.safetensors", tmp_path / "four" / "teacher_final.safetensors")
+    assert (tmp_path / "four" / "checkpoints" / "step-000002").is_dir()  # a DCP checkpoint over the 2-D mesh
+    assert max(float(v.abs().max()) for v in trained_update(tmp_path / "four", False).values()) > 1e-4  # it learned
+
+
 def relative_difference(a: dict, b: dict) -> float:
     assert a.keys() == b.keys()
     num = sum(float(((b[k] - a[k]) ** 2).sum()) for k in a)
@@ -271,8 +326,9 @@ def relative_difference(a: dict, b: dict) -> float:
 
 @pytest.mark.parametrize("lora", [False, True], ids=["full", "lora"])
 def test_bf16_plain_and_torchrun_one_process_are_the_same_computation(tmp_path, lora):
+    """With the fp32 gather (distributed.gather: fp32) a sharded process computes what a plain one does, to the bit."""
     launch(tmp_path / "plain", {**BF16, "lora": lora}, 1)
-    launch(tmp_path / "torchrun", {**BF16, "lora": lora}, 1, torchrun=True)
+    launch(tmp_path / "torchrun", {**BF16, "lora": lora, "gather": "fp32"}, 1, torchrun=True)
     assert result(tmp_path / "torchrun")["losses"] == result(tmp_path / "plain")["losses"]
     plain, sharded = trained_update(tmp_path / "plain", lora), trained_update(tmp_path / "torchrun", lora)
     assert relative_difference(plain, sharded) == 0.0
@@ -280,9 +336,11 @@ def test_bf16_plain_and_torchrun_one_process_are_the_same_computation(tmp_path, 
 
 
 @pytest.mark.parametrize("lora", [False, True], ids=["full", "lora"])
-def test_bf16_two_processes_match_one_within_bf16_rounding(tmp_path, lora):
+@pytest.mark.parametrize("gather", ["auto", "fp32"])
+def test_bf16_two_processes_match_one_within_bf16_rounding(tmp_path, lora, gather):
+    """Layers gathered in bf16 (the default) or fp32: both within bf16 rounding of one plain process."""
     launch(tmp_path / "one", {**BF16, "lora": lora}, 1)
-    launch(tmp_path / "two", {**BF16, "lora": lora}, 2)
+    launch(tmp_path / "two", {**BF16, "lora": lora, "gather": gather}, 2)
     assert result(tmp_path / "two")["world_size"] == 2
     assert result(tmp_path / "two")["losses"] == pytest.approx(result(tmp_path / "one")["losses"], rel=BF16_TOLERANCE)
     one, two = trained_update(tmp_path / "one", lora), trained_update(tmp_path / "two", lora)
@@ -340,3 +398,16 @@ def test_a_model_loaded_shard_by_shard_trains_what_one_process_trains(tmp_path, 
 
         loaded = AutoModelForCausalLM.from_pretrained(tmp_path / "two" / "final")
         assert not is_lora(loaded) and next(loaded.parameters()).dtype == next(iter(two.values())).dtype
+
+
+def test_sharded_final_is_written_in_the_save_dtype(tmp_path, saved_model):
+    """final/ written one gathered parameter at a time (torchrun) in model.save_dtype bf16: each weight cast
+    on its shard before the gather, the same bytes a plain process saves, and config.json says bfloat16."""
+    settings = {"model_dir": str(saved_model / "untied"), "max_steps": 2, "save_dtype": "bf16"}
+    launch(tmp_path / "plain", settings, 1)
+    launch(tmp_path / "torchrun", settings, 1, torchrun=True)
+    plain = load_file(str(tmp_path / "plain" / "final" / "model.safetensors"))
+    sharded = load_file(str(tmp_path / "torchrun" / "final" / "model.safetensors"))
+    assert {v.dtype for v in sharded.values()} == {torch.bfloat16} and plain.keys() == sharded.keys()
+    assert all(torch.equal(plain[k], sharded[k]) for k in plain)
+    assert json.loads((tmp_path / "torchrun" / "final" / "config.json").read_text())["dtype"] == "bfloat16"

@@ -9,101 +9,24 @@ the words the tests use plus the special tokens at their real ids (tests/data/fa
 what is simplified). On CPU the tests show that rollouts stop at the end of the turn (and on every id
 the generation config lists), that demonstrations end with the token the template ends an assistant
 turn with, and that student and teacher prompts render through the family's template.
+The families and their helpers live in benchmarks/gpu/fidelity.py, which the GPU check
+(benchmarks/gpu/check.py) runs the same cases with on the GPU.
 """
 
 from __future__ import annotations
 
 import json
-import shutil
-from dataclasses import dataclass
-from pathlib import Path
 
 import pytest
-import torch
-from tokenizers import AddedToken, Tokenizer, models, pre_tokenizers
-from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, GenerationConfig
+from transformers import AutoConfig, GenerationConfig
 
+from benchmarks.gpu.fidelity import DATA, FAMILIES, FILLER, RECORD, count, emit_only, family_model, family_tokenizer
 from selfdistill.config import load_config
-from selfdistill.data import PromptBuilder, Record
-from selfdistill.data.prompts import CONTEXT_PREFIX, TEACHER_TEMPLATES, end_of_turn_token_id
+from selfdistill.data import PromptBuilder
+from selfdistill.data.prompts import end_of_turn_token_id
 from selfdistill.methods import get_method
 from selfdistill.models import stop_token_ids
 from selfdistill.models.tiny import tiny_tokenizer, words_of
-
-DATA = Path(__file__).parent / "data" / "families"
-RECORD = Record(prompt="What colour is the sky ?", demonstration="zebra quartz")
-FILLER = "ok"  # what a forced rollout writes before its stop token
-
-
-@dataclass(frozen=True)
-class Family:
-    turn_end: int  # the token the template ends an assistant turn with: what demonstrations end with
-    stops: list[int]  # the generation config's EOS list, the tokenizer's EOS, the end of turn (in that order)
-    prompt_start: list[str]  # how every prompt begins
-    user_header: list[str]  # what opens a user turn
-    generation_prompt: list[str]  # how every prompt ends: the assistant's header
-    # The template renders an answered conversation as the prompt, then the answer. Not so for Qwen3
-    # (it renders the last answer after an empty <think></think>, which the prompt does not hold) and
-    # Olmo-3 Think (its prompt opens <think>, its rendered answer does not).
-    answer_follows_prompt: bool
-
-
-FAMILIES = {
-    "qwen2.5": Family(
-        151645,
-        [151645, 151643],
-        ["<|im_start|>", "system"],
-        ["<|im_start|>", "user"],
-        ["<|im_start|>", "assistant"],
-        True,
-    ),
-    "qwen3": Family(
-        151645,
-        [151645, 151643],
-        ["<|im_start|>", "user"],
-        ["<|im_start|>", "user"],
-        ["<|im_start|>", "assistant"],
-        False,
-    ),
-    "llama-3.1": Family(
-        128009,
-        [128001, 128008, 128009],
-        ["<|begin_of_text|>", "<|start_header_id|>", "system", "<|end_header_id|>"],
-        ["<|start_header_id|>", "user", "<|end_header_id|>"],
-        ["<|start_header_id|>", "assistant", "<|end_header_id|>"],
-        True,
-    ),
-    "gemma-3": Family(
-        106,
-        [1, 106],
-        ["<bos>", "<start_of_turn>", "user"],
-        ["<start_of_turn>", "user"],
-        ["<start_of_turn>", "model"],
-        True,
-    ),
-    # A finished conversation's last answer ends with eos_token (<|endoftext|>), earlier ones with <|im_end|>.
-    "olmo-3": Family(
-        100257,
-        [100265, 100257],
-        ["<|im_start|>", "system"],
-        ["<|im_start|>", "user"],
-        ["<|im_start|>", "assistant", "<", "think", ">"],
-        False,
-    ),
-}
-
-
-def _vocabulary(source: Path, added: dict[int, dict]) -> dict[str, int]:
-    """The special tokens at their real ids, then every word the templates and the tests write (from id 1000,
-    clear of every family's special ids)."""
-    vocab = {entry["content"]: i for i, entry in added.items()}
-    vocab.setdefault("<unk>", 999)  # Gemma-3 has a real one (id 3); elsewhere a stand-in for unknown words
-    # The template's literal text (its escaped newlines read as spaces), the teacher templates, the tests' words.
-    text = (source / "chat_template.jinja").read_text().replace("\\n", " ")
-    others = [*TEACHER_TEMPLATES.values(), CONTEXT_PREFIX, "system user assistant model", FILLER, RECORD.prompt]
-    for word in words_of(" ".join([text, *others, RECORD.demonstration])):
-        vocab.setdefault(word, 1000 + len(vocab))
-    return vocab
 
 
 @pytest.fixture(scope="module")
@@ -113,48 +36,10 @@ def tokenizer_of(tmp_path_factory):
 
     def load(name: str):
         if name not in built:
-            source, directory = DATA / name, tmp_path_factory.mktemp(name)
-            config = json.loads((source / "tokenizer_config.json").read_text())
-            added = {int(i): entry for i, entry in config["added_tokens_decoder"].items()}
-            backend = Tokenizer(models.WordLevel(vocab=_vocabulary(source, added), unk_token="<unk>"))
-            backend.pre_tokenizer = pre_tokenizers.Whitespace()
-            tokens = [
-                AddedToken(e["content"], normalized=False, special=e["special"]) for _, e in sorted(added.items())
-            ]
-            backend.add_special_tokens([t for t in tokens if t.special])
-            backend.add_tokens([t for t in tokens if not t.special])
-            backend.save(str(directory / "tokenizer.json"))
-            for file in ("tokenizer_config.json", "chat_template.jinja"):
-                shutil.copy(source / file, directory / file)
-            # No config.json beside them: for model type qwen2 transformers would swap in Qwen2Tokenizer,
-            # which rebuilds the real byte-level pipeline around this word-level vocabulary.
-            tokenizer = AutoTokenizer.from_pretrained(directory)
-            if tokenizer.pad_token_id is None:  # as models.loading.load_tokenizer does
-                tokenizer.pad_token = tokenizer.eos_token
-            tokenizer.padding_side = "left"
-            built[name] = tokenizer
+            built[name] = family_tokenizer(name, tmp_path_factory.mktemp(name))
         return built[name]
 
     return load
-
-
-def family_model(name: str, seed: int = 0):
-    """A random model of the family's own architecture (config.json) with its real generation config."""
-    torch.manual_seed(seed)
-    model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(DATA / name))
-    model.generation_config = GenerationConfig.from_pretrained(DATA / name)
-    return model
-
-
-def emit_only(model, tokens: list[int]) -> None:
-    """Give the model an output head whose logits ignore the hidden state: 0 for `tokens`, -30 for every other
-    token, so a sample is one of `tokens`, each as likely (any other: under 1e-7 per step at 262k tokens)."""
-    head = torch.nn.Linear(model.config.hidden_size, model.config.vocab_size, bias=True)
-    with torch.no_grad():
-        head.weight.zero_()
-        head.bias.fill_(-30.0)
-        head.bias[torch.tensor(tokens)] = 0.0
-    model.set_output_embeddings(head)
 
 
 @pytest.mark.parametrize("name", FAMILIES)
@@ -241,19 +126,15 @@ def test_student_and_teacher_prompts_render_through_the_family_template(name, to
         tokens = tok.convert_ids_to_tokens(ids)
         assert tokens[: len(family.prompt_start)] == family.prompt_start
         assert tokens[-len(family.generation_prompt) :] == family.generation_prompt
-        assert _count(tokens, family.user_header) == 1
-        assert _count(tokens, question) == 1
+        assert count(tokens, family.user_header) == 1
+        assert count(tokens, question) == 1
         # The template's text tokenized once: no second BOS, nothing added or lost.
         text = tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
         assert ids == tok.encode(text, add_special_tokens=False)
         if tok.bos_token and family.prompt_start[0] == tok.bos_token:
             assert tokens.count(tok.bos_token) == 1
-    assert _count(tok.convert_ids_to_tokens(encoded.teacher_ids), demonstration) == 1
-    assert _count(tok.convert_ids_to_tokens(encoded.student_ids), demonstration) == 0
-
-
-def _count(tokens: list[str], part: list[str]) -> int:
-    return sum(tokens[i : i + len(part)] == part for i in range(len(tokens) - len(part) + 1))
+    assert count(tok.convert_ids_to_tokens(encoded.teacher_ids), demonstration) == 1
+    assert count(tok.convert_ids_to_tokens(encoded.student_ids), demonstration) == 0
 
 
 def test_the_end_of_turn_falls_back_to_the_tokenizers_eos():

@@ -11,6 +11,7 @@ import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
+from benchmarks.gpu.fidelity import buffer_mismatches, method_teacher_kinds
 from selfdistill.config import load_config
 from selfdistill.data import PromptBuilder
 from selfdistill.distillation.teacher import Teacher
@@ -18,9 +19,6 @@ from selfdistill.methods import get_method
 from selfdistill.models import apply_lora
 from selfdistill.models.sharded import empty_model, fill_from_files, materialize
 from selfdistill.models.tiny import tiny_model, tiny_tokenizer
-from selfdistill.registry import METHODS, method_class
-
-PEFT_PREFIX = "base_model.model."
 
 
 def _student(variant: str, lora: bool):
@@ -36,16 +34,9 @@ def _student(variant: str, lora: bool):
     return student
 
 
-def _buffers(module) -> dict[str, torch.Tensor]:
-    return {name.removeprefix(PEFT_PREFIX): b for name, b in module.named_buffers()}
-
-
 def _assert_same_buffers(teacher_model, student) -> None:
-    ours, theirs = _buffers(teacher_model), _buffers(student)
-    assert ours.keys() == theirs.keys() and any("inv_freq" in name for name in ours)
-    for name, buffer in ours.items():
-        assert buffer.dtype == theirs[name].dtype, name
-        assert torch.equal(buffer, theirs[name]), name  # bit for bit
+    problems = buffer_mismatches(teacher_model, student)  # names, dtypes and values, bit for bit
+    assert not problems, problems
 
 
 @pytest.mark.parametrize("lora", [False, True], ids=["full", "lora"])
@@ -62,18 +53,8 @@ def test_every_teacher_keeps_the_students_buffers(kind, frozen_dtype, variant, l
             assert {p.dtype for p in model.parameters()} == {expected}
 
 
-def _method_teacher_kinds() -> list[tuple[str, str]]:
-    cases = []
-    for name in sorted(METHODS):
-        cls = method_class(name)
-        if hasattr(cls, "teacher_kind"):  # the methods that distil from a teacher
-            kinds = [cls.teacher_kind] if cls.teacher_kind else ["ema", "frozen", "live"]
-            cases += [(name, kind) for kind in kinds]
-    return cases
-
-
 @pytest.mark.parametrize("precision", ["fp32", "bf16", "auto"])
-@pytest.mark.parametrize(("method", "kind"), _method_teacher_kinds())
+@pytest.mark.parametrize(("method", "kind"), method_teacher_kinds())
 def test_every_method_builds_its_teacher_with_the_students_buffers(method, kind, precision, tmp_path):
     """As training builds it: teacher.precision bf16 (and auto where the CPU has bf16 instructions) stores a
     frozen copy in bf16 — its rotary tables still the student's fp32 ones."""

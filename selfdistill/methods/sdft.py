@@ -16,9 +16,8 @@ one more student forward over the demonstrations; metrics.jsonl logs `divergence
 
 from __future__ import annotations
 
-import functools
-
 import contextlib
+import functools
 import time
 from pathlib import Path
 

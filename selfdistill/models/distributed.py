@@ -222,14 +222,17 @@ def mixed_precision(gather: torch.dtype | None, root: bool = False):
     the student's output head, the loss and every gradient buffer in fp32.
 
     - gather=bf16 (`distributed.gather: auto`, the default of a bf16 run): each decoder layer's
-      weights travel and are held in bf16, half the bytes of fp32. The layer's matrix products
-      compute exactly what autocast computes on the fp32 weights (autocast rounds them to bf16 the
-      same way), and their gradients, computed in bf16 either way, are reduced in fp32. What
-      differs from one process: the layer's norm weights (and any other non-matmul weight) are used
-      rounded to bf16. The root unit (embeddings, final norm, output head) is always gathered in
-      its own dtype: the head computes the logits in fp32 and sums its gradient over the loss's
-      chunks in fp32. Inputs are not cast (`cast_forward_inputs=False`), so the residual stream
-      between layers stays fp32, as in one process.
+      matrices travel and are held in bf16, half the bytes of fp32. Their products compute exactly
+      what autocast computes from the fp32 weights (autocast rounds them to bf16 the same way), and
+      their gradients, computed in bf16 either way, are reduced in fp32. Norm weights are not
+      matrix-product inputs: autocast leaves them fp32, and rounded to bf16 a small update to a
+      weight near 1 would not show at all (bf16's step there is 2^-7). So each norm is a unit of its
+      own gathered in fp32 (a few kB; two more small all-gathers per layer, three for Qwen3's
+      per-head norms). The root unit (embeddings, final norm, output head) is gathered in its own
+      dtype too: the head computes the logits in fp32 and sums its gradient over the loss's chunks
+      in fp32. Inputs are never cast (`cast_forward_inputs=False`), so the residual stream between
+      layers stays fp32, as in one process. Measured on the CPU tests: 2 processes against 1 in
+      bf16, the same difference as with the fp32 gather.
     - gather=None (`distributed.gather: fp32`): every unit gathers the fp32 master weights, and N
       processes compute what one does up to the order of the gradient sums; at twice the bytes.
     """
@@ -238,6 +241,19 @@ def mixed_precision(gather: torch.dtype | None, root: bool = False):
     return MixedPrecisionPolicy(
         param_dtype=None if root else gather, reduce_dtype=torch.float32, cast_forward_inputs=False
     )
+
+
+def _norms(layer) -> list[torch.nn.Module]:
+    """The layer's submodules whose weights are all vectors and that have no submodules of their own: its
+    norms (RMSNorm / LayerNorm, and Qwen3's per-head q_norm / k_norm)."""
+    return [
+        module
+        for module in layer.modules()
+        if module is not layer
+        and not list(module.children())
+        and (own := list(module.parameters(recurse=False)))
+        and all(p.dim() == 1 for p in own)
+    ]
 
 
 def shard_model(model, procs: Processes, *, precision: str = "fp32", gather: str = "auto", warm_up: bool = True):
@@ -259,6 +275,9 @@ def shard_model(model, procs: Processes, *, precision: str = "fp32", gather: str
     dtype = gather_dtype(gather, precision)
     model.gathered_precision = "bf16" if dtype == torch.bfloat16 else "fp32"  # what its forwards must run under
     for layer in decoder_layers(model):
+        if dtype is not None:
+            for norm in _norms(layer):  # their own small units, gathered in their own dtype (see mixed_precision)
+                fully_shard(norm, mesh=mesh, mp_policy=mixed_precision(None))
         fully_shard(layer, mesh=mesh, mp_policy=mixed_precision(dtype))
     fully_shard(model, mesh=mesh, mp_policy=mixed_precision(dtype, root=True))
     for module in model.modules():

@@ -21,6 +21,7 @@ import torch
 from selfdistill.data.prompts import end_of_turn_token_id
 from selfdistill.errors import UserError
 from selfdistill.models.distributed import default_device
+from selfdistill.models.saving import published_dtype
 
 log = logging.getLogger(__name__)
 
@@ -191,6 +192,7 @@ def load_model(
         ) from None
     if model.generation_config.pad_token_id is None:
         model.generation_config.pad_token_id = tokenizer.pad_token_id
+    model.published_dtype = published_dtype(path)  # final/ is saved in it (model.save_dtype: auto)
     return model.to(device if device is not None else default_device()), tokenizer
 
 
@@ -220,6 +222,39 @@ def load_empty_model(name: str, dtype: torch.dtype = torch.float32, trust_remote
 def _weight_files(directory: Path) -> str:
     files = sorted(directory.glob("*.safetensors")) if directory.is_dir() else []
     return f" from {', '.join(str(f) for f in files)}" if files else ""
+
+
+# What a run reads of a hub model: config and generation config, tokenizer files, chat template, weights.
+HUB_FILES = ["*.json", "*.safetensors", "*.model", "*.txt", "*.jinja", "*.tiktoken"]
+
+
+def fetch_once_per_node(name: str, procs) -> None:
+    """Under torchrun, a hub model's files are downloaded by one process per node (LOCAL_RANK 0) while the
+    others wait; they then read the node's cache. Without it every process of every node asks the hub for
+    the same files at the same moment (rate limits, a half-written cache). A local model: nothing to do.
+
+    A failed download fails every process: the one that tried raises its error, the others say so.
+    """
+    from selfdistill.models.distributed import sum_across
+
+    if not procs.sharded or Path(resolve_model_path(name)).exists():
+        return
+    failed = 0.0
+    if procs.local_rank == 0:
+        from huggingface_hub import snapshot_download
+
+        try:
+            snapshot_download(name, allow_patterns=HUB_FILES)
+        except Exception as exc:  # noqa: BLE001 - no network, unknown id, no access: all the user's to fix
+            failed = 1.0
+            error = UserError(f"model.name {name}: could not download it from the hub ({type(exc).__name__}: {exc}).")
+    (failures,) = sum_across(procs, [failed])
+    if failed:
+        raise error
+    if failures:
+        raise UserError(
+            f"model.name {name}: another node's process could not download it from the hub (see its error)."
+        )
 
 
 def stop_token_ids(model, tokenizer) -> list[int]:

@@ -51,9 +51,12 @@ def empty_model(path: str, dtype: torch.dtype, trust_remote_code: bool = False):
     """The model saved at `path` (a directory), its parameters on the meta device, in `dtype`."""
     from transformers import AutoConfig, AutoModelForCausalLM, GenerationConfig
 
+    from selfdistill.models.saving import published_dtype
+
     config = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
     with parameters_on_meta():
         model = AutoModelForCausalLM.from_config(config, dtype=dtype, trust_remote_code=trust_remote_code)
+    model.published_dtype = published_dtype(path)
     with contextlib.suppress(OSError):
         model.generation_config = GenerationConfig.from_pretrained(path)
     return model
@@ -247,13 +250,22 @@ def whole(tensor: torch.Tensor) -> torch.Tensor:
     return tensor.full_tensor() if isinstance(tensor, DTensor) else tensor
 
 
-def merged_weights(model, factors: dict | None = None) -> Iterator[tuple[str, torch.Tensor]]:
+def _saved_dtype(own: torch.dtype, wanted: torch.dtype | None) -> torch.dtype:
+    return wanted if wanted is not None and own.is_floating_point else own
+
+
+def merged_weights(
+    model, factors: dict | None = None, dtype: torch.dtype | None = None
+) -> Iterator[tuple[str, torch.Tensor]]:
     """(checkpoint name, whole tensor) for every weight of the plain model, one at a time, in order.
 
     Names are those `save_pretrained` writes for the plain model (`checkpoint_name`). A LoRA layer
     yields its merged weight W0 + scale·B·A, added into W0's dtype as PEFT's merge adds it, so at
     most one extra layer-sized tensor exists at a time; the gathered factors go into `factors`
     (under the adapter's state-dict names) when it is given. Every process must walk it.
+    `dtype`: the tensors are yielded in it (None: their own); a plain weight is cast on its shard,
+    before the gather, so the gather moves that dtype's bytes; a LoRA layer is merged in W0's dtype
+    first (as PEFT merges), then cast.
     """
     layers = {}
     if is_lora(model):
@@ -261,11 +273,12 @@ def merged_weights(model, factors: dict | None = None) -> Iterator[tuple[str, to
 
         layers = {f"{n}.base_layer.weight": m for n, m in model.named_modules() if isinstance(m, LoraLayer)}
     for name, param in _plain_parameters(model):
-        tensor = whole(param)
         layer = layers.get(name)
         if layer is not None:
-            tensor = _merged(name, layer, tensor, factors)
-        yield checkpoint_name(name), tensor
+            tensor = _merged(name, layer, whole(param), factors)
+        else:
+            tensor = whole(param.detach().to(_saved_dtype(param.dtype, dtype)))
+        yield checkpoint_name(name), tensor.to(_saved_dtype(tensor.dtype, dtype))
 
 
 def _plain_parameters(model) -> list[tuple[str, torch.Tensor]]:
@@ -325,16 +338,22 @@ class _StreamWriter:
             f.close()
 
 
-def write_final(model, tokenizer, directory: Path, is_main: bool, part_bytes: int = 2 * 2**30) -> None:
+def write_final(
+    model, tokenizer, directory: Path, is_main: bool, part_bytes: int = 2 * 2**30, dtype: torch.dtype | None = None
+) -> None:
     """final/ of a sharded model, one gathered parameter at a time (every process must call it).
 
-    The same files a one-process run writes with `save_model`: merged weights in the base weights'
-    dtype (and, for LoRA, the adapter in `adapter/`), config, generation config and tokenizer.
+    The same files a one-process run writes with `save_model`: merged weights in `dtype` (None: the
+    base weights' own dtype; each weight is cast before it is gathered, so a bf16 save also gathers
+    half the bytes), and for LoRA the adapter in `adapter/`, config, generation config and tokenizer.
     """
-    layout = [(checkpoint_name(name), tuple(param.shape), param.dtype) for name, param in _plain_parameters(model)]
+    layout = [
+        (checkpoint_name(name), tuple(param.shape), _saved_dtype(param.dtype, dtype))
+        for name, param in _plain_parameters(model)
+    ]
     writer = _StreamWriter(directory, layout, part_bytes) if is_main else None
     adapter_state = {}
-    for name, tensor in merged_weights(model, adapter_state):
+    for name, tensor in merged_weights(model, adapter_state, dtype=dtype):
         if writer is not None:
             writer.add(name, tensor)
         del tensor

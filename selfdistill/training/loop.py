@@ -48,10 +48,10 @@ from selfdistill.models.distributed import (
     shard_model,
     sum_across,
 )
-from selfdistill.models.loading import load_empty_model, portable_model_name, weights_dtype
-from selfdistill.models.saving import record_base_model
+from selfdistill.models.loading import fetch_once_per_node, load_empty_model, portable_model_name, weights_dtype
+from selfdistill.models.saving import final_dtype, record_base_model
 from selfdistill.models.sharded import fill_from_files, init_lora, materialize, write_final
-from selfdistill.precision import resolve_precision
+from selfdistill.precision import resolve_precision, set_fp32_matmuls
 from selfdistill.progress import progress_bar
 from selfdistill.sampling.base import rollout_seed
 from selfdistill.sampling.importance import finish_ratio_stats
@@ -178,6 +178,7 @@ def setup(cfg: Config, records, model, tokenizer, resume: bool, overwrite: bool)
     from selfdistill.training.run_directory import check_shared_output_dir
 
     procs = setup_processes(cfg.distributed)
+    set_fp32_matmuls(procs.device, cfg.model.tf32)
     check_shared_output_dir(cfg, procs)  # several processes: one train.output_dir seen by all, before any write
     set_seed(cfg.train.seed)  # Python, NumPy, torch and CUDA generators
     if records is None:  # read the data first: a bad file should not wait for a model load
@@ -242,6 +243,7 @@ def _build_model(cfg: Config, procs: Processes, model, tokenizer):
     weights_dir = None
     if model is None:
         dtype = weights_dtype(cfg.model.load_dtype, precision, cfg.model.lora.enabled)
+        fetch_once_per_node(cfg.model.name, procs)
         if procs.sharded:
             model, tokenizer, weights_dir = load_empty_model(cfg.model.name, dtype, cfg.model.trust_remote_code)
         else:
@@ -608,21 +610,22 @@ def save_final_model(run: TrainingRun) -> Path | None:
     import shutil
 
     final_dir, tmp = run.out / "final", run.out / ".final.tmp"
+    dtype = final_dtype(run.cfg.model.save_dtype, run.method.precision, run.model)
     if run.procs.sharded:
         if run.procs.is_main:
             shutil.rmtree(tmp, ignore_errors=True)
             tmp.mkdir(parents=True)
         barrier(run.procs)
         if not run.procs.is_main:
-            write_final(run.model, run.tokenizer, tmp, is_main=False)
+            write_final(run.model, run.tokenizer, tmp, is_main=False, dtype=dtype)
             return None
     with writing(run.out, "the final model"):
         try:
             if run.procs.sharded:
-                write_final(run.model, run.tokenizer, tmp, is_main=True)
+                write_final(run.model, run.tokenizer, tmp, is_main=True, dtype=dtype)
             else:
                 shutil.rmtree(tmp, ignore_errors=True)
-                save_model(run.model, run.tokenizer, tmp)
+                save_model(run.model, run.tokenizer, tmp, dtype=dtype)
             record_base_model(tmp, portable_model_name(run.cfg.model.name))
             # metrics.jsonl, not run.history: after a resume the history holds only the steps since.
             write_model_card(
