@@ -16,6 +16,9 @@ CORE_STAMP := $(VENV)/.installed-core
 # while the main environment tracks the newest transformers.
 VLLM_VENV ?= .venv-vllm
 VLLM_STAMP := $(VLLM_VENV)/.installed
+# On NVIDIA GPUs: vllm, torch (CUDA build) and transformers as pinned in scripts/vllm_cuda_requirements.txt.
+# Not part of `make test` or CI (several GB of CUDA wheels, useful only on a CUDA machine).
+VLLM_CUDA_VENV ?= .venv-vllm-cuda
 # A third environment holds the declared torch floor (pyproject.toml: torch>=2.8), so that a use of
 # a newer torch API in selfdistill/ fails a test instead of a user's install. test-floor runs the
 # distributed subset there: the 2-process learning matrix, the 2-process SDFT equality test, sharded
@@ -32,7 +35,7 @@ FLOOR_TESTS := tests/test_learning.py::test_every_configuration_learns_in_two_pr
 	"tests/test_distributed.py::test_a_model_loaded_shard_by_shard_trains_what_one_process_trains[lora-ema]" \
 	tests/test_sharded_io.py tests/test_plan.py::test_planning_works_on_this_torch_or_says_which_it_needs
 
-.PHONY: demo test test-vllm test-floor lint env env-vllm env-floor clean
+.PHONY: demo test test-vllm test-floor lint env env-vllm env-vllm-cuda env-floor clean
 
 # What `make demo` needs: the library and the embedded model. The extras (tests, lint, lm-eval,
 # HumanEval, TensorBoard/W&B) come on top for `make test`; leaving them out of the demo's environment
@@ -57,6 +60,9 @@ $(VLLM_STAMP): scripts/setup_vllm_env.sh scripts/vllm_requirements.py pyproject.
 	touch $(VLLM_STAMP)
 
 env-vllm: $(VLLM_STAMP)
+
+env-vllm-cuda:
+	bash scripts/setup_vllm_cuda_env.sh $(VLLM_CUDA_VENV)
 
 # Only what the subset needs: no embedded model, no lmeval/humaneval/tracking extras.
 $(FLOOR_STAMP): pyproject.toml Makefile
@@ -89,4 +95,4 @@ lint: $(STAMP)
 	$(BIN)/ruff format --check .
 
 clean:
-	rm -rf $(VENV) $(VLLM_VENV) $(FLOOR_VENV) runs
+	rm -rf $(VENV) $(VLLM_VENV) $(VLLM_CUDA_VENV) $(FLOOR_VENV) runs

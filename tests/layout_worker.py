@@ -83,7 +83,7 @@ def first_load_mode(out: Path, settings: dict) -> None:
 
     from safetensors.torch import load_file
 
-    import selfdistill.sampling.vllm_engine as vllm_rollout
+    import selfdistill.sampling.vllm_first_load as vllm_rollout
     from selfdistill.models.distributed import setup_processes, shard_model
 
     rank = int(os.environ["RANK"])

