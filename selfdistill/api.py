@@ -174,14 +174,20 @@ def diagnose(
     return run_diagnosis(settings).data
 
 
-def plan(config: Any = None, *, processes: int, gpu_memory: float | None = None, **overrides):
+def plan(
+    config: Any = None, *, processes: int, gpu_memory: float | None = None, hardware: dict | None = None, **overrides
+):
     """Memory per process for training `config` under torchrun with `processes` processes, as `sdft plan`:
     `config` is a Config, a YAML path or a mapping; keyword sections override it (e.g. model={"name": ...}).
-    `gpu_memory` (GiB per process) adds the verdict (`.fits`, `.verdict()`). No GPU, weights or network needed.
+    `gpu_memory` (GiB per process) adds the verdict (`.fits`, `.verdict()`). `hardware`: the command's link
+    and GPU options by name (gpus_per_node, intra_node_bandwidth, inter_node_bandwidth, gpu_tflops, mfu) for
+    the communication and compute times. No GPU, weights or network needed.
     Returns a `selfdistill.memory_plan.MemoryPlan` (bytes per figure; `.table()` is the command's text,
     `.to_dict()` its JSON)."""
     from selfdistill.memory_plan import plan as memory_plan
-    from selfdistill.memory_plan.settings import PlanSettings
+    from selfdistill.memory_plan.settings import Hardware, PlanSettings
 
     settings = PlanSettings(processes=processes, gpu_memory=gpu_memory)
-    return memory_plan(_config(config, overrides), settings.processes, settings.gpu_memory)
+    return memory_plan(
+        _config(config, overrides), settings.processes, settings.gpu_memory, hardware=Hardware(**(hardware or {}))
+    )

@@ -177,22 +177,92 @@ def test_lora_and_teacher_kinds(tiny_dir):
     assert plan(tiny_config(tiny_dir, teacher="live"), processes=2).teacher_weights == 0
 
 
-def test_bf16_autocast_casts_are_not_kept_past_their_layer_with_checkpointing(tiny_dir):
-    """Training forwards autocast without its cast cache: with activation checkpointing no layer's bf16
-    copy outlives the layer (with the cache, every layer's was kept until the forward ended: 7B,
-    12 GiB); without checkpointing autograd keeps the copies its backward needs."""
+def test_bf16_layers_gather_in_bf16_and_autocast_copies_only_fp32_gathers(tiny_dir):
+    """distributed.gather auto (a bf16 run's default): decoder layers are gathered in bf16, so autocast
+    has no fp32 layer weight to copy. distributed.gather fp32: the layers arrive in fp32 and autocast casts
+    them; training forwards autocast without its cast cache, so with activation checkpointing no layer's
+    bf16 copy outlives the layer (with the cache every layer's was kept until the forward ended: 7B,
+    12 GiB), and without checkpointing autograd keeps the copies its backward needs."""
     fp32 = plan(tiny_config(tiny_dir, precision="fp32"), processes=2)
     bf16 = plan(tiny_config(tiny_dir, precision="bf16"), processes=2)
     assert fp32.weights == bf16.weights  # fp32 master weights either way
-    assert fp32.weight_copies == 0 and bf16.weight_copies == 0
-    saved = plan(tiny_config(tiny_dir, precision="bf16", activation_checkpointing=False), processes=2)
+    assert bf16.gather_dtypes == {"layers": ["bf16"], "norms": ["fp32"], "root": ["fp32"]}
+    assert fp32.gather_dtypes == {"layers": ["fp32"], "root": ["fp32"]}
+    gather_fp32 = {"distributed": {"gather": "fp32"}}
+    checkpointed = plan(_with(tiny_config(tiny_dir, precision="bf16"), **gather_fp32), processes=2)
+    saved = plan(
+        _with(tiny_config(tiny_dir, precision="bf16", activation_checkpointing=False), **gather_fp32), processes=2
+    )
+    assert checkpointed.gather_dtypes == {"layers": ["fp32"], "root": ["fp32"]}
+    assert fp32.weight_copies == 0 and bf16.weight_copies == 0 and checkpointed.weight_copies == 0
     assert saved.weight_copies > 0
+    auto = plan(tiny_config(tiny_dir, precision="bf16", activation_checkpointing=False), processes=2)
+    assert auto.weight_copies == 0  # no fp32 layer weight to cast
+
+
+def test_bf16_layer_gathers_move_half_the_bytes(tiny_dir):
+    """The rollout's gather and every micro-batch's layer gathers: bf16 layer matrices with gather auto,
+    fp32 with gather fp32; the root and the layers' norms in fp32 either way; gradients reduced in fp32."""
+    cfg = tiny_config(tiny_dir, precision="bf16")
+    auto = plan(cfg, processes=2)
+    fp32 = plan(_with(cfg, distributed={"gather": "fp32"}), processes=2)
+    config = architecture_config(str(tiny_dir))[0]
+    hidden, layers = config.hidden_size, config.num_hidden_layers
+    root = 2 * config.vocab_size * hidden + hidden  # embeddings, head, final norm
+    norms = layers * 2 * hidden
+    matrices = auto.parameters - root - norms
+    assert fp32.rollout_gather == 4 * auto.parameters
+    assert auto.rollout_gather == 4 * root + 4 * norms + 2 * matrices
+    rows = {name: {row["what"]: row for row in p.communication} for name, p in (("auto", auto), ("fp32", fp32))}
+    backward = "student backward: each layer gathered again"
+    assert rows["fp32"][backward]["bytes"] == 4 * (matrices + norms)
+    assert rows["auto"][backward]["dtypes"] == {"bf16": 2 * matrices, "fp32": 4 * norms}
+    rollout = "rollout: the whole model gathered once (decode)"
+    assert rows["auto"][rollout]["bytes"] == auto.rollout_gather and rows["auto"][rollout]["per"] == "step"
+    scatter = "gradients: reduce-scatter within the shard group"
+    assert rows["auto"][scatter]["bytes"] == rows["fp32"][scatter]["bytes"] == 4 * auto.parameters
+    assert rows["auto"][scatter]["dtypes"] == {"fp32": 4 * auto.parameters}
+
+
+def test_communication_per_step_flat_and_hybrid(tiny_dir):
+    """Each micro-batch gathers and reduces again; the ring's (n-1)/n and 2(n-1)/n; hybrid sharding
+    (2 nodes of 2) shards within a node, so only the gradients' all-reduce crosses nodes."""
+    from selfdistill.memory_plan.settings import Hardware
+
+    cfg = _with(tiny_config(tiny_dir, precision="bf16"), train={"batch_size": 16})  # 4 prompts each: 2 micro-batches
+    hardware = Hardware(gpus_per_node=2, intra_node_bandwidth=100.0, inter_node_bandwidth=10.0)
+    flat = plan(_with(cfg, distributed={"shard_size": 4}), processes=4, hardware=hardware)
+    hybrid = plan(cfg, processes=4, hardware=hardware)
+    two = plan(cfg, processes=2, hardware=hardware)
+    assert (flat.nodes, flat.shard_size, flat.replicas) == (2, 4, 1)
+    assert (hybrid.nodes, hybrid.shard_size, hybrid.replicas) == (2, 2, 2)
+    assert hybrid.weights == two.weights < 2 * flat.weights  # sharded over one node's 2 processes
+    by = {name: {row["what"]: row for row in p.communication} for name, p in (("flat", flat), ("hybrid", hybrid))}
+    forward = by["flat"]["student forward: every unit gathered"]
+    assert forward["times"] == flat.micro_batches == 2 and forward["link"] == "inter-node"
+    assert forward["traffic"] == int(2 * 3 / 4 * forward["bytes"])
+    assert forward["seconds"] == forward["traffic"] / 10e9
+    assert by["hybrid"]["student forward: every unit gathered"]["link"] == "intra-node"
+    reduce = by["hybrid"]["gradients: all-reduce of the shards across replicas"]
+    assert reduce["link"] == "inter-node" and reduce["group"] == 2
+    assert reduce["bytes"] == 4 * hybrid.parameters / 2  # each process's fp32 gradient shard
+    assert reduce["traffic"] == int(2 * 2 * 1 / 2 * reduce["bytes"])
+    assert "gradients: all-reduce of the shards across replicas" not in by["flat"]
+    assert [row for row in by["hybrid"].values() if row["link"] == "inter-node"] == [
+        reduce,
+        by["hybrid"]["clipping: the gradients' norm"],
+    ]
+    assert hybrid.compute_flops == flat.compute_flops > 0
+    assert plan(cfg, processes=1).communication == []
+    with pytest.raises(selfdistill.UserError, match="shard_size 3"):
+        plan(_with(cfg, distributed={"shard_size": 3}), processes=4)
 
 
 def test_api_and_json(tiny_dir):
-    result = selfdistill.plan(None, processes=2, **_sections(tiny_dir))
+    result = selfdistill.plan(None, processes=2, hardware={"gpu_tflops": 100.0, "mfu": 0.5}, **_sections(tiny_dir))
     data = result.to_dict()
     assert data["peak"] == result.peak and data["processes"] == 2
+    assert data["compute_seconds"] == data["compute_flops"] / 50e12 and data["communication_bytes"] > 0
     assert {row["how"] for row in data["rows"]} >= {"traced", "computed", "shard plan"}
     assert "peak per process" in result.table()
 
@@ -346,12 +416,20 @@ def test_a_verdict_with_gpu_memory(tiny_dir, tmp_path):
 
 
 def test_the_vllm_engine_share_holds_its_weights_or_is_refused(tiny_dir):
-    cfg = _with(tiny_config(tiny_dir), rollout={"engine": "vllm", "vllm_gpu_memory": 0.3})
+    cfg = _with(tiny_config(tiny_dir), rollout={"engine": "vllm", "vllm_gpu_memory": 0.3, "vllm_sleep": False})
     result = plan(cfg, processes=2, gpu_memory=1.0)
     assert result.engine_dtype == "fp32" and result.engine_weights == result.parameters * 4  # the whole model
     assert result.engine_share == int(0.3 * GIB)
-    assert result.needed == result.peak + result.engine_share + result.reserve
-    assert "engine's share (rollout.vllm_gpu_memory" in result.table()
+    assert result.needed == result.peak + result.engine_share + result.reserve  # held through the step
+    assert "engine's share (rollout.vllm_gpu_memory, held throughout)" in result.table()
+    # Asleep through the training step (the default): the share adds to the rollout's side only.
+    asleep = plan(_with(cfg, rollout={"vllm_sleep": True}), processes=2, gpu_memory=1.0)
+    assert asleep.engine_sleeps and asleep.peak == result.peak
+    assert asleep.needed == max(asleep.step_peak, asleep.rollout_peak + asleep.engine_share) + asleep.reserve
+    assert asleep.needed < result.needed and "it sleeps through the step" in asleep.table()
+    # The weight sync gathers each weight whole in the engine's dtype (fp32 here), once per step.
+    sync = next(row for row in asleep.communication if row["what"].startswith("rollout: vLLM weight sync"))
+    assert sync["bytes"] == 4 * asleep.parameters and sync["per"] == "step" and sync["traffic"] == 2 * asleep.parameters
     # 0.3 x 0.0005 GiB = 161 kB is less than the engine's 0.28 MB of fp32 weights
     with pytest.raises(selfdistill.UserError, match=r"^rollout.vllm_gpu_memory 0.3 gives the vLLM engine .* at least"):
         plan(cfg, processes=2, gpu_memory=0.0005)

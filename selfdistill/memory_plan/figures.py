@@ -41,8 +41,11 @@ class MemoryPlan:
     gradients: int
     optimizer: int
     teacher_weights: int
-    largest_unit: int
+    largest_unit: int  # in the dtype it is gathered in
     largest_unit_name: str
+    # what FSDP2 all-gathers each part in: "root" (embeddings, final norm, head), "layers" (distributed.gather)
+    # and "norms" (the layers' norms, units of their own when the layers gather in bf16)
+    gather_dtypes: dict[str, list[str]]
     activations: int  # the student's forward of one micro-batch, activation checkpointing as configured
     weight_copies: int  # compute-dtype copies of the student's weights that autocast keeps during that forward
     step_peak: int
@@ -62,10 +65,30 @@ class MemoryPlan:
     engine_weights: int = 0  # vLLM: the whole model in the engine's dtype (every process's engine holds it all)
     engine_kv_minimum: int = 0  # vLLM: the KV cache of one sequence of the longest length
     engine_share: int = 0  # vLLM: rollout.vllm_gpu_memory x gpu_memory (0 without --gpu-memory)
-    needed: int = 0  # peak + engine share + reserve
+    engine_sleeps: bool = False  # vLLM: rollout.vllm_sleep, the share is taken during rollouts only
+    # peak + engine share + reserve; with a sleeping engine max(step peak, rollout peak + engine share) + reserve
+    needed: int = 0
     gpu_memory: int | None = None  # bytes per process the verdict is for; None: no verdict
     fits: bool | None = None
     suggestions: list[dict] = field(default_factory=list)  # for a plan that does not fit: {"change", "needed", "fits"}
+    # Communication and compute per process and optimizer step (planner._communication)
+    gpus_per_node: int = 8
+    nodes: int = 1
+    shard_size: int = 1  # processes that shard one copy of the model (distributed.shard_size)
+    replicas: int = 1  # copies of the model: processes / shard_size (hybrid sharding when more than 1)
+    intra_node_bandwidth: float = 0.0  # GB/s per GPU, achievable bus bandwidth
+    inter_node_bandwidth: float = 0.0
+    gpu_tflops: float = 0.0
+    mfu: float = 0.0
+    # one row per collective: {"what", "collective", "per" (micro-batch / step), "times" (per step),
+    # "bytes" (the whole tensors of one occurrence), "dtypes" (those bytes by dtype), "group" (processes),
+    # "traffic" (bytes this process sends per step, ring algorithm), "link", "seconds"}
+    communication: list[dict] = field(default_factory=list)
+    communication_bytes: int = 0  # per step: the sum of the rows' traffic
+    communication_seconds: float = 0.0
+    compute_parts: dict[str, float] = field(default_factory=dict)  # FLOPs per step by part
+    compute_flops: float = 0.0
+    compute_seconds: float = 0.0  # at gpu_tflops x mfu
     seconds: float = 0.0
 
     def rows(self) -> list[tuple[str, int | None, str]]:
@@ -98,7 +121,7 @@ class MemoryPlan:
             tokens = self.prompt_tokens + self.completion_tokens
             rows += [
                 (f"rollout: {self.rollout_rows} sequences x {tokens} tokens", None, ""),
-                (f"  whole model gathered ({self._weights_kind(whole=True)})", self.rollout_gather, TRACED),
+                (f"  whole model gathered ({self._gather_kind()})", self.rollout_gather, TRACED),
             ]
             if self.rollout_weight_copies:
                 rows.append((f"  {copies}", self.rollout_weight_copies, TRACED))
@@ -115,15 +138,19 @@ class MemoryPlan:
                 ("  engine's KV cache for one longest sequence (its minimum)", self.engine_kv_minimum, COMPUTED),
             ]
             if self.gpu_memory is not None:
-                # The engine does not use vLLM's sleep mode: its share stays taken through the training step.
-                rows.append(
-                    ("  engine's share (rollout.vllm_gpu_memory, held throughout)", self.engine_share, COMPUTED)
-                )
+                when = "during rollouts: it sleeps through the step" if self.engine_sleeps else "held throughout"
+                rows.append((f"  engine's share (rollout.vllm_gpu_memory, {when})", self.engine_share, COMPUTED))
         rows.append(("peak per process (training and rollouts)", self.peak, "the largest peak"))
         rows.append(("reserve: what no trace sees", None, ""))
         rows += [(f"  {what}", size, COMPUTED) for what, size in self.reserve_parts.items()]
-        engine = " + engine's share" if self.rollout_engine == "vllm" and self.gpu_memory is not None else ""
-        rows.append((f"needed per process (peak{engine} + reserve)", self.needed, COMPUTED))
+        if self.rollout_engine == "vllm" and self.gpu_memory is not None:
+            if self.engine_sleeps:
+                how = "the larger of the step's peak and the rollout's + engine's share, + reserve"
+            else:
+                how = "peak + engine's share + reserve"
+        else:
+            how = "peak + reserve"
+        rows.append((f"needed per process ({how})", self.needed, COMPUTED))
         return rows
 
     def verdict(self) -> str:
@@ -145,11 +172,19 @@ class MemoryPlan:
             line += "; ".join(_suggestion(s) for s in others) + "."
         return line
 
-    def _weights_kind(self, whole: bool = False) -> str:
+    def _weights_kind(self) -> str:
         kind = f"{self.weights_dtype} base + fp32 adapter" if self.lora else self.weights_dtype
-        if whole:
-            return kind
         return f"{'shards' if self.processes > 1 else 'all of it'}, {kind}"
+
+    def _gather_kind(self) -> str:
+        """The dtypes the FSDP units are gathered in: 'bf16 layers, fp32 norms and root', or one dtype for all."""
+        parts: dict[str, list[str]] = {}
+        for part in ("layers", "norms", "root"):
+            for dtype in self.gather_dtypes.get(part, []):
+                parts.setdefault(dtype, []).append(part)
+        if len(parts) == 1:
+            return next(iter(parts))
+        return ", ".join(f"{dtype} {' and '.join(names)}" for dtype, names in parts.items())
 
     def _teacher_kind(self) -> str:
         if self.teacher is None:
@@ -202,6 +237,7 @@ class MemoryPlan:
         lines.append(f"  {'per process':<{width}}{'GiB':>7}  how")
         for what, size, how in rows:
             lines.append(f"  {what:<{width}}{'' if size is None else f'{size / GIB:.2f}':>7}  {how}")
+        lines += ["", *self.communication_table()]
         lines += [
             "",
             f"  traced: this config's own code run on fake tensors with a fake process group of {self.processes};",
@@ -211,6 +247,53 @@ class MemoryPlan:
             self.verdict(),
         ]
         return "\n".join(lines)
+
+    def communication_table(self) -> list[str]:
+        """The communication block: bytes each process sends per step by collective, and the times."""
+        nodes = f"{self.nodes} node{'s' if self.nodes > 1 else ''} of {self.gpus_per_node}"
+        layout = (
+            f"sharded over all {self.processes}"
+            if self.replicas == 1
+            else f"sharded within groups of {self.shard_size}, {self.replicas} replicas (hybrid)"
+        )
+        lines = [
+            f"  communication per optimizer step, per process ({self.processes} process"
+            f"{'es' if self.processes > 1 else ''} on {nodes}; model {layout})"
+        ]
+        if not self.communication:
+            lines.append("    none: one process")
+        else:
+            width = max(len(row["what"]) for row in self.communication) + 2
+            lines.append(
+                f"    {'collective':<{width}}{'per':<13}{'whole GiB':>10}{'sent GiB':>10}  {'link':<11}{'s':>7}"
+            )
+            for row in self.communication:
+                per = f"{row['per']} x{row['times']}" if row["per"] == "micro-batch" else row["per"]
+                # (the layers' fp32 norms are a few kB: shown in the JSON, not here)
+                dtypes = ", ".join(f"{k} {v / GIB:.2f}" for k, v in row["dtypes"].items() if v >= GIB / 200)
+                lines.append(
+                    f"    {row['what']:<{width}}{per:<13}{row['bytes'] / GIB:>10.2f}{row['traffic'] / GIB:>10.2f}  "
+                    f"{row['link']:<11}{row['seconds']:>7.3f}"
+                    + (f"  ({dtypes})" if "," in dtypes else f"  ({dtypes.split()[0]})" if dtypes else "")
+                )
+            lines.append(
+                f"    {'total':<{width}}{'':<13}{'':>10}{self.communication_bytes / GIB:>10.2f}  {'':<11}"
+                f"{self.communication_seconds:>7.3f}"
+            )
+            lines += [
+                "    sent: what this process sends, ring algorithm: (n-1)/n of the whole for an all-gather or",
+                "    reduce-scatter over n processes, 2(n-1)/n for an all-reduce; seconds at "
+                f"{self.intra_node_bandwidth:g} GB/s within a node, {self.inter_node_bandwidth:g} GB/s between nodes",
+            ]
+        parts = ", ".join(f"{what} {flops / 1e12:.0f}" for what, flops in self.compute_parts.items())
+        lines += [
+            f"  compute per optimizer step, per process: {self.compute_flops / 1e12:.0f} TFLOP = "
+            f"{self.compute_seconds:.1f} s at {self.gpu_tflops:g} TFLOP/s x {self.mfu:.0%} MFU",
+            f"    ({parts})",
+            "    FSDP2 overlaps the collectives with compute: a step takes about the larger of the two. Decoding",
+            "    is bound by memory bandwidth, not FLOPs, and takes longer than its FLOPs say.",
+        ]
+        return lines
 
 
 def _suggestion(suggestion: dict) -> str:

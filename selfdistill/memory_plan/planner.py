@@ -15,6 +15,7 @@ from selfdistill.config import Config, load_config, merge
 from selfdistill.errors import UserError
 from selfdistill.memory_plan.architectures import architecture_config, type_name
 from selfdistill.memory_plan.figures import GIB, MemoryPlan
+from selfdistill.memory_plan.settings import Hardware
 from selfdistill.memory_plan.trace import MemoryTrace, _labelled_forwards, _labelled_fsdp
 
 # sft_replay trains exactly as SFT does (its replay answers are written before training, with less
@@ -60,21 +61,34 @@ def _bytes(tensors) -> int:
     return sum(local(t).numel() * local(t).element_size() for t in tensors if t is not None)
 
 
-def _gathered_sizes(model) -> tuple[list[int], int]:
-    """(bytes of each FSDP unit gathered, root first; bytes of the largest single parameter gathered)."""
-    from selfdistill.models.distributed import fsdp_units
+def _gathered_sizes(model) -> tuple[list[int], dict[str, set], int]:
+    """(bytes of each FSDP unit gathered, root first; the dtypes the root, the decoder layers and any
+    smaller units (the layers' norms) are gathered in; bytes of the largest single parameter gathered whole
+    in its own dtype, as the vLLM weight sync gathers it)."""
+    from selfdistill.models.distributed import decoder_layers, fsdp_units
 
+    layers = {id(layer) for layer in decoder_layers(model)}
     units, largest = [], 0
+    dtypes: dict[str, set] = {"root": set(), "layers": set(), "norms": set()}
     for unit in fsdp_units(model):
         group = unit._get_fsdp_state()._fsdp_param_group
         if group is None:
             units.append(0)
             continue
-        # a sharded parameter (DTensor) has the whole parameter's shape
-        sizes = [f.sharded_param.numel() * f.sharded_param.element_size() for f in group.fsdp_params]
-        units.append(sum(sizes))
-        largest = max([largest, *sizes])
-    return units, largest
+        size, kinds = 0, set()
+        for f in group.fsdp_params:
+            # FSDP2 all-gathers in the unit's mixed-precision dtype (param_dtype, None where it is the
+            # parameter's own); a sharded parameter (DTensor) has the whole parameter's shape
+            dtype = getattr(f, "param_dtype", None) or group.mp_policy.param_dtype or f.sharded_param.dtype
+            if not f.sharded_param.dtype.is_floating_point:
+                dtype = f.sharded_param.dtype
+            size += f.sharded_param.numel() * dtype.itemsize
+            kinds.add(_dtype_name(dtype))
+            largest = max(largest, f.sharded_param.numel() * f.sharded_param.element_size())
+        part = "root" if unit is model else "layers" if id(unit) in layers else "norms"
+        units.append(size)
+        dtypes[part] |= kinds
+    return units, dtypes, largest
 
 
 # The reserve: what a process needs beyond what the trace sees. Estimates, not measured here (no GPU):
@@ -89,10 +103,18 @@ NCCL_BUFFERS = 2**29
 FRAGMENTATION = 0.10
 
 
-def plan(cfg: Config, processes: int, gpu_memory: float | None = None, suggest: bool = True) -> MemoryPlan:
-    """The memory per process of training `cfg` under torchrun with `processes` processes (see the package doc);
-    with `gpu_memory` (GiB per process) a verdict: whether it fits, and if not which changes would make it fit
-    (`suggest`)."""
+def plan(
+    cfg: Config,
+    processes: int,
+    gpu_memory: float | None = None,
+    suggest: bool = True,
+    hardware: Hardware | None = None,
+) -> MemoryPlan:
+    """The memory per process of training `cfg` under torchrun with `processes` processes (see the package doc),
+    and the bytes and seconds each process communicates and computes per optimizer step on `hardware`
+    (its defaults: nodes of 8 H100s); with `gpu_memory` (GiB per process) a verdict: whether it fits, and if
+    not which changes would make it fit (`suggest`)."""
+    hardware = hardware or Hardware()
     _check(cfg, processes)
     if gpu_memory is not None and not gpu_memory > 0:
         raise UserError(f"--gpu-memory must be more than 0 GiB, got {gpu_memory}.")
@@ -100,8 +122,9 @@ def plan(cfg: Config, processes: int, gpu_memory: float | None = None, suggest: 
     config, where = architecture_config(cfg.model.name, cfg.model.trust_remote_code)
     precision = "bf16" if cfg.model.precision == "auto" else cfg.model.precision
     shapes = _shapes(cfg, processes)
+    shard_size = _shard_size(cfg, processes, hardware)
     try:
-        traced = _trace(_planning_config(cfg, precision), config, processes, shapes, cfg.rollout.engine)
+        traced = _trace(_planning_config(cfg, precision), config, processes, shapes, cfg.rollout.engine, shard_size)
     except (NotImplementedError, RuntimeError) as exc:  # fake collectives came after the trainer's torch floor
         unsupported = type(exc).__name__ == "UnsupportedOperatorException" or "fake impl" in str(exc)
         if not unsupported:
@@ -114,17 +137,39 @@ def plan(cfg: Config, processes: int, gpu_memory: float | None = None, suggest: 
     result = _memory_plan(cfg, processes, where, type_name(config), precision, shapes, traced)
     _engine(result, cfg, config, precision, gpu_memory)
     _reserve(result)
-    _verdict(result, cfg, gpu_memory, suggest)
+    _communication(result, cfg, shapes, traced, hardware, shard_size)
+    _verdict(result, cfg, gpu_memory, suggest, hardware)
     result.seconds = time.perf_counter() - started
     return result
 
 
+def _shard_size(cfg: Config, processes: int, hardware: Hardware) -> int:
+    """How many processes shard one copy of the model, as the trainer decides it
+    (selfdistill.models.distributed.shard_group_size): distributed.shard_size, or for 0 the processes of one
+    node (--gpus-per-node here, torchrun's LOCAL_WORLD_SIZE there)."""
+    size = cfg.distributed.shard_size or min(hardware.gpus_per_node, processes)
+    if size > processes or processes % size:
+        raise UserError(
+            f"distributed.shard_size {size}"
+            + (
+                f" (the processes of one node, --gpus-per-node {hardware.gpus_per_node})"
+                if not cfg.distributed.shard_size
+                else ""
+            )
+            + f" must divide --processes {processes}: each group of shard_size processes holds one copy of the model."
+        )
+    return size
+
+
 def _engine(result: MemoryPlan, cfg: Config, config, precision: str, gpu_memory: float | None) -> None:
     """vLLM's share of the GPU: it holds the whole model (every process's engine has all of it, LoRA merged)
-    in its own dtype and at least one longest sequence's KV cache, or it does not start. The engine does not
-    use vLLM's sleep mode, so its share stays taken through the training step."""
+    in its own dtype and at least one longest sequence's KV cache, or it does not start. With
+    rollout.vllm_sleep (the default) the engine sleeps through the training step (its weights in host
+    memory, its KV cache freed), so its share is taken only while it syncs and samples; without, it stays
+    taken throughout."""
     if result.rollout_engine != "vllm":
         return
+    result.engine_sleeps = cfg.rollout.vllm_sleep
     wanted = precision if cfg.rollout.vllm_precision == "auto" else cfg.rollout.vllm_precision
     element = 2 if wanted == "bf16" else 4
     result.engine_dtype = "bf16" if element == 2 else "fp32"
@@ -144,6 +189,133 @@ def _engine(result: MemoryPlan, cfg: Config, config, precision: str, gpu_memory:
         )
 
 
+def _communication(
+    result: MemoryPlan, cfg: Config, shapes: _Shapes, traced: dict, hardware: Hardware, shard_size: int
+) -> None:
+    """Bytes each process moves per optimizer step, by collective, from the collectives the trace issued
+    (one micro-batch, counted once per micro-batch; the update and a decode rollout once per step) and for
+    the vLLM weight sync from the shard plan; seconds from the link bandwidths; compute from FLOPs."""
+    result.gpus_per_node = hardware.gpus_per_node
+    result.nodes = math.ceil(result.processes / hardware.gpus_per_node)
+    result.shard_size = shard_size
+    result.replicas = result.processes // shard_size
+    result.intra_node_bandwidth = hardware.intra_node_bandwidth
+    result.inter_node_bandwidth = hardware.inter_node_bandwidth
+    result.gpu_tflops = hardware.gpu_tflops
+    result.mfu = hardware.mfu
+    # The loop runs every micro-batch's forward and backward with FSDP2's defaults: each gathers the
+    # weights again and reduces its gradients at once (no gradient accumulation without sync), so the
+    # micro-batch's collectives repeat micro_batches times per step.
+    step = traced["steps"][result.activation_checkpointing]["collectives"]
+    rows: dict[tuple, dict] = {}
+    for phase, times, records in (
+        ("micro-batch", shapes.micro_batches, step),
+        ("step", 1, traced["update_collectives"]),
+        ("step", 1, traced["rollout_collectives"]),
+    ):
+        for record in records:
+            what = _collective_name(record, phase, result)
+            row = rows.setdefault(
+                (what, record["kind"], phase),
+                {
+                    "what": what,
+                    "collective": record["kind"],
+                    "per": phase,
+                    "times": times,
+                    "bytes": 0,
+                    "dtypes": {},
+                    "traffic": 0.0,
+                    "group": record["group"],
+                },
+            )
+            row["bytes"] += record["bytes"]
+            dtype = _dtype_name(record["dtype"])
+            row["dtypes"][dtype] = row["dtypes"].get(dtype, 0) + record["bytes"]
+            row["traffic"] += times * _ring_factor(record["kind"], record["group"]) * record["bytes"]
+    if result.rollout_engine == "vllm":
+        # Every step syncs the engine: each (merged) weight cast to the engine's dtype on its shard, then
+        # gathered whole, one at a time (selfdistill.models.sharded.merged_weights).
+        whole = result.engine_weights
+        rows[("vllm", "all-gather", "step")] = {
+            "what": f"rollout: vLLM weight sync, each weight gathered whole (in the engine's {result.engine_dtype})",
+            "collective": "all-gather",
+            "per": "step",
+            "times": 1,
+            "bytes": whole,
+            "dtypes": {result.engine_dtype: whole},
+            "traffic": _ring_factor("all-gather", shard_size) * whole,
+            "group": shard_size,
+        }
+    result.communication = []
+    for row in rows.values():
+        if row["traffic"] == 0 and row["group"] <= 1:  # one process: nothing crosses a link
+            continue
+        # All-gathers and reduce-scatters run within a shard group (consecutive ranks: one node's processes
+        # unless shard_size is larger); an all-reduce runs across the replicas or over all processes, and
+        # crosses nodes whenever there are several.
+        if row["collective"] == "all-reduce":
+            crosses = result.nodes > 1
+        else:
+            crosses = shard_size > hardware.gpus_per_node
+        row["link"] = "inter-node" if crosses else "intra-node"
+        bandwidth = hardware.inter_node_bandwidth if crosses else hardware.intra_node_bandwidth
+        row["traffic"] = int(row["traffic"])
+        row["seconds"] = row["traffic"] / (bandwidth * 1e9)
+        result.communication.append(row)
+    result.communication_bytes = sum(row["traffic"] for row in result.communication)
+    result.communication_seconds = sum(row["seconds"] for row in result.communication)
+    result.compute_parts = _flops(result, cfg, shapes)
+    result.compute_flops = sum(result.compute_parts.values())
+    result.compute_seconds = result.compute_flops / (hardware.gpu_tflops * 1e12 * hardware.mfu)
+
+
+def _ring_factor(kind: str, group: int) -> float:
+    """Bytes each process sends per byte of the whole tensor, ring algorithm over `group` processes."""
+    if group <= 1:
+        return 0.0
+    return (2 if kind == "all-reduce" else 1) * (group - 1) / group
+
+
+def _collective_name(record: dict, phase: str, result: MemoryPlan) -> str:
+    """What a traced collective moves, for the communication table."""
+    kind, origin, step = record["kind"], record["origin"], record["pass"]
+    if phase == "step" and kind == "all-gather":
+        return "rollout: the whole model gathered once (decode)"
+    if phase == "step":
+        return "clipping: the gradients' norm"
+    if kind == "reduce-scatter":
+        return "gradients: reduce-scatter within the shard group"
+    if kind == "all-reduce" and step == "backward":
+        return "gradients: all-reduce of the shards across replicas"
+    if kind != "all-gather":
+        return f"{kind} ({origin}, {step})"
+    if origin == "teacher":
+        return "teacher forward: its copy gathered"
+    if step == "backward":
+        return "student backward: each layer gathered again"
+    if step == "forward without gradients":
+        return "teacher forward on the student's weights: gathered"
+    return "student forward: every unit gathered"
+
+
+def _flops(result: MemoryPlan, cfg: Config, shapes: _Shapes) -> dict[str, float]:
+    """FLOPs per process and step at the configured lengths (an upper bound: shorter sequences cost less),
+    2 per parameter and token for a forward, as many again for the backward's input gradients and for its
+    weight gradients (none for LoRA's frozen base); attention's own FLOPs are left out (a few percent at
+    these lengths)."""
+    n = result.parameters
+    sequences = shapes.items * (2 if cfg.method == "sdft" and cfg.loss.sft_weight else 1)  # + demonstrations
+    tokens = sequences * (shapes.prompt + shapes.completion)
+    parts = {"student forward and backward": (4 if result.lora else 6) * n * tokens}
+    if result.activation_checkpointing:
+        parts["student forward again (activation checkpointing)"] = 2 * n * tokens
+    if shapes.teacher_prompt is not None:
+        parts["teacher forward"] = 2 * n * shapes.items * (shapes.teacher_prompt + shapes.completion)
+    if cfg.method == "sdft":
+        parts["rollout: prefill and decode"] = 2 * n * shapes.items * (shapes.prompt + shapes.completion)
+    return parts
+
+
 def _kv_per_token(config, element: int) -> int:
     """Bytes of keys and values per token, all layers, `element` bytes per value."""
     kv_heads = getattr(config, "num_key_value_heads", None) or config.num_attention_heads
@@ -158,10 +330,15 @@ def _reserve(result: MemoryPlan) -> None:
         f"allocator rounding and fragmentation ({FRAGMENTATION:.0%} of the peak)": int(FRAGMENTATION * result.peak),
     }
     result.reserve = sum(result.reserve_parts.values())
-    result.needed = result.peak + result.engine_share + result.reserve
+    if result.engine_sleeps:
+        # The engine's share is taken only during rollouts, beside what training keeps resident then
+        # (shards, optimizer state, teacher, one gathered parameter): the training step has the rest.
+        result.needed = max(result.step_peak, result.rollout_peak + result.engine_share) + result.reserve
+    else:
+        result.needed = result.peak + result.engine_share + result.reserve
 
 
-def _verdict(result: MemoryPlan, cfg: Config, gpu_memory: float | None, suggest: bool) -> None:
+def _verdict(result: MemoryPlan, cfg: Config, gpu_memory: float | None, suggest: bool, hardware: Hardware) -> None:
     """Fits or not; for a plan that does not fit, each change that could make it fit, planned again with the
     change (a change's figure is a plan of its own, not an estimate: under LoRA, say, the rollout gathers a bf16
     base instead of fp32 weights, which no arithmetic on this plan's rows would know)."""
@@ -171,21 +348,29 @@ def _verdict(result: MemoryPlan, cfg: Config, gpu_memory: float | None, suggest:
     result.fits = result.needed <= result.gpu_memory
     if result.fits or not suggest:
         return
-    for change, overrides, processes in _changes(result, cfg):
+    for change, overrides, processes in _changes(result, cfg, hardware):
         try:
-            changed = plan(load_config(overrides=merge(cfg.to_dict(), overrides)), processes, gpu_memory, suggest=False)
+            changed = plan(
+                load_config(overrides=merge(cfg.to_dict(), overrides)), processes, gpu_memory, False, hardware
+            )
         except UserError:  # e.g. an engine share the change leaves too small: not a way to fit
             continue
         result.suggestions.append({"change": change, "needed": changed.needed, "fits": bool(changed.fits)})
 
 
-def _changes(result: MemoryPlan, cfg: Config) -> list[tuple[str, dict, int]]:
+def _changes(result: MemoryPlan, cfg: Config, hardware: Hardware) -> list[tuple[str, dict, int]]:
     """(change as the user would write it, config overrides, processes): the levers, in the order to try them."""
     out = []
     if not result.lora:  # no gradients, moments or full teacher copy; a bf16 base where precision is bf16
         out.append(("model.lora.enabled=true", {"model": {"lora": {"enabled": True}}}, result.processes))
-    if cfg.train.batch_size >= 2 * result.processes:  # every sharded part halves
-        out.append((f"--processes {2 * result.processes}", {}, 2 * result.processes))
+    more = 2 * result.processes
+    if cfg.train.batch_size >= more:  # every sharded part halves, if the model is sharded over all of them
+        if _shard_size(cfg, more, hardware) == 2 * result.shard_size:
+            out.append((f"--processes {more}", {}, more))
+        else:  # hybrid sharding would keep the shards' size: shard over all processes (across nodes)
+            shard = 2 * result.shard_size
+            change = f"--processes {more} --set distributed.shard_size={shard}"
+            out.append((change, {"distributed": {"shard_size": shard}}, more))
     if not result.activation_checkpointing:
         out.append(
             ("train.activation_checkpointing=true", {"train": {"activation_checkpointing": True}}, result.processes)
@@ -262,6 +447,7 @@ def _memory_plan(
         teacher_weights=traced["teacher"],
         largest_unit=traced["largest_unit"],
         largest_unit_name=traced["largest_unit_name"],
+        gather_dtypes=traced["gather_dtypes"],
         activations=main["activations"],
         weight_copies=main["weight_copies"],
         step_peak=step_peak,
@@ -304,14 +490,15 @@ def _set_checkpointing(model, enabled: bool) -> None:
         model.gradient_checkpointing_disable()
 
 
-def _build(cfg: Config, config, processes: int):
-    """Student and method (with its teacher) as the trainer builds them, sharded while still on the meta device."""
+def _build(cfg: Config, config, processes: int, shard_size: int):
+    """Student and method (with its teacher) as the trainer builds them, sharded while still on the meta device
+    over the trainer's device mesh: groups of `shard_size` processes, replicated across groups."""
     import torch.distributed as dist
     from transformers import AutoModelForCausalLM
 
     from selfdistill.methods import get_method
     from selfdistill.models import apply_lora
-    from selfdistill.models.distributed import Processes, shard_model
+    from selfdistill.models.distributed import Processes, device_mesh, shard_model
     from selfdistill.models.loading import weights_dtype
 
     dtype = weights_dtype(cfg.model.load_dtype, cfg.model.precision, cfg.model.lora.enabled)
@@ -328,7 +515,8 @@ def _build(cfg: Config, config, processes: int):
         _set_checkpointing(model, True)
     method = get_method(cfg.method)(cfg, model, None, None, [], 0, [])
     dist.init_process_group("fake", store=_fake_store(), rank=0, world_size=processes)
-    procs = Processes(0, processes, torch.device("cpu"), sharded=True)
+    mesh = device_mesh(torch.device("cpu"), processes, shard_size)
+    procs = Processes(0, processes, torch.device("cpu"), sharded=True, mesh=mesh)
     shard = functools.partial(shard_model, procs=procs, gather=cfg.distributed.gather, warm_up=False)
     model = shard(model, precision=cfg.model.precision)  # the planning config's precision: fp32 or bf16
     method.model = model
@@ -342,15 +530,18 @@ def _fake_store():
     return FakeStore()
 
 
-def _trace(cfg: Config, config, processes: int, shapes: _Shapes, engine: str, fake: bool = True) -> dict:
-    """Build, shard and trace in this process. `fake=False` runs the same on real (uninitialised) tensors,
-    which the tests compare with (a fake process group still: collectives move no data)."""
+def _trace(
+    cfg: Config, config, processes: int, shapes: _Shapes, engine: str, shard_size: int | None = None, fake: bool = True
+) -> dict:
+    """Build, shard and trace in this process (sharded over groups of `shard_size` processes, replicated
+    across groups; None: over all). `fake=False` runs the same on real (uninitialised) tensors, which the
+    tests compare with (a fake process group still: collectives move no data)."""
     import torch.distributed as dist
     from torch._subclasses.fake_tensor import FakeTensorMode
 
     try:
         with _quiet():
-            model, method, procs, dtype = _build(cfg, config, processes)
+            model, method, procs, dtype = _build(cfg, config, processes, shard_size or processes)
             mode = FakeTensorMode(allow_non_fake_inputs=True) if fake else None
             with mode if fake else contextlib.nullcontext():
                 return _trace_steps(cfg, engine, model, method, procs, dtype, shapes, mode)
@@ -402,7 +593,7 @@ def _trace_steps(cfg, engine: str, model, method, procs, dtype, shapes: _Shapes,
     out, largest_parameter = _static_sizes(model, teacher, params, dtype)
     items = _items(cfg, shapes)
     tokens = float(shapes.items * max(1, shapes.completion - items[0].loss_start))
-    with trace, _labelled_fsdp(trace, [model, teacher]):
+    with trace, _labelled_fsdp(trace, {"student": model, "teacher": teacher}):
         out["optimizer"] = _steady_state_moments(optimizer, params, trace)
         out.update(_trace_rollout(cfg, engine, model, method, trace, shapes, dtype, largest_parameter))
         for checkpointing in (cfg.train.activation_checkpointing, not cfg.train.activation_checkpointing):
@@ -426,6 +617,7 @@ def _trace_steps(cfg, engine: str, model, method, procs, dtype, shapes: _Shapes,
                 "parts": parts,
                 "activations": after.get("activations", 0),
                 "weight_copies": after.get("weight copies (autocast)", 0),
+                "collectives": trace.collectives["micro-batch"],
             }
             out.setdefault("gradients", _bytes(p.grad for p in params))
             reshard_all(model)
@@ -435,6 +627,7 @@ def _trace_steps(cfg, engine: str, model, method, procs, dtype, shapes: _Shapes,
                     optimizer.step()
                     method.after_step()
                 out["update_peak"], out["update_parts"] = trace.peaks["update"]
+                out["update_collectives"] = trace.collectives["update"]
             optimizer.zero_grad(set_to_none=True)
     return out
 
@@ -463,7 +656,7 @@ def _weights_trace(fake, model, teacher) -> MemoryTrace:
 def _static_sizes(model, teacher, params: list, dtype) -> tuple[dict, int]:
     """Parameter counts and the sizes of the weights, the teacher and the largest gathered unit (the trace's
     result so far, `steps` still empty); and the bytes of the largest single parameter gathered."""
-    units, largest_parameter = _gathered_sizes(model)
+    units, dtypes, largest_parameter = _gathered_sizes(model)
     out = {
         "parameters": sum(p.numel() for p in model.parameters()),
         "trainable": sum(p.numel() for p in params),
@@ -474,6 +667,9 @@ def _static_sizes(model, teacher, params: list, dtype) -> tuple[dict, int]:
         "largest_unit_name": (
             "root: embeddings, final norm, output head" if units and units[0] >= max(units) else "one decoder layer"
         ),
+        "gather_dtypes": {part: sorted(kinds) for part, kinds in dtypes.items() if kinds},
+        # every parameter whole, in its own dtype: what the vLLM weight sync gathers (DTensors: whole shapes)
+        "whole_parameters": sum(p.numel() * p.element_size() for p in model.parameters()),
         "steps": {},
     }
     return out, largest_parameter
@@ -508,6 +704,7 @@ def _trace_rollout(
             "rollout_kv_cache": 0,
             "rollout_peak": 0,
             "rollout_parts": {},
+            "rollout_collectives": [],
         }
     if engine == "vllm":  # the engine gets the weights one parameter at a time
         return {
@@ -516,6 +713,7 @@ def _trace_rollout(
             "rollout_kv_cache": 0,
             "rollout_peak": trace.total + largest_parameter,
             "rollout_parts": trace.now(),
+            "rollout_collectives": [],  # computed from the shard plan (planner._communication)
         }
     gathered = []  # what the gathered model holds while it decodes (its gathering briefly holds more)
     hook = model.get_decoder().register_forward_pre_hook(
@@ -550,4 +748,5 @@ def _trace_rollout(
         "rollout_kv_cache": kv,
         "rollout_peak": peak + growth,
         "rollout_parts": parts,
+        "rollout_collectives": trace.collectives["rollout"],
     }

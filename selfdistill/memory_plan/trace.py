@@ -29,6 +29,10 @@ class MemoryTrace:
     weights that way), and answers data-dependent reads (`.item()`, `.tolist()`, `bool()`), which
     fake tensors cannot: False or 1 (none of them decides a shape). Storages created before it
     started are counted only once added. With real tensors (`fake_mode` None) it counts the same.
+
+    It also records every collective the traced code issues (`collectives[phase]`): its kind, the
+    whole tensor's bytes and dtype, the size of its process group, whose weights (`origin`, set by
+    `_labelled_fsdp`) and in which pass (forward with or without gradients, backward).
     """
 
     def __init__(self, fake_mode):
@@ -44,6 +48,8 @@ class MemoryTrace:
         self._resize = None
         self._outside = 0  # > 0: inside DTensor's sharding propagation
         self._unpatch = None
+        self._origins = [("other", "")]
+        self.collectives: dict[str, list[dict]] = defaultdict(list)
 
     # -- counting
     def add(self, tensor, label: str) -> None:
@@ -107,10 +113,26 @@ class MemoryTrace:
             self._labels.pop()
 
     @contextlib.contextmanager
+    def origin(self, name: str):
+        """Collectives issued inside move `name`'s weights or gradients (the student's, the teacher's), for
+        the pass its caller is in: FSDP2 issues them without gradients, so the pass is taken here."""
+        if torch._C._current_graph_task_id() != -1:
+            step = "backward"
+        else:
+            step = "forward" if torch.is_grad_enabled() else "forward without gradients"
+        self._origins.append((name, step))
+        try:
+            yield
+        finally:
+            self._origins.pop()
+
+    @contextlib.contextmanager
     def measuring(self, phase: str):
-        """Record the peak of everything alive while inside, as `self.peaks[phase]`."""
+        """Record the peak of everything alive while inside, as `self.peaks[phase]`, and the collectives
+        issued inside, as `self.collectives[phase]`."""
         previous, self.phase = self.phase, phase
         self.peaks.pop(phase, None)
+        self.collectives.pop(phase, None)
         self._update_peak()
         try:
             yield
@@ -162,6 +184,8 @@ class MemoryTrace:
             return False if dtype is torch.bool else (1.0 if dtype.is_floating_point else 1)
         if func is torch.ops._c10d_functional.wait_tensor.default and active_fake_mode() is not None:
             return args[0]  # (its fake implementation returns a new tensor; the real one waits in place)
+        if func.namespace in ("c10d", "_c10d_functional") and self.phase is not None:
+            self._record_collective(func, args)
         out = func(*args, **kwargs)
         # DTensor's sharding propagation works out output shapes on whole-size fake tensors (in the
         # active fake mode, or in one of its own when there is none): no memory of this process.
@@ -176,6 +200,53 @@ class MemoryTrace:
                     for storage in _storages(leaf):
                         self._track(storage, label)
         return out
+
+    def _record_collective(self, func, args) -> None:
+        """One collective: its kind, the bytes of the whole (gathered, or not yet scattered) tensor, its group."""
+        import torch.distributed as dist
+        from torch.distributed.distributed_c10d import _resolve_process_group
+        from torch.utils._pytree import tree_leaves
+
+        name = func._schema.name  # e.g. c10d::_allgather_base_
+        kind = (
+            "all-gather"
+            if "allgather" in name or "all_gather" in name
+            else "reduce-scatter"
+            if "reduce_scatter" in name
+            else "all-reduce"
+            if "allreduce" in name or "all_reduce" in name
+            else None
+        )
+        if kind is None:  # wait_tensor and the like move nothing
+            return
+        leaves = tree_leaves(args)
+        tensors = [t for t in leaves if isinstance(t, torch.Tensor)]
+        if not tensors:
+            return
+        whole = max(tensors, key=lambda t: t.numel())  # all-gather: the output; reduce-scatter: the input
+        group = None
+        for leaf in leaves:
+            if isinstance(leaf, torch.ScriptObject):  # c10d's ops take the process group itself
+                with contextlib.suppress(RuntimeError):
+                    group = dist.ProcessGroup.unbox(leaf).size()
+                    break
+            if isinstance(leaf, str) and func.namespace == "_c10d_functional":  # the functional ones its name
+                with contextlib.suppress(Exception):
+                    group = _resolve_process_group(leaf).size()
+                    break
+        if group is None:  # all-gather / reduce-scatter: the whole is group x the shard
+            group = max(1, whole.numel() // max(1, min(t.numel() for t in tensors)))
+        origin, step = self._origins[-1]
+        self.collectives[self.phase].append(
+            {
+                "kind": kind,
+                "bytes": whole.numel() * whole.element_size(),
+                "dtype": whole.dtype,
+                "group": group,
+                "origin": origin,
+                "pass": step,
+            }
+        )
 
 
 def _outside_count(trace: MemoryTrace):
@@ -200,12 +271,13 @@ def _outside_count(trace: MemoryTrace):
 
 
 @contextlib.contextmanager
-def _labelled_fsdp(trace: MemoryTrace, modules):
-    """Gathering weights (and reducing gradients) of these models' FSDP units counts under its own label."""
+def _labelled_fsdp(trace: MemoryTrace, modules: dict):
+    """Gathering weights (and reducing gradients) of these models' FSDP units counts under its own label,
+    and their collectives under the model's name (`modules`: name -> model or None)."""
     from selfdistill.models.distributed import fsdp_units, is_sharded
 
     patched = []
-    for model in modules:
+    for origin, model in modules.items():
         if model is None or not is_sharded(model):
             continue
         for unit in fsdp_units(model):
@@ -219,8 +291,8 @@ def _labelled_fsdp(trace: MemoryTrace, modules):
             ):
                 original = getattr(group, name)
 
-                def wrapped(*args, _original=original, _label=label, **kwargs):
-                    with trace.labelled(_label):
+                def wrapped(*args, _original=original, _label=label, _origin=origin, **kwargs):
+                    with trace.labelled(_label), trace.origin(_origin):
                         return _original(*args, **kwargs)
 
                 setattr(group, name, wrapped)
