@@ -182,19 +182,16 @@ def evaluate(
     # Sample j of record i is row i * n + j, seeded by (seed, i, j) only.
     rows = [p for p in prompts for _ in range(n_samples)]
     seeds = [seed * 1_000_003 + i for i in range(len(rows))] if temperature > 0 else None
-    stop = stop_token_ids(model, tokenizer)
+    sampling = {"temperature": temperature, "top_p": top_p, "seeds": seeds, "batch_size": batch_size}
     done = generate_within(
         model,
         rows,
         [b for b in budgets for _ in range(n_samples)],
-        stop_token_ids=stop,
+        stop_token_ids=stop_token_ids(model, tokenizer),
         pad_token_id=tokenizer.pad_token_id,
-        temperature=temperature,
-        top_p=top_p,
-        seeds=seeds,
-        batch_size=batch_size,
         precision=precision,
         desc=desc,
+        **sampling,
     )
     examples = [] if examples is None else examples
     for i, record in enumerate(records):
@@ -203,14 +200,12 @@ def evaluate(
             examples[-1]["context_budget"] = budgets[i]  # the new tokens the model's context left it
     summary = summarize(examples, n_samples, ks)
     summary.update(
-        {
-            "n_samples": n_samples,
-            "temperature": temperature,
-            "max_new_tokens": max_new_tokens,
-            "context_cut": sum(b < max_new_tokens for b in budgets),  # records whose budget the context cut
-            "precision": precision,
-            "seed": seed,
-        }
+        n_samples=n_samples,
+        temperature=temperature,
+        max_new_tokens=max_new_tokens,
+        context_cut=sum(b < max_new_tokens for b in budgets),  # records whose budget the context cut
+        precision=precision,
+        seed=seed,
     )
     if out_dir is not None:
         write_results(out_dir, examples, summary)
