@@ -75,7 +75,9 @@ def worker(out: Path, steps: int, prompts: int, length: int) -> None:
     ]
     state = {}
 
-    def measure(run, final_dir):
+    save_checkpoint = train_mod.save_checkpoint_now
+
+    def measure(run, done):  # the run's state when the loop writes its checkpoint after the last step
         params = list(run.model.parameters())
         trainable = [p for p in params if p.requires_grad]
         optimizer_state = [
@@ -88,26 +90,28 @@ def worker(out: Path, steps: int, prompts: int, length: int) -> None:
             optimizer=_local_bytes(optimizer_state),
             teacher=_local_bytes(teacher.parameters()) if teacher is not None else 0,
         )
+        return save_checkpoint(run, done)
 
-    train_mod.on_train_end = measure
-    with tempfile.TemporaryDirectory() as tmp:
-        cfg = load_config(
-            overrides={
-                "model": {"precision": "fp32"},
-                "data": {"teacher_template": "plain"},
-                "rollout": {"max_new_tokens": length, "ignore_eos": True},
-                "loss": {"skip_first_tokens": 0},
-                "train": {
-                    "output_dir": tmp,
-                    "batch_size": prompts,
-                    "micro_batch_size": prompts,
-                    "max_steps": steps,
-                    "lr": 1e-5,
-                    "warmup_ratio": 0.0,
-                },
-            }
-        )
-        result = train_mod.train(cfg, records=records, model=model, tokenizer=tok, save_final=False)
+    train_mod.save_checkpoint_now = measure
+    # One output directory for all processes, the one the launcher made: a checkpoint is shared.
+    tmp = str(out / "run")
+    cfg = load_config(
+        overrides={
+            "model": {"precision": "fp32"},
+            "data": {"teacher_template": "plain"},
+            "rollout": {"max_new_tokens": length, "ignore_eos": True},
+            "loss": {"skip_first_tokens": 0},
+            "train": {
+                "output_dir": tmp,
+                "batch_size": prompts,
+                "micro_batch_size": prompts,
+                "max_steps": steps,
+                "lr": 1e-5,
+                "warmup_ratio": 0.0,
+            },
+        }
+    )
+    result = train_mod.train(cfg, records=records, model=model, tokenizer=tok, save_final=False)
     rank = int(os.environ.get("RANK", "0"))
     row = {
         "rank": rank,

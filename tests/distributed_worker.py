@@ -116,7 +116,8 @@ def train_mode(out: Path, settings: dict) -> None:
         resume=settings.get("resume", False),
     )
     counts = gathered_objects(calls)
-    method_teacher = LAST_RUN.get("teacher")
+    method_teacher = getattr(getattr(result.method, "teacher", None), "module", None)
+    mesh = result.processes.mesh
     if method_teacher is not None:
         state = full_state_dict(method_teacher) if is_sharded(method_teacher) else method_teacher.state_dict()
     world, rank = world_and_rank()
@@ -134,28 +135,10 @@ def train_mode(out: Path, settings: dict) -> None:
                     "importance": [{k: v for k, v in m.items() if k.startswith("importance_")} for m in result.metrics],
                     "steps": [m["step"] for m in result.metrics],
                     "collectives": counts,
-                    "mesh": LAST_RUN.get("mesh"),
+                    "mesh": dict(zip(mesh.mesh_dim_names, mesh.shape)) if mesh is not None else None,
                 }
             )
         )
-
-
-LAST_RUN: dict = {}  # the teacher module of the run just finished, kept by the hook below
-
-
-def keep_teacher() -> None:
-    import selfdistill.training.loop as train_mod
-
-    real = train_mod.on_train_end
-
-    def hook(run, final_dir):
-        teacher = getattr(run.method, "teacher", None)
-        LAST_RUN["teacher"] = getattr(teacher, "module", None)
-        mesh = run.procs.mesh
-        LAST_RUN["mesh"] = dict(zip(mesh.mesh_dim_names, mesh.shape)) if mesh is not None else None
-        return real(run, final_dir)
-
-    train_mod.on_train_end = hook
 
 
 def rollout_mode(out: Path, settings: dict) -> None:
@@ -228,5 +211,4 @@ if __name__ == "__main__":
     elif options.get("mode") == "learning":
         learning_mode(out_dir, options)
     else:
-        keep_teacher()
         train_mode(out_dir, options)

@@ -7,7 +7,6 @@
                    log_step(run, record)  metrics.jsonl and the progress bar
                    save_checkpoint_now    every train.save_every steps, and on a stop signal
     save_final_model(run)                 final/, one Hugging Face directory
-    on_train_end(run, final_dir)          one place for whatever follows a finished run
 
 Per optimizer step every process takes its share of the step's prompts, the method builds the
 step's items (SDFT: rollouts), and the loss is Σ per-token loss / (the step's loss tokens across
@@ -77,6 +76,8 @@ class TrainResult:
     metrics: list[dict] = field(default_factory=list)
     model: object = None
     tokenizer: object = None
+    method: object = None  # the trained method, with what it holds (SDFT: `method.teacher`)
+    processes: Processes | None = None  # where this process stood (rank, world, device mesh)
 
 
 @dataclass
@@ -128,7 +129,6 @@ def train(
     finally:
         run.tracker.close()
     barrier(run.procs)
-    on_train_end(run, final_dir)
     return TrainResult(
         output_dir=run.out,
         steps=run.steps,
@@ -136,6 +136,8 @@ def train(
         metrics=run.history,
         model=run.model,
         tokenizer=run.tokenizer,
+        method=run.method,
+        processes=run.procs,
     )
 
 
@@ -558,14 +560,6 @@ def log_step(run: TrainingRun, record: dict) -> None:
     if run.bar:
         run.bar.update(1)
         run.bar.set_postfix(loss=f"{record['loss']:.4f}")
-
-
-def on_train_end(run: TrainingRun, final_dir: Path | None) -> None:
-    """Called once, on every process, after the last step and `final/` were written.
-
-    The place for what follows a finished run on every process (the tracker is already closed and
-    `final/` holds its model card); nothing more is done here yet.
-    """
 
 
 def _close_bar(run: TrainingRun) -> None:
