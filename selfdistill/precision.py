@@ -2,16 +2,11 @@
 
 'auto' means:
 - CUDA GPUs with bf16 support: bf16 compute over fp32 master weights.
-- CPUs: fp32, whatever their instructions. On CPUs without bf16 matrix instructions (AVX2 only)
-  bf16 runs many times slower than fp32 (a 1024x1024 product ~85x, the 135M model's forward
-  ~4x, a whole training step ~20x, measured on a 2-core AVX2 machine). On a 2-core CPU with
-  AMX-BF16 and AVX512-BF16 (SmolLM2-135M, bf16 autocast over fp32 weights, 2026-12-02, other
-  jobs running; `python -m benchmarks.run precision`) bf16 was 1.11x fp32 for the student's
-  forward + backward and 1.45x for the teacher's forward, but 0.48x for rollouts (autocast casts
-  every weight again for each decoded token), which dominate an SDFT step on a CPU; a whole
-  3-step SDFT run (`precision_train`, 2 prompts x 16 tokens) took 447 s in fp32 while the bf16
-  run had not finished after 1200 s under the same load (stopped there).
-  Choose `bf16` explicitly to use it anyway.
+- CPUs: fp32, whatever their instructions. Without bf16 matrix instructions (AVX2 only) bf16 runs
+  many times slower than fp32; with them (AVX512-BF16, AMX) the student's forward and backward and
+  the teacher's forward gain, but rollouts lose (autocast casts every weight again for each decoded
+  token), and rollouts dominate an SDFT step on a CPU. Measurements: benchmarks/README.md,
+  `python -m benchmarks.run precision` and `precision_train`. Choose `bf16` explicitly to use it anyway.
 """
 
 from __future__ import annotations
@@ -72,12 +67,10 @@ def teacher_precision(choice: str, model_choice: str, run_precision: str, device
 
     'auto' follows the run's precision, except on a CPU with bf16 instructions when the run's
     precision was left to 'auto' (so it computes in fp32): there the teacher's forward, which
-    needs no gradient, runs in bf16 (its output head too). On a 2-core AMD EPYC with AVX512-BF16
-    (SmolLM2-135M, 32 prompts whose teacher sequences hold 6,616 tokens;
-    `python -m benchmarks.teacher_precision`) its forward took 4.1 s in bf16 autocast against
-    10.1 s in fp32 (2.5x; 2.8x with bf16 weights, which a frozen teacher stores), and it moved the
-    SDFT loss by 0.17% and its gradient by 0.8% of its norm. A precision set explicitly in model.precision is kept for the teacher too, so an fp32
-    run stays fp32 throughout unless teacher.precision says otherwise.
+    needs no gradient, runs in bf16 (its output head too): faster, with a loss that moves by a
+    fraction of a percent (benchmarks/README.md, `python -m benchmarks.teacher_precision`). A
+    precision set explicitly in model.precision is kept for the teacher too, so an fp32 run stays
+    fp32 throughout unless teacher.precision says otherwise.
     """
     if choice != "auto":
         return choice
