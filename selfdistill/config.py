@@ -222,8 +222,10 @@ class LossConfig(Section):
 class TeacherConfig(Section):
     key: ClassVar[str] = "teacher"
 
-    kind: TeacherKind = setting(
-        "ema", "ema (weights follow the student), frozen (initial weights), or live (the student)."
+    kind: TeacherKind | None = setting(
+        None,
+        "ema (weights follow the student), frozen (initial weights), or live (the student). Unset: the method's "
+        "own: ema, or the teacher of a method whose teacher is fixed (such a method refuses another kind).",
     )
     ema_rate: float = setting(0.01, "EMA rate a: teacher <- (1 - a) teacher + a student, after every optimizer step.")
     precision: Precision = setting(
@@ -409,9 +411,14 @@ class Config:
         return dataclasses.asdict(self)
 
 
+# The teacher kind of a method whose teacher.kind chooses, when it is not set.
+DEFAULT_TEACHER = "ema"
+
+
 def _check_method_settings(cfg: Config) -> None:
     """The checks that involve the method and another section: what the registry says the method reads."""
     info = METHOD_INFO[cfg.method]
+    _resolve_teacher(cfg, info)
     if info.reads("replay"):
         replayed = replay_per_step(cfg.replay.ratio, cfg.train.batch_size)
         if not (0 < replayed < cfg.train.batch_size or cfg.replay.ratio == 0):
@@ -426,6 +433,36 @@ def _check_method_settings(cfg: Config) -> None:
             f"Config value loss.sft_weight: adds an SFT term to SDFT's loss; method {cfg.method!r} has no such term "
             f"(use {owners}, or leave it 0)."
         )
+
+
+def _resolve_teacher(cfg: Config, info) -> None:
+    """teacher.kind as the method runs it: unset means the method's own kind; a kind other than the one a
+    method always uses is refused (it would be ignored).
+
+    Only a value that differs from what the method does is refused, so a config written out by a run
+    (which holds the kind it ran with) loads again. Sections shared by several methods (a continual
+    config's `base`) leave teacher.kind out for methods with a fixed teacher (`for_method`).
+    """
+    fixed = info.step.fixed_teacher if info.step is not None else None
+    if fixed is None:
+        cfg.teacher.kind = cfg.teacher.kind or DEFAULT_TEACHER
+        return
+    if cfg.teacher.kind not in (None, fixed):
+        raise UserError(
+            f"Config value teacher.kind: method {cfg.method!r} always uses a {fixed} teacher (the starting model); "
+            f"teacher.kind {cfg.teacher.kind!r} would be ignored. Leave teacher.kind unset, or set it to {fixed!r}."
+        )
+    cfg.teacher.kind = fixed
+
+
+def for_method(data: dict, method: str) -> dict:
+    """A copy of the config mapping `data`, shared by several methods, without the settings that `method`
+    fixes (teacher.kind for a method with a fixed teacher): a shared section sets them for the others."""
+    info = METHOD_INFO[method]
+    out = copy.deepcopy(data)
+    if info.step is not None and info.step.fixed_teacher and isinstance(out.get("teacher"), dict):
+        out["teacher"].pop("kind", None)
+    return out
 
 
 def settings_of(obj: Any, prefix: str = ""):

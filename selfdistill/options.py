@@ -95,12 +95,15 @@ def check_output_dir(option: str, path: Path) -> None:
 
 def choices(kind: Any) -> tuple[str, ...]:
     """The allowed values of a multiple-choice setting type, e.g. choices(LossKind): a Literal's
-    values, or those of a type that reads them when asked (MethodName: the registered methods)."""
+    values, or those of a type that reads them when asked (MethodName: the registered methods); for a
+    choice that may also be None (unset), the choices it may be set to."""
+    kind = _without_none(kind)
     dynamic = getattr(kind, "choices", None)
     return tuple(dynamic()) if callable(dynamic) else tuple(get_args(kind))
 
 
 def is_choice(kind: Any) -> bool:
+    kind = _without_none(kind)
     return get_origin(kind) is Literal or callable(getattr(kind, "choices", None))
 
 

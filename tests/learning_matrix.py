@@ -1,9 +1,11 @@
 """Every training configuration must learn: the matrix, one run of it, and what "learned" means.
 
-The matrix is derived from the method registry, so a method added there is covered here without
-an edit: method × {full, LoRA} × every teacher kind the method takes (SDFT: ema, frozen, live;
-methods with a fixed teacher: that one; methods without a teacher: none) × the method's own
-variants (offline_distill: ce and divergence). `run_case` trains one configuration on the toy
+The matrix is derived from the method registry (each entry's `step` and own settings), so a method
+added there is covered here without an edit: method × {full, LoRA} × every teacher kind the method
+takes (teacher.kind's choices where the step's teacher is configured; a fixed teacher: that one; no
+teacher: none) × the method's variants: each choice of an own multiple-choice setting
+(offline_distill: offline.loss ce and divergence) and, for a step with a demonstration forward, the
+step with and without it (sdft: loss.sft_weight 0 and 1). `run_case` trains one configuration on the toy
 copy task (a tiny model pre-trained to copy a shown demonstration, see toy.py) from a checkpoint
 file, in-process or under torchrun; `check_learned` asserts what every configuration must show:
 
@@ -19,7 +21,9 @@ from pathlib import Path
 
 import torch
 
-from selfdistill.registry import METHODS, method_class
+from selfdistill.config import Config, merge, settings_of
+from selfdistill.options import choices, is_choice
+from selfdistill.registry import METHOD_INFO, METHODS
 
 STEPS = 6  # per phase
 # Large learning rates, so that one step moves every trainable tensor visibly; LoRA's B starts at
@@ -28,18 +32,31 @@ LR = {"full": 3e-3, "lora": 3e-2}
 
 
 def teacher_kinds(method: str) -> list[str | None]:
-    cls = method_class(method)
-    if not hasattr(cls, "teacher_kind"):  # no teacher (SFT-like losses)
+    step = METHOD_INFO[method].step
+    if step is None or step.teacher is None:  # no teacher (SFT-like losses)
         return [None]
-    return [cls.teacher_kind] if cls.teacher_kind else ["ema", "frozen", "live"]
+    if step.fixed_teacher:
+        return [step.fixed_teacher]
+    (kind,) = [hint for _, _, hint, key in settings_of(Config()) if key == "teacher.kind"]
+    return list(choices(kind))
+
+
+def _nested(key: str, value) -> dict:
+    section, _, name = key.rpartition(".")
+    return {section: {name: value}}
 
 
 def variants(method: str) -> list[dict]:
-    if method == "offline_distill":
-        return [{"offline": {"loss": "ce"}}, {"offline": {"loss": "divergence"}}]
-    if method == "sdft":  # the paper's SDFT, and SDFT + SFT
-        return [{}, {"loss": {"sft_weight": 1.0}}]
-    return [{}]
+    """The configurations of the method that run different code: each choice of its own multiple-choice
+    settings, and its step with and without the demonstration forward it declares."""
+    info = METHOD_INFO[method]
+    out = []
+    for _, _, hint, key in settings_of(Config()):
+        if info.reads(key) and is_choice(hint):
+            out += [_nested(key, choice) for choice in choices(hint)]
+    if info.step is not None and info.step.demonstration_forward:  # the plain step, then with the forward
+        out += [{}, _nested(info.step.demonstration_forward, 1.0)]
+    return out or [{}]
 
 
 def cases() -> list[dict]:
@@ -83,7 +100,7 @@ def overrides(case: dict, inputs: Path, out: Path, precision: str = "fp32") -> d
         "data": {"documents": str(inputs / "documents.txt")},
         "rollout": {"max_new_tokens": 3, "temperature": 1.0},
         "loss": {"skip_first_tokens": 0, "chunk_size": 4},
-        "reinvoke": {"steps": STEPS, "prompts": str(inputs / "general.jsonl")},
+        "reinvoke": {"prompts": str(inputs / "general.jsonl")},
         # sft_replay: 2 of the step's 8 examples are the starting model's answers to the general prompts.
         "replay": {"data": str(inputs / "general.jsonl"), "ratio": 0.25, "max_new_tokens": 3},
         "anchor": {"beta": 0.5},
@@ -98,6 +115,9 @@ def overrides(case: dict, inputs: Path, out: Path, precision: str = "fp32") -> d
             "seed": 0,
         },
     }
+    step = METHOD_INFO[case["method"]].step
+    if step is not None and step.second_phase:  # as many steps as the first phase
+        cfg = merge(cfg, _nested(step.second_phase, STEPS))
     if case["teacher"]:
         cfg["teacher"] = {"kind": case["teacher"], "ema_rate": 0.1}
     for section, values in case["extra"].items():
@@ -143,7 +163,9 @@ def run_case(case: dict, inputs: Path, out: Path, precision: str = "fp32") -> di
 
 
 def phases(case: dict) -> list[range]:
-    if case["method"] == "sft_reinvoke":
+    """The steps of each phase: a method whose step declares a second phase runs it for STEPS more steps."""
+    step = METHOD_INFO[case["method"]].step
+    if step is not None and step.second_phase:
         return [range(0, STEPS), range(STEPS, 2 * STEPS)]
     return [range(0, STEPS)]
 

@@ -7,6 +7,7 @@ import typing
 
 import pytest
 
+from selfdistill import registry
 from selfdistill.config import (
     Config,
     LossConfig,
@@ -74,6 +75,34 @@ def test_method_checks_read_the_registry():
     Config(method="sft", replay={"ratio": 0.05}, train={"batch_size": 4})  # a setting of another method: unused
 
 
+@pytest.mark.parametrize("name", [m for m in METHODS if registry.METHOD_INFO[m].step.fixed_teacher])
+def test_a_teacher_kind_that_contradicts_a_fixed_teacher_is_refused_naming_the_method_and_the_key(name, tmp_path):
+    fixed = registry.METHOD_INFO[name].step.fixed_teacher
+    other = next(kind for kind in ("ema", "live") if kind != fixed)
+    message = rf"teacher.kind: method '{name}' always uses a {fixed} teacher.*teacher.kind '{other}' would be ignored"
+    with pytest.raises(UserError, match=message):
+        Config(method=name, teacher={"kind": other})
+    with pytest.raises(UserError, match=message):
+        load_config(overrides=[f"method={name}", f"teacher.kind={other}"])
+    path = tmp_path / "c.yaml"
+    path.write_text(f"method: {name}\nteacher:\n  kind: {other}\n")
+    with pytest.raises(UserError, match=message):
+        load_config(path)
+    # Unset, or set to what the method does, is accepted; the config then holds the kind that runs, so a
+    # config written out by a run (run.json) loads again.
+    for given in ({}, {"teacher": {"kind": fixed}}):
+        cfg = Config(method=name, **given)
+        assert cfg.teacher.kind == fixed and Config(**cfg.to_dict()).teacher.kind == fixed
+    # The rest of the teacher section (its precision) is the method's to read.
+    assert Config(method=name, teacher={"precision": "fp32"}).teacher.precision == "fp32"
+
+
+def test_teacher_kind_unset_is_ema_where_the_method_lets_it_choose():
+    assert Config().teacher.kind == "ema" and Config(method="sft").teacher.kind == "ema"
+    assert Config(teacher={"kind": "live"}).teacher.kind == "live"
+    assert ("teacher.kind", "'ema'") in [row[:2] for row in describe_options()]
+
+
 def test_sections_can_be_given_as_mappings_and_values_are_coerced():
     cfg = Config(method="sft", train={"lr": "1e-4", "max_steps": 3}, loss=LossConfig(kind="jsd"))
     assert cfg.method == "sft" and cfg.train.lr == 1e-4 and cfg.train.max_steps == 3 and cfg.loss.kind == "jsd"
@@ -116,7 +145,7 @@ def test_one_method_list_feeds_the_type_the_classes_and_the_help():
 
 def test_every_command_shares_the_choices():
     from selfdistill.continual.config import EvalSettings
-    from selfdistill.diagnose.settings import DIVERGENCES
+    from selfdistill.diagnosis.settings import DIVERGENCES
     from selfdistill.precision import PRECISIONS
 
     assert DIVERGENCES == choices(LossKind)

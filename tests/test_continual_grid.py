@@ -236,3 +236,27 @@ def test_the_grid_option_of_compare_and_continual():
     assert [m.name for m in cfg.methods] == ["sdft@lr=1e-4", "sdft@lr=3e-4", "sft@lr=1e-4", "sft@lr=3e-4"]
     with pytest.raises(UserError, match="section.key=value1,value2"):
         stream_overrides(None, [], None, ["train.lr"])
+
+
+def test_a_shared_base_may_set_a_teacher_kind_that_a_method_with_a_fixed_teacher_fixes():
+    """The base and a stage are shared by every method: a teacher kind set there is for the methods whose
+    teacher.kind chooses; a method with a fixed teacher keeps its own. Its own override is refused."""
+    cfg = parse_config(
+        {
+            **MINIMAL,
+            "base": {"teacher": {"kind": "live", "precision": "fp32"}},
+            "methods": ["sdft", "sft_kl", "sft_reinvoke", "sft"],
+        }
+    )
+    kinds = {m.name: cfg.stage_config(m, cfg.stream[0], 0, "out").teacher for m in cfg.methods}
+    assert {name: t.kind for name, t in kinds.items()} == {
+        "sdft": "live",
+        "sft_kl": "frozen",
+        "sft_reinvoke": "frozen",
+        "sft": "live",
+    }
+    assert kinds["sft_kl"].precision == "fp32"  # the rest of the shared section still reaches it
+    with pytest.raises(UserError, match=r"method 'kl'.*teacher.kind: method 'sft_kl' always uses a frozen teacher"):
+        parse_config(
+            {**MINIMAL, "methods": [{"name": "kl", "method": "sft_kl", "overrides": {"teacher": {"kind": "ema"}}}]}
+        )

@@ -65,8 +65,9 @@ def test_adding_a_method_examples_run(tmp_path, monkeypatch):
     exec(compile(method_block, "docs/adding-a-method.md", "exec"), module.__dict__)
     monkeypatch.setitem(sys.modules, "docs_echo", module)
     # 2. The registry entry, pointed at that module.
-    (entry,) = eval(compile(entry_block, "docs/adding-a-method.md", "eval"), {"MethodInfo": registry.MethodInfo})
-    assert entry.name == "echo" and not entry.on_policy
+    names = {"MethodInfo": registry.MethodInfo, "Step": registry.Step}
+    (entry,) = eval(compile(entry_block, "docs/adding-a-method.md", "eval"), names)
+    assert entry.name == "echo" and not entry.on_policy and entry.step == registry.Step()
     monkeypatch.setitem(registry.METHOD_INFO, "echo", dataclasses.replace(entry, target="docs_echo:Echo"))
     model, tok = tiny(("k1", "k2", "v1", "v2"))
     cfg = selfdistill.Config(

@@ -51,14 +51,65 @@ def test_every_registered_method_declares_what_the_config_and_the_card_read(name
         assert any(key == own or key.startswith(own + ".") for key in keys), own
 
 
+def _card_keys(card: str) -> set[str]:
+    """The settings in a card's table: the `key` of each row."""
+    return {line.split("(`")[1].split("`)")[0] for line in card.splitlines() if line.startswith("| ") and "(`" in line}
+
+
 @pytest.mark.parametrize("name", sorted(METHODS))
-def test_the_model_card_shows_a_methods_own_settings_for_it_alone(name):
-    card = render_model_card(Config(method=name))
-    assert f"**Method**: `{name}` — {METHOD_INFO[name].card}" in card
-    for other in METHOD_INFO.values():
+def test_the_model_card_states_only_what_the_method_reads(name):
+    info = METHOD_INFO[name]
+    cfg = Config(method=name)
+    card = render_model_card(cfg)
+    keys = _card_keys(card)
+    assert f"**Method**: `{name}` — {info.card}" in card
+    for other in METHOD_INFO.values():  # another method's own settings: never; its own: always
         for own in other.settings:
-            assert (f"(`{own}" in card) == (other.name == name or METHOD_INFO[name].reads(own)), (own, card)
-    assert ("(`rollout.temperature`)" in card) == METHOD_INFO[name].on_policy
+            assert any(k == own or k.startswith(own + ".") for k in keys) == (other.name == name or info.reads(own))
+    step = info.step
+    samples = step.trains_on in ("rollouts", "teacher answers")
+    assert ("rollout.temperature" in keys) == samples and ("rollout.num_rollouts" in keys) == info.on_policy
+    # teacher.* rows only where teacher.kind chooses; a fixed teacher is stated from the declaration
+    assert {k for k in keys if k.startswith("teacher.")} == (
+        {"teacher.kind", "teacher.ema_rate"} if step.teacher == "configured" else set()
+    )
+    assert ("**Teacher**:" in card) == (step.teacher is not None)
+    if step.fixed_teacher:
+        assert "**Teacher**: the starting model, frozen" in card
+    assert ("without the demonstration" in card) == (step.teacher_sees == "prompt")
+    assert ("data.teacher_template" in keys) == (step.teacher_sees == "demonstration")
+    assert ("loss.kind" in keys) == (step.matches_teacher and step.teacher_runs(cfg))
+    assert ("loss.skip_first_tokens" in keys) == (step.skips_first_tokens and step.teacher_runs(cfg))
+
+
+def test_the_sft_reinvoke_card_describes_its_frozen_teacher_without_a_demonstration():
+    card = render_model_card(Config(method="sft_reinvoke"))
+    assert "**Teacher**: the starting model, frozen (never updated); shown the student's prompt, without" in card
+    assert "EMA" not in card and "teacher.kind" not in card and "teacher_template" not in card
+    assert "skip_first_tokens" not in card  # its recovery phase counts every completion token
+    # what the method declares decides, not what the config holds: a teacher-less method shows no teacher
+    assert "teacher" not in render_model_card(Config(method="sft")).split("## Settings")[1].split("## Final")[0]
+
+
+def test_the_card_shows_the_ema_rate_only_for_an_ema_teacher_and_a_teacher_that_does_not_run():
+    assert "teacher.ema_rate" not in render_model_card(Config(method="sdft", teacher={"kind": "frozen"}))
+    assert "teacher.ema_rate" in render_model_card(Config(method="sdft"))
+    off = render_model_card(Config(method="sft_kl", anchor={"beta": 0.0}))
+    assert "not run in this configuration (`anchor.beta`)" in off
+    divergence = _card_keys(render_model_card(Config(method="offline_distill", offline={"loss": "divergence"})))
+    assert {"loss.kind", "loss.skip_first_tokens", "data.teacher_template"} <= divergence
+
+
+@pytest.mark.parametrize("name", sorted(METHODS))
+def test_the_method_class_runs_what_its_registry_entry_declares(name):
+    """The registry's declaration (read by the card, the planner and the config) and the class agree."""
+    step, cls = METHOD_INFO[name].step, method_class(name)
+    # samples_student_prompts: rollouts of the records' own prompts (sft_reinvoke's second phase samples
+    # general prompts instead)
+    assert cls.samples_student_prompts == (step.trains_on == "rollouts" and not step.second_phase)
+    assert hasattr(cls, "teacher_kind") == (step.teacher is not None)
+    if step.teacher is not None:
+        assert cls.teacher_kind == step.fixed_teacher
 
 
 class Echo(Method):

@@ -5,6 +5,7 @@ The tiny Llama config below is planned with fake tensors and a fake process grou
 group, and this process's real shards must have the sizes the plan reports.
 """
 
+import dataclasses
 import functools
 import json
 import os
@@ -16,9 +17,11 @@ import pytest
 import torch
 
 import selfdistill
+from selfdistill import registry
 from selfdistill.config import load_config, merge
 from selfdistill.memory_plan import GIB, architecture_config, plan
 from selfdistill.memory_plan.planner import _planning_config, _shapes, _trace
+from selfdistill.methods.sft_kl import SFTKL
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = {
@@ -352,8 +355,10 @@ def test_planning_works_on_this_torch_or_says_which_it_needs(tiny_dir):
 
 
 def _with(cfg, **changes):
-
-    return load_config(overrides=merge(cfg.to_dict(), changes))
+    data = cfg.to_dict()
+    if "method" in changes:  # teacher.kind holds the kind cfg's method runs: the new method picks its own
+        data["teacher"]["kind"] = None
+    return load_config(overrides=merge(data, changes))
 
 
 def test_the_keeping_methods_are_planned(tiny_dir, tmp_path):
@@ -433,3 +438,40 @@ def test_the_vllm_engine_share_holds_its_weights_or_is_refused(tiny_dir):
     # 0.3 x 0.0005 GiB = 161 kB is less than the engine's 0.28 MB of fp32 weights
     with pytest.raises(selfdistill.UserError, match=r"^rollout.vllm_gpu_memory 0.3 gives the vLLM engine .* at least"):
         plan(cfg, processes=2, gpu_memory=0.0005)
+
+
+@pytest.mark.parametrize("method", sorted(selfdistill.METHODS))
+def test_every_registered_method_is_planned_as_its_registry_entry_declares(tiny_dir, method):
+    cfg = _with(tiny_config(tiny_dir, precision="bf16"), method=method)
+    step = registry.METHOD_INFO[method].step
+    planned = plan(cfg, processes=2)
+    assert planned.method == method and planned.step_peak > 0
+    assert (planned.teacher is not None) == (step.teacher is not None) == (planned.teacher_weights > 0)
+    assert (planned.rollout_engine is not None) == (step.trains_on == "rollouts") == (planned.rollout_peak > 0)
+    shown = {"demonstration": cfg.data.max_teacher_prompt_tokens, "prompt": cfg.data.max_prompt_tokens}
+    runs = step.teacher_runs(cfg)
+    assert planned.teacher_prompt_tokens == (shown[step.teacher_sees] if runs else None)
+    assert ("teacher forward" in planned.compute_parts) == runs
+
+
+class Anchored(SFTKL):
+    """A method only this test module defines: sft_kl's anchored loss, its teacher declared in its entry."""
+
+
+def test_a_method_registered_elsewhere_is_planned_from_its_declaration(tiny_dir, monkeypatch):
+    declared = registry.Step(teacher="frozen", teacher_sees="prompt")
+    entry = registry.MethodInfo(
+        "anchored", "A test method.", f"{__name__}:Anchored", "Trained by a test.", step=declared
+    )
+    monkeypatch.setitem(registry.METHOD_INFO, "anchored", entry)
+    base = tiny_config(tiny_dir, precision="bf16")
+    planned = selfdistill.plan(_with(base, method="anchored"), processes=2)
+    kl = selfdistill.plan(_with(base, method="sft_kl"), processes=2)
+    assert planned.teacher == "frozen" and planned.teacher_prompt_tokens == base.data.max_prompt_tokens
+    for name in ("weights", "teacher_weights", "step_peak", "compute_flops"):
+        assert getattr(planned, name) == getattr(kl, name), name
+    assert planned.rollout_engine is None and planned.rollout_peak == 0
+    # A method whose entry declares no step cannot be traced: the error names what is missing.
+    monkeypatch.setitem(registry.METHOD_INFO, "anchored", dataclasses.replace(entry, step=None))
+    with pytest.raises(selfdistill.UserError, match=r"method anchored: .*declares nothing.*`step=Step\(...\)`"):
+        selfdistill.plan(_with(base, method="anchored"), processes=2)

@@ -47,7 +47,17 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar
 
-from selfdistill.config import Config, Section, build, check_fields, check_keys, load_config, merge, read_yaml
+from selfdistill.config import (
+    Config,
+    Section,
+    build,
+    check_fields,
+    check_keys,
+    for_method,
+    load_config,
+    merge,
+    read_yaml,
+)
 from selfdistill.errors import UserError
 from selfdistill.precision import Precision
 from selfdistill.registry import MethodName
@@ -156,7 +166,10 @@ class ContinualConfig:
         if template is not None:
             data.setdefault("data", {})["teacher_template"] = template
         data = merge(data, stage.overrides)  # the stage's own settings, then the method's (its grid) over them
-        data = merge(data, method.overrides)
+        # The base and the stage are shared by every method: what they set that this method fixes (a teacher
+        # kind, for a method whose teacher is fixed) is meant for the others. The method's own overrides are
+        # its own: one that contradicts it is refused when the config is built.
+        data = merge(for_method(data, method.method), method.overrides)
         data["method"] = method.method
         data.setdefault("train", {}).update({"seed": seed, "output_dir": str(output_dir)})
         return load_config(overrides=data)

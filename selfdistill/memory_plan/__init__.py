@@ -10,6 +10,10 @@ groups of `distributed.shard_size` processes, one node's by default, replicated 
 processes in this one process: a fake process group (`fake` backend, the process is rank 0 of N) and fake tensors
 (`FakeTensorMode`: every tensor has a shape, a dtype and a size, and no memory).
 
+Every registered method is planned from what its registry entry declares a step computes
+(`selfdistill.registry.Step`: rollouts from the student, a teacher and what it is shown, a second
+forward over the demonstrations); a method that declares nothing is refused, naming what is missing.
+
 Traced (the product's own code run on fake tensors, every tensor's storage counted as it is
 created, resized and freed, as torch's `FSDPMemTracker` counts them):
 - this process's shards of the weights, the teacher, the gradients and the AdamW state;
@@ -42,7 +46,8 @@ a verdict, `fits` or `does not fit` and the changes that make it fit, each plann
 `train.demonstration_logp_every`'s forward without gradients.
 `model.precision: auto` is planned as bf16 (what it means on GPUs with bf16); lengths are the
 configured limits (`data.max_prompt_tokens`, `data.max_teacher_prompt_tokens`,
-`rollout.max_new_tokens`, which is also the length planned for SFT's demonstrations).
+`rollout.max_new_tokens`, which is also the length planned for SFT's demonstrations and the teacher's
+answers; cpt's document pieces: `data.max_prompt_tokens`).
 """
 
 from selfdistill.memory_plan.architectures import (
@@ -52,14 +57,13 @@ from selfdistill.memory_plan.architectures import (
     type_name,
 )
 from selfdistill.memory_plan.figures import COMPUTED, GIB, SHARD_PLAN, TRACED, MemoryPlan
-from selfdistill.memory_plan.planner import PLANNED_METHODS, plan
+from selfdistill.memory_plan.planner import plan
 from selfdistill.memory_plan.trace import MemoryTrace
 
 __all__ = [
     "ARCHITECTURES_DIR",
     "COMPUTED",
     "GIB",
-    "PLANNED_METHODS",
     "SHARD_PLAN",
     "TRACED",
     "MemoryPlan",

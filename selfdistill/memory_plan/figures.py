@@ -93,10 +93,6 @@ class MemoryPlan:
 
     def rows(self) -> list[tuple[str, int | None, str]]:
         """(what, bytes or None for a heading, how) for the table."""
-        ac = "on" if self.activation_checkpointing else "off"
-        other = "off" if self.activation_checkpointing else "on"
-        copies = f"{self.precision} copies of the weights autocast keeps"
-        step = f"training step: micro-batch {self.micro_batch} x {self.prompt_tokens + self.completion_tokens} tokens"
         rows = [
             (f"weights ({self._weights_kind()})", self.weights, TRACED),
             (f"gradients ({'adapter, fp32' if self.lora else 'fp32'})", self.gradients, TRACED),
@@ -104,42 +100,8 @@ class MemoryPlan:
         ]
         if self.teacher is not None:
             rows.append((f"teacher ({self._teacher_kind()})", self.teacher_weights, TRACED))
-        rows += [
-            (f"largest gathered unit ({self.largest_unit_name})", self.largest_unit, SHARD_PLAN),
-            (f"{step}, checkpointing {ac}", None, ""),
-            ("  activations of the student's forward", self.activations, TRACED),
-        ]
-        if self.weight_copies:
-            rows.append((f"  {copies} in that forward", self.weight_copies, TRACED))
-        rows += [
-            ("  peak", self.step_peak, TRACED),
-            (f"{step}, checkpointing {other}", None, ""),
-            ("  activations of the student's forward", self.activations_other, TRACED),
-            ("  peak", self.step_peak_other, TRACED),
-        ]
-        if self.rollout_engine == "decode":
-            tokens = self.prompt_tokens + self.completion_tokens
-            rows += [
-                (f"rollout: {self.rollout_rows} sequences x {tokens} tokens", None, ""),
-                (f"  whole model gathered ({self._gather_kind()})", self.rollout_gather, TRACED),
-            ]
-            if self.rollout_weight_copies:
-                rows.append((f"  {copies}", self.rollout_weight_copies, TRACED))
-            rows += [
-                ("  KV cache", self.rollout_kv_cache, COMPUTED),
-                ("  peak", self.rollout_peak, f"{TRACED} + {COMPUTED}"),
-            ]
-        elif self.rollout_engine == "vllm":
-            rows += [
-                ("rollout: vLLM engine in this process", None, ""),
-                ("  weight sync: the largest parameter gathered", self.rollout_gather, SHARD_PLAN),
-                ("  peak (training's side)", self.rollout_peak, f"{TRACED} + {SHARD_PLAN}"),
-                (f"  engine's weights (whole model, {self.engine_dtype})", self.engine_weights, COMPUTED),
-                ("  engine's KV cache for one longest sequence (its minimum)", self.engine_kv_minimum, COMPUTED),
-            ]
-            if self.gpu_memory is not None:
-                when = "during rollouts: it sleeps through the step" if self.engine_sleeps else "held throughout"
-                rows.append((f"  engine's share (rollout.vllm_gpu_memory, {when})", self.engine_share, COMPUTED))
+        rows.append((f"largest gathered unit ({self.largest_unit_name})", self.largest_unit, SHARD_PLAN))
+        rows += self._step_rows() + self._rollout_rows()
         rows.append(("peak per process (training and rollouts)", self.peak, "the largest peak"))
         rows.append(("reserve: what no trace sees", None, ""))
         rows += [(f"  {what}", size, COMPUTED) for what, size in self.reserve_parts.items()]
@@ -151,6 +113,55 @@ class MemoryPlan:
         else:
             how = "peak + reserve"
         rows.append((f"needed per process ({how})", self.needed, COMPUTED))
+        return rows
+
+    def _copies(self) -> str:
+        return f"{self.precision} copies of the weights autocast keeps"
+
+    def _step_rows(self) -> list[tuple[str, int | None, str]]:
+        """The training step with activation checkpointing as configured, then the other way."""
+        ac = "on" if self.activation_checkpointing else "off"
+        other = "off" if self.activation_checkpointing else "on"
+        step = f"training step: micro-batch {self.micro_batch} x {self.prompt_tokens + self.completion_tokens} tokens"
+        rows = [
+            (f"{step}, checkpointing {ac}", None, ""),
+            ("  activations of the student's forward", self.activations, TRACED),
+        ]
+        if self.weight_copies:
+            rows.append((f"  {self._copies()} in that forward", self.weight_copies, TRACED))
+        return rows + [
+            ("  peak", self.step_peak, TRACED),
+            (f"{step}, checkpointing {other}", None, ""),
+            ("  activations of the student's forward", self.activations_other, TRACED),
+            ("  peak", self.step_peak_other, TRACED),
+        ]
+
+    def _rollout_rows(self) -> list[tuple[str, int | None, str]]:
+        """The rollout: the decode loop's gathered model and KV cache, or the vLLM engine's share."""
+        if self.rollout_engine == "decode":
+            tokens = self.prompt_tokens + self.completion_tokens
+            rows = [
+                (f"rollout: {self.rollout_rows} sequences x {tokens} tokens", None, ""),
+                (f"  whole model gathered ({self._gather_kind()})", self.rollout_gather, TRACED),
+            ]
+            if self.rollout_weight_copies:
+                rows.append((f"  {self._copies()}", self.rollout_weight_copies, TRACED))
+            return rows + [
+                ("  KV cache", self.rollout_kv_cache, COMPUTED),
+                ("  peak", self.rollout_peak, f"{TRACED} + {COMPUTED}"),
+            ]
+        if self.rollout_engine != "vllm":
+            return []
+        rows = [
+            ("rollout: vLLM engine in this process", None, ""),
+            ("  weight sync: the largest parameter gathered", self.rollout_gather, SHARD_PLAN),
+            ("  peak (training's side)", self.rollout_peak, f"{TRACED} + {SHARD_PLAN}"),
+            (f"  engine's weights (whole model, {self.engine_dtype})", self.engine_weights, COMPUTED),
+            ("  engine's KV cache for one longest sequence (its minimum)", self.engine_kv_minimum, COMPUTED),
+        ]
+        if self.gpu_memory is not None:
+            when = "during rollouts: it sleeps through the step" if self.engine_sleeps else "held throughout"
+            rows.append((f"  engine's share (rollout.vllm_gpu_memory, {when})", self.engine_share, COMPUTED))
         return rows
 
     def verdict(self) -> str:

@@ -17,11 +17,14 @@ from selfdistill.memory_plan.architectures import architecture_config, type_name
 from selfdistill.memory_plan.figures import GIB, MemoryPlan
 from selfdistill.memory_plan.settings import Hardware
 from selfdistill.memory_plan.trace import MemoryTrace, _labelled_forwards, _labelled_fsdp
+from selfdistill.registry import METHOD_INFO, Step
 
-# sft_replay trains exactly as SFT does (its replay answers are written before training, with less
-# memory than a step); sft_kl adds the frozen starting model, shown the student prompt; SDFT with
-# loss.sft_weight adds a second student forward over the demonstrations (planned at the completion length).
-PLANNED_METHODS = ("sdft", "sft", "dft", "sft_replay", "sft_kl")
+# What a method's step computes is read from its registry entry (selfdistill.registry.Step): whether it
+# samples from the student, which teacher it holds and what that teacher is shown, whether a weight adds
+# a forward over the demonstrations. Work done once before training (sft_replay's replay answers,
+# offline_distill's teacher answers) is not planned: it generates before any gradient or optimizer state
+# exists (a vLLM engine started for it is closed before the first step). A method with two phases is
+# planned at the step it declares, the heavier one (sft_reinvoke: its rollouts and teacher, not its SFT).
 
 
 @dataclass
@@ -36,22 +39,40 @@ class _Shapes:
     rollout_rows: int
 
 
+def _step(cfg: Config) -> Step:
+    """The method's declared step (selfdistill.registry.Step), or a UserError saying that it is missing."""
+    step = METHOD_INFO[cfg.method].step
+    if step is None:
+        raise UserError(
+            f"method {cfg.method}: `sdft plan` traces a step from what the method's registry entry declares it "
+            "computes, and this entry declares nothing: give its MethodInfo a `step=Step(...)` (selfdistill.registry: "
+            "what it trains on, whether it samples from the student, its teacher and what the teacher is shown)."
+        )
+    return step
+
+
 def _shapes(cfg: Config, processes: int) -> _Shapes:
+    step = _step(cfg)
     prompts = math.ceil(cfg.train.batch_size / processes)  # dealt round-robin: the busiest process
-    samples = cfg.rollout.num_rollouts if cfg.method == "sdft" else 1
+    samples = cfg.rollout.num_rollouts if step.trains_on == "rollouts" else 1
     items = prompts * samples
     micro = min(cfg.train.micro_batch_size, items)
+    prompt, completion = cfg.data.max_prompt_tokens, cfg.rollout.max_new_tokens
+    if step.trains_on == "documents":  # a piece of data.max_prompt_tokens: its first token is the prompt
+        prompt, completion = 1, max(1, cfg.data.max_prompt_tokens - 1)
+    teacher_prompt = None
+    if step.teacher_runs(cfg):
+        shown = {"demonstration": cfg.data.max_teacher_prompt_tokens, "prompt": cfg.data.max_prompt_tokens}
+        teacher_prompt = shown[step.teacher_sees]
     return _Shapes(
         prompts_per_process=prompts,
         items=items,
         micro=micro,
         micro_batches=math.ceil(items / micro),
-        prompt=cfg.data.max_prompt_tokens,
-        teacher_prompt={"sdft": cfg.data.max_teacher_prompt_tokens, "sft_kl": cfg.data.max_prompt_tokens}.get(
-            cfg.method
-        ),
-        completion=cfg.rollout.max_new_tokens,
-        rollout_rows=min(cfg.rollout.batch_size, items) if cfg.method == "sdft" else 0,
+        prompt=prompt,
+        teacher_prompt=teacher_prompt,
+        completion=completion,
+        rollout_rows=min(cfg.rollout.batch_size, items) if step.trains_on == "rollouts" else 0,
     )
 
 
@@ -203,6 +224,19 @@ def _communication(
     result.inter_node_bandwidth = hardware.inter_node_bandwidth
     result.gpu_tflops = hardware.gpu_tflops
     result.mfu = hardware.mfu
+    rows = _traced_collectives(result, shapes, traced)
+    if result.rollout_engine == "vllm":
+        rows[("vllm", "all-gather", "step")] = _vllm_sync_row(result, shard_size)
+    result.communication = _timed(rows.values(), result, hardware, shard_size)
+    result.communication_bytes = sum(row["traffic"] for row in result.communication)
+    result.communication_seconds = sum(row["seconds"] for row in result.communication)
+    result.compute_parts = _flops(result, cfg, shapes)
+    result.compute_flops = sum(result.compute_parts.values())
+    result.compute_seconds = result.compute_flops / (hardware.gpu_tflops * 1e12 * hardware.mfu)
+
+
+def _traced_collectives(result: MemoryPlan, shapes: _Shapes, traced: dict) -> dict[tuple, dict]:
+    """The traced collectives as table rows, one per (what, collective, phase), bytes and ring traffic summed."""
     # The loop runs every micro-batch's forward and backward with FSDP2's defaults: each gathers the
     # weights again and reduces its gradients at once (no gradient accumulation without sync), so the
     # micro-batch's collectives repeat micro_batches times per step.
@@ -232,22 +266,29 @@ def _communication(
             dtype = _dtype_name(record["dtype"])
             row["dtypes"][dtype] = row["dtypes"].get(dtype, 0) + record["bytes"]
             row["traffic"] += times * _ring_factor(record["kind"], record["group"]) * record["bytes"]
-    if result.rollout_engine == "vllm":
-        # Every step syncs the engine: each (merged) weight cast to the engine's dtype on its shard, then
-        # gathered whole, one at a time (selfdistill.models.sharded.merged_weights).
-        whole = result.engine_weights
-        rows[("vllm", "all-gather", "step")] = {
-            "what": f"rollout: vLLM weight sync, each weight gathered whole (in the engine's {result.engine_dtype})",
-            "collective": "all-gather",
-            "per": "step",
-            "times": 1,
-            "bytes": whole,
-            "dtypes": {result.engine_dtype: whole},
-            "traffic": _ring_factor("all-gather", shard_size) * whole,
-            "group": shard_size,
-        }
-    result.communication = []
-    for row in rows.values():
+    return rows
+
+
+def _vllm_sync_row(result: MemoryPlan, shard_size: int) -> dict:
+    """Every step syncs the engine: each (merged) weight cast to the engine's dtype on its shard, then
+    gathered whole, one at a time (selfdistill.models.sharded.merged_weights)."""
+    whole = result.engine_weights
+    return {
+        "what": f"rollout: vLLM weight sync, each weight gathered whole (in the engine's {result.engine_dtype})",
+        "collective": "all-gather",
+        "per": "step",
+        "times": 1,
+        "bytes": whole,
+        "dtypes": {result.engine_dtype: whole},
+        "traffic": _ring_factor("all-gather", shard_size) * whole,
+        "group": shard_size,
+    }
+
+
+def _timed(rows, result: MemoryPlan, hardware: Hardware, shard_size: int) -> list[dict]:
+    """The rows that cross a link, each with its link and seconds at that link's bandwidth."""
+    out = []
+    for row in rows:
         if row["traffic"] == 0 and row["group"] <= 1:  # one process: nothing crosses a link
             continue
         # All-gathers and reduce-scatters run within a shard group (consecutive ranks: one node's processes
@@ -261,12 +302,8 @@ def _communication(
         bandwidth = hardware.inter_node_bandwidth if crosses else hardware.intra_node_bandwidth
         row["traffic"] = int(row["traffic"])
         row["seconds"] = row["traffic"] / (bandwidth * 1e9)
-        result.communication.append(row)
-    result.communication_bytes = sum(row["traffic"] for row in result.communication)
-    result.communication_seconds = sum(row["seconds"] for row in result.communication)
-    result.compute_parts = _flops(result, cfg, shapes)
-    result.compute_flops = sum(result.compute_parts.values())
-    result.compute_seconds = result.compute_flops / (hardware.gpu_tflops * 1e12 * hardware.mfu)
+        out.append(row)
+    return out
 
 
 def _ring_factor(kind: str, group: int) -> float:
@@ -304,14 +341,15 @@ def _flops(result: MemoryPlan, cfg: Config, shapes: _Shapes) -> dict[str, float]
     weight gradients (none for LoRA's frozen base); attention's own FLOPs are left out (a few percent at
     these lengths)."""
     n = result.parameters
-    sequences = shapes.items * (2 if cfg.method == "sdft" and cfg.loss.sft_weight else 1)  # + demonstrations
+    step = _step(cfg)
+    sequences = shapes.items * (2 if step.adds_demonstration_forward(cfg) else 1)  # + demonstrations
     tokens = sequences * (shapes.prompt + shapes.completion)
     parts = {"student forward and backward": (4 if result.lora else 6) * n * tokens}
     if result.activation_checkpointing:
         parts["student forward again (activation checkpointing)"] = 2 * n * tokens
     if shapes.teacher_prompt is not None:
         parts["teacher forward"] = 2 * n * shapes.items * (shapes.teacher_prompt + shapes.completion)
-    if cfg.method == "sdft":
+    if step.trains_on == "rollouts":
         parts["rollout: prefill and decode"] = 2 * n * shapes.items * (shapes.prompt + shapes.completion)
     return parts
 
@@ -396,11 +434,7 @@ def _check(cfg: Config, processes: int) -> None:
 
     if processes < 1:
         raise UserError(f"--processes must be at least 1, got {processes}.")
-    if cfg.method not in PLANNED_METHODS:
-        raise UserError(
-            f"method {cfg.method}: `sdft plan` covers {', '.join(PLANNED_METHODS)}; plan an sdft or sft config "
-            "with the same model, lengths and micro-batch instead."
-        )
+    _step(cfg)
     if cfg.train.batch_size < processes:
         raise UserError(
             f"train.batch_size {cfg.train.batch_size} is smaller than the number of processes ({processes}): "
@@ -430,7 +464,7 @@ def _memory_plan(
         processes=processes,
         method=cfg.method,
         lora=cfg.model.lora.enabled,
-        teacher={"sdft": cfg.teacher.kind, "sft_kl": "frozen"}.get(cfg.method),
+        teacher=cfg.teacher.kind if _step(cfg).teacher else None,  # the config holds the kind the method runs
         precision=precision,
         weights_dtype=_dtype_name(traced["weights_dtype"]),
         micro_batch=shapes.micro,
@@ -439,7 +473,7 @@ def _memory_plan(
         teacher_prompt_tokens=shapes.teacher_prompt,
         completion_tokens=shapes.completion,
         activation_checkpointing=configured,
-        rollout_engine=cfg.rollout.engine if cfg.method == "sdft" else None,
+        rollout_engine=cfg.rollout.engine if _step(cfg).trains_on == "rollouts" else None,
         rollout_rows=shapes.rollout_rows,
         weights=traced["weights"],
         gradients=traced["gradients"],
@@ -568,14 +602,16 @@ def _items(cfg: Config, shapes: _Shapes) -> list:
     """One micro-batch of the longest sequences the config allows (token ids do not matter)."""
     from selfdistill.methods.base import TrainItem
 
+    step = _step(cfg)
+    skips = step.skips_first_tokens and step.teacher_runs(cfg)
     return [
         TrainItem(
             record_index=0,
             prompt_ids=[0] * shapes.prompt,
             completion=[0] * shapes.completion,
-            loss_start=min(cfg.loss.skip_first_tokens, shapes.completion) if cfg.method == "sdft" else 0,
+            loss_start=min(cfg.loss.skip_first_tokens, shapes.completion) if skips else 0,
             teacher_prompt_ids=[0] * shapes.teacher_prompt if shapes.teacher_prompt else None,
-            extra={"demonstration": [0] * shapes.completion} if cfg.method == "sdft" and cfg.loss.sft_weight else {},
+            extra={"demonstration": [0] * shapes.completion} if step.adds_demonstration_forward(cfg) else {},
         )
         for _ in range(shapes.micro)
     ]
@@ -697,7 +733,7 @@ def _trace_rollout(
     """Rollout figures: traced up to the first decoded token, the KV cache's growth after it computed."""
     from selfdistill.sampling.decode import generate
 
-    if cfg.method != "sdft":
+    if _step(cfg).trains_on != "rollouts":
         return {
             "rollout_gather": 0,
             "rollout_weight_copies": 0,

@@ -1,8 +1,9 @@
 """The model card (`README.md`) written into a trained model's `final/` directory.
 
-It says what the checkpoint is (method, starting model, data), the settings it was trained
-with, its final training metrics and how to load it, with the front matter the Hugging Face Hub
-reads, so the directory can be pushed or shared as it is.
+It says what the checkpoint is (method, starting model, data, the teacher where there is one), the
+settings its method reads (read from the method's registry entry, so a setting the method ignores is
+not shown), its final training metrics and how to load it, with the front matter the Hugging Face
+Hub reads, so the directory can be pushed or shared as it is.
 """
 
 from __future__ import annotations
@@ -13,40 +14,46 @@ from selfdistill.files import write_atomic
 from selfdistill.models.loading import EMBEDDED_MODELS, portable_model_name
 from selfdistill.registry import METHOD_INFO, MethodInfo
 
-# The settings shown in the card's table (the full configuration is in the run's run.json). A
-# setting that the registry names as some methods' own (MethodInfo.settings) is shown for those
-# methods only; rollout, loss and teacher settings only for methods that sample from the student.
-_SETTINGS = (
-    ("train.lr", "learning rate"),
-    ("train.batch_size", "prompts per optimizer step"),
-    ("train.epochs", "epochs"),
-    ("train.max_steps", "max steps"),
-    ("train.seed", "seed"),
-    ("model.precision", "precision"),
-    ("model.lora.enabled", "LoRA"),
-    ("model.lora.rank", "LoRA rank"),
-    ("data.documents", "documents"),
-    ("rollout.temperature", "rollout temperature"),
-    ("rollout.max_new_tokens", "max completion tokens"),
-    ("rollout.num_rollouts", "rollouts per prompt"),
-    ("loss.kind", "divergence"),
-    ("loss.top_k", "top-k"),
-    ("loss.skip_first_tokens", "completion tokens skipped"),
-    ("teacher.kind", "teacher"),
-    ("teacher.ema_rate", "EMA rate"),
-    ("data.teacher_template", "teacher template"),
-    ("loss.sft_weight", "SFT term weight"),
-    ("offline.loss", "loss on the teacher's answers"),
-    ("reinvoke.steps", "recovery steps"),
-    ("replay.ratio", "replay share of each step"),
-    ("replay.data", "replay data"),
-    ("anchor.beta", "KL anchor weight"),
-)
-_ON_POLICY_SECTIONS = ("rollout", "loss", "teacher")
+# How the card's table names a setting. Which settings it shows is read from the method's registry
+# entry (`_read_settings`): the ones every method reads, the ones its declared step reads, and its own.
+_LABELS = {
+    "train.lr": "learning rate",
+    "train.batch_size": "prompts per optimizer step",
+    "train.epochs": "epochs",
+    "train.max_steps": "max steps",
+    "train.seed": "seed",
+    "model.precision": "precision",
+    "model.lora.enabled": "LoRA",
+    "model.lora.rank": "LoRA rank",
+    "data.documents": "documents",
+    "rollout.temperature": "rollout temperature",
+    "rollout.max_new_tokens": "max completion tokens",
+    "rollout.num_rollouts": "rollouts per prompt",
+    "loss.kind": "divergence",
+    "loss.top_k": "top-k",
+    "loss.skip_first_tokens": "completion tokens skipped",
+    "teacher.kind": "teacher",
+    "teacher.ema_rate": "EMA rate",
+    "data.teacher_template": "teacher template",
+    "loss.sft_weight": "SFT term weight",
+    "offline.loss": "loss on the teacher's answers",
+    "reinvoke.steps": "recovery steps",
+    "replay.ratio": "replay share of each step",
+    "replay.data": "replay data",
+    "replay.max_new_tokens": "longest replay answer",
+    "anchor.beta": "KL anchor weight",
+}
+_EVERY_METHOD = ("train.lr", "train.batch_size", "train.epochs", "train.max_steps", "train.seed", "model.precision")
 # What an unset (null) setting means, where "—" would not say.
 _WHEN_UNSET = {
     "replay.data": "the starting model's answers to the built-in general prompts",
     "data.documents": "the records' `context` fields",
+}
+# What a fixed teacher is, in words (Step.teacher), and what it is shown (Step.teacher_sees).
+_FIXED_TEACHER = {"frozen": "the starting model, frozen (never updated)"}
+_TEACHER_SEES = {
+    "demonstration": "the prompt with the demonstration (`data.teacher_template`)",
+    "prompt": "the student's prompt, without the demonstration",
 }
 _METRICS = (
     "loss",
@@ -73,25 +80,51 @@ def _fmt(value) -> str:
     return "—" if value is None else str(value)
 
 
-def _shown(key: str, info: MethodInfo, config: dict) -> bool:
-    """Whether the card's table has a row for `key` when training with the method `info`."""
-    if key.split(".")[0] in _ON_POLICY_SECTIONS and not info.on_policy and not info.reads(key):
-        return False
-    if any(other.reads(key) for other in METHOD_INFO.values()) and not info.reads(key):
-        return False  # another method's own setting
-    return key != "model.lora.rank" or config["model"]["lora"]["enabled"]
+def _read_settings(cfg, info: MethodInfo) -> list[str]:
+    """The settings a run of the method `info` with `cfg` reads, as the registry declares them, in table order."""
+    keys = list(_EVERY_METHOD) + ["model.lora.enabled"] + (["model.lora.rank"] if cfg.model.lora.enabled else [])
+    step = info.step
+    if step is not None:
+        if step.trains_on in ("rollouts", "teacher answers"):  # the student's samples, or the teacher's answers
+            keys += ["rollout.temperature", "rollout.max_new_tokens"]
+        if step.trains_on == "rollouts":
+            keys.append("rollout.num_rollouts")
+        runs = step.teacher_runs(cfg)
+        if step.matches_teacher and runs:
+            keys += ["loss.kind", "loss.top_k"] + (["loss.skip_first_tokens"] if step.skips_first_tokens else [])
+        if step.teacher == "configured":
+            keys += ["teacher.kind"] + (["teacher.ema_rate"] if cfg.teacher.kind == "ema" else [])
+        if step.teacher_sees == "demonstration" and (runs or step.trains_on == "teacher answers"):
+            keys.append("data.teacher_template")
+    for own in info.settings:  # a section stands for its labelled keys
+        keys += [key for key in _LABELS if key == own or key.startswith(own + ".")]
+    return list(dict.fromkeys(keys))
 
 
-def _settings_rows(config: dict, info: MethodInfo, precision: str | None) -> list[str]:
+def _teacher_line(cfg, info: MethodInfo) -> list[str]:
+    """The teacher, stated from the method's declaration: what it is and what it is shown."""
+    step = info.step
+    if step is None or step.teacher is None:
+        return []
+    if step.fixed_teacher:
+        what = _FIXED_TEACHER.get(step.fixed_teacher, step.fixed_teacher)
+    else:
+        what = f"the same network, weights as `teacher.kind` {cfg.teacher.kind} says"
+    line = f"**Teacher**: {what}; shown {_TEACHER_SEES[step.teacher_sees]}"
+    if not step.teacher_runs(cfg):
+        line += f"; not run in this configuration (`{step.teacher_runs_if}`)"
+    return [line + ".", ""]
+
+
+def _settings_rows(cfg, info: MethodInfo, precision: str | None) -> list[str]:
     """The settings table: `precision` (what the run computed in) replaces model.precision's 'auto'."""
+    config = cfg.to_dict()
     used = {"model.precision": precision} if precision else {}
     rows = ["| setting | value |", "|---|---|"]
-    for key, label in _SETTINGS:
-        if not _shown(key, info, config):
-            continue
+    for key in _read_settings(cfg, info):
         value = used.get(key, _get(config, key))
         text = _WHEN_UNSET[key] if value is None and key in _WHEN_UNSET else _fmt(value)
-        rows.append(f"| {label} (`{key}`) | {text} |")
+        rows.append(f"| {_LABELS[key]} (`{key}`) | {text} |")
     return rows
 
 
@@ -140,9 +173,10 @@ def render_model_card(
         "",
         f"**Data**: `{data}`" + (f" ({records} records)" if records is not None else ""),
         "",
+        *_teacher_line(cfg, info),
         "## Settings",
         "",
-        *_settings_rows(config, info, precision),
+        *_settings_rows(cfg, info, precision),
         "",
         "## Final training metrics",
         "",
