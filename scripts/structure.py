@@ -6,6 +6,8 @@
 Rules checked:
 - no import circle between modules, counting imports inside functions and a submodule that imports
   from its own package's __init__ (which imports it back);
+- no import circle between folders (each package, or module at the package root, one node), so that
+  folders of one layer do not lean on each other both ways either;
 - no import from a lower layer to a higher one (LAYERS below, lowest first);
 - no function longer than MAX_FUNCTION_LINES lines.
 """
@@ -20,18 +22,20 @@ PACKAGE = Path(__file__).resolve().parent.parent / "selfdistill"
 MAX_FUNCTION_LINES = 60
 
 # Lowest first. A module may import from its own layer or any layer below it, never above.
-# Keys are module-name prefixes below `selfdistill.`; the longest matching prefix decides.
+# Each entry names a folder (package) or a module at the package root, below `selfdistill.`: a whole
+# folder sits in one layer, so a module that belongs higher moves to a folder that is higher.
 LAYERS: list[tuple[str, list[str]]] = [
     ("foundation", ["errors", "files", "precision", "config", "registry", "options"]),
     ("models and data", ["models", "data", "progress"]),
     ("sampling and distillation", ["sampling", "distillation"]),
     ("methods", ["methods"]),
     ("training", ["training"]),
-    ("evaluation", ["eval"]),
     ("tasks", ["tasks"]),
-    ("workflows", ["eval.run", "continual", "diagnose", "memory_plan", "report"]),
+    ("evaluation", ["eval"]),
+    ("workflows", ["continual", "diagnosis", "memory_plan"]),
+    ("reports", ["report"]),
     ("api", ["api"]),
-    ("cli", ["cli", "training.cli", "eval.cli", "data.cli", "continual.cli", "diagnose.cli", "memory_plan.cli"]),
+    ("cli", ["cli", "commands"]),
 ]
 
 
@@ -125,14 +129,24 @@ def cycles(graph: dict[str, set[str]]) -> list[list[str]]:
     return result
 
 
+def folder_of(name: str) -> str:
+    """The folder (or root module) a module is in: selfdistill.eval.graders -> eval."""
+    return name.removeprefix("selfdistill").lstrip(".").partition(".")[0]
+
+
 def layer_of(name: str) -> int | None:
-    short = name.removeprefix("selfdistill").lstrip(".")
-    best, best_len = None, -1
-    for number, (_, prefixes) in enumerate(LAYERS):
-        for prefix in prefixes:
-            if (short == prefix or short.startswith(prefix + ".")) and len(prefix) > best_len:
-                best, best_len = number, len(prefix)
-    return best
+    folder = folder_of(name)
+    return next((number for number, (_, folders) in enumerate(LAYERS) if folder in folders), None)
+
+
+def folder_graph(graph: dict[str, set[str]]) -> dict[str, set[str]]:
+    """The import graph between folders: an edge wherever a module of one imports a module of another."""
+    folders: dict[str, set[str]] = {folder_of(name): set() for name in graph if name != "selfdistill"}
+    for name, targets in graph.items():
+        for target in targets:
+            if name != "selfdistill" and target != "selfdistill" and folder_of(target) != folder_of(name):
+                folders[folder_of(name)].add(folder_of(target))
+    return folders
 
 
 def long_functions(paths: dict[str, Path]) -> list[tuple[str, int]]:
@@ -154,6 +168,7 @@ def main() -> int:
         for name in sorted(graph):
             print(name, "->", ", ".join(sorted(graph[name])) or "-")
     circles = cycles(graph)
+    folder_circles = cycles(folder_graph(graph))
     unlayered = sorted(name for name in paths if name != "selfdistill" and layer_of(name) is None)
     upward = sorted(
         f"{a} ({LAYERS[layer_of(a)][0]}) -> {b} ({LAYERS[layer_of(b)][0]})"
@@ -168,6 +183,9 @@ def main() -> int:
     print(f"import circles: {len(circles)}")
     for circle in circles:
         print("  " + " <-> ".join(circle))
+    print(f"import circles between folders: {len(folder_circles)}")
+    for circle in folder_circles:
+        print("  " + " <-> ".join(circle))
     print(f"modules in no layer: {len(unlayered)}" + (f" ({', '.join(unlayered)})" if unlayered else ""))
     print(f"imports from a lower layer to a higher one: {len(upward)}")
     for line in upward:
@@ -175,7 +193,7 @@ def main() -> int:
     print(f"functions over {MAX_FUNCTION_LINES} lines: {len(long)}")
     for where, length in long:
         print(f"  {length:4d}  {where}")
-    return 1 if circles or upward or long or unlayered else 0
+    return 1 if circles or folder_circles or upward or long or unlayered else 0
 
 
 if __name__ == "__main__":

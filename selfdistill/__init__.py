@@ -14,17 +14,11 @@ The Python API (each `sdft` command as one call, with the command's defaults):
     UserError, RunFailed, RunStopped   bad input / a run that could not go on / a deliberate stop
 
 Importing the package is quick: each name loads its module on first use.
-
-`selfdistill.diagnose` is also the name of the package that implements it; that package is made
-callable (calling it runs the API function above), so both `selfdistill.diagnose("tooluse")` and
-`import selfdistill.diagnose` work.
 """
 
 from __future__ import annotations
 
 import importlib
-import sys
-import types
 from typing import TYPE_CHECKING, Any
 
 __version__ = "0.1.0"
@@ -36,7 +30,7 @@ _EXPORTS = {
     "train": "selfdistill.api",
     "evaluate": "selfdistill.api",
     "run_stream": "selfdistill.api",
-    "diagnose": "selfdistill.api",  # via the callable package selfdistill.diagnose
+    "diagnose": "selfdistill.api",
     "plan": "selfdistill.api",
     "METHODS": "selfdistill.registry",
     "UserError": "selfdistill.errors",
@@ -66,35 +60,7 @@ if TYPE_CHECKING:  # for editors and type checkers; at run time the names load l
     from selfdistill.registry import METHODS
 
 
-_CALLABLE_MODULES = ("diagnose",)  # subpackages that share their name with an API function
-
-
-def _make_callable(module: types.ModuleType, name: str) -> None:
-    """Let `module` be called as the API function `name` (its attributes stay the module's)."""
-
-    def __call__(self, *args, **kwargs):
-        from selfdistill import api
-
-        return getattr(api, name)(*args, **kwargs)
-
-    __call__.__doc__ = f"selfdistill.{name}(...): see selfdistill.api.{name}."
-    module.__class__ = type(f"_Callable_{name}", (types.ModuleType,), {"__call__": __call__})
-
-
-class _Package(types.ModuleType):
-    def __setattr__(self, name: str, value: Any) -> None:
-        # The import system sets `selfdistill.diagnose` to the subpackage once it is imported, whoever imports it.
-        if name in _CALLABLE_MODULES and isinstance(value, types.ModuleType) and not callable(value):
-            _make_callable(value, name)
-        super().__setattr__(name, value)
-
-
-sys.modules[__name__].__class__ = _Package
-
-
 def __getattr__(name: str) -> Any:
-    if name in _CALLABLE_MODULES:
-        return importlib.import_module(f"selfdistill.{name}")  # made callable as it is set on the package
     module = _EXPORTS.get(name)
     if module is None:
         raise AttributeError(f"module 'selfdistill' has no attribute {name!r}")

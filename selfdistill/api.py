@@ -11,34 +11,20 @@
 Bad input raises selfdistill.UserError with the same message the command prints.
 
 The options of each command beyond a training config are a settings dataclass, every field documented
-and checked when built, next to the code that runs it (TrainSettings here;
-selfdistill.eval.settings, selfdistill.diagnose.settings, selfdistill.tasks.settings,
+and checked when built, next to the code that runs it (selfdistill.training.settings,
+selfdistill.eval.settings, selfdistill.diagnosis.settings, selfdistill.tasks.settings,
 selfdistill.continual.settings, selfdistill.memory_plan.settings). These functions and the `sdft`
 commands (a thin layer over them) take their defaults, help and checks from those settings.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from selfdistill.errors import UserError
-from selfdistill.options import check_types, given_options, setting
-
-
-@dataclass(frozen=True, kw_only=True)
-class TrainSettings:
-    """How `selfdistill.training.loop` and `sdft train` run a config (the Config holds every training setting)."""
-
-    resume: bool = setting(
-        False,
-        "Continue from the newest checkpoint in the run directory (none yet: start from step 0, with a warning).",
-    )
-    overwrite: bool = setting(False, "Replace a different run already in the run directory.")
-
-    def __post_init__(self) -> None:
-        check_types(self)
+from selfdistill.options import given_options
+from selfdistill.training.settings import TrainSettings
 
 
 def _config(config: Any, overrides: dict) -> Any:
@@ -158,12 +144,12 @@ def diagnose(
 ) -> dict:
     """Per-token teacher vs student numbers, the teacher ceiling and advice, as `sdft diagnose`: `task` is a
     built-in task or a data source; `config` a training YAML; `overrides` `section.key=value` strings; other
-    options are those of selfdistill.diagnose.settings.DiagnoseSettings, with their defaults (the command's):
+    options are those of selfdistill.diagnosis.settings.DiagnoseSettings, with their defaults (the command's):
     model, template, split, format, grader, limit, rollouts_per_record, temperature, max_new_tokens,
     divergence, beta, top_k, skip_first_tokens, precision, seed, task_seed, ceiling, batch_size.
     Writes diagnose.json and diagnose.html under `out`; returns diagnose.json's content."""
-    from selfdistill.diagnose.run import diagnose as run_diagnosis
-    from selfdistill.diagnose.settings import DiagnoseSettings
+    from selfdistill.diagnosis.run import diagnose as run_diagnosis
+    from selfdistill.diagnosis.settings import DiagnoseSettings
     from selfdistill.progress import quiet_third_party_bars
 
     given_options(DiagnoseSettings, "diagnose()", options, exclude={"task", "config", "overrides", "out"})

@@ -1,4 +1,4 @@
-"""The `sdft` command."""
+"""The `sdft` command: the typer app, its command groups (selfdistill.commands) and the exit statuses."""
 
 from __future__ import annotations
 
@@ -8,6 +8,8 @@ import sys
 
 import typer
 
+from selfdistill.commands import continual, data, diagnose, plan, train
+from selfdistill.commands import eval as evaluation  # named so as not to hide the builtin eval
 from selfdistill.errors import RunFailed, RunStopped, UserError
 
 app = typer.Typer(
@@ -23,21 +25,10 @@ def _root() -> None:
     """Train, evaluate and compare language models learning from demonstrations."""
 
 
-# Sub-commands register themselves here (one import each; the modules define them).
-# (section: commands)
-from selfdistill.continual.cli import register as _register_continual  # noqa: E402
-from selfdistill.data.cli import register as _register_data  # noqa: E402
-from selfdistill.diagnose.cli import register as _register_diagnose  # noqa: E402
-from selfdistill.eval.cli import register as _register_eval  # noqa: E402
-from selfdistill.memory_plan.cli import register as _register_plan  # noqa: E402
-from selfdistill.training.cli import register as _register_train  # noqa: E402
-
-_register_train(app)
-_register_eval(app)
-_register_data(app)
-_register_continual(app)
-_register_diagnose(app)
-_register_plan(app)
+# Each command group is a module of selfdistill.commands with a `register(app)`; the order here is
+# the order of `sdft --help`.
+for _group in (train, evaluation, data, continual, diagnose, plan):
+    _group.register(app)
 
 
 def main() -> None:

@@ -8,9 +8,9 @@ import torch
 
 from selfdistill.data.records import Record
 from selfdistill.errors import UserError
+from selfdistill.eval.ceiling import demonstration_loglik, measure, score, table
 from selfdistill.models.tiny import tiny_model, tiny_tokenizer, words_of
 from selfdistill.tasks import Metric
-from selfdistill.tasks.ceiling import demonstration_loglik, measure, score, table
 
 
 def exact(output, record):
@@ -129,7 +129,7 @@ def test_ceiling_checks_the_guessed_graders_field_before_loading_the_model(tmp_p
 
 
 def test_ceiling_guesses_toolalpaca_from_golden_answer_and_needs_something_to_measure():
-    from selfdistill.tasks.run import _file_metrics
+    from selfdistill.eval.ceiling import _file_metrics
     from selfdistill.tasks.settings import CeilingSettings
 
     calls = [{"Action": "getWeather", "Action_Input": "{}"}]

@@ -2,8 +2,8 @@
 
 import pytest
 
+from selfdistill.eval.ceiling import measure
 from selfdistill.tasks import get_task, make_task
-from selfdistill.tasks.ceiling import measure
 
 
 @pytest.mark.slow

@@ -11,8 +11,8 @@ from typer.testing import CliRunner
 from selfdistill.config import load_config
 from selfdistill.data.prompts import PromptBuilder
 from selfdistill.data.records import Record
-from selfdistill.diagnose import core, summarize
-from selfdistill.diagnose.core import CompletionTrace, RecordTrace, is_format_token
+from selfdistill.diagnosis import core, summarize
+from selfdistill.diagnosis.core import CompletionTrace, RecordTrace, is_format_token
 from selfdistill.distillation.losses import divergence
 from selfdistill.models.tiny import save_tiny, tiny_model, tiny_tokenizer, words_of
 from selfdistill.sampling import generate, rollout_seed

@@ -111,7 +111,7 @@ def test_sampling_needs_temperature(tiny):
 
 
 def _app():
-    from selfdistill.eval.cli import register
+    from selfdistill.commands.eval import register
 
     app = typer.Typer()
 

@@ -240,7 +240,7 @@ def test_offline_distill_asks_its_sampler_for_the_teacher_answers_then_closes_it
 
 
 def test_diagnose_samples_through_the_sampler(fake_engine):
-    from selfdistill.diagnose import core
+    from selfdistill.diagnosis import core
 
     tokenizer = tiny_tokenizer(WORDS)
     model = tiny_model(tokenizer, hidden_size=64, layers=2, heads=4, seed=0)

@@ -181,7 +181,7 @@ def test_values_with_one_reading_are_converted(tmp_path):
 
 
 def test_a_commands_settings_check_their_types_naming_the_option(tmp_path):
-    from selfdistill.diagnose.settings import DiagnoseSettings
+    from selfdistill.diagnosis.settings import DiagnoseSettings
     from selfdistill.eval.settings import EvalSettings, EvaluateSettings
     from selfdistill.memory_plan.settings import PlanSettings
 

@@ -6,8 +6,8 @@ import pytest
 
 from selfdistill.data.records import record_from_row
 from selfdistill.errors import UserError
+from selfdistill.eval.ceiling import score
 from selfdistill.tasks import eval_size, get_task, list_tasks, make_task
-from selfdistill.tasks.ceiling import score
 
 TASKS = ["tooluse", "tooluse_hinted", "knowledge", "science"]
 

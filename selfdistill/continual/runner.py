@@ -328,8 +328,8 @@ class Runner:
 
     def lenient_score(self, task: StreamTask, examples: list[dict]) -> dict:
         """The task's lenient or partial score of the outputs already generated (no new generation)."""
+        from selfdistill.eval.ceiling import default_grader, score
         from selfdistill.eval.evaluate import wilson_interval
-        from selfdistill.tasks.ceiling import default_grader, score
 
         grader = default_grader(task.lenient.grader)
         scores = [score(e["output"], record, task.lenient, grader) for e, record in zip(examples, task.eval)]

@@ -1,18 +1,17 @@
 """Resolving `--task`: a JSONL file of records, or a built-in task by name.
 
-Built-in tasks live in `selfdistill.tasks` (a separate part of the package): a name that is
-not a file is looked up there and its evaluation split is used, graded by the task's first
-metric. Without that module only files work, and a name gets a clear message.
+A name that is not a file is looked up among the built-in tasks (`selfdistill.tasks.catalog`) and its
+evaluation split is used, graded by the task's first metric.
 """
 
 from __future__ import annotations
 
-import importlib
 from dataclasses import replace
 from pathlib import Path
 
 from selfdistill.data.records import Record, load_records
 from selfdistill.errors import UserError
+from selfdistill.tasks.catalog import get_task, make_task
 
 # Graders guessed from the fields of a file, when --grader is not given.
 _GUESS_BY_FIELD = (("golden_answer", "toolalpaca"),)
@@ -31,20 +30,14 @@ def guess_grader(records: list[Record]) -> str:
 
 
 def named_task(name: str, seed: int = 0) -> tuple[list[Record], str | None]:
-    """The hook for built-in tasks: the evaluation split of `selfdistill.tasks.make_task(name, seed)`.
+    """The evaluation split of the built-in task `name` (`make_task(name, seed)`).
 
     The grader is the task's first metric; a metric reading its gold answer from another field
     (e.g. a list of accepted answers) has that field copied into `answer`.
     """
-    try:
-        tasks = importlib.import_module("selfdistill.tasks")
-    except ModuleNotFoundError:
-        raise UserError(
-            f"Task {name!r}: no such file, and this version has no built-in tasks; pass a .jsonl file."
-        ) from None
-    spec = tasks.get_task(name)
-    records = list(tasks.make_task(name, seed).eval)
-    metric = spec.metrics[0] if getattr(spec, "metrics", None) else None
+    spec = get_task(name)
+    records = list(make_task(name, seed).eval)
+    metric = spec.metrics[0] if spec.metrics else None
     if metric is not None and metric.answer_field != "answer":
         records = [replace(r, answer=r.meta.get(metric.answer_field, r.answer)) for r in records]
     return records, metric.grader if metric is not None else None

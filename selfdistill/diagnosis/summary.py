@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import math
 
-from selfdistill.diagnose.core import RecordTrace
-from selfdistill.tasks.ceiling import CeilingResult
+from selfdistill.diagnosis.core import RecordTrace
+from selfdistill.eval.ceiling import CeilingResult
 
 FIRST_K = (1, 4, 16)
 

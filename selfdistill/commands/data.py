@@ -99,11 +99,10 @@ def ceiling_command(
     outputs: Optional[Path] = _ceiling("outputs"),
 ) -> None:
     """Greedy accuracy without the demonstration (student) and with it (teacher), and the log-likelihood gain."""
-    from selfdistill.tasks import ceiling
-    from selfdistill.tasks.run import measure_ceiling
+    from selfdistill.eval import ceiling
 
     settings = CeilingSettings(**ctx.params)  # the options are named as the settings' fields
-    measured = measure_ceiling(settings)
+    measured = ceiling.measure_ceiling(settings)
     typer.echo(
         f"{settings.task} ({settings.split}, {measured.records} records, {settings.model}, greedy, "
         f"{measured.precision}, max_new_tokens {settings.max_new_tokens})"

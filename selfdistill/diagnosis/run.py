@@ -6,7 +6,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import NamedTuple
 
-from selfdistill.diagnose.settings import DiagnoseSettings
+from selfdistill.diagnosis.settings import DiagnoseSettings
 from selfdistill.errors import UserError
 
 
@@ -98,8 +98,8 @@ def choose_template(option: str | None, config_file: Path | None, task_template:
 
 def run(cfg, records, metrics, *, label: str, template_source: str, ceiling: bool, out: Path) -> Diagnosis:
     """Load the model, measure, write diagnose.json and diagnose.html."""
-    from selfdistill.diagnose import core, report
-    from selfdistill.diagnose import summary as summary_module
+    from selfdistill.diagnosis import core, report
+    from selfdistill.diagnosis import summary as summary_module
     from selfdistill.models import load_model, stop_token_ids
 
     model, tokenizer = load_model(cfg.model.name, trust_remote_code=cfg.model.trust_remote_code)
@@ -116,8 +116,8 @@ def run(cfg, records, metrics, *, label: str, template_source: str, ceiling: boo
 
 def _ceiling(model, tokenizer, records, metrics, cfg, stop: list[int]) -> tuple[list, dict]:
     """(the ceiling's rows, greedy outputs {record index: {prompt: output}}) with the config's template."""
-    from selfdistill.diagnose import summary as summary_module
-    from selfdistill.tasks import ceiling as ceiling_module
+    from selfdistill.diagnosis import summary as summary_module
+    from selfdistill.eval import ceiling as ceiling_module
 
     results = ceiling_module.measure(
         model,

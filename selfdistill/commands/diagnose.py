@@ -8,7 +8,7 @@ from typing import Optional
 
 import typer
 
-from selfdistill.diagnose.settings import DiagnoseSettings
+from selfdistill.diagnosis.settings import DiagnoseSettings
 from selfdistill.errors import UserError
 from selfdistill.options import cli_option, help_of
 
@@ -42,7 +42,7 @@ def diagnose_command(
     out: Path = _option("out", "--out"),
 ) -> None:
     """Per-token teacher vs student numbers on the student's own samples, the teacher ceiling, and advice."""
-    from selfdistill.diagnose.run import diagnose
+    from selfdistill.diagnosis.run import diagnose
 
     if task_arg and task and task_arg != task:
         raise UserError(f"Two tasks given: {task_arg!r} and --task {task!r}; give one.")
@@ -53,7 +53,7 @@ def diagnose_command(
 
 
 def _print(data: dict, json_path: Path, html_path: Path) -> None:
-    from selfdistill.diagnose.report import ceiling_table_rows, summary_lines
+    from selfdistill.diagnosis.report import ceiling_table_rows, summary_lines
 
     s = data["settings"]
     # A custom template's text is long; it is in diagnose.json.

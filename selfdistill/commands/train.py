@@ -9,9 +9,9 @@ from typing import Optional
 
 import typer
 
-from selfdistill.api import TrainSettings
 from selfdistill.config import METHODS, describe_options, load_config
 from selfdistill.options import SET_HELP, cli_option
+from selfdistill.training.settings import TrainSettings
 
 _option = functools.partial(cli_option, TrainSettings)
 

@@ -8,26 +8,37 @@ SDFT distils the teacher (the model with the demonstration in its prompt) into t
   log p(demo | teacher prompt) - log p(demo | student prompt), in nats, and the same for the
   first demonstration token. On small models greedy teacher accuracy is brittle (a flat first-
   token distribution flips with precision), and this gain shows the signal the teacher gives.
+
+`measure` takes a loaded model and records (`sdft diagnose` uses it with the training config's template);
+`measure_ceiling` is what `sdft data ceiling` runs, from a task or a data file.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import NamedTuple
 
 from selfdistill.data.prompts import TEACHER_TEMPLATES, PromptBuilder
 from selfdistill.data.records import Record
+from selfdistill.errors import UserError
 from selfdistill.eval import graders as eval_graders
+from selfdistill.eval.evaluate import gold_rows
 from selfdistill.eval.loglik import demonstration_token_logps
+from selfdistill.files import write_jsonl
 from selfdistill.models import loading
+from selfdistill.precision import resolve_precision
 from selfdistill.sampling.decode import generate
-from selfdistill.tasks.base import Metric
+from selfdistill.tasks import Metric, get_task, list_tasks, make_task
+from selfdistill.tasks.loaders import load_dataset_records
+from selfdistill.tasks.resolve import guess_grader
+from selfdistill.tasks.settings import CeilingSettings
 
 Grader = Callable[[str, dict], float]
 
 
 def default_grader(name: str) -> Grader:
-    return eval_graders.get(name)  # the evaluation layer owns the graders
+    return eval_graders.get(name)
 
 
 def score(output: str, record: Record, metric: Metric, grader: Grader) -> float:
@@ -144,3 +155,75 @@ def table(results: list[CeilingResult]) -> str:
             cells += [f"{r.loglik:.3f}", f"{gain:+.3f}", f"{first_gain:+.3f}"]
         lines.append(f"| {r.prompt} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
+
+
+class Ceiling(NamedTuple):
+    results: list  # a CeilingResult per prompt: the student's, then each template's
+    records: int  # records measured
+    precision: str  # the precision used ('auto' resolved for the device)
+
+
+def measure_ceiling(settings: CeilingSettings) -> Ceiling:
+    """Greedy accuracy without the demonstration (student) and with it (teacher), and the log-likelihood
+    gain; with settings.outputs, every prompt's outputs are written there."""
+    records, metrics, recommended = _records(settings)
+    templates = [recommended if t == "task" else t for t in settings.template] or list(
+        dict.fromkeys(["paper", "plain", recommended])
+    )
+    records = records[: settings.limit]
+    lm, tokenizer = loading.load_model(settings.model)
+    precision = resolve_precision(settings.precision, next(lm.parameters()).device)
+    results = measure(
+        lm,
+        tokenizer,
+        records,
+        metrics,
+        templates=tuple(templates),
+        max_new_tokens=settings.max_new_tokens,
+        precision=precision,
+        batch_size=settings.batch_size,
+        stop_token_ids=loading.stop_token_ids(lm, tokenizer),
+        loglik=settings.loglik,
+    )
+    if settings.outputs:
+        rows = [{"prompt": r.prompt, "index": i, "output": o} for r in results for i, o in enumerate(r.outputs)]
+        write_jsonl(settings.outputs, rows)
+    return Ceiling(results, len(records), precision)
+
+
+def _records(settings: CeilingSettings) -> tuple[list, tuple, str]:
+    """(records of the split, metrics, the recommended template) of a built-in task or a data source."""
+    task, split = settings.task, settings.split
+    if task in {spec.name for spec in list_tasks()}:
+        spec = get_task(task)
+        splits = make_task(task, settings.seed, settings.size).splits()
+        if split not in splits:
+            raise UserError(f"Task {task!r} has no split {split!r}; it has {', '.join(splits)}.")
+        return splits[split], spec.metrics, spec.teacher_template
+    records = load_dataset_records(task, format=settings.format, split="train" if split == "eval" else split)
+    if not records:
+        raise UserError(f"{task}: no records.")
+    return records, _file_metrics(task, records[: settings.limit], settings), "plain"
+
+
+def _file_metrics(task: str, records: list, settings: CeilingSettings) -> tuple:
+    """The metrics of a data file: --grader, or the grader `sdft eval` and `sdft diagnose` guess from the
+    records; none when no record has the field the guessed grader reads (the demonstration log-likelihood
+    is then measured alone). Every measured record is checked for its grader's field before the model is
+    loaded, so a file with gaps fails at once rather than after generating."""
+    rows = gold_rows(records)
+    if settings.grader:
+        names, how = list(settings.grader), "chosen with --grader"
+    else:
+        names, how = [guess_grader(records)], "guessed from the file, as no --grader was given"
+        fields = eval_graders.GOLD_FIELDS.get(names[0], ())
+        if not any(row.get(f) is not None for _, row in rows for f in fields):
+            if settings.loglik:
+                return ()
+            raise UserError(
+                f"{task}: no record has {' or '.join(map(repr, fields))} to grade, and --no-loglik turns off the "
+                "log-likelihood gain: nothing to measure. Drop --no-loglik, or give --grader."
+            )
+    for name in names:
+        eval_graders.check_gold_fields(name, rows, how)
+    return tuple(Metric(g, g) for g in names)

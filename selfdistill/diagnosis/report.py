@@ -7,7 +7,7 @@ import math
 from html import escape
 from pathlib import Path
 
-from selfdistill.diagnose.core import RecordTrace
+from selfdistill.diagnosis.core import RecordTrace
 from selfdistill.files import write_atomic
 
 # What each field of diagnose.json means; written into the file so it explains itself.
