@@ -411,3 +411,5 @@ def test_sharded_final_is_written_in_the_save_dtype(tmp_path, saved_model):
     assert {v.dtype for v in sharded.values()} == {torch.bfloat16} and plain.keys() == sharded.keys()
     assert all(torch.equal(plain[k], sharded[k]) for k in plain)
     assert json.loads((tmp_path / "torchrun" / "final" / "config.json").read_text())["dtype"] == "bfloat16"
+    start = load_file(str(saved_model / "untied" / "model.safetensors"))
+    assert any(not torch.equal(start[k].to(torch.bfloat16), sharded[k]) for k in sharded)  # it learned

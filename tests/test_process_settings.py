@@ -33,15 +33,21 @@ def one_process_group(tmp_path):
 
 @pytest.mark.parametrize("local_rank, downloads", [("0", 1), ("1", 0)])
 def test_only_the_first_process_of_a_node_downloads(one_process_group, monkeypatch, local_rank, downloads):
+    """LOCAL_RANK 0 downloads; every process then loads from the node's local copy, looked up without
+    asking the hub (local_files_only), not from the hub id."""
     import huggingface_hub
 
     calls = []
+
+    def snapshot(name, **kwargs):
+        calls.append(kwargs)
+        return "/cache/some-model/snapshot"
+
     monkeypatch.setenv("LOCAL_RANK", local_rank)
-    monkeypatch.setattr(huggingface_hub, "snapshot_download", lambda name, **kw: calls.append((name, kw)))
-    fetch_once_per_node("some-org/some-model", one_process_group)
-    assert len(calls) == downloads
-    if downloads:
-        assert "*.safetensors" in calls[0][1]["allow_patterns"] and "*.json" in calls[0][1]["allow_patterns"]
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", snapshot)
+    assert fetch_once_per_node("some-org/some-model", one_process_group) == "/cache/some-model/snapshot"
+    assert [c.get("local_files_only", False) for c in calls] == [False] * downloads + [True]
+    assert all("*.safetensors" in c["allow_patterns"] and "*.json" in c["allow_patterns"] for c in calls)
 
 
 def test_a_failed_download_is_one_clear_error(one_process_group, monkeypatch):
@@ -62,8 +68,8 @@ def test_local_models_and_plain_processes_download_nothing(one_process_group, mo
     monkeypatch.setattr(huggingface_hub, "snapshot_download", lambda *a, **k: pytest.fail("downloaded"))
     (tmp_path / "model").mkdir()
     (tmp_path / "model" / "config.json").write_text("{}")
-    fetch_once_per_node(str(tmp_path / "model"), one_process_group)
-    fetch_once_per_node("some-org/some-model", Processes(0, 1, torch.device("cpu")))
+    assert fetch_once_per_node(str(tmp_path / "model"), one_process_group) == str(tmp_path / "model")
+    assert fetch_once_per_node("some-org/some-model", Processes(0, 1, torch.device("cpu"))) == "some-org/some-model"
 
 
 def test_shard_group_size(monkeypatch):

@@ -224,25 +224,25 @@ def _weight_files(directory: Path) -> str:
     return f" from {', '.join(str(f) for f in files)}" if files else ""
 
 
-# What a run reads of a hub model: config and generation config, tokenizer files, chat template, weights.
-HUB_FILES = ["*.json", "*.safetensors", "*.model", "*.txt", "*.jinja", "*.tiktoken"]
-
-
-def fetch_once_per_node(name: str, procs) -> None:
-    """Under torchrun, a hub model's files are downloaded by one process per node (LOCAL_RANK 0) while the
-    others wait; they then read the node's cache. Without it every process of every node asks the hub for
-    the same files at the same moment (rate limits, a half-written cache). A local model: nothing to do.
+def fetch_once_per_node(name: str, procs) -> str:
+    """Where the processes of a torchrun run read `model.name` from: for a hub id, the node's local copy,
+    downloaded by one process per node (LOCAL_RANK 0) while the others wait and then find it in the
+    node's cache without asking the hub; anything else, or a plain process, `name` as it is. Loading
+    from the local copy is what keeps the other processes off the hub: loading by hub id would still
+    ask it for every file's revision. Without this every process of every node asks the hub for the
+    same files at the same moment (rate limits, a half-written cache).
 
     A failed download fails every process: the one that tried raises its error, the others say so.
     """
+    from huggingface_hub import snapshot_download
+
     from selfdistill.models.distributed import sum_across
+    from selfdistill.models.sharded import HUB_FILES
 
     if not procs.sharded or Path(resolve_model_path(name)).exists():
-        return
+        return name
     failed = 0.0
     if procs.local_rank == 0:
-        from huggingface_hub import snapshot_download
-
         try:
             snapshot_download(name, allow_patterns=HUB_FILES)
         except Exception as exc:  # noqa: BLE001 - no network, unknown id, no access: all the user's to fix
@@ -255,6 +255,7 @@ def fetch_once_per_node(name: str, procs) -> None:
         raise UserError(
             f"model.name {name}: another node's process could not download it from the hub (see its error)."
         )
+    return str(snapshot_download(name, allow_patterns=HUB_FILES, local_files_only=True))
 
 
 def stop_token_ids(model, tokenizer) -> list[int]:

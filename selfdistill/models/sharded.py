@@ -66,6 +66,10 @@ def is_empty(model) -> bool:
     return any(p.is_meta for p in model.parameters())
 
 
+# What a run reads of a hub model: config and generation config, tokenizer files, chat template, weights.
+HUB_FILES = ["*.json", "*.safetensors", "*.model", "*.txt", "*.jinja", "*.tiktoken"]
+
+
 def weights_directory(path: str) -> Path:
     """The local directory of a model's safetensors files (a hub id: its download, once per machine)."""
     local = Path(path)
@@ -73,7 +77,7 @@ def weights_directory(path: str) -> Path:
         return local
     from huggingface_hub import snapshot_download
 
-    return Path(snapshot_download(path, allow_patterns=["*.json", "*.safetensors"]))
+    return Path(snapshot_download(path, allow_patterns=HUB_FILES))
 
 
 def materialize(model, device: torch.device) -> None:

@@ -245,11 +245,11 @@ def _build_model(cfg: Config, procs: Processes, model, tokenizer):
     weights_dir = None
     if model is None:
         dtype = weights_dtype(cfg.model.load_dtype, precision, cfg.model.lora.enabled)
-        fetch_once_per_node(cfg.model.name, procs)
+        source = fetch_once_per_node(cfg.model.name, procs)  # a hub id: this node's local copy
         if procs.sharded:
-            model, tokenizer, weights_dir = load_empty_model(cfg.model.name, dtype, cfg.model.trust_remote_code)
+            model, tokenizer, weights_dir = load_empty_model(source, dtype, cfg.model.trust_remote_code)
         else:
-            model, tokenizer = load_model(cfg.model.name, dtype, cfg.model.trust_remote_code, device=procs.device)
+            model, tokenizer = load_model(source, dtype, cfg.model.trust_remote_code, device=procs.device)
     if cfg.model.lora.enabled:
         lora = cfg.model.lora
         model = apply_lora(model, lora.rank, lora.alpha, lora.dropout, lora.target_modules)
