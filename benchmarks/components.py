@@ -92,7 +92,7 @@ def precision_suite(args) -> dict:
     from selfdistill.distillation.losses import chunked_token_loss, output_head
     from selfdistill.methods.base import TrainItem, completion_hidden
     from selfdistill.models import load_model
-    from selfdistill.sampling.decode import generate
+    from selfdistill.sampling import SamplingSettings, make_sampler
 
     torch.set_num_threads(2)
     model, tokenizer = load_model("smollm2-135m", torch.float32)
@@ -134,15 +134,8 @@ def precision_suite(args) -> dict:
 
     def rollout(precision):
         t0 = time.perf_counter()
-        generate(
-            model,
-            [e.student_ids for e in encoded],
-            stop_token_ids=[],
-            pad_token_id=pad,
-            max_new_tokens=args.length // 4,
-            seeds=list(range(len(encoded))),
-            precision=precision,
-        )
+        settings = SamplingSettings(args.length // 4, (), pad, precision=precision)
+        make_sampler(model, settings).generate([e.student_ids for e in encoded], list(range(len(encoded))))
         return time.perf_counter() - t0
 
     rows = []

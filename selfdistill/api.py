@@ -27,17 +27,25 @@ from selfdistill.options import given_options
 from selfdistill.training.settings import TrainSettings
 
 
+def _settings(config: Any, overrides: dict, kind: type, from_path, from_mapping, what: str) -> Any:
+    """Validated settings of class `kind` from an instance, a YAML path, a mapping or nothing, with
+    `overrides` merged over it; `from_path(path, overrides)` and `from_mapping(data)` build them."""
+    from selfdistill.config import merge
+
+    if isinstance(config, kind):
+        return from_mapping(merge(config.to_dict(), overrides)) if overrides else config
+    if isinstance(config, (str, Path)):
+        return from_path(config, overrides or None)
+    if config is None or isinstance(config, dict):
+        return from_mapping(merge(config or {}, overrides))
+    raise UserError(f"{what}: expected a {kind.__name__}, a YAML file path or a mapping, got {type(config).__name__}.")
+
+
 def _config(config: Any, overrides: dict) -> Any:
     """A validated Config from a Config, a YAML path, a mapping or nothing, with `overrides` merged over it."""
-    from selfdistill.config import Config, load_config, merge
+    from selfdistill.config import Config, load_config
 
-    if isinstance(config, Config):
-        return load_config(overrides=merge(config.to_dict(), overrides)) if overrides else config
-    if isinstance(config, (str, Path)):
-        return load_config(config, overrides or None)
-    if config is None or isinstance(config, dict):
-        return load_config(overrides=merge(config or {}, overrides))
-    raise UserError(f"config: expected a Config, a YAML file path or a mapping, got {type(config).__name__}.")
+    return _settings(config, overrides, Config, load_config, lambda data: load_config(overrides=data), "config")
 
 
 def _records(records: Any, argument: str, require_demonstration: bool = True):
@@ -113,22 +121,15 @@ def run_stream(config: Any, *, overwrite: bool = False, echo=print, **overrides)
     """Run a continual-learning stream as `sdft continual`: `config` is a YAML path, a mapping or a
     ContinualConfig; keyword overrides are merged over it (e.g. seeds=[0, 1]). Resumable like the command.
     Writes results.json and the reports; returns results.json's content."""
-    from selfdistill.config import merge
     from selfdistill.continual.config import ContinualConfig, load_continual_config, parse_config
     from selfdistill.continual.runner import Runner
     from selfdistill.progress import quiet_third_party_bars
     from selfdistill.report import write_report
 
-    if isinstance(config, ContinualConfig):
-        cfg = parse_config(merge(config.to_dict(), overrides), "stream config") if overrides else config
-    elif isinstance(config, (str, Path)):
-        cfg = load_continual_config(config, overrides)
-    elif isinstance(config, dict):
-        cfg = parse_config(merge(config, overrides), "stream config")
-    else:
-        raise UserError(
-            f"run_stream(): expected a YAML path, a mapping or a ContinualConfig, got {type(config).__name__}."
-        )
+    def from_mapping(data: dict) -> ContinualConfig:
+        return parse_config(data, "stream config")
+
+    cfg = _settings(config, overrides, ContinualConfig, load_continual_config, from_mapping, "run_stream()")
     quiet_third_party_bars()
     Runner(cfg, overwrite=overwrite, echo=echo).run()
     return write_report(cfg.output_dir)["data"]

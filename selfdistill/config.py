@@ -24,15 +24,14 @@ import yaml
 from selfdistill.errors import UserError
 from selfdistill.options import choices, coerce, is_choice, is_text, setting
 from selfdistill.precision import Precision
-from selfdistill.registry import METHOD_INFO, METHODS, MethodName  # noqa: F401  (METHODS: re-exported for callers)
+from selfdistill.registry import DEFAULT_METHOD, METHOD_INFO, METHODS, EngineName, MethodName  # noqa: F401  (METHODS: re-exported)
 
 # The choices of every multiple-choice setting: validation and `--help` read them from these types.
 LossKind = Literal["forward_kl", "reverse_kl", "jsd", "sampled_kl"]
 TeacherKind = Literal["ema", "frozen", "live"]
 Overlong = Literal["error", "skip"]
-OfflineLoss = Literal["ce", "divergence"]
 Reporter = Literal["tensorboard", "wandb"]
-RolloutEngine = Literal["decode", "vllm"]
+RolloutEngine = EngineName  # a registered engine (registry.ENGINE_INFO)
 ImportanceLevel = Literal["capped_token_mean", "sequence", "token", "off"]
 SaveDtype = Literal["auto", "fp32", "bf16"]
 GatherPrecision = Literal["auto", "fp32"]
@@ -239,67 +238,6 @@ class TeacherConfig(Section):
 
 
 @dataclass
-class OfflineConfig(Section):
-    key: ClassVar[str] = "offline"
-
-    loss: OfflineLoss = setting(
-        "ce",
-        "offline_distill: 'ce' (cross-entropy on the teacher's answers) or 'divergence' (match its distributions).",
-    )
-
-
-@dataclass
-class ReinvokeConfig(Section):
-    key: ClassVar[str] = "reinvoke"
-
-    steps: int = setting(10, "sft_reinvoke: optimizer steps of the second (recovery) phase.")
-    prompts: str | None = setting(
-        None,
-        "sft_reinvoke: general prompts (.jsonl with 'prompt'); default: the built-in general prompts (the replay set; "
-        "none of them is an evaluation probe or drift prompt).",
-    )
-
-    def check(self) -> None:
-        self._require(self.steps >= 0, "steps", "must be >= 0")
-
-
-@dataclass
-class ReplayConfig(Section):
-    key: ClassVar[str] = "replay"
-
-    ratio: float = setting(0.25, "sft_replay: share of every step's examples drawn from the replay set.")
-    data: str | None = setting(
-        None,
-        "sft_replay: replay records (.jsonl / dataset, like data.train). Records without a demonstration are "
-        "answered by the starting model. Default: the built-in general prompts, answered by the starting model.",
-    )
-    max_new_tokens: int = setting(128, "sft_replay: longest answer the starting model writes for a replay prompt.")
-
-    def check(self) -> None:
-        self._require(0.0 <= self.ratio < 1.0, "ratio", "must lie in [0, 1) (some of every step must be new data)")
-        self._require(self.max_new_tokens > 0, "max_new_tokens", "must be > 0")
-
-
-def replay_per_step(ratio: float, batch_size: int) -> int:
-    """Replay examples in a step of `batch_size` examples: round(ratio × batch_size), halves up."""
-    return math.floor(ratio * batch_size + 0.5)
-
-
-@dataclass
-class AnchorConfig(Section):
-    key: ClassVar[str] = "anchor"
-
-    beta: float = setting(
-        0.1,
-        "sft_kl: weight β of the anchor: loss = cross-entropy + β · KL(starting model ‖ student) on the "
-        "demonstration's tokens, over the full vocabulary. 0: plain SFT.",
-    )
-
-    def check(self) -> None:
-        self._require(self.beta >= 0 and math.isfinite(self.beta), "beta", _FINITE_NONNEGATIVE)
-
-
-@dataclass
 class TrainConfig(Section):
     key: ClassVar[str] = "train"
 
@@ -384,18 +322,27 @@ class DistributedConfig(Section):
 
 @dataclass
 class Config:
-    method: MethodName = setting("sdft", "Training method.")
+    """The settings of a training run: the sections every method shares.
+
+    A method with settings of its own subclasses it, adding its sections (sft_replay: `replay`), and
+    registers the subclass in its entry (`MethodInfo.config`). `Config(method=NAME, ...)` builds the
+    class of method NAME, so `Config(method="sft_replay", replay={"ratio": 0.5})` is an SFTReplayConfig.
+    """
+
+    method: MethodName = setting(DEFAULT_METHOD, "Training method.")
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
     rollout: RolloutConfig = field(default_factory=RolloutConfig)
     loss: LossConfig = field(default_factory=LossConfig)
     teacher: TeacherConfig = field(default_factory=TeacherConfig)
-    offline: OfflineConfig = field(default_factory=OfflineConfig)
-    reinvoke: ReinvokeConfig = field(default_factory=ReinvokeConfig)
-    replay: ReplayConfig = field(default_factory=ReplayConfig)
-    anchor: AnchorConfig = field(default_factory=AnchorConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     distributed: DistributedConfig = field(default_factory=DistributedConfig)
+
+    def __new__(cls, *args, **kwargs):
+        if cls is Config:  # the method's own class (an unknown name is refused by the checks below)
+            cls = config_class(kwargs.get("method", args[0] if args else DEFAULT_METHOD))
+        _refuse_other_methods_sections(cls, kwargs, "")
+        return super().__new__(cls)
 
     def __post_init__(self) -> None:
         # The method, and every section: built from a mapping, e.g. Config(method="sft", train={"lr": 1e-4}),
@@ -406,9 +353,19 @@ class Config:
             if isinstance(value, Section):
                 value.check()
         _check_method_settings(self)
+        self.check_method()
+
+    def check_method(self) -> None:
+        """Checks of a method's own sections against the shared ones (a method's Config subclass adds them)."""
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
+
+
+def config_class(method: object) -> type[Config]:
+    """The Config class of `method`: its entry's subclass, or Config (also for a name that is not a method)."""
+    info = METHOD_INFO.get(method) if isinstance(method, str) else None
+    return (info.config_class if info is not None else None) or Config
 
 
 # The teacher kind of a method whose teacher.kind chooses, when it is not set.
@@ -419,14 +376,6 @@ def _check_method_settings(cfg: Config) -> None:
     """The checks that involve the method and another section: what the registry says the method reads."""
     info = METHOD_INFO[cfg.method]
     _resolve_teacher(cfg, info)
-    if info.reads("replay"):
-        replayed = replay_per_step(cfg.replay.ratio, cfg.train.batch_size)
-        if not (0 < replayed < cfg.train.batch_size or cfg.replay.ratio == 0):
-            raise UserError(
-                f"Config value replay.ratio: {cfg.replay.ratio} of train.batch_size {cfg.train.batch_size} is "
-                f"{replayed} replay examples a step; it must be at least 1 and leave at least one slot for the "
-                "training records (change either)."
-            )
     if cfg.loss.sft_weight and not info.reads("loss.sft_weight"):
         owners = " or ".join(f"method={m.name}" for m in METHOD_INFO.values() if m.reads("loss.sft_weight"))
         raise UserError(
@@ -457,12 +406,14 @@ def _resolve_teacher(cfg: Config, info) -> None:
 
 def for_method(data: dict, method: str) -> dict:
     """A copy of the config mapping `data`, shared by several methods, without the settings that `method`
-    fixes (teacher.kind for a method with a fixed teacher): a shared section sets them for the others."""
+    fixes (teacher.kind for a method with a fixed teacher) or does not have (another method's own
+    sections): a shared section sets them for the others."""
     info = METHOD_INFO[method]
     out = copy.deepcopy(data)
     if info.step is not None and info.step.fixed_teacher and isinstance(out.get("teacher"), dict):
         out["teacher"].pop("kind", None)
-    return out
+    others = {s for other in METHOD_INFO.values() for s in other.own_sections} - set(info.own_sections)
+    return {key: value for key, value in out.items() if key not in others}
 
 
 def settings_of(obj: Any, prefix: str = ""):
@@ -515,6 +466,9 @@ def build(cls: type, data: Any, prefix: str = "", unknown: str = "Unknown config
     where = prefix[:-1] if prefix.endswith(".") else prefix
     if not isinstance(data, dict):
         raise UserError(f"Config value {where or 'config'}: expected a section (mapping), got {data!r}.")
+    if isinstance(cls, type) and issubclass(cls, Config):  # the method's own class, with its sections
+        cls = config_class(data.get("method", DEFAULT_METHOD))
+        _refuse_other_methods_sections(cls, data, prefix)
     hints = get_type_hints(cls)
     fields = {f.name: f for f in dataclasses.fields(cls)}
     check_keys(data, list(fields), prefix, unknown)
@@ -526,6 +480,19 @@ def build(cls: type, data: Any, prefix: str = "", unknown: str = "Unknown config
         else:
             kwargs[key] = _coerce(value, hint, f"{prefix}{key}")
     return cls(**kwargs)
+
+
+def _refuse_other_methods_sections(cls: type, data: dict, prefix: str) -> None:
+    """A section of another method's settings, set for a method that has none: refused naming both."""
+    own = {f.name for f in dataclasses.fields(cls)}
+    for key in data:
+        owners = [info.name for info in METHOD_INFO.values() if key in info.own_sections]
+        if key not in own and owners:
+            method = data.get("method", DEFAULT_METHOD)
+            raise UserError(
+                f"Config key {prefix}{key}: settings of method {' and '.join(owners)}; method {method!r} has no "
+                f"{key} section, so they would be ignored. Remove the section, or set method to {owners[0]!r}."
+            )
 
 
 def merge(base: dict, update: dict) -> dict:
@@ -597,13 +564,24 @@ def _override_value(key: str, text: str, given: str) -> Any:
 
 
 def _declared_type(key: str) -> Any:
-    """The declared type of the Config setting `key` (e.g. 'data.system_prompt'); None if there is none."""
-    kind: Any = Config
-    for part in key.split("."):
-        if not dataclasses.is_dataclass(kind) or part not in {f.name for f in dataclasses.fields(kind)}:
-            return None
-        kind = get_type_hints(kind)[part]
-    return kind
+    """The declared type of the setting `key` (e.g. 'data.system_prompt') of the Config or of a method's
+    own sections ('replay.data'); None if there is none."""
+    for root in config_classes():
+        kind: Any = root
+        for part in key.split("."):
+            if not dataclasses.is_dataclass(kind) or part not in {f.name for f in dataclasses.fields(kind)}:
+                kind = None
+                break
+            kind = get_type_hints(kind)[part]
+        if kind is not None:
+            return kind
+    return None
+
+
+def config_classes() -> list[type[Config]]:
+    """Config, then every method's own Config subclass."""
+    own = [info.config_class for info in METHOD_INFO.values() if info.config_class is not None]
+    return [Config, *dict.fromkeys(own)]
 
 
 def read_yaml(path: Path) -> Any:
@@ -644,9 +622,21 @@ def load_config(path: str | Path | None = None, overrides: list[str] | dict | No
 def describe_options() -> list[tuple[str, str, str]]:
     """(key, default, help) for every setting, for `--help`; a multiple-choice setting lists its choices."""
     rows: list[tuple[str, str, str]] = []
-    for owner, f, hint, key in settings_of(Config()):
-        text = f.metadata.get("help", "")
-        if is_choice(hint):
-            text += f" One of: {', '.join(choices(hint))}."
-        rows.append((key, repr(getattr(owner, f.name)), text))
+    shared = [f.name for f in dataclasses.fields(Config)]
+    for cls in config_classes():  # the shared settings, then each method's own sections
+        for owner, f, hint, key in settings_of(cls(method=_method_of(cls))):
+            if cls is Config or key.split(".")[0] not in shared:
+                rows.append(_option_row(owner, f, hint, key))
     return rows
+
+
+def _method_of(cls: type[Config]) -> str:
+    """A method whose Config class is `cls`."""
+    return next((i.name for i in METHOD_INFO.values() if i.config_class is cls), DEFAULT_METHOD)
+
+
+def _option_row(owner, f, hint, key) -> tuple[str, str, str]:
+    text = f.metadata.get("help", "")
+    if is_choice(hint):
+        text += f" One of: {', '.join(choices(hint))}."
+    return (key, repr(getattr(owner, f.name)), text)

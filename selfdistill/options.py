@@ -30,12 +30,14 @@ SET_HELP = (
 )
 
 
-def setting(default: Any = dataclasses.MISSING, help: str = "") -> Any:
-    """A dataclass field with its help text (its documentation and its `--help`); no default makes it
-    required. A list or dict default is copied for every instance; frozen settings use tuples."""
+def setting(default: Any = dataclasses.MISSING, help: str = "", label: str | None = None) -> Any:
+    """A dataclass field with its help text (its documentation and its `--help`) and, optionally, the few
+    words a model card names it by (`label`); no default makes it required. A list or dict default is
+    copied for every instance; frozen settings use tuples."""
+    metadata = {"help": help} if label is None else {"help": help, "label": label}
     if isinstance(default, (list, dict)):
-        return dataclasses.field(default_factory=lambda: type(default)(default), metadata={"help": help})
-    return dataclasses.field(default=default, metadata={"help": help})
+        return dataclasses.field(default_factory=lambda: type(default)(default), metadata=metadata)
+    return dataclasses.field(default=default, metadata=metadata)
 
 
 def _field(cls: type, name: str) -> dataclasses.Field:

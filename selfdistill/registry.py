@@ -1,16 +1,24 @@
-"""Every training method, by name: the one place a method is declared.
+"""Every training method, by name: the registry its readers read.
 
-Adding a method is its module under `selfdistill/methods/` plus one `MethodInfo` entry here; the
-config, `sdft train --help`, validation, the model card, `sdft plan` and the tests read everything
-they need about it from that entry (what a step computes: its `Step`). This module imports nothing heavy (no torch), so the config and
-`sdft --help` can read it quickly; a method's class is imported only when a run asks for it.
+A method is one module under `selfdistill/methods/` that ends with a `METHOD = MethodInfo(...)`
+entry: its class, its own settings (a Config subclass with its sections) and what its step
+computes (`Step`). The registry finds the entries by importing the modules of that folder the
+first time it is read; the config, `sdft train --help`, validation, the model card, `sdft plan`
+and the tests read everything they need about a method from its entry. `register` adds a method
+defined elsewhere (a user's own module).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import importlib
-from collections.abc import Iterator, Mapping
+import importlib.util
+import pkgutil
+from collections.abc import Iterator, Mapping, MutableMapping
 from dataclasses import dataclass
+
+# The method a config without `method` trains with.
+DEFAULT_METHOD = "sdft"
 
 
 @dataclass(frozen=True)
@@ -48,6 +56,11 @@ class Step:
     second_phase: str | None = None
 
     @property
+    def samples_training_prompts(self) -> bool:
+        """Its rollouts complete the training records' prompts (sft_reinvoke's second phase samples general prompts)."""
+        return self.trains_on == "rollouts" and self.second_phase is None
+
+    @property
     def fixed_teacher(self) -> str | None:
         """The teacher kind the method always uses, or None where teacher.kind chooses (or there is no teacher)."""
         return None if self.teacher in (None, "configured") else self.teacher
@@ -78,10 +91,13 @@ def setting_value(cfg, key: str):
 class MethodInfo:
     name: str
     summary: str  # one line: `sdft train --help` and the README list it
-    target: str  # "module:Class" of the selfdistill.methods.base.Method subclass
+    target: str | type  # the selfdistill.methods.base.Method subclass, or "module:Class" (imported on first use)
     card: str  # one sentence for the trained model's card: how the model was trained
-    # Config sections or keys that this method alone reads (e.g. "replay", "loss.sft_weight"): the
-    # model card shows them only for this method, and validation checks them only for it.
+    # The method's settings: a selfdistill.config.Config subclass adding its own sections (e.g. `replay`),
+    # or "module:Class"; None: the shared Config. A section of another method's is refused for it.
+    config: str | type | None = None
+    # Keys of shared sections that this method alone reads (e.g. "loss.sft_weight"): the model card
+    # shows them only for this method, and a non-default value is refused for the others.
     settings: tuple[str, ...] = ()
     # What a step computes. None: not declared; the card then shows the shared and own settings only,
     # and `sdft plan` refuses the method, saying that this is what it lacks.
@@ -92,106 +108,86 @@ class MethodInfo:
         """It samples from the student while training."""
         return self.step is not None and self.step.trains_on == "rollouts"
 
+    @property
+    def config_class(self) -> type | None:
+        """The method's Config subclass (None: the shared Config)."""
+        return _resolve(self.config) if self.config is not None else None
+
+    @property
+    def own_sections(self) -> tuple[str, ...]:
+        """The config sections only this method has (the fields its Config subclass adds)."""
+        cls = self.config_class
+        if cls is None:
+            return ()
+        root = [c for c in cls.__mro__ if dataclasses.is_dataclass(c)][-1]  # the shared Config
+        shared = {f.name for f in dataclasses.fields(root)}
+        return tuple(f.name for f in dataclasses.fields(cls) if f.name not in shared)
+
     def reads(self, key: str) -> bool:
         """Whether `key` (section.setting) is one of this method's own settings."""
-        return any(key == own or key.startswith(own + ".") for own in self.settings)
+        return any(key == own or key.startswith(own + ".") for own in self.settings + self.own_sections)
 
 
-METHOD_INFO: dict[str, MethodInfo] = {
-    entry.name: entry
-    for entry in (
-        MethodInfo(
-            "sdft",
-            "Self-Distillation Fine-Tuning: the student's own samples, scored by the demonstration-conditioned teacher.",
-            "selfdistill.methods.sdft:SDFT",
-            "Self-Distillation Fine-Tuning: trained on its own sampled answers, toward the next-token distributions "
-            "of a teacher (the same network, shown the demonstration).",
-            settings=("loss.sft_weight",),
-            step=Step(
-                trains_on="rollouts",
-                teacher="configured",
-                teacher_sees="demonstration",
-                matches_teacher=True,
-                skips_first_tokens=True,
-                demonstration_forward="loss.sft_weight",
-            ),
-        ),
-        MethodInfo(
-            "sft",
-            "Supervised fine-tuning: cross-entropy on the demonstration tokens (+ end of turn).",
-            "selfdistill.methods.sft:SFT",
-            "Supervised fine-tuning: trained with cross-entropy on the demonstrations.",
-            step=Step(),
-        ),
-        MethodInfo(
-            "dft",
-            "Dynamic Fine-Tuning: SFT's token loss weighted by the token's (constant) probability.",
-            "selfdistill.methods.dft:DFT",
-            "Dynamic Fine-Tuning: trained with cross-entropy on the demonstrations, each token's loss weighted by "
-            "its probability under the model (held constant).",
-            step=Step(),
-        ),
-        MethodInfo(
-            "offline_distill",
-            "The demonstration-conditioned teacher answers once before training; the student learns those answers.",
-            "selfdistill.methods.offline_distill:OfflineDistill",
-            "Offline distillation: the starting model, shown each demonstration, answered once before training, "
-            "and the model was trained on those answers.",
-            settings=("offline",),
-            step=Step(
-                trains_on="teacher answers",
-                teacher="frozen",
-                teacher_sees="demonstration",
-                teacher_runs_if="offline.loss=divergence",
-                matches_teacher=True,
-                skips_first_tokens=True,
-            ),
-        ),
-        MethodInfo(
-            "cpt",
-            "Continued pre-training: next-token loss on raw documents (data.documents, or the records' context).",
-            "selfdistill.methods.cpt:CPT",
-            "Continued pre-training: trained with the next-token loss on raw documents.",
-            settings=("data.documents",),
-            step=Step(trains_on="documents"),
-        ),
-        MethodInfo(
-            "sft_replay",
-            "SFT with replay: replay.ratio of every step's examples are the starting model's own answers to "
-            "general prompts.",
-            "selfdistill.methods.sft_replay:SFTReplay",
-            "SFT with replay: trained with cross-entropy on the demonstrations, a share of every step given to "
-            "examples of the starting model's own behaviour.",
-            settings=("replay",),
-            # Its replay answers are generated before training; a step trains on them as on demonstrations.
-            step=Step(),
-        ),
-        MethodInfo(
-            "sft_kl",
-            "SFT anchored to the starting model: cross-entropy + anchor.beta x KL(starting model || student) per token.",
-            "selfdistill.methods.sft_kl:SFTKL",
-            "SFT anchored to the starting model: trained with cross-entropy on the demonstrations plus a KL penalty "
-            "toward the starting model's next-token distributions.",
-            settings=("anchor",),
-            step=Step(teacher="frozen", teacher_sees="prompt", teacher_runs_if="anchor.beta"),
-        ),
-        MethodInfo(
-            "sft_reinvoke",
-            "SFT, then on-policy distillation from the initial model on general prompts to recover old skills.",
-            "selfdistill.methods.sft_reinvoke:SFTReinvoke",
-            "SFT, then on-policy distillation from the starting model on general prompts to recover earlier skills.",
-            settings=("reinvoke",),
-            # The second phase's step: the student's samples of general prompts, scored by the starting model.
-            step=Step(
-                trains_on="rollouts",
-                teacher="frozen",
-                teacher_sees="prompt",
-                matches_teacher=True,
-                second_phase="reinvoke.steps",
-            ),
-        ),
-    )
-}
+def _resolve(target: str | type):
+    """A class given as itself or as "module:Class"."""
+    if isinstance(target, str):
+        module, _, attr = target.partition(":")
+        return getattr(importlib.import_module(module), attr)
+    return target
+
+
+class _Methods(MutableMapping):
+    """name -> MethodInfo: the entries of the method modules, found at the first look-up.
+
+    Ordered with the default method first, then by name. A mapping that can be changed
+    (`register`, or a test's monkeypatch.setitem) like the dict it stands for.
+    """
+
+    def __init__(self) -> None:
+        self._entries: dict[str, MethodInfo] | None = None
+
+    def _all(self) -> dict[str, MethodInfo]:
+        if self._entries is None:
+            found = _discover("selfdistill.methods")
+            self._entries = {i.name: i for i in sorted(found, key=lambda i: (i.name != DEFAULT_METHOD, i.name))}
+        return self._entries
+
+    def __getitem__(self, name: str) -> MethodInfo:
+        return self._all()[name]
+
+    def __setitem__(self, name: str, info: MethodInfo) -> None:
+        self._all()[name] = info
+
+    def __delitem__(self, name: str) -> None:
+        del self._all()[name]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._all())
+
+    def __len__(self) -> int:
+        return len(self._all())
+
+    def __repr__(self) -> str:
+        return repr(self._all())
+
+
+def _discover(package: str) -> list[MethodInfo]:
+    """The `METHOD` entries of the modules of `package` (imported here, by name)."""
+    spec = importlib.util.find_spec(package)
+    found = []
+    for module in pkgutil.iter_modules(spec.submodule_search_locations):
+        entry = getattr(importlib.import_module(f"{package}.{module.name}"), "METHOD", None)
+        if isinstance(entry, MethodInfo):
+            found.append(entry)
+    return found
+
+
+METHOD_INFO: MutableMapping[str, MethodInfo] = _Methods()
+
+
+def register(info: MethodInfo) -> None:
+    """Make a method defined outside selfdistill/methods/ (a module of your own) available by its name."""
+    METHOD_INFO[info.name] = info
 
 
 class _Summaries(Mapping):
@@ -228,6 +224,56 @@ class MethodName(str):
 
 
 def method_class(name: str):
-    """The Method subclass registered under `name` (imported on first use)."""
-    module, _, attr = METHOD_INFO[name].target.partition(":")
+    """The Method subclass registered under `name`."""
+    return _resolve(METHOD_INFO[name].target)
+
+
+# -- rollout engines ------------------------------------------------------------------------------
+# Every engine that samples completions, by name, declared as the methods are: adding one is its
+# module under `selfdistill/sampling/` plus one `EngineInfo` entry here (docs/rollout-engines.md).
+
+
+@dataclass(frozen=True)
+class EngineInfo:
+    name: str
+    summary: str  # one line: what the engine is and what it needs
+    target: str  # "module:Class" of the selfdistill.sampling.base.Sampler subclass
+
+
+ENGINE_INFO: dict[str, EngineInfo] = {
+    entry.name: entry
+    for entry in (
+        EngineInfo(
+            "decode",
+            "Our KV-cache decode loop, sampling from the trainer's model itself (any device).",
+            "selfdistill.sampling.decode:DecodeSampler",
+        ),
+        EngineInfo(
+            "vllm",
+            "An in-process vLLM engine with a copy of the weights, synced before every rollout (optional extra).",
+            "selfdistill.sampling.vllm_engine:VLLMSampler",
+        ),
+    )
+}
+
+
+class EngineName(str):
+    """The type of `rollout.engine`: a registered engine's name.
+
+    Its choices are read from ENGINE_INFO when a value is checked (`choices()`), as for `MethodName`,
+    so a registered entry is all the config needs to accept an engine.
+    """
+
+    @staticmethod
+    def choices() -> tuple[str, ...]:
+        return tuple(ENGINE_INFO)
+
+
+def engine_class(name: str):
+    """The Sampler subclass registered under `name` (imported on first use: vLLM's module only when asked)."""
+    if name not in ENGINE_INFO:
+        from selfdistill.errors import UserError
+
+        raise UserError(f"Unknown rollout engine {name!r}; choose one of {', '.join(ENGINE_INFO)}.")
+    module, _, attr = ENGINE_INFO[name].target.partition(":")
     return getattr(importlib.import_module(module), attr)

@@ -21,7 +21,7 @@ from pathlib import Path
 
 import torch
 
-from selfdistill.config import Config, merge, settings_of
+from selfdistill.config import Config, for_method, merge, settings_of
 from selfdistill.options import choices, is_choice
 from selfdistill.registry import METHOD_INFO, METHODS
 
@@ -51,7 +51,7 @@ def variants(method: str) -> list[dict]:
     settings, and its step with and without the demonstration forward it declares."""
     info = METHOD_INFO[method]
     out = []
-    for _, _, hint, key in settings_of(Config()):
+    for _, _, hint, key in settings_of(Config(method=method)):
         if info.reads(key) and is_choice(hint):
             out += [_nested(key, choice) for choice in choices(hint)]
     if info.step is not None and info.step.demonstration_forward:  # the plain step, then with the forward
@@ -122,7 +122,7 @@ def overrides(case: dict, inputs: Path, out: Path, precision: str = "fp32") -> d
         cfg["teacher"] = {"kind": case["teacher"], "ema_rate": 0.1}
     for section, values in case["extra"].items():
         cfg.setdefault(section, {}).update(values)
-    return cfg
+    return for_method(cfg, case["method"])  # without the other methods' own sections
 
 
 def run_case(case: dict, inputs: Path, out: Path, precision: str = "fp32") -> dict | None:

@@ -72,7 +72,11 @@ def test_method_checks_read_the_registry():
         Config(method="sft", loss={"sft_weight": 0.5})
     with pytest.raises(UserError, match="replay.ratio: 0.05 of train.batch_size 4 is 0 replay examples"):
         Config(method="sft_replay", replay={"ratio": 0.05}, train={"batch_size": 4})
-    Config(method="sft", replay={"ratio": 0.05}, train={"batch_size": 4})  # a setting of another method: unused
+    # A section of another method's, set for a method that has none: refused, naming both.
+    with pytest.raises(UserError, match="Config key replay: settings of method sft_replay; method 'sft' has no replay"):
+        Config(method="sft", replay={"ratio": 0.05}, train={"batch_size": 4})
+    with pytest.raises(UserError, match="Config key anchor: settings of method sft_kl; method 'sdft' has no anchor"):
+        load_config(overrides=["anchor.beta=0.5"])
 
 
 @pytest.mark.parametrize("name", [m for m in METHODS if registry.METHOD_INFO[m].step.fixed_teacher])

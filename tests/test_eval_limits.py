@@ -1,7 +1,6 @@
 """What `sdft eval` checks before it generates (prompts against the model's context, the field the grader
 reads), that --limit limits every suite, and that probe and lm-eval results are written, not printed."""
 
-import importlib
 import json
 import logging
 import re
@@ -18,8 +17,8 @@ from selfdistill.eval import run as run_mod
 from selfdistill.eval.evaluate import answer_budgets, context_length, evaluate
 from selfdistill.eval.settings import EvalSettings
 from selfdistill.models.tiny import save_tiny, tiny_model, tiny_tokenizer
+from selfdistill.sampling import decode as decode_mod  # the loop evaluation's default engine runs
 
-evaluate_mod = importlib.import_module("selfdistill.eval.evaluate")  # the package exports a function of this name
 CONTEXT = 40
 
 
@@ -56,7 +55,7 @@ def test_a_prompt_that_fills_the_context_is_refused_before_anything_is_generated
         Record(prompt="a " * 60, demonstration="", answer="a", source="t.jsonl line 2"),
         Record(prompt="b " * 70, demonstration="", answer="a", source="t.jsonl line 3"),
     ]
-    monkeypatch.setattr(evaluate_mod, "generate", _must_not_run)
+    monkeypatch.setattr(decode_mod, "generate", _must_not_run)
     with pytest.raises(UserError) as info:
         evaluate(model, tok, records, lambda o, r: 0.0, max_new_tokens=4)
     message = str(info.value)
@@ -77,13 +76,13 @@ def test_a_prompt_near_the_context_gets_a_cut_budget_and_one_warning(short_conte
         Record(prompt="a " * near, demonstration="", answer="a", source="t line 2"),
     ]
     calls = []
-    real = evaluate_mod.generate
+    real = decode_mod.generate
 
     def spy(model, prompts, **kwargs):
         calls.append(([len(p) for p in prompts], kwargs["max_new_tokens"]))
         return real(model, prompts, **kwargs)
 
-    monkeypatch.setattr(evaluate_mod, "generate", spy)
+    monkeypatch.setattr(decode_mod, "generate", spy)
     with caplog.at_level(logging.WARNING, logger="selfdistill.eval.evaluate"):
         summary = evaluate(model, tok, records, lambda o, r: 0.0, max_new_tokens=8, out_dir=tmp_path)
     warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]

@@ -24,7 +24,7 @@ from benchmarks.gpu.fidelity import DATA, FAMILIES, FILLER, RECORD, count, emit_
 from selfdistill.config import load_config
 from selfdistill.data import PromptBuilder
 from selfdistill.data.prompts import end_of_turn_token_id
-from selfdistill.methods import get_method
+from selfdistill.methods.build import build_method
 from selfdistill.models import stop_token_ids
 from selfdistill.models.tiny import tiny_tokenizer, words_of
 
@@ -87,12 +87,13 @@ def test_rollouts_stop_at_the_end_of_the_turn_and_on_every_listed_id(name, stop,
     )
     builder = PromptBuilder.from_config(tok, cfg.data)
     encoded = builder.encode(RECORD)
-    method = get_method("sdft")(cfg, model, tok, builder, stop_token_ids(model, tok), tok.pad_token_id)
-    items, stats = method.rollouts([encoded.student_ids] * 8, [encoded.teacher_ids] * 8, [0] * 8, list(range(8)), 0)
+    method = build_method(cfg, model, tok, builder, stop_token_ids(model, tok), tok.pad_token_id)
+    prompts = ([encoded.student_ids] * 8, [encoded.teacher_ids] * 8)
+    items, stats = method.rollouts.sample(model, *prompts, [0] * 8, list(range(8)), 0)
     for item in items:
         assert item.finished and item.completion[-1] == stop, item.completion
         assert item.completion[:-1] == [tok.convert_tokens_to_ids(FILLER)] * (len(item.completion) - 1)
-    assert max(len(i.completion) for i in items) > 1 and stats["clipped"] == 0
+    assert max(len(i.completion) for i in items) > 1 and stats["clipped_ratio_sum"] == 0
 
 
 @pytest.mark.parametrize("name", FAMILIES)

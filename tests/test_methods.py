@@ -8,10 +8,11 @@ import torch
 from toy import KEYS, VALUES, copy_model, greedy_accuracy, toy_records
 
 from selfdistill import registry
-from selfdistill.config import METHODS, Config, load_config, settings_of
+from selfdistill.config import METHODS, Config, for_method, load_config, settings_of
 from selfdistill.data import PromptBuilder, Record
 from selfdistill.methods import Method, get_method
 from selfdistill.methods.base import completion_hidden, demonstration_items
+from selfdistill.methods.build import build_method
 from selfdistill.models.card import render_model_card
 from selfdistill.models.tiny import save_tiny, tiny_model, tiny_tokenizer
 from selfdistill.registry import METHOD_INFO, method_class
@@ -38,7 +39,7 @@ def method_config(tmp_path, method, **sections):
     }
     for name, values in sections.items():
         base.setdefault(name, {}).update(values)
-    return load_config(overrides=base)
+    return load_config(overrides=for_method(base, method))  # the sections this method has
 
 
 @pytest.mark.parametrize("name", sorted(METHODS))
@@ -101,15 +102,18 @@ def test_the_card_shows_the_ema_rate_only_for_an_ema_teacher_and_a_teacher_that_
 
 
 @pytest.mark.parametrize("name", sorted(METHODS))
-def test_the_method_class_runs_what_its_registry_entry_declares(name):
-    """The registry's declaration (read by the card, the planner and the config) and the class agree."""
-    step, cls = METHOD_INFO[name].step, method_class(name)
-    # samples_student_prompts: rollouts of the records' own prompts (sft_reinvoke's second phase samples
-    # general prompts instead)
-    assert cls.samples_student_prompts == (step.trains_on == "rollouts" and not step.second_phase)
-    assert hasattr(cls, "teacher_kind") == (step.teacher is not None)
+def test_a_method_is_handed_the_parts_its_registry_entry_declares(name, tmp_path):
+    """The registry's declaration (read by the card, the planner and the config) is what builds the method's
+    parts: a teacher of the declared kind where its step has one, rollouts where it trains on them."""
+    step = METHOD_INFO[name].step
+    model, tok = copy_model(steps=0)
+    cfg = method_config(tmp_path, name)
+    method = build_method(cfg, model, tok, PromptBuilder(tok), [tok.eos_token_id], tok.pad_token_id)
+    assert isinstance(method, method_class(name)) and method.model is model
+    assert (method.teacher is not None) == (step.teacher is not None)
     if step.teacher is not None:
-        assert cls.teacher_kind == step.fixed_teacher
+        assert method.teacher.kind == (step.fixed_teacher or cfg.teacher.kind)
+    assert (method.rollouts is not None) == (step.trains_on == "rollouts")
 
 
 class Echo(Method):
@@ -181,7 +185,7 @@ def test_sft_puts_loss_on_exactly_the_demonstration_and_end_of_turn(tmp_path):
     cfg = method_config(tmp_path, "sft")
     builder = PromptBuilder(tok)
     encoded = builder.encode_all([Record(prompt="k1 k2", demonstration="v3 v4")])
-    method = get_method("sft")(cfg, model, tok, builder, [tok.eos_token_id], tok.pad_token_id)
+    method = build_method(cfg, model, tok, builder, [tok.eos_token_id], tok.pad_token_id)
     (item,), _ = method.build_items(encoded, [0], 0)
     assert item.prompt_ids == encoded[0].student_ids
     assert tok.convert_ids_to_tokens(item.completion) == ["v3", "v4", "<|end|>"]
@@ -297,11 +301,9 @@ def test_every_method_runs_from_the_cli(tmp_path, method):
             "rollout.max_new_tokens=3",
             "-s",
             "model.precision=fp32",
-            "-s",
-            "reinvoke.steps=1",
-            "-s",
-            f"reinvoke.prompts={prompts}",
-        ],
+        ]
+        # Its own settings, for the method that has them (another method refuses them).
+        + (["-s", "reinvoke.steps=1", "-s", f"reinvoke.prompts={prompts}"] if method == "sft_reinvoke" else []),
         capture_output=True,
         text=True,
         env=env,
@@ -321,7 +323,7 @@ def test_help_lists_every_method_with_one_line():
 
 def test_offline_distill_scores_each_fixed_target_once_with_the_same_losses(tmp_path, monkeypatch):
     import selfdistill.methods.base as base
-    import selfdistill.methods.sdft as sdft_module
+    import selfdistill.methods.scoring as scoring_module
     from selfdistill.methods.offline_distill import OfflineDistill
 
     scored = []
@@ -332,7 +334,7 @@ def test_offline_distill_scores_each_fixed_target_once_with_the_same_losses(tmp_
             scored.extend(i.record_index for i in items)
         return real(model, items, use_teacher_prompt, *args)
 
-    monkeypatch.setattr(sdft_module, "completion_hidden", counting)
+    monkeypatch.setattr(scoring_module, "completion_hidden", counting)
     model, tok = copy_model(steps=150)
     records = toy_records()
     steps = 2 * len(records) // 4 + 1  # more than two epochs

@@ -21,7 +21,7 @@ from selfdistill import registry
 from selfdistill.config import load_config, merge
 from selfdistill.memory_plan import GIB, architecture_config, plan
 from selfdistill.memory_plan.planner import _planning_config, _shapes, _trace
-from selfdistill.methods.sft_kl import SFTKL
+from selfdistill.methods.sft_kl import SFTKL, SFTKLConfig
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = {
@@ -81,7 +81,7 @@ def real_run(cfg, directory: Path, store: Path) -> dict:
     from transformers import AutoConfig, AutoModelForCausalLM
 
     from selfdistill.memory_plan.planner import _items
-    from selfdistill.methods import get_method
+    from selfdistill.methods.build import build_method
     from selfdistill.models import apply_lora
     from selfdistill.models.distributed import Processes, shard_model
     from selfdistill.models.loading import weights_dtype
@@ -94,12 +94,10 @@ def real_run(cfg, directory: Path, store: Path) -> dict:
         if cfg.model.lora.enabled:
             model = apply_lora(model, cfg.model.lora.rank, cfg.model.lora.alpha)
         model.train()
-        method = get_method(cfg.method)(cfg, model, None, None, [], 0, [])
         procs = Processes(0, 1, torch.device("cpu"), sharded=True)
         shard = functools.partial(shard_model, procs=procs)
-        model = shard(model)
-        method.model = model
-        method.shard(shard)
+        method = build_method(cfg, model, None, None, [], 0, [], procs=procs, shard=shard)
+        model = method.model
         params = [p for p in model.parameters() if p.requires_grad]
         optimizer = torch.optim.AdamW(params, lr=1e-4)
         loss, _ = method.loss(_items(cfg, _shapes(cfg, 1)))
@@ -461,7 +459,7 @@ class Anchored(SFTKL):
 def test_a_method_registered_elsewhere_is_planned_from_its_declaration(tiny_dir, monkeypatch):
     declared = registry.Step(teacher="frozen", teacher_sees="prompt")
     entry = registry.MethodInfo(
-        "anchored", "A test method.", f"{__name__}:Anchored", "Trained by a test.", step=declared
+        "anchored", "A test method.", Anchored, "Trained by a test.", config=SFTKLConfig, step=declared
     )
     monkeypatch.setitem(registry.METHOD_INFO, "anchored", entry)
     base = tiny_config(tiny_dir, precision="bf16")

@@ -8,11 +8,12 @@ import random
 import pytest
 import torch
 
-from selfdistill import sampling
+from selfdistill import registry
 from selfdistill.config import load_config
 from selfdistill.data import PromptBuilder, Record
+from selfdistill.errors import UserError
 from selfdistill.models.tiny import tiny_model, tiny_tokenizer
-from selfdistill.sampling import Completions, Sampler, make_sampler
+from selfdistill.sampling import Completions, Sampler, SamplingSettings, make_sampler
 from selfdistill.sampling.decode import DecodeSampler, generate
 
 WORDS = [f"w{i}" for i in range(40)]
@@ -125,9 +126,10 @@ def test_decode_loop_stops_once_every_row_has_stopped():
     assert all(len(ids) == 1 for ids in out.ids) and all(out.finished)
 
 
-def _config(tmp_path="unused", **rollout):
+def _config(tmp_path="unused", method="sdft", **rollout):
     return load_config(
         overrides={
+            "method": method,
             "model": {"precision": "fp32"},
             "data": {"teacher_template": "plain", "max_teacher_prompt_tokens": 512},
             "rollout": {"max_new_tokens": 5, "temperature": 0.8, "top_p": 0.9, "batch_size": 3, **rollout},
@@ -141,26 +143,30 @@ def test_make_sampler_picks_the_decode_loop_for_engine_decode():
     model, tokenizer, prompts, word_ids = _setup()
     cfg = _config()
     assert cfg.rollout.engine == "decode"
-    sampler = make_sampler(
-        cfg, model, stop_token_ids=word_ids[:6], pad_token_id=tokenizer.pad_token_id, precision="fp32"
+    settings = SamplingSettings.for_rollouts(
+        cfg, stop_token_ids=word_ids[:6], pad_token_id=tokenizer.pad_token_id, precision="fp32"
     )
+    assert settings == SamplingSettings(5, tuple(word_ids[:6]), tokenizer.pad_token_id, 0.8, 0.9, 3, "fp32")
+    sampler = make_sampler(model, settings, engine=cfg.rollout.engine, cfg=cfg)
     assert type(sampler) is DecodeSampler and not sampler.copies_weights
     assert sampler.sync(model) == 0.0
     seeds = list(range(100, 110))
+    direct = dict(stop_token_ids=word_ids[:6], pad_token_id=tokenizer.pad_token_id, temperature=0.8, top_p=0.9)
     out = sampler.generate(prompts, seeds)
-    direct = generate(
-        model,
-        prompts,
-        stop_token_ids=word_ids[:6],
-        pad_token_id=tokenizer.pad_token_id,
-        max_new_tokens=5,
-        temperature=0.8,
-        top_p=0.9,
-        seeds=seeds,
-        batch_size=3,
-    )
-    assert out.ids == direct.ids and out.finished == direct.finished and out.logprobs is None
+    expected = generate(model, prompts, max_new_tokens=5, seeds=seeds, batch_size=3, **direct)
+    assert out.ids == expected.ids and out.finished == expected.finished and out.logprobs is None
+    # A call may ask for fewer new tokens than the sampler was built for, never more.
+    shorter = sampler.generate(prompts, seeds, max_new_tokens=2)
+    assert shorter.ids == generate(model, prompts, max_new_tokens=2, seeds=seeds, batch_size=3, **direct).ids
+    with pytest.raises(ValueError, match="a call may ask for 1 to 5"):
+        sampler.generate(prompts, seeds, max_new_tokens=6)
     sampler.close()
+
+
+def test_an_unknown_engine_is_refused_naming_the_registered_ones():
+    model, tokenizer, prompts, word_ids = _setup()
+    with pytest.raises(UserError, match=r"^Unknown rollout engine 'vlm'; choose one of decode, vllm\.$"):
+        make_sampler(model, SamplingSettings(5, (), 0), engine="vlm")
 
 
 class FakeSampler(Sampler):
@@ -169,16 +175,16 @@ class FakeSampler(Sampler):
     copies_weights = True
     built: list[FakeSampler] = []
 
-    def __init__(self, model, settings):
-        self.model, self.settings, self.calls, self.closed = model, settings, [], False
+    def __init__(self, model, settings, max_prompt_tokens):
+        self.model, self.settings, self.max_prompt_tokens = model, settings, max_prompt_tokens
+        self.calls, self.closed = [], False
         FakeSampler.built.append(self)
 
     @classmethod
-    def from_config(cls, cfg, model, *, stop_token_ids, pad_token_id, precision, max_prompt_tokens):
-        settings = {"stop": stop_token_ids, "pad": pad_token_id, "max_prompt_tokens": max_prompt_tokens}
-        return cls(model, settings)
+    def build(cls, model, settings, *, cfg, max_prompt_tokens):
+        return cls(model, settings, max_prompt_tokens)
 
-    def generate(self, prompts, seeds, *, desc=None):
+    def generate(self, prompts, seeds, *, desc=None, max_new_tokens=None):
         self.calls.append(("generate", len(prompts), list(seeds)))
         ids = [[7 + k % 3, 8] for k in range(len(prompts))]
         return Completions(ids=ids, finished=[True] * len(ids), logprobs=[[-0.5, -0.25] for _ in ids])
@@ -195,7 +201,8 @@ class FakeSampler(Sampler):
 def fake_engine(monkeypatch):
     """`rollout.engine: decode` builds the fake sampler: every caller's samples come from it."""
     FakeSampler.built = []
-    monkeypatch.setitem(sampling.ENGINES, "decode", FakeSampler)
+    entry = registry.EngineInfo("decode", "answers with fixed tokens", f"{__name__}:FakeSampler")
+    monkeypatch.setitem(registry.ENGINE_INFO, "decode", entry)
     return FakeSampler.built
 
 
@@ -204,13 +211,13 @@ def _records():
 
 
 def _method(name, tmp_path):
-    from selfdistill.methods import get_method
+    from selfdistill.methods.build import build_method
 
     tokenizer = tiny_tokenizer(WORDS)
     model = tiny_model(tokenizer, hidden_size=64, layers=2, heads=4, seed=0)
-    cfg = _config(tmp_path, num_rollouts=2)
+    cfg = _config(tmp_path, num_rollouts=2, method=name)
     builder = PromptBuilder.from_config(tokenizer, cfg.data, tokenizer.eos_token_id)
-    method = get_method(name)(cfg, model, tokenizer, builder, [tokenizer.eos_token_id], tokenizer.pad_token_id)
+    method = build_method(cfg, model, tokenizer, builder, [tokenizer.eos_token_id], tokenizer.pad_token_id)
     return method, builder.encode_all(_records())
 
 
@@ -221,7 +228,7 @@ def test_sdft_samples_through_its_sampler_built_once_and_synced_before_every_rol
     for _ in range(2):
         items, stats = method.build_items(records, seeds, step=1)
     (sampler,) = fake_engine
-    assert sampler.model is method.model and sampler.settings["stop"] == method.stop_token_ids
+    assert sampler.model is method.model and list(sampler.settings.stop_token_ids) == method.stop_token_ids
     assert [c[0] for c in sampler.calls] == ["sync", "generate"] * 2
     assert sampler.calls[1] == ("generate", 6, seeds)  # num_rollouts completions per record
     assert [i.completion for i in items] == [[7 + k % 3, 8] for k in range(6)]
@@ -231,10 +238,10 @@ def test_sdft_samples_through_its_sampler_built_once_and_synced_before_every_rol
 
 def test_offline_distill_asks_its_sampler_for_the_teacher_answers_then_closes_it(tmp_path, fake_engine):
     method, records = _method("offline_distill", tmp_path)
-    method.setup(records)
+    method.setup(records, total_steps=1, resuming=False)
     (sampler,) = fake_engine
     assert sampler.model is method.teacher.module  # the frozen teacher's copy answers
-    assert sampler.settings["max_prompt_tokens"] == 512  # sized for teacher prompts
+    assert sampler.max_prompt_tokens == 512  # sized for teacher prompts
     assert [c[0] for c in sampler.calls] == ["sync", "generate"] and sampler.closed
     assert method.targets == {r.index: [7 + k % 3, 8] for k, r in enumerate(records)}
 

@@ -15,7 +15,7 @@ from benchmarks.gpu.fidelity import buffer_mismatches, method_teacher_kinds
 from selfdistill.config import load_config
 from selfdistill.data import PromptBuilder
 from selfdistill.distillation.teacher import Teacher
-from selfdistill.methods import get_method
+from selfdistill.methods.build import build_method
 from selfdistill.models import apply_lora
 from selfdistill.models.sharded import empty_model, fill_from_files, materialize
 from selfdistill.models.tiny import tiny_model, tiny_tokenizer
@@ -68,11 +68,11 @@ def test_every_method_builds_its_teacher_with_the_students_buffers(method, kind,
             "train": {"output_dir": str(tmp_path)},
         }
     )
-    built = get_method(method)(cfg, student, tok, PromptBuilder(tok), [tok.eos_token_id], tok.pad_token_id)
+    built = build_method(cfg, student, tok, PromptBuilder(tok), [tok.eos_token_id], tok.pad_token_id)
     assert built.teacher.kind == kind
-    with built.teacher.scoring(student) as view, view.weights() as model:
+    with built.teacher.weights(student) as model:
         _assert_same_buffers(model, student)
-        if kind == "frozen" and built.teacher_precision == "bf16":
+        if kind == "frozen" and built.teacher.precision == "bf16":
             assert model.lm_head.weight.dtype == torch.bfloat16  # stored in bf16, as before
 
 

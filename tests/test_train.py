@@ -272,3 +272,24 @@ def test_one_zero_gradient_step_is_counted_but_the_run_goes_on(tmp_path, monkeyp
     result = train(cfg, records=toy_records(), model=model, tokenizer=tok, save_final=False)
     assert [m["zero_grad_steps"] for m in result.metrics] == [1, 1, 1]
     assert [m["grad_norm"] > 0 for m in result.metrics] == [False, True, True]
+
+
+def test_a_run_directory_written_with_every_methods_sections_is_resumed(tmp_path):
+    """run.json files of earlier versions recorded the sections of every method (replay, anchor, ...) for any
+    method; such a directory still holds the same run of sft, and --resume continues it."""
+    model, tok = copy_model(steps=0)
+    records = toy_records()
+    cfg = toy_config(tmp_path, method="sft", train={"max_steps": 2, "save_every": 1})
+    first = train(cfg, records=records, model=model, tokenizer=tok, save_final=False)
+    run_file = tmp_path / "run" / "run.json"
+    recorded = json.loads(run_file.read_text())
+    recorded["config"]["replay"] = {"ratio": 0.25, "data": None, "max_new_tokens": 128}
+    recorded["config"]["anchor"] = {"beta": 0.1}
+    run_file.write_text(json.dumps(recorded))
+    resumed = train(cfg, records=records, model=copy_model(steps=0)[0], tokenizer=tok, resume=True, save_final=False)
+    assert [m["step"] for m in first.metrics] == [1, 2] and resumed.steps == 2
+    # A different setting of its own is still a different run.
+    recorded["config"]["train"]["lr"] = 1.0
+    run_file.write_text(json.dumps(recorded))
+    with pytest.raises(UserError, match="already holds a different run"):
+        train(cfg, records=records, model=copy_model(steps=0)[0], tokenizer=tok, resume=True, save_final=False)

@@ -1,5 +1,6 @@
 """rollout.engine=vllm: the in-process vLLM engine against our decode loop and the trainer, and every
-caller that samples through it (SDFT, offline_distill's teacher answers, `sdft diagnose`).
+caller that samples through it (SDFT, offline_distill's teacher answers, `sdft diagnose`, evaluation and
+drift's base answers).
 
 These run in the vLLM environment (`make test-vllm`, built by scripts/setup_vllm_env.sh) and are
 skipped where vLLM is not installed; the last test checks the error a user gets there instead.
@@ -635,12 +636,12 @@ def test_the_cuda_pins_are_the_ones_the_install_hint_and_the_docs_name():
 
 @pytest.mark.skipif(HAS_VLLM, reason="checks the message shown where vLLM is missing")
 def test_asking_for_vllm_without_it_says_how_to_install(tmp_path):
-    from selfdistill.methods.sdft import SDFT
+    from selfdistill.methods.build import build_method
 
     model, tok = _model()
     cfg = _toy_config(tmp_path)
     with pytest.raises(UserError, match="setup_vllm_env.sh"):
-        SDFT(cfg, model, tok, None, [tok.eos_token_id], tok.pad_token_id)
+        build_method(cfg, model, tok, None, [tok.eos_token_id], tok.pad_token_id)
 
 
 @needs_vllm
@@ -672,3 +673,38 @@ def test_a_sync_streams_weights_in_the_engines_dtype(precision, dtype):
     llm = _FakeLLM()
     _engine_on(llm, sleep=False, precision=precision).sync(model)
     assert llm.synced_dtypes == {dtype} and next(model.parameters()).dtype == torch.float32
+
+
+@needs_vllm
+def test_evaluation_and_drift_through_vllm_give_the_decode_loops_greedy_answers(monkeypatch):
+    """`evaluate(..., engine="vllm")` and drift's base answers: the engine writes the greedy answers (the
+    decode loop's own tokens in fp32, so the same scores), a budget the context cut included."""
+    from selfdistill.data.prompts import PromptBuilder
+    from selfdistill.data.records import Record
+    from selfdistill.eval.drift import base_answers
+    from selfdistill.eval.evaluate import evaluate
+    from selfdistill.sampling.vllm_engine import VLLMSampler
+
+    words = [f"w{i}" for i in range(12)]
+    model, tok = _model(extra_words=words)
+    model.config.max_position_embeddings = 40  # the longest prompt below leaves 3 of the 6 new tokens
+    records = [Record(prompt=" ".join(words[: 2 + 3 * k]), demonstration="", answer=words[k]) for k in range(4)]
+    overhead = len(PromptBuilder(tok).student_ids(Record(prompt="", demonstration="")))  # the template's tokens
+    records.append(Record(prompt=" ".join(["w1"] * (37 - overhead)), demonstration="", answer="w0"))
+    grader = lambda output, row: float(row["answer"] in output)  # noqa: E731
+    calls, real = [], VLLMSampler.generate
+
+    def recorded(self, prompts, seeds, **kwargs):
+        calls.append(kwargs.get("max_new_tokens"))
+        return real(self, prompts, seeds, **kwargs)
+
+    monkeypatch.setattr(VLLMSampler, "generate", recorded)
+    results = {}
+    for engine in ("vllm", "decode"):
+        examples = []
+        summary = evaluate(model, tok, records, grader, max_new_tokens=6, engine=engine, examples=examples)
+        results[engine] = (summary, examples)
+    assert results["vllm"] == results["decode"] and results["vllm"][0]["context_cut"] == 1
+    assert calls == [6, 3]  # one call per distinct budget
+    answers = base_answers(model, tok, prompts=["w1 w2", "w3"], max_new_tokens=4, engine="vllm")
+    assert calls[2:] == [4] and answers == base_answers(model, tok, prompts=["w1 w2", "w3"], max_new_tokens=4)

@@ -572,7 +572,7 @@ def part_teacher_buffers(ctx: Context, runs) -> dict:
     from benchmarks.gpu.fidelity import buffer_mismatches, method_teacher_kinds
     from selfdistill.config import load_config
     from selfdistill.data import PromptBuilder
-    from selfdistill.methods import get_method
+    from selfdistill.methods.build import build_method
     from selfdistill.models.tiny import tiny_tokenizer
 
     tok = tiny_tokenizer()
@@ -602,13 +602,13 @@ def part_teacher_buffers(ctx: Context, runs) -> dict:
                     "train": {"output_dir": str(ctx.work / "teacher-buffers")},
                 }
             )
-            built = get_method(method)(cfg, student, tok, PromptBuilder(tok), [tok.eos_token_id], tok.pad_token_id)
+            built = build_method(cfg, student, tok, PromptBuilder(tok), [tok.eos_token_id], tok.pad_token_id)
             problems = []
-            with built.teacher.scoring(student) as view, view.weights() as model:
+            with built.teacher.weights(student) as model:
                 problems += buffer_mismatches(model, student)
                 if {p.device.type for p in model.parameters()} != {ctx.device.type}:
                     problems.append("teacher weights are not on the device")
-                if kind == "frozen" and getattr(built, "teacher_precision", None) == "bf16":
+                if kind == "frozen" and built.teacher.precision == "bf16":
                     bf16_frozen += 1
                     if model.lm_head.weight.dtype != torch.bfloat16:
                         problems.append(f"a bf16 frozen teacher's head is {model.lm_head.weight.dtype}")

@@ -162,13 +162,13 @@ PEFT_PREFIX = "base_model.model."
 
 def method_teacher_kinds() -> list[tuple[str, str]]:
     """(method, teacher kind) for every method that distils from a teacher, every kind it can take."""
-    from selfdistill.registry import METHODS, method_class
+    from selfdistill.registry import METHOD_INFO
 
     cases = []
-    for name in sorted(METHODS):
-        cls = method_class(name)
-        if hasattr(cls, "teacher_kind"):  # the methods that distil from a teacher
-            kinds = [cls.teacher_kind] if cls.teacher_kind else ["ema", "frozen", "live"]
+    for name in sorted(METHOD_INFO):
+        step = METHOD_INFO[name].step
+        if step is not None and step.teacher is not None:  # the methods that distil from a teacher
+            kinds = [step.fixed_teacher] if step.fixed_teacher else ["ema", "frozen", "live"]
             cases += [(name, kind) for kind in kinds]
     return cases
 

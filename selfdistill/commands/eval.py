@@ -34,6 +34,7 @@ def eval_command(
     batch_size: int = _option("batch_size", "--batch-size"),
     precision: str = _option("precision", "--precision"),
     seed: int = _option("seed", "--seed"),
+    engine: str = _option("engine", "--engine"),
 ) -> None:
     """Evaluate a model on a task and/or on prior-capability probes; writes JSON results under --out."""
     from selfdistill.eval.run import run_evaluations

@@ -20,7 +20,7 @@ from selfdistill.distillation.losses import divergence, output_head
 from selfdistill.methods.base import TrainItem, completion_hidden
 from selfdistill.precision import autocast_context
 from selfdistill.progress import progress_bar
-from selfdistill.sampling import make_sampler, rollout_seed
+from selfdistill.sampling import SamplingSettings, rollout_seed, sampling_from
 
 TOP_N = 5  # top tokens shown per position, for the teacher and the student
 
@@ -173,12 +173,10 @@ def trace(model, tokenizer, records: list[Record], cfg: Config, stop_token_ids: 
 def _sample(model, prompts: list[list[int]], seeds: list[int], cfg: Config, stop_token_ids: list[int], pad: int):
     """The student's completions through the rollout engine (rollout.engine), as training samples them."""
     stop = [] if cfg.rollout.ignore_eos else list(stop_token_ids)
-    sampler = make_sampler(cfg, model, stop_token_ids=stop, pad_token_id=pad, precision=cfg.model.precision)
-    try:
-        sampler.sync(model)  # a shared engine may hold other weights
+    settings = SamplingSettings.for_rollouts(cfg, stop_token_ids=stop, pad_token_id=pad, precision=cfg.model.precision)
+    # Synced before generating (a shared engine may hold other weights), closed after.
+    with sampling_from(model, settings, engine=cfg.rollout.engine, cfg=cfg) as sampler:
         return sampler.generate(prompts, seeds, desc="diagnose: student rollouts")
-    finally:
-        sampler.close()
 
 
 def _completion_trace(model, tokenizer, cfg: Config, e, rollout: int, seed: int, ids, finished, pad, special):

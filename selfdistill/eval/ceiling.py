@@ -28,7 +28,7 @@ from selfdistill.eval.loglik import demonstration_token_logps
 from selfdistill.files import write_jsonl
 from selfdistill.models import loading
 from selfdistill.precision import resolve_precision
-from selfdistill.sampling.decode import generate
+from selfdistill.sampling import SamplingSettings, sampling_from
 from selfdistill.tasks import Metric, get_task, list_tasks, make_task
 from selfdistill.tasks.loaders import load_dataset_records
 from selfdistill.tasks.resolve import guess_grader
@@ -86,29 +86,26 @@ def measure(
     loglik: bool = True,
     grader_lookup: Callable[[str], Grader] = default_grader,
     system_prompt: str | None = None,
+    engine: str = "decode",
 ) -> list[CeilingResult]:
     """Greedy scores (and demonstration log-likelihoods) with the student prompt and each teacher template.
 
     `system_prompt` is the one training would prepend to plain-string prompts (data.system_prompt),
-    so the ceiling is measured on the prompts training would use.
+    so the ceiling is measured on the prompts training would use. The answers come from the rollout
+    engine `engine` (a registered name; its defaults), one sampler for every prompt set.
     """
     graders = {m.name: grader_lookup(m.grader) for m in metrics}
     stops = stop_token_ids or loading.stop_token_ids(model, tokenizer)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else stops[0]
     demos, prompt_sets = _prompt_sets(tokenizer, records, templates, system_prompt)
+    settings = SamplingSettings(max_new_tokens, stops, pad, temperature=0, batch_size=batch_size, precision=precision)
+    longest = max((len(p) for _, prompts in prompt_sets for p in prompts), default=0)
+    with sampling_from(model, settings, engine=engine, max_prompt_tokens=longest) as sampler:
+        answers = [
+            (label, prompts, sampler.generate(prompts, None, desc=f"ceiling {label}")) for label, prompts in prompt_sets
+        ]
     results = []
-    for label, prompts in prompt_sets:
-        done = generate(
-            model,
-            prompts,
-            stop_token_ids=stops,
-            pad_token_id=pad,
-            max_new_tokens=max_new_tokens,
-            temperature=0,
-            batch_size=batch_size,
-            precision=precision,
-            desc=f"ceiling {label}",
-        )
+    for label, prompts, done in answers:
         outputs = [tokenizer.decode([t for t in ids if t not in stops], skip_special_tokens=True) for ids in done.ids]
         scores = {
             name: sum(score(o, r, m, graders[name]) for o, r in zip(outputs, records)) / len(records)

@@ -25,10 +25,10 @@ from pathlib import Path
 import torch
 
 from selfdistill.data.prompts import PromptBuilder
-from selfdistill.eval.evaluate import answer_budgets, generate_within
+from selfdistill.eval.evaluate import answer_budgets, answer_settings, generate_within
 from selfdistill.files import write_atomic
-from selfdistill.models import stop_token_ids
 from selfdistill.precision import autocast_context
+from selfdistill.sampling import Sampler, sampling_from
 
 FORMAT = "selfdistill-drift-v1"
 
@@ -58,25 +58,26 @@ def base_answers(
     batch_size: int = 16,
     precision: str = "fp32",
     base_name: str = "",
+    engine: str = "decode",
+    sampler: Sampler | None = None,
 ) -> dict:
-    """The base model's greedy answers with the top-k log-probabilities kept for each answer token."""
+    """The base model's greedy answers with the top-k log-probabilities kept for each answer token.
+
+    The answers come from the rollout engine `engine` (a registered name; its defaults), or from a
+    ready greedy `sampler` of the base model's (at least `max_new_tokens`); the log-probabilities are
+    always the model's own.
+    """
     builder = PromptBuilder(tokenizer)
     prompts = prompts if prompts is not None else drift_prompts()
     prompt_ids = [builder.encode_messages([{"role": "user", "content": p}]) for p in prompts]
     # Prompt and answer are scored together later, so both must fit the model's context.
     budgets = answer_budgets(model, prompt_ids, [f"drift prompt {i}" for i in range(len(prompts))], max_new_tokens)
-    done = generate_within(
-        model,
-        prompt_ids,
-        budgets,
-        seeds=None,
-        stop_token_ids=stop_token_ids(model, tokenizer),
-        pad_token_id=tokenizer.pad_token_id,
-        temperature=0,
-        batch_size=batch_size,
-        precision=precision,
-        desc="drift: base answers",
+    settings = answer_settings(
+        model, tokenizer, max_new_tokens, temperature=0, batch_size=batch_size, precision=precision
     )
+    longest = max(map(len, prompt_ids), default=0)
+    with sampling_from(model, settings, engine=engine, max_prompt_tokens=longest, sampler=sampler) as chosen:
+        done = generate_within(chosen, prompt_ids, budgets, seeds=None, desc="drift: base answers")
     items = []
     for text, ids, answer in zip(prompts, prompt_ids, done.ids):
         if not answer:

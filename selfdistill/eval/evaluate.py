@@ -27,8 +27,7 @@ from selfdistill.data.records import Record
 from selfdistill.errors import UserError
 from selfdistill.files import write_json, write_jsonl
 from selfdistill.models import stop_token_ids
-from selfdistill.sampling.base import Completions
-from selfdistill.sampling.decode import generate
+from selfdistill.sampling import Completions, Sampler, SamplingSettings, sampling_from
 
 log = logging.getLogger(__name__)
 
@@ -123,20 +122,27 @@ def answer_budgets(model, prompts: list[list[int]], sources: list[str], max_new_
     return budgets
 
 
-def generate_within(model, rows: list[list[int]], budgets: list[int], *, seeds: list[int] | None, **options):
-    """`generate` with a budget of new tokens per row: one call per distinct budget, so rows whose
+def answer_settings(model, tokenizer, max_new_tokens: int, **options) -> SamplingSettings:
+    """The sampling settings of a model's answers: every end-of-turn token of the model stops one, padded
+    with the tokenizer's pad token; `options`: temperature, top_p, batch_size, precision."""
+    return SamplingSettings(max_new_tokens, stop_token_ids(model, tokenizer), tokenizer.pad_token_id, **options)
+
+
+def generate_within(
+    sampler: Sampler, rows: list[list[int]], budgets: list[int], *, seeds: list[int] | None, desc: str | None = None
+) -> Completions:
+    """`sampler.generate` with a budget of new tokens per row: one call per distinct budget, so rows whose
     budget the context cut share no batch with the others (usually there is one budget, one call).
     Each row is seeded on its own, so the grouping changes no output."""
     ids: list[list[int]] = [[] for _ in rows]
     finished = [False] * len(rows)
     for budget in sorted(set(budgets), reverse=True):
         chosen = [i for i, b in enumerate(budgets) if b == budget]
-        done = generate(
-            model,
+        done = sampler.generate(
             [rows[i] for i in chosen],
+            [seeds[i] for i in chosen] if seeds is not None else None,
+            desc=desc,
             max_new_tokens=budget,
-            seeds=[seeds[i] for i in chosen] if seeds is not None else None,
-            **options,
         )
         for i, out, end in zip(chosen, done.ids, done.finished):
             ids[i], finished[i] = out, end
@@ -170,10 +176,14 @@ def evaluate(
     out_dir: str | Path | None = None,
     desc: str = "evaluate",
     examples: list | None = None,
+    engine: str = "decode",
+    sampler: Sampler | None = None,
 ) -> dict:
     """Generate, grade and summarize; with `out_dir`, write `examples.jsonl` and `summary.json` there.
 
-    Pass a list as `examples` to receive the per-record results in memory.
+    Pass a list as `examples` to receive the per-record results in memory. The answers come from the
+    rollout engine `engine` (a registered name; its defaults), or from a ready `sampler`, built by the
+    caller with these settings (temperature, top_p, batch_size, precision, at least max_new_tokens).
     """
     _check(records, n_samples, temperature)
     builder = PromptBuilder(tokenizer, system_prompt=system_prompt)
@@ -182,17 +192,11 @@ def evaluate(
     # Sample j of record i is row i * n + j, seeded by (seed, i, j) only.
     rows = [p for p in prompts for _ in range(n_samples)]
     seeds = [seed * 1_000_003 + i for i in range(len(rows))] if temperature > 0 else None
-    sampling = {"temperature": temperature, "top_p": top_p, "seeds": seeds, "batch_size": batch_size}
-    done = generate_within(
-        model,
-        rows,
-        [b for b in budgets for _ in range(n_samples)],
-        stop_token_ids=stop_token_ids(model, tokenizer),
-        pad_token_id=tokenizer.pad_token_id,
-        precision=precision,
-        desc=desc,
-        **sampling,
-    )
+    sampling = {"temperature": temperature, "top_p": top_p, "batch_size": batch_size, "precision": precision}
+    settings = answer_settings(model, tokenizer, max_new_tokens, **sampling)
+    longest = max(map(len, prompts))
+    with sampling_from(model, settings, engine=engine, max_prompt_tokens=longest, sampler=sampler) as chosen:
+        done = generate_within(chosen, rows, [b for b in budgets for _ in range(n_samples)], seeds=seeds, desc=desc)
     examples = [] if examples is None else examples
     for i, record in enumerate(records):
         examples.append(_example(i, record, done, tokenizer, grader, n_samples))

@@ -12,6 +12,7 @@ from selfdistill.errors import UserError
 from selfdistill.eval.settings import EvalSettings, EvaluateSettings
 from selfdistill.files import write_json
 from selfdistill.precision import resolve_precision
+from selfdistill.registry import engine_class
 
 
 def load_fp32(name: str):
@@ -43,6 +44,7 @@ def evaluate_task(
     grade = graders.get(grader_name)
     how = "chosen with --grader" if settings.grader else "guessed from the task, as no --grader was given"
     graders.check_gold_fields(grader_name, gold_rows(records), how)
+    engine_class(settings.engine).check_installed()  # before the model is loaded
     if isinstance(model, (str, Path)):
         model, tokenizer = load_fp32(str(model))
     elif tokenizer is None:
@@ -60,6 +62,7 @@ def evaluate_task(
         temperature=settings.temperature,
         n_samples=settings.n_samples,
         seed=settings.seed,
+        engine=settings.engine,
     )
     summary.update({"task": str(task) if isinstance(task, (str, Path)) else label, "grader": grader_name})
     if out is not None:

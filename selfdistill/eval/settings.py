@@ -8,6 +8,7 @@ from pathlib import Path
 from selfdistill.errors import UserError
 from selfdistill.options import check_choice, check_output_dir, check_types, setting
 from selfdistill.precision import PRECISIONS
+from selfdistill.registry import EngineName
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -30,6 +31,11 @@ class EvaluateSettings:
     batch_size: int = setting(8, "Prompts generated together.")
     precision: str = setting("auto", "auto (chosen from the device at run time), fp32 or bf16 (bf16 autocast).")
     seed: int = setting(0, "Sampling seed (and the generator seed of a built-in task).")
+    engine: EngineName = setting(
+        "decode",
+        "Rollout engine that writes the task's answers, as rollout.engine names them: decode (our loop) or vllm "
+        "(needs vLLM). Probes, HumanEval and drift answers use decode.",
+    )
 
     def __post_init__(self) -> None:
         check_types(self)

@@ -34,7 +34,7 @@ class MemoryPlan:
     teacher_prompt_tokens: int | None
     completion_tokens: int
     activation_checkpointing: bool
-    rollout_engine: str | None  # decode / vllm, None for methods without rollouts
+    rollout_engine: str | None  # rollout.engine (decode, vllm, ...), None for methods without rollouts
     rollout_rows: int  # sequences decoded together
     # Bytes per process
     weights: int
@@ -61,6 +61,9 @@ class MemoryPlan:
     # What no trace sees, and the verdict (planner._reserve, planner._engine, planner._verdict)
     reserve: int = 0  # the sum of reserve_parts
     reserve_parts: dict[str, int] = field(default_factory=dict)  # CUDA context, NCCL, fragmentation
+    # An engine with weights of its own (vLLM; None otherwise): what it is called and the setting of its share
+    engine_label: str | None = None
+    engine_setting: str | None = None
     engine_dtype: str | None = None  # vLLM: the engine's dtype (rollout.vllm_precision)
     engine_weights: int = 0  # vLLM: the whole model in the engine's dtype (every process's engine holds it all)
     engine_kv_minimum: int = 0  # vLLM: the KV cache of one sequence of the longest length
@@ -105,7 +108,7 @@ class MemoryPlan:
         rows.append(("peak per process (training and rollouts)", self.peak, "the largest peak"))
         rows.append(("reserve: what no trace sees", None, ""))
         rows += [(f"  {what}", size, COMPUTED) for what, size in self.reserve_parts.items()]
-        if self.rollout_engine == "vllm" and self.gpu_memory is not None:
+        if self.engine_dtype is not None and self.gpu_memory is not None:
             if self.engine_sleeps:
                 how = "the larger of the step's peak and the rollout's + engine's share, + reserve"
             else:
@@ -137,8 +140,11 @@ class MemoryPlan:
         ]
 
     def _rollout_rows(self) -> list[tuple[str, int | None, str]]:
-        """The rollout: the decode loop's gathered model and KV cache, or the vLLM engine's share."""
-        if self.rollout_engine == "decode":
+        """The rollout: the decode loop's gathered model and KV cache, or the share of an engine with weights of
+        its own (vLLM)."""
+        if self.rollout_engine is None:
+            return []
+        if self.engine_dtype is None:  # sampled with the trainer's model
             tokens = self.prompt_tokens + self.completion_tokens
             rows = [
                 (f"rollout: {self.rollout_rows} sequences x {tokens} tokens", None, ""),
@@ -150,10 +156,8 @@ class MemoryPlan:
                 ("  KV cache", self.rollout_kv_cache, COMPUTED),
                 ("  peak", self.rollout_peak, f"{TRACED} + {COMPUTED}"),
             ]
-        if self.rollout_engine != "vllm":
-            return []
         rows = [
-            ("rollout: vLLM engine in this process", None, ""),
+            (f"rollout: {self.engine_label} engine in this process", None, ""),
             ("  weight sync: the largest parameter gathered", self.rollout_gather, SHARD_PLAN),
             ("  peak (training's side)", self.rollout_peak, f"{TRACED} + {SHARD_PLAN}"),
             (f"  engine's weights (whole model, {self.engine_dtype})", self.engine_weights, COMPUTED),
@@ -161,7 +165,7 @@ class MemoryPlan:
         ]
         if self.gpu_memory is not None:
             when = "during rollouts: it sleeps through the step" if self.engine_sleeps else "held throughout"
-            rows.append((f"  engine's share (rollout.vllm_gpu_memory, {when})", self.engine_share, COMPUTED))
+            rows.append((f"  engine's share ({self.engine_setting}, {when})", self.engine_share, COMPUTED))
         return rows
 
     def verdict(self) -> str:

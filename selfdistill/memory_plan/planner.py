@@ -8,6 +8,7 @@ import functools
 import math
 import time
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 
@@ -17,7 +18,10 @@ from selfdistill.memory_plan.architectures import architecture_config, type_name
 from selfdistill.memory_plan.figures import GIB, MemoryPlan
 from selfdistill.memory_plan.settings import Hardware
 from selfdistill.memory_plan.trace import MemoryTrace, _labelled_forwards, _labelled_fsdp
-from selfdistill.registry import METHOD_INFO, Step
+from selfdistill.registry import METHOD_INFO, Step, engine_class
+
+if TYPE_CHECKING:
+    from selfdistill.sampling.base import EngineMemory
 
 # What a method's step computes is read from its registry entry (selfdistill.registry.Step): whether it
 # samples from the student, which teacher it holds and what that teacher is shown, whether a weight adds
@@ -156,7 +160,7 @@ def plan(
             "use torch 2.13 or later (for example in a separate environment)."
         ) from None
     result = _memory_plan(cfg, processes, where, type_name(config), precision, shapes, traced)
-    _engine(result, cfg, config, precision, gpu_memory)
+    _engine(result, cfg, config, gpu_memory)
     _reserve(result)
     _communication(result, cfg, shapes, traced, hardware, shard_size)
     _verdict(result, cfg, gpu_memory, suggest, hardware)
@@ -182,28 +186,37 @@ def _shard_size(cfg: Config, processes: int, hardware: Hardware) -> int:
     return size
 
 
-def _engine(result: MemoryPlan, cfg: Config, config, precision: str, gpu_memory: float | None) -> None:
-    """vLLM's share of the GPU: it holds the whole model (every process's engine has all of it, LoRA merged)
-    in its own dtype and at least one longest sequence's KV cache, or it does not start. With
-    rollout.vllm_sleep (the default) the engine sleeps through the training step (its weights in host
-    memory, its KV cache freed), so its share is taken only while it syncs and samples; without, it stays
-    taken throughout."""
-    if result.rollout_engine != "vllm":
+def _engine_memory(cfg: Config, result: MemoryPlan) -> EngineMemory | None:
+    """What the run's rollout engine holds on the GPU beside training, as the engine itself says
+    (`Sampler.gpu_memory`); None without rollouts or for an engine that samples with the trainer's model."""
+    if result.rollout_engine is None:
+        return None
+    return engine_class(result.rollout_engine).gpu_memory(cfg, result.precision)
+
+
+def _engine(result: MemoryPlan, cfg: Config, config, gpu_memory: float | None) -> None:
+    """The share of the GPU of an engine with weights of its own (vLLM): it holds the whole model (every
+    process's engine has all of it, LoRA merged) in its own dtype and at least one longest sequence's KV
+    cache, or it does not start. An engine that sleeps (rollout.vllm_sleep, the default) frees its share
+    through the training step (its weights in host memory, its KV cache freed), so its share is taken only
+    while it syncs and samples; otherwise it stays taken throughout."""
+    memory = _engine_memory(cfg, result)
+    if memory is None:
         return
-    result.engine_sleeps = cfg.rollout.vllm_sleep
-    wanted = precision if cfg.rollout.vllm_precision == "auto" else cfg.rollout.vllm_precision
-    element = 2 if wanted == "bf16" else 4
+    result.engine_label, result.engine_setting = memory.label, memory.setting
+    result.engine_sleeps = memory.sleeps
+    element = 2 if memory.precision == "bf16" else 4
     result.engine_dtype = "bf16" if element == 2 else "fp32"
     parameters = result.parameters - (result.trainable_parameters if result.lora else 0)
     result.engine_weights = parameters * element
     result.engine_kv_minimum = (result.prompt_tokens + result.completion_tokens) * _kv_per_token(config, element)
     if gpu_memory is None:
         return
-    result.engine_share = int(cfg.rollout.vllm_gpu_memory * gpu_memory * GIB)
+    result.engine_share = int(memory.share * gpu_memory * GIB)
     minimum = result.engine_weights + result.engine_kv_minimum
     if result.engine_share < minimum:
         raise UserError(
-            f"rollout.vllm_gpu_memory {cfg.rollout.vllm_gpu_memory} gives the vLLM engine "
+            f"{memory.setting} {memory.share} gives the {memory.label} engine "
             f"{result.engine_share / GIB:.1f} of {gpu_memory:.1f} GiB, less than its {result.engine_dtype} weights "
             f"and one sequence's KV cache need ({minimum / GIB:.1f} GiB): set it to at least "
             f"{math.ceil(minimum / (gpu_memory * GIB) * 100) / 100:.2f}."
@@ -225,8 +238,8 @@ def _communication(
     result.gpu_tflops = hardware.gpu_tflops
     result.mfu = hardware.mfu
     rows = _traced_collectives(result, shapes, traced)
-    if result.rollout_engine == "vllm":
-        rows[("vllm", "all-gather", "step")] = _vllm_sync_row(result, shard_size)
+    if result.engine_dtype is not None:  # an engine with weights of its own is synced every step
+        rows[(result.rollout_engine, "all-gather", "step")] = _sync_row(result, shard_size)
     result.communication = _timed(rows.values(), result, hardware, shard_size)
     result.communication_bytes = sum(row["traffic"] for row in result.communication)
     result.communication_seconds = sum(row["seconds"] for row in result.communication)
@@ -269,12 +282,15 @@ def _traced_collectives(result: MemoryPlan, shapes: _Shapes, traced: dict) -> di
     return rows
 
 
-def _vllm_sync_row(result: MemoryPlan, shard_size: int) -> dict:
+def _sync_row(result: MemoryPlan, shard_size: int) -> dict:
     """Every step syncs the engine: each (merged) weight cast to the engine's dtype on its shard, then
     gathered whole, one at a time (selfdistill.models.sharded.merged_weights)."""
     whole = result.engine_weights
     return {
-        "what": f"rollout: vLLM weight sync, each weight gathered whole (in the engine's {result.engine_dtype})",
+        "what": (
+            f"rollout: {result.engine_label} weight sync, each weight gathered whole (in the engine's "
+            f"{result.engine_dtype})"
+        ),
         "collective": "all-gather",
         "per": "step",
         "times": 1,
@@ -415,17 +431,13 @@ def _changes(result: MemoryPlan, cfg: Config, hardware: Hardware) -> list[tuple[
         )
     if result.micro_batch > 1:
         out.append(("train.micro_batch_size=1", {"train": {"micro_batch_size": 1}}, result.processes))
-    if result.rollout_engine == "vllm" and result.gpu_memory:
+    memory = _engine_memory(cfg, result)
+    if memory is not None and result.gpu_memory:
         minimum = result.engine_weights + result.engine_kv_minimum
         fraction = math.ceil(minimum / result.gpu_memory * 100) / 100
-        if fraction < cfg.rollout.vllm_gpu_memory:  # the smallest share that starts: less KV cache
-            out.append(
-                (
-                    f"rollout.vllm_gpu_memory={fraction:.2f}",
-                    {"rollout": {"vllm_gpu_memory": fraction}},
-                    result.processes,
-                )
-            )
+        if fraction < memory.share:  # the smallest share that starts: less KV cache
+            section, _, key = memory.setting.partition(".")
+            out.append((f"{memory.setting}={fraction:.2f}", {section: {key: fraction}}, result.processes))
     return out
 
 
@@ -530,7 +542,7 @@ def _build(cfg: Config, config, processes: int, shard_size: int):
     import torch.distributed as dist
     from transformers import AutoModelForCausalLM
 
-    from selfdistill.methods import get_method
+    from selfdistill.methods.build import build_method
     from selfdistill.models import apply_lora
     from selfdistill.models.distributed import Processes, device_mesh, shard_model
     from selfdistill.models.loading import weights_dtype
@@ -547,14 +559,13 @@ def _build(cfg: Config, config, processes: int, shard_size: int):
     model.config.use_cache = False
     if cfg.train.activation_checkpointing:
         _set_checkpointing(model, True)
-    method = get_method(cfg.method)(cfg, model, None, None, [], 0, [])
     dist.init_process_group("fake", store=_fake_store(), rank=0, world_size=processes)
     mesh = device_mesh(torch.device("cpu"), processes, shard_size)
     procs = Processes(0, processes, torch.device("cpu"), sharded=True, mesh=mesh)
     shard = functools.partial(shard_model, procs=procs, gather=cfg.distributed.gather, warm_up=False)
-    model = shard(model, precision=cfg.model.precision)  # the planning config's precision: fp32 or bf16
-    method.model = model
-    method.shard(shard)
+    # The student is sharded in the planning config's precision (fp32 or bf16), the teacher in its own.
+    method = build_method(cfg, model, None, None, [], 0, [], procs=procs, shard=shard)
+    model = method.model
     return model, method, procs, dtype
 
 
@@ -611,7 +622,9 @@ def _items(cfg: Config, shapes: _Shapes) -> list:
             completion=[0] * shapes.completion,
             loss_start=min(cfg.loss.skip_first_tokens, shapes.completion) if skips else 0,
             teacher_prompt_ids=[0] * shapes.teacher_prompt if shapes.teacher_prompt else None,
-            extra={"demonstration": [0] * shapes.completion} if step.adds_demonstration_forward(cfg) else {},
+            extra={"demonstration": [0] * shapes.completion, "sft_scale": 1.0}
+            if step.adds_demonstration_forward(cfg)
+            else {},
         )
         for _ in range(shapes.micro)
     ]
@@ -730,8 +743,13 @@ def _steady_state_moments(optimizer, params: list, trace: MemoryTrace) -> int:
 def _trace_rollout(
     cfg, engine: str, model, method, trace: MemoryTrace, shapes: _Shapes, dtype, largest_parameter: int
 ) -> dict:
-    """Rollout figures: traced up to the first decoded token, the KV cache's growth after it computed."""
-    from selfdistill.sampling.decode import generate
+    """Rollout figures: traced up to the first decoded token, the KV cache's growth after it computed.
+
+    An engine that samples with the trainer's model is traced as it samples (`sdft plan` assumes its
+    memory is the decode loop's: the gathered model and a KV cache); one with weights of its own
+    only has each weight gathered, one at a time, for its sync.
+    """
+    from selfdistill.sampling import SamplingSettings, make_sampler
 
     if _step(cfg).trains_on != "rollouts":
         return {
@@ -742,7 +760,7 @@ def _trace_rollout(
             "rollout_parts": {},
             "rollout_collectives": [],
         }
-    if engine == "vllm":  # the engine gets the weights one parameter at a time
+    if engine_class(engine).copies_weights:  # the engine gets the weights one parameter at a time
         return {
             "rollout_gather": largest_parameter,
             "rollout_weight_copies": 0,
@@ -757,16 +775,11 @@ def _trace_rollout(
     )
     with trace.measuring("rollout"), trace.labelled("rollout"), contextlib.ExitStack() as stack:
         stack.callback(hook.remove)
-        generate(
-            model,
-            [[0] * shapes.prompt] * shapes.rollout_rows,
-            stop_token_ids=[],
-            pad_token_id=0,
-            max_new_tokens=2,
-            temperature=0.0,
-            batch_size=shapes.rollout_rows,
-            precision=method.precision,
+        settings = SamplingSettings(
+            2, (), 0, temperature=0.0, batch_size=shapes.rollout_rows, precision=method.precision
         )
+        sampler = make_sampler(model, settings, engine=engine, cfg=cfg)
+        sampler.generate([[0] * shapes.prompt] * shapes.rollout_rows, None)
     peak, parts = trace.peaks["rollout"]
     config = model.config
     layers = config.num_hidden_layers

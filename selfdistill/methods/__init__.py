@@ -1,16 +1,11 @@
 """Training methods: each turns a batch of records into a loss; the loop in training/loop.py is shared.
 
-The list of methods lives in `selfdistill.registry` (names, descriptions, classes, what each
-reads); a method's module is imported only when a run asks for it.
+A method is one module of this folder ending with its registry entry (`METHOD = MethodInfo(...)`),
+which `selfdistill.registry` finds; `build_method` builds one with the parts its entry declares.
 """
 
 from selfdistill.methods.base import Method, TrainItem
-from selfdistill.registry import method_class
+from selfdistill.methods.build import build_method
+from selfdistill.registry import method_class as get_method
 
-
-def get_method(name: str) -> type[Method]:
-    """The Method subclass registered under `name`."""
-    return method_class(name)
-
-
-__all__ = ["Method", "TrainItem", "get_method"]
+__all__ = ["Method", "TrainItem", "build_method", "get_method"]

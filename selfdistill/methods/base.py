@@ -11,7 +11,14 @@ from selfdistill.data.order import data_order
 from selfdistill.data.prompts import EncodedRecord
 from selfdistill.distillation.losses import chunked_token_loss, cross_entropy, output_head
 from selfdistill.models.batching import pad_batch
-from selfdistill.models.distributed import Processes, backbone, processes_sharing, reshard_all, sum_across
+from selfdistill.models.distributed import (
+    Processes,
+    backbone,
+    default_device,
+    max_across,
+    reshard_all,
+    sum_across,
+)
 from selfdistill.precision import autocast_context, resolve_precision
 
 
@@ -35,6 +42,18 @@ class TrainItem:
 def demonstration_items(records: list[EncodedRecord]) -> list[TrainItem]:
     """One item per record: its demonstration as the completion, after the student prompt (what SFT trains on)."""
     return [TrainItem(r.index, r.student_ids, r.demonstration_ids) for r in records]
+
+
+def micro_batches(items: list, size: int, procs: Processes) -> list[tuple[list, bool]]:
+    """(micro-batch, counted) pairs: `items` in micro-batches of `size`, as many on every process.
+
+    Under FSDP2 every process must run the same number of forwards and backwards (each gathers
+    weights and reduces gradients with the others), but processes can hold different numbers of
+    items: a process with fewer micro-batches repeats its last one, marked not counted (weight 0).
+    """
+    batches = [items[s : s + size] for s in range(0, len(items), size)]
+    rounds = max_across(procs, len(batches))
+    return [(batches[min(k, len(batches) - 1)], k < len(batches)) for k in range(rounds)]
 
 
 def completion_hidden(
@@ -70,17 +89,30 @@ class Method:
     The loop divides by the step's total number of loss tokens (across processes), so every
     counted token of the step weighs the same, whatever the micro-batching.
 
-    A method is registered in `selfdistill.registry` (docs/adding-a-method.md walks through one).
+    A method is one module under selfdistill/methods/ ending with its registry entry, `METHOD`
+    (docs/adding-a-method.md walks through one). Its parts are built from the config and handed
+    in by `selfdistill.methods.build.build_method`, as its entry's `Step` declares them: `teacher`
+    (a `TeacherScoring`) where the step has a teacher, `rollouts` (a `Rollouts`) where it trains on
+    the student's samples; None otherwise.
     """
 
-    # The rollout engine (rollout.engine) completes the training records' student prompts (SDFT).
-    samples_student_prompts = False
-    # The processes training together; the loop sets it (a plain process: one).
-    procs = Processes(0, 1, torch.device("cpu"))
-    # Whether the run directory already holds checkpoints when `setup` runs; the loop sets it.
-    checkpoints_exist = False
+    # Reuse a frozen teacher's scores of completions it already scored (offline_distill's fixed targets).
+    cache_teacher_scores = False
 
-    def __init__(self, cfg, model, tokenizer, builder, stop_token_ids: list[int], pad_token_id: int, records=None):
+    def __init__(
+        self,
+        cfg,
+        model,
+        tokenizer,
+        builder,
+        stop_token_ids: list[int],
+        pad_token_id: int,
+        records=None,
+        *,
+        procs: Processes | None = None,
+        teacher=None,
+        rollouts=None,
+    ):
         self.cfg = cfg
         self.records = records  # the raw records, for methods that need more than the encoded prompts
         self.model = model
@@ -88,15 +120,10 @@ class Method:
         self.builder = builder
         self.stop_token_ids = list(stop_token_ids)  # every id that ends a sampled turn (models.stop_token_ids)
         self.pad_token_id = pad_token_id
-        # 'fp32' or 'bf16': model.precision with 'auto' decided for the model's device (a model still
-        # on the meta device, to be filled after sharding, will live on this process's device).
-        device = next(model.parameters()).device
-        if device.type == "meta":
-            from selfdistill.models.distributed import default_device
-
-            device = default_device()
-        self.compute_device = device
-        self.precision = resolve_precision(cfg.model.precision, device)
+        self.procs = procs or Processes(0, 1, torch.device("cpu"))  # the processes training together
+        self.teacher = teacher
+        self.rollouts = rollouts
+        self.compute_device, self.precision = compute_precision(cfg, model)
 
     @classmethod
     def check_inputs(cls, cfg) -> None:
@@ -120,21 +147,22 @@ class Method:
 
     def supervised_loss(self, items: list[TrainItem], per_token_fn=cross_entropy) -> tuple[torch.Tensor, dict]:
         """SFT's loss on the items' completions given the student prompts: (Σ per_token_fn(log p),
-        {"demonstration_logp": Σ log p}) over the counted tokens."""
+        {"demonstration_logp_sum": Σ log p}) over the counted tokens."""
         hidden, tokens = completion_hidden(self.model, items, False, self.pad_token_id, self.precision)
         loss, logp_sum = self.token_loss(hidden, tokens, per_token_fn)
-        return loss, {"demonstration_logp": float(logp_sum)}
+        return loss, {"demonstration_logp_sum": float(logp_sum)}
 
     def sum_across(self, values: list[float]) -> list[float]:
         """Element-wise sums over the processes training together (for losses normalised by global counts)."""
         return sum_across(self.procs, values)
 
-    def total_steps(self, steps: int) -> int:
-        """Optimizer steps of the whole run, given those the data and epochs call for."""
+    def total_steps(self, steps: int, examples: list) -> int:
+        """Optimizer steps of the whole run, given those the data and epochs call for over `examples`."""
         return steps
 
-    def setup(self, examples: list) -> None:
-        """Work done once before training (e.g. generating offline targets)."""
+    def setup(self, examples: list, *, total_steps: int, resuming: bool) -> None:
+        """Work done once before training (e.g. generating offline targets). `resuming`: the run directory
+        already holds checkpoints, so the starting model is no longer what `self.model` holds."""
 
     def build_items(self, examples: list, seeds: list[int], step: int) -> tuple[list[TrainItem], dict]:
         raise NotImplementedError
@@ -158,22 +186,14 @@ class Method:
         if not every or step % every or not records:
             return {}
         start = time.perf_counter()
-        items = demonstration_items(records)
-        micro = self.cfg.train.micro_batch_size
-        # Under FSDP2 every process runs the same number of forwards: as many as the process with
-        # the most records of the step needs (a process with fewer repeats its last batch, unused).
-        most = -(
-            -self.cfg.train.batch_size // processes_sharing(self.model)
-        )  # the step's prompts are dealt out round-robin
-        rounds = -(-most // micro)
-        batches = [items[s : s + micro] for s in range(0, len(items), micro)]
         logp_sum, tokens = 0.0, 0
         with torch.no_grad():
-            for k in range(rounds):
-                batch = batches[min(k, len(batches) - 1)]
+            for batch, counted in micro_batches(
+                demonstration_items(records), self.cfg.train.micro_batch_size, self.procs
+            ):
                 hidden, targets = completion_hidden(self.model, batch, False, self.pad_token_id, self.precision)
                 _, part = self.token_loss(hidden, targets)
-                if k < len(batches):
+                if counted:
                     logp_sum += float(part)
                     tokens += int(targets.shape[0])
         reshard_all(self.model)
@@ -183,17 +203,25 @@ class Method:
             "time_demonstration_logp": time.perf_counter() - start,
         }
 
-    def shard(self, shard_fn) -> None:
-        """Shard the method's own models (the SDFT teacher) with `shard_fn(module, precision=...)`, each
-        given the precision it computes in; the student is the loop's."""
-
     def checkpointed_module(self):
-        """A module of the method's own whose weights a sharded checkpoint holds (the SDFT teacher), or None."""
-        return None
+        """The teacher's own copy, which a sharded checkpoint holds beside the student; None without one."""
+        return self.teacher.module if self.teacher is not None else None
 
-    # Checkpointed method state (the SDFT teacher); files in the checkpoint directory.
+    # Checkpointed method state (the teacher's weights), files in the checkpoint directory.
     def save_state(self, directory) -> None:
-        pass
+        if self.teacher is not None:
+            self.teacher.save(directory)
 
     def load_state(self, directory) -> None:
-        pass
+        if self.teacher is not None:
+            self.teacher.load(directory)
+
+
+def compute_precision(cfg, model) -> tuple[torch.device, str]:
+    """The device a method computes on and its precision ('fp32' or 'bf16'): model.precision with 'auto'
+    decided for the model's device (a model still on the meta device, to be filled after sharding,
+    will live on this process's device)."""
+    device = next(model.parameters()).device
+    if device.type == "meta":
+        device = default_device()
+    return device, resolve_precision(cfg.model.precision, device)

@@ -14,6 +14,7 @@ from selfdistill.data.records import read_jsonl
 from selfdistill.errors import UserError
 from selfdistill.methods.base import TrainItem
 from selfdistill.methods.sft import SFT
+from selfdistill.registry import MethodInfo, Step
 
 
 def load_documents(path: str | Path) -> list[str]:
@@ -65,3 +66,13 @@ class CPT(SFT):
     def build_items(self, pieces, seeds, step):
         # The first token is the context; every following token is predicted.
         return [TrainItem(record_index=-1, prompt_ids=p[:1], completion=p[1:]) for p in pieces], {}
+
+
+METHOD = MethodInfo(
+    "cpt",
+    "Continued pre-training: next-token loss on raw documents (data.documents, or the records' context).",
+    CPT,
+    "Continued pre-training: trained with the next-token loss on raw documents.",
+    settings=("data.documents",),
+    step=Step(trains_on="documents"),
+)

@@ -11,8 +11,19 @@ import torch
 
 from selfdistill.distillation.losses import probability_weighted_cross_entropy
 from selfdistill.methods.sft import SFT
+from selfdistill.registry import MethodInfo, Step
 
 
 class DFT(SFT):
     def per_token_loss(self, token_logp: torch.Tensor) -> torch.Tensor:
         return probability_weighted_cross_entropy(token_logp)
+
+
+METHOD = MethodInfo(
+    "dft",
+    "Dynamic Fine-Tuning: SFT's token loss weighted by the token's (constant) probability.",
+    DFT,
+    "Dynamic Fine-Tuning: trained with cross-entropy on the demonstrations, each token's loss weighted by "
+    "its probability under the model (held constant).",
+    step=Step(),
+)

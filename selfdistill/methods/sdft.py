@@ -16,96 +16,23 @@ one more student forward over the demonstrations; metrics.jsonl logs `divergence
 
 from __future__ import annotations
 
-import contextlib
-import functools
 import time
-from pathlib import Path
 
 import torch
 
 from selfdistill.distillation.losses import STAT_NAMES, chunked_completion_loss, output_head
-from selfdistill.distillation.teacher import Teacher
 from selfdistill.methods.base import Method, TrainItem, completion_hidden
-from selfdistill.models.distributed import is_sharded
-from selfdistill.precision import autocast_context, teacher_precision
-from selfdistill.sampling import Sampler, check_engine, make_sampler
+from selfdistill.methods.scoring import TeacherScoring
+from selfdistill.registry import MethodInfo, Step
 from selfdistill.sampling.importance import ImportanceSampling, ratio_sums
 
 
 class SDFT(Method):
-    samples_student_prompts = True
-
-    teacher_kind: str | None = None  # subclasses may fix the teacher (e.g. frozen)
-    # Reuse a frozen teacher's hidden states for completions it already scored (offline_distill:
-    # the same fixed targets come back every epoch). Off for on-policy SDFT: samples rarely repeat.
-    cache_teacher_scores = False
-    # loss.sft_weight > 0: the SFT term's factor, set for every step by `_attach_demonstrations`.
-    _sft_scale = 1.0
-
-    def __init__(self, cfg, model, tokenizer, builder, stop_token_ids, pad_token_id, records=None):
-        super().__init__(cfg, model, tokenizer, builder, stop_token_ids, pad_token_id, records)
-        # The teacher's forward runs without gradient, so it may compute in another precision than
-        # the student's (teacher.precision). The teacher starts from the in-memory student (for
-        # `frozen`, its weights now); a frozen copy never changes, so it may be stored in that precision.
-        self.teacher_precision = teacher_precision(
-            cfg.teacher.precision, cfg.model.precision, self.precision, self.compute_device
-        )
-        frozen_dtype = torch.bfloat16 if self.teacher_precision == "bf16" else None
-        self.teacher = Teacher(model, self.teacher_kind or cfg.teacher.kind, cfg.teacher.ema_rate, frozen_dtype)
-        check_engine(cfg)  # fail before training starts, with how to install the rollout engine
-        self._sampler: Sampler | None = None  # built at the first rollout (see `rollout_sampler`)
-
-    def rollouts(
-        self,
-        student_prompts: list[list[int]],
-        teacher_prompts: list[list[int]],
-        indices: list[int],
-        seeds: list[int],
-        skip_first: int,
-    ) -> tuple[list[TrainItem], dict]:
-        """Sample the student's completions (num_rollouts per prompt) and pair them with the teacher prompts."""
-        n = self.cfg.rollout.num_rollouts
-        prompts = [p for p in student_prompts for _ in range(n)]
-        start = time.perf_counter()
-        sampler = self.rollout_sampler()
-        # Before every rollout: the weights moved since the last one (an optimizer step), and an engine
-        # reused from an earlier task or a resumed run has never seen them.
-        sync_time = sampler.sync(self.model)
-        completions = sampler.generate(prompts, seeds)
-        extra_stats = {"time_weight_sync": sync_time} if sampler.copies_weights else {}
-        items = [
-            TrainItem(
-                record_index=indices[k // n],
-                prompt_ids=student_prompts[k // n],
-                completion=ids,
-                loss_start=skip_first,
-                teacher_prompt_ids=teacher_prompts[k // n],
-                finished=finished,
-                extra={} if completions.logprobs is None else {"sampler_logp": completions.logprobs[k]},
-            )
-            for k, (ids, finished) in enumerate(zip(completions.ids, completions.finished))
-        ]
-        stats = {
-            **extra_stats,
-            "time_rollout": time.perf_counter() - start - sync_time,
-            "completion_tokens": sum(len(i.completion) for i in items),
-            "clipped": sum(not i.finished for i in items),
-            "sequences": len(items),
-        }
-        return items, stats
-
-    def rollout_sampler(self) -> Sampler:
-        """The student's sampler (rollout.engine), built once, at the first rollout: a run that never
-        samples (offline_distill's training, sft_reinvoke's SFT phase) builds no engine."""
-        if self._sampler is None:
-            stop = [] if self.cfg.rollout.ignore_eos else self.stop_token_ids
-            self._sampler = make_sampler(
-                self.cfg, self.model, stop_token_ids=stop, pad_token_id=self.pad_token_id, precision=self.precision
-            )
-        return self._sampler
+    """The student's rollouts (`self.rollouts`) scored by the teacher (`self.teacher`), both handed in."""
 
     def build_items(self, records, seeds, step):
-        items, stats = self.rollouts(
+        items, stats = self.rollouts.sample(
+            self.model,
             [r.student_ids for r in records],
             [r.teacher_ids for r in records],
             [r.index for r in records],
@@ -118,7 +45,7 @@ class SDFT(Method):
         return items, {**stats, **self.demonstration_logp(records, step)}
 
     def _attach_demonstrations(self, items: list[TrainItem], records) -> None:
-        """SDFT + λ·SFT: each rollout carries its record's demonstration, and the SFT term's scale is set.
+        """SDFT + λ·SFT: each rollout carries its record's demonstration and the SFT term's scale.
 
         The loop divides the step's loss by its rollout tokens R (across processes); the SFT term
         is to be λ times the cross-entropy per demonstration token, over the D demonstration tokens
@@ -126,12 +53,13 @@ class SDFT(Method):
         every item's cross-entropy sum is scaled by λ · R / (D · n).
         """
         n = self.cfg.rollout.num_rollouts
-        for k, item in enumerate(items):
-            item.extra["demonstration"] = records[k // n].demonstration_ids
         rollout_tokens, demonstration_tokens = self.sum_across(
             [float(sum(i.loss_tokens for i in items)), float(sum(len(r.demonstration_ids) for r in records))]
         )
-        self._sft_scale = self.cfg.loss.sft_weight * rollout_tokens / max(demonstration_tokens, 1.0) / n
+        scale = self.cfg.loss.sft_weight * rollout_tokens / max(demonstration_tokens, 1.0) / n
+        for k, item in enumerate(items):
+            item.extra["demonstration"] = records[k // n].demonstration_ids
+            item.extra["sft_scale"] = scale
 
     def _sft_term(self, items: list[TrainItem]) -> tuple[torch.Tensor, dict]:
         """λ-scaled cross-entropy on the items' demonstrations: one more student forward, on those tokens."""
@@ -148,119 +76,72 @@ class SDFT(Method):
             "demonstration_logp_count": count,
             "time_sft_forward": time.perf_counter() - start,
         }
-        return ce * self._sft_scale, stats
-
-    @contextlib.contextmanager
-    def scored(self, items: list[TrainItem]):
-        """(teacher hidden, student hidden, tokens, teacher head, timings) at the items' loss positions.
-
-        The loss must run inside this block: the teacher's head is applied chunk by chunk inside
-        it, while the teacher's weights are in use (under FSDP2 they are freed when scoring ends).
-        The student's forward runs outside `teacher.weights()`: for a LoRA-frozen teacher that is
-        where the adapter is switched off, and a student computed there would have nothing to
-        train. `timings` gains the student's seconds when the block ends.
-        """
-        start = time.perf_counter()
-        with self.teacher.scoring(self.model) as teacher:
-            with teacher.weights() as teacher_model:
-                teacher_hidden = self._teacher_hidden(teacher_model, items)
-            timings = {"time_teacher": time.perf_counter() - start}
-            start = time.perf_counter()
-            student_hidden, tokens = completion_hidden(self.model, items, False, self.pad_token_id, self.precision)
-            yield teacher_hidden, student_hidden, tokens, self._teacher_head(teacher), timings
-        timings["time_student_forward"] = time.perf_counter() - start
-
-    def _teacher_head(self, teacher):
-        """The teacher's output head, run in the teacher's precision where that differs from the student's.
-
-        A bf16 teacher under an fp32 student projects its hidden states to the vocabulary in bf16 too:
-        at every completion position that product is as large as the student's own head.
-        """
-        head = teacher.head
-        if self.teacher_precision == self.precision:
-            return head
-
-        def project(hidden: torch.Tensor) -> torch.Tensor:
-            with autocast_context(hidden.device, self.teacher_precision):
-                return head(hidden)
-
-        return project
+        return ce * items[0].extra["sft_scale"], stats
 
     def loss(self, items: list[TrainItem]):
-        # Items without loss tokens are not dropped: under FSDP2 every process runs the same forwards.
-        with self.scored(items) as (teacher_hidden, student_hidden, tokens, teacher_head, timings):
-            weights = torch.ones(tokens.shape[0], device=student_hidden.device)
-            importance = self._importance_sampling(items)
-            loss, sums = chunked_completion_loss(
-                student_hidden,
-                teacher_hidden,
-                tokens,
-                weights,
-                output_head(self.model),
-                teacher_head,
-                self.cfg.loss,
-                importance,
-            )
-        stats = {**dict(zip(STAT_NAMES, sums.tolist())), **timings}
-        if importance is not None:
-            stats.update(ratio_sums(importance.ratios, importance.cap))
+        loss, stats = distillation_loss(self.teacher, self.model, items, self.cfg)
         if items and "demonstration" in items[0].extra:  # SDFT + λ·SFT
             sft, sft_stats = self._sft_term(items)
             loss = loss + sft
             stats.update(sft_stats)
         return loss, stats
 
-    def _importance_sampling(self, items: list[TrainItem]) -> ImportanceSampling | None:
-        """Truncated importance weights, when another engine sampled the items (never for our decode loop)."""
-        level = self.cfg.rollout.importance_sampling
-        if level == "off" or not items or any("sampler_logp" not in i.extra for i in items):
-            return None
-        sampler = [lp for i in items for lp in i.extra["sampler_logp"][i.loss_start :]]
-        sequence = [k for k, i in enumerate(items) for _ in range(i.loss_tokens)]
-        return ImportanceSampling(
-            torch.tensor(sampler, dtype=torch.float32),
-            torch.tensor(sequence),
-            cap=self.cfg.rollout.importance_cap,
-            level=level,
-        )
-
-    def _teacher_hidden(self, teacher_model, items: list[TrainItem]) -> torch.Tensor:
-        """The teacher's final hidden states at the items' loss positions (from the cache where allowed)."""
-        cache = getattr(self, "_teacher_cache", None)
-        # Not under FSDP2: a cache hit on one process and a miss on another would run different collectives.
-        if self.cache_teacher_scores and self.teacher.kind == "frozen" and not is_sharded(teacher_model):
-            if cache is None:
-                cache = self._teacher_cache = {}
-            keys = [(i.record_index, i.loss_start, tuple(i.completion), tuple(i.teacher_prompt_ids)) for i in items]
-            missing = [i for i, k in zip(items, keys) if k not in cache]
-        else:
-            keys, missing = None, items
-        if missing:
-            with torch.no_grad():
-                hidden, _ = completion_hidden(teacher_model, missing, True, self.pad_token_id, self.teacher_precision)
-            if keys is None:
-                return hidden
-            for item, part in zip(missing, hidden.split([i.loss_tokens for i in missing])):
-                cache[(item.record_index, item.loss_start, tuple(item.completion), tuple(item.teacher_prompt_ids))] = (
-                    part
-                )
-        return torch.cat([cache[k] for k in keys])
-
     def after_step(self) -> None:
         self.teacher.update(self.model)
 
-    def shard(self, shard_fn) -> None:
-        self.teacher.shard(functools.partial(shard_fn, precision=self.teacher_precision))
 
-    def checkpointed_module(self):
-        return self.teacher.module
+def distillation_loss(teacher: TeacherScoring, student, items: list[TrainItem], cfg) -> tuple[torch.Tensor, dict]:
+    """Σ over the items' loss tokens of the divergence between the teacher's and the student's next-token
+    distributions (cfg.loss), corrected by truncated importance sampling where another engine sampled
+    the items (cfg.rollout); and its statistics."""
+    # Items without loss tokens are not dropped: under FSDP2 every process runs the same forwards.
+    with teacher.scored(student, items) as (teacher_hidden, student_hidden, tokens, teacher_head, timings):
+        weights = torch.ones(tokens.shape[0], device=student_hidden.device)
+        importance = importance_sampling(cfg.rollout, items)
+        loss, sums = chunked_completion_loss(
+            student_hidden,
+            teacher_hidden,
+            tokens,
+            weights,
+            output_head(student),
+            teacher_head,
+            cfg.loss,
+            importance,
+        )
+    stats = {**{f"{name}_sum": value for name, value in zip(STAT_NAMES, sums.tolist())}, **timings}
+    if importance is not None:
+        stats.update(ratio_sums(importance.ratios, importance.cap))
+    return loss, stats
 
-    def save_state(self, directory: Path) -> None:
-        self.teacher.save(Path(directory) / "teacher.safetensors")
 
-    def load_state(self, directory: Path) -> None:
-        path = Path(directory) / "teacher.safetensors"
-        if self.teacher.module is not None:
-            if not path.is_file():
-                raise FileNotFoundError(f"{path}: the checkpoint has no teacher weights")
-            self.teacher.load(path)
+def importance_sampling(rollout, items: list[TrainItem]) -> ImportanceSampling | None:
+    """Truncated importance weights (rollout.importance_sampling), when another engine sampled the items
+    (never for our decode loop, whose numbers are the trainer's)."""
+    if rollout.importance_sampling == "off" or not items or any("sampler_logp" not in i.extra for i in items):
+        return None
+    sampler = [lp for i in items for lp in i.extra["sampler_logp"][i.loss_start :]]
+    sequence = [k for k, i in enumerate(items) for _ in range(i.loss_tokens)]
+    return ImportanceSampling(
+        torch.tensor(sampler, dtype=torch.float32),
+        torch.tensor(sequence),
+        cap=rollout.importance_cap,
+        level=rollout.importance_sampling,
+    )
+
+
+METHOD = MethodInfo(
+    "sdft",
+    "Self-Distillation Fine-Tuning: the student's own samples, scored by the demonstration-conditioned teacher.",
+    SDFT,
+    "Self-Distillation Fine-Tuning: trained on its own sampled answers, toward the next-token distributions "
+    "of a teacher (the same network, shown the demonstration).",
+    settings=("loss.sft_weight",),
+    step=Step(
+        trains_on="rollouts",
+        teacher="configured",
+        teacher_sees="demonstration",
+        matches_teacher=True,
+        skips_first_tokens=True,
+        demonstration_forward="loss.sft_weight",
+    ),
+)

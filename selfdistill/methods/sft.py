@@ -6,6 +6,7 @@ import torch
 
 from selfdistill.distillation.losses import cross_entropy
 from selfdistill.methods.base import Method, TrainItem, demonstration_items
+from selfdistill.registry import MethodInfo, Step
 
 
 class SFT(Method):
@@ -18,3 +19,12 @@ class SFT(Method):
 
     def loss(self, items: list[TrainItem]):
         return self.supervised_loss(items, self.per_token_loss)
+
+
+METHOD = MethodInfo(
+    "sft",
+    "Supervised fine-tuning: cross-entropy on the demonstration tokens (+ end of turn).",
+    SFT,
+    "Supervised fine-tuning: trained with cross-entropy on the demonstrations.",
+    step=Step(),
+)

@@ -19,18 +19,42 @@ the cross-entropy, with a gradient that grows as p_start → 0.
 
 from __future__ import annotations
 
+import math
+from dataclasses import dataclass, field
+from typing import ClassVar
+
 import torch
 
+from selfdistill.config import Config, Section
 from selfdistill.distillation.losses import chunked_anchored_loss, output_head
 from selfdistill.methods.base import TrainItem
-from selfdistill.methods.sdft import SDFT
+from selfdistill.methods.sft import SFT
+from selfdistill.options import setting
+from selfdistill.registry import MethodInfo, Step
 
 
-class SFTKL(SDFT):
-    """SDFT's teacher machinery (a frozen starting model, scored alongside the student) with its own loss."""
+@dataclass
+class AnchorSettings(Section):
+    key: ClassVar[str] = "anchor"
 
-    teacher_kind = "frozen"  # the starting model
-    samples_student_prompts = False  # no rollouts: it trains on the demonstrations
+    beta: float = setting(
+        0.1,
+        "sft_kl: weight β of the anchor: loss = cross-entropy + β · KL(starting model ‖ student) on the "
+        "demonstration's tokens, over the full vocabulary. 0: plain SFT.",
+        "KL anchor weight",
+    )
+
+    def check(self) -> None:
+        self._require(self.beta >= 0 and math.isfinite(self.beta), "beta", "must be a finite number >= 0")
+
+
+@dataclass
+class SFTKLConfig(Config):
+    anchor: AnchorSettings = field(default_factory=AnchorSettings)
+
+
+class SFTKL(SFT):
+    """SFT plus the anchor to the starting model (the frozen teacher handed in), scored alongside the student."""
 
     def build_items(self, records, seeds, step):
         # The starting model is shown what the student is shown: the prompt, no demonstration.
@@ -43,7 +67,7 @@ class SFTKL(SDFT):
         beta = self.cfg.anchor.beta
         if beta == 0:  # plain SFT: the starting model is not run
             return self.supervised_loss(items)
-        with self.scored(items) as (anchor_hidden, hidden, tokens, anchor_head, timings):
+        with self.teacher.scored(self.model, items) as (anchor_hidden, hidden, tokens, anchor_head, timings):
             loss, sums = chunked_anchored_loss(
                 hidden,
                 anchor_hidden,
@@ -55,7 +79,15 @@ class SFTKL(SDFT):
                 self.cfg.loss.chunk_size,
             )
         logp_sum, kl_sum = sums.tolist()
-        return loss, {"demonstration_logp": logp_sum, "anchor_kl": kl_sum, **timings}
+        return loss, {"demonstration_logp_sum": logp_sum, "anchor_kl_sum": kl_sum, **timings}
 
-    def after_step(self) -> None:
-        """The starting model stays as it is."""
+
+METHOD = MethodInfo(
+    "sft_kl",
+    "SFT anchored to the starting model: cross-entropy + anchor.beta x KL(starting model || student) per token.",
+    SFTKL,
+    "SFT anchored to the starting model: trained with cross-entropy on the demonstrations plus a KL penalty "
+    "toward the starting model's next-token distributions.",
+    config=SFTKLConfig,
+    step=Step(teacher="frozen", teacher_sees="prompt", teacher_runs_if="anchor.beta"),
+)

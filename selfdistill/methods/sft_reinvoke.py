@@ -15,9 +15,36 @@ seed (with replacement).
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
+from typing import ClassVar
+
+from selfdistill.config import Config, Section
 from selfdistill.data.records import Record, load_records
 from selfdistill.methods.base import demonstration_items
-from selfdistill.methods.sdft import SDFT
+from selfdistill.methods.sdft import distillation_loss
+from selfdistill.methods.sft import SFT
+from selfdistill.options import setting
+from selfdistill.registry import MethodInfo, Step
+
+
+@dataclass
+class ReinvokeSettings(Section):
+    key: ClassVar[str] = "reinvoke"
+
+    steps: int = setting(10, "sft_reinvoke: optimizer steps of the second (recovery) phase.", "recovery steps")
+    prompts: str | None = setting(
+        None,
+        "sft_reinvoke: general prompts (.jsonl with 'prompt'); default: the built-in general prompts (the replay set; "
+        "none of them is an evaluation probe or drift prompt).",
+    )
+
+    def check(self) -> None:
+        self._require(self.steps >= 0, "steps", "must be >= 0")
+
+
+@dataclass
+class SFTReinvokeConfig(Config):
+    reinvoke: ReinvokeSettings = field(default_factory=ReinvokeSettings)
 
 
 def general_prompts(path: str | None) -> list[str | list]:
@@ -28,11 +55,9 @@ def general_prompts(path: str | None) -> list[str | list]:
     return builtin()
 
 
-class SFTReinvoke(SDFT):
-    """Phase 2 is SDFT's on-policy distillation with the initial model as the teacher; phase 1 is SFT."""
-
-    teacher_kind = "frozen"  # the initial model
-    samples_student_prompts = False  # rollouts complete the general prompts, not the records'
+class SFTReinvoke(SFT):
+    """Phase 1 is SFT; phase 2 distils the starting model (the frozen teacher handed in) into the
+    student's rollouts (handed in) of general prompts."""
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
@@ -44,11 +69,11 @@ class SFTReinvoke(SDFT):
         if cfg.reinvoke.prompts:
             general_prompts(cfg.reinvoke.prompts)
 
-    def total_steps(self, steps: int) -> int:
-        self.sft_steps = steps
+    def total_steps(self, steps: int, examples: list) -> int:
         return steps + self.cfg.reinvoke.steps
 
-    def setup(self, records) -> None:
+    def setup(self, records, *, total_steps: int, resuming: bool) -> None:
+        self.sft_steps = total_steps - self.cfg.reinvoke.steps
         if self.cfg.reinvoke.steps:
             self.general = [
                 self.builder.student_ids(Record(prompt=p, demonstration=""))
@@ -61,12 +86,26 @@ class SFTReinvoke(SDFT):
         n = self.cfg.rollout.num_rollouts
         prompts = [self.general[seeds[k * n] % len(self.general)] for k in range(len(records))]
         # The initial model is shown the same prompt as the student: no demonstration.
-        return self.rollouts(prompts, prompts, [-1] * len(prompts), seeds, 0)
+        return self.rollouts.sample(self.model, prompts, prompts, [-1] * len(prompts), seeds, 0)
 
     def loss(self, items):
         if items and items[0].teacher_prompt_ids is None:  # phase 1
             return self.supervised_loss(items)
-        return super().loss(items)
+        return distillation_loss(self.teacher, self.model, items, self.cfg)
 
-    def after_step(self) -> None:
-        """The initial model stays as it is."""
+
+METHOD = MethodInfo(
+    "sft_reinvoke",
+    "SFT, then on-policy distillation from the initial model on general prompts to recover old skills.",
+    SFTReinvoke,
+    "SFT, then on-policy distillation from the starting model on general prompts to recover earlier skills.",
+    config=SFTReinvokeConfig,
+    # The second phase's step: the student's samples of general prompts, scored by the starting model.
+    step=Step(
+        trains_on="rollouts",
+        teacher="frozen",
+        teacher_sees="prompt",
+        matches_teacher=True,
+        second_phase="reinvoke.steps",
+    ),
+)

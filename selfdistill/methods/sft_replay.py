@@ -21,11 +21,13 @@ from __future__ import annotations
 import json
 import math
 import random
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import ClassVar
 
 import torch
 
-from selfdistill.config import replay_per_step
+from selfdistill.config import Config, Section
 from selfdistill.data.order import data_order
 from selfdistill.data.prompts import EncodedRecord
 from selfdistill.data.records import Record, load_records
@@ -34,10 +36,53 @@ from selfdistill.files import write_atomic
 from selfdistill.methods.base import TrainItem, completion_hidden
 from selfdistill.methods.sft import SFT
 from selfdistill.models.distributed import barrier
+from selfdistill.options import setting
 from selfdistill.progress import progress_bar
-from selfdistill.sampling.decode import generate
+from selfdistill.registry import MethodInfo, Step
+from selfdistill.sampling import SamplingSettings, sampling_from
 
 REPLAY_FILE = "replay.jsonl"
+
+
+@dataclass
+class ReplaySettings(Section):
+    key: ClassVar[str] = "replay"
+
+    ratio: float = setting(
+        0.25, "sft_replay: share of every step's examples drawn from the replay set.", "replay share of each step"
+    )
+    data: str | None = setting(
+        None,
+        "sft_replay: replay records (.jsonl / dataset, like data.train). Records without a demonstration are "
+        "answered by the starting model. Default: the built-in general prompts, answered by the starting model.",
+        "replay data",
+    )
+    max_new_tokens: int = setting(
+        128, "sft_replay: longest answer the starting model writes for a replay prompt.", "longest replay answer"
+    )
+
+    def check(self) -> None:
+        self._require(0.0 <= self.ratio < 1.0, "ratio", "must lie in [0, 1) (some of every step must be new data)")
+        self._require(self.max_new_tokens > 0, "max_new_tokens", "must be > 0")
+
+
+@dataclass
+class SFTReplayConfig(Config):
+    replay: ReplaySettings = field(default_factory=ReplaySettings)
+
+    def check_method(self) -> None:
+        replayed = replay_per_step(self.replay.ratio, self.train.batch_size)
+        if not (0 < replayed < self.train.batch_size or self.replay.ratio == 0):
+            raise UserError(
+                f"Config value replay.ratio: {self.replay.ratio} of train.batch_size {self.train.batch_size} is "
+                f"{replayed} replay examples a step; it must be at least 1 and leave at least one slot for the "
+                "training records (change either)."
+            )
+
+
+def replay_per_step(ratio: float, batch_size: int) -> int:
+    """Replay examples in a step of `batch_size` examples: round(ratio × batch_size), halves up."""
+    return math.floor(ratio * batch_size + 0.5)
 
 
 def replay_slots(batch_size: int, ratio: float) -> list[bool]:
@@ -65,8 +110,6 @@ class SFTReplay(SFT):
         super().__init__(*args, **kwargs)
         self.slots = replay_slots(self.cfg.train.batch_size, self.cfg.replay.ratio)
         self.replay: list[EncodedRecord] = []
-        self.num_records = 0
-        self.steps = 0
 
     # -- which examples a step trains on --------------------------------------------------------
 
@@ -75,17 +118,12 @@ class SFTReplay(SFT):
         if cfg.replay.data:
             replay_records(cfg.replay.data)
 
-    def training_examples(self, records):
-        self.num_records = len(records)
-        return records
-
-    def total_steps(self, steps: int) -> int:
+    def total_steps(self, steps: int, examples: list) -> int:
         """train.epochs counts passes over the training records, of which a step now holds fewer."""
         train = self.cfg.train
         if not train.max_steps:
             new_per_step = len(self.slots) - sum(self.slots)
-            steps = max(1, math.ceil(train.epochs * self.num_records / new_per_step))
-        self.steps = steps
+            steps = max(1, math.ceil(train.epochs * len(examples) / new_per_step))
         return steps
 
     def step_examples(self, examples, positions, step):
@@ -104,23 +142,23 @@ class SFTReplay(SFT):
 
     # -- the replay set -------------------------------------------------------------------------
 
-    def setup(self, examples) -> None:
+    def setup(self, examples, *, total_steps: int, resuming: bool) -> None:
         if sum(self.slots):
-            self.replay = self._replay_set()
+            self.replay = self._replay_set(total_steps, resuming)
 
-    def _replay_set(self) -> list[EncodedRecord]:
+    def _replay_set(self, steps: int, resuming: bool) -> list[EncodedRecord]:
         records = replay_records(self.cfg.replay.data)
         if not records:
             raise UserError(f"Config value replay.data: {self.cfg.replay.data} holds no records.")
         # As many as the run draws, the first of a seeded shuffle: a short run answers only those.
         order = list(range(len(records)))
         random.Random(self.cfg.train.seed).shuffle(order)
-        order = order[: min(len(records), self.steps * sum(self.slots))]
+        order = order[: min(len(records), steps * sum(self.slots))]
         prompts = {k: self.builder.student_ids(records[k]) for k in order}
         answers = self._stored_answers(prompts)
         missing = [k for k in order if not records[k].demonstration and k not in answers]
         if missing:
-            self._generate(missing, prompts, answers, records)
+            self._generate(missing, prompts, answers, records, resuming)
         encoded = []
         for position, k in enumerate(order):
             ids = self.builder.demonstration_ids(records[k].demonstration) if records[k].demonstration else answers[k]
@@ -150,44 +188,42 @@ class SFTReplay(SFT):
         barrier(self.procs)  # every process has read the file before any appends to it
         return answers
 
-    def _generate(self, missing: list[int], prompts, answers: dict, records: list[Record]) -> None:
-        if self.checkpoints_exist:
+    def _generate(self, missing: list[int], prompts, answers: dict, records: list[Record], resuming: bool) -> None:
+        if resuming:
             raise UserError(
                 f"{self._path()}: the replay answers are incomplete but the run already has checkpoints, so the "
                 "starting model that must write them is gone. Start the run again (--overwrite)."
             )
         path, batch = self._path(), self.cfg.rollout.batch_size
+        # The starting model's greedy answers, through the run's rollout engine (rollout.engine); its own
+        # settings come from the run's config, its context from the longest prompt it answers here.
+        new, stops, pad = self.cfg.replay.max_new_tokens, self.stop_token_ids, self.pad_token_id
+        settings = SamplingSettings(new, stops, pad, temperature=0.0, batch_size=batch, precision=self.precision)
+        longest = max(len(prompts[k]) for k in missing)
+        engine = self.cfg.rollout.engine
         bar = progress_bar(total=len(missing), desc="replay answers (starting model)") if self.procs.is_main else None
-        for start in range(0, len(missing), batch):
-            part = missing[start : start + batch]
-            completions = generate(
-                self.model,
-                [prompts[k] for k in part],
-                stop_token_ids=self.stop_token_ids,
-                pad_token_id=self.pad_token_id,
-                max_new_tokens=self.cfg.replay.max_new_tokens,
-                temperature=0.0,
-                batch_size=batch,
-                precision=self.precision,
-            )
-            rows = []
-            for k, ids in zip(part, completions.ids):
-                answers[k] = ids
-                text = self.tokenizer.decode(ids, skip_special_tokens=True)
-                rows.append(
-                    {
-                        "index": k,
-                        "prompt": records[k].prompt,
-                        "answer": text,
-                        "prompt_ids": prompts[k],
-                        "answer_ids": ids,
-                    }
-                )
-            if self.procs.is_main:
-                with path.open("a", encoding="utf-8") as f:
-                    f.write("".join(json.dumps(row) + "\n" for row in rows))
-            if bar is not None:
-                bar.update(len(part))
+        with sampling_from(self.model, settings, engine=engine, cfg=self.cfg, max_prompt_tokens=longest) as sampler:
+            for start in range(0, len(missing), batch):  # each batch written as it finishes: a stop loses one
+                part = missing[start : start + batch]
+                completions = sampler.generate([prompts[k] for k in part], None)
+                rows = []
+                for k, ids in zip(part, completions.ids):
+                    answers[k] = ids
+                    text = self.tokenizer.decode(ids, skip_special_tokens=True)
+                    rows.append(
+                        {
+                            "index": k,
+                            "prompt": records[k].prompt,
+                            "answer": text,
+                            "prompt_ids": prompts[k],
+                            "answer_ids": ids,
+                        }
+                    )
+                if self.procs.is_main:
+                    with path.open("a", encoding="utf-8") as f:
+                        f.write("".join(json.dumps(row) + "\n" for row in rows))
+                if bar is not None:
+                    bar.update(len(part))
         if bar is not None:
             bar.close()
 
@@ -195,7 +231,7 @@ class SFTReplay(SFT):
 
     def build_items(self, records, seeds, step):
         items, stats = super().build_items(records, seeds, step)
-        stats["replay_examples"] = float(sum(r.index < 0 for r in records))
+        stats["replay_examples_total"] = float(sum(r.index < 0 for r in records))
         return items, stats
 
     def loss(self, items: list[TrainItem]):
@@ -215,3 +251,15 @@ class SFTReplay(SFT):
             total = total + loss
             stats[f"{name}_sum"], stats[f"{name}_count"] = float(logp_sum), float(rows.shape[0])
         return total, stats
+
+
+METHOD = MethodInfo(
+    "sft_replay",
+    "SFT with replay: replay.ratio of every step's examples are the starting model's own answers to general prompts.",
+    SFTReplay,
+    "SFT with replay: trained with cross-entropy on the demonstrations, a share of every step given to "
+    "examples of the starting model's own behaviour.",
+    config=SFTReplayConfig,
+    # Its replay answers are generated before training; a step trains on them as on demonstrations.
+    step=Step(),
+)

@@ -10,12 +10,14 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from selfdistill.config import settings_of
 from selfdistill.files import write_atomic
 from selfdistill.models.loading import EMBEDDED_MODELS, portable_model_name
 from selfdistill.registry import METHOD_INFO, MethodInfo
 
-# How the card's table names a setting. Which settings it shows is read from the method's registry
-# entry (`_read_settings`): the ones every method reads, the ones its declared step reads, and its own.
+# How the card's table names a shared setting (a method's own settings carry their label, `setting(label=)`).
+# Which settings it shows is read from the method's registry entry (`_read_settings`): the ones every
+# method reads, the ones its declared step reads, and its own.
 _LABELS = {
     "train.lr": "learning rate",
     "train.batch_size": "prompts per optimizer step",
@@ -36,17 +38,12 @@ _LABELS = {
     "teacher.ema_rate": "EMA rate",
     "data.teacher_template": "teacher template",
     "loss.sft_weight": "SFT term weight",
-    "offline.loss": "loss on the teacher's answers",
-    "reinvoke.steps": "recovery steps",
-    "replay.ratio": "replay share of each step",
-    "replay.data": "replay data",
-    "replay.max_new_tokens": "longest replay answer",
-    "anchor.beta": "KL anchor weight",
 }
 _EVERY_METHOD = ("train.lr", "train.batch_size", "train.epochs", "train.max_steps", "train.seed", "model.precision")
 # What an unset (null) setting means, where "—" would not say.
 _WHEN_UNSET = {
     "replay.data": "the starting model's answers to the built-in general prompts",
+    "reinvoke.prompts": "the built-in general prompts",
     "data.documents": "the records' `context` fields",
 }
 # What a fixed teacher is, in words (Step.teacher), and what it is shown (Step.teacher_sees).
@@ -96,9 +93,15 @@ def _read_settings(cfg, info: MethodInfo) -> list[str]:
             keys += ["teacher.kind"] + (["teacher.ema_rate"] if cfg.teacher.kind == "ema" else [])
         if step.teacher_sees == "demonstration" and (runs or step.trains_on == "teacher answers"):
             keys.append("data.teacher_template")
-    for own in info.settings:  # a section stands for its labelled keys
+    for own in info.settings:  # keys of shared sections only this method reads
         keys += [key for key in _LABELS if key == own or key.startswith(own + ".")]
+    keys += [key for key in _labels_of(cfg) if key.split(".")[0] in info.own_sections]  # its own sections
     return list(dict.fromkeys(keys))
+
+
+def _labels_of(cfg) -> dict[str, str]:
+    """key -> label of every setting of `cfg`: _LABELS, or the label its field declares, or the key itself."""
+    return {key: _LABELS.get(key) or f.metadata.get("label") or key for _, f, _, key in settings_of(cfg)}
 
 
 def _teacher_line(cfg, info: MethodInfo) -> list[str]:
@@ -121,10 +124,11 @@ def _settings_rows(cfg, info: MethodInfo, precision: str | None) -> list[str]:
     config = cfg.to_dict()
     used = {"model.precision": precision} if precision else {}
     rows = ["| setting | value |", "|---|---|"]
+    labels = _labels_of(cfg)
     for key in _read_settings(cfg, info):
         value = used.get(key, _get(config, key))
         text = _WHEN_UNSET[key] if value is None and key in _WHEN_UNSET else _fmt(value)
-        rows.append(f"| {_LABELS[key]} (`{key}`) | {text} |")
+        rows.append(f"| {labels[key]} (`{key}`) | {text} |")
     return rows
 
 

@@ -11,7 +11,8 @@ its prompt, its seed and the weights — not on which other prompts shared its b
 size, on how records are split across processes, or on a resume. That is what makes two
 processes reproduce one, and a resumed run reproduce an uninterrupted one.
 
-`DecodeSampler` is this loop as a `Sampler`; `generate` stays usable on its own (evaluation).
+`DecodeSampler` is this loop as a `Sampler`, the way every caller generates (`rollout.engine:
+decode`, and evaluation's default); `generate` itself is for benchmarks and tests of the loop.
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ from selfdistill.models.batching import pad_batch
 from selfdistill.models.distributed import backbone, full_weights
 from selfdistill.precision import autocast_context
 from selfdistill.progress import progress_bar
-from selfdistill.sampling.base import Completions, Sampler
+from selfdistill.sampling.base import Completions, Sampler, SamplingSettings
 
 # Up to this many rows, the CPU decode step applies the output head as `W @ h.T` (see _logits_fn).
 SMALL_DECODE_ROWS = 16
@@ -249,39 +250,37 @@ def _generate_batch(
 class DecodeSampler(Sampler):
     """Our decode loop as a `Sampler`: it samples from the model itself, so `sync` has nothing to copy."""
 
-    def __init__(
-        self,
-        model,
-        *,
-        stop_token_ids: list[int],
-        pad_token_id: int,
-        max_new_tokens: int,
-        temperature: float,
-        top_p: float,
-        batch_size: int,
-        precision: str,
-    ):
+    def __init__(self, model, settings: SamplingSettings):
         self.model = model
-        # `generate`'s settings, the same for every call.
-        self.settings = {
-            "stop_token_ids": list(stop_token_ids),
-            "pad_token_id": pad_token_id,
-            "max_new_tokens": max_new_tokens,
-            "temperature": temperature,
-            "top_p": top_p,
-            "batch_size": batch_size,
-            "precision": precision,
-        }
+        self.settings = settings
 
     @classmethod
-    def from_config(cls, cfg, model, *, stop_token_ids, pad_token_id, precision, max_prompt_tokens) -> DecodeSampler:
-        rollout = {
-            name: getattr(cfg.rollout, name) for name in ("max_new_tokens", "temperature", "top_p", "batch_size")
-        }
-        return cls(model, stop_token_ids=stop_token_ids, pad_token_id=pad_token_id, precision=precision, **rollout)
+    def build(cls, model, settings: SamplingSettings, *, cfg=None, max_prompt_tokens=None) -> DecodeSampler:
+        """The loop has no settings of its own and no fixed context: `cfg` and `max_prompt_tokens` are unused."""
+        return cls(model, settings)
 
-    def generate(self, prompts: list[list[int]], seeds: list[int], *, desc: str | None = None) -> Completions:
-        return generate(self.model, prompts, seeds=seeds, desc=desc, **self.settings)
+    def generate(
+        self,
+        prompts: list[list[int]],
+        seeds: list[int] | None,
+        *,
+        desc: str | None = None,
+        max_new_tokens: int | None = None,
+    ) -> Completions:
+        s = self.settings
+        return generate(
+            self.model,
+            prompts,
+            seeds=seeds,
+            desc=desc,
+            max_new_tokens=s.budget(max_new_tokens),
+            stop_token_ids=list(s.stop_token_ids),
+            pad_token_id=s.pad_token_id,
+            temperature=s.temperature,
+            top_p=s.top_p,
+            batch_size=s.batch_size,
+            precision=s.precision,
+        )
 
     def sync(self, model) -> float:
         """Nothing to copy: the loop runs the live model. Only which model that is is noted (no time spent)."""

@@ -134,35 +134,33 @@ class ImportanceSampling:
 
 def ratio_summary(ratios: list[torch.Tensor], cap: float) -> dict[str, float]:
     """Mean, extremes and clipped fraction of importance ratios (before the cap); empty when none."""
-    return finish_ratio_stats(ratio_sums(ratios, cap))
-
-
-def ratio_sums(ratios: list[torch.Tensor], cap: float) -> dict[str, float]:
-    """The ratios' sum, count, clipped count, minimum and maximum: what adds up (or min/max-es) over
-    micro-batches and processes. The loop combines `*_min` / `*_max` keys by min / max, the rest by sum."""
-    joined = torch.cat(ratios) if ratios else torch.zeros(0)
-    empty = joined.numel() == 0  # still every key: all processes must send the same ones
+    sums = ratio_sums(ratios, cap)
+    count = sums["importance_ratio_mean_count"]
+    if count == 0:
+        return {}
     return {
-        "importance_ratio_sum": float(joined.sum()),
-        "importance_ratio_count": float(joined.numel()),
-        "importance_clipped_count": float((joined > cap).sum()),
-        "importance_ratio_min": math.inf if empty else float(joined.min()),
-        "importance_ratio_max": -math.inf if empty else float(joined.max()),
+        "importance_ratio_mean": sums["importance_ratio_mean_sum"] / count,
+        "importance_clipped_fraction": sums["importance_clipped_fraction_sum"] / count,
+        "importance_ratio_min": sums["importance_ratio_min"],
+        "importance_ratio_max": sums["importance_ratio_max"],
     }
 
 
-def finish_ratio_stats(stats: dict[str, float]) -> dict[str, float]:
-    """Turns the combined sums of `ratio_sums` into the logged mean and clipped fraction (in place)."""
-    if "importance_ratio_count" not in stats:
-        return stats
-    count = stats.pop("importance_ratio_count")
-    total, clipped = stats.pop("importance_ratio_sum"), stats.pop("importance_clipped_count")
-    if count == 0:  # no loss tokens anywhere this step
-        stats.pop("importance_ratio_min", None), stats.pop("importance_ratio_max", None)
-        return stats
-    stats["importance_ratio_mean"] = total / count
-    stats["importance_clipped_fraction"] = clipped / count
-    return stats
+def ratio_sums(ratios: list[torch.Tensor], cap: float) -> dict[str, float]:
+    """The ratios' sum, clipped count, count, minimum and maximum, as statistics of a step: sums (and
+    min/max) over micro-batches and processes, logged as importance_ratio_mean, importance_clipped_fraction,
+    importance_ratio_min and importance_ratio_max (training/statistics.py reads the endings)."""
+    joined = torch.cat(ratios) if ratios else torch.zeros(0)
+    empty = joined.numel() == 0  # still every key: all processes must send the same ones
+    count = float(joined.numel())
+    return {
+        "importance_ratio_mean_sum": float(joined.sum()),
+        "importance_ratio_mean_count": count,
+        "importance_clipped_fraction_sum": float((joined > cap).sum()),
+        "importance_clipped_fraction_count": count,
+        "importance_ratio_min": math.inf if empty else float(joined.min()),
+        "importance_ratio_max": -math.inf if empty else float(joined.max()),
+    }
 
 
 def _runs(ids: torch.Tensor) -> list[tuple[int, int]]:

@@ -37,7 +37,7 @@ from selfdistill.errors import UserError
 from selfdistill.models.distributed import processes_sharing
 from selfdistill.models.sharded import merged_weights
 from selfdistill.precision import resolve_precision
-from selfdistill.sampling.base import Completions, Sampler
+from selfdistill.sampling.base import Completions, EngineMemory, Sampler, SamplingSettings
 from selfdistill.sampling.vllm_first_load import (
     base_config,
     first_load_bytes,
@@ -108,17 +108,24 @@ def _rebuild_output_head(worker) -> None:
     head.quant_method.process_weights_after_loading(head)
 
 
-def engine_context(model, cfg, prompt_tokens: int | None = None) -> int:
-    """The engine's context (vLLM's max_model_len) for a run: the longest prompt plus the longest completion.
+def engine_context(model, prompt_tokens: int | None, new_tokens: int) -> int:
+    """The engine's context (vLLM's max_model_len): the longest prompt plus the longest completion.
 
-    data.max_prompt_tokens (or `prompt_tokens`, for other prompts: offline distillation's teacher
-    prompts) + rollout.max_new_tokens, capped by the model's own limit (max_position_embeddings).
+    `prompt_tokens` (a run's data.max_prompt_tokens, offline distillation's teacher prompts'
+    limit, or evaluation's longest prompt) + `new_tokens`, capped by the model's own limit
+    (max_position_embeddings); the model's limit alone where the longest prompt is not known (None).
     The one place this is computed: the engine is built with it, and `check_prompts_fit` checks
     every training prompt against it before a run writes anything.
     """
-    longest = cfg.data.max_prompt_tokens if prompt_tokens is None else prompt_tokens
-    wanted = longest + cfg.rollout.max_new_tokens
     limit = getattr(base_config(model), "max_position_embeddings", None)
+    if prompt_tokens is None:
+        if not limit:
+            raise UserError(
+                "The vLLM engine needs the longest prompt it will be given (max_prompt_tokens): the model's "
+                "config names no context length (max_position_embeddings) to size it by instead."
+            )
+        return limit
+    wanted = prompt_tokens + new_tokens
     return min(wanted, limit) if limit else wanted
 
 
@@ -129,8 +136,8 @@ def check_prompts_fit(cfg, model, records, encoded) -> None:
     process holds all records, so all of them raise the same error and none waits in a collective
     for one that failed mid-training.
     """
-    context = engine_context(model, cfg)
     new = cfg.rollout.max_new_tokens
+    context = engine_context(model, cfg.data.max_prompt_tokens, new)
     over = [e for e in encoded if len(e.student_ids) + new > context]
     if not over:
         return
@@ -344,7 +351,7 @@ class VLLMEngine:
         too_long = [len(p) for p in prompts if len(p) + max_new_tokens > self.max_model_len]
         if too_long:
             raise UserError(
-                f"rollout.engine=vllm: a prompt of {max(too_long)} tokens plus rollout.max_new_tokens="
+                f"rollout.engine=vllm: a prompt of {max(too_long)} tokens plus max_new_tokens="
                 f"{max_new_tokens} exceeds the engine's context of {self.max_model_len} tokens."
             )
         params = [
@@ -456,62 +463,72 @@ def close_shared_engine(engine: VLLMEngine) -> None:
 
 
 class VLLMSampler(Sampler):
-    """The process's shared vLLM engine with one run's rollout settings.
+    """The process's shared vLLM engine with one sampler's settings.
 
     `sync` streams the trainer's weights into the engine: a method calls it before every rollout
     (in training one rollout per optimizer step, so the sync after every step; doing it before the
     rollout rather than after the step also covers a resumed run and an engine reused from an
     earlier task). The completions carry the engine's log-probabilities for importance sampling.
+    The engine schedules its own batches: settings.batch_size and pad_token_id are not used.
     """
 
     copies_weights = True
 
-    def __init__(
-        self, engine: VLLMEngine, *, stop_token_ids: list[int], max_new_tokens: int, temperature: float, top_p: float
-    ):
+    def __init__(self, engine: VLLMEngine, settings: SamplingSettings):
         self.engine = engine
-        self.stop_token_ids = list(stop_token_ids)
-        self.max_new_tokens = max_new_tokens
-        self.temperature = temperature
-        self.top_p = top_p
+        self.settings = settings
 
     @classmethod
     def check_installed(cls) -> None:
         import_vllm()
 
     @classmethod
-    def from_config(cls, cfg, model, *, stop_token_ids, pad_token_id, precision, max_prompt_tokens) -> VLLMSampler:
-        """The shared engine for the run's settings: rollout.vllm_precision (auto: model.precision, decided
-        for the model's device), the context `engine_context` gives for `max_prompt_tokens`, train.seed,
-        rollout.vllm_gpu_memory, vllm_eager, vllm_load_dir and vllm_sleep."""
+    def check_prompts(cls, cfg, model, records, encoded) -> None:
+        check_prompts_fit(cfg, model, records, encoded)
+
+    @classmethod
+    def gpu_memory(cls, cfg, precision: str) -> EngineMemory:
+        """rollout.vllm_gpu_memory of the GPU, in rollout.vllm_precision (auto: `precision`), asleep through
+        the training step with rollout.vllm_sleep."""
         rollout = cfg.rollout
-        device = next(model.parameters()).device
-        wanted = cfg.model.precision if rollout.vllm_precision == "auto" else rollout.vllm_precision
-        engine = shared_engine(
-            model,
-            precision=resolve_precision(wanted, device),
-            max_model_len=engine_context(model, cfg, max_prompt_tokens),
-            seed=cfg.train.seed,
-            gpu_memory=rollout.vllm_gpu_memory,
-            eager=rollout.vllm_eager,
-            load_dir=rollout.vllm_load_dir,
-            sleep=rollout.vllm_sleep,
-        )
-        return cls(
-            engine,
-            stop_token_ids=stop_token_ids,
-            max_new_tokens=rollout.max_new_tokens,
-            temperature=rollout.temperature,
-            top_p=rollout.top_p,
+        return EngineMemory(
+            label="vLLM",
+            share=rollout.vllm_gpu_memory,
+            setting="rollout.vllm_gpu_memory",
+            precision=precision if rollout.vllm_precision == "auto" else rollout.vllm_precision,
+            sleeps=rollout.vllm_sleep,
         )
 
-    def generate(self, prompts: list[list[int]], seeds: list[int], *, desc: str | None = None) -> Completions:
+    @classmethod
+    def build(cls, model, settings: SamplingSettings, *, cfg=None, max_prompt_tokens=None) -> VLLMSampler:
+        """The shared engine, with the context `engine_context` gives for `max_prompt_tokens` and
+        settings.max_new_tokens. A training `cfg` gives the engine's own settings (`_engine_options`);
+        without one, the engine computes in settings.precision with its defaults."""
+        device = next(model.parameters()).device
+        options = _engine_options(cfg, settings.precision)
+        engine = shared_engine(
+            model,
+            precision=resolve_precision(options.pop("precision"), device),
+            max_model_len=engine_context(model, max_prompt_tokens, settings.max_new_tokens),
+            **options,
+        )
+        return cls(engine, settings)
+
+    def generate(
+        self,
+        prompts: list[list[int]],
+        seeds: list[int] | None,
+        *,
+        desc: str | None = None,
+        max_new_tokens: int | None = None,
+    ) -> Completions:
+        s = self.settings
         return self.engine.generate(
             prompts,
-            stop_token_ids=self.stop_token_ids,
-            max_new_tokens=self.max_new_tokens,
-            temperature=self.temperature,
-            top_p=self.top_p,
+            stop_token_ids=list(s.stop_token_ids),
+            max_new_tokens=s.budget(max_new_tokens),
+            temperature=s.temperature,
+            top_p=s.top_p,
             seeds=seeds,
         )
 
@@ -523,3 +540,20 @@ class VLLMSampler(Sampler):
         if self.engine is not None:
             close_shared_engine(self.engine)
             self.engine = None
+
+
+def _engine_options(cfg, precision: str) -> dict:
+    """`shared_engine`'s settings from a training config: rollout.vllm_precision (auto: model.precision,
+    decided for the model's device), train.seed, rollout.vllm_gpu_memory, vllm_eager, vllm_load_dir and
+    vllm_sleep. Without a config (evaluation): `precision` and the engine's defaults."""
+    if cfg is None:
+        return {"precision": precision}
+    rollout = cfg.rollout
+    return {
+        "precision": cfg.model.precision if rollout.vllm_precision == "auto" else rollout.vllm_precision,
+        "seed": cfg.train.seed,
+        "gpu_memory": rollout.vllm_gpu_memory,
+        "eager": rollout.vllm_eager,
+        "load_dir": rollout.vllm_load_dir,
+        "sleep": rollout.vllm_sleep,
+    }

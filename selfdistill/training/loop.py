@@ -24,7 +24,7 @@ import logging
 import math
 import signal
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, is_dataclass
 from pathlib import Path
 
 import torch
@@ -34,6 +34,8 @@ from selfdistill.data import PromptBuilder, Record, load_records
 from selfdistill.errors import RunFailed, RunStopped, UserError
 from selfdistill.files import write_jsonl
 from selfdistill.methods import get_method
+from selfdistill.methods.base import micro_batches
+from selfdistill.methods.build import build_method
 from selfdistill.models import apply_lora, load_model, save_model, stop_token_ids
 from selfdistill.models.card import write_model_card
 from selfdistill.models.distributed import (
@@ -52,9 +54,10 @@ from selfdistill.models.saving import final_dtype, record_base_model
 from selfdistill.models.sharded import fill_from_files, init_lora, materialize, write_final
 from selfdistill.precision import resolve_precision, set_fp32_matmuls
 from selfdistill.progress import progress_bar
+from selfdistill.registry import METHOD_INFO, setting_value
+from selfdistill.sampling import engine_class
 from selfdistill.sampling.base import rollout_seed
-from selfdistill.sampling.importance import finish_ratio_stats
-from selfdistill.sampling.vllm_engine import check_prompts_fit
+from selfdistill.training import statistics
 from selfdistill.training.checkpoint import latest_checkpoint, load_checkpoint, replace_dir, save_checkpoint
 from selfdistill.training.faults import fault
 from selfdistill.training.run_directory import check_output_dir, prepare_output_dir, read_metrics, writing
@@ -202,29 +205,29 @@ def setup(cfg: Config, records, model, tokenizer, resume: bool, overwrite: bool)
     stop_ids = stop_token_ids(model, tokenizer)
     builder = PromptBuilder.from_config(tokenizer, cfg.data)  # demonstrations end with the template's end of turn
     encoded = builder.encode_all(records)
-    if cfg.rollout.engine == "vllm" and method_class.samples_student_prompts:
+    step = METHOD_INFO[cfg.method].step
+    if step is not None and step.samples_training_prompts:
         # Here, not at the rollout: a prompt too long for the engine would fail one process mid-run.
-        check_prompts_fit(cfg, model, records, encoded)
-    method = method_class(cfg, model, tokenizer, builder, stop_ids, tokenizer.pad_token_id, records)
-    method.procs = procs
-    if procs.sharded:  # the teacher is copied from the student (in the method) before sharding
+        engine_class(cfg.rollout.engine).check_prompts(cfg, model, records, encoded)
+    shard, empty = None, False
+    if procs.sharded:  # the teacher is copied from the student (in build_method) before sharding
         empty = weights_dir is not None  # built on the meta device: filled shard by shard below
         shard = functools.partial(shard_model, procs=procs, gather=cfg.distributed.gather, warm_up=not empty)
-        model = shard(model, precision=method.precision)
-        method.model = model
-        method.shard(shard)  # the method's own models, each with the precision it computes in
-        if empty:
-            _fill_shards(cfg, procs, model, method.checkpointed_module(), weights_dir)
+    method = build_method(
+        cfg, model, tokenizer, builder, stop_ids, tokenizer.pad_token_id, records, procs=procs, shard=shard
+    )
+    model = method.model
+    if empty:
+        _fill_shards(cfg, procs, model, method.checkpointed_module(), weights_dir)
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=cfg.train.lr, weight_decay=cfg.train.weight_decay)
     examples = method.training_examples(encoded)
-    steps = method.total_steps(total_steps(cfg, len(examples)))
+    steps = method.total_steps(total_steps(cfg, len(examples)), examples)
     scheduler = cosine_schedule(optimizer, cfg.train.warmup_ratio, steps)
     run = TrainingRun(cfg, procs, out, model, tokenizer, method, optimizer, scheduler, params, examples, steps)
     _restore(run, resume and not overwrite)
     _prepare_outputs(run, resume, overwrite)
-    method.checkpoints_exist = latest_checkpoint(out) is not None
-    method.setup(examples)
+    method.setup(examples, total_steps=steps, resuming=latest_checkpoint(out) is not None)
     if builder.skipped:
         log.warning("%d records skipped for being over the prompt limits", len(builder.skipped))
     if procs.is_main:
@@ -338,11 +341,13 @@ def train_step(run: TrainingRun, step: int) -> dict:
     mine = run.method.step_examples(run.examples, positions, step)
     seeds = [rollout_seed(cfg.train.seed, p, r) for p in positions for r in range(cfg.rollout.num_rollouts)]
     items, build_stats = run.method.build_items(mine, seeds, step)
+    stats: dict[str, float] = {}
+    statistics.combine(stats, build_stats)  # (a statistic named without its reduction fails here)
     fault("rollout", done)
     (global_tokens,) = sum_across(procs, [float(sum(i.loss_tokens for i in items))])
     loss_sum, loss_stats, backward_time = _accumulate_gradients(run, items, global_tokens, done)
     grad_norm = _clip_gradients(run)
-    stats = {**build_stats, **loss_stats}
+    statistics.combine(stats, loss_stats)
     # Seconds are each process's own and are not added up: the slowest process's are logged.
     timings = {f"{k}_max": stats.pop(k) for k in list(stats) if k.startswith("time_")}
     keys = sorted(k for k in stats if not k.endswith(("_min", "_max")))
@@ -374,17 +379,11 @@ def train_step(run: TrainingRun, step: int) -> dict:
 def _accumulate_gradients(run: TrainingRun, items: list, global_tokens: float, done: int):
     """Forward and backward over the micro-batches; returns (Σ loss, Σ stats, backward seconds).
 
-    Under FSDP2 every process must run the same number of forwards and backwards (each gathers
-    weights and reduces gradients with the others), but processes can hold different numbers of
-    items. A process with fewer micro-batches repeats its last one with weight 0 (no gradient).
+    Every process runs as many micro-batches (`micro_batches`): a repeated one has weight 0 (no gradient).
     """
-    micro = run.cfg.train.micro_batch_size
-    batches = [items[s : s + micro] for s in range(0, len(items), micro)]
-    rounds = max_across(run.procs, len(batches))
     loss_sum, loss_stats, backward_time = 0.0, {}, 0.0
-    for k in range(rounds):
-        counted = k < len(batches)
-        loss, stats = run.method.loss(batches[k] if counted else batches[-1])
+    for batch, counted in micro_batches(items, run.cfg.train.micro_batch_size, run.procs):
+        loss, stats = run.method.loss(batch)
         if loss.requires_grad and global_tokens > 0:
             t0 = time.perf_counter()
             (loss * ((1.0 if counted else 0.0) / global_tokens)).backward()
@@ -392,7 +391,7 @@ def _accumulate_gradients(run: TrainingRun, items: list, global_tokens: float, d
             fault("backward", done)
         if counted:
             loss_sum = loss_sum + loss.detach().double()  # stays on the device; read once per step
-            combine_stats(loss_stats, stats)
+            statistics.combine(loss_stats, stats)
     # The root unit stays gathered after a forward until its backward; a step without loss tokens
     # (no backward anywhere) must free it too, or the teacher update would meet whole weights.
     reshard_all(run.model)
@@ -433,19 +432,6 @@ def _apply_update(run: TrainingRun, finite: bool, done: int) -> float:
     return update_time
 
 
-def combine_stats(total: dict[str, float], part: dict[str, float]) -> None:
-    """Adds a micro-batch's stats into the step's: `*_min` / `*_max` by min / max, the rest by sum."""
-    for key, value in part.items():
-        if key not in total:
-            total[key] = value
-        elif key.endswith("_min"):
-            total[key] = min(total[key], value)
-        elif key.endswith("_max"):
-            total[key] = max(total[key], value)
-        else:
-            total[key] += value
-
-
 def _count_zero_gradient(run: TrainingRun, done: int, tokens: float, grad_norm: float, finite: bool) -> None:
     """Counts steps that had loss tokens but a gradient norm of exactly 0, and warns at the first.
 
@@ -472,15 +458,13 @@ def _training_settings(run: TrainingRun) -> str:
     """The settings that decide which weights the loss reaches, for messages."""
     cfg = run.cfg
     parts = [f"method={cfg.method}", f"model.lora.enabled={cfg.model.lora.enabled}"]
-    teacher = getattr(run.method, "teacher", None)  # methods that distil from a teacher
+    teacher = run.method.teacher
     if teacher is not None:
         parts += [f"teacher.kind={teacher.kind}", f"loss.kind={cfg.loss.kind}"]
-    if cfg.method == "offline_distill":
-        parts.append(f"offline.loss={cfg.offline.loss}")
-    if cfg.method == "sft_kl":
-        parts.append(f"anchor.beta={cfg.anchor.beta}")
-    if cfg.loss.sft_weight:
-        parts.append(f"loss.sft_weight={cfg.loss.sft_weight}")
+    info = METHOD_INFO[cfg.method]
+    for key in (*info.settings, *info.own_sections):  # the method's own settings, as its entry names them
+        value = setting_value(cfg, key)
+        parts += [f"{key}.{k}={v}" for k, v in vars(value).items()] if is_dataclass(value) else [f"{key}={value}"]
     return ", ".join(parts)
 
 
@@ -510,11 +494,9 @@ def _stop_if_nonfinite(run: TrainingRun, done: int) -> None:
 
 
 def _step_metrics(step, loss_total, tokens, summed, lr, grad_norm, elapsed, backward_time, update_time, finite):
-    per_token = max(tokens, 1.0)
-    sequences = max(summed.pop("sequences", 0.0), 1.0)
     record = {
         "step": step,
-        "loss": loss_total / per_token,
+        "loss": loss_total / max(tokens, 1.0),
         "loss_tokens": int(tokens),
         "lr": lr,
         "grad_norm": float(grad_norm),
@@ -524,20 +506,7 @@ def _step_metrics(step, loss_total, tokens, summed, lr, grad_norm, elapsed, back
         "time_student_backward": backward_time,
         "tokens_per_s": tokens / elapsed if elapsed > 0 else 0.0,
     }
-    for name in ("divergence", "teacher_minus_student_logp", "teacher_entropy", "demonstration_logp", "anchor_kl"):
-        if name in summed:
-            record[name] = summed.pop(name) / per_token
-    if "completion_tokens" in summed:
-        record["completion_length"] = summed.pop("completion_tokens") / sequences
-        record["clipped_ratio"] = summed.pop("clipped", 0.0) / sequences
-    finish_ratio_stats(summed)
-    # Means over tokens of their own (not the loss tokens): a part logged as `X_sum` and `X_count`
-    # becomes X, e.g. demonstration_logp measured on the demonstrations, sft_loss, replay_logp.
-    for key in [k for k in summed if k.endswith("_sum") and k.removesuffix("_sum") + "_count" in summed]:
-        name = key.removesuffix("_sum")
-        record[name] = summed.pop(key) / max(summed.pop(name + "_count"), 1.0)
-    for name, value in summed.items():  # the parts' timings (time_rollout, ...): the slowest process's
-        record[name] = value
+    record.update(statistics.logged(summed, tokens))  # each statistic reduced as its name says
     return record
 
 

@@ -20,6 +20,7 @@ from selfdistill.config import Config
 from selfdistill.errors import RunFailed, UserError
 from selfdistill.files import write_atomic
 from selfdistill.models.distributed import Processes
+from selfdistill.registry import METHOD_INFO
 from selfdistill.training.checkpoint import inside, latest_checkpoint
 
 log = logging.getLogger(__name__)
@@ -32,6 +33,17 @@ def _fingerprint(cfg: Config) -> dict:
         k: v for k, v in data["train"].items() if k not in ("output_dir", "save_every", "keep_last", "report_to")
     }
     return data
+
+
+def _without_other_methods(fingerprint) -> dict | None:
+    """A recorded fingerprint without sections that only other methods have: run.json files written
+    before each method had its own settings class recorded every method's sections."""
+    if not isinstance(fingerprint, dict):
+        return None
+    method = fingerprint.get("method")
+    own = set(METHOD_INFO[method].own_sections) if method in METHOD_INFO else set()
+    others = {s for info in METHOD_INFO.values() for s in info.own_sections} - own
+    return {key: value for key, value in fingerprint.items() if key not in others}
 
 
 def check_output_dir(cfg: Config, resume: bool, overwrite: bool) -> Path:
@@ -48,7 +60,7 @@ def check_output_dir(cfg: Config, resume: bool, overwrite: bool) -> Path:
                 f"{run_file} is damaged ({exc}), so this directory's run cannot be identified. "
                 "Choose another train.output_dir, or pass --overwrite to start a new run there."
             ) from None
-        if not isinstance(previous, dict) or previous.get("config") != _fingerprint(cfg):
+        if not isinstance(previous, dict) or _without_other_methods(previous.get("config")) != _fingerprint(cfg):
             raise UserError(
                 f"{out} already holds a different run (its run.json has other settings). "
                 "Choose another train.output_dir, or pass --overwrite to replace it."
