@@ -6,7 +6,7 @@ from __future__ import annotations
 import time
 
 from selfdistill.methods.base import TrainItem
-from selfdistill.sampling import Sampler, check_engine, make_sampler
+from selfdistill.sampling import Sampler, SamplingSettings, check_engine, make_sampler
 
 
 class Rollouts:
@@ -20,19 +20,15 @@ class Rollouts:
         check_engine(cfg)  # fail before training starts, with how to install the rollout engine
         self.cfg = cfg
         # rollout.ignore_eos: fixed-length rollouts (for benchmarks), no stop token.
-        self.stop_token_ids = [] if cfg.rollout.ignore_eos else list(stop_token_ids)
-        self.pad_token_id = pad_token_id
-        self.precision = precision
+        stops = [] if cfg.rollout.ignore_eos else list(stop_token_ids)
+        self.settings = SamplingSettings.for_rollouts(
+            cfg, stop_token_ids=stops, pad_token_id=pad_token_id, precision=precision
+        )
         self.sampler: Sampler | None = None
 
     def _sampler(self, model) -> Sampler:
-        from selfdistill.sampling import SamplingSettings
-
         if self.sampler is None:
-            settings = SamplingSettings.for_rollouts(
-                self.cfg, stop_token_ids=self.stop_token_ids, pad_token_id=self.pad_token_id, precision=self.precision
-            )
-            self.sampler = make_sampler(model, settings, engine=self.cfg.rollout.engine, cfg=self.cfg)
+            self.sampler = make_sampler(model, self.settings, engine=self.cfg.rollout.engine, cfg=self.cfg)
         return self.sampler
 
     def sample(
