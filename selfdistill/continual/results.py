@@ -34,8 +34,13 @@ METRIC_NAMES = (
 MATRICES = ("lenient", "loglik", "loglik_teacher", "loglik_answer")
 
 
-def _stage_values(where: Path, tasks: list[str]) -> dict | None:
-    """Scores, probes, drift and the continuous measures of one finished stage; None while it is not finished."""
+def stage_values(where: Path, tasks: list[str]) -> dict | None:
+    """Scores, probes, drift and the continuous measures of one finished stage; None while it is not finished.
+
+    `where` is a stage directory that `selfdistill.continual.evaluation.StageEvaluation` evaluated; it is
+    finished once its done.json (`layout.done_file`) is written, which whoever evaluated it writes last (the
+    runner with train_time_s and eval_time_s, read back here). Lists are in the order of `tasks`.
+    """
     if not layout.done_file(where).is_file():
         return None
     done = read_json(layout.done_file(where))
@@ -73,7 +78,7 @@ def _item_change(items: list | None, start_items: list | None) -> dict | None:
 def _sequence(out: Path, method: str, seed: int, tasks: list[str], start: dict) -> dict:
     stages = [start]
     for k in range(1, len(tasks) + 1):
-        values = _stage_values(layout.stage_dir(out, method, seed, k), tasks)
+        values = stage_values(layout.stage_dir(out, method, seed, k), tasks)
         if values is None:
             break
         stages.append(values)
@@ -138,7 +143,7 @@ def collect(out_dir: str | Path) -> dict:
     config = read_json(layout.config_file(out))
     tasks = [s["name"] for s in config["stream"]]
     start_dir = layout.start_dir(out)
-    start = _stage_values(start_dir, tasks)
+    start = stage_values(start_dir, tasks)
     results = {
         "format": FORMAT,
         "run_dir": str(out),

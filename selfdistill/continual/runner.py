@@ -18,33 +18,17 @@ import time
 from collections.abc import Callable
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from concurrent.futures.process import BrokenProcessPool
-from dataclasses import dataclass, field
 from pathlib import Path
 
 from selfdistill.continual import layout
 from selfdistill.continual.config import ContinualConfig, MethodSpec
-from selfdistill.data.records import Record, load_records
+from selfdistill.continual.evaluation import LENIENT_GRADERS, StageEvaluation, StreamTask
+from selfdistill.data.records import load_records
 from selfdistill.errors import RunStopped, UserError
 from selfdistill.files import read_json, write_json, write_jsonl
 from selfdistill.training.stop_signals import StopSignalsForwarded
 
 log = logging.getLogger(__name__)
-
-
-@dataclass
-class StreamTask:
-    name: str
-    grader: str
-    train: list[Record]
-    eval: list[Record]
-    max_new_tokens: int
-    documents: list[str] = field(default_factory=list)
-    lenient: object | None = None  # a tasks.Metric giving a lenient or partial score beside the headline one
-    teacher_template: str = "paper"  # for the teacher-prompt demonstration log-likelihood (a reference)
-
-
-# Partial credit for graders of files-based tasks that have one.
-LENIENT_GRADERS = {"toolalpaca": "toolalpaca_partial", "toolalpaca_robust": "toolalpaca_partial"}
 
 
 def _template(cfg: ContinualConfig, stage) -> str:
@@ -197,7 +181,16 @@ class Runner:
             check_inputs(cfg)
             self.out = prepare_run_dir(cfg, overwrite)
         self._start_model = None
-        self._drift_answers = None
+        # The evaluation `sdft continual` shares with every other user of stage directories.
+        self.evaluation = StageEvaluation(
+            self.tasks,
+            cfg.eval,
+            layout.drift_answers_file(self.out),
+            self.start_model,
+            base_name=self.model_name(),
+            system_prompt=(cfg.base.get("data") or {}).get("system_prompt"),
+            echo=echo,
+        )
         from selfdistill.training.loop import train
 
         self.train_fn = train_fn or train  # a test can count calls or interrupt here
@@ -227,135 +220,6 @@ class Runner:
 
         return load_model(str(directory), torch.float32)
 
-    # --- evaluation ---------------------------------------------------------------------------
-
-    def drift_answers(self):
-        from selfdistill.eval import drift as drift_mod
-        from selfdistill.precision import resolve_precision
-
-        if self._drift_answers is None:
-            path = layout.drift_answers_file(self.out)
-            answers = drift_mod.load_base_answers(path)
-            if answers is None:
-                model, tokenizer = self.start_model()
-                settings = self.cfg.eval.drift
-                prompts = drift_mod.drift_prompts()[: settings.limit]
-                precision = resolve_precision(self.cfg.eval.precision, next(model.parameters()).device)
-                answers = drift_mod.base_answers(
-                    model,
-                    tokenizer,
-                    prompts=prompts,
-                    max_new_tokens=settings.max_new_tokens,
-                    batch_size=self.cfg.eval.batch_size,
-                    precision=precision,
-                    base_name=self.model_name(),
-                )
-                drift_mod.save_base_answers(answers, path)
-            self._drift_answers = answers
-        return self._drift_answers
-
-    def evaluate_stage(self, model, tokenizer, where: Path, label: str) -> float:
-        """Every task, the probes and drift, each skipped when its files already exist; returns seconds spent."""
-        from selfdistill.precision import resolve_precision
-
-        model.eval()
-        settings = self.cfg.eval
-        precision = resolve_precision(settings.precision, next(model.parameters()).device)
-        start = time.perf_counter()
-        for task in self.tasks:
-            if not layout.task_summary(where, task.name).is_file():
-                self.evaluate_task(model, tokenizer, task, where, label, precision)
-        if settings.probes.enabled and not layout.probes_file(where).is_file():
-            self.evaluate_probes(model, tokenizer, where, label, precision)
-        if settings.drift.enabled and not layout.drift_file(where).is_file():
-            from selfdistill.eval import drift as drift_mod
-
-            result = drift_mod.drift(self.drift_answers(), model, precision=precision)
-            write_json(layout.drift_file(where), result)
-            self.echo(f"  {label}: drift from the starting model = {result['kl_nats']:.4f} nats/token (KL)")
-        return time.perf_counter() - start
-
-    def evaluate_task(self, model, tokenizer, task: StreamTask, where: Path, label: str, precision: str) -> None:
-        """One task's scores, lenient score and demonstration log-likelihood, written into the stage at once."""
-        from selfdistill.eval import graders
-        from selfdistill.eval.evaluate import evaluate
-
-        target = layout.task_eval_dir(where, task.name)
-        tmp = target.with_name(task.name + ".tmp")
-        shutil.rmtree(tmp, ignore_errors=True)
-        examples: list[dict] = []
-        summary = evaluate(
-            model,
-            tokenizer,
-            task.eval,
-            graders.get(task.grader),
-            max_new_tokens=task.max_new_tokens,
-            batch_size=self.cfg.eval.batch_size,
-            precision=precision,
-            out_dir=tmp,
-            desc=f"{label} eval {task.name}",
-            examples=examples,
-        )
-        summary.update({"task": task.name, "grader": task.grader})
-        if task.lenient is not None:
-            summary["lenient"] = self.lenient_score(task, examples)
-        loglik = self.demonstration_loglik(model, tokenizer, task, precision)
-        if loglik is not None:
-            summary["loglik"] = loglik
-        write_json(tmp / layout.SUMMARY, summary)
-        shutil.rmtree(target, ignore_errors=True)
-        tmp.replace(target)
-        extra = f", {task.lenient.name} {summary['lenient']['score']:.3f}" if task.lenient is not None else ""
-        if loglik is not None:
-            extra += f", demonstration log-likelihood {loglik['student']:.3f} nats/token"
-        self.echo(f"  {label}: {task.name} = {summary['score']:.3f} ({summary['count']} items{extra})")
-
-    def evaluate_probes(self, model, tokenizer, where: Path, label: str, precision: str) -> None:
-        from selfdistill.eval.probes import run_probes
-
-        settings = self.cfg.eval
-        result = run_probes(
-            model,
-            tokenizer,
-            limit=settings.probes.limit,
-            max_new_tokens=settings.probes.max_new_tokens,
-            batch_size=settings.batch_size,
-            precision=precision,
-            out_dir=layout.probes_dir(where),
-        )
-        write_json(layout.probes_file(where), result)
-        self.echo(f"  {label}: prior-capability probes = {result['score']:.3f} ({result['count']} items)")
-
-    def lenient_score(self, task: StreamTask, examples: list[dict]) -> dict:
-        """The task's lenient or partial score of the outputs already generated (no new generation)."""
-        from selfdistill.eval.ceiling import default_grader, score
-        from selfdistill.eval.evaluate import wilson_interval
-
-        grader = default_grader(task.lenient.grader)
-        scores = [score(e["output"], record, task.lenient, grader) for e, record in zip(examples, task.eval)]
-        mean = sum(scores) / len(scores)
-        return {
-            "metric": task.lenient.name,
-            "grader": task.lenient.grader,
-            "score": mean,
-            "ci95": list(wilson_interval(mean, len(scores))),
-            "scores": scores,
-        }
-
-    def demonstration_loglik(self, model, tokenizer, task: StreamTask, precision: str) -> dict | None:
-        """Held-out demonstration log-likelihood of the task's evaluation items (None without demonstrations)."""
-        from selfdistill.eval.loglik import heldout_loglik
-
-        system_prompt = (self.cfg.base.get("data") or {}).get("system_prompt")
-        return heldout_loglik(
-            model,
-            tokenizer,
-            task.eval,
-            template=task.teacher_template,
-            system_prompt=system_prompt,
-            precision=precision,
-        )
-
     # --- the loop -----------------------------------------------------------------------------
 
     def evaluate_start(self) -> None:
@@ -363,10 +227,10 @@ class Runner:
         start = layout.start_dir(self.out)
         if not layout.done_file(start).is_file():
             self.echo("stage 0: evaluating the starting model")
-            if self.cfg.eval.drift.enabled:
-                self.drift_answers()
+            if self.cfg.eval.drift.enabled:  # the reference answers first, outside the evaluation's time
+                self.evaluation.drift_answers()
             model, tokenizer = self.start_model()
-            seconds = self.evaluate_stage(model, tokenizer, start, "start")
+            seconds = self.evaluation.evaluate(model, tokenizer, start, "start")
             write_json(layout.done_file(start), {"stage": 0, "eval_time_s": seconds, "finished": time.time()})
 
     def run(self) -> None:
@@ -439,7 +303,7 @@ class Runner:
                 model, tokenizer = _merged(result.model), result.tokenizer
                 train_time = time.perf_counter() - t0
                 write_json(trained, {"stage": k, "task": task.name, "steps": result.steps, "train_time_s": train_time})
-            eval_time = self.evaluate_stage(model, tokenizer, where, label)
+            eval_time = self.evaluation.evaluate(model, tokenizer, where, label)
             write_json(
                 layout.done_file(where),
                 {
