@@ -34,6 +34,7 @@ LAYERS: list[tuple[str, list[str]]] = [
     ("evaluation", ["eval"]),
     ("workflows", ["continual", "diagnosis", "memory_plan"]),
     ("reports", ["report"]),
+    ("learner", ["learner"]),
     ("api", ["api"]),
     ("cli", ["cli", "commands"]),
 ]

@@ -10,6 +10,8 @@ The Python API (each `sdft` command as one call, with the command's defaults):
     run_stream(config)             train and evaluate a stream of tasks (`sdft continual`)
     diagnose(task)                 teacher vs student on the student's own samples (`sdft diagnose`)
     plan(config, processes=N)      memory per process of a torchrun launch, before renting GPUs (`sdft plan`)
+    Learner(workdir)               a model that keeps learning: add, round, status, rollback, export
+                                   (`sdft learn`; Learner.init(workdir, model=..., method=...) creates one)
     METHODS                        the training methods and what each does
     UserError, RunFailed, RunStopped   bad input / a run that could not go on / a deliberate stop
 
@@ -33,6 +35,7 @@ _EXPORTS = {
     "diagnose": "selfdistill.api",
     "plan": "selfdistill.api",
     "METHODS": "selfdistill.registry",
+    "Learner": "selfdistill.learner",
     "UserError": "selfdistill.errors",
     "RunFailed": "selfdistill.errors",
     "RunStopped": "selfdistill.errors",
@@ -47,6 +50,7 @@ __all__ = [
     "diagnose",
     "plan",
     "METHODS",
+    "Learner",
     "UserError",
     "RunFailed",
     "RunStopped",
@@ -57,6 +61,7 @@ if TYPE_CHECKING:  # for editors and type checkers; at run time the names load l
     from selfdistill.api import diagnose, evaluate, plan, run_stream, train
     from selfdistill.config import Config, load_config
     from selfdistill.errors import RunFailed, RunStopped, UserError
+    from selfdistill.learner import Learner
     from selfdistill.registry import METHODS
 
 

@@ -22,6 +22,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+from selfdistill.data.records import records_from
 from selfdistill.errors import UserError
 from selfdistill.options import given_options
 from selfdistill.training.settings import TrainSettings
@@ -48,23 +49,6 @@ def _config(config: Any, overrides: dict) -> Any:
     return _settings(config, overrides, Config, load_config, lambda data: load_config(overrides=data), "config")
 
 
-def _records(records: Any, argument: str, require_demonstration: bool = True):
-    """Records from a file/dataset source, a list of mappings, or Records (None stays None); `argument`
-    ("train(records=...)") is named by the messages."""
-    from selfdistill.data.records import Record, load_records, records_from_rows
-
-    if records is None:
-        return None
-    if isinstance(records, (str, Path)):
-        return load_records(records, require_demonstration=require_demonstration, origin=argument)
-    rows = list(records)
-    if not rows:
-        raise UserError(f"{argument}: no records (an empty list). Give at least one record.")
-    if all(isinstance(r, Record) for r in rows):
-        return rows
-    return records_from_rows(rows, argument, require_demonstration=require_demonstration)
-
-
 def train(
     config: Any = None,
     *,
@@ -84,7 +68,7 @@ def train(
     from selfdistill.training.run_directory import check_resume
 
     cfg = _config(config, overrides)
-    records = _records(records, "train(records=...)")
+    records = records_from(records, "train(records=...)")
     check_resume(cfg, resume, overwrite)
     quiet_third_party_bars()
     return run_training(cfg, records=records, model=model, tokenizer=tokenizer, resume=resume, overwrite=overwrite)
@@ -112,7 +96,7 @@ def evaluate(
     given_options(EvaluateSettings, "evaluate()", options, exclude={"grader", "limit"})
     settings = EvaluateSettings(grader=grader, limit=limit, **options)
     if not isinstance(task, (str, Path)):
-        task = _records(task, "evaluate(task=...)", require_demonstration=False)
+        task = records_from(task, "evaluate(task=...)", require_demonstration=False)
     quiet_third_party_bars()
     return evaluate_task(model, task, settings, tokenizer=tokenizer, out=out)
 

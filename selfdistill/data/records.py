@@ -235,3 +235,18 @@ def load_records(
     if not rows:
         raise UserError(f"{path}: no records (the file is empty). Add records, one JSON object per line.")
     return [record_from_row(row, f"{path} line {number}", columns, require_demonstration) for number, row in rows]
+
+
+def records_from(records: Any, argument: str, require_demonstration: bool = True) -> list[Record] | None:
+    """Records from a file/dataset source, a list of mappings, or Records (None stays None); `argument`
+    ("train(records=...)") is named by the messages."""
+    if records is None:
+        return None
+    if isinstance(records, (str, Path)):
+        return load_records(records, require_demonstration=require_demonstration, origin=argument)
+    rows = list(records)
+    if not rows:
+        raise UserError(f"{argument}: no records (an empty list). Give at least one record.")
+    if all(isinstance(r, Record) for r in rows):
+        return rows
+    return records_from_rows(rows, argument, require_demonstration=require_demonstration)

@@ -33,6 +33,11 @@ POINTS = {
     "checkpoint_rename": "checkpoint write: every file written, temporary directory not yet renamed",
     "checkpoint_prune": "checkpoint renamed into place, older checkpoints not yet pruned",
     "final": "final model written to its temporary directory, not yet renamed to final/",
+    # A learner's round (STEP is the round's number): each stage's work done, the database not yet told.
+    "round_train": "learner round: the candidate trained (final/ written), its stage not yet recorded",
+    "round_evaluate": "learner round: both models evaluated, the numbers not yet recorded",
+    "round_gate": "learner round: the gate decided, the decision not yet recorded",
+    "round_promote": "learner round: the candidate's weights moved into versions/, the version not yet recorded",
 }
 ACTIONS = ("kill", "enospc", "sigint", "sigterm")
 
