@@ -9,6 +9,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from selfdistill.files import write_atomic
+from selfdistill.models.card import loading_section
 
 
 def _num(value, digits: int = 3) -> str:
@@ -123,18 +124,7 @@ def history_card(status: dict, version: int) -> str:
     if last is not None:
         lines += ["", "## Gate checks of the round that produced it", ""]
         lines += [f"- {reason}" for reason in last["decision"]["reasons"]]
-    lines += [
-        "",
-        "## Loading",
-        "",
-        "```python",
-        "from transformers import AutoModelForCausalLM, AutoTokenizer",
-        "",
-        'model = AutoModelForCausalLM.from_pretrained("PATH/TO/THIS/DIRECTORY")',
-        'tokenizer = AutoTokenizer.from_pretrained("PATH/TO/THIS/DIRECTORY")',
-        "```",
-        "",
-    ]
+    lines += ["", *loading_section("PATH/TO/THIS/DIRECTORY"), ""]
     return "\n".join(lines)
 
 

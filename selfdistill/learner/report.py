@@ -81,13 +81,13 @@ def score_figure(status: dict) -> Figure | None:
         if ys:
             ax.plot(*zip(*ys), color=color, linestyle=":", linewidth=1.2, alpha=0.8)
     ax.plot([], [], color="grey", linestyle=":", label="served version (before the round)")
-    ax.set_xticks(sorted({r["round"] for r in rows}))
-    ax.set_xlabel("round")
-    ax.set_ylabel("held-out score (fraction correct)")
     ax.set_ylim(-0.03, 1.03)
-    ax.grid(alpha=0.3)
-    _outcome_legend(ax)
-    ax.set_title("Held-out score of every task, per round")
+    _round_axes(
+        ax,
+        sorted({r["round"] for r in rows}),
+        "held-out score (fraction correct)",
+        "Held-out score of every task, per round",
+    )
     return Figure(
         f"{PREFIX}scores",
         "Held-out scores per round",
@@ -105,6 +105,16 @@ DRIFTS = [
 ]
 
 
+def _round_axes(ax, rounds: list[int], ylabel: str, title: str) -> None:
+    """Rounds on the x axis, a grid, the promoted/rejected legend and the title: what both figures share."""
+    ax.set_xticks(rounds)
+    ax.set_xlabel("round")
+    ax.set_ylabel(ylabel)
+    ax.grid(alpha=0.3)
+    _outcome_legend(ax)
+    ax.set_title(title)
+
+
 def drift_figure(status: dict) -> Figure | None:
     rounds = [r for r in status["rounds"] if r["metrics"]]
     series = [[r["metrics"][side].get(key) for r in rounds] for key, side, _ in DRIFTS]
@@ -117,12 +127,7 @@ def drift_figure(status: dict) -> Figure | None:
         style = "-" if side == "candidate" else ":"  # dotted like the served version's scores
         _points(ax, xs, values, outcomes, COLORS[c], MARKERS[c], linestyle=style)
         ax.plot([], [], color=COLORS[c], marker=MARKERS[c], linestyle=style, label=label)
-    ax.set_xticks(xs)
-    ax.set_xlabel("round")
-    ax.set_ylabel("KL divergence (nats/token)")
-    ax.grid(alpha=0.3)
-    _outcome_legend(ax)
-    ax.set_title("Drift per round")
+    _round_axes(ax, xs, "KL divergence (nats/token)", "Drift per round")
     return Figure(
         f"{PREFIX}drift",
         "Drift across versions",

@@ -150,6 +150,20 @@ def _provenance(base: str) -> str:
     )
 
 
+def loading_section(path: str) -> list[str]:
+    """A card's "Loading" section: the two transformers lines that load the directory at `path`."""
+    return [
+        "## Loading",
+        "",
+        "```python",
+        "from transformers import AutoModelForCausalLM, AutoTokenizer",
+        "",
+        f'model = AutoModelForCausalLM.from_pretrained("{path}")',
+        f'tokenizer = AutoTokenizer.from_pretrained("{path}")',
+        "```",
+    ]
+
+
 def render_model_card(
     cfg, metrics: list[dict] | dict | None = None, records: int | None = None, precision: str | None = None
 ) -> str:
@@ -186,14 +200,7 @@ def render_model_card(
         "",
         *_metrics_rows(metrics),
         "",
-        "## Loading",
-        "",
-        "```python",
-        "from transformers import AutoModelForCausalLM, AutoTokenizer",
-        "",
-        'model = AutoModelForCausalLM.from_pretrained("PATH/TO/final")',
-        'tokenizer = AutoTokenizer.from_pretrained("PATH/TO/final")',
-        "```",
+        *loading_section("PATH/TO/final"),
         "",
     ]
     if config["model"]["lora"]["enabled"]:
