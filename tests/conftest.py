@@ -94,3 +94,16 @@ def database_url(new_database_url) -> str:
     """The SQLAlchemy URL of a fresh, empty database: sqlite:///{tmp_path}/learner.db, or a new
     database on the session's PostgreSQL server (postgresql+psycopg://postgres@127.0.0.1:PORT/NAME)."""
     return new_database_url()
+
+
+@pytest.fixture(scope="session")
+def toy_model(tmp_path_factory) -> str:
+    """A directory holding tests/toy.py's copying model (pre-trained once per session), for the learner and
+    server tests, which load their model by name."""
+    from toy import copy_model
+
+    directory = tmp_path_factory.mktemp("toy-model")
+    model, tokenizer = copy_model()
+    model.save_pretrained(directory)
+    tokenizer.save_pretrained(directory)
+    return str(directory)

@@ -11,6 +11,7 @@ docs/rollout-engines.md describes the contract and how to add an engine.
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 
@@ -140,6 +141,12 @@ class Sampler(ABC):
         may depend only on its prompt, its seed and the weights (not on the other prompts of the call),
         where the engine can promise it; `desc` labels a progress bar.
         """
+
+    def stream(self, prompt: list[int], seed: int | None, *, max_new_tokens: int | None = None) -> Iterator[int]:
+        """One prompt's tokens, up to and including a stop token, for a server that streams them. This default
+        generates the whole completion, then hands its tokens out; an engine that can hand each one out as it
+        is decoded overrides it."""
+        yield from self.generate([prompt], None if seed is None else [seed], max_new_tokens=max_new_tokens).ids[0]
 
     @abstractmethod
     def sync(self, model) -> float:

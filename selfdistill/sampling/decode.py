@@ -18,6 +18,9 @@ decode`, and evaluation's default); `generate` itself is for benchmarks and test
 from __future__ import annotations
 
 import inspect
+import queue
+import threading
+from collections.abc import Iterator
 
 import torch
 from transformers import GenerationConfig, LogitsProcessor, LogitsProcessorList
@@ -85,6 +88,7 @@ def _decode(
     stop_token_ids: list[int],
     pad_token_id: int,
     pick,
+    on_token=None,
 ) -> list[list[int]]:
     """Prefill once, then one token per step with a KV cache, until every row stopped or the budget ends.
 
@@ -114,6 +118,8 @@ def _decode(
         logits = logits_of(hidden).float()
         token = pick(logits).masked_fill(stopped, pad_token_id)
         tokens.append(token)
+        if on_token is not None:  # streaming: each step's tokens as soon as they exist
+            on_token(token.tolist())
         stopped |= torch.isin(token, stops)
         if bool(stopped.all()):
             break
@@ -147,12 +153,13 @@ def generate(
     precision: str = "fp32",
     desc: str | None = None,
     use_hf_generate: bool = False,
+    on_token=None,
 ) -> Completions:
     """Complete every prompt (token ids). temperature 0 is greedy; otherwise `seeds` gives one seed per prompt.
-
     No stop tokens (an empty list) means every completion runs to `max_new_tokens`.
     `use_hf_generate` runs transformers' `model.generate` instead of our decode loop (same tokens;
     kept as the reference the tests compare against, and used for models the loop does not cover).
+    `on_token(tokens)`: each step's tokens of a batch's rows, as decoded (for streaming; `model.generate`: after).
     """
     if isinstance(stop_token_ids, int):
         stop_token_ids = [stop_token_ids]
@@ -184,6 +191,7 @@ def generate(
                 max_new_tokens=max_new_tokens,
                 stop_token_ids=stop_token_ids,
                 pad_token_id=pad_token_id,
+                on_token=on_token,
             )
             if bar:
                 bar.update(min(batch_size, len(order) - start))
@@ -209,6 +217,7 @@ def _generate_batch(
     max_new_tokens,
     stop_token_ids,
     pad_token_id,
+    on_token=None,
 ) -> None:
     """Complete the prompts at indices `batch`, writing into `out_ids` / `finished`."""
     ids, mask = pad_batch([prompts[i] for i in batch], pad_token_id, side="left")
@@ -225,6 +234,7 @@ def _generate_batch(
                 stop_token_ids=stop_token_ids,
                 pad_token_id=pad_token_id,
                 pick=pick,
+                on_token=on_token,
             )
         else:
             config = GenerationConfig(
@@ -241,6 +251,8 @@ def _generate_batch(
                 logits_processor=LogitsProcessorList([sampler] if sampler else []),
             )
             new = generated[:, ids.shape[1] :].tolist()
+            for step in zip(*new) if on_token is not None else ():
+                on_token(list(step))
     for row, i in zip(new, batch):
         cut = next((j for j, tok in enumerate(row) if tok in stop_token_ids), None)
         out_ids[i] = row if cut is None else row[: cut + 1]
@@ -281,6 +293,40 @@ class DecodeSampler(Sampler):
             batch_size=s.batch_size,
             precision=s.precision,
         )
+
+    def stream(self, prompt: list[int], seed: int | None, *, max_new_tokens: int | None = None) -> Iterator[int]:
+        """One prompt's tokens as the loop decodes them (up to and including a stop token). The loop runs in a
+        thread of its own, so the caller may consume the tokens from any thread."""
+        tokens: queue.Queue = queue.Queue()
+        s = self.settings
+
+        def decode() -> None:
+            try:
+                generate(
+                    self.model,
+                    [prompt],
+                    seeds=None if seed is None else [seed],
+                    max_new_tokens=s.budget(max_new_tokens),
+                    stop_token_ids=list(s.stop_token_ids),
+                    pad_token_id=s.pad_token_id,
+                    temperature=s.temperature,
+                    top_p=s.top_p,
+                    batch_size=1,
+                    precision=s.precision,
+                    on_token=lambda step: tokens.put(step[0]),
+                )
+            except BaseException as exc:  # noqa: BLE001 - handed to the consumer, raised there
+                tokens.put(exc)
+            finally:
+                tokens.put(None)
+
+        threading.Thread(target=decode, daemon=True, name="selfdistill-stream").start()
+        while (token := tokens.get()) is not None:
+            if isinstance(token, BaseException):
+                raise token
+            yield token
+            if token in s.stop_token_ids:
+                return
 
     def sync(self, model) -> float:
         """Nothing to copy: the loop runs the live model. Only which model that is is noted (no time spent)."""
