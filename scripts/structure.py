@@ -35,6 +35,7 @@ LAYERS: list[tuple[str, list[str]]] = [
     ("workflows", ["continual", "diagnosis", "memory_plan"]),
     ("reports", ["report"]),
     ("learner", ["learner"]),
+    ("serve", ["serve"]),
     ("api", ["api"]),
     ("cli", ["cli", "commands"]),
 ]

@@ -8,7 +8,7 @@ import sys
 
 import typer
 
-from selfdistill.commands import continual, data, diagnose, learn, plan, train
+from selfdistill.commands import continual, data, diagnose, learn, plan, serve, train
 from selfdistill.commands import eval as evaluation  # named so as not to hide the builtin eval
 from selfdistill.errors import RunFailed, RunStopped, UserError
 
@@ -27,7 +27,7 @@ def _root() -> None:
 
 # Each command group is a module of selfdistill.commands with a `register(app)`; the order here is
 # the order of `sdft --help`.
-for _group in (train, evaluation, data, continual, learn, diagnose, plan):
+for _group in (train, evaluation, data, continual, learn, serve, diagnose, plan):
     _group.register(app)
 
 

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 from sqlalchemy import select
-from toy import KEYS, copy_model
+from toy import KEYS
 
 from selfdistill.errors import UserError
 from selfdistill.learner import Learner
@@ -41,15 +41,6 @@ SETTINGS = [
     "eval.drift.max_new_tokens=4",
     "learner.heldout_share=0.25",
 ]
-
-
-@pytest.fixture(scope="module")
-def toy_model(tmp_path_factory) -> str:
-    directory = tmp_path_factory.mktemp("toy-model")
-    model, tokenizer = copy_model()
-    model.save_pretrained(directory)
-    tokenizer.save_pretrained(directory)
-    return str(directory)
 
 
 def task_records(value: str, seed: int, n: int = 24) -> list[dict]:
@@ -365,7 +356,7 @@ def test_the_migrations_build_the_schema_the_code_uses(database_url):
     db.Database(database_url).dispose()
     with first.engine.connect() as connection:
         assert compare_metadata(MigrationContext.configure(connection), db.Base.metadata) == []
-        assert MigrationContext.configure(connection).get_current_revision() == "0001"
+        assert MigrationContext.configure(connection).get_current_revision() == "0002"
     first.dispose()
 
 
@@ -388,3 +379,31 @@ def test_a_lora_round_keeps_its_adapter_and_the_next_round_trains_a_new_one(tmp_
     assert learner.round().outcome == "promoted"
     trained = json.loads((tmp_path / "learner" / "rounds" / "round-0002" / "train" / "run.json").read_text())
     assert trained["full_config"]["model"]["name"] == str(version)  # round 2 trained v1's merged weights
+
+
+def test_a_database_of_the_first_schema_is_upgraded_in_place(database_url):
+    """A learner created before the completions table existed (revision 0001) opens with its rows intact and
+    the new table added (revision 0002)."""
+    from alembic import command
+    from alembic.config import Config as AlembicConfig
+    from sqlalchemy import inspect, text
+
+    engine = db.make_engine(database_url)
+    config = AlembicConfig()
+    config.set_main_option("script_location", str(db.MIGRATIONS))
+    with engine.begin() as connection:
+        config.attributes["connection"] = connection
+        command.upgrade(config, "0001")
+        connection.execute(
+            text(
+                "INSERT INTO workspace (id, created_at, base_model, settings, current_version) "
+                "VALUES (1, '2026-12-01 00:00:00', 'old-model', '{}', 0)"
+            )
+        )
+    assert "completions" not in inspect(engine).get_table_names()
+    engine.dispose()
+    upgraded = db.Database(database_url)
+    assert "completions" in inspect(upgraded.engine).get_table_names()
+    with upgraded.transaction() as session:
+        assert upgraded.workspace(session).base_model == "old-model"
+    upgraded.dispose()

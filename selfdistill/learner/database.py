@@ -125,6 +125,20 @@ class Event(Base):
     detail: Mapped[dict] = mapped_column(JSON, default=dict)
 
 
+class Completion(Base):
+    """A completion the server returned: what the model saw and wrote, so a correction by its id stores a
+    demonstration for exactly that prompt."""
+
+    __tablename__ = "completions"
+
+    id: Mapped[str] = mapped_column(String(64), primary_key=True)
+    version: Mapped[int] = mapped_column(Integer)
+    kind: Mapped[str] = mapped_column(String(16))  # "chat" (prompt: messages) or "text" (prompt: a string)
+    prompt: Mapped[dict] = mapped_column(JSON)  # {"prompt": messages or text}
+    output: Mapped[str] = mapped_column(String)
+    created_at: Mapped[dt.datetime] = mapped_column(DateTime, default=now)
+
+
 def _sqlite_pragmas(engine: Engine) -> None:
     """SQLite for several processes: WAL (readers do not block the writer), a wait instead of
     "database is locked", and every transaction taking the write lock at BEGIN, so two writers
