@@ -720,6 +720,20 @@ class Learner:
 
     # --- what it holds ------------------------------------------------------------------------
 
+    def pending(self) -> int:
+        """Training records no round has taken yet (one count query: asked after every add by a server)."""
+        with self.db.transaction() as session:
+            query = select(func.count()).select_from(db.Record)
+            return session.scalar(query.where(db.Record.split == "train", db.Record.round.is_(None)))
+
+    def round_info(self, number: int | None = None) -> dict | None:
+        """One round as `status()` shows it (None: the newest), or None when there is no such round."""
+        with self.db.transaction() as session:
+            if number is None:
+                number = session.scalar(select(func.max(db.Round.number)))
+            row = session.get(db.Round, number) if number is not None else None
+            return _round_data(row) if row is not None else None
+
     def status(self) -> dict:
         """Everything `sdft learn status` shows, as plain data: versions, rounds, tasks, pending, matrix."""
         with self.db.transaction() as session:

@@ -403,10 +403,10 @@ def _row(learner: Learner, item: DemonstrationIn, where: str) -> dict:
 
 
 def _round(learner: Learner, number: int) -> dict:
-    rounds = {r["number"]: r for r in learner.status()["rounds"]}
-    if number not in rounds:
+    found = learner.round_info(number)
+    if found is None:
         raise ApiError(404, f"no round {number}", "number")
-    return {**rounds[number], "training": _training_curve(learner, number)}
+    return {**found, "training": _training_curve(learner, number)}
 
 
 def _training_curve(learner: Learner, number: int) -> list[dict]:

@@ -76,16 +76,16 @@ class RoundRunner:
 
     def _newest_round(self) -> tuple[int | None, bool]:
         """(the newest round's number or None, whether it is unfinished)."""
-        rounds = self.learner.status()["rounds"]
-        if not rounds:
+        newest = self.learner.round_info()
+        if newest is None:
             return None, False
-        return rounds[-1]["number"], rounds[-1]["stage"] != "done"
+        return newest["number"], newest["stage"] != "done"
 
     def maybe_start(self) -> int | None:
         """Start a round when the pending demonstrations reached `every`, or `interval` passed with some pending."""
         if self.running():
             return None
-        pending = self.learner.status()["pending"]
+        pending = self.learner.pending()
         due = (self.every and pending >= self.every) or (
             self.interval and pending and time.monotonic() - self._last_start >= self.interval
         )
