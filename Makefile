@@ -83,7 +83,7 @@ test: $(STAMP) $(VLLM_STAMP)
 	$(MAKE) test-floor
 
 test-vllm: $(VLLM_STAMP)
-	$(VLLM_VENV)/bin/python -m pytest -q -p no:cacheprovider tests/test_vllm.py
+	$(VLLM_VENV)/bin/python -m pytest -q -p no:cacheprovider tests/test_vllm.py tests/test_vllm_serve.py
 
 # The version check fails if a resolver ever installs something other than the floor here.
 test-floor: $(FLOOR_STAMP)

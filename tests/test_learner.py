@@ -138,6 +138,28 @@ def test_duplicates_are_dropped_and_a_bad_file_stores_nothing(tmp_path, toy_mode
     assert learner.status()["tasks"]["alpha"]["train"] + learner.status()["tasks"]["alpha"]["heldout"] == 10
 
 
+def test_several_tasks_are_added_in_one_transaction(tmp_path, toy_model, database_url, monkeypatch):
+    """A request's records for two tasks are stored together or not at all: a failure while the second task's
+    rows are written leaves none of the first task's either; without it both are stored."""
+    learner = new_learner(tmp_path / "learner", toy_model, database_url)
+    sources = {"alpha": task_records("v3", seed=0, n=6), "beta": task_records("v5", seed=1, n=6)}
+    real = Learner._heldout
+
+    def failing(self, task, batch, new):
+        if task == "beta":
+            raise RuntimeError("the database went away")
+        return real(self, task, batch, new)
+
+    monkeypatch.setattr(Learner, "_heldout", failing)
+    with pytest.raises(RuntimeError, match="went away"):
+        learner.add_tasks(sources)
+    assert learner.status()["tasks"] == {} and learner.pending() == 0
+    monkeypatch.setattr(Learner, "_heldout", real)
+    counts = learner.add_tasks(sources)
+    assert [(c["task"], c["added"]) for c in counts] == [("alpha", 6), ("beta", 6)]
+    assert sorted(learner.status()["tasks"]) == ["alpha", "beta"]
+
+
 def _add_in_process(root: str, start: int, value: str) -> None:
     learner = Learner(root, echo=lambda _: None)
     for k in range(10):  # ten small batches, each its own transaction, racing the other process's

@@ -51,15 +51,6 @@ class Server:
             runner.process.wait(300)
 
 
-@pytest.fixture
-def learner_dir(tmp_path, toy_model):
-    from test_learner import new_learner
-
-    root = tmp_path / "learner"
-    new_learner(root, toy_model, f"sqlite:///{root}.db", extra=["learner.heldout_share=0.25"])
-    return root
-
-
 def _records(learner_dir) -> int:
     with Learner(learner_dir, echo=lambda _: None).db.transaction() as session:
         from sqlalchemy import func, select

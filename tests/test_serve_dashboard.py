@@ -11,7 +11,7 @@ import subprocess
 import httpx
 import pytest
 from test_learner import task_records
-from test_serve import KEY, Server, learner_dir  # noqa: F401 (its fixture, found by name)
+from test_serve import KEY, Server
 
 from selfdistill.learner import Learner
 from selfdistill.serve.host import wait_for
@@ -67,7 +67,7 @@ def table(dom: str, element_id: str) -> tuple[str, list[tuple[str, list[str]]]]:
 
 
 def test_dashboard_shows_versions_matrix_pending_and_a_live_round_with_user_text_as_text(
-    learner_dir,  # noqa: F811 (test_serve's fixture)
+    learner_dir,
     tmp_path,
 ):
     learner = Learner(learner_dir, echo=lambda _: None)

@@ -188,47 +188,54 @@ class Learner:
         mappings/Records. Every record is checked before any is stored; exact duplicates (of stored records or
         within the batch) are dropped; a seeded share of the new ones is held out (all of them with
         `heldout=True`: an evaluation set of the user's). Returns the counts."""
+        return self.add_tasks({task: source}, grader=grader, heldout=heldout)[0]
+
+    def add_tasks(self, sources: dict[str, Any], *, grader: str | None = None, heldout: bool = False) -> list[dict]:
+        """`add` for several tasks at once ({task: source}), in one transaction: every task's records are stored,
+        or (a record that fails its check, a database error) none. Returns each task's counts."""
         from selfdistill.data.records import records_from
 
-        if not isinstance(task, str) or not task.strip():
-            raise UserError("--task: give the task name the records belong to.")
-        records = records_from(source, "add FILE" if isinstance(source, (str, Path)) else "add(records=...)")
-        grader = self._check_grader(task, grader)
-        rows = [r.to_dict() for r in records]
-        unique: dict[str, dict] = {}
-        for row in rows:
-            unique.setdefault(record_digest(task, row), row)
-        batch = _digest_of(list(unique))
+        batches = {}
+        for task, source in sources.items():
+            if not isinstance(task, str) or not task.strip():
+                raise UserError("--task: give the task name the records belong to.")
+            records = records_from(source, "add FILE" if isinstance(source, (str, Path)) else "add(records=...)")
+            rows = [r.to_dict() for r in records]
+            unique: dict[str, dict] = {}
+            for row in rows:
+                unique.setdefault(record_digest(task, row), row)
+            batches[task] = (self._check_grader(task, grader), len(rows), unique)
         for attempt in range(5):  # a concurrent add of the same record wins the unique key: read again and retry
             try:
                 with self.db.transaction() as session:
-                    if session.get(db.Task, task) is None:
-                        session.add(db.Task(name=task, grader=grader))
-                        session.flush()
-                    stored = set(session.scalars(select(db.Record.digest).where(db.Record.digest.in_(list(unique)))))
-                    new = sorted(d for d in unique if d not in stored)
-                    held = set(new) if heldout else self._heldout(task, batch, new)
-                    for digest in new:
-                        split = "heldout" if digest in held else "train"
-                        session.add(db.Record(task=task, digest=digest, data=unique[digest], split=split, batch=batch))
-                    counts = {
-                        "task": task,
-                        "given": len(rows),
-                        "added": len(new),
-                        "heldout": len(held),
-                        "duplicates": len(rows) - len(new),
-                    }
-                    session.add(db.Event(kind="add", detail=counts))
+                    counts = [self._store(session, task, *batch, heldout) for task, batch in batches.items()]
                 break
             except Exception as exc:  # noqa: BLE001
                 from sqlalchemy.exc import IntegrityError
 
                 if not isinstance(exc, IntegrityError) or attempt == 4:
                     raise
-        self.echo(
-            f"{task}: {counts['added']} records added ({counts['heldout']} held out for evaluation), "
-            f"{counts['duplicates']} duplicates dropped"
-        )
+        for done in counts:
+            self.echo(
+                f"{done['task']}: {done['added']} records added ({done['heldout']} held out for evaluation), "
+                f"{done['duplicates']} duplicates dropped"
+            )
+        return counts
+
+    def _store(self, session, task: str, grader: str, given: int, unique: dict[str, dict], heldout: bool) -> dict:
+        """One task's new records, inside the caller's transaction; returns its counts."""
+        if session.get(db.Task, task) is None:
+            session.add(db.Task(name=task, grader=grader))
+            session.flush()
+        batch = _digest_of(list(unique))
+        stored = set(session.scalars(select(db.Record.digest).where(db.Record.digest.in_(list(unique)))))
+        new = sorted(d for d in unique if d not in stored)
+        held = set(new) if heldout else self._heldout(task, batch, new)
+        for digest in new:
+            split = "heldout" if digest in held else "train"
+            session.add(db.Record(task=task, digest=digest, data=unique[digest], split=split, batch=batch))
+        counts = {"task": task, "given": given, "added": len(new), "heldout": len(held), "duplicates": given - len(new)}
+        session.add(db.Event(kind="add", detail=counts))
         return counts
 
     def _check_grader(self, task: str, grader: str | None) -> str:
@@ -680,6 +687,19 @@ class Learner:
         if row is None:
             raise UserError(f"no version {number} in {self.root}; `sdft learn status` lists them.")
         return self._model_path(row)
+
+    def lineage(self, version: int) -> list[dict]:
+        """The versions `version` descends from, oldest first, and itself, without the base model (version 0):
+        each {"number", "kind", "path"}, a round's training having started from the one before."""
+        chain = []
+        with self.db.transaction() as session:
+            row = session.get(db.Version, version)
+            if row is None:
+                raise UserError(f"no version {version} in {self.root}; `sdft learn status` lists them.")
+            while row is not None and row.number != 0:
+                chain.append({"number": row.number, "kind": row.kind, "path": self._model_path(row)})
+                row = session.get(db.Version, row.parent)
+        return chain[::-1]
 
     def rollback(self, version: int) -> None:
         """Serve an earlier (or any stored) version again; refused while a round runs."""

@@ -2,10 +2,15 @@
 
 from __future__ import annotations
 
+import json
+import math
 import warnings
 from collections.abc import Callable
+from pathlib import Path
 
 import torch
+
+from selfdistill.errors import UserError
 
 
 def is_lora(model) -> bool:
@@ -56,3 +61,59 @@ def merged_weight(
             delta = delta.T
         merged += delta
     return merged
+
+
+_UNSTACKABLE = {
+    "use_dora": lambda v: bool(v),
+    "modules_to_save": lambda v: bool(v),
+    "bias": lambda v: v not in (None, "none"),
+    "rank_pattern": lambda v: bool(v),
+    "alpha_pattern": lambda v: bool(v),
+    "fan_in_fan_out": lambda v: bool(v),
+}
+
+
+def stack_adapters(directories: list[Path], out: Path, base_model: str | None = None) -> Path:
+    """One PEFT LoRA adapter equal to the adapters in `directories` applied one after the other.
+
+    Each adapter adds scale_i·B_i·A_i to a layer's weight, so their sum is [s_1·B_1 … s_n·B_n] · [A_1; …; A_n]:
+    one adapter of rank Σ r_i with scale 1 (lora_alpha = r), exactly, in fp32. A layer that only some of the
+    adapters adapt gets zero factors from the others. Adapters that are not plain LoRA (DoRA, trained
+    modules, biases, per-layer ranks) are refused: their sum is no LoRA adapter. `base_model`: the model the
+    stacked adapter applies to, written into its config.
+    """
+    from safetensors.torch import load_file, save_file
+
+    a_parts: dict[str, list] = {}
+    b_parts: dict[str, list] = {}
+    ranks, config = [], {}
+    for i, directory in enumerate(directories):
+        config = json.loads((directory / "adapter_config.json").read_text())
+        for key, unstackable in _UNSTACKABLE.items():
+            if unstackable(config.get(key)):
+                raise UserError(f"{directory / 'adapter_config.json'}: {key}={config[key]!r} cannot be stacked")
+        rank = int(config["r"])
+        scale = float(config["lora_alpha"]) / (math.sqrt(rank) if config.get("use_rslora") else rank)
+        for key, tensor in load_file(str(directory / "adapter_model.safetensors")).items():
+            module, factor = key.rsplit(".lora_", 1)
+            parts = a_parts if factor.startswith("A.") else b_parts
+            parts.setdefault(module, {})[i] = tensor.float() * (1.0 if parts is a_parts else scale)
+        ranks.append(rank)
+    stacked = {}
+    for module in sorted(a_parts):
+        some_a, some_b = next(iter(a_parts[module].values())), next(iter(b_parts[module].values()))
+        a = [a_parts[module].get(i, some_a.new_zeros(r, some_a.shape[1])) for i, r in enumerate(ranks)]
+        b = [b_parts[module].get(i, some_b.new_zeros(some_b.shape[0], r)) for i, r in enumerate(ranks)]
+        stacked[f"{module}.lora_A.weight"] = torch.cat(a, dim=0).contiguous()
+        stacked[f"{module}.lora_B.weight"] = torch.cat(b, dim=1).contiguous()
+    total = sum(ranks)
+    targets = sorted({module.rsplit(".", 1)[-1] for module in a_parts})
+    config.update(
+        r=total, lora_alpha=total, use_rslora=False, target_modules=targets, rank_pattern={}, alpha_pattern={}
+    )
+    if base_model is not None:
+        config["base_model_name_or_path"] = base_model
+    out.mkdir(parents=True, exist_ok=True)
+    save_file(stacked, str(out / "adapter_model.safetensors"))
+    (out / "adapter_config.json").write_text(json.dumps(config, indent=2))
+    return out

@@ -259,6 +259,10 @@ def _generate_batch(
         finished[i] = cut is not None
 
 
+class _Abandoned(Exception):
+    """Raised inside a streaming decode loop whose consumer went away, to end it."""
+
+
 class DecodeSampler(Sampler):
     """Our decode loop as a `Sampler`: it samples from the model itself, so `sync` has nothing to copy."""
 
@@ -296,9 +300,16 @@ class DecodeSampler(Sampler):
 
     def stream(self, prompt: list[int], seed: int | None, *, max_new_tokens: int | None = None) -> Iterator[int]:
         """One prompt's tokens as the loop decodes them (up to and including a stop token). The loop runs in a
-        thread of its own, so the caller may consume the tokens from any thread."""
+        thread of its own, so the caller may consume the tokens from any thread; closing the iterator early (a
+        client that went away) stops the loop at its next token."""
         tokens: queue.Queue = queue.Queue()
+        abandoned = threading.Event()
         s = self.settings
+
+        def on_token(step) -> None:
+            if abandoned.is_set():
+                raise _Abandoned
+            tokens.put(step[0])
 
         def decode() -> None:
             try:
@@ -313,20 +324,25 @@ class DecodeSampler(Sampler):
                     top_p=s.top_p,
                     batch_size=1,
                     precision=s.precision,
-                    on_token=lambda step: tokens.put(step[0]),
+                    on_token=on_token,
                 )
+            except _Abandoned:
+                pass
             except BaseException as exc:  # noqa: BLE001 - handed to the consumer, raised there
                 tokens.put(exc)
             finally:
                 tokens.put(None)
 
         threading.Thread(target=decode, daemon=True, name="selfdistill-stream").start()
-        while (token := tokens.get()) is not None:
-            if isinstance(token, BaseException):
-                raise token
-            yield token
-            if token in s.stop_token_ids:
-                return
+        try:
+            while (token := tokens.get()) is not None:
+                if isinstance(token, BaseException):
+                    raise token
+                yield token
+                if token in s.stop_token_ids:
+                    return
+        finally:
+            abandoned.set()
 
     def sync(self, model) -> float:
         """Nothing to copy: the loop runs the live model. Only which model that is is noted (no time spent)."""

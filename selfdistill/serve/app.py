@@ -21,20 +21,22 @@ from __future__ import annotations
 import json
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from typing import Any, Literal
 
 from fastapi import FastAPI, Request
+from fastapi.concurrency import run_in_threadpool
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, StreamingResponse
+from fastapi.responses import JSONResponse, Response, StreamingResponse
 from pydantic import BaseModel, Field
 
 from selfdistill.errors import UserError
 from selfdistill.learner import Learner
 from selfdistill.learner import database as db
 from selfdistill.serve.dashboard import register_dashboard
+from selfdistill.serve.engines import GenerationRequest, make_serving_engine
 from selfdistill.serve.host import ModelHost, Served
 from selfdistill.serve.rounds import RoundBusy, RoundRunner
 
@@ -47,6 +49,10 @@ class ServeSettings:
     max_new_tokens: int = 256  # the most a request may ask for
     round_every: int | None = None  # start a round once this many demonstrations are pending
     round_interval: float | None = None  # or every this many seconds while some are pending
+    engine: str = "decode"  # decode, vllm, or the URL of a vLLM server (`selfdistill.serve.engines`)
+    engine_precision: str = "auto"  # the in-process vLLM engine's: auto, fp32 or bf16
+    engine_api_key: str | None = None  # the external vLLM server's key, if it has one
+    round_devices: str | None = None  # the GPUs a round trains on (CUDA_VISIBLE_DEVICES), e.g. "1,2"
 
 
 class ApiError(Exception):
@@ -135,6 +141,29 @@ class BodyLimit:
         return await self.app(scope, limited, send)
 
 
+class LeasedStream(Response):
+    """Server-sent events generated on a leased version: the lease is taken before the headers (which name the
+    version) and given back when the stream ends or its client leaves (then its generation is stopped)."""
+
+    def __init__(self, host: ModelHost, events_of: Callable[[Served], Iterator[str]]):
+        super().__init__(media_type="text/event-stream")
+        self.host, self.events_of = host, events_of
+
+    async def __call__(self, scope, receive, send):
+        lease = self.host.lease()
+        served = await run_in_threadpool(lease.__enter__)  # waits while a version is being swapped in
+        events = self.events_of(served)
+        try:
+            headers = {"x-selfdistill-version": str(served.version)}
+            await StreamingResponse(events, media_type="text/event-stream", headers=headers)(scope, receive, send)
+        finally:
+            try:
+                events.close()  # a client that left: stops the generation
+            except ValueError:  # still running in a worker thread: closed when that thread lets go of it
+                pass
+            lease.__exit__(None, None, None)
+
+
 class Service:
     """What the routes share: the learner, the served model, the round runner, the settings, and the checks
     and bookkeeping every request goes through."""
@@ -158,10 +187,8 @@ class Service:
             raise ApiError(400, f"max_tokens: at most {most} on this server", "max_tokens")
         return asked or most
 
-    def complete(self, served: Served, prompt_ids: list[int], request) -> Iterator[int]:
-        sampler = served.sampler(request.temperature, request.top_p, self.budget(request))
-        seed = request.seed if request.seed is not None else 0
-        return sampler.stream(prompt_ids, seed if request.temperature > 0 else None)
+    def generation(self, request) -> GenerationRequest:
+        return GenerationRequest(self.budget(request), request.temperature, request.top_p, request.seed)
 
     def record(self, kind: str, served: Served, prompt, text: str, completion_id: str | None = None) -> str:
         """Store what was served, so a correction by its id trains on exactly this prompt."""
@@ -173,15 +200,15 @@ class Service:
             session.add(stored)
         return completion_id
 
-    def respond(self, kind: str, request, prompt, prompt_ids: list[int]):
-        served = self.host.served  # this request's version, to its end
-        headers = {"x-selfdistill-version": str(served.version)}
-        self.budget(request)  # refused before a stream starts, not half-way through it
+    def respond(self, kind: str, request, prompt, ids_of: Callable[[Served], list[int]]):
+        """Answer on the version current when the request starts, held (`ModelHost.lease`) to its last token."""
+        generation = self.generation(request)  # refused before a stream starts, not half-way through it
         if request.stream:
-            events = _sse(self, kind, served, request, prompt, prompt_ids)
-            return StreamingResponse(events, media_type="text/event-stream", headers=headers)
-        with served.lock:
-            tokens = list(self.complete(served, prompt_ids, request))
+            return LeasedStream(self.host, lambda served: _sse(self, kind, served, prompt, ids_of(served), generation))
+        with self.host.lease() as served:
+            prompt_ids = ids_of(served)
+            tokens = list(served.stream(prompt_ids, generation))
+        headers = {"x-selfdistill-version": str(served.version)}
         text, finish = _text(served, tokens)
         choice = {"index": 0, "finish_reason": finish, "logprobs": None}
         choice.update({"message": {"role": "assistant", "content": text}} if kind == "chat" else {"text": text})
@@ -206,8 +233,12 @@ def create_app(workdir, settings: ServeSettings | None = None, *, host: ModelHos
     request-size limit; `.state` reaches the learner, host, runner and settings."""
     settings = settings or ServeSettings()
     learner = Learner(workdir, echo=lambda line: None)
-    host = host or ModelHost(learner, settings.max_new_tokens)
-    runner = RoundRunner(learner, settings.round_every, settings.round_interval)
+    if host is None:
+        engine = make_serving_engine(
+            settings.engine, precision=settings.engine_precision, api_key=settings.engine_api_key
+        )
+        host = ModelHost(learner, engine)
+    runner = RoundRunner(learner, settings.round_every, settings.round_interval, settings.round_devices)
     service = Service(learner, host, runner, settings)
 
     @asynccontextmanager
@@ -251,12 +282,12 @@ def _inference_routes(app: FastAPI, service: Service) -> None:
         messages = [m.model_dump() for m in request.messages]
         if messages[-1]["role"] != "user":
             raise ApiError(400, "messages: the last message must be the user's", "messages")
-        return service.respond("chat", request, messages, service.host.served.chat_ids(messages))
+        return service.respond("chat", request, messages, lambda served: served.chat_ids(messages))
 
     @app.post("/v1/completions")
     def completions(request: CompletionRequest):
         service.check_model(request.model)
-        return service.respond("text", request, request.prompt, service.host.served.text_ids(request.prompt))
+        return service.respond("text", request, request.prompt, lambda served: served.text_ids(request.prompt))
 
 
 def _learning_routes(app: FastAPI, service: Service) -> None:
@@ -266,7 +297,7 @@ def _learning_routes(app: FastAPI, service: Service) -> None:
     def demonstrations(body: DemonstrationsRequest, request: Request):
         service.authorize(request)
         rows_by_task = _rows_by_task(learner, body, service.settings.max_records)
-        counts = [learner.add(rows, task) for task, rows in rows_by_task.items()]
+        counts = learner.add_tasks(rows_by_task)  # one transaction: all of the request's records, or none
         return {"added": sum(c["added"] for c in counts), "tasks": counts, "round_started": runner.maybe_start()}
 
     @app.post("/v1/rounds")
@@ -294,6 +325,7 @@ def _learning_routes(app: FastAPI, service: Service) -> None:
     def status():
         data = learner.status()
         data["served_version"] = service.host.served.version
+        data["engine"] = service.host.engine.name
         data["round_running"] = runner.running()
         running = [r for r in data["rounds"] if r["stage"] != "done"]
         data["training"] = _training_curve(learner, running[-1]["number"]) if running else None
@@ -339,7 +371,7 @@ def _text(served: Served, tokens: list[int]) -> tuple[str, str]:
     return text, "stop" if finished else "length"
 
 
-def _sse(service: Service, kind: str, served: Served, request, prompt, prompt_ids: list[int]) -> Iterator[str]:
+def _sse(service: Service, kind: str, served: Served, prompt, prompt_ids: list[int], generation) -> Iterator[str]:
     """Server-sent events as OpenAI streams them: one chunk per decoded piece of text, then [DONE]."""
     completion_id = _new_id(kind)
     created = int(time.time())
@@ -359,15 +391,14 @@ def _sse(service: Service, kind: str, served: Served, request, prompt, prompt_id
         yield chunk("", None, role="assistant")
     tokens: list[int] = []
     sent = ""
-    with served.lock:
-        for token in service.complete(served, prompt_ids, request):
-            tokens.append(token)
-            if token in served.stop_ids:
-                break
-            text = served.tokenizer.decode(tokens, skip_special_tokens=True)
-            if len(text) > len(sent) and not text.endswith("\ufffd"):  # whole characters only
-                yield chunk(text[len(sent) :], None)
-                sent = text
+    for token in served.stream(prompt_ids, generation):
+        tokens.append(token)
+        if token in served.stop_ids:
+            break
+        text = served.tokenizer.decode(tokens, skip_special_tokens=True)
+        if len(text) > len(sent) and not text.endswith("\ufffd"):  # whole characters only
+            yield chunk(text[len(sent) :], None)
+            sent = text
     text, finish = _text(served, tokens)
     if len(text) > len(sent):
         yield chunk(text[len(sent) :], None)

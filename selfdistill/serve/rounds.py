@@ -27,8 +27,13 @@ class RoundBusy(Exception):
 
 
 class RoundRunner:
-    def __init__(self, learner: Learner, every: int | None = None, interval: float | None = None):
+    def __init__(
+        self, learner: Learner, every: int | None = None, interval: float | None = None, devices: str | None = None
+    ):
         self.learner = learner
+        # The GPUs rounds train on (CUDA_VISIBLE_DEVICES), away from the one the server's engine answers on;
+        # several: the round runs under torchrun, one process per GPU, sharded as `sdft learn round` is there.
+        self.devices = [d.strip() for d in devices.split(",") if d.strip()] if devices else []
         self.every = every
         self.interval = interval
         self.process: subprocess.Popen | None = None
@@ -55,10 +60,10 @@ class RoundRunner:
             logs = self.learner.root / "rounds"
             logs.mkdir(parents=True, exist_ok=True)
             self.log_path = logs / "serve-round.log"
-            command = [sys.executable, "-m", "selfdistill.cli", "learn", "round", str(self.learner.root)]
-            for item in overrides:
-                command += ["--set", item]
+            command = self.command(overrides)
             env = {**os.environ, "SELFDISTILL_PROGRESS": "lines", "OMP_NUM_THREADS": str(self.round_threads)}
+            if self.devices:
+                env["CUDA_VISIBLE_DEVICES"] = ",".join(self.devices)
             with open(self.log_path, "w") as out:
                 self.process = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT, env=env)
             self._share_cores()
@@ -73,6 +78,16 @@ class RoundRunner:
                     message = self.log_path.read_text(errors="replace").strip().splitlines()
                     raise ValueError(message[-1] if message else "the round could not start")
                 time.sleep(0.1)
+
+    def command(self, overrides: list[str] | tuple = ()) -> list[str]:
+        """`sdft learn round WORKDIR --set ...`, under torchrun when the round has several GPUs."""
+        command = [sys.executable, "-m"]
+        if len(self.devices) > 1:
+            command += ["torch.distributed.run", "--standalone", f"--nproc_per_node={len(self.devices)}", "-m"]
+        command += ["selfdistill.cli", "learn", "round", str(self.learner.root)]
+        for item in overrides:
+            command += ["--set", item]
+        return command
 
     def _newest_round(self) -> tuple[int | None, bool]:
         """(the newest round's number or None, whether it is unfinished)."""
