@@ -126,3 +126,36 @@ def test_lora_frozen_teacher_head_is_the_base_of_an_adapted_head():
         head = dict(student.named_modules())["base_model.model.lm_head"]
         torch.testing.assert_close(view.head(hidden), head.base_layer(hidden))
         assert not torch.allclose(view.head(hidden), output_head(student)(hidden))  # the student's head is adapted
+
+
+def test_a_bf16_compute_copy_gives_the_autocast_numbers_bit_for_bit_and_follows_the_ema(tmp_path):
+    """An EMA teacher computing in bf16 on a CPU runs its forward on a copy whose linear weights are bf16: the
+    same hidden states and head logits, to the bit, as autocast over the fp32 weights, after EMA steps and after
+    a checkpoint is loaded; the embedding (tied to the head) is the master's own fp32 tensor, not a copy."""
+    from selfdistill.distillation.losses import output_head
+    from selfdistill.precision import autocast_context
+
+    tok = tiny_tokenizer()
+    student = tiny_model(tok, tied=True)
+    teacher = Teacher(student, "ema", 0.25, compute_dtype=torch.bfloat16)
+    copy_ = teacher.compute_module
+    assert copy_.model.embed_tokens.weight is teacher.module.model.embed_tokens.weight
+    assert copy_.lm_head.weight.dtype == torch.bfloat16 and copy_.model.norm.weight.dtype == torch.float32
+    tokens = torch.randint(3, len(tok), (2, 10), generator=torch.Generator().manual_seed(0))
+
+    def outputs(model):
+        with torch.no_grad(), autocast_context("cpu", "bf16"):
+            hidden = model.model(tokens).last_hidden_state
+            return hidden, output_head(model)(hidden)
+
+    for step in range(2):
+        _perturb(student, scale=0.1 * (step + 1))
+        teacher.update(student)
+        with teacher.scoring(student) as view:
+            assert view.model is copy_
+        for ours, autocast in zip(outputs(copy_), outputs(teacher.module)):
+            assert torch.equal(ours, autocast)
+    teacher.save(tmp_path / "teacher.safetensors")
+    other = Teacher(tiny_model(tok, tied=True, seed=5), "ema", 0.25, compute_dtype=torch.bfloat16)
+    other.load(tmp_path / "teacher.safetensors")
+    assert torch.equal(outputs(other.compute_module)[1], outputs(teacher.module)[1])
