@@ -159,3 +159,10 @@ def test_a_bf16_compute_copy_gives_the_autocast_numbers_bit_for_bit_and_follows_
     other = Teacher(tiny_model(tok, tied=True, seed=5), "ema", 0.25, compute_dtype=torch.bfloat16)
     other.load(tmp_path / "teacher.safetensors")
     assert torch.equal(outputs(other.compute_module)[1], outputs(teacher.module)[1])
+
+
+def test_a_compute_copy_keeps_a_head_that_computes_outside_autocast_in_fp32():
+    tok = tiny_tokenizer()
+    teacher = Teacher(tiny_model(tok, tied=False), "ema", 0.25, compute_dtype=torch.bfloat16, cast_head=False)
+    assert teacher.compute_module.lm_head.weight is teacher.module.lm_head.weight
+    assert teacher.compute_module.model.layers[0].mlp.up_proj.weight.dtype == torch.bfloat16

@@ -64,10 +64,10 @@ def _cast_parameters(module, dtype: torch.dtype) -> None:
         param.data = param.data.to(dtype)
 
 
-def _compute_copy(module, dtype: torch.dtype):
+def _compute_copy(module, dtype: torch.dtype, cast_head: bool):
     """(a copy of `module` for forwards, [(its cast parameter, the master parameter)]): the linear layers'
-    weights (the output head's included, even where it is tied to the input embedding) in `dtype`, every other
-    parameter the master's own, shared.
+    weights in `dtype` (with `cast_head`, the output head's too, even where it is tied to the input embedding;
+    for a head that computes outside autocast), every other parameter the master's own, shared.
 
     Under autocast a linear layer casts its weight to bf16 anyway, so computing with the cast weight gives the
     same numbers, bit for bit, without the cast in every forward; the embedding and the norms keep the fp32
@@ -75,9 +75,10 @@ def _compute_copy(module, dtype: torch.dtype):
     """
     copied = copy.deepcopy(module)
     pairs = []
+    head = module.get_output_embeddings()
     for target, master in zip(copied.modules(), module.modules()):
         for name, parameter in master.named_parameters(recurse=False):
-            if isinstance(master, torch.nn.Linear):
+            if isinstance(master, torch.nn.Linear) and (cast_head or master is not head):
                 cast = torch.nn.Parameter(parameter.detach().to(dtype), requires_grad=False)
                 target._parameters[name] = cast
                 pairs.append((cast, parameter))
@@ -100,6 +101,7 @@ class Teacher:
         ema_rate: float = 0.01,
         frozen_dtype: torch.dtype | None = None,
         compute_dtype: torch.dtype | None = None,
+        cast_head: bool = True,
     ):
         if kind not in ("ema", "frozen", "live"):
             raise ValueError(f"unknown teacher kind {kind!r}")
@@ -121,7 +123,7 @@ class Teacher:
         # The EMA teacher's weights in the dtype its forward computes in (see the module's docstring).
         self.compute_module, self._cast_pairs = None, []
         if kind == "ema" and compute_dtype not in (None, torch.float32):
-            self.compute_module, self._cast_pairs = _compute_copy(self.module, compute_dtype)
+            self.compute_module, self._cast_pairs = _compute_copy(self.module, compute_dtype, cast_head)
 
     def _refresh_compute_copy(self) -> None:
         for copied, master in self._cast_pairs:
@@ -138,7 +140,9 @@ class Teacher:
         """
         if self.module is not None:
             try:
-                yield TeacherView(self.compute_module if self.compute_module is not None else self.module, adapter_off=False)
+                yield TeacherView(
+                    self.compute_module if self.compute_module is not None else self.module, adapter_off=False
+                )
             finally:
                 reshard_all(self.module)  # it never runs backward, so its gathered weights can go now
         else:  # live, or LoRA-frozen: W0 is the student without its adapter

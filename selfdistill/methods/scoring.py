@@ -48,8 +48,14 @@ class TeacherScoring:
         # CPU computes with a bf16 copy of its fp32 weights (`Teacher`'s docstring says why).
         bf16 = torch.bfloat16 if precision == "bf16" else None
         on_cpu = torch.device(device).type == "cpu"
+        # The head is cast only where it computes under autocast (`_head`: a teacher precision unlike the student's).
         teacher = Teacher(
-            student, kind, cfg.teacher.ema_rate, frozen_dtype=bf16, compute_dtype=bf16 if on_cpu else None
+            student,
+            kind,
+            cfg.teacher.ema_rate,
+            frozen_dtype=bf16,
+            compute_dtype=bf16 if on_cpu else None,
+            cast_head=precision != student_precision,
         )
         return cls(teacher, precision, student_precision, pad_token_id, cache_scores)
 
