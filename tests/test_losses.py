@@ -4,13 +4,17 @@ import pytest
 import torch
 
 from selfdistill.config import LossConfig
+from selfdistill.distillation import losses
 from selfdistill.distillation.losses import (
     _chunk_loss,
+    _forward_kl_chunk_closed_form,
     chunked_completion_loss,
     chunked_token_loss,
     divergence,
+    output_head,
     sampled_token_kl,
 )
+from selfdistill.sampling.importance import ImportanceSampling
 
 
 def hand_kl(p, q):
@@ -214,3 +218,170 @@ def test_a_bf16_head_gradient_is_summed_over_chunks_in_fp32():
     assert head.weight.grad.dtype == torch.bfloat16
     scale = float(reference.weight.grad.abs().max())
     assert float((head.weight.grad.float() - reference.weight.grad).abs().max()) <= scale * 2**-7
+
+
+class _HeadModel(torch.nn.Module):
+    def __init__(self, head):
+        super().__init__()
+        self.head = head
+
+    def get_output_embeddings(self):
+        return self.head
+
+
+def _masked_teacher(teacher: torch.nn.Linear, mask_head: torch.nn.Linear):
+    """A teacher head whose logits are −inf where `mask_head`'s are above 0.43 (a third of a row's vocabulary),
+    row by row from the hidden states, so the same in any chunking."""
+
+    def project(hidden):
+        return teacher(hidden).masked_fill(mask_head(hidden.float()) > 0.43, float("-inf"))
+
+    return project
+
+
+def _closed_form_case(vocab=3000, n=13, dtype=torch.float32, teacher_dtype=torch.float32, mask=False, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    dim = 16
+    student, teacher = torch.nn.Linear(dim, vocab, bias=False), torch.nn.Linear(dim, vocab, bias=False)
+    with torch.no_grad():  # logits of spread ~4, the teacher partly agreeing with the student
+        student.weight.copy_(torch.randn(vocab, dim, generator=g))
+        teacher.weight.copy_(student.weight + torch.randn(vocab, dim, generator=g))
+    student, teacher = student.to(dtype), teacher.to(teacher_dtype)
+    hidden = torch.randn(n, dim, generator=g).to(dtype)
+    teacher_hidden = torch.randn(n, dim, generator=g).to(teacher_dtype)
+    tokens = torch.randint(0, vocab, (n,), generator=g)
+    weights = torch.rand(n, generator=g)
+    weights[1::4] = 0.0
+    teacher_head = output_head(_HeadModel(teacher))
+    if mask:
+        mask_head = torch.nn.Linear(dim, vocab, bias=False)
+        with torch.no_grad():
+            mask_head.weight.copy_(torch.randn(vocab, dim, generator=g) / dim**0.5)
+        teacher_head = _masked_teacher(teacher, mask_head)
+        # each row's token among its unmasked ones (else log p_T(token) = −inf, and so the logged gap)
+        unmasked = ~torch.isinf(teacher_head(teacher_hidden))
+        tokens = (torch.rand(n, vocab, generator=g) * unmasked).argmax(-1)
+    return output_head(_HeadModel(student)), teacher_head, hidden, teacher_hidden, tokens, weights
+
+
+def _chunk_results(closed_form: bool, case, importance_level=None):
+    """(loss, stats, gradient of the hidden states, of the head's weight) of one chunk, by either path."""
+    student_head, teacher_head, hidden, teacher_hidden, tokens, weights = case
+    importance = None
+    if importance_level:
+        g = torch.Generator().manual_seed(3)
+        sequence = torch.tensor([i // 4 for i in range(hidden.shape[0])])
+        sampler_logp = torch.randn(hidden.shape[0], generator=g) - 8.0
+        importance = ImportanceSampling(sampler_logp, sequence, level=importance_level)
+    weight = student_head.module.weight
+    chunk = hidden.clone().requires_grad_()
+    part = slice(0, hidden.shape[0])
+    inputs = (chunk, teacher_hidden, tokens, weights, student_head, teacher_head)
+    if closed_form:
+        loss, stats, grads = _forward_kl_chunk_closed_form(*inputs, importance, part)
+        head_grad = torch.zeros(weight.shape, dtype=torch.promote_types(weight.dtype, torch.float32))
+        grads[1](head_grad)  # adds itself to the fp32 buffer, as _GradientsInForward calls it
+        return loss, stats, grads[0], head_grad
+    loss, stats = _chunk_loss(*inputs, LossConfig(), importance, part)
+    grad_hidden, grad_weight = torch.autograd.grad(loss, [chunk, weight])
+    return loss.detach(), stats, grad_hidden, grad_weight.float()
+
+
+@pytest.mark.parametrize("block_rows", [None, 1, 3])  # None: the whole chunk in one block
+@pytest.mark.parametrize("mask", [False, True])
+@pytest.mark.parametrize("teacher_dtype", [torch.float32, torch.bfloat16])
+def test_fused_closed_form_chunk_equals_the_autograd_chunk(monkeypatch, block_rows, mask, teacher_dtype):
+    """Loss, statistics and gradients of the fused chunk (dot products of raw logits, a block of rows at a
+    time) equal autograd through log-softmaxes, with zero weights, a partly −inf teacher and bf16 teacher logits."""
+    vocab = 3000
+    if block_rows:
+        monkeypatch.setattr(losses, "_CPU_BLOCK_BYTES", block_rows * 4 * vocab)
+    case = _closed_form_case(vocab, teacher_dtype=teacher_dtype, mask=mask)
+    fused, reference = _chunk_results(True, case), _chunk_results(False, case)
+    for got, expected in zip(fused, reference):
+        assert torch.isfinite(got).all() and torch.isfinite(expected).all()
+        torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-6)
+    assert fused[0] > 0 and fused[2].abs().sum() > 0  # a real divergence, not 0 = 0
+    assert (fused[2][case[5] == 0] == 0).all()  # zero weight: no gradient
+
+
+@pytest.mark.parametrize("level", ["token", "sequence"])
+def test_fused_closed_form_chunk_with_importance_weights(level):
+    case = _closed_form_case()
+    for got, expected in zip(_chunk_results(True, case, level), _chunk_results(False, case, level)):
+        torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-6)
+
+
+def test_fused_closed_form_chunk_with_a_bf16_head():
+    """A bf16 student head: the same logits, so the same loss and statistics; gradients within bf16 rounding."""
+    case = _closed_form_case(dtype=torch.bfloat16, teacher_dtype=torch.bfloat16, mask=True)
+    fused, reference = _chunk_results(True, case), _chunk_results(False, case)
+    assert fused[2].dtype == torch.bfloat16 and fused[3].dtype == torch.float32
+    torch.testing.assert_close(fused[0], reference[0], rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(fused[1], reference[1], rtol=1e-5, atol=1e-6)
+    for got, expected in zip(fused[2:], reference[2:]):
+        scale = float(expected.float().abs().max())
+        assert float((got.float() - expected.float()).abs().max()) <= scale * 2**-6
+
+
+def test_fused_closed_form_chunk_is_as_accurate_as_float64():
+    """Against the whole computation in float64: the dot products of raw logits lose nothing to the
+    log-softmax route in float32 (large logits, a large vocabulary)."""
+    vocab = 49152
+    case = _closed_form_case(vocab, n=4, mask=True)
+    student_head, teacher_head, hidden, teacher_hidden, tokens, weights = case
+    loss, stats, _ = _forward_kl_chunk_closed_form(
+        hidden.clone().requires_grad_(), teacher_hidden, tokens, weights, student_head, teacher_head
+    )
+    student_logp = torch.log_softmax(student_head(hidden).double(), -1)
+    teacher_logp = torch.log_softmax(teacher_head(teacher_hidden).double(), -1)
+    teacher_p = teacher_logp.exp()
+    kl = torch.where(teacher_p > 0, teacher_p * (teacher_logp - student_logp), 0.0).sum(-1)
+    entropy = -torch.where(teacher_p > 0, teacher_p * teacher_logp, 0.0).sum(-1)
+    gap = (teacher_logp - student_logp).gather(-1, tokens[:, None]).squeeze(-1)
+    expected = torch.stack([(kl * weights).sum(), (gap * weights).sum(), (entropy * weights).sum()])
+    torch.testing.assert_close(stats.double(), expected, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(loss.double(), expected[0], rtol=1e-5, atol=1e-5)
+
+
+def test_masked_teacher_tokens_get_no_teacher_probability():
+    """Where the teacher's logit is −inf, p_T = 0: the logits' gradient there is softmax(s) alone."""
+    case = _closed_form_case(vocab=50, n=3, mask=True)
+    student_head, teacher_head, hidden, teacher_hidden, tokens, weights = case
+    weights = torch.ones(3)
+    loss, stats, grads = _forward_kl_chunk_closed_form(
+        hidden.clone().requires_grad_(), teacher_hidden, tokens, weights, student_head, teacher_head
+    )
+    assert torch.isfinite(loss) and torch.isfinite(stats).all()
+    masked = torch.isinf(teacher_head(teacher_hidden))
+    grad_logits = torch.softmax(student_head(hidden), -1) - torch.softmax(teacher_head(teacher_hidden), -1)
+    assert masked.any() and (grad_logits[masked] > 0).all()  # softmax(s) − 0
+    torch.testing.assert_close(grads[0], grad_logits @ student_head.module.weight, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("frozen_head", [False, True])
+def test_chunked_closed_form_equals_autograd_across_blocks_and_chunks(monkeypatch, frozen_head):
+    """The whole chunked loss, blocks of 3 rows inside chunks of 4 and 5 positions, a masked teacher."""
+    monkeypatch.setattr(losses, "_CPU_BLOCK_BYTES", 3 * 4 * 300)
+    results = []
+    for closed_form in (True, False):
+        student_head, teacher_head, hidden, teacher_hidden, tokens, weights = _closed_form_case(300, mask=True)
+        student_head.module.weight.requires_grad_(not frozen_head)
+        hidden.requires_grad_()
+        loss, stats = chunked_completion_loss(
+            hidden,
+            teacher_hidden,
+            tokens,
+            weights,
+            student_head,
+            teacher_head,
+            LossConfig(chunk_size=5),
+            closed_form_gradient=closed_form,
+        )
+        loss.backward()
+        results.append((loss.detach(), stats, hidden.grad, student_head.module.weight.grad))
+    for got, expected in zip(*results):
+        if expected is None:
+            assert got is None
+        else:
+            torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-6)

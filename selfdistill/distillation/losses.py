@@ -167,7 +167,8 @@ class _GradientsInForward(torch.autograd.Function):
     are freed. Backward only scales the stored gradients by the incoming one. Recomputing each
     chunk in backward instead (activation checkpointing) runs the student's and the teacher's
     output head twice; this runs each once, with the same memory: one chunk of logits plus the
-    gradient buffers (`[N, hidden]` and one head-sized tensor).
+    gradient buffers (`[N, hidden]` and one head-sized tensor). A chunk may return its gradients
+    itself (closed form), a parameter's as a function that adds it to the parameter's buffer.
     """
 
     @staticmethod
@@ -192,7 +193,9 @@ class _GradientsInForward(torch.autograd.Function):
                     grads = torch.autograd.grad(loss, [chunk, *params], allow_unused=True)
             grad_hidden[part] = grads[0]
             for buffer, grad in zip(grad_params, grads[1:]):
-                if grad is not None:
+                if callable(grad):  # adds itself to the buffer (closed form: one product, no head-sized temporary)
+                    grad(buffer)
+                elif grad is not None:
                     buffer += grad
             total += loss.detach().float()
             stats += chunk_stats.detach().float().reshape(num_stats)
@@ -241,11 +244,10 @@ def _token_logp(logp: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
     return logp.gather(-1, tokens[:, None]).squeeze(-1)
 
 
-def _stats_and_weights(div, s_tok, t_tok, teacher_p, teacher_logp, weights, importance, part):
+def _stats_and_weights(div, s_tok, t_tok, entropy, weights, importance, part):
     """A chunk's weighted sums of STAT_NAMES (no gradient), and the weights of its loss: `weights`,
     times the truncated importance weights when another engine sampled."""
     with torch.no_grad():
-        entropy = -(teacher_p * teacher_logp).sum(-1)
         stats = torch.stack([(div * weights).sum(), ((t_tok - s_tok) * weights).sum(), (entropy * weights).sum()])
     if importance is not None:
         weights = weights * importance.weights(s_tok, part)
@@ -278,8 +280,77 @@ def _chunk_loss(
             s_lp, t_lp = _top_k_logprobs(student_logp, teacher_logp, settings.top_k, settings.add_tail)
         per_token = divergence_from_logprobs(s_lp, t_lp, settings.kind, settings.beta)
         div = per_token.detach()
-    stats, weights = _stats_and_weights(div, s_tok, t_tok, teacher_logp.exp(), teacher_logp, weights, importance, part)
+    with torch.no_grad():
+        teacher_p = teacher_logp.exp()
+        entropy = -torch.where(teacher_p > 0, teacher_p * teacher_logp, 0.0).sum(-1)  # 0 · log 0 counts as 0
+    stats, weights = _stats_and_weights(div, s_tok, t_tok, entropy, weights, importance, part)
     return (per_token * weights).sum(), stats
+
+
+# On CPU the closed-form chunk works through its logits a block of rows at a time, sized so that a block's
+# float32 temporaries stay in cache (8 rows of a 49,152-token vocabulary: 1.5 MiB); elsewhere in one block.
+_CPU_BLOCK_BYTES = 3 * 2**19
+_FLOAT32_MIN = torch.finfo(torch.float32).min
+
+
+def _forward_kl_rows_(student_logits: torch.Tensor, teacher_logits: torch.Tensor):
+    """Per row of logits s (student) and t (teacher): (KL(p_T ‖ p_S), H(p_T), logsumexp s, logsumexp t),
+    overwriting `student_logits` (float32, the caller's own) with softmax(s) − p_T; `teacher_logits` is read only.
+
+    With s' = s − max s, t' = t − max t, Z_S = Σ exp s', Z_T = Σ exp t' and p_T = exp(t') / Z_T:
+        KL = Σ p_T (t' − s') − log Z_T + log Z_S,    H = log Z_T − Σ p_T t',
+    row-wise dot products with exp(t'), so that no log-probability tensor is materialised. Why: each
+    separate log-softmax, exp, KL or entropy pass over [positions × vocabulary] wrote a fresh tensor
+    (50 MB a chunk at the default sizes, paid in page faults and memory traffic more than in arithmetic);
+    here each block of rows is read from memory once and its small temporaries stay in cache.
+    """
+    n, vocab = student_logits.shape
+    rows = max(1, _CPU_BLOCK_BYTES // (4 * vocab) if student_logits.device.type == "cpu" else n)
+    # Per row: max s, max t, Z_S, Z_T, Σ exp(t') t', Σ exp(t') s'.
+    sums = torch.empty(6, n, dtype=torch.float32, device=student_logits.device)
+    for start in range(0, n, rows):
+        block = slice(start, start + rows)
+        s, t = student_logits[block], teacher_logits[block]
+        s_max, t_max = s.amax(-1, keepdim=True), t.amax(-1, keepdim=True).float()
+        s_shifted = s.sub_(s_max)
+        # A −inf teacher logit (a masked token) has p_T = 0; made finite, its 0 · t' terms stay 0.
+        t_shifted = (t - t_max).clamp_min_(_FLOAT32_MIN)
+        t_exp = t_shifted.exp()
+        t_sum = t_exp.sum(-1, keepdim=True)
+        t_dot_t, t_dot_s = torch.linalg.vecdot(t_exp, t_shifted), torch.linalg.vecdot(t_exp, s_shifted)
+        s_exp = s_shifted.exp_()
+        s_sum = s_exp.sum(-1, keepdim=True)
+        s_exp.div_(s_sum).addcmul_(t_exp, -1.0 / t_sum)  # softmax(s) − p_T, in place
+        sums[:, block] = torch.stack([s_max[:, 0], t_max[:, 0], s_sum[:, 0], t_sum[:, 0], t_dot_t, t_dot_s])
+    s_max, t_max, s_sum, t_sum, t_dot_t, t_dot_s = sums
+    log_z_s, log_z_t = s_sum.log(), t_sum.log()
+    kl = (t_dot_t - t_dot_s) / t_sum - log_z_t + log_z_s
+    entropy = log_z_t - t_dot_t / t_sum
+    return kl, entropy, s_max + log_z_s, t_max + log_z_t
+
+
+def _head_gradients(grad_logits: torch.Tensor, hidden: torch.Tensor, weight: torch.Tensor, weights: torch.Tensor):
+    """[gradient of the hidden states, of the head's weight when trainable] from the logits' unweighted
+    gradient `[N, vocab]`: each row's weight scales the `[N, hidden]` side of a product, not the logits.
+
+    The head's gradient is a function that adds it to `_GradientsInForward`'s float32 buffer: for a
+    float32 head one `addmm_` (128 ms a chunk on one thread, embedded model), not a head-sized product
+    and then a sum (178 ms).
+    """
+    row_weights = weights[:, None].float()
+    grad_logits = grad_logits.to(weight.dtype)
+    grads = [((grad_logits @ weight).float() * row_weights).to(hidden.dtype)]
+    if weight.requires_grad:
+        scaled_hidden = (hidden.float() * row_weights).to(weight.dtype)
+
+        def add_head_gradient(buffer: torch.Tensor) -> None:
+            if buffer.dtype == weight.dtype:  # summed into the buffer by the product itself
+                buffer.addmm_(grad_logits.T, scaled_hidden)
+            else:
+                buffer += grad_logits.T @ scaled_hidden
+
+        grads.append(add_head_gradient)
+    return grads
 
 
 def _forward_kl_chunk_closed_form(
@@ -296,22 +367,21 @@ def _forward_kl_chunk_closed_form(
 
     d/ds Σ_v p_T (log p_T − log_softmax(s)) = softmax(s) − p_T, so the gradient with respect to
     the logits needs no autograd graph over the [chunk, vocab] tensors; the hidden states' and the
-    head's gradients are two matrix products with it. p_T also gives the entropy statistic.
+    head's gradients are two matrix products with it. The divergence, the teacher's entropy and the
+    tokens' log-probabilities come from the raw logits (see `_forward_kl_rows_`).
     Same values as `_chunk_loss` for a bias-free linear head.
     """
     weight = student_head.module.weight
     with torch.no_grad():
         hidden = student_hidden.detach()
-        student_logp = torch.log_softmax(student_head(hidden).float(), dim=-1)
-        teacher_logp = torch.log_softmax(teacher_head(teacher_hidden).float(), dim=-1)
-        teacher_p = teacher_logp.exp()
-        per_token = torch.where(teacher_p > 0, teacher_p * (teacher_logp - student_logp), 0.0).sum(-1)
-        s_tok, t_tok = _token_logp(student_logp, tokens), _token_logp(teacher_logp, tokens)
-        stats, weights = _stats_and_weights(per_token, s_tok, t_tok, teacher_p, teacher_logp, weights, importance, part)
-        grad_logits = (student_logp.exp_() - teacher_p).mul_(weights[:, None].float()).to(weight.dtype)
-        grads = [(grad_logits @ weight).to(hidden.dtype)]
-        if weight.requires_grad:
-            grads.append(grad_logits.T @ hidden.to(weight.dtype))
+        logits = student_head(hidden).float()  # a fresh tensor: it becomes the logits' gradient
+        teacher_logits = teacher_head(teacher_hidden)
+        s_tok = _token_logp(logits, tokens)  # raw logits here; normalised below
+        t_tok = _token_logp(teacher_logits, tokens).float()
+        per_token, entropy, s_lse, t_lse = _forward_kl_rows_(logits, teacher_logits)
+        s_tok, t_tok = s_tok - s_lse, t_tok - t_lse
+        stats, weights = _stats_and_weights(per_token, s_tok, t_tok, entropy, weights, importance, part)
+        grads = _head_gradients(logits, hidden, weight, weights)
     return (per_token * weights).sum(), stats, grads
 
 
