@@ -16,14 +16,6 @@ Precision: an EMA teacher is kept in fp32 whatever the student's weights were lo
 a = 0.01 a bf16 copy would round most updates away); a frozen full-weight teacher may be kept
 in bf16 (`frozen_dtype`) when the run computes in bf16, since it never changes. Only parameters
 are cast: buffers (rotary tables and any other non-parameter state) stay as the student's.
-An EMA teacher whose forward runs in bf16 on a CPU also keeps a bf16 copy of its linear layers'
-weights (`compute_dtype`, `_compute_copy`), refreshed after every EMA step, and computes with it,
-with the same numbers: under autocast every forward casts the fp32 weights again, and on a CPU
-that took the teacher's forward from 3.7 s to 4.1-6.9 s (32 × 64-token completions,
-SmolLM2-135M; `python -m benchmarks.teacher_precision`); the refresh is one pass over those
-weights per optimizer step. Not on a GPU, where the cast is
-cheap beside the forward and the copy's memory (2 bytes per parameter) is not; not under FSDP2,
-whose mixed-precision policy gathers the shards in bf16 already.
 
 Under FSDP2 the teacher module is sharded with the student's plan (`shard`), so the update is an
 elementwise operation on this process's shards; with LoRA each layer's weight delta needs the
@@ -64,29 +56,6 @@ def _cast_parameters(module, dtype: torch.dtype) -> None:
         param.data = param.data.to(dtype)
 
 
-def _compute_copy(module, dtype: torch.dtype, cast_head: bool):
-    """(a copy of `module` for forwards, [(its cast parameter, the master parameter)]): the linear layers'
-    weights in `dtype` (with `cast_head`, the output head's too, even where it is tied to the input embedding;
-    for a head that computes outside autocast), every other parameter the master's own, shared.
-
-    Under autocast a linear layer casts its weight to bf16 anyway, so computing with the cast weight gives the
-    same numbers, bit for bit, without the cast in every forward; the embedding and the norms keep the fp32
-    tensors autocast would have used (the residual stream stays in fp32, as under autocast).
-    """
-    copied = copy.deepcopy(module)
-    pairs = []
-    head = module.get_output_embeddings()
-    for target, master in zip(copied.modules(), module.modules()):
-        for name, parameter in master.named_parameters(recurse=False):
-            if isinstance(master, torch.nn.Linear) and (cast_head or master is not head):
-                cast = torch.nn.Parameter(parameter.detach().to(dtype), requires_grad=False)
-                target._parameters[name] = cast
-                pairs.append((cast, parameter))
-            else:
-                target._parameters[name] = parameter
-    return copied, pairs
-
-
 def _plain_name(peft_name: str) -> str:
     """PEFT module name -> the same module's name in the unwrapped model."""
     prefix = "base_model.model."
@@ -94,15 +63,7 @@ def _plain_name(peft_name: str) -> str:
 
 
 class Teacher:
-    def __init__(
-        self,
-        student,
-        kind: str = "ema",
-        ema_rate: float = 0.01,
-        frozen_dtype: torch.dtype | None = None,
-        compute_dtype: torch.dtype | None = None,
-        cast_head: bool = True,
-    ):
+    def __init__(self, student, kind: str = "ema", ema_rate: float = 0.01, frozen_dtype: torch.dtype | None = None):
         if kind not in ("ema", "frozen", "live"):
             raise ValueError(f"unknown teacher kind {kind!r}")
         self.kind = kind
@@ -120,14 +81,6 @@ class Teacher:
                 _cast_parameters(self.module, frozen_dtype)
             self.module.eval()
             self.module.requires_grad_(False)
-        # The EMA teacher's weights in the dtype its forward computes in (see the module's docstring).
-        self.compute_module, self._cast_pairs = None, []
-        if kind == "ema" and compute_dtype not in (None, torch.float32):
-            self.compute_module, self._cast_pairs = _compute_copy(self.module, compute_dtype, cast_head)
-
-    def _refresh_compute_copy(self) -> None:
-        for copied, master in self._cast_pairs:
-            copied.copy_(master)
 
     @contextmanager
     def scoring(self, student):
@@ -140,9 +93,7 @@ class Teacher:
         """
         if self.module is not None:
             try:
-                yield TeacherView(
-                    self.compute_module if self.compute_module is not None else self.module, adapter_off=False
-                )
+                yield TeacherView(self.module, adapter_off=False)
             finally:
                 reshard_all(self.module)  # it never runs backward, so its gathered weights can go now
         else:  # live, or LoRA-frozen: W0 is the student without its adapter
@@ -157,7 +108,6 @@ class Teacher:
         if not self.lora:
             for t, s in zip(self.module.parameters(), student.parameters()):
                 local(t).lerp_(local(s).detach().to(t.dtype), a)
-            self._refresh_compute_copy()
             return
         teacher_modules = dict(self.module.named_modules())
         sharded = is_sharded(student)
@@ -166,14 +116,11 @@ class Teacher:
             base = local(layer.base_layer.weight).detach()
             effective = merged_weight(layer, base, torch.float32, _local_factors if sharded else lora_factors)
             local(target.weight).lerp_(effective.to(target.weight.dtype), a)
-        self._refresh_compute_copy()
 
     def shard(self, shard_fn) -> None:
-        """Shard the teacher's own copy with the student's plan (a no-op for live and LoRA-frozen). A sharded
-        teacher is gathered in its compute dtype by FSDP2, so it keeps no compute copy."""
+        """Shard the teacher's own copy with the student's plan (a no-op for live and LoRA-frozen)."""
         if self.module is not None:
             self.module = shard_fn(self.module)
-            self.compute_module = None
 
     def save(self, path: Path) -> None:
         if self.module is not None:
@@ -186,8 +133,6 @@ class Teacher:
             from safetensors.torch import load_model
 
             load_model(self.module, str(path))
-            with torch.no_grad():
-                self._refresh_compute_copy()
 
 
 @dataclass(frozen=True)

@@ -44,19 +44,9 @@ class TeacherScoring:
     ) -> TeacherScoring:
         """The teacher of kind `kind` for `cfg` (teacher.ema_rate, teacher.precision), copied from `student`."""
         precision = teacher_precision(cfg.teacher.precision, cfg.model.precision, student_precision, device)
-        # A frozen copy never changes, so it may be stored in the precision it computes in; an EMA teacher on a
-        # CPU computes with a bf16 copy of its fp32 weights (`Teacher`'s docstring says why).
-        bf16 = torch.bfloat16 if precision == "bf16" else None
-        on_cpu = torch.device(device).type == "cpu"
-        # The head is cast only where it computes under autocast (`_head`: a teacher precision unlike the student's).
-        teacher = Teacher(
-            student,
-            kind,
-            cfg.teacher.ema_rate,
-            frozen_dtype=bf16,
-            compute_dtype=bf16 if on_cpu else None,
-            cast_head=precision != student_precision,
-        )
+        # A frozen copy never changes, so it may be stored in the precision it computes in.
+        frozen_dtype = torch.bfloat16 if precision == "bf16" else None
+        teacher = Teacher(student, kind, cfg.teacher.ema_rate, frozen_dtype)
         return cls(teacher, precision, student_precision, pad_token_id, cache_scores)
 
     @property
