@@ -1,7 +1,7 @@
 """`sdft serve` under load on loopback: K clients for T seconds while a round trains and a version is promoted.
 
     python -m benchmarks.serve_load --clients 4 --seconds 90 [--steps 12] [--demo-every 5] [--model toy]
-        [--server-env OMP_NUM_THREADS=1] [--tag _x]
+        [--server-env OMP_NUM_THREADS=1] [--engine decode|vllm] [--tag _x]
 
 A learner is created in a temporary directory on tests/toy.py's tiny copying model (`--model toy`, the
 default) or on the embedded SmolLM2-135M-Instruct (`--model smollm2-135m`), with tests/test_learner.py's
@@ -314,6 +314,9 @@ def main(argv=None) -> int:
         help="an environment variable of the server process (and so of its rounds), e.g. OMP_NUM_THREADS=1",
     )
     parser.add_argument("--keep", default=None, help="keep the learner in this (new) directory")
+    parser.add_argument(
+        "--engine", default="decode", help="the server's --engine: decode, or vllm (run in .venv-vllm; not --model toy)"
+    )
     args = parser.parse_args(argv)
 
     started_load = _loadavg()
@@ -326,7 +329,7 @@ def main(argv=None) -> int:
     url = f"http://127.0.0.1:{port}"
     server_log = open(Path(scratch.name) / "server.log", "w")
     command = [sys.executable, "-m", "selfdistill.cli", "serve", str(root), "--port", str(port)]
-    command += ["--api-key", KEY, "--max-new-tokens", "8"]
+    command += ["--api-key", KEY, "--max-new-tokens", "8", "--engine", args.engine]
     env = {**os.environ, **dict(item.split("=", 1) for item in args.server_env)}
     server = subprocess.Popen(command, stdout=server_log, stderr=subprocess.STDOUT, cwd=ROOT, env=env)
     result: dict = {

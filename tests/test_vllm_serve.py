@@ -38,6 +38,10 @@ def vllm_toy(tmp_path_factory) -> str:
     model, tokenizer = copy_model()
     model.config.num_attention_heads = model.config.num_key_value_heads = 1
     model.config.head_dim = model.config.hidden_size
+    # The output head tied to the input embedding, as in SmolLM2: the engine's packed copy of the head must be
+    # rebuilt after each reload of a version's weights (it was not, once, and a swap failed every time).
+    model.config.tie_word_embeddings = True
+    model.lm_head.weight = model.model.embed_tokens.weight
     model.save_pretrained(directory)
     tokenizer.save_pretrained(directory)
     return str(directory)

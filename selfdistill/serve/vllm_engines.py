@@ -45,6 +45,10 @@ class InProcessVLLM(ServingEngine):
         from selfdistill.sampling.vllm_engine import import_vllm
 
         import_vllm()  # a UserError saying how to install vLLM where it is missing
+        # AsyncLLM runs its engine core in a child process and sends it calls over a local socket, encoded with
+        # msgpack, which refuses a function. Rebuilding a tied head's packed copy after a reload is one
+        # (`_rebuild_output_head`): allow pickle for the calls between this process and the child it starts.
+        os.environ.setdefault("VLLM_ALLOW_INSECURE_SERIALIZATION", "1")
         device = "cuda" if torch.cuda.is_available() else "cpu"
         self.device = device
         self.precision = resolve_precision(precision, device)
