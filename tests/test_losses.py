@@ -10,8 +10,10 @@ from selfdistill.distillation.losses import (
     _forward_kl_chunk_closed_form,
     chunked_completion_loss,
     chunked_token_loss,
+    cross_entropy,
     divergence,
     output_head,
+    probability_weighted_cross_entropy,
     sampled_token_kl,
 )
 from selfdistill.sampling.importance import ImportanceSampling
@@ -385,3 +387,47 @@ def test_chunked_closed_form_equals_autograd_across_blocks_and_chunks(monkeypatc
             assert got is None
         else:
             torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("per_token_fn", [cross_entropy, probability_weighted_cross_entropy])
+def test_the_token_losses_closed_form_gives_autograds_values_and_gradients(per_token_fn):
+    """SFT's cross-entropy and DFT's loss through a plain linear head take the closed-form chunk (softmax − onehot,
+    in place, a block of rows at a time): the loss, the tokens' log-probability sum and the gradients of the hidden
+    states and of the head are autograd's over the unchunked logits, with zero weights and uneven chunks."""
+    generator = torch.Generator().manual_seed(0)
+    n, hidden_size, vocab = 37, 16, 300
+    head = torch.nn.Linear(hidden_size, vocab, bias=False)
+    with torch.no_grad():
+        head.weight.copy_(torch.randn(vocab, hidden_size, generator=generator))
+    hidden = torch.randn(n, hidden_size, generator=generator, requires_grad=True)
+    tokens = torch.randint(0, vocab, (n,), generator=generator)
+    weights = torch.rand(n, generator=generator)
+    weights[::5] = 0.0
+
+    logp = torch.log_softmax(hidden @ head.weight.T, dim=-1).gather(-1, tokens[:, None]).squeeze(-1)
+    want = (per_token_fn(logp) * weights).sum()
+    want_grads = torch.autograd.grad(want, [hidden, head.weight])
+
+    project = output_head(_HeadModel(head))
+    assert project.plain_linear
+    old_rows = losses._CPU_BLOCK_BYTES
+    losses._CPU_BLOCK_BYTES = 3 * 4 * vocab  # blocks of 3 rows: the block bookkeeping is exercised
+    try:
+        loss, logp_sum = chunked_token_loss(hidden, tokens, weights, project, per_token_fn, chunk_size=10)
+        got_grads = torch.autograd.grad(loss, [hidden, head.weight])
+    finally:
+        losses._CPU_BLOCK_BYTES = old_rows
+    torch.testing.assert_close(loss, want, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(logp_sum, (logp * weights).sum().detach(), rtol=1e-5, atol=1e-6)
+    for got, expected in zip(got_grads, want_grads):
+        torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-6)
+
+
+def test_sft_and_dft_hand_the_chunked_loss_the_functions_it_computes_in_closed_form():
+    """The closed form is chosen by the loss function itself: a method wrapping it would silently take the
+    autograd path (SFT did, until this was checked)."""
+    from selfdistill.methods.dft import DFT
+    from selfdistill.methods.sft import SFT
+
+    assert SFT.per_token_loss is cross_entropy
+    assert DFT.per_token_loss is probability_weighted_cross_entropy

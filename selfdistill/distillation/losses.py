@@ -293,6 +293,26 @@ _CPU_BLOCK_BYTES = 3 * 2**19
 _FLOAT32_MIN = torch.finfo(torch.float32).min
 
 
+def _block_rows(logits: torch.Tensor) -> int:
+    """How many rows of `logits` [N, vocab] one block of the closed-form chunks holds (all N off a CPU)."""
+    n, vocab = logits.shape
+    return max(1, _CPU_BLOCK_BYTES // (4 * vocab)) if logits.device.type == "cpu" else n
+
+
+def _softmax_rows_(logits: torch.Tensor) -> torch.Tensor:
+    """Overwrite float32 `logits` [N, vocab] (the caller's own) with their softmax, a block of rows at a time
+    (see `_forward_kl_rows_`); returns each row's logsumexp."""
+    rows = _block_rows(logits)
+    lse = torch.empty(logits.shape[0], dtype=torch.float32, device=logits.device)
+    for start in range(0, logits.shape[0], rows):
+        block = logits[start : start + rows]
+        top = block.amax(-1, keepdim=True)
+        total = block.sub_(top).exp_().sum(-1, keepdim=True)
+        block.div_(total)
+        lse[start : start + rows] = (top + total.log())[:, 0]
+    return lse
+
+
 def _forward_kl_rows_(student_logits: torch.Tensor, teacher_logits: torch.Tensor):
     """Per row of logits s (student) and t (teacher): (KL(p_T ‖ p_S), H(p_T), logsumexp s, logsumexp t),
     overwriting `student_logits` (float32, the caller's own) with softmax(s) − p_T; `teacher_logits` is read only.
@@ -444,6 +464,26 @@ def _chunk_token_loss(hidden, tokens, weights, head, per_token_fn):
     return (per_token_fn(token_logp) * weights).sum(), (token_logp.detach() * weights).sum()
 
 
+def _token_chunk_closed_form(hidden, tokens, weights, head, probability_weighted: bool):
+    """Cross-entropy (or DFT's probability-weighted cross-entropy) of one chunk with its gradient in closed form:
+    (loss, Σ weight · log p(token), grads), the same values as `_chunk_token_loss` for a bias-free linear head.
+
+    d/ds −log softmax(s)[y] = softmax(s) − onehot(y), times sg(p(y)) for DFT, so the logits' gradient is their
+    softmax, computed in place, with 1 taken off at each token: no autograd graph over [chunk, vocab].
+    """
+    weight = head.module.weight
+    with torch.no_grad():
+        hidden = hidden.detach()
+        logits = head(hidden).float()  # a fresh tensor: it becomes the logits' gradient
+        token_logp = _token_logp(logits, tokens) - _softmax_rows_(logits)
+        rows = torch.arange(tokens.shape[0], device=tokens.device)
+        logits[rows, tokens] -= 1.0
+        coefficient = token_logp.exp() if probability_weighted else torch.ones_like(token_logp)
+        loss = (-coefficient * token_logp * weights).sum()
+        grads = _head_gradients(logits, hidden, weight, weights * coefficient)
+    return loss, (token_logp * weights).sum(), grads
+
+
 def chunked_token_loss(
     hidden: torch.Tensor,
     tokens: torch.Tensor,
@@ -455,10 +495,22 @@ def chunked_token_loss(
     """Σ weight · per_token_fn(log p(token)) over positions, chunked like `chunked_completion_loss`.
 
     Returns (weighted loss sum, weighted sum of the tokens' log-probabilities). With
-    `per_token_fn = cross_entropy` this is the loss of supervised fine-tuning.
+    `per_token_fn = cross_entropy` this is the loss of supervised fine-tuning. Cross-entropy and DFT's
+    probability-weighted cross-entropy through a plain linear head work out each chunk's gradient in closed
+    form (`_token_chunk_closed_form`), as SDFT's forward KL does: the two losses are compared by their speed.
     """
+    params = _trainable_parameters(head)
+    module = getattr(head, "module", None)
+    closed_form = (
+        per_token_fn in (cross_entropy, probability_weighted_cross_entropy)
+        and getattr(head, "plain_linear", False)
+        and all(p is module.weight for p in params)
+    )
 
     def chunk_loss(part_hidden: torch.Tensor, part: slice):
+        if closed_form and torch.is_grad_enabled():
+            dft = per_token_fn is probability_weighted_cross_entropy
+            return _token_chunk_closed_form(part_hidden, tokens[part], weights[part], head, dft)
         return _chunk_token_loss(part_hidden, tokens[part], weights[part], head, per_token_fn)
 
     total, logp_sum = _chunked(chunk_loss, hidden, head, chunk_size, 1)

@@ -7,16 +7,13 @@ which rescales SFT's gradient so that tokens the model finds very unlikely do no
 
 from __future__ import annotations
 
-import torch
-
 from selfdistill.distillation.losses import probability_weighted_cross_entropy
 from selfdistill.methods.sft import SFT
 from selfdistill.registry import MethodInfo, Step
 
 
 class DFT(SFT):
-    def per_token_loss(self, token_logp: torch.Tensor) -> torch.Tensor:
-        return probability_weighted_cross_entropy(token_logp)
+    per_token_loss = staticmethod(probability_weighted_cross_entropy)
 
 
 METHOD = MethodInfo(

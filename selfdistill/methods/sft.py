@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import torch
-
 from selfdistill.distillation.losses import cross_entropy
 from selfdistill.methods.base import Method, TrainItem, demonstration_items
 from selfdistill.registry import MethodInfo, Step
@@ -13,9 +11,10 @@ class SFT(Method):
     def build_items(self, records, seeds, step):
         return demonstration_items(records), {}
 
-    def per_token_loss(self, token_logp: torch.Tensor) -> torch.Tensor:
-        """The loss of one demonstration token from its log-probability (DFT weights it)."""
-        return cross_entropy(token_logp)
+    # The loss of one demonstration token from its log-probability (DFT weights it). The function itself, not
+    # a method wrapping it: the chunked loss recognises cross-entropy and DFT's loss, and computes their
+    # gradient in closed form (`selfdistill.distillation.losses.chunked_token_loss`).
+    per_token_loss = staticmethod(cross_entropy)
 
     def loss(self, items: list[TrainItem]):
         return self.supervised_loss(items, self.per_token_loss)
