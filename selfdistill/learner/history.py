@@ -12,7 +12,7 @@ from selfdistill.files import write_atomic
 from selfdistill.models.card import loading_section
 
 
-def _num(value, digits: int = 3) -> str:
+def format_number(value, digits: int = 3) -> str:
     return "–" if value is None else f"{value:.{digits}f}"
 
 
@@ -48,9 +48,9 @@ def matrix_table(status: dict) -> list[str]:
         label = (
             f"v{row['version']} (served)" if row["model"] == "current" else f"candidate ({row['outcome'] or 'open'})"
         )
-        cells = " | ".join(_num(s) for s in row["scores"])
+        cells = " | ".join(format_number(s) for s in row["scores"])
         lines.append(
-            f"| {row['round']} | {label} | {cells} | {_num(row['probes'])} | {_num(row['drift_from_base'], 4)} |"
+            f"| {row['round']} | {label} | {cells} | {format_number(row['probes'])} | {format_number(row['drift_from_base'], 4)} |"
         )
     return lines
 

@@ -15,9 +15,9 @@ from pathlib import Path
 
 from selfdistill.continual import layout
 from selfdistill.files import write_atomic
-from selfdistill.learner.history import _num
+from selfdistill.learner.history import format_number
 from selfdistill.report.figures import COLORS, MARKERS, Figure, plt, png
-from selfdistill.report.html import STYLE, _table
+from selfdistill.report.html import STYLE, html_table
 
 PREFIX = "learner-"  # of the figure files: ours to replace, every other PNG there is left alone
 
@@ -152,13 +152,13 @@ def render(status: dict, figures: list[Figure]) -> str:
         f"method {escape(status['method'])}. Written {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}.</p>",
         f"<p class='finding'>Serving version v{served}.</p>",
         "<h2>Versions</h2>",
-        _table(["Version", "Parent", "Round", "Kind", "Served", "Created", "Decision"], _version_rows(status)),
+        html_table(["Version", "Parent", "Round", "Kind", "Served", "Created", "Decision"], _version_rows(status)),
         "<h2>Held-out scores per round</h2>",
         _figure(by_key.get(f"{PREFIX}scores")) or "<p>No round has been evaluated yet.</p>",
     ]
     if status["matrix"]["rows"]:
         header = ["Round", "Model", *status["matrix"]["tasks"], "Probes", "Drift from base"]
-        parts.append(_table(header, _matrix_rows(status), "scores"))
+        parts.append(html_table(header, _matrix_rows(status), "scores"))
         parts.append("<p class='legend'>Scores: fraction of each task's held-out records answered correctly.</p>")
     parts += ["<h2>Gate decisions</h2>", *_decisions(status)]
     parts.append("<h2>Drift across versions</h2>")
@@ -166,7 +166,7 @@ def render(status: dict, figures: list[Figure]) -> str:
     parts.append(_drift_table(status))
     parts.append("<h2>Demonstrations per task</h2>")
     rows = [[name, t["grader"], t["train"], t["heldout"], t["pending"]] for name, t in status["tasks"].items()]
-    parts.append(_table(["Task", "Grader", "Train", "Held out", "Pending (next round)"], rows))
+    parts.append(html_table(["Task", "Grader", "Train", "Held out", "Pending (next round)"], rows))
     parts.append("</body></html>")
     return "\n".join(parts)
 
@@ -203,9 +203,9 @@ def _matrix_rows(status: dict) -> list[list[str]]:
             [
                 row["round"],
                 label,
-                *[_num(s) for s in row["scores"]],
-                _num(row["probes"]),
-                _num(row["drift_from_base"], 4),
+                *[format_number(s) for s in row["scores"]],
+                format_number(row["probes"]),
+                format_number(row["drift_from_base"], 4),
             ]
         )
     return rows
@@ -235,14 +235,18 @@ def _decisions(status: dict) -> list[str]:
             for c in decision["checks"]
         ]
         if rows:
-            parts.append(_table(["Check", "Value", "Allowed", "Result"], rows))
+            parts.append(html_table(["Check", "Value", "Allowed", "Result"], rows))
     return parts or ["<p>No round yet.</p>"]
 
 
 def _drift_table(status: dict) -> str:
     rows = [
-        [r["number"], r["outcome"] or "open", *[_num(r["metrics"][side].get(key), 4) for key, side, _ in DRIFTS]]
+        [
+            r["number"],
+            r["outcome"] or "open",
+            *[format_number(r["metrics"][side].get(key), 4) for key, side, _ in DRIFTS],
+        ]
         for r in status["rounds"]
         if r["metrics"]
     ]
-    return _table(["Round", "Outcome", *[label for _, _, label in DRIFTS]], rows) if rows else ""
+    return html_table(["Round", "Outcome", *[label for _, _, label in DRIFTS]], rows) if rows else ""

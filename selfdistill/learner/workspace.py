@@ -559,15 +559,18 @@ class Learner:
             reference = where / "eval" / "current_drift_answers.json"
             drift_settings = self.settings.eval.drift
             if drift_settings.enabled and side == "current" and drift_mod.load_base_answers(reference) is None:
-                answers = drift_mod.base_answers(
-                    model,
-                    tokenizer,
-                    prompts=drift_mod.drift_prompts()[: drift_settings.limit],
-                    max_new_tokens=drift_settings.max_new_tokens,
-                    batch_size=self.settings.eval.batch_size,
-                    precision=precision,
-                    base_name=path,
-                )
+                if row.parent_version == 0:  # the served version is the base: drift's own reference answers
+                    answers = evaluator.drift_answers()
+                else:
+                    answers = drift_mod.base_answers(
+                        model,
+                        tokenizer,
+                        prompts=drift_mod.drift_prompts()[: drift_settings.limit],
+                        max_new_tokens=drift_settings.max_new_tokens,
+                        batch_size=self.settings.eval.batch_size,
+                        precision=precision,
+                        base_name=path,
+                    )
                 drift_mod.save_base_answers(answers, reference)
             results[side] = _read_evaluation(where / "eval" / side, tasks)
             if drift_settings.enabled and side == "candidate":

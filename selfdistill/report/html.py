@@ -25,7 +25,7 @@ pre { white-space: pre-wrap; word-break: break-word; margin: 0; font-size: 0.88e
 """
 
 
-def _table(header: list[str], rows: list[list[str]], css: str = "") -> str:
+def html_table(header: list[str], rows: list[list[str]], css: str = "") -> str:
     head = "".join(f"<th>{escape(h)}</th>" for h in header)
     body = "".join("<tr>" + "".join(f"<td>{escape(str(c))}</td>" for c in row) + "</tr>" for row in rows)
     return f'<table class="{css}"><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>'
@@ -75,14 +75,14 @@ def _tables(results: dict) -> list[str]:
     parts = []
     if tables.frontier_rows(results):
         parts.append("<h2>Frontier: every grid point at the end of the stream</h2>")
-        parts.append(_table(tables.frontier_header(), tables.frontier_rows(results), "frontier"))
+        parts.append(html_table(tables.frontier_header(), tables.frontier_rows(results), "frontier"))
         parts.append(f"<p class='legend'>{escape(tables.FRONTIER_LEGEND)}</p>")
     parts.append("<h2>Summary metrics</h2>")
-    parts.append(_table(tables.metric_header(), tables.metric_rows(results), "metrics"))
+    parts.append(html_table(tables.metric_header(), tables.metric_rows(results), "metrics"))
     legend = "; ".join(f"<b>{escape(label)}</b>: {escape(text)}" for _, label, text in tables.COLUMNS)
     parts.append(f"<p class='legend'>{legend}. Brackets: {escape(results['ci_method'])}.</p>")
     parts.append("<h2>Scores after every stage</h2>")
-    parts.append(_table(tables.score_header(results), tables.score_rows(results), "scores"))
+    parts.append(html_table(tables.score_header(results), tables.score_rows(results), "scores"))
     parts.append(
         "<p class='legend'>Task scores are fractions of evaluation items answered correctly (greedy decoding).</p>"
     )
@@ -92,7 +92,9 @@ def _tables(results: dict) -> list[str]:
     ):
         if rows:
             parts.append(
-                f"<h2>{escape(title)}</h2>" + _table(header, rows, "scores") + f"<p class='legend'>{escape(legend)}</p>"
+                f"<h2>{escape(title)}</h2>"
+                + html_table(header, rows, "scores")
+                + f"<p class='legend'>{escape(legend)}</p>"
             )
     return parts
 
