@@ -14,8 +14,7 @@ from selfdistill.errors import UserError
 from selfdistill.models.lora import stack_adapters
 from selfdistill.models.tiny import tiny_model, tiny_tokenizer
 from selfdistill.sampling import SamplingSettings, make_sampler
-from selfdistill.serve.engines import make_serving_engine
-from selfdistill.serve.host import _Leases, wait_for
+from selfdistill.serve.host import _Leases, make_serving_engine, wait_for
 from selfdistill.serve.rounds import RoundRunner
 
 

@@ -36,8 +36,8 @@ from selfdistill.errors import UserError
 from selfdistill.learner import Learner
 from selfdistill.learner import database as db
 from selfdistill.serve.dashboard import register_dashboard
-from selfdistill.serve.engines import GenerationRequest, make_serving_engine
-from selfdistill.serve.host import ModelHost, Served
+from selfdistill.serve.engines import GenerationRequest
+from selfdistill.serve.host import ModelHost, Served, make_serving_engine
 from selfdistill.serve.rounds import RoundBusy, RoundRunner
 
 

@@ -23,8 +23,6 @@ from dataclasses import dataclass, field
 
 import torch
 
-from selfdistill.errors import UserError
-
 
 @dataclass(frozen=True)
 class GenerationRequest:
@@ -99,18 +97,3 @@ class DecodeServing(ServingEngine):
         sampler = make_sampler(handle.model, settings, engine="decode")
         with handle.lock:
             yield from sampler.stream(prompt_ids, request.sampling_seed)
-
-
-def make_serving_engine(spec: str, *, precision: str = "auto", api_key: str | None = None) -> ServingEngine:
-    """The engine `sdft serve --engine` names: decode, vllm, or the URL of a vLLM server."""
-    if spec == "decode":
-        return DecodeServing()
-    if spec == "vllm":
-        from selfdistill.serve.vllm_engines import InProcessVLLM
-
-        return InProcessVLLM(precision=precision)
-    if spec.startswith(("http://", "https://")):
-        from selfdistill.serve.vllm_engines import RemoteVLLM
-
-        return RemoteVLLM(spec, api_key=api_key)
-    raise UserError(f"--engine {spec!r}: expected decode, vllm, or the URL of a vLLM server (http://HOST:PORT)")

@@ -21,8 +21,9 @@ from types import SimpleNamespace
 
 from selfdistill.data.prompts import PromptBuilder
 from selfdistill.data.records import Record
+from selfdistill.errors import UserError
 from selfdistill.learner import Learner
-from selfdistill.serve.engines import GenerationRequest, ServingEngine
+from selfdistill.serve.engines import DecodeServing, GenerationRequest, ServingEngine
 
 log = logging.getLogger(__name__)
 
@@ -78,6 +79,21 @@ def _generation_config(directory: str):
         return GenerationConfig.from_model_config(AutoConfig.from_pretrained(directory))
 
 
+def make_serving_engine(spec: str, *, precision: str = "auto", api_key: str | None = None) -> ServingEngine:
+    """The engine `sdft serve --engine` names: decode, vllm, or the URL of a vLLM server."""
+    if spec == "decode":
+        return DecodeServing()
+    if spec == "vllm":
+        from selfdistill.serve.vllm_engines import InProcessVLLM
+
+        return InProcessVLLM(precision=precision)
+    if spec.startswith(("http://", "https://")):
+        from selfdistill.serve.vllm_engines import RemoteVLLM
+
+        return RemoteVLLM(spec, api_key=api_key)
+    raise UserError(f"--engine {spec!r}: expected decode, vllm, or the URL of a vLLM server (http://HOST:PORT)")
+
+
 class _Leases:
     """Many readers (requests) or one writer (a swap that needs no request running); a waiting writer holds
     new readers back, so a swap is not starved by a steady stream of requests."""
@@ -116,8 +132,6 @@ class ModelHost:
     """Holds the served version and swaps in the learner's current one (see the module's docstring)."""
 
     def __init__(self, learner: Learner, engine: ServingEngine | None = None, poll_seconds: float = 1.0):
-        from selfdistill.serve.engines import DecodeServing
-
         self.learner = learner
         self.engine = engine or DecodeServing()
         self.poll_seconds = poll_seconds
