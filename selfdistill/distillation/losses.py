@@ -296,7 +296,7 @@ _FLOAT32_MIN = torch.finfo(torch.float32).min
 def _block_rows(logits: torch.Tensor) -> int:
     """How many rows of `logits` [N, vocab] one block of the closed-form chunks holds (all N off a CPU)."""
     n, vocab = logits.shape
-    return max(1, _CPU_BLOCK_BYTES // (4 * vocab)) if logits.device.type == "cpu" else n
+    return max(1, _CPU_BLOCK_BYTES // (4 * vocab) if logits.device.type == "cpu" else n)
 
 
 def _softmax_rows_(logits: torch.Tensor) -> torch.Tensor:
@@ -324,8 +324,8 @@ def _forward_kl_rows_(student_logits: torch.Tensor, teacher_logits: torch.Tensor
     (50 MB a chunk at the default sizes, paid in page faults and memory traffic more than in arithmetic);
     here each block of rows is read from memory once and its small temporaries stay in cache.
     """
-    n, vocab = student_logits.shape
-    rows = max(1, _CPU_BLOCK_BYTES // (4 * vocab) if student_logits.device.type == "cpu" else n)
+    n = student_logits.shape[0]
+    rows = _block_rows(student_logits)
     # Per row: max s, max t, Z_S, Z_T, Σ exp(t') t', Σ exp(t') s'.
     sums = torch.empty(6, n, dtype=torch.float32, device=student_logits.device)
     for start in range(0, n, rows):
@@ -405,15 +405,19 @@ def _forward_kl_chunk_closed_form(
     return (per_token * weights).sum(), stats, grads
 
 
+def _plain_linear_head(head) -> bool:
+    """A bias-free linear head whose only trainable parameter is its weight: the closed-form chunks' two
+    gradient products cover all it trains."""
+    module = getattr(head, "module", None)
+    return getattr(head, "plain_linear", False) and all(p is module.weight for p in _trainable_parameters(head))
+
+
 def _closed_form_applies(settings: LossConfig, student_head, closed_form_gradient: bool = True) -> bool:
-    params = _trainable_parameters(student_head)
-    module = getattr(student_head, "module", None)
     return (
         closed_form_gradient
         and settings.kind == "forward_kl"
         and settings.top_k is None
-        and getattr(student_head, "plain_linear", False)
-        and all(p is module.weight for p in params)
+        and _plain_linear_head(student_head)
     )
 
 
@@ -499,13 +503,7 @@ def chunked_token_loss(
     probability-weighted cross-entropy through a plain linear head work out each chunk's gradient in closed
     form (`_token_chunk_closed_form`), as SDFT's forward KL does: the two losses are compared by their speed.
     """
-    params = _trainable_parameters(head)
-    module = getattr(head, "module", None)
-    closed_form = (
-        per_token_fn in (cross_entropy, probability_weighted_cross_entropy)
-        and getattr(head, "plain_linear", False)
-        and all(p is module.weight for p in params)
-    )
+    closed_form = per_token_fn in (cross_entropy, probability_weighted_cross_entropy) and _plain_linear_head(head)
 
     def chunk_loss(part_hidden: torch.Tensor, part: slice):
         if closed_form and torch.is_grad_enabled():

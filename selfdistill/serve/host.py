@@ -15,7 +15,7 @@ import logging
 import threading
 import time
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from types import SimpleNamespace
 
@@ -160,11 +160,8 @@ class ModelHost:
             return False
         loaded = load_served(self.learner, current, self.engine)
         previous = self._served
-        if self.engine.one_version_at_a_time:
-            with self._leases.write():  # the requests on the old weights have finished; new ones wait
-                self.engine.activate(loaded.handle)
-                self._served = loaded
-        else:
+        # An engine with one set of weights swaps once the requests on the old ones have finished (new ones wait).
+        with self._leases.write() if self.engine.one_version_at_a_time else nullcontext():
             self.engine.activate(loaded.handle)
             self._served = loaded
         self.engine.release(previous.handle)
