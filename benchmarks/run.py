@@ -7,8 +7,10 @@
     .venv-vllm/bin/python -m benchmarks.run vllm_rollout
 
 Every side of every repetition is its own process (peak resident memory does not mix). The
-first training step of a run is warm-up and left out; per-step numbers are medians over the
-remaining steps, then medians over repetitions. Results go to benchmarks/results/<suite>.json.
+first `--warmup` training steps of a run (2 by default) are warm-up and left out; per-step numbers
+are medians over the remaining steps, then medians over repetitions. Each repetition's ratio is a
+side's run ÷ the baseline's run of the same repetition; rows give their median and spread.
+Results go to benchmarks/results/<suite>.json.
 """
 
 from __future__ import annotations
@@ -22,9 +24,14 @@ from pathlib import Path
 
 from benchmarks.common import RESULTS, ROOT, SPLIT, median, run_json, table
 
+# --cpu-isa avx2: every library that runs the workers' products capped at AVX2 (ATen's own kernels,
+# oneDNN, which runs bf16 products, and MKL), so bf16 runs as on a CPU without bf16 instructions.
+AVX2_ONLY = {"ATEN_CPU_CAPABILITY": "avx2", "ONEDNN_MAX_CPU_ISA": "AVX2", "MKL_ENABLE_INSTRUCTIONS": "AVX2"}
+WORKER_ENV: dict[str, str] = {}  # --cpu-isa
+
 
 def _ours(spec: dict) -> dict:
-    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    env = dict(os.environ, PYTHONPATH=str(ROOT), **WORKER_ENV)
     return run_json([sys.executable, "-m", "benchmarks.worker", json.dumps(spec)], env=env)
 
 
@@ -33,7 +40,7 @@ def _in_environment(venv: str, setup: str, module: str, spec: dict) -> dict:
     python = ROOT / venv / "bin" / "python"
     if not python.exists():
         return {"error": f"{venv} missing: run {setup} first"}
-    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    env = dict(os.environ, PYTHONPATH=str(ROOT), **WORKER_ENV)
     return run_json([str(python), "-m", module, json.dumps(spec)], env=env)
 
 
@@ -98,12 +105,16 @@ def compare(name: str, sides: dict[str, tuple], reps: int, baseline: str) -> dic
     rows = []
     for label in labels:
         summaries = [summarize(r) for r in runs[label] if "error" not in r]
+        ratios = _repetition_ratios(runs[label], runs[baseline])
         row = {"side": label, "reps": len(summaries)}
         if summaries:
             for key in summaries[0]:
                 row[key] = median([s.get(key) for s in summaries])
         else:
             row["error"] = runs[label][-1].get("error", "")[-600:]
+        if ratios:
+            row["repetition_ratios"] = ratios
+            row["ratio_spread"] = max(ratios) - min(ratios)
         rows.append(row)
     base = next(r for r in rows if r["side"] == baseline)
     for row in rows:
@@ -113,11 +124,22 @@ def compare(name: str, sides: dict[str, tuple], reps: int, baseline: str) -> dic
     return {"suite": name, "baseline": baseline, "rows": rows, "runs": runs}
 
 
+def _repetition_ratios(side_runs: list[dict], baseline_runs: list[dict]) -> list[float]:
+    """Each repetition's seconds per example ÷ the baseline's in the same repetition (run beside it)."""
+    ratios = []
+    for run, base in zip(side_runs, baseline_runs):
+        if "error" in run or "error" in base:
+            continue
+        ratios.append(summarize(run)["s_per_example"] / summarize(base)["s_per_example"])
+    return ratios
+
+
 def _save(result: dict, args) -> None:
     RESULTS.mkdir(parents=True, exist_ok=True)
     result["command"] = "python -m benchmarks.run " + " ".join(sys.argv[1:])
     result["uptime"] = Path("/proc/loadavg").read_text().strip() if Path("/proc/loadavg").exists() else None
     result["finished"] = time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime())
+    result["worker_env"] = WORKER_ENV
     path = RESULTS / f"{args.suite}{args.tag}.json"
     path.write_text(json.dumps(result, indent=1))
     columns = [
@@ -164,7 +186,14 @@ def main(argv=None) -> None:
         ],
     )
     parser.add_argument("--reps", type=int, default=3)
-    parser.add_argument("--steps", type=int, default=3, help="training steps per run (the first is warm-up)")
+    parser.add_argument("--steps", type=int, default=5, help="training steps per run, warm-up included")
+    parser.add_argument(
+        "--warmup",
+        type=int,
+        default=2,
+        help="steps left out at the start of every run: the first two are slower while the process's memory "
+        "settles (python -m benchmarks.warmup)",
+    )
     parser.add_argument("--prompts", type=int, default=8, help="prompts per step (and per rollout batch)")
     parser.add_argument("--length", type=int, default=64, help="completion tokens")
     parser.add_argument(
@@ -198,9 +227,19 @@ def main(argv=None) -> None:
         action="store_true",
         help="trl suite: also TRL with its vLLM sampler (colocate; benchmarks/setup_trl_vllm.sh)",
     )
+    parser.add_argument(
+        "--cpu-isa",
+        choices=["native", "avx2"],
+        default="native",
+        help="avx2: run the workers as on a CPU without AVX512 or bf16 instructions (ATen, oneDNN and MKL "
+        "capped at AVX2); the teacher's 'auto' precision then picks fp32, as it does there",
+    )
     args = parser.parse_args(argv)
     ONLY_SIDES[:] = args.sides
-    base = {"steps": args.steps, "prompts": args.prompts, "length": args.length}
+    WORKER_ENV.update(AVX2_ONLY if args.cpu_isa == "avx2" else {})
+    if args.steps <= args.warmup:
+        parser.error(f"--steps {args.steps} leaves no measured step after --warmup {args.warmup}")
+    base = {"steps": args.steps, "warmup": args.warmup, "prompts": args.prompts, "length": args.length}
     if args.micro:
         base["micro"] = args.micro
     sdft = dict(base, method="sdft")
@@ -261,9 +300,15 @@ def main(argv=None) -> None:
                 "sdft_decode": (_ours_vllm_env, sdft),
                 "sdft_vllm_fp32": (_ours_vllm_env, dict(sdft, extra=vllm)),
                 "sdft_vllm_bf16": (_ours_vllm_env, dict(sdft, extra=vllm_bf16)),
-                # The defaults a user gets: model.precision auto (fp32 on a CPU), so teacher.precision
-                # auto computes the teacher's forward in bf16 where the CPU has bf16 instructions.
+                # The defaults with vLLM's bf16 sampler chosen (rollout.engine=vllm, vllm_precision=bf16):
+                # model.precision auto (fp32 on a CPU), so teacher.precision auto computes the teacher's
+                # forward in bf16 where the CPU has bf16 instructions.
                 "sdft_vllm_bf16_auto": (_ours_vllm_env, dict(sdft, precision="auto", extra=vllm_bf16)),
+                # The same, with the EMA teacher computing from a bf16 copy of its weights (timing only).
+                "sdft_vllm_bf16_auto_teacher_bf16_weights": (
+                    _ours_vllm_env,
+                    dict(sdft, precision="auto", extra=vllm_bf16, toggles={"teacher_bf16_weights": True}),
+                ),
             },
             args.reps,
             "sft",
