@@ -12,6 +12,7 @@
 from __future__ import annotations
 
 import functools
+import os
 from contextlib import nullcontext
 from typing import Literal
 
@@ -21,13 +22,23 @@ Precision = Literal["auto", "fp32", "bf16"]
 PRECISIONS: tuple[str, ...] = ("auto", "fp32", "bf16")
 
 
+# oneDNN's instruction-set caps (ONEDNN_MAX_CPU_ISA) below the first with bf16 dot products.
+_ISA_CAPS_WITHOUT_BF16 = {"SSE41", "AVX", "AVX2", "AVX2_VNNI", "AVX2_VNNI_2", "AVX512_CORE", "AVX512_CORE_VNNI"}
+
+
 @functools.lru_cache(maxsize=1)
 def cpu_has_bf16_instructions() -> bool:
-    """True when the CPU has AMX-BF16 or AVX512-BF16 (read from /proc/cpuinfo; False where unknown).
+    """True when torch's bf16 matrix products here use AMX-BF16 or AVX512-BF16.
 
+    The CPU's flags come from /proc/cpuinfo (False where unknown). oneDNN, which runs torch's bf16
+    products on a CPU, can be capped below them (ONEDNN_MAX_CPU_ISA=AVX2, or DNNL_MAX_CPU_ISA):
+    then bf16 runs as it would on an AVX2-only CPU, and this says False too.
     Not used by the run's 'auto' (fp32 on every CPU, see above); used by the teacher's (see
     `teacher_precision`), and the benchmarks report it beside their numbers.
     """
+    cap = os.environ.get("ONEDNN_MAX_CPU_ISA") or os.environ.get("DNNL_MAX_CPU_ISA") or ""
+    if cap.strip().upper() in _ISA_CAPS_WITHOUT_BF16:
+        return False
     try:
         with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as f:
             for line in f:

@@ -68,3 +68,26 @@ def test_sdft_with_a_bf16_teacher_under_an_fp32_student_learns_as_the_fp32_teach
     # The same rollouts at step 1 (same weights, same seeds): only the teacher's precision differs.
     assert first["bf16"] != first["fp32"]
     assert abs(first["bf16"] - first["fp32"]) <= 0.05 * abs(first["fp32"]), first
+
+
+def test_a_onednn_cap_below_bf16_counts_as_a_cpu_without_bf16_instructions(monkeypatch, tmp_path):
+    # ONEDNN_MAX_CPU_ISA=AVX2 makes torch's bf16 products run as on an AVX2-only CPU, so the
+    # teacher's 'auto' must not pick bf16 there, whatever /proc/cpuinfo says.
+    cpuinfo = tmp_path / "cpuinfo"
+    cpuinfo.write_text("processor\t: 0\nflags\t\t: fpu sse2 avx2 avx512f avx512_bf16\n")
+    real_open = open
+    monkeypatch.setattr(
+        "builtins.open", lambda path, *a, **k: real_open(cpuinfo if path == "/proc/cpuinfo" else path, *a, **k)
+    )
+    for cap, expected in [(None, True), ("AVX2", False), ("avx512_core", False), ("AVX512_CORE_BF16", True)]:
+        precision.cpu_has_bf16_instructions.cache_clear()
+        monkeypatch.delenv("DNNL_MAX_CPU_ISA", raising=False)
+        if cap is None:
+            monkeypatch.delenv("ONEDNN_MAX_CPU_ISA", raising=False)
+        else:
+            monkeypatch.setenv("ONEDNN_MAX_CPU_ISA", cap)
+        assert precision.cpu_has_bf16_instructions() is expected, cap
+    precision.cpu_has_bf16_instructions.cache_clear()
+    monkeypatch.setenv("ONEDNN_MAX_CPU_ISA", "AVX2")
+    assert precision.teacher_precision("auto", "auto", "fp32", "cpu") == "fp32"
+    precision.cpu_has_bf16_instructions.cache_clear()
