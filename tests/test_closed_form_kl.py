@@ -2,19 +2,11 @@
 
 import pytest
 import torch
+from toy import HeadOnlyModel
 
 from selfdistill.config import LossConfig
 from selfdistill.distillation.losses import _closed_form_applies, chunked_completion_loss, output_head
 from selfdistill.sampling.importance import ImportanceSampling
-
-
-class _Model(torch.nn.Module):
-    def __init__(self, head):
-        super().__init__()
-        self.head = head
-
-    def get_output_embeddings(self):
-        return self.head
 
 
 def _run(closed_form: bool, importance_level=None, frozen_head=False):
@@ -35,14 +27,14 @@ def _run(closed_form: bool, importance_level=None, frozen_head=False):
         sequence = torch.tensor([i // 5 for i in range(n)])
         importance = ImportanceSampling(torch.randn(n, generator=g) - 3.0, sequence, level=importance_level)
     settings = LossConfig(chunk_size=4)
-    assert _closed_form_applies(settings, output_head(_Model(head)), closed_form) == closed_form
+    assert _closed_form_applies(settings, output_head(HeadOnlyModel(head)), closed_form) == closed_form
     loss, stats = chunked_completion_loss(
         hidden,
         teacher_hidden,
         tokens,
         weights,
-        output_head(_Model(head)),
-        output_head(_Model(teacher)),
+        output_head(HeadOnlyModel(head)),
+        output_head(HeadOnlyModel(teacher)),
         settings,
         importance,
         closed_form_gradient=closed_form,

@@ -4,7 +4,7 @@ import math
 
 import pytest
 import torch
-from test_closed_form_kl import _Model
+from toy import HeadOnlyModel
 
 from selfdistill.config import ImportanceLevel, LossConfig, choices, load_config
 from selfdistill.distillation.losses import chunked_completion_loss, divergence, output_head
@@ -37,7 +37,7 @@ def _run(importance, seed=0, chunk=4, closed_form=False):
     head, teacher_head, hidden, teacher_hidden, tokens, _, _ = _setup(seed)
     hidden = hidden.clone().requires_grad_()
     if closed_form:
-        head, teacher_head = output_head(_Model(head)), output_head(_Model(teacher_head))
+        head, teacher_head = output_head(HeadOnlyModel(head)), output_head(HeadOnlyModel(teacher_head))
     loss, _ = chunked_completion_loss(
         hidden,
         teacher_hidden,

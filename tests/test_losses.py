@@ -2,6 +2,7 @@ import math
 
 import pytest
 import torch
+from toy import HeadOnlyModel
 
 from selfdistill.config import LossConfig
 from selfdistill.distillation import losses
@@ -222,15 +223,6 @@ def test_a_bf16_head_gradient_is_summed_over_chunks_in_fp32():
     assert float((head.weight.grad.float() - reference.weight.grad).abs().max()) <= scale * 2**-7
 
 
-class _HeadModel(torch.nn.Module):
-    def __init__(self, head):
-        super().__init__()
-        self.head = head
-
-    def get_output_embeddings(self):
-        return self.head
-
-
 def _masked_teacher(teacher: torch.nn.Linear, mask_head: torch.nn.Linear):
     """A teacher head whose logits are −inf where `mask_head`'s are above 0.43 (a third of a row's vocabulary),
     row by row from the hidden states, so the same in any chunking."""
@@ -254,7 +246,7 @@ def _closed_form_case(vocab=3000, n=13, dtype=torch.float32, teacher_dtype=torch
     tokens = torch.randint(0, vocab, (n,), generator=g)
     weights = torch.rand(n, generator=g)
     weights[1::4] = 0.0
-    teacher_head = output_head(_HeadModel(teacher))
+    teacher_head = output_head(HeadOnlyModel(teacher))
     if mask:
         mask_head = torch.nn.Linear(dim, vocab, bias=False)
         with torch.no_grad():
@@ -263,7 +255,7 @@ def _closed_form_case(vocab=3000, n=13, dtype=torch.float32, teacher_dtype=torch
         # each row's token among its unmasked ones (else log p_T(token) = −inf, and so the logged gap)
         unmasked = ~torch.isinf(teacher_head(teacher_hidden))
         tokens = (torch.rand(n, vocab, generator=g) * unmasked).argmax(-1)
-    return output_head(_HeadModel(student)), teacher_head, hidden, teacher_hidden, tokens, weights
+    return output_head(HeadOnlyModel(student)), teacher_head, hidden, teacher_hidden, tokens, weights
 
 
 def _chunk_results(closed_form: bool, case, importance_level=None):
@@ -408,7 +400,7 @@ def test_the_token_losses_closed_form_gives_autograds_values_and_gradients(per_t
     want = (per_token_fn(logp) * weights).sum()
     want_grads = torch.autograd.grad(want, [hidden, head.weight])
 
-    project = output_head(_HeadModel(head))
+    project = output_head(HeadOnlyModel(head))
     assert project.plain_linear
     old_rows = losses._CPU_BLOCK_BYTES
     losses._CPU_BLOCK_BYTES = 3 * 4 * vocab  # blocks of 3 rows: the block bookkeeping is exercised

@@ -92,3 +92,14 @@ def greedy_accuracy(model, tokenizer, records: list[Record], teacher: bool = Fal
     )
     texts = [tokenizer.decode(ids, skip_special_tokens=True).strip() for ids in out.ids]
     return sum(t == r.answer for t, r in zip(texts, records)) / len(records)
+
+
+class HeadOnlyModel(torch.nn.Module):
+    """A model that is only its output head, for the losses' tests: `output_head(HeadOnlyModel(linear))`."""
+
+    def __init__(self, head: torch.nn.Module):
+        super().__init__()
+        self.head = head
+
+    def get_output_embeddings(self):
+        return self.head
